@@ -1,0 +1,87 @@
+"""Who is calling: the identity a verified Entra token proves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class TokenSource(StrEnum):
+    """Where the caller's token was found."""
+
+    PROXY = "proxy"  # HTTPS_PROXY=http://name:<JWT>@host:port -> Proxy-Authorization: Basic on CONNECT
+    BEARER = "bearer"  # Authorization: Bearer <JWT> on the request itself
+
+
+class AuthMethod(StrEnum):
+    """How the identity authenticated to Entra, from ``appidacr`` (v1) or ``azpacr`` (v2)."""
+
+    PUBLIC_CLIENT = "public_client"  # "0"
+    CLIENT_SECRET = "client_secret"  # "1": a static secret, the pattern this gateway exists to retire
+    CERTIFICATE = "certificate"  # "2": certificate, federated credential or managed identity
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def from_acr(cls, acr: object) -> AuthMethod:
+        return {"0": cls.PUBLIC_CLIENT, "1": cls.CLIENT_SECRET, "2": cls.CERTIFICATE}.get(
+            acr if isinstance(acr, str) else "", cls.UNKNOWN
+        )
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A verified non-human (or delegated) identity.
+
+    Identities are keyed by (tenant_id, object_id): ``oid``/``sub`` are unique only within a
+    tenant. ``display_name`` is for people reading logs, never for authorization.
+    """
+
+    tenant_id: str
+    object_id: str
+    app_id: str
+    display_name: str = ""
+    roles: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    auth_method: AuthMethod = AuthMethod.UNKNOWN
+    app_only: bool = True
+    token_sources: tuple[TokenSource, ...] = ()
+    issuer: str = ""
+    token_version: str = ""
+    managed_identity: str = ""  # xms_mirid, when the caller is a managed identity
+    expires_at: int = 0
+    token_id: str = field(default="", compare=False)  # uti: lets an audit line name the token without holding it
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant_id, self.object_id)
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name for logs and flow comments."""
+        name = self.display_name or self.app_id or self.object_id
+        return f"{name} ({self.object_id})"
+
+    def to_dict(self) -> dict:
+        """A tnetstring- and JSON-safe view, for flow metadata and audit lines."""
+        return {
+            "tenant_id": self.tenant_id,
+            "object_id": self.object_id,
+            "app_id": self.app_id,
+            "display_name": self.display_name,
+            "roles": list(self.roles),
+            "scopes": list(self.scopes),
+            "groups": list(self.groups),
+            "auth_method": str(self.auth_method),
+            "app_only": self.app_only,
+            "token_sources": [str(s) for s in self.token_sources],
+            "issuer": self.issuer,
+            "token_version": self.token_version,
+            "managed_identity": self.managed_identity,
+            "token_id": self.token_id,
+        }
+
+    def with_sources(self, sources: tuple[TokenSource, ...]) -> Principal:
+        from dataclasses import replace
+
+        return replace(self, token_sources=sources)
