@@ -1,0 +1,99 @@
+"""The last addon of the chain: nothing passes without an explicit allow.
+
+Earlier stages can be skipped (an exception, a reload, a hook mitmproxy does not call for some
+protocol path); the guard checks the outcome, not the route taken to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http, tcp, websocket  # noqa: F401  (hook signatures)
+
+from ..decision import Decision, Stage
+from .failclosed import decision_of, fail_closed, refuse
+from .identity import CONNECT_KEY
+
+logger = logging.getLogger(__name__)
+
+
+class Health:
+    """Conditions under which the gateway must refuse everything (e.g. the recording is broken)."""
+
+    def __init__(self) -> None:
+        self.problems: dict[str, str] = {}
+
+    def fail(self, component: str, reason: str) -> None:
+        if component not in self.problems:
+            logger.critical("%s is failing: %s. All new requests are refused until it recovers.",
+                            component, reason)
+        self.problems[component] = reason
+
+    def recover(self, component: str) -> None:
+        if self.problems.pop(component, None) is not None:
+            logger.warning("%s recovered; requests are judged again", component)
+
+
+def _guard_refusal(reason: str, status: int = 403) -> Decision:
+    return Decision.deny(Stage.GUARD, status, "Authorization_RequestDenied", reason, check="guard")
+
+
+class Guard:
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def _unhealthy(self) -> Decision | None:
+        if not self.health.problems:
+            return None
+        parts = "; ".join(f"{k}: {v}" for k, v in self.health.problems.items())
+        return Decision.deny(Stage.GUARD, 503, "ServiceUnavailable",
+                             f"the gateway cannot keep its records ({parts}); requests are refused",
+                             check="health")
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        if (d := self._unhealthy()) is not None:
+            refuse(flow, d)
+        elif flow.metadata.get(CONNECT_KEY) != "admitted":
+            refuse(flow, _guard_refusal("the tunnel was not admitted by the identity stage"))
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.stream:
+            # A streamed request body is sent before the request hook can judge the request.
+            flow.kill()
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        decision = decision_of(flow)
+        if (d := self._unhealthy()) is not None:
+            refuse(flow, d)
+        elif decision is None or not decision.allowed:
+            refuse(flow, _guard_refusal("no explicit allow decision was made for this request"))
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.stream:
+            # A streamed body goes straight to the client and the response hook (masking) sees
+            # nothing: refuse rather than pass it unmasked.
+            logger.error("flow %s: response streaming is not allowed; killing the flow", flow.id)
+            flow.kill()
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        decision = decision_of(flow)
+        if decision is None or (not decision.allowed and not flow.metadata.get("nhi.refused")):
+            refuse(flow, _guard_refusal("a response arrived for a request that was never allowed"))
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        # Non-HTTP payloads inside CONNECT skip the request hook entirely: never relay them.
+        logger.warning("raw TCP inside a tunnel from %s refused", flow.client_conn.peername)
+        flow.kill()
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        logger.warning("flow %s: WebSocket refused", flow.id)
+        flow.kill()

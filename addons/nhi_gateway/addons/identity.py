@@ -1,0 +1,229 @@
+"""Identity: who is calling, from the proxy credentials and/or the Authorization header.
+
+``HTTPS_PROXY=http://<name>:<JWT>@host:port`` makes clients send ``Proxy-Authorization: Basic`` on
+CONNECT only, so the identity proven there is bound to the client connection and holds for every
+request inside the tunnel. ``Authorization: Bearer`` is read per request. The policy says, per
+upstream, which of the two are required. ``Proxy-Authorization`` never goes upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+from mitmproxy import connection, http
+
+from ..decision import Decision, Stage
+from ..operation import normalise_host
+from ..policy import PolicyStore, Upstream
+from ..principal import Principal, TokenSource
+from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings, IssuerTrust
+from .failclosed import fail_closed, refuse
+
+logger = logging.getLogger(__name__)
+
+PRINCIPAL_KEY = "nhi.principal"  # flow.metadata: the live Principal object (not written to disk)
+CONNECT_KEY = "nhi.connect"  # flow.metadata on CONNECT flows: "admitted" once identity and host pass
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """What a CONNECT established for its client connection."""
+
+    host: str
+    principal: Principal | None
+
+
+class TokenRequirement:
+    """How an upstream's ``token:`` setting reads the sources a request presented."""
+
+    @staticmethod
+    def unmet(mode: str, sources: set[TokenSource]) -> str | None:
+        needed = {
+            "none": set(),
+            "any": set(),
+            "proxy": {TokenSource.PROXY},
+            "bearer": {TokenSource.BEARER},
+            "both": {TokenSource.PROXY, TokenSource.BEARER},
+        }[mode]
+        if mode == "any" and not sources:
+            return "a token is required: put it in the proxy credentials or an Authorization: Bearer header"
+        missing = needed - sources
+        if missing:
+            names = {TokenSource.PROXY: "proxy credentials (HTTPS_PROXY=http://name:<token>@...)",
+                     TokenSource.BEARER: "an Authorization: Bearer header"}
+            return "a token is required in " + " and ".join(names[m] for m in sorted(missing))
+        return None
+
+
+def proxy_token(header: str) -> str | None:
+    """The JWT from ``Proxy-Authorization: Basic base64(name:<JWT>)`` (or ``Bearer <JWT>``)."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    # The token is the password; some clients can only set a user name, so accept it there too.
+    return password or user or None
+
+
+def bearer_token(header: str) -> str | None:
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def trust_of(policy) -> TrustSettings:
+    ident = policy.identity
+    return TrustSettings(
+        issuers=tuple(IssuerTrust(i.template, i.discovery_template) for i in ident.issuers),
+        tenants=frozenset(t.lower() for t in ident.tenants),
+        audiences=frozenset(ident.audiences),
+        leeway_seconds=ident.leeway_seconds,
+    )
+
+
+def _identity_refusal(status: int, check: str, reason: str) -> Decision:
+    code = "InvalidAuthenticationToken"
+    return Decision.deny(Stage.IDENTITY, status, code, reason, check=check)
+
+
+class Identity:
+    def __init__(self, policies: PolicyStore, verifier: TokenVerifier) -> None:
+        self.policies = policies
+        self.verifier = verifier
+        self._tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        self._trust_cache: tuple[object, TrustSettings] | None = None
+
+    def _trust(self) -> TrustSettings:
+        policy = self.policies.current
+        if self._trust_cache is None or self._trust_cache[0] is not policy:
+            self._trust_cache = (policy, trust_of(policy))
+        return self._trust_cache[1]
+
+    async def _principal(self, token: str, source: TokenSource, flow, status: int) -> Principal | None:
+        """Verify, or refuse the flow (401/407 for a bad token, 503 when keys are unavailable)."""
+        try:
+            return await self.verifier.verify(token, source, self._trust())
+        except TokenRejected as e:
+            logger.info("flow %s: %s token refused (%s): %s", flow.id, source, e.check, e.message)
+            refuse(flow, _identity_refusal(status, e.check, f"{source} token refused: {e.message}"))
+        except KeysUnavailable as e:
+            logger.error("flow %s: cannot verify tokens: %s", flow.id, e)
+            refuse(flow, Decision.deny(
+                Stage.IDENTITY, 503, "ServiceUnavailable",
+                "the gateway cannot obtain the issuer's signing keys, so it cannot verify tokens; "
+                "the request was refused (fail closed). Retry later.",
+                check="keys_unavailable",
+            ))
+        return None
+
+    def _upstream(self, flow, host: str, status_if_unknown: int = 403) -> Upstream | None:
+        upstream = self.policies.current.upstream(host)
+        if upstream is None:
+            refuse(flow, Decision.deny(
+                Stage.POLICY, status_if_unknown, "Authorization_RequestDenied",
+                f"host {host!r} is not an upstream named in the policy",
+                check="upstream", operation=f"CONNECT {host}",
+            ))
+        return upstream
+
+    @fail_closed
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        host = normalise_host(flow.request.host)
+        upstream = self._upstream(flow, host)
+        if upstream is None:
+            return
+        principal = None
+        header = flow.request.headers.pop("Proxy-Authorization", None)
+        if header is not None:
+            token = proxy_token(header)
+            if token is None:
+                refuse(flow, _identity_refusal(407, "format", "Proxy-Authorization carries no token"))
+                return
+            principal = await self._principal(token, TokenSource.PROXY, flow, 407)
+            if principal is None:
+                return
+        elif upstream.token in ("proxy", "both"):
+            refuse(flow, _identity_refusal(
+                407, "missing", f"{host} requires a token in the proxy credentials "
+                "(HTTPS_PROXY=http://<name>:<token>@host:port)"))
+            return
+        self._tunnels[flow.client_conn] = Tunnel(host, principal)
+        flow.metadata[CONNECT_KEY] = "admitted"
+        if principal is not None:
+            flow.metadata[PRINCIPAL_KEY] = principal
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        host = normalise_host(flow.request.host)
+        tunnel = self._tunnels.get(flow.client_conn)
+        if tunnel is not None or flow.request.scheme == "https":
+            if tunnel is None or tunnel.host != host:
+                # Inside a tunnel the Host header could name another service than the CONNECT did.
+                refuse(flow, Decision.deny(
+                    Stage.IDENTITY, 421, "MisdirectedRequest",
+                    f"request for {host!r} inside a tunnel opened to "
+                    f"{tunnel.host if tunnel else 'no admitted host'!r}", check="tunnel"))
+                return
+        upstream = self._upstream(flow, host)
+        if upstream is None:
+            return
+
+        principals: list[Principal] = []
+        if tunnel is not None and tunnel.principal is not None:
+            if tunnel.principal.expires_at <= time.time():
+                # The binding lives as long as the connection; the token it rests on does not.
+                refuse(flow, _identity_refusal(
+                    407, "lifetime", "the proxy token of this connection has expired; reconnect with a fresh one"))
+                return
+            principals.append(tunnel.principal)
+        # Plain-HTTP proxy requests carry Proxy-Authorization on every request.
+        proxy_header = flow.request.headers.pop("Proxy-Authorization", None)
+        if proxy_header is not None:
+            token = proxy_token(proxy_header)
+            if token is None:
+                refuse(flow, _identity_refusal(407, "format", "Proxy-Authorization carries no token"))
+                return
+            p = await self._principal(token, TokenSource.PROXY, flow, 407)
+            if p is None:
+                return
+            principals.append(p)
+        auth = flow.request.headers.get("Authorization")
+        if auth is not None and auth.strip().lower().startswith("bearer"):
+            token = bearer_token(auth)
+            if token is None:
+                refuse(flow, _identity_refusal(401, "format", "Authorization: Bearer carries no token"))
+                return
+            p = await self._principal(token, TokenSource.BEARER, flow, 401)
+            if p is None:
+                return
+            principals.append(p)
+
+        sources = {s for p in principals for s in p.token_sources}
+        unmet = TokenRequirement.unmet(upstream.token, sources)
+        if unmet:
+            status = 407 if upstream.token == "proxy" else 401
+            refuse(flow, _identity_refusal(status, "missing", f"{host}: {unmet}"))
+            return
+        if len({p.key for p in principals}) > 1:
+            refuse(flow, _identity_refusal(
+                401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
+            return
+        if principals:
+            merged = principals[-1].with_sources(tuple(sorted(sources)))
+            flow.metadata[PRINCIPAL_KEY] = merged

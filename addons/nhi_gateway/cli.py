@@ -1,0 +1,113 @@
+"""The ``nhi-gateway`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .egress import parse_resolve
+from .policy import PolicyError
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT")
+    return (host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the gateway as a forward proxy (clients set HTTPS_PROXY)")
+    p.add_argument("--policy", required=True, type=Path, help="the YAML policy file")
+    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                   help="where clients connect (default 127.0.0.1:8080; port 0 picks a free one)")
+    p.add_argument("--confdir", type=Path, default=Path.home() / ".nhi-gateway",
+                   help="where the gateway's CA lives (created on first start)")
+    p.add_argument("--recordings", type=Path, default=Path("recordings"),
+                   help="directory for flow recordings and the audit trail")
+    p.add_argument("--audit", type=Path, default=None, help="audit file (default RECORDINGS/audit.jsonl)")
+    p.add_argument("--resolve", action="append", default=[], metavar="HOST=ADDR:PORT",
+                   help="send HOST to ADDR:PORT, keeping URL, Host and SNI (like curl --resolve)")
+    p.add_argument("--upstream-ca", type=Path, default=None,
+                   help="CA bundle for upstream TLS and key fetches (default: the system's)")
+    p.add_argument("--ready-file", type=Path, default=None,
+                   help="write listen address and CA path here as JSON once listening")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def cmd_run(args) -> int:
+    from .gateway import GatewayConfig, serve
+
+    try:
+        resolve = parse_resolve(args.resolve)
+    except ValueError as e:
+        print(f"nhi-gateway: {e}", file=sys.stderr)
+        return 2
+    config = GatewayConfig(
+        policy_path=args.policy,
+        listen_host=args.listen[0],
+        listen_port=args.listen[1],
+        confdir=args.confdir,
+        recordings=args.recordings,
+        audit_path=args.audit,
+        resolve=resolve,
+        upstream_ca=args.upstream_ca,
+        ready_file=args.ready_file,
+    )
+    try:
+        asyncio.run(serve(config))
+    except PolicyError as e:
+        print(f"nhi-gateway: the policy cannot be loaded, so the gateway does not start:\n  {e}",
+              file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"nhi-gateway: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_lookalike(sub) -> None:
+    p = sub.add_parser("lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--port", type=int, default=0)
+
+
+def cmd_lookalike(args) -> int:
+    from .lookalike.server import run
+
+    run(args.state_dir, port=args.port)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the end-to-end demo on embedded defaults")
+    p.add_argument("--workdir", type=Path, default=Path("demo-output"),
+                   help="where the demo keeps its state, recordings and logs")
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nhi-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_demo(sub)
+    _add_lookalike(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = {"run": cmd_run, "demo": cmd_demo, "lookalike": cmd_lookalike}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The gateway's own outbound HTTPS: OIDC metadata and JWKS (later, group lookups).
+
+These requests must never go through the gateway itself (a proxy that authorizes its own key
+fetches can deadlock or be steered), so the client ignores HTTPS_PROXY (``trust_env=False``).
+A ``Resolve`` map sends a host name to another address while keeping URL, Host and SNI, like
+curl's ``--resolve``: that is how the loopback look-alikes of Entra and Graph are reached.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+MAX_DOCUMENT_BYTES = 1024 * 1024  # a metadata document or JWKS far bigger than this is not Entra's
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+
+def parse_resolve(entries: list[str] | tuple[str, ...]) -> dict[str, Address]:
+    """``["graph.microsoft.com=127.0.0.1:8443", ...]`` -> {host: Address}. Raises ValueError."""
+    out: dict[str, Address] = {}
+    for entry in entries:
+        name, sep, target = entry.partition("=")
+        host, colon, port = target.rpartition(":")
+        if not sep or not name or not colon or not host or not port.isdigit():
+            raise ValueError(f"--resolve {entry!r}: expected HOST=ADDRESS:PORT")
+        out[name.strip().lower().rstrip(".")] = Address(host.strip("[]"), int(port))
+    return out
+
+
+class EgressClient:
+    def __init__(
+        self,
+        resolve: Mapping[str, Address] | None = None,
+        ca_file: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.resolve = dict(resolve or {})
+        verify: ssl.SSLContext | bool = True
+        if ca_file:
+            verify = ssl.create_default_context(cafile=ca_file)
+        self._client = httpx.AsyncClient(
+            trust_env=False, verify=verify, timeout=timeout, follow_redirects=False
+        )
+
+    async def get_json(self, url: str) -> dict:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"refusing to fetch {url!r}: only https URLs")
+        host = parts.hostname.lower()
+        headers = {"Accept": "application/json"}
+        extensions = {}
+        target = self.resolve.get(host)
+        if target is not None:
+            netloc = f"[{target.host}]" if ":" in target.host else target.host
+            url = urlunsplit(("https", f"{netloc}:{target.port}", parts.path, parts.query, ""))
+            headers["Host"] = parts.netloc
+            extensions["sni_hostname"] = host
+        response = await self._client.get(url, headers=headers, extensions=extensions)
+        response.raise_for_status()
+        if len(response.content) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"{parts.netloc}{parts.path}: document too large")
+        return response.json()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

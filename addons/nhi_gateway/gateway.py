@@ -1,0 +1,181 @@
+"""Starting the gateway: a mitmproxy master that this project builds itself.
+
+The gateway's addons are top-level addons of this master (never ``-s`` scripts, which mitmproxy
+hot-reloads and unloads on error, leaving the proxy forwarding unfiltered). The master carries
+only the built-in addons a forward proxy needs, so no debugging feature (map-remote, replay,
+scripts, proxyauth storing passwords in flow metadata) sits on the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mitmproxy import hooks, master, options
+from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_layer, proxyserver, tlsconfig
+
+from .addons.audit import Audit
+from .addons.authorization import Authorization
+from .addons.guard import Guard, Health
+from .addons.identity import Identity
+from .addons.masking import Masking
+from .addons.recorder import Recorder
+from .addons.routing import Routing
+from .audit import AuditLog
+from .egress import Address, EgressClient
+from .policy import PolicyStore, load_policy
+from .signing_keys import KeyStore
+from .tokens import TokenVerifier
+
+logger = logging.getLogger(__name__)
+
+BODY_SIZE_LIMIT = "32m"  # larger bodies fail closed (502) instead of being streamed past masking
+
+
+@dataclass
+class GatewayConfig:
+    policy_path: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    confdir: Path = field(default_factory=lambda: Path.home() / ".nhi-gateway")
+    recordings: Path = Path("recordings")
+    audit_path: Path | None = None  # default: <recordings>/audit.jsonl
+    resolve: dict[str, Address] = field(default_factory=dict)
+    upstream_ca: Path | None = None  # trust for upstream TLS and key fetches (default: certifi)
+    ready_file: Path | None = None
+
+
+@dataclass
+class Gateway:
+    """The running pieces, for the CLI and for tests that need to look inside."""
+
+    config: GatewayConfig
+    master: master.Master
+    policies: PolicyStore
+    verifier: TokenVerifier
+    egress: EgressClient
+    recorder: Recorder
+    health: Health
+
+    @property
+    def address(self) -> tuple[str, int]:
+        addrs = self.master.addons.get("proxyserver").listen_addrs()
+        return addrs[0][:2]
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.config.confdir / "mitmproxy-ca-cert.pem"
+
+
+def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health):
+    """The gateway's addons, in the order mitmproxy calls them for each event."""
+    audit_path = config.audit_path or config.recordings / "audit.jsonl"
+    recorder = Recorder(config.recordings, health)
+    chain = [
+        Routing(config.resolve),
+        Identity(policies, verifier),
+        Authorization(policies),
+        Masking(policies),
+        Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
+        Audit(AuditLog(audit_path), health),
+        recorder,  # after audit and guard: the recording shows what the client saw
+    ]
+    return chain, recorder
+
+
+async def start(config: GatewayConfig) -> Gateway:
+    """Build and configure the master inside the running loop; servers start with ``run``."""
+    policies = PolicyStore(load_policy(config.policy_path))
+    config.confdir.mkdir(parents=True, exist_ok=True)
+    config.recordings.mkdir(parents=True, exist_ok=True)
+    opts = options.Options(
+        listen_host=config.listen_host,
+        listen_port=config.listen_port,
+        confdir=str(config.confdir),
+    )
+    m = master.Master(opts, with_termlog=True)
+    builtin = [
+        core.Core(),
+        disable_h2c.DisableH2C(),
+        proxyserver.Proxyserver(),
+        dns_resolver.DnsResolver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+    ]
+    m.addons.add(*builtin)
+    health = Health()
+    egress = EgressClient(config.resolve, str(config.upstream_ca) if config.upstream_ca else None)
+    verifier = TokenVerifier(KeyStore(egress.get_json))
+    chain, recorder = build_chain(config, policies, verifier, health)
+    m.addons.add(*chain)
+    opts.update(
+        mode=["regular"],
+        # lazy: no upstream connection is opened at CONNECT, before the request is judged.
+        connection_strategy="lazy",
+        body_size_limit=BODY_SIZE_LIMIT,
+        stream_large_bodies=None,
+        rawtcp=False,
+        ssl_insecure=False,
+        **({"ssl_verify_upstream_trusted_ca": str(config.upstream_ca)} if config.upstream_ca else {}),
+    )
+    # Addons added from code get no initial configure call; give ours one so no state is missing.
+    for addon in chain:
+        m.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys())))
+    return Gateway(config, m, policies, verifier, egress, recorder, health)
+
+
+def client_environment(gateway: Gateway) -> list[str]:
+    host, port = gateway.address
+    ca = gateway.ca_cert
+    return [
+        f"export HTTPS_PROXY=http://<name>:<access-token>@{host}:{port}   # token as proxy credentials",
+        f"#   or: export HTTPS_PROXY=http://{host}:{port}   # token in Authorization: Bearer",
+        f"export SSL_CERT_FILE={ca}",
+        f"export REQUESTS_CA_BUNDLE={ca}",
+        f"export NODE_EXTRA_CA_CERTS={ca}",
+        f"# curl: curl --proxy http://{host}:{port} --cacert {ca} ...",
+    ]
+
+
+def announce(gateway: Gateway, out=sys.stdout) -> None:
+    host, port = gateway.address
+    lines = [
+        f"nhi-gateway listening on {host}:{port} (policy {gateway.config.policy_path})",
+        f"CA certificate clients must trust: {gateway.ca_cert}",
+        f"Recordings: {gateway.config.recordings}",
+        "Client environment:",
+        *("  " + line for line in client_environment(gateway)),
+    ]
+    print("\n".join(lines), file=out, flush=True)
+    if gateway.config.ready_file:
+        ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid()}
+        tmp = gateway.config.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ready))
+        tmp.replace(gateway.config.ready_file)
+
+
+async def serve(config: GatewayConfig) -> None:
+    gateway = await start(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, gateway.master.shutdown)
+    run = asyncio.create_task(gateway.master.run())
+    # Announce only once the listener is bound, so the printed port is the real one.
+    while not run.done():
+        ps = gateway.master.addons.get("proxyserver")
+        if ps.listen_addrs():
+            break
+        await asyncio.sleep(0.02)
+    if not run.done() and gateway.ca_cert.exists():
+        announce(gateway)
+    try:
+        await run
+    finally:
+        await gateway.egress.aclose()
