@@ -185,11 +185,13 @@ class TokenVerifier:
         if not token.isascii():
             raise TokenRejected("format", "token is not ASCII")
         parts = token.split(".")
-        if len(parts) != 3 or not all(parts):
-            raise TokenRejected("format", "token is not a signed JWT (header.payload.signature)")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise TokenRejected("format", "token is not a JWT (header.payload.signature)")
         header_bytes = _b64decode(parts[0])
         header = _json_object(header_bytes, "header")
-        kid = _check_header(header)
+        kid = _check_header(header)  # before the signature: "alg: none" is named as what it is
+        if not parts[2]:
+            raise TokenRejected("format", "token is not signed")
         claims = _json_object(_b64decode(parts[1]), "payload")
         _check_claim_types(claims)
 

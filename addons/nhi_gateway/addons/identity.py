@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mitmproxy import connection, http
 
 from ..decision import Decision, Stage
-from ..operation import normalise_host
+from ..operation import normalize_host
 from ..policy import PolicyStore, Upstream
 from ..principal import Principal, TokenSource
 from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings, IssuerTrust
@@ -142,7 +142,7 @@ class Identity:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        host = normalise_host(flow.request.host)
+        host = normalize_host(flow.request.host)
         upstream = self._upstream(flow, host)
         if upstream is None:
             return
@@ -170,7 +170,7 @@ class Identity:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        host = normalise_host(flow.request.host)
+        host = normalize_host(flow.request.host)
         tunnel = self._tunnels.get(flow.client_conn)
         if tunnel is not None or flow.request.scheme == "https":
             if tunnel is None or tunnel.host != host:

@@ -1,0 +1,189 @@
+"""End-to-end harness: the real look-alike servers and the real gateway process, on loopback.
+
+Clients are configured the way users configure them: HTTPS_PROXY and a CA bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_POLICY = REPO / "policies" / "example.yaml"
+BIN = Path(sys.executable).parent
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {path}:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Lookalike:
+    state_dir: Path
+    info: dict
+    proc: subprocess.Popen
+
+    @property
+    def port(self) -> int:
+        return self.info["port"]
+
+    @property
+    def ca_cert(self) -> str:
+        return self.info["ca_cert"]
+
+    @property
+    def tenant_id(self) -> str:
+        return self.info["tenant_id"]
+
+    def app(self, name: str) -> dict:
+        apps = self.info["apps"]
+        items = apps.values() if isinstance(apps, dict) else apps
+        for app in items:
+            if app.get("display_name") == name or app.get("name") == name:
+                return app
+        raise KeyError(name)
+
+    def received(self) -> list[dict]:
+        path = self.state_dir / "received.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def resolve_args(self) -> list[str]:
+        out = []
+        for host in ("graph.microsoft.com", "login.microsoftonline.com", "sts.windows.net"):
+            out += ["--resolve", f"{host}=127.0.0.1:{self.port}"]
+        return out
+
+    def authority(self):
+        from nhi_gateway.lookalike.minting import EntraAuthority
+
+        return EntraAuthority.open(self.state_dir / "keys")
+
+
+@pytest.fixture(scope="session")
+def lookalike(tmp_path_factory) -> Lookalike:
+    state = tmp_path_factory.mktemp("lookalike")
+    log = state / "lookalike.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nhi_gateway.cli", "lookalike", "--state-dir", str(state), "--port", "0"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        info = wait_for_file(state / "lookalike.json", proc, log)
+        yield Lookalike(state, info, proc)
+    finally:
+        stop(proc)
+
+
+@dataclass
+class RunningGateway:
+    workdir: Path
+    info: dict
+    proc: subprocess.Popen
+    log: Path
+    recordings: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.info["port"]
+
+    @property
+    def ca_cert(self) -> str:
+        return self.info["ca_cert"]
+
+    def proxy(self, token: str | None = None, name: str = "agent") -> str:
+        if token:
+            return f"http://{name}:{token}@127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}"
+
+    def audit(self) -> list[dict]:
+        path = self.recordings / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def recording_files(self) -> list[Path]:
+        return sorted(self.recordings.rglob("*.mitm"))
+
+    def client_env(self, token: str | None = None) -> dict:
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env.update(HTTPS_PROXY=self.proxy(token), https_proxy=self.proxy(token),
+                   SSL_CERT_FILE=self.ca_cert, REQUESTS_CA_BUNDLE=self.ca_cert,
+                   NO_PROXY="", no_proxy="")
+        return env
+
+
+def start_gateway(workdir: Path, lookalike: Lookalike, policy: Path = EXAMPLE_POLICY,
+                  extra_args: list[str] = ()) -> RunningGateway:
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready = workdir / "gateway.json"
+    ready.unlink(missing_ok=True)
+    log = workdir / "gateway.log"
+    recordings = workdir / "recordings"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nhi_gateway.cli", "run", "--policy", str(policy),
+             "--listen", "127.0.0.1:0", "--confdir", str(workdir / "confdir"),
+             "--recordings", str(recordings), "--upstream-ca", lookalike.ca_cert,
+             "--ready-file", str(ready), *lookalike.resolve_args(), *extra_args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    info = wait_for_file(ready, proc, log)
+    return RunningGateway(workdir, info, proc, log, recordings)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, lookalike) -> RunningGateway:
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"), lookalike)
+    try:
+        yield gw
+    finally:
+        stop(gw.proc)
+
+
+@pytest.fixture(scope="session")
+def tokens(lookalike):
+    """Mint tokens in Entra's shapes with the look-alike authority's own keys."""
+    authority = lookalike.authority()
+    app = lookalike.app("mcp-directory")
+
+    def mint(**overrides) -> str:
+        args = dict(
+            tenant_id=lookalike.tenant_id,
+            app_id=app["client_id"],
+            object_id=app["object_id"],
+            display_name="mcp-directory",
+            roles=tuple(app.get("roles", ())),
+        )
+        args.update(overrides)
+        return authority.mint_app_token(**args)
+
+    return mint
