@@ -1,0 +1,361 @@
+"""What is being asked: one HTTP request reduced to the canonical Graph operation a policy judges.
+
+Microsoft Graph accepts one operation under many spellings (``/v1.0/Users('a@b')``,
+``/v1.0/users/a%40b``, ``//v1.0/users/x/../a@b/``). A policy that matched the raw text would give
+those spellings different decisions, so every request is first reduced to one canonical form and
+rules only ever see that form. Anything that cannot be reduced without guessing how the upstream
+will read it (encoded slashes, backslashes, NUL, double encoding, paths climbing above the root)
+is refused with :class:`OperationError` rather than guessed at.
+
+The canonical path, in the order the steps run:
+
+1. The target is split at the first ``?``; a raw ``#`` is refused (clients never send fragments).
+2. The path is percent-decoded exactly once, as UTF-8. ``%2F`` (slash), ``%5C`` (backslash),
+   ``%00``, malformed escapes and invalid UTF-8 are refused; so is a literal backslash or control
+   character, and a decoded path that still contains a ``%XX`` escape (double encoding).
+3. Empty segments are dropped (``//`` and a trailing ``/`` collapse), ``.`` is dropped and ``..``
+   removes the previous segment; a ``..`` that would climb above the root is refused.
+4. On Graph hosts (:data:`GRAPH_HOSTS`) a first segment ``v1.0`` or ``beta`` (any case) is split off
+   into :attr:`Operation.version`; the rest is the path. Other hosts have ``version == ""``.
+5. On Graph hosts, OData key and function-parameter segments are rewritten into plain segments::
+
+       users('a@b.com')                  -> users/a@b.com
+       users('o''neil@b.com')            -> users/o'neil@b.com     (OData '' escape)
+       groups(6f1c...)                   -> groups/6f1c...
+       applications(appId='5a8f...')     -> applications/appid=5a8f...
+       getSchedule()                     -> getschedule
+       range(address='A1',sheet='S')     -> range/address=a1,sheet=s   (named args sorted)
+
+   so ``/applications/{id}/addPassword`` in a rule matches the object-id and the appId spelling
+   alike. A segment holding ``(`` or ``)`` that does not parse as ``identifier(args)`` is refused.
+   Type-cast segments (``microsoft.graph.group``) and ``$count``/``$ref``/``$value`` stay segments.
+6. The whole path is case-folded: Graph routing and key lookups are case-insensitive, so
+   ``/Users/ABC`` and ``/users/abc`` must get the same decision. Non-Graph hosts (the Entra token
+   endpoint) are case-folded too; every upstream this gateway fronts routes case-insensitively.
+
+The canonical path always starts with ``/`` and has no trailing slash (the root is ``/``).
+
+Query options are decoded once (``+`` is a space, as ASP.NET reads it); names are case-folded and,
+on Graph hosts, a bare OData system option (``select``, ``top``, ...) gets its ``$``: beta documents
+the ``$`` as optional, and treating v1.0 the same way can only make a ``$select`` rule stricter.
+Values keep their case.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_plus, urlsplit
+
+GRAPH_HOSTS = frozenset(
+    {
+        "graph.microsoft.com",
+        "canary.graph.microsoft.com",
+        "graph.microsoft.us",
+        "dod-graph.microsoft.us",
+        "microsoftgraph.chinacloudapi.cn",
+        "graph.microsoft.de",
+    }
+)
+GRAPH_VERSIONS = ("v1.0", "beta")
+
+ODATA_OPTIONS = frozenset(
+    {
+        "select",
+        "expand",
+        "filter",
+        "top",
+        "skip",
+        "count",
+        "search",
+        "orderby",
+        "format",
+        "skiptoken",
+        "deltatoken",
+        "levels",
+        "apply",
+        "compute",
+        "index",
+        "schemaversion",
+    }
+)
+
+DEFAULT_PORTS = {"https": 443, "http": 80}
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ASCII_HOST = re.compile(r"[a-z0-9_\-]+(\.[a-z0-9_\-]+)*")
+_IPV6 = re.compile(r"\[[0-9a-f:.]+\]")
+_KEY_SEGMENT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.]*)\((?P<args>.*)\)", re.DOTALL)
+_ARG_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
+_UNQUOTED = re.compile(r"\s*([^,'()\s]+)\s*")
+
+
+class OperationError(ValueError):
+    """The request cannot be reduced to one unambiguous operation; it must be refused."""
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A request as the policy sees it. ``path`` is canonical (see the module docstring) and
+    excludes the Graph version; ``raw_target`` is the request target exactly as received."""
+
+    method: str
+    host: str
+    port: int
+    path: str
+    version: str = ""
+    query: tuple[tuple[str, str], ...] = ()
+    raw_target: str = ""
+
+    @classmethod
+    def from_request(cls, method: str, scheme: str, host: str, port: int | None, target: str) -> Operation:
+        """Build the canonical operation; raises :class:`OperationError` for requests to refuse."""
+        method_n = normalize_method(method)
+        host_n = normalize_host(host)
+        if port is None:
+            port = DEFAULT_PORTS.get(scheme.lower())
+            if port is None:
+                raise OperationError(f"unknown scheme {scheme!r} and no port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise OperationError(f"invalid port {port!r}")
+        raw_path, raw_query = _split_target(target, host_n)
+        graph = host_n in GRAPH_HOSTS
+        segments = _resolve_dots(_decode_path(raw_path).split("/"))
+        version = ""
+        if graph and segments and segments[0].casefold() in GRAPH_VERSIONS:
+            version = segments.pop(0).casefold()
+        if graph:
+            segments = [part for segment in segments for part in _canonical_segment(segment)]
+        path = "/" + "/".join(segments).casefold()
+        return cls(
+            method=method_n,
+            host=host_n,
+            port=port,
+            path=path,
+            version=version,
+            query=parse_query(raw_query, graph=graph),
+            raw_target=target,
+        )
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.path.split("/")[1:]) if self.path != "/" else ()
+
+    @property
+    def full_path(self) -> str:
+        """The canonical path with its version: ``/v1.0/users``."""
+        if not self.version:
+            return self.path
+        return f"/{self.version}" + ("" if self.path == "/" else self.path)
+
+    @property
+    def is_graph(self) -> bool:
+        return self.host in GRAPH_HOSTS
+
+    def param(self, name: str) -> list[str]:
+        """All values of a query option, by its canonical name (``$select``)."""
+        return [v for k, v in self.query if k == name]
+
+    def __str__(self) -> str:
+        port = "" if self.port == 443 else f":{self.port}"
+        return f"{self.method} {self.host}{port} {self.full_path}"
+
+
+def normalize_method(method: str) -> str:
+    if not isinstance(method, str) or not _TOKEN.fullmatch(method):
+        raise OperationError(f"invalid method {method!r}")
+    return method.upper()
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, trailing dot stripped, internationalised names in their ASCII (punycode) form."""
+    if not isinstance(host, str) or not host:
+        raise OperationError("empty host")
+    h = host.strip()
+    if h.startswith("["):
+        if not _IPV6.fullmatch(h.lower()):
+            raise OperationError(f"invalid host {host!r}")
+        return h.lower()
+    if h.endswith("."):
+        h = h[:-1]
+    if not h.isascii():
+        h = _idna(h, host)
+    h = h.lower()
+    if not _ASCII_HOST.fullmatch(h) or len(h) > 253:
+        raise OperationError(f"invalid host {host!r}")
+    return h
+
+
+def _idna(h: str, original: str) -> str:
+    try:
+        try:
+            import idna  # httpx's dependency: IDNA 2008 with UTS #46 mapping (fullwidth dots, case)
+        except ImportError:  # pragma: no cover - idna ships with httpx
+            return h.encode("idna").decode("ascii")
+        return idna.encode(h, uts46=True).decode("ascii")
+    except UnicodeError as e:  # idna.IDNAError is a UnicodeError
+        raise OperationError(f"invalid host {original!r}: {e}") from e
+
+
+def _split_target(target: str, host: str) -> tuple[str, str]:
+    if not isinstance(target, str) or not target:
+        raise OperationError("empty request target")
+    if target.lower().startswith(("http://", "https://")):
+        # absolute-form, as plain-HTTP proxy requests carry it; the host must be the one judged
+        try:
+            parts = urlsplit(target)
+            target_host = normalize_host(parts.hostname or "")
+        except ValueError as e:
+            raise OperationError(f"invalid absolute request target: {e}") from e
+        if target_host != host:
+            raise OperationError(f"request target names host {target_host!r}, not {host!r}")
+        if "#" in target:
+            raise OperationError("fragment in request target")
+        return parts.path or "/", parts.query
+    if not target.startswith("/"):
+        raise OperationError(f"request target must start with '/': {target[:40]!r}")
+    path, _, query = target.partition("?")
+    if "#" in target:
+        raise OperationError("fragment in request target")
+    return path, query
+
+
+def _decode_path(raw: str) -> str:
+    """Percent-decode once, refusing escapes whose meaning depends on the decoder upstream."""
+    parts = raw.split("%")
+    try:
+        buf = bytearray(parts[0].encode("utf-8"))
+        for part in parts[1:]:
+            if not _HEX2.match(part):
+                raise OperationError("malformed percent-encoding in path")
+            byte = int(part[:2], 16)
+            if byte == 0x2F:
+                raise OperationError("encoded slash (%2F) in path")
+            if byte == 0x5C:
+                raise OperationError("encoded backslash (%5C) in path")
+            if byte == 0:
+                raise OperationError("NUL in path")
+            buf.append(byte)
+            buf += part[2:].encode("utf-8")
+        path = buf.decode("utf-8")
+    except UnicodeError as e:
+        raise OperationError("path is not valid UTF-8 once decoded") from e
+    if "\\" in path:
+        raise OperationError("backslash in path")
+    if _CONTROL.search(path):
+        raise OperationError("control character in path")
+    if _ESCAPE.search(path):
+        # %252F decodes to %2F: a second decoder upstream would see a slash we never judged
+        raise OperationError("double percent-encoding in path")
+    return path
+
+
+def _resolve_dots(raw_segments: list[str]) -> list[str]:
+    out: list[str] = []
+    for segment in raw_segments:
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if not out:
+                raise OperationError("path climbs above the root ('..')")
+            out.pop()
+            continue
+        out.append(segment)
+    return out
+
+
+def _canonical_segment(segment: str) -> list[str]:
+    """``users('x')`` -> ``["users", "x"]``; see the module docstring for the canonical forms."""
+    if "(" not in segment and ")" not in segment:
+        return [segment]
+    m = _KEY_SEGMENT.fullmatch(segment)
+    if not m:
+        raise OperationError(f"cannot read OData key segment {segment!r}")
+    args = _parse_args(m["args"], segment)
+    name = m["name"]
+    if not args:
+        return [name]
+    named = [a for a in args if a[0] is not None]
+    if not named:
+        if len(args) > 1:
+            raise OperationError(f"several unnamed keys in {segment!r}")
+        return [name, args[0][1]]
+    if len(named) != len(args):
+        raise OperationError(f"mixed named and unnamed keys in {segment!r}")
+    names = [a[0].casefold() for a in named]  # type: ignore[union-attr]
+    if len(set(names)) != len(names):
+        raise OperationError(f"repeated key name in {segment!r}")
+    return [name, ",".join(f"{k}={v}" for k, v in sorted(zip(names, (a[1] for a in named), strict=True)))]
+
+
+def _parse_args(text: str, segment: str) -> list[tuple[str | None, str]]:
+    if not text.strip():
+        return []
+    args: list[tuple[str | None, str]] = []
+    i = 0
+    while True:
+        name = None
+        m = _ARG_NAME.match(text, i)
+        if m:
+            name, i = m[1], m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "'":
+            value, i = _quoted(text, i + 1, segment)
+        else:
+            m = _UNQUOTED.match(text, i)
+            if not m:
+                raise OperationError(f"cannot read OData key segment {segment!r}")
+            value, i = m[1], m.end()
+        if value in ("", ".", ".."):
+            # an empty or dot key would become a segment that a later normaliser drops or resolves
+            raise OperationError(f"empty or dot key in {segment!r}")
+        args.append((name, value))
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i == len(text):
+            return args
+        if text[i] != ",":
+            raise OperationError(f"cannot read OData key segment {segment!r}")
+        i += 1
+
+
+def _quoted(text: str, i: int, segment: str) -> tuple[str, int]:
+    out = []
+    while i < len(text):
+        c = text[i]
+        if c == "'":
+            if text.startswith("''", i):
+                out.append("'")
+                i += 2
+                continue
+            return "".join(out), i + 1
+        out.append(c)
+        i += 1
+    raise OperationError(f"unterminated quote in {segment!r}")
+
+
+def parse_query(raw: str, *, graph: bool = True) -> tuple[tuple[str, str], ...]:
+    """``$select=a,b&top=5`` -> ``(("$select", "a,b"), ("$top", "5"))``, order kept."""
+    if not raw:
+        return ()
+    out = []
+    for piece in raw.split("&"):
+        if not piece:
+            continue
+        key, _, value = piece.partition("=")
+        try:
+            key = unquote_plus(key, errors="strict")
+            value = unquote_plus(value, errors="strict")
+        except UnicodeError as e:
+            raise OperationError("query is not valid UTF-8 once decoded") from e
+        if "\x00" in key or "\x00" in value:
+            raise OperationError("NUL in query")
+        key = key.strip().casefold()
+        if graph and not key.startswith("$") and key in ODATA_OPTIONS:
+            key = "$" + key
+        out.append((key, value))
+    return tuple(out)

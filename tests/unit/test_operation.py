@@ -1,0 +1,247 @@
+"""Graph request normalisation: one operation, one canonical form; ambiguous spellings refused."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nhi_gateway.operation import Operation, OperationError, normalize_host, parse_query
+
+GRAPH = "graph.microsoft.com"
+
+
+def op(
+    target: str, method: str = "GET", host: str = GRAPH, port: int | None = 443, scheme: str = "https"
+) -> Operation:
+    return Operation.from_request(method, scheme, host, port, target)
+
+
+def key(o: Operation) -> tuple:
+    return (o.method, o.host, o.port, o.version, o.path)
+
+
+@pytest.mark.parametrize(
+    ("canonical", "spellings"),
+    [
+        (
+            "/v1.0/users/adele@contoso.com",
+            [
+                "/v1.0/users/adele@contoso.com",
+                "/v1.0/users/Adele@Contoso.com",
+                "/V1.0/USERS/adele@contoso.com",
+                "/v1.0/users/adele%40contoso.com",
+                "/v1.0/users('adele@contoso.com')",
+                "/v1.0/Users('ADELE%40contoso.com')",
+                "//v1.0//users///adele@contoso.com/",
+                "/v1.0/./users/adele@contoso.com",
+                "/v1.0/groups/../users/adele@contoso.com",
+                "/v1.0/users/x/%2e%2e/adele@contoso.com",
+                "/%761.0/%75sers/adele@contoso.com",
+                "https://graph.microsoft.com/v1.0/users/adele@contoso.com",
+            ],
+        ),
+        (
+            "/v1.0/applications/appid=5a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b/addpassword",
+            [
+                "/v1.0/applications(appId='5a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b')/addPassword",
+                "/v1.0/applications(appid='5A8F3C2E-1B4D-4E6F-9A7B-0C1D2E3F4A5B')/addPassword",
+                "/v1.0/applications(appId=5a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b)/addpassword",
+                "/v1.0/applications( appId = '5a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b' )/addPassword",
+                "/v1.0/applications(appId=%275a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b%27)/addPassword",
+                "/v1.0/applications/appId=5a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b/addPassword",
+            ],
+        ),
+        (
+            "/v1.0/users/o'neil@contoso.com",
+            ["/v1.0/users('o''neil@contoso.com')", "/v1.0/users/o'neil@contoso.com"],
+        ),
+        (
+            "/beta/groups/g1/members/$count",
+            ["/beta/groups('g1')/members/$count", "/BETA/Groups/G1/Members/$COUNT"],
+        ),
+        ("/v1.0/users/delta", ["/v1.0/users/delta()", "/v1.0/users/delta"]),
+        (
+            "/v1.0/x/range/address=a1,sheet=s",
+            ["/v1.0/x/range(address='A1',sheet='S')", "/v1.0/x/range(sheet='S',address='A1')"],
+        ),
+        ("/v1.0", ["/v1.0", "/v1.0/", "/v1.0//", "/v1.0/users/.."]),
+        ("/", ["/", "//", "/./"]),
+    ],
+)
+def test_spellings_of_one_operation_normalise_to_one_form(canonical, spellings):
+    forms = {op(s).full_path for s in spellings}
+    assert forms == {canonical}
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("/v1.0/users", "/beta/users"),
+        ("/v1.0/users/a", "/v1.0/users/b"),
+        ("/v1.0/users/a/b", "/v1.0/users/a"),
+        ("/v1.0/applications/x/addpassword", "/v1.0/applications/x/addkey"),
+        ("/v1.0/users", "/users"),  # an unversioned path is not silently versioned
+    ],
+)
+def test_different_operations_stay_different(a, b):
+    assert key(op(a)) != key(op(b))
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("/v1.0/users%2Fx", "encoded slash"),
+        ("/v1.0/users%2fx", "encoded slash"),
+        ("/v1.0/users/x%5C..%5Cgroups", "encoded backslash"),
+        ("/v1.0/users/x\\..\\groups", "backslash"),
+        ("/v1.0/users/x%00", "NUL"),
+        ("/v1.0/users/x%252F..%252Fgroups", "double percent-encoding"),
+        ("/v1.0/users/%252e%252e", "double percent-encoding"),
+        ("/v1.0/users/x%zz", "malformed percent-encoding"),
+        ("/v1.0/users/x%4", "malformed percent-encoding"),
+        ("/v1.0/users/%C0%AE%C0%AE", "not valid UTF-8"),  # overlong '.'
+        ("/v1.0/users/x%0d%0aHost:%20evil", "control character"),
+        ("/..", "above the root"),
+        ("/v1.0/../../users", "above the root"),
+        ("/%2e%2e/v1.0/users", "above the root"),
+        ("/v1.0/users#fragment", "fragment"),
+        ("*", "must start with '/'"),
+        ("users", "must start with '/'"),
+        ("", "empty request target"),
+        ("/v1.0/users('x", "OData key segment"),
+        ("/v1.0/users(x')", "OData key segment"),
+        ("/v1.0/users('')", "empty or dot key"),
+        ("/v1.0/users('..')/manager", "empty or dot key"),
+        ("/v1.0/a(b)c", "OData key segment"),
+        ("/v1.0/users(a='1',a='2')", "repeated key name"),
+        ("/v1.0/users('a','b')", "several unnamed keys"),
+        ("https://evil.example/v1.0/users", "not 'graph.microsoft.com'"),
+    ],
+)
+def test_ambiguous_targets_are_refused(target, message):
+    with pytest.raises(OperationError) as e:
+        op(target)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("graph.microsoft.com", "graph.microsoft.com"),
+        ("GRAPH.Microsoft.COM", "graph.microsoft.com"),
+        ("graph.microsoft.com.", "graph.microsoft.com"),
+        ("graph\uff0emicrosoft\uff0ecom", "graph.microsoft.com"),  # fullwidth dots (UTS #46)
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("[::1]", "[::1]"),
+    ],
+)
+def test_host_normalisation(host, expected):
+    assert normalize_host(host) == expected
+
+
+@pytest.mark.parametrize(
+    "host", ["", "graph.microsoft.com:443", "graph..microsoft.com", "a b", "graph.microsoft.com..", "[zz]"]
+)
+def test_bad_hosts_are_refused(host):
+    with pytest.raises(OperationError):
+        normalize_host(host)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("$select=id,mail&$top=5", (("$select", "id,mail"), ("$top", "5"))),
+        ("select=id&TOP=5", (("$select", "id"), ("$top", "5"))),  # beta: $ optional
+        ("$SELECT=keyCredentials", (("$select", "keyCredentials"),)),
+        ("%24select=keyCredentials", (("$select", "keyCredentials"),)),
+        ("$filter=startswith(displayName,'a b')", (("$filter", "startswith(displayName,'a b')"),)),
+        ("$search=%22displayName%3Aal%22", (("$search", '"displayName:al"'),)),
+        ("$filter=a+eq+1", (("$filter", "a eq 1"),)),
+        ("a=1&&b", (("a", "1"), ("b", ""))),
+        ("api-version=1.1", (("api-version", "1.1"),)),
+        ("", ()),
+    ],
+)
+def test_query_options(raw, expected):
+    assert parse_query(raw, graph=True) == expected
+
+
+def test_query_options_keep_dollarless_names_off_graph():
+    assert parse_query("select=x", graph=False) == (("select", "x"),)
+
+
+def test_query_is_parsed_from_the_target():
+    o = op("/beta/users?select=id,mail&$expand=manager")
+    assert o.query == (("$select", "id,mail"), ("$expand", "manager"))
+    assert o.param("$select") == ["id,mail"]
+    assert o.path == "/users"
+    assert o.raw_target == "/beta/users?select=id,mail&$expand=manager"
+
+
+def test_nul_in_query_is_refused():
+    with pytest.raises(OperationError, match="NUL"):
+        op("/v1.0/users?$filter=a%00")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("get", "https", "Graph.Microsoft.com", None, "/v1.0/users"), "GET graph.microsoft.com /v1.0/users"),
+        (("post", "https", GRAPH, 443, "/beta"), "POST graph.microsoft.com /beta"),
+        (("GET", "http", "example.com", None, "/A/B"), "GET example.com:80 /a/b"),
+        (("GET", "https", "example.com", 8443, "/v1.0/x"), "GET example.com:8443 /v1.0/x"),
+    ],
+)
+def test_str(args, expected):
+    assert str(Operation.from_request(*args)) == expected
+
+
+def test_version_is_split_only_on_graph_hosts():
+    o = op("/v1.0/x", host="example.com")
+    assert (o.version, o.path) == ("", "/v1.0/x")
+    g = op("/v1.0/x")
+    assert (g.version, g.path, g.segments) == ("v1.0", "/x", ("x",))
+
+
+def test_parentheses_are_literal_off_graph():
+    o = op("/a(b)", host="login.microsoftonline.com")
+    assert o.path == "/a(b)"
+
+
+def test_type_cast_segments_are_kept():
+    o = op("/v1.0/servicePrincipals/abc/transitiveMemberOf/microsoft.graph.group")
+    assert o.segments == ("serviceprincipals", "abc", "transitivememberof", "microsoft.graph.group")
+
+
+@pytest.mark.parametrize("method", ["", "GE T", "GET\r\n", None])
+def test_bad_methods_are_refused(method):
+    with pytest.raises(OperationError):
+        op("/v1.0/users", method=method)
+
+
+@pytest.mark.parametrize(("scheme", "port"), [("ftp", None), ("https", 0), ("https", 70000)])
+def test_bad_ports_are_refused(scheme, port):
+    with pytest.raises(OperationError):
+        op("/v1.0/users", scheme=scheme, port=port)
+
+
+_PATH_ALPHABET = string.ascii_letters + string.digits + "/.%()'=,$@_-~ \\#?\x00é"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=_PATH_ALPHABET, max_size=40), st.sampled_from([GRAPH, "login.microsoftonline.com"]))
+def test_any_target_is_refused_or_canonical(tail, host):
+    """Whatever the target, the result is an OperationError or a path already in canonical form:
+    so a rule sees one form, and feeding that form back in yields the same operation."""
+    try:
+        o = op("/" + tail, host=host)
+    except OperationError:
+        return
+    assert o.path.startswith("/")
+    assert "//" not in o.path
+    assert o.path == "/" or not o.path.endswith("/")
+    assert o.path == o.path.casefold()
+    assert not {".", ".."} & set(o.segments)
+    assert "\\" not in o.path and "\x00" not in o.path
