@@ -101,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     _add_lookalike(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.command != "run":  # mitmproxy installs its own log handler for the proxy
+        logging.basicConfig(
+            level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     handler = {"run": cmd_run, "demo": cmd_demo, "lookalike": cmd_lookalike}[args.command]
     return handler(args)
 

@@ -36,6 +36,7 @@ class Tunnel:
 
     host: str
     principal: Principal | None
+    token: str | None = None  # kept in memory only, to present upstream on the caller's behalf
 
 
 class TokenRequirement:
@@ -161,7 +162,7 @@ class Identity:
                 407, "missing", f"{host} requires a token in the proxy credentials "
                 "(HTTPS_PROXY=http://<name>:<token>@host:port)"))
             return
-        self._tunnels[flow.client_conn] = Tunnel(host, principal)
+        self._tunnels[flow.client_conn] = Tunnel(host, principal, token if principal else None)
         flow.metadata[CONNECT_KEY] = "admitted"
         if principal is not None:
             flow.metadata[PRINCIPAL_KEY] = principal
@@ -185,6 +186,7 @@ class Identity:
             return
 
         principals: list[Principal] = []
+        proxy_tokens: list[str] = []
         if tunnel is not None and tunnel.principal is not None:
             if tunnel.principal.expires_at <= time.time():
                 # The binding lives as long as the connection; the token it rests on does not.
@@ -192,6 +194,7 @@ class Identity:
                     407, "lifetime", "the proxy token of this connection has expired; reconnect with a fresh one"))
                 return
             principals.append(tunnel.principal)
+            proxy_tokens.append(tunnel.token)
         # Plain-HTTP proxy requests carry Proxy-Authorization on every request.
         proxy_header = flow.request.headers.pop("Proxy-Authorization", None)
         if proxy_header is not None:
@@ -203,6 +206,7 @@ class Identity:
             if p is None:
                 return
             principals.append(p)
+            proxy_tokens.append(token)
         auth = flow.request.headers.get("Authorization")
         if auth is not None and auth.strip().lower().startswith("bearer"):
             token = bearer_token(auth)
@@ -224,6 +228,10 @@ class Identity:
             refuse(flow, _identity_refusal(
                 401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
             return
+        if auth is None and proxy_tokens and upstream.token != "none":
+            # A client that can only set HTTPS_PROXY still needs Graph to see its token: present
+            # the verified proxy token upstream as the bearer (redacted in every recording).
+            flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))
             flow.metadata[PRINCIPAL_KEY] = merged

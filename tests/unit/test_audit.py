@@ -1,0 +1,390 @@
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from nhi_gateway import audit
+from nhi_gateway.audit import GENESIS, AuditLog, AuditWriteError, Problem, verify_chain
+
+JWT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJodHRwczovL2dyYXBoIn0.c2lnbmF0dXJl"
+PRINCIPAL = {"tenant_id": "t1", "object_id": "o1", "app_id": "a1", "display_name": "mcp-directory"}
+
+
+def record(i: int = 0, **kw) -> dict:
+    return {
+        "flow_id": f"flow-{i}",
+        "principal": PRINCIPAL,
+        "method": "GET",
+        "url": f"https://graph.microsoft.com/v1.0/users/{i}",
+        "decision": "allow",
+        "rule": "read-users",
+        "stage": "policy",
+        "reason": "allowed by rule read-users",
+        "status": 200,
+    } | kw
+
+
+def write_log(path, n: int) -> list[bytes]:
+    with AuditLog(path) as log:
+        for i in range(n):
+            log.append(record(i))
+    return path.read_bytes().splitlines()
+
+
+def lines_of(path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+def test_lines_are_chained_json_records(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    lines = write_log(path, 3)
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["prev"] == GENESIS == "0" * 64
+    assert records[1]["prev"] == hashlib.sha256(lines[0]).hexdigest()
+    assert records[2]["prev"] == hashlib.sha256(lines[1]).hexdigest()
+    for i, r in enumerate(records):
+        assert r["flow_id"] == f"flow-{i}"
+        assert r["principal"] == PRINCIPAL
+        assert (r["method"], r["decision"], r["rule"], r["stage"], r["status"]) == (
+            "GET",
+            "allow",
+            "read-users",
+            "policy",
+            200,
+        )
+        when = datetime.fromisoformat(r["time"])
+        assert r["time"].endswith("Z") and when.utcoffset() == timedelta(0)
+        assert abs(datetime.now(UTC) - when) < timedelta(minutes=1)
+    assert path.read_bytes().endswith(b"\n")
+    assert verify_chain(path) == []
+
+
+def test_append_returns_the_line_as_written(tmp_path):
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        first = log.append(record(1))
+        second = log.append(record(2, principal=None, decision="deny", status=403))
+        assert log.head == (2, hashlib.sha256(lines_of(tmp_path / "a.jsonl")[1]).hexdigest())
+    assert first["seq"] == 1 and second["seq"] == 2
+    assert second["principal"] is None and second["decision"] == "deny"
+    assert json.loads(lines_of(tmp_path / "a.jsonl")[1]) == second
+
+
+def test_missing_fields_are_written_as_null_and_extras_are_kept(tmp_path):
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        line = log.append({"flow_id": "f", "decision": "deny", "masked": 3})
+    for name in ("principal", "method", "url", "rule", "stage", "reason", "status"):
+        assert line[name] is None
+    assert line["masked"] == 3
+
+
+def test_time_given_as_datetime_is_written_in_utc(tmp_path):
+    when = datetime(2025, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        line = log.append(record(time=when))
+    assert line["time"] == "2025-01-02T03:04:05.000000Z"
+
+
+def test_every_append_is_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(audit.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        before = len(synced)
+        log.append(record(1))
+        log.append(record(2))
+        fd = log._file.fileno()
+    assert synced[before:] == [fd, fd]
+
+
+def test_reopening_continues_the_chain(tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_log(path, 2)
+    with AuditLog(path) as log:
+        line = log.append(record(3))
+    assert line["seq"] == 3
+    assert line["prev"] == hashlib.sha256(lines_of(path)[1]).hexdigest()
+    assert verify_chain(path) == []
+
+
+def test_reopening_a_large_log_continues_from_its_last_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path) as log:
+        for i in range(300):
+            log.append(record(i, reason="x" * 500))
+        log.append(record(300, reason="y" * 200_000))  # one line longer than a read block
+    with AuditLog(path) as log:
+        line = log.append(record(301))
+    assert line["seq"] == 302
+    assert line["prev"] == hashlib.sha256(lines_of(path)[300]).hexdigest()
+    assert verify_chain(path) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        (
+            "https://login.microsoftonline.com/t/oauth2/v2.0/token?client_secret=s3cr3t-value",
+            "s3cr3t-value",
+        ),
+        ("https://graph.microsoft.com/v1.0/me?access_token=tok-123", "tok-123"),
+        ("https://agent:pa55word@graph.microsoft.com/v1.0/users", "pa55word"),
+        (f"https://graph.microsoft.com/v1.0/users?x={JWT}", JWT),
+    ],
+)
+def test_urls_are_written_redacted(tmp_path, url, secret):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path) as log:
+        line = log.append(record(url=url))
+    assert secret not in line["url"]
+    assert secret.encode() not in path.read_bytes()
+    assert "[redacted]" in line["url"]
+
+
+def test_tokens_quoted_in_other_fields_are_scrubbed(tmp_path):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path) as log:
+        log.append(record(reason=f"token {JWT} has expired", detail={"token": JWT}))
+    assert JWT.encode() not in path.read_bytes()
+    assert verify_chain(path) == []
+
+
+def tamper_edit(lines):
+    rec = json.loads(lines[2])
+    rec["decision"] = "deny"
+    lines[2] = json.dumps(rec, separators=(",", ":")).encode()
+    return lines
+
+
+def tamper_edit_seq(lines):
+    lines[2] = lines[2].replace(b'"seq":3', b'"seq":9')
+    return lines
+
+
+def tamper_delete_middle(lines):
+    del lines[2]
+    return lines
+
+
+def tamper_delete_first(lines):
+    del lines[0]
+    return lines
+
+
+def tamper_swap(lines):
+    lines[1], lines[2] = lines[2], lines[1]
+    return lines
+
+
+def tamper_insert_copy(lines):
+    rec = json.loads(lines[1])
+    rec["flow_id"] = "forged"
+    lines.insert(2, json.dumps(rec, separators=(",", ":")).encode())
+    return lines
+
+
+def tamper_insert_chained(lines):
+    # A forger who recomputes prev and seq for the inserted line still breaks the next link.
+    forged = dict(json.loads(lines[1]), seq=3, flow_id="forged")
+    forged["prev"] = hashlib.sha256(lines[1]).hexdigest()
+    lines.insert(2, json.dumps(forged, separators=(",", ":")).encode())
+    return lines
+
+
+def tamper_garbage(lines):
+    lines[2] = b"not json at all"
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("tamper", "line", "kind", "named"),
+    [
+        (tamper_edit, 3, "edited", {3}),
+        (tamper_edit_seq, 3, "edited", {3}),
+        (tamper_delete_middle, 3, "deleted", {3}),
+        (tamper_delete_first, 1, "deleted", {1}),
+        (tamper_swap, 2, "reordered", {2, 3, 4}),
+        (tamper_swap, 3, "reordered", {2, 3, 4}),
+        (tamper_insert_copy, 3, "inserted", {3}),
+        (tamper_insert_chained, 3, "inserted", {3}),
+        (tamper_garbage, 3, "invalid", {3}),
+    ],
+)
+def test_verify_names_the_tampered_line(tmp_path, tamper, line, kind, named):
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 5)
+    assert verify_chain(path) == []
+    path.write_bytes(b"\n".join(tamper(lines)) + b"\n")
+    problems = verify_chain(path)
+    assert (line, kind) in [(p.line, p.kind) for p in problems], problems
+    assert {p.line for p in problems} == named, problems
+    assert all(str(p).startswith(f"line {p.line}: ") for p in problems)
+
+
+def test_problem_reads_as_one_line():
+    assert str(Problem(3, "edited", "x")) == "line 3: edited: x"
+
+
+def test_torn_tail_is_kept_terminated_and_acknowledged(tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_log(path, 2)
+    fragment = b'{"seq":3,"prev":"ab'
+    with path.open("ab") as f:
+        f.write(fragment)  # the crash happened here
+    assert [p.kind for p in verify_chain(path)] == ["torn"]
+
+    with AuditLog(path) as log:
+        line = log.append(record(3))
+    lines = lines_of(path)
+    assert lines[2] == fragment, "the torn fragment is evidence: it stays, on its own line"
+    note = json.loads(lines[3])
+    assert note["decision"] == "torn-tail"
+    assert note["seq"] == 3
+    assert note["prev"] == hashlib.sha256(lines[1]).hexdigest()
+    assert note["torn"] == {"bytes": len(fragment), "sha256": hashlib.sha256(fragment).hexdigest()}
+    assert line["seq"] == 4 and json.loads(lines[4]) == line
+    assert verify_chain(path) == []
+
+
+def test_torn_first_line_is_recovered(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"seq":1,"pr')
+    with AuditLog(path) as log:
+        line = log.append(record(1))
+    lines = lines_of(path)
+    assert json.loads(lines[1])["prev"] == GENESIS
+    assert line["seq"] == 2
+    assert verify_chain(path) == []
+
+
+def test_whole_record_missing_only_its_newline_joins_the_chain(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 3)
+    path.write_bytes(path.read_bytes()[:-1])  # the crash took only the final newline
+    with AuditLog(path) as log:
+        line = log.append(record(4))
+    assert lines_of(path)[:3] == lines
+    assert line["seq"] == 4 and line["prev"] == hashlib.sha256(lines[2]).hexdigest()
+    assert verify_chain(path) == []
+
+
+def test_a_torn_line_without_its_acknowledgement_is_reported(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 3)
+    lines.insert(1, b'{"seq":2,"pr')
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert (2, "invalid") in [(p.line, p.kind) for p in verify_chain(path)]
+
+
+def test_refuses_to_continue_a_log_whose_last_line_is_not_a_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_log(path, 2)
+    with path.open("ab") as f:
+        f.write(b"edited by hand\n")
+    with pytest.raises(AuditWriteError, match="not an audit record"):
+        AuditLog(path)
+
+
+def test_os_error_raises_audit_write_error_and_the_log_recovers(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    real_fsync = os.fsync
+    with AuditLog(path) as log:
+        log.append(record(1))
+
+        def full_disk(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(audit.os, "fsync", full_disk)
+        with pytest.raises(AuditWriteError, match="No space left"):
+            log.append(record(2))
+        monkeypatch.setattr(audit.os, "fsync", real_fsync)
+        line = log.append(record(3))
+    assert line["seq"] == 3  # the line of the failed write reached the page cache
+    assert verify_chain(path) == []
+
+
+def test_partial_write_is_recovered_as_a_torn_tail(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path) as log:
+        log.append(record(1))
+        real = log._file
+
+        class ShortWrite:
+            def write(self, data):
+                real.write(bytes(data[:10]))
+                raise OSError(errno.EIO, "Input/output error")
+
+            fileno = real.fileno
+            close = real.close
+
+        monkeypatch.setattr(log, "_file", ShortWrite())
+        with pytest.raises(AuditWriteError):
+            log.append(record(2))
+        line = log.append(record(3))
+    lines = lines_of(path)
+    assert json.loads(lines[2])["decision"] == "torn-tail"
+    assert line["seq"] == 3
+    assert verify_chain(path) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"seq": 7}, id="seq"),
+        pytest.param({"prev": GENESIS}, id="prev"),
+        pytest.param({"extra": object()}, id="not-json"),
+        pytest.param({"status": float("nan")}, id="nan"),
+        pytest.param({"time": datetime(2025, 1, 1)}, id="naive-time"),
+    ],
+)
+def test_bad_records_raise_audit_write_error_and_write_nothing(tmp_path, bad):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path) as log:
+        log.append(record(1))
+        with pytest.raises(AuditWriteError):
+            log.append(record(2) | bad)
+        log.append(record(3))
+    assert [json.loads(x)["seq"] for x in lines_of(path)] == [1, 2]
+    assert verify_chain(path) == []
+
+
+def test_cannot_open_raises_audit_write_error(tmp_path):
+    with pytest.raises(AuditWriteError):
+        AuditLog(tmp_path / "missing-dir" / "a.jsonl")
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path), pytest.raises(AuditWriteError, match="another writer"):
+        AuditLog(path)
+    with AuditLog(path) as log:  # released on close
+        log.append(record(1))
+
+
+def test_append_after_close_raises(tmp_path):
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.close()
+    with pytest.raises(AuditWriteError, match="closed"):
+        log.append(record(1))
+
+
+def test_new_log_is_private(tmp_path):
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path):
+        pass
+    assert path.stat().st_mode & 0o077 == 0
+
+
+def test_audit_and_masking_load_without_mitmproxy():
+    # The command-line tools verify chains and mask documents without a proxy.
+    code = (
+        "import sys, nhi_gateway.audit, nhi_gateway.masking; "
+        "sys.exit(any(m.split('.')[0] == 'mitmproxy' for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
