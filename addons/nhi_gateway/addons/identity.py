@@ -77,6 +77,18 @@ def proxy_token(header: str) -> str | None:
     return password or user or None
 
 
+def host_header_name(value: str | None) -> str | None:
+    """The host named by a Host header or :authority, without port, normalised like request.host."""
+    if not value:
+        return None
+    name = value.strip()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return normalize_host(name)
+
+
 def bearer_token(header: str) -> str | None:
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer":
@@ -181,6 +193,13 @@ class Identity:
                     f"request for {host!r} inside a tunnel opened to "
                     f"{tunnel.host if tunnel else 'no admitted host'!r}", check="tunnel"))
                 return
+        if (named := host_header_name(flow.request.host_header)) is not None and named != host:
+            # The connection goes to request.host, but a virtual-hosting upstream routes by Host:
+            # judge one name and reach another would be domain fronting.
+            refuse(flow, Decision.deny(
+                Stage.IDENTITY, 421, "MisdirectedRequest",
+                f"Host header {named!r} does not name the request's host {host!r}", check="tunnel"))
+            return
         upstream = self._upstream(flow, host)
         if upstream is None:
             return
