@@ -311,3 +311,25 @@ def test_unreachable_signing_keys_at_cold_start_answer_503(tmp_path, lookalike, 
         assert not reached_graph(lookalike, mark)
     finally:
         stop(gw.proc)
+
+
+def test_plain_http_absolute_form_is_judged_and_refused(gateway, lookalike, tokens):
+    """http_proxy carries Proxy-Authorization on every plain request; the token must not go
+    upstream in cleartext, so plain HTTP is refused, and the header never leaves the gateway."""
+    mark = marker()
+    env = {**gateway.client_env(), "http_proxy": gateway.proxy(tokens())}
+    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", f"http://graph.microsoft.com/v1.0/users?m={mark}"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    body, _, status = out.stdout.rpartition("\n")
+    assert status == "403", out.stdout + out.stderr
+    assert "plain HTTP" in json.loads(body)["error"]["message"]
+    assert not reached_graph(lookalike, mark)
+
+
+def test_connect_to_another_port_is_refused(gateway, tokens):
+    s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    s.sendall(f"CONNECT graph.microsoft.com:8443 HTTP/1.1\r\nHost: graph.microsoft.com:8443\r\n"
+              f"Proxy-Authorization: {basic(tokens())}\r\n\r\n".encode())
+    head = s.recv(65536)
+    s.close()
+    assert head.split()[1] == b"403"

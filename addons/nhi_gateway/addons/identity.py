@@ -141,14 +141,23 @@ class Identity:
             ))
         return None
 
-    def _upstream(self, flow, host: str, status_if_unknown: int = 403) -> Upstream | None:
+    def _upstream(self, flow, host: str) -> Upstream | None:
+        """The policy's upstream for this host, or a refusal: unknown hosts, ports other than
+        443 and plain HTTP never reach the rules (a token must not travel in cleartext)."""
+        r = flow.request
+        where = f"{r.method} {host}:{r.port}"
+        problem = None
         upstream = self.policies.current.upstream(host)
         if upstream is None:
-            refuse(flow, Decision.deny(
-                Stage.POLICY, status_if_unknown, "Authorization_RequestDenied",
-                f"host {host!r} is not an upstream named in the policy",
-                check="upstream", operation=f"CONNECT {host}",
-            ))
+            problem = f"host {host!r} is not an upstream named in the policy"
+        elif r.method != "CONNECT" and r.scheme != "https":
+            problem = f"plain HTTP to {host!r} is refused; use https"
+        elif r.port != 443:
+            problem = f"port {r.port} of {host!r} is not allowed; upstreams are reached on 443"
+        if problem is not None:
+            refuse(flow, Decision.deny(Stage.POLICY, 403, "Authorization_RequestDenied", problem,
+                                       check="upstream", operation=where))
+            return None
         return upstream
 
     @fail_closed
