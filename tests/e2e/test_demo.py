@@ -1,0 +1,105 @@
+"""`nhi-gateway demo`, run the way a new user runs it: one command, real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nhi_gateway.masking import MASK
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    workdir = tmp_path_factory.mktemp("demo")
+    done = subprocess.run(
+        [sys.executable, "-m", "nhi_gateway.cli", "demo", "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    return done, workdir
+
+
+def _row(output: str, label: str) -> str:
+    lines = [line for line in output.splitlines() if label in line]
+    assert lines, f"no table row for {label!r} in:\n{output}"
+    return lines[0]
+
+
+def test_demo_succeeds(demo):
+    done, _ = demo
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All 5 steps had the expected outcome" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "label, status, decision, upstream",
+    [
+        ("get a token (client credentials)", "200", "allow (rule token-endpoint)", "reached"),
+        ("list users, token in Authorization", "200", "allow (rule directory-read)", "reached"),
+        ("list users, token in proxy credentials", "200", "allow (rule directory-read)", "reached"),
+        ("add a client secret to an app", "403", "deny (rule no-credential-minting)", "not reached"),
+        ("list users with a tampered token", "401", "deny (check signature)", "not reached"),
+    ],
+)
+def test_each_step_shows_the_gateways_decision(demo, label, status, decision, upstream):
+    done, _ = demo
+    row = _row(done.stdout, label)
+    assert re.search(rf"\s{status}\s", row), row
+    assert f"{decision}  " in row, row
+    assert re.search(rf"\s{upstream}\s", row), row
+    assert "unexpected" not in row, row
+
+
+def test_reads_show_masked_fields(demo):
+    done, _ = demo
+    row = _row(done.stdout, "list users, token in Authorization")
+    assert "5 users" in row and MASK in row, row
+
+
+def test_prints_how_to_open_the_recordings(demo):
+    done, workdir = demo
+    out = done.stdout
+    recordings = sorted((workdir / "recordings").rglob("*.mitm"))
+    assert recordings
+    for path in recordings:
+        assert str(path.relative_to(workdir / "recordings")) in out
+    bin_dir = Path(sys.executable).parent
+    assert re.search(rf"{re.escape(str(bin_dir / 'mitmweb'))} -n -r \S+\.mitm", out), out
+    assert re.search(rf"{re.escape(str(bin_dir / 'mitmdump'))} -nr \S+\.mitm", out), out
+    audit = workdir / "recordings" / "audit.jsonl"
+    lines = audit.read_text().splitlines()
+    assert f"{audit}  ({len(lines)} lines" in out
+
+
+def test_the_printed_command_opens_the_recording(demo):
+    done, _ = demo
+    command = re.search(r"^\s+(\S+mitmdump -nr \S+)$", done.stdout, re.M)
+    assert command, done.stdout
+    shown = subprocess.run(shlex.split(command.group(1)), capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "graph.microsoft.com" in shown.stdout
+
+
+def test_audit_names_every_step(demo):
+    _, workdir = demo
+    records = [json.loads(line) for line in (workdir / "recordings" / "audit.jsonl").read_text().splitlines()]
+    decided = {(r["method"], r["decision"], r.get("rule") or r.get("check")) for r in records}
+    assert ("POST", "deny", "no-credential-minting") in decided
+    assert ("GET", "deny", "signature") in decided
+    assert ("GET", "allow", "directory-read") in decided
+
+
+def test_services_are_stopped(demo):
+    _, workdir = demo
+    for ready in ("gateway.json", "lookalike/lookalike.json"):
+        pid = json.loads((workdir / ready).read_text())["pid"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
