@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .egress import parse_resolve
+from .groups import DEFAULT_TTL, CredentialError, credential_from_settings
 from .policy import PolicyError
 
 
@@ -35,6 +37,21 @@ def _add_run(sub) -> None:
                    help="CA bundle for upstream TLS and key fetches (default: the system's)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write listen address and CA path here as JSON once listening")
+    g = p.add_argument_group(
+        "group membership",
+        "the gateway's own app registration, used to resolve callers' groups through Graph "
+        "(service principals carry none in their tokens). Each option falls back to its environment "
+        "variable; the client secret is read only from NHI_GRAPH_CLIENT_SECRET, never from the "
+        "command line. Prefer a certificate.",
+    )
+    g.add_argument("--graph-client-id", metavar="GUID", help="the gateway's client id (NHI_GRAPH_CLIENT_ID)")
+    g.add_argument("--graph-tenant-id", metavar="GUID", help="its tenant (NHI_GRAPH_TENANT_ID)")
+    g.add_argument("--graph-certificate", type=Path, metavar="PEM",
+                   help="certificate for client assertions, may hold the key too (NHI_GRAPH_CERTIFICATE)")
+    g.add_argument("--graph-certificate-key", type=Path, metavar="PEM",
+                   help="its private key, if in another file (NHI_GRAPH_CERTIFICATE_KEY)")
+    g.add_argument("--groups-ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
+                   help=f"how long a resolved membership is reused (default {DEFAULT_TTL})")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -46,6 +63,18 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"nhi-gateway: {e}", file=sys.stderr)
         return 2
+    try:
+        graph_credential = credential_from_settings(
+            client_id=args.graph_client_id, tenant_id=args.graph_tenant_id,
+            certificate=args.graph_certificate, certificate_key=args.graph_certificate_key,
+            environ=os.environ,
+        )
+    except CredentialError as e:
+        print(f"nhi-gateway: {e}", file=sys.stderr)
+        return 2
+    if args.groups_ttl < 0:
+        print("nhi-gateway: --groups-ttl must be 0 or more seconds", file=sys.stderr)
+        return 2
     config = GatewayConfig(
         policy_path=args.policy,
         listen_host=args.listen[0],
@@ -56,6 +85,8 @@ def cmd_run(args) -> int:
         resolve=resolve,
         upstream_ca=args.upstream_ca,
         ready_file=args.ready_file,
+        graph_credential=graph_credential,
+        groups_ttl=args.groups_ttl,
     )
     try:
         asyncio.run(serve(config))

@@ -1,4 +1,4 @@
-"""The gateway's own outbound HTTPS: OIDC metadata and JWKS (later, group lookups).
+"""The gateway's own outbound HTTPS: OIDC metadata, JWKS and group lookups (groups.py).
 
 These requests must never go through the gateway itself (a proxy that authorizes its own key
 fetches can deadlock or be steered), so the client ignores HTTPS_PROXY (``trust_env=False``).
@@ -51,7 +51,8 @@ class EgressClient:
             trust_env=False, verify=verify, timeout=timeout, follow_redirects=False
         )
 
-    async def get_json(self, url: str) -> dict:
+    def _route(self, url: str) -> tuple[str, dict[str, str], dict]:
+        """The URL to connect to, headers and extensions that keep Host and SNI of ``url``."""
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"refusing to fetch {url!r}: only https URLs")
@@ -64,11 +65,38 @@ class EgressClient:
             url = urlunsplit(("https", f"{netloc}:{target.port}", parts.path, parts.query, ""))
             headers["Host"] = parts.netloc
             extensions["sni_hostname"] = host
-        response = await self._client.get(url, headers=headers, extensions=extensions)
+        return url, headers, extensions
+
+    async def get_json(self, url: str) -> dict:
+        parts = urlsplit(url)
+        target, headers, extensions = self._route(url)
+        response = await self._client.get(target, headers=headers, extensions=extensions)
         response.raise_for_status()
         if len(response.content) > MAX_DOCUMENT_BYTES:
             raise ValueError(f"{parts.netloc}{parts.path}: document too large")
         return response.json()
+
+    async def post_json(
+        self,
+        url: str,
+        *,
+        form: Mapping[str, str] | None = None,
+        json_body: object = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, object]:
+        """POST a form or JSON body; (status, parsed JSON body or None). Does not raise on an
+        error status: the OAuth and Graph error bodies say what went wrong."""
+        parts = urlsplit(url)
+        target, route_headers, extensions = self._route(url)
+        response = await self._client.post(
+            target, data=form, json=json_body, headers={**(headers or {}), **route_headers}, extensions=extensions
+        )
+        if len(response.content) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"{parts.netloc}{parts.path}: answer too large")
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, None
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -25,10 +25,12 @@ from .addons.authorization import Authorization
 from .addons.guard import Guard, Health
 from .addons.identity import Identity
 from .addons.masking import Masking
+from .addons.membership import Membership
 from .addons.recorder import Recorder
 from .addons.routing import Routing
 from .audit import AuditLog
 from .egress import Address, EgressClient
+from .groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from .policy import PolicyStore, load_policy
 from .signing_keys import KeyStore
 from .tokens import TokenVerifier
@@ -49,6 +51,9 @@ class GatewayConfig:
     resolve: dict[str, Address] = field(default_factory=dict)
     upstream_ca: Path | None = None  # trust for upstream TLS and key fetches (default: certifi)
     ready_file: Path | None = None
+    # The gateway's own Graph credential, for group membership (None: rules on groups fail closed).
+    graph_credential: GraphCredential | None = None
+    groups_ttl: int = DEFAULT_TTL
 
 
 @dataclass
@@ -73,17 +78,20 @@ class Gateway:
         return self.config.confdir / "mitmproxy-ca-cert.pem"
 
 
-def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health):
+def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health,
+                groups: GroupResolver | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
     audit_path = config.audit_path or config.recordings / "audit.jsonl"
-    recorder = Recorder(config.recordings, health)
+    audit = Audit(AuditLog(audit_path), health)
+    recorder = Recorder(config.recordings, health, on_refusal=audit.amend)
     chain = [
         Routing(config.resolve),
         Identity(policies, verifier),
+        Membership(policies, groups),  # after identity: replaces the principal with its groups
         Authorization(policies),
         Masking(policies),
         Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
-        Audit(AuditLog(audit_path), health),
+        audit,
         recorder,  # after audit and guard: the recording shows what the client saw
     ]
     return chain, recorder
@@ -113,7 +121,11 @@ async def start(config: GatewayConfig) -> Gateway:
     health = Health()
     egress = EgressClient(config.resolve, str(config.upstream_ca) if config.upstream_ca else None)
     verifier = TokenVerifier(KeyStore(egress.get_json))
-    chain, recorder = build_chain(config, policies, verifier, health)
+    groups = None
+    if config.graph_credential is not None:
+        groups = GroupResolver(config.graph_credential, egress, ttl=config.groups_ttl)
+        logger.info("group membership is resolved through Graph as %r", groups)
+    chain, recorder = build_chain(config, policies, verifier, health, groups)
     m.addons.add(*chain)
     opts.update(
         mode=["regular"],

@@ -16,6 +16,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
         - issuer: https://sts.windows.net/{tenantid}/          # or a mapping with an explicit discovery URL
           discovery: https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration
       leeway_seconds: 60                         # optional, default 60, 0..300 (clock skew for exp/nbf)
+      client_secret_grants: flag                 # optional, default flag; allow | flag | refuse (see below)
     upstreams:                                   # required (may be empty): the only hosts reachable at all
       - host: graph.microsoft.com
         token: any                               # optional, default any; any | proxy | bearer | both | none
@@ -44,12 +45,38 @@ sts.windows.net serves no metadata of its own.
 Proxy-Authorization on CONNECT or Authorization: Bearer), ``proxy``, ``bearer``, ``both``, or
 ``none`` (no token is looked for: the Entra token endpoint, where callers have none yet).
 
+``client_secret_grants`` says what happens to a token request (a POST to an Entra token
+endpoint, see :mod:`nhi_gateway.token_requests`) that authenticates the client with a static
+secret (``client_secret`` in the body or HTTP Basic): ``allow`` forwards it; ``flag`` (the default)
+forwards it and the decision carries the flag ``client_secret_grant`` (a request that cannot be
+classified carries ``unclassified_grant``); ``refuse`` answers 403 and forwards only certificate
+and federated credential grants, so a request the gateway cannot classify is refused too. The
+request is first judged by the rules like any other; the grant check applies to allowed ones.
+
 ``when`` (the principal): every key given must match (AND); inside a list any element matches
-(OR). Keys: ``app_ids``, ``object_ids``, ``groups``, ``tenants`` (GUIDs, compared
-case-insensitively), ``roles`` (app role values, compared case-insensitively) and ``anonymous``.
-``anonymous: true`` matches only requests without a verified principal and cannot be combined with
-other keys; every other rule never matches an anonymous request. ``when: {}`` or no ``when``
-matches any verified principal.
+(OR). Keys:
+
+- ``app_ids``, ``object_ids``, ``groups``, ``tenants``: GUIDs, compared case-insensitively.
+- ``roles``: app role values (the token's ``roles``), compared case-insensitively.
+- ``auth_methods``: how the identity authenticated to Entra, from ``appidacr``/``azpacr``:
+  ``certificate`` ("2": certificate, federated credential or managed identity; Entra's token does
+  not tell these apart), ``client_secret`` ("1"), ``public_client`` ("0") or ``unknown`` (no or
+  another value). ``auth_methods: [certificate]`` keeps identities with static secrets out.
+- ``app_only``: ``true`` matches app-only tokens (``idtyp: app``; without ``idtyp``, no ``scp``),
+  ``false`` delegated (user) tokens.
+- ``token_sources``: ``proxy`` and/or ``bearer``; matches when the request presented its token in
+  at least one of the listed places (a request carrying both matches either). To require both,
+  set the upstream's ``token: both``.
+- ``managed_identities``: ARM resource ids, the token's ``xms_mirid``
+  (``/subscriptions/<id>/resourcegroups/<rg>/providers/Microsoft.ManagedIdentity/
+  userAssignedIdentities/<name>``), compared case-insensitively. Never matches a caller that is
+  not a managed identity.
+- ``anonymous``: ``true`` matches only requests without a verified principal and cannot be
+  combined with other keys; every other rule never matches an anonymous request.
+
+``when: {}`` or no ``when`` matches any verified principal. The grant of a token request is not a
+``when`` key: token requests are anonymous (the caller has no token yet) and what is asked of
+them is said once, by ``identity.client_secret_grants``.
 
 Paths are matched against the canonical path of :mod:`nhi_gateway.operation` (decoded once,
 case-folded, ``users('x')`` read as ``users/x``, ``applications(appId='x')`` as
@@ -78,7 +105,7 @@ from urllib.parse import urlsplit
 
 from nhi_gateway.decision import Action, Decision, Stage
 from nhi_gateway.operation import GRAPH_HOSTS, GRAPH_VERSIONS, Operation, OperationError, normalize_host
-from nhi_gateway.principal import Principal
+from nhi_gateway.principal import AuthMethod, Principal, TokenSource
 
 REFUSAL_STATUS = 403
 REFUSAL_CODE = "Authorization_RequestDenied"
@@ -94,6 +121,8 @@ _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BAD_LITERAL = re.compile(r"[{}*%\\\s\x00-\x1f\x7f?#]")
 _STS_V1 = "https://sts.windows.net/{tenantid}/"
 _STS_V1_DISCOVERY = "https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration"
+# xms_mirid: /subscriptions/<sub>/resourcegroups/<rg>/providers/<namespace>/<type>/<name>[/...]
+_ARM_ID = re.compile(r"/subscriptions/[^/\s]+/resourcegroups/[^/\s]+/providers/[^/\s]+(/[^/\s]+){2,}", re.I)
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -150,12 +179,21 @@ class IssuerConfig:
         return self.discovery_template.replace("{tenantid}", tenant_id)
 
 
+class ClientSecretGrants(StrEnum):
+    """What happens to token requests that authenticate with a static client secret."""
+
+    ALLOW = "allow"
+    FLAG = "flag"  # forwarded; the decision carries the flag "client_secret_grant"
+    REFUSE = "refuse"  # 403: only certificate and federated credential grants are forwarded
+
+
 @dataclass(frozen=True)
 class IdentityConfig:
     tenants: frozenset[str]  # lower-case GUIDs
     audiences: frozenset[str]
     issuers: tuple[IssuerConfig, ...]
     leeway_seconds: int = DEFAULT_LEEWAY
+    client_secret_grants: ClientSecretGrants = ClientSecretGrants.FLAG
 
 
 @dataclass(frozen=True)
@@ -174,11 +212,26 @@ class PrincipalMatch:
     groups: frozenset[str] | None = None  # lower-case
     roles: frozenset[str] | None = None  # case-folded
     tenants: frozenset[str] | None = None  # lower-case
+    auth_methods: frozenset[AuthMethod] | None = None
+    app_only: bool | None = None
+    token_sources: frozenset[TokenSource] | None = None  # any of them
+    managed_identities: frozenset[str] | None = None  # lower-case ARM ids (xms_mirid)
 
     def matches(self, principal: Principal | None) -> bool:
         if principal is None or self.anonymous:
             return principal is None and self.anonymous
         if self.tenants is not None and principal.tenant_id.lower() not in self.tenants:
+            return False
+        if self.auth_methods is not None and principal.auth_method not in self.auth_methods:
+            return False
+        if self.app_only is not None and principal.app_only is not self.app_only:
+            return False
+        if self.token_sources is not None and self.token_sources.isdisjoint(principal.token_sources):
+            return False
+        if (
+            self.managed_identities is not None
+            and principal.managed_identity.lower() not in self.managed_identities
+        ):
             return False
         if self.app_ids is not None and principal.app_id.lower() not in self.app_ids:
             return False
@@ -196,7 +249,9 @@ class PrincipalMatch:
         if self.anonymous:
             yield ("anonymous",)
             return
-        for name in ("object_ids", "app_ids", "groups", "roles", "tenants"):
+        # auth_methods, app_only and token_sources have a handful of values each: as buckets they
+        # would not narrow anything, so they are checked by matches() on the few candidates.
+        for name in ("object_ids", "app_ids", "managed_identities", "groups", "roles", "tenants"):
             values = getattr(self, name)
             if values is not None:
                 for v in sorted(values):
@@ -214,6 +269,8 @@ def _principal_keys(principal: Principal | None) -> list[tuple[str, ...]]:
         ("app_ids", principal.app_id.lower()),
         ("tenants", principal.tenant_id.lower()),
     ]
+    if principal.managed_identity:
+        keys.append(("managed_identities", principal.managed_identity.lower()))
     keys += [("groups", g.lower()) for g in set(principal.groups)]
     keys += [("roles", r.casefold()) for r in set(principal.roles)]
     return keys
@@ -719,7 +776,15 @@ class _Loader:
 
     def identity(self, node: _Value) -> IdentityConfig:
         m = self.mapping(
-            node, "identity", {"tenants": True, "audiences": True, "issuers": True, "leeway_seconds": False}
+            node,
+            "identity",
+            {
+                "tenants": True,
+                "audiences": True,
+                "issuers": True,
+                "leeway_seconds": False,
+                "client_secret_grants": False,
+            },
         )
         self.tenants = frozenset(t for t, _ in self.guids(m["tenants"], "identity.tenants"))
         audiences = frozenset(a.strip() for a, _ in self.strings(m["audiences"], "identity.audiences"))
@@ -730,7 +795,16 @@ class _Loader:
         leeway = DEFAULT_LEEWAY
         if "leeway_seconds" in m:
             leeway = self.integer(m["leeway_seconds"], "identity.leeway_seconds", 0, MAX_LEEWAY)
-        return IdentityConfig(self.tenants, audiences, issuers, leeway)
+        secret_grants = ClientSecretGrants.FLAG
+        if "client_secret_grants" in m:
+            secret_grants = ClientSecretGrants(
+                self.choice(
+                    m["client_secret_grants"],
+                    "identity.client_secret_grants",
+                    [c.value for c in ClientSecretGrants],
+                )
+            )
+        return IdentityConfig(self.tenants, audiences, issuers, leeway, secret_grants)
 
     def issuer(self, node: _Value, what: str) -> IssuerConfig:
         if isinstance(node.value, dict):
@@ -875,26 +949,21 @@ class _Loader:
             "groups": False,
             "roles": False,
             "tenants": False,
+            "auth_methods": False,
+            "app_only": False,
+            "token_sources": False,
+            "managed_identities": False,
         }
         m = self.mapping(node, what, keys)
-        anonymous = False
-        if "anonymous" in m:
-            v = m["anonymous"]
-            if not isinstance(v.value, bool):
-                self.fail(
-                    v.pos,
-                    f"{what}.anonymous must be true or false, not {_kind(v.value)}",
-                    "YAML 1.2: write true, not yes",
-                )
-            anonymous = v.value
-            if anonymous and len(m) > 1:
-                other = next(k for k in m if k != "anonymous")
-                self.fail(
-                    m[other].pos,
-                    f"{what}: '{other}' cannot be combined with anonymous: true",
-                    "an anonymous request has no identity to match; write two rules",
-                )
-        found: dict[str, frozenset[str]] = {}
+        anonymous = self.boolean(m["anonymous"], f"{what}.anonymous") if "anonymous" in m else False
+        if anonymous and len(m) > 1:
+            other = next(k for k in m if k != "anonymous")
+            self.fail(
+                m[other].pos,
+                f"{what}: '{other}' cannot be combined with anonymous: true",
+                "an anonymous request has no identity to match; write two rules",
+            )
+        found: dict[str, Any] = {}
         for k in ("app_ids", "object_ids", "groups", "tenants"):
             if k in m:
                 found[k] = frozenset(g for g, _ in self.guids(m[k], f"{what}.{k}"))
@@ -911,7 +980,57 @@ class _Loader:
                         "so this never matches",
                         "add it to identity.tenants or remove it here",
                     )
+        if "auth_methods" in m:
+            found["auth_methods"] = frozenset(
+                AuthMethod(self.auth_method(v, f"{what}.auth_methods[{i}]"))
+                for i, v in enumerate(self.seq(m["auth_methods"], f"{what}.auth_methods", non_empty=True))
+            )
+        if "app_only" in m:
+            found["app_only"] = self.boolean(m["app_only"], f"{what}.app_only")
+        if "token_sources" in m:
+            found["token_sources"] = frozenset(
+                TokenSource(self.choice(v, f"{what}.token_sources[{i}]", [t.value for t in TokenSource]))
+                for i, v in enumerate(self.seq(m["token_sources"], f"{what}.token_sources", non_empty=True))
+            )
+        if "managed_identities" in m:
+            ids = self.strings(m["managed_identities"], f"{what}.managed_identities")
+            found["managed_identities"] = frozenset(
+                self.arm_id(value, pos, f"{what}.managed_identities[{i}]") for i, (value, pos) in enumerate(ids)
+            )
         return PrincipalMatch(anonymous=anonymous, **found)
+
+    def boolean(self, node: _Value, what: str) -> bool:
+        if not isinstance(node.value, bool):
+            self.fail(
+                node.pos,
+                f"{what} must be true or false, not {_kind(node.value)}",
+                "YAML 1.2: write true, not yes",
+            )
+        return node.value
+
+    def auth_method(self, node: _Value, what: str) -> str:
+        value = node.value.strip() if isinstance(node.value, str) else node.value
+        if value in ("federated", "federated_credential", "managed_identity"):
+            # appidacr/azpacr "2" covers all three: a rule cannot tell them apart, so say so.
+            self.fail(
+                node.pos,
+                f"{what}: '{value}' is not told apart by Entra's tokens",
+                "appidacr/azpacr \"2\" means certificate, federated credential or managed identity "
+                "alike: write certificate (and managed_identities to name managed identities)",
+            )
+        choices = [AuthMethod.CERTIFICATE, AuthMethod.CLIENT_SECRET, AuthMethod.PUBLIC_CLIENT, AuthMethod.UNKNOWN]
+        return self.choice(_Value(value, node.pos, node.key_pos), what, [str(a) for a in choices])
+
+    def arm_id(self, value: str, pos: Pos, what: str) -> str:
+        value = value.strip()
+        if not _ARM_ID.fullmatch(value):
+            self.fail(
+                pos,
+                f"{what}: '{value}' is not an Azure resource id",
+                "use the token's xms_mirid, e.g. /subscriptions/<subscription>/resourcegroups/<group>"
+                "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>",
+            )
+        return value.lower()
 
     def operation(self, node: _Value, what: str) -> OperationMatch:
         m = self.mapping(node, what, {"host": True, "methods": True, "paths": True, "versions": False})

@@ -142,7 +142,8 @@ class RunningGateway:
 
 
 def start_gateway(workdir: Path, lookalike: Lookalike, policy: Path = EXAMPLE_POLICY,
-                  extra_args: list[str] = ()) -> RunningGateway:
+                  extra_args: list[str] = (), env: dict[str, str] | None = None) -> RunningGateway:
+    """``env`` is added to this process's environment (e.g. the gateway's NHI_GRAPH_* credential)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "gateway.json"
     ready.unlink(missing_ok=True)
@@ -154,7 +155,7 @@ def start_gateway(workdir: Path, lookalike: Lookalike, policy: Path = EXAMPLE_PO
              "--listen", "127.0.0.1:0", "--confdir", str(workdir / "confdir"),
              "--recordings", str(recordings), "--upstream-ca", lookalike.ca_cert,
              "--ready-file", str(ready), *lookalike.resolve_args(), *extra_args],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env} if env else None,
         )
     info = wait_for_file(ready, proc, log)
     return RunningGateway(workdir, info, proc, log, recordings)

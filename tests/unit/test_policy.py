@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from nhi_gateway.decision import Action, Stage
 from nhi_gateway.operation import Operation
 from nhi_gateway.policy import (
+    ClientSecretGrants,
     OperationMatch,
     PathPattern,
     Policy,
@@ -24,7 +26,7 @@ from nhi_gateway.policy import (
     load_policy,
     parse_policy,
 )
-from nhi_gateway.principal import Principal
+from nhi_gateway.principal import AuthMethod, Principal, TokenSource
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
@@ -35,6 +37,8 @@ GROUP_A = "aaaaaaaa-0000-4000-8000-00000000000a"
 GROUP_B = "bbbbbbbb-0000-4000-8000-00000000000b"
 GRAPH = "graph.microsoft.com"
 LOGIN = "login.microsoftonline.com"
+MI = "/subscriptions/0b7c1e2a-0000-4000-8000-000000000001/resourceGroups/agents/providers/Microsoft.ManagedIdentity/userAssignedIdentities/mcp-mi"
+MI_HOST = "/subscriptions/0b7c1e2a-0000-4000-8000-000000000001/resourcegroups/agents/providers/Microsoft.Web/sites/mcp"
 
 # 13 lines; rules added by policy_text() start on line 14.
 HEAD = f"""\
@@ -62,10 +66,17 @@ def policy(rules: str) -> Policy:
     return parse_policy(policy_text(rules), "test.yaml")
 
 
-def principal(app=MCP_DIRECTORY, oid="0b1c2d3e-0000-4000-8000-000000000042", tid=TENANT, groups=(), roles=()):
+def principal(app=MCP_DIRECTORY, oid="0b1c2d3e-0000-4000-8000-000000000042", tid=TENANT, groups=(), roles=(),
+              **more):
     return Principal(
-        tenant_id=tid, object_id=oid, app_id=app, display_name="mcp-directory", groups=groups, roles=roles
+        tenant_id=tid, object_id=oid, app_id=app, display_name="mcp-directory", groups=groups, roles=roles,
+        **more,
     )
+
+
+CERT = AuthMethod.CERTIFICATE
+SECRET = AuthMethod.CLIENT_SECRET
+PROXY, BEARER = TokenSource.PROXY, TokenSource.BEARER
 
 
 def op(method: str, target: str, host: str = GRAPH) -> Operation:
@@ -163,6 +174,7 @@ def test_example_identity_and_upstreams(example):
     assert ident.tenants == frozenset({TENANT})
     assert "https://graph.microsoft.com" in ident.audiences
     assert ident.leeway_seconds == 60
+    assert ident.client_secret_grants is ClientSecretGrants.FLAG
     by_template = {i.template: i for i in ident.issuers}
     v1 = by_template["https://sts.windows.net/{tenantid}/"]
     assert (
@@ -276,6 +288,52 @@ def test_default_profile_applies_to_rules_without_mask():
             principal(roles=("User.Read.All",)),
             False,
         ),
+        # how the identity authenticated (appidacr/azpacr)
+        ("{auth_methods: [certificate]}", principal(auth_method=CERT), True),
+        ("{auth_methods: [certificate]}", principal(auth_method=SECRET), False),
+        ("{auth_methods: [certificate]}", principal(), False),  # unknown
+        ("{auth_methods: [certificate]}", None, False),
+        ("{auth_methods: [client_secret, public_client]}", principal(auth_method=SECRET), True),
+        ("{auth_methods: [client_secret, public_client]}", principal(auth_method=AuthMethod.PUBLIC_CLIENT), True),
+        ("{auth_methods: [unknown]}", principal(), True),
+        ("{auth_methods: [' certificate ']}", principal(auth_method=CERT), True),
+        # app-only or delegated
+        ("{app_only: true}", principal(), True),
+        ("{app_only: true}", principal(app_only=False), False),
+        ("{app_only: false}", principal(app_only=False), True),
+        ("{app_only: false}", principal(), False),
+        ("{app_only: false}", None, False),
+        # where the token was presented: any listed source
+        ("{token_sources: [proxy]}", principal(token_sources=(PROXY,)), True),
+        ("{token_sources: [proxy]}", principal(token_sources=(BEARER,)), False),
+        ("{token_sources: [proxy]}", principal(token_sources=(BEARER, PROXY)), True),
+        ("{token_sources: [proxy, bearer]}", principal(token_sources=(BEARER,)), True),
+        ("{token_sources: [bearer]}", principal(), False),  # no source recorded
+        # managed identities: the xms_mirid ARM id, case-insensitively
+        (f"{{managed_identities: [{MI}]}}", principal(managed_identity=MI), True),
+        (f"{{managed_identities: [{MI.upper()}]}}", principal(managed_identity=MI.lower()), True),
+        (f"{{managed_identities: [{MI}]}}", principal(managed_identity=MI_HOST), False),
+        (f"{{managed_identities: [{MI}, {MI_HOST}]}}", principal(managed_identity=MI_HOST.upper()), True),
+        (f"{{managed_identities: [{MI}]}}", principal(), False),  # not a managed identity
+        (f"{{managed_identities: [{MI}]}}", None, False),
+        # ANDed with the others
+        (
+            f"{{app_ids: [{MCP_DIRECTORY}], auth_methods: [certificate], app_only: true}}",
+            principal(auth_method=CERT),
+            True,
+        ),
+        (f"{{app_ids: [{MCP_DIRECTORY}], auth_methods: [certificate]}}", principal(auth_method=SECRET), False),
+        (f"{{app_ids: [{APP_B}], auth_methods: [certificate]}}", principal(auth_method=CERT), False),
+        (
+            f"{{managed_identities: [{MI}], token_sources: [bearer]}}",
+            principal(managed_identity=MI, token_sources=(PROXY,)),
+            False,
+        ),
+        (
+            f"{{managed_identities: [{MI}], roles: [User.Read.All]}}",
+            principal(managed_identity=MI, roles=("User.Read.All",)),
+            True,
+        ),
     ],
 )
 def test_when(when, caller, matches):
@@ -287,6 +345,35 @@ def test_when(when, caller, matches):
     )
     assert p.decide(caller, op("GET", "/v1.0/users")).allowed is matches
     assert p.rules[0].matches(caller, op("GET", "/v1.0/users")) is matches
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("", ClientSecretGrants.FLAG),
+        ("  client_secret_grants: allow\n", ClientSecretGrants.ALLOW),
+        ("  client_secret_grants: flag\n", ClientSecretGrants.FLAG),
+        ("  client_secret_grants: refuse\n", ClientSecretGrants.REFUSE),
+    ],
+)
+def test_client_secret_grants(line, expected):
+    text = policy_text(RULE).replace("upstreams:", line + "upstreams:", 1)
+    assert parse_policy(text, "t.yaml").identity.client_secret_grants is expected
+
+
+def test_the_example_rule_on_authentication_works_once_uncommented(example):
+    """The commented rule in example.yaml is documentation: it must stay a valid rule."""
+    text = (POLICIES / "example.yaml").read_text()
+    head, marker, commented = text.partition("  # - id: no-writes-with-static-secrets")
+    assert marker
+    rule = re.sub(r"(?m)^  # ?", "  ", marker + commented)
+    p = parse_policy(head + rule, "example.yaml")
+    write = op("PATCH", "/v1.0/users/x")
+    assert p.decide(principal(auth_method=SECRET), write).rule_id == "no-writes-with-static-secrets"
+    assert p.decide(principal(), write).rule_id == "no-writes-with-static-secrets"  # unknown
+    d = p.decide(principal(auth_method=CERT), write)
+    assert (d.allowed, d.rule_id) == (False, None)  # no rule allows it either
+    assert p.decide(principal(auth_method=SECRET), op("GET", "/v1.0/users")).rule_id == "directory-read"
 
 
 @pytest.mark.parametrize(
@@ -382,7 +469,9 @@ _TARGETS = [
 def _random_policy(rng: random.Random, n: int) -> Policy:
     rules = []
     for i in range(n):
-        when_kind = rng.choice(["none", "anon", "app", "group", "role", "app+group", "tenant"])
+        when_kind = rng.choice(
+            ["none", "anon", "app", "group", "role", "app+group", "tenant", "auth", "app_only", "source", "mi", "mi+auth"]
+        )
         when = {
             "none": PrincipalMatch(),
             "anon": PrincipalMatch(anonymous=True),
@@ -393,6 +482,13 @@ def _random_policy(rng: random.Random, n: int) -> Policy:
                 app_ids=frozenset({rng.choice(_APPS)}), groups=frozenset({rng.choice(_GROUPS)})
             ),
             "tenant": PrincipalMatch(tenants=frozenset({rng.choice([TENANT, OTHER_TENANT])})),
+            "auth": PrincipalMatch(auth_methods=frozenset(rng.sample(list(AuthMethod), rng.randint(1, 2)))),
+            "app_only": PrincipalMatch(app_only=rng.random() < 0.5),
+            "source": PrincipalMatch(token_sources=frozenset(rng.sample([PROXY, BEARER], rng.randint(1, 2)))),
+            "mi": PrincipalMatch(managed_identities=frozenset({rng.choice([MI, MI_HOST]).lower()})),
+            "mi+auth": PrincipalMatch(
+                managed_identities=frozenset({MI.lower()}), auth_methods=frozenset({CERT})
+            ),
         }[when_kind]
         segs = [rng.choice(_SEGMENTS) for _ in range(rng.randint(0, 3))]
         if rng.random() < 0.3:
@@ -421,6 +517,8 @@ _CALLERS = [
     principal(app=APP_B, groups=(GROUP_A,)),
     principal(groups=(GROUP_B,), roles=("r1",)),
     principal(app=APP_B, tid=OTHER_TENANT, roles=("R2",)),
+    principal(auth_method=CERT, token_sources=(PROXY,), managed_identity=MI.upper()),
+    principal(auth_method=SECRET, app_only=False, token_sources=(BEARER, PROXY), managed_identity=MI_HOST),
 ]
 
 
@@ -661,6 +759,79 @@ def _replace(old: str, new: str, rules: str = RULE) -> str:
             20,
             f"tenant '{APP_B}' is not in identity.tenants",
         ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {auth_methods: [cert]}"),
+            17,
+            25,
+            "rule 'r': when.auth_methods[0] must be one of certificate, client_secret, public_client, "
+            "unknown, not 'cert'",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {auth_methods: [certificate, federated]}"),
+            17,
+            38,
+            "rule 'r': when.auth_methods[1]: 'federated' is not told apart by Entra's tokens",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {auth_methods: certificate}"),
+            17,
+            24,
+            "rule 'r': when.auth_methods must be a list, not a string",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {auth_methods: []}"),
+            17,
+            24,
+            "rule 'r': when.auth_methods must not be empty",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {app_only: 'yes'}"),
+            17,
+            20,
+            "rule 'r': when.app_only must be true or false, not a string",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {token_sources: [header]}"),
+            17,
+            26,
+            "rule 'r': when.token_sources[0] must be one of proxy, bearer, not 'header'",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {managed_identities: [mcp-mi]}"),
+            17,
+            31,
+            "rule 'r': when.managed_identities[0]: 'mcp-mi' is not an Azure resource id",
+        ),
+        (
+            _replace("  action: allow", f"  action: allow\n  when:\n    managed_identities:\n    - {MI}\n    - /subscriptions/x"),
+            20,
+            7,
+            "rule 'r': when.managed_identities[1]: '/subscriptions/x' is not an Azure resource id",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {anonymous: true, auth_methods: [certificate]}"),
+            17,
+            41,
+            "'auth_methods' cannot be combined with anonymous: true",
+        ),
+        (
+            _replace("  action: allow", "  action: allow\n  when: {authmethods: [certificate]}"),
+            17,
+            10,
+            "unknown key 'authmethods' in rule 'r': when",
+        ),
+        (
+            _replace("  issuers:", "  client_secret_grants: deny\n  issuers:"),
+            5,
+            25,
+            "identity.client_secret_grants must be one of allow, flag, refuse, not 'deny'",
+        ),
+        (
+            _replace("  issuers:", "  client_secret_grants: false\n  issuers:"),
+            5,
+            25,
+            "identity.client_secret_grants must be a string, not a boolean",
+        ),
         # operations
         (
             _replace("  - host: graph.microsoft.com\n    methods", "  - host: evil.example\n    methods"),
@@ -743,6 +914,11 @@ def test_errors_say_where_and_what(text, line, col, message):
         ("rules:", "rule:", "did you mean 'rules'?"),
         ("  action: allow", "  acton: allow", "did you mean 'action'?"),
         ("methods: [GET]", "methods: [GTE]", "did you mean 'GET'?"),
+        ("  action: allow", "  action: allow\n  when: {authmethods: [certificate]}", "did you mean 'auth_methods'?"),
+        ("  action: allow", "  action: allow\n  when: {auth_methods: [certifcate]}", "did you mean 'certificate'?"),
+        ("  action: allow", "  action: allow\n  when: {auth_methods: [federated]}", "write certificate"),
+        ("  action: allow", "  action: allow\n  when: {managed_identities: [x]}", "xms_mirid"),
+        ("  issuers:", "  client_secret_grants: refused\n  issuers:", "did you mean 'refuse'?"),
         ("  action: allow", "  action: alow", "did you mean 'allow'?"),
         (f"[{TENANT}, ", "[contoso.onmicrosoft.com, ", "not a name or domain"),
         ("paths: [/users]", "paths: [\"/users('x')\"]", "/users/{id} matches /users('x')"),

@@ -37,6 +37,8 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "status": status,
         "error": flow.error.msg if flow.error else None,
         "masked_fields": (decision.extra.get("masked_fields", 0) if decision else 0),
+        "flags": list(decision.extra.get("flags", ())) if decision else [],
+        "grant": (decision.extra.get("grant") if decision else None) or None,
     }
 
 
@@ -45,11 +47,14 @@ class Audit:
         self.log = log
         self.health = health
 
-    def _audit(self, flow, live: bool) -> None:
+    def _audit(self, flow, live: bool, amends: bool = False) -> None:
         if flow.metadata.get(AUDITED_KEY):
             return
+        record = audit_record(flow)
+        if amends:
+            record["amends"] = "an earlier line of this flow_id: the client got this answer instead"
         try:
-            self.log.append(audit_record(flow))
+            self.log.append(record)
         except AuditWriteError as e:
             self.health.fail("audit", str(e))
             if live:
@@ -60,6 +65,12 @@ class Audit:
             return
         flow.metadata[AUDITED_KEY] = True
         self.health.recover("audit")
+
+    def amend(self, flow: http.HTTPFlow) -> None:
+        """A later stage refused a flow already audited (its recording failed): say so, so the
+        trail tells what the client actually got."""
+        flow.metadata.pop(AUDITED_KEY, None)
+        self._audit(flow, live=False, amends=True)
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:

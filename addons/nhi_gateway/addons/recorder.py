@@ -46,9 +46,10 @@ def recording_path(root: Path, decision: Decision | None, when: datetime) -> Pat
 
 
 class Recorder:
-    def __init__(self, directory: Path, health: Health) -> None:
+    def __init__(self, directory: Path, health: Health, on_refusal=None) -> None:
         self.directory = Path(directory)
         self.health = health
+        self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
         self._files: OrderedDict[Path, BinaryIO] = OrderedDict()
         self.last_path: Path | None = None
 
@@ -89,6 +90,8 @@ class Recorder:
                 refuse(flow, Decision.deny(
                     Stage.GUARD, 503, "ServiceUnavailable",
                     "the gateway could not record this request, so it refused it", check="recording"))
+                if self.on_refusal is not None:
+                    self.on_refusal(flow)
             return
         flow.metadata[RECORDED_KEY] = True
         self.health.recover("recording")

@@ -18,11 +18,15 @@ class Routing:
         self.resolve = dict(resolve)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        address = data.server.address
-        if address is None:
-            return
-        target = self.resolve.get(address[0].lower().rstrip("."))
-        if target is not None:
-            if data.server.sni is None:
-                data.server.sni = address[0]
-            data.server.address = (target.host, target.port)
+        try:
+            address = data.server.address
+            if address is None:
+                return
+            target = self.resolve.get(address[0].lower().rstrip("."))
+            if target is not None:
+                if data.server.sni is None:
+                    data.server.sni = address[0]
+                data.server.address = (target.host, target.port)
+        except Exception as e:
+            # Setting an error aborts the connection: never fall through to an unmapped address.
+            data.server.error = f"nhi-gateway routing failed: {e!r}"

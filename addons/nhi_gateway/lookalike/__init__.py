@@ -6,7 +6,7 @@ nonce quirk), the same JSON shapes and error codes. Start one with
 ``python -m nhi_gateway.lookalike --state-dir DIR``; it writes ``DIR/lookalike.json`` when ready.
 """
 
-from .directory import FOREIGN_TENANT_ID, MCP_DIRECTORY, ROTATION_BOT, TENANT_ID, Directory
+from .directory import FOREIGN_TENANT_ID, MCP_DIRECTORY, NHI_GATEWAY, ROTATION_BOT, TENANT_ID, Directory
 from .minting import (
     GRAPH_APP_ID,
     GRAPH_AUDIENCES,
@@ -24,6 +24,7 @@ __all__ = [
     "GRAPH_AUDIENCES",
     "GRAPH_RESOURCE",
     "MCP_DIRECTORY",
+    "NHI_GATEWAY",
     "ROTATION_BOT",
     "TENANT_ID",
     "Directory",

@@ -29,6 +29,8 @@ FOREIGN_TENANT_ID = "3e9b0d47-1c2a-4f85-8b6e-d07a94c2e15b"
 
 MCP_DIRECTORY = "mcp-directory"
 ROTATION_BOT = "rotation-bot"
+# The gateway's own registration: it resolves callers' group membership with this credential.
+NHI_GATEWAY = "nhi-gateway"
 
 _CLIENTS_FILE = "clients.json"
 _CREATED = "2024-03-14T09:26:53Z"
@@ -114,6 +116,7 @@ class ClientApp:
 _CLIENT_SEEDS: dict[str, tuple[str, ...]] = {
     MCP_DIRECTORY: ("User.Read.All", "Group.Read.All"),
     ROTATION_BOT: ("Application.ReadWrite.OwnedBy",),
+    NHI_GATEWAY: ("GroupMember.Read.All", "Directory.Read.All"),
 }
 
 

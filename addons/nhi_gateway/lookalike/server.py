@@ -797,6 +797,8 @@ async def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
         "signing_keys_dir": str(lookalike.authority.key_dir),
         "received_log": str(lookalike.received_log),
         "apps": d.client_summary(),
+        # Group ids by display name, so tests and demo policies can name groups in `when: {groups}`.
+        "groups": {g["displayName"]: g["id"] for g in d.groups},
     }
     _write_atomically(info_path, info)
     logger.info("look-alike Entra ID and Graph listening on %s:%d (state in %s)", host, bound_port, state_dir)

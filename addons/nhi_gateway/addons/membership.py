@@ -1,0 +1,74 @@
+"""Membership: the caller's groups, for policies that name them.
+
+Sits between Identity and Authorization. App-only tokens carry no groups (and overage tokens
+carry a pointer instead of them), so when a rule with ``when: {groups: ...}`` could decide the
+request, the verified Principal is replaced by one whose groups the gateway resolved from Graph
+with its own credential (:mod:`nhi_gateway.groups`). A lookup that fails refuses such a request
+with 503; a request that no group rule could affect never waits for Graph.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from ..decision import Decision, Stage
+from ..groups import GroupLookupFailed, GroupResolver, GroupRules, needs_lookup
+from ..operation import OperationError
+from ..policy import PolicyStore
+from .authorization import operation_of
+from .failclosed import fail_closed, refuse
+from .identity import PRINCIPAL_KEY
+
+logger = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, policies: PolicyStore, resolver: GroupResolver | None) -> None:
+        self.policies = policies
+        self.resolver = resolver  # None: no Graph credential configured
+        self._rules: GroupRules | None = None
+        self.group_rules()  # warns at start when rules on groups have no credential to serve them
+
+    def group_rules(self) -> GroupRules:
+        policy = self.policies.current
+        if self._rules is None or self._rules.policy is not policy:
+            self._rules = GroupRules(policy)
+            if self._rules and self.resolver is None:
+                logger.warning("the policy has rules on groups but no Graph credential is configured: "
+                               "requests those rules could decide are refused (503)")
+        return self._rules
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        principal = flow.metadata.get(PRINCIPAL_KEY)
+        if principal is None or not needs_lookup(principal):
+            return
+        rules = self.group_rules()
+        if not rules:
+            return
+        try:
+            op = operation_of(flow)
+        except OperationError:
+            return  # Authorization refuses it, saying why
+        if not rules.could_apply(principal, op):
+            return
+        try:
+            if self.resolver is None:
+                raise GroupLookupFailed("no Graph credential is configured for the gateway "
+                                        "(--graph-client-id, --graph-tenant-id and a certificate or secret)")
+            resolved = await self.resolver.with_groups(principal)
+        except GroupLookupFailed as e:
+            logger.error("flow %s: groups of %s unavailable: %s", flow.id, principal.label, e)
+            refuse(flow, Decision.deny(
+                Stage.IDENTITY, 503, "ServiceUnavailable",
+                f"the decision depends on the caller's group membership, which the gateway could not "
+                f"resolve ({e}); the request was refused (fail closed). Retry later.",
+                check="groups_unavailable", operation=str(op), principal=principal.to_dict(),
+            ))
+            return
+        flow.metadata[PRINCIPAL_KEY] = resolved
+        logger.debug("flow %s: %s is in %d groups", flow.id, principal.label, len(resolved.groups))

@@ -1,0 +1,114 @@
+"""``python -m nhi_gateway.bench``: see :mod:`nhi_gateway.bench`.
+
+    python -m nhi_gateway.bench [run] [--quick] [--json FILE] ...   the benchmark (scripts/bench)
+    python -m nhi_gateway.bench policy --rules N                    print a realistic N-rule policy
+    python -m nhi_gateway.bench upstream ...                        the replaying upstream (internal)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+
+def _positive(kind):
+    def parse(value: str):
+        v = kind(value)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{value}: must be more than 0")
+        return v
+    return parse
+
+
+def run_main(argv: list[str]) -> int:
+    from .report import render
+    from .run import DEFAULT_POLICY, Settings, run_all
+
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Measure the gateway against bare mitmdump with the same load, in the same run "
+                    "(loopback only, bounded). Prints a table; --json writes every figure.")
+    p.add_argument("--quick", action="store_true",
+                   help="short runs (3s per scenario, 5,000-request memory run): about a minute")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write all results here as JSON")
+    p.add_argument("--duration", type=_positive(float), metavar="SECONDS",
+                   help="seconds per scenario and target (quick 3, full 10)")
+    p.add_argument("--rounds", type=_positive(int), help="rounds of all scenarios (quick 1, full 2)")
+    p.add_argument("--requests", type=_positive(int), dest="memory_requests", metavar="N",
+                   help="requests of the memory run (quick 5,000, full 100,000)")
+    p.add_argument("--decisions", type=_positive(int), metavar="N",
+                   help="Policy.decide calls per timing (quick 50,000, full 200,000)")
+    p.add_argument("--upstream", choices=["standin", "lookalike"],
+                   help="standin (default): a cheap replay of the look-alike's answer; lookalike: the "
+                        "look-alike itself (slower than the proxies on small machines)")
+    p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help=f"gateway policy (default {DEFAULT_POLICY})")
+    p.add_argument("--profile", type=_positive(float), metavar="SECONDS",
+                   help="after measuring, sample the gateway with py-spy under load for this long")
+    p.add_argument("--workdir", type=Path, help="keep state, logs and recordings here (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="do not delete the workdir at the end")
+    args = p.parse_args(argv)
+    settings = Settings.for_mode(
+        args.quick, duration=args.duration, rounds=args.rounds, memory_requests=args.memory_requests,
+        decisions=args.decisions, upstream=args.upstream, policy=args.policy.resolve(), workdir=args.workdir,
+        keep=args.keep or bool(args.workdir), profile=args.profile)
+    if not settings.policy.exists():
+        print(f"bench: no policy at {settings.policy}", file=sys.stderr)
+        return 2
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    results = asyncio.run(run_all(settings, say))
+    print(render(results))
+    if args.json:
+        from .report import comparisons, targets, warnings
+
+        results["comparisons"] = comparisons(results)
+        results["targets"] = [t.to_dict() for t in targets(results)]
+        results["warnings"] = warnings(results)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"results written to {args.json}")
+    return 0
+
+
+def policy_main(argv: list[str]) -> int:
+    from .policies import policy_yaml
+
+    p = argparse.ArgumentParser(prog="python -m nhi_gateway.bench policy",
+                                description="Print a realistic policy of N rules for the look-alike tenant.")
+    p.add_argument("--rules", type=_positive(int), default=50)
+    args = p.parse_args(argv)
+    sys.stdout.write(policy_yaml(args.rules))
+    return 0
+
+
+def upstream_main(argv: list[str]) -> int:
+    from .upstream import CannedResponse, serve
+
+    p = argparse.ArgumentParser(prog="python -m nhi_gateway.bench upstream")
+    p.add_argument("--cert", type=Path, required=True)
+    p.add_argument("--key", type=Path, required=True)
+    p.add_argument("--path", required=True, help="the one request target answered")
+    p.add_argument("--token-file", type=Path, required=True)
+    p.add_argument("--canned", type=Path, required=True, help="the response to replay (JSON)")
+    p.add_argument("--ready-file", type=Path, required=True)
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args(argv)
+    asyncio.run(serve(cert=args.cert, key=args.key, path=args.path, token=args.token_file.read_text().strip(),
+                      canned=CannedResponse.from_file(args.canned), ready_file=args.ready_file, port=args.port))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": run_main, "policy": policy_main, "upstream": upstream_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return run_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""What a process costs, from Linux's /proc: CPU seconds, resident and peak memory."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid``, all threads."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after its closing one.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style line of /proc/PID/status, in KiB (0 if absent)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, same user or root); False if refused."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class CpuWindow:
+    """CPU used by some processes between ``start()`` and ``stop()``, as % of one core."""
+
+    pids: dict[str, int]
+    _before: dict[str, float] | None = None
+    _wall: float = 0.0
+    percent: dict[str, float] | None = None
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._wall = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._wall
+        after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.percent = {name: 100 * (after[name] - self._before[name]) / wall for name in self.pids}
+        return self.percent

@@ -1,0 +1,174 @@
+"""The benchmark's results as people read them: tables, ratios against bare mitmdump, and the
+project's targets (issue 7), each marked met or not. The run never fails on a target."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SATURATED = 90.0  # % of one core: a process this busy is (one of) what limits the run
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    name: str
+    goal: str
+    measured: str
+    met: bool | None  # None: not measurable in this run
+
+    def to_dict(self) -> dict:
+        return {"target": self.name, "goal": self.goal, "measured": self.measured,
+                "met": self.met}
+
+
+def _by(summary: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(m["scenario"], m["target"]): m for m in summary}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def comparisons(results: dict) -> list[dict]:
+    """Per scenario: gateway/bare throughput, added latency, peak memory ratio."""
+    by = _by(results["summary"])
+    out = []
+    for scenario in dict.fromkeys(m["scenario"] for m in results["summary"]):
+        bare, gw = by.get((scenario, "bare")), by.get((scenario, "gateway"))
+        if not bare or not gw:
+            continue
+        out.append({
+            "scenario": scenario,
+            "throughput_ratio": round(_ratio(gw["rps"], bare["rps"]), 3),
+            "added_p50_ms": round(gw["p50_ms"] - bare["p50_ms"], 3),
+            "added_p99_ms": round(gw["p99_ms"] - bare["p99_ms"], 3),
+            "peak_rss_ratio": round(_ratio(gw["peak_rss_kb"], bare["peak_rss_kb"]), 2),
+        })
+    return out
+
+
+def targets(results: dict) -> list[TargetCheck]:
+    comp = {c["scenario"]: c for c in comparisons(results)}
+    checks = []
+    c10 = comp.get("keep-alive c=10")
+    if c10:
+        r = c10["throughput_ratio"]
+        checks.append(TargetCheck("throughput", "gateway >= 90 % of bare mitmdump (keep-alive, c=10)",
+                                  f"{r:.0%}", r >= 0.90))
+    c1 = comp.get("keep-alive c=1")
+    if c1:
+        checks.append(TargetCheck("added p50", "<= 1 ms (keep-alive, c=1)", f"{c1['added_p50_ms']:+.2f} ms",
+                                  c1["added_p50_ms"] <= 1.0))
+        checks.append(TargetCheck("added p99", "<= 5 ms (keep-alive, c=1)", f"{c1['added_p99_ms']:+.2f} ms",
+                                  c1["added_p99_ms"] <= 5.0))
+    gw_mem = next((m for m in results["memory"] if m["target"] == "gateway"), None)
+    if gw_mem:
+        full = gw_mem["requests"] >= 100_000
+        checks.append(TargetCheck(
+            "memory flat", "<= 10 % RSS growth over 100,000 requests",
+            f"{gw_mem['growth']:+.1%} over {gw_mem['requests']:,}" + ("" if full else " (quick run: indicative)"),
+            gw_mem["growth"] <= 0.10))
+    d = {t["rules"]: t for t in results["decisions"]}
+    if 10 in d and 5000 in d:
+        r = _ratio(d[5000]["us_per_decision"], d[10]["us_per_decision"])
+        checks.append(TargetCheck("decision time", "5,000 rules within 2x of 10 rules", f"{r:.2f}x", r <= 2.0))
+    return checks
+
+
+def warnings(results: dict) -> list[str]:
+    """Conditions under which a ratio says less than it seems to."""
+    out = []
+    for m in results["summary"]:
+        cpu = m["cpu_percent"]
+        where = f"{m['scenario']} / {m['target']}"
+        if cpu.get("loadgen", 0) >= SATURATED:
+            out.append(f"{where}: the load generator used {cpu['loadgen']:.0f}% of a core: it may be the limit")
+        if cpu.get("upstream", 0) >= SATURATED:
+            out.append(f"{where}: the upstream used {cpu['upstream']:.0f}% of a core: it may be the limit")
+        total = sum(cpu.values())
+        cores = results["machine"].get("nproc") or 1
+        if total >= 100 * cores * 0.95:
+            out.append(f"{where}: proxy + upstream + load generator used {total:.0f}% of {cores} cores: "
+                       "the machine is saturated, processes compete for CPU")
+        if sum(m["errors"].values()):
+            out.append(f"{where}: {sum(m['errors'].values())} errors: {m['errors']}")
+    for run in results["memory"]:
+        if run["errors"]:
+            out.append(f"memory run through {run['target']}: {run['errors']} errors")
+    pre = results.get("preflight", {})
+    if pre and not pre.get("gateway_masks_response", True):
+        out.append("the gateway did not change the response: masking did not run")
+    return out
+
+
+def _row(cells, widths) -> str:
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        "",
+        f"nhi-gateway benchmark ({s['mode']}): {m['nproc']} cores, {m['cpu_model']}, Python {m['python']}, "
+        f"mitmproxy {m['mitmproxy']}",
+        f"request: {s['request']}; upstream: {s['upstream']}; policy: {s['policy']}",
+        f"{s['rounds']} round(s) x {s['duration_s']:g}s per scenario and target; figures are medians over rounds",
+        "",
+    ]
+    head = ["scenario", "target", "req/s", "p50 ms", "p99 ms", "errors", "peak RSS MiB",
+            "cpu proxy", "cpu upstream", "cpu loadgen"]
+    widths = [16, 8, 8, 7, 7, 6, 12, 9, 12, 11]
+    lines.append(_row(head, widths))
+    lines.append(_row(["-" * w for w in widths], widths))
+    for r in results["summary"]:
+        cpu = r["cpu_percent"]
+        lines.append(_row([
+            r["scenario"], r["target"], f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+            sum(r["errors"].values()), f"{r['peak_rss_kb'] / 1024:.0f}" if r["peak_rss_kb"] else "-",
+            f"{cpu['proxy']:.0f}%" if "proxy" in cpu else "-", f"{cpu['upstream']:.0f}%", f"{cpu['loadgen']:.0f}%",
+        ], widths))
+    lines += ["", "gateway / bare mitmdump:"]
+    head = ["scenario", "throughput", "added p50", "added p99", "peak RSS"]
+    widths = [16, 10, 10, 10, 8]
+    lines.append(_row(head, widths))
+    lines.append(_row(["-" * w for w in widths], widths))
+    for c in comparisons(results):
+        lines.append(_row([c["scenario"], f"{c['throughput_ratio']:.0%}", f"{c['added_p50_ms']:+.2f} ms",
+                           f"{c['added_p99_ms']:+.2f} ms", f"{c['peak_rss_ratio']:.2f}x"], widths))
+    lines += ["", "memory over a long keep-alive run (c=10), VmRSS:"]
+    for run in results["memory"]:
+        lines.append(f"  {run['target']:8} {run['requests']:>9,} requests  {run['rss_start_kb'] / 1024:7.1f} MiB -> "
+                     f"{run['rss_end_kb'] / 1024:7.1f} MiB  ({run['growth']:+.1%})  at {run['rps']:.0f} req/s")
+    lines += ["", "decision time (Policy.decide, in-process, same callers and operations):"]
+    for t in results["decisions"]:
+        lines.append(f"  {t['rules']:>6,} rules  {t['us_per_decision']:7.2f} us/decision  "
+                     f"(policy loaded in {t['load_seconds']:.2f}s)")
+    rec = results.get("gateway_records") or {}
+    if rec:
+        lines += ["", f"gateway wrote {rec['audit_lines']:,} audit lines and {rec['recording_bytes'] / 2**20:.1f} MiB "
+                      f"of recordings in {rec['recording_files']} file(s)"]
+    lines += ["", "targets (issue 7):"]
+    for t in targets(results):
+        mark = "n/a " if t.met is None else ("PASS" if t.met else "FAIL")
+        lines.append(f"  [{mark}] {t.name:14} {t.goal:55} measured {t.measured}")
+    warn = warnings(results)
+    if warn:
+        lines += ["", "notes:"] + [f"  - {w}" for w in warn]
+    prof = results.get("profile")
+    if prof:
+        lines += ["", render_profile(prof)]
+    lines.append(f"\nwall time {results['wall_seconds']:.0f}s")
+    return "\n".join(lines)
+
+
+def render_profile(prof: dict) -> str:
+    lines = [f"gateway profile (py-spy, {prof['samples']:,} samples over {prof['seconds']:g}s, "
+             f"{prof.get('rps', 0):.0f} req/s while sampled):"]
+    lines.append("  by area (inclusive, % of samples):")
+    for name, pct in prof["areas"]:
+        lines.append(f"    {pct:5.1f}%  {name}")
+    lines.append("  hottest functions (inclusive % / self %):")
+    for fn, incl, self_ in prof["functions"][:25]:
+        lines.append(f"    {incl:5.1f}% {self_:5.1f}%  {fn}")
+    return "\n".join(lines)

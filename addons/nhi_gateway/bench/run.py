@@ -1,0 +1,460 @@
+"""Running the benchmark: start the processes, drive the same load through bare mitmdump and the
+gateway, measure, stop everything.
+
+Processes (all on loopback):
+
+- the look-alike Entra ID and Graph (its keys sign the token; its JWKS is what the gateway
+  verifies against; its answer to the benchmark request is what the upstream replays),
+- the upstream: a cheap replay of that answer (see :mod:`.upstream`), or the look-alike itself
+  with ``--upstream lookalike``,
+- bare ``mitmdump``, with the options of the gateway that matter for the data path and the same
+  address mapping (:mod:`.bare_mitmdump`),
+- the gateway (``nhi-gateway run``) with a realistic policy: token verification, about 50 rules,
+  masking, recording and audit, all on.
+
+The load generator runs in this process. Each figure is measured in the same run for both
+proxies, so only the ratios carry over to another machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import decisions, load, procstat
+from .upstream import CannedResponse
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO = PACKAGE_DIR.parents[2]
+DEFAULT_POLICY = REPO / "policies" / "bench.yaml"
+BIN = Path(sys.executable).parent
+GRAPH = "graph.microsoft.com"
+REQUEST_TARGET = "/v1.0/users?$top=5"
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "keep-alive" or "new-connection"
+    concurrency: int
+    direct: bool = False  # also measured straight against the upstream, to show its capacity
+
+
+SCENARIOS = (
+    Scenario("keep-alive c=1", "keep-alive", 1),
+    Scenario("keep-alive c=10", "keep-alive", 10, direct=True),
+    Scenario("keep-alive c=50", "keep-alive", 50),
+    Scenario("new conn c=1", "new-connection", 1),
+    Scenario("new conn c=10", "new-connection", 10, direct=True),
+)
+
+
+@dataclass
+class Settings:
+    quick: bool = False
+    duration: float = 10.0  # seconds per scenario and target
+    rounds: int = 2
+    memory_requests: int = 100_000
+    decisions: int = 200_000
+    upstream: str = "standin"  # or "lookalike"
+    policy: Path = DEFAULT_POLICY
+    workdir: Path | None = None
+    keep: bool = False
+    profile: float = 0.0  # seconds of py-spy on the gateway under keep-alive c=10 load; 0: none
+
+    @classmethod
+    def for_mode(cls, quick: bool, **overrides) -> Settings:
+        base = (cls(quick=True, duration=3.0, rounds=1, memory_requests=5_000, decisions=50_000)
+                if quick else cls())
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(base, k, v)
+        return base
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def spawn(name: str, argv: list[str], workdir: Path) -> Process:
+    log = workdir / f"{name}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 cwd=workdir)
+    return Process(name, popen, log)
+
+
+async def wait_for_json(path: Path, proc: Process, timeout: float = START_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        proc.check_alive()
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not become ready within {timeout:.0f}s:\n{tail(proc.log)}")
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from mitmproxy.version import VERSION as mitmproxy_version
+    except ImportError:  # pragma: no cover
+        mitmproxy_version = "?"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy_version,
+        "kernel": platform.release(),
+    }
+
+
+@dataclass
+class Measurement:
+    scenario: str
+    target: str
+    round: int
+    requests: int
+    errors: dict[str, int]
+    elapsed: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_percent: dict[str, float]  # proxy / upstream / loadgen, % of one core
+    peak_rss_kb: int = 0  # the proxy's VmHWM over this measurement (reset before it)
+
+    def to_dict(self) -> dict:
+        return {
+            "scenario": self.scenario, "target": self.target, "round": self.round,
+            "requests": self.requests, "errors": dict(self.errors), "elapsed_s": round(self.elapsed, 3),
+            "rps": round(self.rps, 1), "p50_ms": round(self.p50_ms, 3), "p99_ms": round(self.p99_ms, 3),
+            "cpu_percent": {k: round(v, 1) for k, v in self.cpu_percent.items()},
+            "peak_rss_kb": self.peak_rss_kb,
+        }
+
+
+@dataclass
+class MemoryRun:
+    target: str
+    requests: int
+    samples: list[tuple[int, int]] = field(default_factory=list)  # (requests done, VmRSS KiB)
+    errors: int = 0
+    rps: float = 0.0
+
+    @property
+    def growth(self) -> float:
+        first, last = self.samples[0][1], self.samples[-1][1]
+        return (last - first) / first if first else 0.0
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "requests": self.requests, "errors": self.errors,
+                "rps": round(self.rps, 1), "rss_kb_samples": self.samples,
+                "rss_start_kb": self.samples[0][1], "rss_end_kb": self.samples[-1][1],
+                "growth": round(self.growth, 4)}
+
+
+class Bench:
+    def __init__(self, settings: Settings, say=print) -> None:
+        self.settings = settings
+        self.say = say
+        self.processes: list[Process] = []
+        self.targets: dict[str, load.Target] = {}
+        self.proxies: dict[str, Process] = {}
+        self.upstream_proc: Process | None = None
+        self.spec: load.RequestSpec | None = None
+        self.workdir: Path = Path()
+        self.info: dict = {}
+
+    # --- processes ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.workdir:
+            s.workdir.mkdir(parents=True, exist_ok=True)
+            self.workdir = s.workdir.resolve()
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
+        w = self.workdir
+        self.say(f"workdir: {w}")
+        lookalike = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli", "lookalike",
+                                              "--state-dir", str(w / "lookalike"), "--port", "0"])
+        la = await wait_for_json(w / "lookalike" / "lookalike.json", lookalike)
+        self.info["lookalike"] = la
+        ca = la["ca_cert"]
+        token = self._mint(la)
+        self.spec = load.RequestSpec(GRAPH, REQUEST_TARGET, token)
+        # The look-alike's own answer, verified by it with real RS256: what the stand-in replays.
+        canned = await self._fetch_canned(("127.0.0.1", la["port"]), ca)
+        if s.upstream == "lookalike":
+            self.upstream_proc, up_port = lookalike, la["port"]
+        else:
+            canned_path, token_path = w / "canned-response.json", w / "token"
+            canned.to_file(canned_path)
+            token_path.write_text(token)
+            token_path.chmod(0o600)
+            pki = Path(ca).parent
+            standin = self._spawn("upstream", [
+                sys.executable, "-m", "nhi_gateway.bench", "upstream",
+                "--cert", str(pki / "server.pem"), "--key", str(pki / "server.key.pem"),
+                "--path", REQUEST_TARGET, "--token-file", str(token_path), "--canned", str(canned_path),
+                "--ready-file", str(w / "upstream.json")])
+            up_port = (await wait_for_json(w / "upstream.json", standin))["port"]
+            self.upstream_proc = standin
+        self.info["upstream"] = {"kind": s.upstream, "port": up_port}
+
+        bare = self._spawn("mitmdump", [
+            str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", "0",
+            "--set", f"confdir={w / 'mitmdump-confdir'}",
+            # The gateway's data-path options: lazy upstream connections, the same upstream trust,
+            # the same body limit (nothing streamed).
+            "--set", "connection_strategy=lazy",
+            "--set", f"ssl_verify_upstream_trusted_ca={ca}",
+            "--set", "body_size_limit=32m",
+            "-s", str(PACKAGE_DIR / "bare_mitmdump.py"),
+            "--set", f"nhi_bench_resolve={GRAPH}=127.0.0.1:{up_port}",
+            "--set", f"nhi_bench_ready_file={w / 'mitmdump.json'}",
+        ])
+        gateway = self._spawn("gateway", [
+            sys.executable, "-m", "nhi_gateway.cli", "run", "--policy", str(s.policy),
+            "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
+            "--recordings", str(w / "recordings"), "--upstream-ca", ca,
+            "--ready-file", str(w / "gateway.json"),
+            "--resolve", f"{GRAPH}=127.0.0.1:{up_port}",
+            "--resolve", f"login.microsoftonline.com=127.0.0.1:{la['port']}",
+            "--resolve", f"sts.windows.net=127.0.0.1:{la['port']}",
+        ])
+        bare_ready = await wait_for_json(w / "mitmdump.json", bare)
+        gw_ready = await wait_for_json(w / "gateway.json", gateway)
+        self.proxies = {"bare": bare, "gateway": gateway}
+        self.targets = {
+            "bare": load.Target("bare", ("127.0.0.1", bare_ready["port"]),
+                                load.client_tls(str(w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"))),
+            "gateway": load.Target("gateway", ("127.0.0.1", gw_ready["port"]), load.client_tls(gw_ready["ca_cert"])),
+            "direct": load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False),
+        }
+        await self._preflight(canned)
+
+    def _spawn(self, name: str, argv: list[str]) -> Process:
+        proc = spawn(name, argv, self.workdir)
+        self.processes.append(proc)
+        return proc
+
+    def _mint(self, la: dict) -> str:
+        from ..lookalike.minting import EntraAuthority
+
+        app = la["apps"]["mcp-directory"]
+        authority = EntraAuthority.open(Path(la["signing_keys_dir"]))
+        return authority.mint_app_token(
+            tenant_id=la["tenant_id"], app_id=app["client_id"], object_id=app["object_id"],
+            display_name="mcp-directory", roles=tuple(app.get("roles", ())), lifetime=4 * 3600,
+        )
+
+    async def _fetch_canned(self, address: tuple[str, int], ca: str) -> CannedResponse:
+        target = load.Target("lookalike", address, load.client_tls(ca), proxy=False)
+        tunnel = await load.Tunnel.open(target, self.spec)
+        try:
+            status, headers, body = await tunnel.fetch(self.spec.h11_request())
+        finally:
+            await tunnel.close()
+        if status != 200:
+            raise RuntimeError(f"the look-alike answered {status} to the benchmark request: {body[:300]!r}")
+        return CannedResponse(status, tuple(headers), body)
+
+    async def _preflight(self, canned: CannedResponse) -> None:
+        """One request through each target: the benchmark measures successes only, so a refusal
+        here (a policy that does not allow the caller, say) must stop the run, saying why."""
+        bodies = {}
+        for name, target in self.targets.items():
+            tunnel = await load.Tunnel.open(target, self.spec)
+            try:
+                status, _, body = await tunnel.fetch(self.spec.h11_request())
+            finally:
+                await tunnel.close()
+            if status != 200:
+                proc = self.proxies.get(name)
+                raise RuntimeError(f"preflight through {name}: status {status}: {body[:500]!r}\n"
+                                   + (tail(proc.log) if proc else ""))
+            bodies[name] = body
+        masked = bodies["gateway"] != bodies["bare"]
+        self.info["preflight"] = {"gateway_masks_response": masked, "bare_passes_response": bodies["bare"] == canned.body}
+        if not masked:
+            self.say("warning: the gateway's answer equals bare mitmdump's: masking did not change it")
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        if not self.settings.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- measuring --------------------------------------------------------------------------
+
+    def _pids(self, target: str) -> dict[str, int]:
+        pids = {"upstream": self.upstream_proc.pid, "loadgen": os.getpid()}
+        if target in self.proxies:
+            pids["proxy"] = self.proxies[target].pid
+        return pids
+
+    async def measure(self, scenario: Scenario, target: str, round_: int) -> Measurement:
+        s = self.settings
+        t = self.targets[target]
+        proxy = self.proxies.get(target)
+        if proxy is not None:
+            proxy.check_alive()
+            procstat.reset_peak(proxy.pid)
+        window = procstat.CpuWindow(self._pids(target))
+        run = load.keep_alive if scenario.kind == "keep-alive" else load.new_connection_each
+        # The CPU window covers the timed part only, not the warm-up or the opening of tunnels.
+        result = await run(t, self.spec, scenario.concurrency, s.duration, on_start=window.start, on_end=window.stop)
+        cpu = window.percent
+        peak = procstat.status_kb(proxy.pid, "VmHWM") if proxy is not None else 0
+        return Measurement(scenario.name, target, round_, result.requests, dict(result.errors), result.elapsed,
+                           result.rps, result.percentile_ms(50), result.percentile_ms(99), cpu, peak)
+
+    async def memory_run(self, target: str, requests: int) -> MemoryRun:
+        proxy = self.proxies[target]
+        t = self.targets[target]
+        warm = min(5_000, max(500, requests // 10))
+        await load.keep_alive(t, self.spec, 10, duration=120, max_requests=warm)
+        run = MemoryRun(target, requests)
+        run.samples.append((0, procstat.status_kb(proxy.pid, "VmRSS")))
+        every = max(1, requests // 10)
+        result = await load.keep_alive(
+            t, self.spec, 10, duration=max(120.0, requests / 50), max_requests=requests,
+            progress=lambda n: run.samples.append((n, procstat.status_kb(proxy.pid, "VmRSS"))), every=every)
+        if run.samples[-1][0] != result.requests:
+            run.samples.append((result.requests, procstat.status_kb(proxy.pid, "VmRSS")))
+        run.errors = result.error_count
+        run.rps = result.rps
+        return run
+
+    def gateway_records(self) -> dict:
+        audit = self.workdir / "recordings" / "audit.jsonl"
+        lines = 0
+        if audit.exists():
+            with open(audit, "rb") as f:
+                lines = sum(1 for _ in f)
+        recordings = list((self.workdir / "recordings").rglob("*.mitm"))
+        return {"audit_lines": lines, "recording_files": len(recordings),
+                "recording_bytes": sum(p.stat().st_size for p in recordings)}
+
+
+def median_measurement(ms: list[Measurement]) -> Measurement:
+    """Per metric, the median over rounds (one round: itself)."""
+    if len(ms) == 1:
+        return ms[0]
+    first = ms[0]
+    errors: dict[str, int] = {}
+    for m in ms:
+        for k, v in m.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    return Measurement(
+        first.scenario, first.target, 0, sum(m.requests for m in ms), errors, sum(m.elapsed for m in ms),
+        statistics.median(m.rps for m in ms), statistics.median(m.p50_ms for m in ms),
+        statistics.median(m.p99_ms for m in ms),
+        {k: statistics.median(m.cpu_percent.get(k, 0.0) for m in ms) for k in first.cpu_percent},
+        max(m.peak_rss_kb for m in ms),
+    )
+
+
+async def run_all(settings: Settings, say=print) -> dict:
+    bench = Bench(settings, say)
+    started = time.monotonic()
+    try:
+        await bench.start()
+        say(f"upstream: {settings.upstream}; policy: {settings.policy}; {settings.rounds} round(s) of "
+            f"{settings.duration:g}s per scenario and target")
+        raw: list[Measurement] = []
+        for r in range(settings.rounds):
+            for scenario in SCENARIOS:
+                # Alternate the order between rounds, so drift (a warming disk, a busy neighbour)
+                # does not always favour the same proxy.
+                order = ["bare", "gateway"] if r % 2 == 0 else ["gateway", "bare"]
+                if scenario.direct:
+                    order.append("direct")
+                for target in order:
+                    m = await bench.measure(scenario, target, r + 1)
+                    raw.append(m)
+                    say(f"  round {r + 1} {scenario.name:16} {target:8} {m.rps:8.1f} req/s  "
+                        f"p50 {m.p50_ms:6.2f} ms  p99 {m.p99_ms:6.2f} ms  errors {sum(m.errors.values())}  "
+                        f"cpu proxy {m.cpu_percent.get('proxy', 0):3.0f}% upstream "
+                        f"{m.cpu_percent['upstream']:3.0f}% loadgen {m.cpu_percent['loadgen']:3.0f}%")
+        memory = []
+        for target in ("bare", "gateway"):
+            say(f"  memory: {settings.memory_requests:,} keep-alive requests (c=10) through {target} ...")
+            memory.append(await bench.memory_run(target, settings.memory_requests))
+        profile = None
+        if settings.profile > 0:
+            from .profile import profile_gateway
+
+            say(f"  profiling the gateway with py-spy for {settings.profile:g}s under keep-alive c=10 ...")
+            profile = await profile_gateway(bench, settings.profile)
+        records = bench.gateway_records()
+    finally:
+        bench.stop()
+    say("  decision time: parsing generated policies of 10 and 5,000 rules ...")
+    timings = decisions.measure((10, 5000), settings.decisions)
+    grouped: dict[tuple[str, str], list[Measurement]] = {}
+    for m in raw:
+        grouped.setdefault((m.scenario, m.target), []).append(m)
+    summary = [median_measurement(ms) for ms in grouped.values()]
+    return {
+        "machine": machine(),
+        "settings": {"mode": "quick" if settings.quick else "full", "duration_s": settings.duration,
+                     "rounds": settings.rounds, "memory_requests": settings.memory_requests,
+                     "upstream": settings.upstream, "policy": str(settings.policy),
+                     "request": f"GET https://{GRAPH}{REQUEST_TARGET} (Authorization: Bearer, RS256)"},
+        "preflight": bench.info.get("preflight", {}),
+        "gateway_records": records,
+        "measurements": [m.to_dict() for m in raw],
+        "summary": [m.to_dict() for m in summary],
+        "memory": [m.to_dict() for m in memory],
+        "decisions": [t.to_dict() for t in timings],
+        "profile": profile,
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }

@@ -1,0 +1,232 @@
+"""The Entra token endpoint through the real gateway: static client secrets are flagged or refused
+by ``identity.client_secret_grants``, certificates and federated credentials go through, and a rule
+can require the identity to have authenticated with a certificate (``auth_methods``).
+
+Clients are ``requests`` with HTTPS_PROXY and the gateway's CA, posting the form MSAL posts. Every
+refusal is checked at the client and at the look-alike: a refused request never reaches Entra.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+from mitmproxy import io
+
+from nhi_gateway.lookalike.minting import mint_client_assertion
+from nhi_gateway.lookalike.pki import SigningKey
+from nhi_gateway.token_requests import CLIENT_ASSERTION_TYPE
+
+from .conftest import EXAMPLE_POLICY, start_gateway, stop
+
+GRAPH = "https://graph.microsoft.com"
+LOGIN = "https://login.microsoftonline.com"
+SCOPE = "https://graph.microsoft.com/.default"
+MCP_DIRECTORY_RULE = "      app_ids: [5e0b1683-de22-5eac-9334-fb85a741f6ff]   # mcp-directory\n"
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory, lookalike):
+    """The example policy, with secret grants refused and directory reads for certificates only."""
+    text = EXAMPLE_POLICY.read_text()
+    for old, new in (("  client_secret_grants: flag\n", "  client_secret_grants: refuse\n"),
+                     (MCP_DIRECTORY_RULE, MCP_DIRECTORY_RULE + "      auth_methods: [certificate]\n")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    workdir = tmp_path_factory.mktemp("strict-gateway")
+    policy = workdir / "policy.yaml"
+    policy.write_text(text)
+    gw = start_gateway(workdir, lookalike, policy=policy)
+    try:
+        yield gw
+    finally:
+        stop(gw.proc)
+
+
+def use_proxy(monkeypatch, gateway) -> None:
+    for k, v in gateway.client_env().items():
+        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+            monkeypatch.setenv(k, v)
+
+
+def marker() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def token_url(lookalike, mark: str) -> str:
+    # The marker rides in the query: Entra's token endpoint ignores it, the look-alike logs it.
+    return f"{LOGIN}/{lookalike.tenant_id}/oauth2/v2.0/token?m={mark}"
+
+
+def reached(lookalike, mark: str) -> bool:
+    return any(mark in line.get("path", "") for line in lookalike.received())
+
+
+def request_token(lookalike, mark: str, how: str, app: str = "mcp-directory") -> requests.Response:
+    """client_credentials as an app sends it: secret in the body, secret as HTTP Basic, or a
+    client assertion (certificate, or a federated token from an external issuer)."""
+    a = lookalike.app(app)
+    data = {"grant_type": "client_credentials", "scope": SCOPE}
+    auth = None
+    if how == "secret":
+        data |= {"client_id": a["client_id"], "client_secret": a["secret"]}
+    elif how == "basic":
+        auth = (a["client_id"], a["secret"])
+    elif how == "certificate":
+        key = SigningKey.load(Path(a["key_path"]), Path(a["cert_path"]))
+        audience = f"{LOGIN}/{lookalike.tenant_id}/oauth2/v2.0/token"
+        data |= {"client_id": a["client_id"], "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                 "client_assertion": mint_client_assertion(key, client_id=a["client_id"], audience=audience)}
+    elif how == "federated":
+        now = int(time.time())
+        external = jwt.encode(
+            {"iss": "https://token.actions.githubusercontent.com", "sub": "repo:contoso/agent:ref:refs/heads/main",
+             "aud": "api://AzureADTokenExchange", "iat": now, "exp": now + 300},
+            SigningKey.generate("github").private_key, algorithm="RS256", headers={"kid": "github-1"})
+        data |= {"client_id": a["client_id"], "client_assertion_type": CLIENT_ASSERTION_TYPE,
+                 "client_assertion": external}
+    return requests.post(token_url(lookalike, mark), data=data, auth=auth, timeout=20)
+
+
+def acr_of(access_token: str) -> str:
+    return jwt.decode(access_token, options={"verify_signature": False})["appidacr"]
+
+
+def audit_line(gateway, mark: str) -> dict:
+    lines = [a for a in gateway.audit() if mark in a["url"]]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def recorded(gateway, mark: str):
+    for path in gateway.recording_files():
+        with open(path, "rb") as fh:
+            for flow in io.FlowReader(fh).stream():
+                if mark in flow.request.path:
+                    return flow
+    raise AssertionError(f"no recorded flow for {mark}")
+
+
+def everything_kept(gateway) -> bytes:
+    return (b"".join(f.read_bytes() for f in gateway.recording_files())
+            + (gateway.recordings / "audit.jsonl").read_bytes() + gateway.log.read_bytes())
+
+
+# --- client_secret_grants: flag (the example policy) ----------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["secret", "basic"])
+def test_a_secret_grant_is_flagged_and_forwarded(gateway, lookalike, monkeypatch, how):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    r = request_token(lookalike, mark, how)
+    assert r.status_code == 200, r.text
+    assert acr_of(r.json()["access_token"]) == "1"
+    assert reached(lookalike, mark)
+
+    line = audit_line(gateway, mark)
+    assert (line["decision"], line["rule"], line["status"]) == ("allow", "token-endpoint", 200)
+    decision = recorded(gateway, mark).metadata["nhi"]
+    assert decision["extra"]["flags"] == ["client_secret_grant"]
+    assert decision["extra"]["grant"] == {"kind": "client_secret", "client_id": lookalike.app("mcp-directory")["client_id"],
+                                          "tenant": lookalike.tenant_id}
+    assert lookalike.app("mcp-directory")["secret"].encode() not in everything_kept(gateway)
+
+
+def test_the_audit_line_of_a_secret_grant_shows_the_flag(gateway, lookalike, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    assert request_token(lookalike, mark, "secret").status_code == 200
+    assert audit_line(gateway, mark)["flags"] == ["client_secret_grant"]
+
+
+def test_a_certificate_grant_is_not_flagged(gateway, lookalike, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    r = request_token(lookalike, mark, "certificate")
+    assert r.status_code == 200, r.text
+    assert acr_of(r.json()["access_token"]) == "2"
+    decision = recorded(gateway, mark).metadata["nhi"]
+    assert "flags" not in decision["extra"]
+    assert decision["extra"]["grant"]["kind"] == "certificate"
+    assert audit_line(gateway, mark).get("flags") in (None, [])
+
+
+# --- client_secret_grants: refuse ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["secret", "basic"])
+def test_a_secret_grant_is_refused_and_never_reaches_entra(strict, lookalike, monkeypatch, how):
+    use_proxy(monkeypatch, strict)
+    mark = marker()
+    r = request_token(lookalike, mark, how)
+    assert r.status_code == 403, r.text
+    assert r.headers["Content-Type"] == "application/json"
+    body = r.json()
+    assert body["error"] == "unauthorized_client"
+    assert "static client secret grant is refused" in body["error_description"]
+    assert "certificate" in body["error_description"] and "federated credential" in body["error_description"]
+    assert body["nhi-gateway"]["check"] == "client_secret_grant"
+    assert not reached(lookalike, mark)
+
+    line = audit_line(strict, mark)
+    assert (line["decision"], line["check"], line["status"]) == ("deny", "client_secret_grant", 403)
+    assert lookalike.app("mcp-directory")["secret"].encode() not in everything_kept(strict)
+
+
+def test_a_certificate_grant_goes_through(strict, lookalike, monkeypatch):
+    use_proxy(monkeypatch, strict)
+    mark = marker()
+    r = request_token(lookalike, mark, "certificate")
+    assert r.status_code == 200, r.text
+    assert acr_of(r.json()["access_token"]) == "2"
+    assert reached(lookalike, mark)
+    assert audit_line(strict, mark)["decision"] == "allow"
+
+
+def test_a_federated_grant_goes_through_to_entra(strict, lookalike, monkeypatch):
+    """The look-alike has no federated credentials, so Entra's answer is its own refusal: what
+    matters is that the gateway forwarded the request instead of refusing it."""
+    use_proxy(monkeypatch, strict)
+    mark = marker()
+    r = request_token(lookalike, mark, "federated")
+    assert reached(lookalike, mark)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client", r.text
+    assert recorded(strict, mark).metadata["nhi"]["extra"]["grant"]["issuer"] == (
+        "https://token.actions.githubusercontent.com")
+
+
+# --- a rule that requires a certificate (auth_methods) ------------------------------------------------
+
+
+def test_a_rule_requiring_a_certificate_refuses_a_secret_obtained_token(gateway, strict, lookalike, monkeypatch):
+    use_proxy(monkeypatch, gateway)  # only the lenient gateway hands out secret-obtained tokens
+    secret_token = request_token(lookalike, marker(), "secret").json()["access_token"]
+    assert acr_of(secret_token) == "1"
+
+    use_proxy(monkeypatch, strict)
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/users?m={mark}", headers={"Authorization": f"Bearer {secret_token}"}, timeout=20)
+    assert r.status_code == 403, r.text
+    assert "no rule allows" in r.json()["error"]["message"]
+    assert not reached(lookalike, mark)
+    line = audit_line(strict, mark)
+    assert (line["decision"], line["principal"]["auth_method"]) == ("deny", "client_secret")
+
+
+def test_a_rule_requiring_a_certificate_allows_a_certificate_obtained_token(strict, lookalike, monkeypatch):
+    use_proxy(monkeypatch, strict)
+    cert_token = request_token(lookalike, marker(), "certificate").json()["access_token"]
+    assert acr_of(cert_token) == "2"
+
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/users?m={mark}", headers={"Authorization": f"Bearer {cert_token}"}, timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.json()["value"]
+    assert reached(lookalike, mark)
+    line = audit_line(strict, mark)
+    assert (line["decision"], line["rule"], line["principal"]["auth_method"]) == ("allow", "directory-read", "certificate")

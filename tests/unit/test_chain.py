@@ -1,0 +1,810 @@
+"""The addon chain fails closed: every way a request can go wrong ends in a refusal that the client
+can read, and nothing reaches the upstream.
+
+No sockets: each test builds the chain exactly as the gateway does (``build_chain``), then runs the
+hooks of each flow in the order mitmproxy 12 runs them (``exchange`` mirrors
+``mitmproxy/proxy/layers/http``: an addon's exception is logged and the next addon still runs, a
+response set in the ``request`` hooks means the upstream is never contacted, a kill stops the flow
+and fires ``error``). Tokens are minted by the look-alike Entra authority and really verified.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mitmproxy import connection, flow, http
+from mitmproxy.test import taddons, tflow, tutils
+
+from nhi_gateway.addons import guard as guard_module
+from nhi_gateway.addons import masking as masking_module
+from nhi_gateway.addons.audit import Audit
+from nhi_gateway.addons.authorization import Authorization
+from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, set_decision
+from nhi_gateway.addons.guard import Guard, Health
+from nhi_gateway.addons.identity import CONNECT_KEY, Identity
+from nhi_gateway.addons.recorder import Recorder
+from nhi_gateway.audit import AuditWriteError
+from nhi_gateway.decision import Decision, Stage
+from nhi_gateway.gateway import GatewayConfig, build_chain
+from nhi_gateway.lookalike.minting import EntraAuthority
+from nhi_gateway.lookalike.pki import SigningKey
+from nhi_gateway.masking import MASK
+from nhi_gateway.policy import PolicyStore, parse_policy
+from nhi_gateway.signing_keys import KeyStore
+from nhi_gateway.tokens import TokenVerifier
+
+TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
+READER_APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
+READER_OID = "0b1c2d3e-0000-4000-8000-000000000042"
+SECOND_OID = "0b1c2d3e-0000-4000-8000-000000000043"  # another service principal of the same app
+STRANGER_APP = "11111111-2222-4333-8444-555555555555"
+STRANGER_OID = "0b1c2d3e-0000-4000-8000-000000000044"
+GRAPH = "graph.microsoft.com"
+LOGIN = "https://login.microsoftonline.com"
+
+SECRET_MAIL = "alice@contoso.example"
+UPSTREAM_SECRET = b"upstream-only: must never reach the client"
+
+POLICY = f"""\
+version: 1
+identity:
+  tenants: [{TENANT}]
+  audiences: [https://graph.microsoft.com]
+  issuers:
+    - https://sts.windows.net/{{tenantid}}/
+    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+upstreams:
+  - host: graph.microsoft.com
+    token: any
+masking:
+  profiles:
+    pii: {{fields: [mail]}}
+rules:
+  - id: directory-read
+    action: allow
+    when: {{app_ids: [{READER_APP}]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/users", "/users/{{id}}"]
+    mask: pii
+  - id: no-user-deletes
+    action: deny
+    operations:
+      - host: graph.microsoft.com
+        methods: [DELETE]
+        paths: ["/users/{{id}}"]
+"""
+
+# The same policy reloaded without its mask profile (the allow rule no longer names one).
+POLICY_WITHOUT_PROFILE = POLICY.replace("    pii: {fields: [mail]}\n", "    other: {fields: [mobilePhone]}\n").replace(
+    "    mask: pii\n", ""
+)
+
+
+# --- the look-alike Entra authority ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authority() -> EntraAuthority:
+    return EntraAuthority([SigningKey.generate()])
+
+
+def entra_fetcher(authority: EntraAuthority):
+    """Answers discovery and JWKS requests from the authority, like login.microsoftonline.com."""
+
+    async def fetch(url: str) -> dict:
+        tenant, _, rest = url.removeprefix(LOGIN + "/").partition("/")
+        if rest == "v2.0/.well-known/openid-configuration":
+            return authority.discovery(tenant, "2.0")
+        if rest == ".well-known/openid-configuration":
+            return authority.discovery(tenant, "1.0")
+        if "discovery/v2.0/keys" in rest:
+            return authority.jwks("2.0")
+        if "discovery/keys" in rest:
+            return authority.jwks("1.0")
+        raise AssertionError(f"unexpected key fetch {url}")
+
+    return fetch
+
+
+@pytest.fixture(scope="module")
+def tokens(authority) -> dict[str, str]:
+    def mint(app, oid, name):
+        return authority.mint_app_token(tenant_id=TENANT, app_id=app, object_id=oid, display_name=name,
+                                        roles=("User.Read.All",))
+
+    return {
+        "reader": mint(READER_APP, READER_OID, "mcp-directory"),
+        "reader-2": mint(READER_APP, SECOND_OID, "mcp-directory-2"),
+        "stranger": mint(STRANGER_APP, STRANGER_OID, "stranger"),
+    }
+
+
+# --- the chain, built as the gateway builds it -------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    chain: list
+    policies: PolicyStore
+    verifier: TokenVerifier
+    health: Health
+    recorder: Recorder
+    policy_path: Path
+
+    def addon(self, cls):
+        return next(a for a in self.chain if isinstance(a, cls))
+
+
+def build_gateway(tmp_path: Path, authority, *, recordings: Path | None = None,
+                  audit_path: Path | None = None, fetch=None) -> Gateway:
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY)
+    if recordings is None:
+        recordings = tmp_path / "recordings"
+        recordings.mkdir()
+    policies = PolicyStore(parse_policy(POLICY, str(policy_path)))
+    verifier = TokenVerifier(KeyStore(fetch or entra_fetcher(authority)))
+    health = Health()
+    config = GatewayConfig(policy_path=policy_path, recordings=recordings, audit_path=audit_path)
+    chain, recorder = build_chain(config, policies, verifier, health)
+    return Gateway(chain, policies, verifier, health, recorder, policy_path)
+
+
+@pytest.fixture
+async def gw(tmp_path, authority):
+    gateway = build_gateway(tmp_path, authority)
+    with taddons.context(*gateway.chain):
+        yield gateway
+    gateway.recorder.done()
+
+
+# --- running hooks as mitmproxy does -------------------------------------------------------------
+
+escaped: list[BaseException] = []  # exceptions that got past an addon: mitmproxy would forward anyway
+
+
+@pytest.fixture(autouse=True)
+def no_exception_escapes_an_addon():
+    escaped.clear()
+    yield
+    assert not escaped, f"an addon hook raised (mitmproxy logs it and fails open): {escaped!r}"
+
+
+async def run_hook(chain, name: str, f) -> None:
+    """Call ``name`` on every addon of the chain that has it, in order, as AddonManager does: an
+    exception is logged and the next addon still runs (mitmproxy's ``safecall``)."""
+    for addon in chain:
+        hook = getattr(addon, name, None)
+        if hook is None:
+            continue
+        try:
+            result = hook(f)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:  # pragma: no cover - only reached when an addon fails open
+            logging.getLogger(__name__).error("Addon error in %s.%s: %r", type(addon).__name__, name, e)
+            escaped.append(e)
+
+
+def killed(f) -> bool:
+    return f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
+
+
+async def exchange(chain, f: http.HTTPFlow, upstream: http.Response | None = None,
+                   before_response=None) -> http.Request | None:
+    """One request through the chain, in mitmproxy 12's order (proxy/layers/http/__init__.py).
+
+    Returns a copy of the request as it would have left for the upstream, or None when the
+    gateway answered (or killed the flow) before any upstream connection was made.
+    """
+    await run_hook(chain, "requestheaders", f)
+    if killed(f):
+        await run_hook(chain, "error", f)
+        return None
+    await run_hook(chain, "request", f)
+    if killed(f):
+        await run_hook(chain, "error", f)
+        return None
+    sent = None
+    if f.response is None:
+        # Only now would mitmproxy open the upstream connection and send the request.
+        sent = f.request.copy()
+        f.response = upstream if upstream is not None else graph_json({"value": []})
+    if before_response is not None:
+        before_response()
+    await run_hook(chain, "responseheaders", f)
+    if killed(f):
+        await run_hook(chain, "error", f)
+        return sent
+    await run_hook(chain, "response", f)
+    return sent
+
+
+async def connect(chain, client: connection.Client, host: str = GRAPH, token: str | None = None,
+                  proxy_header: str | None = None, port: int = 443) -> http.HTTPFlow:
+    """A CONNECT from ``client`` (HTTPS_PROXY=http://name:<token>@gateway when ``token``)."""
+    headers = http.Headers(host=f"{host}:{port}")
+    if token is not None:
+        headers["Proxy-Authorization"] = basic("mcp-directory", token)
+    if proxy_header is not None:
+        headers["Proxy-Authorization"] = proxy_header
+    req = tutils.treq(method=b"CONNECT", scheme=b"", host=host, port=port, authority=f"{host}:{port}".encode(),
+                      path=b"", headers=headers, content=b"")
+    f = tflow.tflow(client_conn=client, req=req)
+    await run_hook(chain, "http_connect", f)
+    if f.response is not None and not 200 <= f.response.status_code < 300:
+        await run_hook(chain, "http_connect_error", f)
+    return f
+
+
+def graph_request(client: connection.Client, method: str = "GET", path: str = "/v1.0/users",
+                  host: str = GRAPH, scheme: str = "https", bearer: str | None = None,
+                  proxy_token: str | None = None, port: int | None = None) -> http.HTTPFlow:
+    headers = http.Headers(host=host, accept="application/json")
+    if bearer is not None:
+        headers["Authorization"] = f"Bearer {bearer}"
+    if proxy_token is not None:
+        headers["Proxy-Authorization"] = basic("mcp-directory", proxy_token)
+    port = port or (443 if scheme == "https" else 80)
+    req = tutils.treq(method=method.encode(), scheme=scheme.encode(), host=host, port=port,
+                      authority=b"" if scheme == "https" else f"{host}:{port}".encode(),
+                      path=path.encode(), headers=headers, content=b"")
+    return tflow.tflow(client_conn=client, req=req)
+
+
+async def tunnel(gw: Gateway, token: str | None = None) -> connection.Client:
+    """A client connection with an admitted CONNECT to Graph."""
+    client = tflow.tclient_conn()
+    f = await connect(gw.chain, client, token=token)
+    assert f.response is None and f.metadata.get(CONNECT_KEY) == "admitted"
+    return client
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def graph_json(doc, status: int = 200, encoding: str | None = None,
+               content_type: str = "application/json;odata.metadata=minimal;odata.streaming=true") -> http.Response:
+    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    r = http.Response.make(status, b"", {"Content-Type": content_type})
+    if encoding:
+        r.headers["Content-Encoding"] = encoding
+    r.content = raw  # encoded with the Content-Encoding, as Graph sends it
+    return r
+
+
+USERS = {
+    "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users",
+    "value": [
+        {"id": "1", "displayName": "Alice", "mail": SECRET_MAIL, "manager": {"mail": "boss@contoso.example"}},
+        {"id": "2", "displayName": "Bob", "mail": None},
+    ],
+}
+
+
+def refusal(f: http.HTTPFlow, status: int) -> dict:
+    """The client-facing refusal: status, Graph-style error JSON, and the flow marked refused."""
+    assert f.response is not None, "the gateway did not answer"
+    assert f.response.status_code == status, f.response.get_text(strict=False)
+    assert f.response.headers["Content-Type"] == "application/json"
+    body = json.loads(f.response.content)
+    assert UPSTREAM_SECRET not in f.response.content and SECRET_MAIL.encode() not in f.response.content
+    inner = body["error"]["innerError"]["nhi-gateway"]
+    assert f.metadata.get(REFUSED_KEY) is True
+    decision = decision_of(f)
+    assert decision is not None and not decision.allowed
+    return {"code": body["error"]["code"], "message": body["error"]["message"], **inner}
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+# --- the path that works (the baseline every refusal below differs from) -------------------------
+
+
+async def test_allowed_request_is_forwarded_and_masked(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    sent = await exchange(gw.chain, f, graph_json(USERS))
+    assert sent is not None, "an allowed request must reach the upstream"
+    assert sent.headers["Authorization"] == f"Bearer {tokens['reader']}"
+    assert f.response.status_code == 200
+    doc = json.loads(f.response.content)
+    assert doc["value"][0]["mail"] == MASK and doc["value"][0]["displayName"] == "Alice"
+    assert doc["value"][0]["manager"]["mail"] == MASK
+    decision = decision_of(f)
+    assert decision.allowed and decision.rule_id == "directory-read"
+    assert decision.extra["masked_fields"] == 3
+    assert not gw.health.problems
+    assert gw.recorder.last_path is not None and gw.recorder.last_path.stat().st_size > 0
+
+
+async def test_deny_rule_refuses_before_upstream(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, method="DELETE", path="/v1.0/users/1", bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json({}, status=204)) is None
+    r = refusal(f, 403)
+    assert r["code"] == "Authorization_RequestDenied"
+    assert (r["stage"], r["rule"]) == ("policy", "no-user-deletes")
+
+
+async def test_no_rule_refuses_before_upstream(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["stranger"])
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 403)
+    assert (r["stage"], r["rule"]) == ("policy", None)
+    assert decision_of(f).principal["object_id"] == STRANGER_OID
+
+
+# --- 1. the final guard --------------------------------------------------------------------------
+
+
+def without_authorization(gw: Gateway, monkeypatch) -> None:
+    gw.chain.remove(gw.addon(Authorization))
+
+
+def authorization_hook_skipped(gw: Gateway, monkeypatch) -> None:
+    # As if mitmproxy never called the policy step for this flow.
+    monkeypatch.setattr(gw.addon(Authorization), "request", lambda f: None)
+
+
+def deny_written_but_not_answered(gw: Gateway, monkeypatch) -> None:
+    def decide_without_answering(f):
+        set_decision(f, Decision.deny(Stage.POLICY, 403, "Authorization_RequestDenied", "no"))
+
+    monkeypatch.setattr(gw.addon(Authorization), "request", decide_without_answering)
+
+
+@pytest.mark.parametrize("break_policy_step", [without_authorization, authorization_hook_skipped,
+                                               deny_written_but_not_answered])
+async def test_guard_refuses_a_request_without_an_allow(gw, tokens, monkeypatch, break_policy_step):
+    break_policy_step(gw, monkeypatch)
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])  # a request the policy would allow
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("guard", "guard")
+
+
+async def test_guard_replaces_a_response_to_a_request_never_allowed(gw):
+    # A flow that reaches the response hooks without having been judged (a path that skipped the
+    # request hooks): the upstream's answer is replaced, not passed on.
+    f = graph_request(tflow.tclient_conn())
+    f.response = graph_json(UPSTREAM_SECRET, content_type="text/plain")
+    await run_hook(gw.chain, "responseheaders", f)
+    await run_hook(gw.chain, "response", f)
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("guard", "guard")
+
+
+async def test_guard_refuses_a_connect_identity_did_not_admit(gw, monkeypatch):
+    monkeypatch.setattr(gw.addon(Identity), "http_connect", lambda f: None)
+    f = await connect(gw.chain, tflow.tclient_conn())
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("guard", "guard")
+
+
+# --- 2. an exception in any hook refuses the flow ------------------------------------------------
+
+
+REQUEST_SIDE_FAILURES = {
+    # hook (the dependency made to raise): installs the failure
+    "identity.request (verify)": lambda gw, mp: mp.setattr(gw.verifier, "verify", boom),
+    "authorization.request (decide)": lambda gw, mp: mp.setattr(gw.policies.current, "decide", boom),
+    "guard.request": lambda gw, mp: mp.setattr(gw.addon(Guard), "_unhealthy", boom),
+}
+
+
+@pytest.mark.parametrize("failure", REQUEST_SIDE_FAILURES, ids=list(REQUEST_SIDE_FAILURES))
+async def test_exception_in_a_request_hook_refuses(gw, tokens, monkeypatch, failure):
+    client = await tunnel(gw)
+    REQUEST_SIDE_FAILURES[failure](gw, monkeypatch)
+    f = graph_request(client, bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 500)
+    assert (r["code"], r["stage"]) == ("GatewayError", "error")
+    assert decision_of(f).stage is Stage.ERROR
+
+
+CONNECT_FAILURES = {
+    "identity.http_connect (verify)": lambda gw, mp: mp.setattr(gw.verifier, "verify", boom),
+    "guard.http_connect": lambda gw, mp: mp.setattr(gw.addon(Guard), "_unhealthy", boom),
+}
+
+
+@pytest.mark.parametrize("failure", CONNECT_FAILURES, ids=list(CONNECT_FAILURES))
+async def test_exception_in_a_connect_hook_refuses_the_tunnel(gw, tokens, monkeypatch, failure):
+    CONNECT_FAILURES[failure](gw, monkeypatch)
+    f = await connect(gw.chain, tflow.tclient_conn(), token=tokens["reader"])
+    r = refusal(f, 500)
+    assert (r["code"], r["stage"]) == ("GatewayError", "error")
+    assert "Proxy-Authorization" not in f.request.headers
+
+
+RESPONSE_SIDE_FAILURES = {
+    "masking.response (mask_json_bytes)": lambda gw, mp: mp.setattr(masking_module, "mask_json_bytes", boom),
+    "guard.response": lambda gw, mp: mp.setattr(guard_module, "decision_of", boom),
+    "audit.response (AuditLog.append)": lambda gw, mp: mp.setattr(gw.addon(Audit).log, "append", boom),
+    "recorder.response (write)": lambda gw, mp: mp.setattr(gw.recorder, "write", boom),
+}
+
+
+@pytest.mark.parametrize("failure", RESPONSE_SIDE_FAILURES, ids=list(RESPONSE_SIDE_FAILURES))
+async def test_exception_in_a_response_hook_withholds_the_upstream_body(gw, tokens, monkeypatch, failure):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    upstream = graph_json({"value": [{"mail": SECRET_MAIL, "note": UPSTREAM_SECRET.decode()}]})
+    # Installed once the request has gone upstream, so the failure hits the response hooks.
+    install = RESPONSE_SIDE_FAILURES[failure]
+    sent = await exchange(gw.chain, f, upstream, before_response=lambda: install(gw, monkeypatch))
+    assert sent is not None
+    assert f.response is not upstream
+    r = refusal(f, 500)
+    assert (r["code"], r["stage"]) == ("GatewayError", "error")
+    assert decision_of(f).stage is Stage.ERROR
+
+
+def raising_stream(self):
+    raise RuntimeError("injected failure")
+
+
+async def test_exception_in_requestheaders_kills_the_flow(gw, tokens, monkeypatch):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    monkeypatch.setattr(http.Request, "stream", property(raising_stream), raising=False)
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    assert killed(f)
+    assert decision_of(f).stage is Stage.ERROR and not decision_of(f).allowed
+
+
+async def test_exception_in_responseheaders_kills_the_flow(gw, tokens, monkeypatch):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    upstream = graph_json(UPSTREAM_SECRET, content_type="text/plain")
+    await exchange(gw.chain, f, upstream, before_response=lambda: monkeypatch.setattr(
+        http.Response, "stream", property(raising_stream), raising=False))
+    assert killed(f)
+    assert decision_of(f).stage is Stage.ERROR and not decision_of(f).allowed
+
+
+# --- 3. streamed bodies ----------------------------------------------------------------------------
+
+
+async def test_streamed_response_is_killed_at_responseheaders(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    upstream = graph_json(USERS)
+
+    def upstream_streams():
+        upstream.stream = True  # what stream_large_bodies or an addon would set
+
+    await exchange(gw.chain, f, upstream, before_response=upstream_streams)
+    assert killed(f)
+    assert not f.live
+
+
+async def test_streamed_request_is_killed_before_it_is_sent(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    f.request.stream = True
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    assert killed(f)
+    assert decision_of(f) is None or not decision_of(f).allowed
+
+
+# --- 4. non-HTTP payloads inside CONNECT ---------------------------------------------------------
+
+
+async def test_raw_tcp_inside_a_tunnel_is_killed(gw, tokens):
+    client = await tunnel(gw, token=tokens["reader"])
+    f = tflow.ttcpflow(client_conn=client)
+    await run_hook(gw.chain, "tcp_start", f)
+    assert killed(f)
+
+
+async def test_websocket_is_killed(gw):
+    f = tflow.twebsocketflow()
+    await run_hook(gw.chain, "websocket_start", f)
+    assert killed(f)
+
+
+# --- 5. records that cannot be written -----------------------------------------------------------
+
+
+async def test_unwritable_recording_refuses_and_stops_the_gateway_until_it_recovers(tmp_path, authority, tokens):
+    recordings = tmp_path / "recordings"
+    recordings.write_text("a file where the recordings directory should be")
+    gw = build_gateway(tmp_path, authority, recordings=recordings, audit_path=tmp_path / "audit.jsonl")
+    with taddons.context(*gw.chain):
+        client = await tunnel(gw)
+        f = graph_request(client, bearer=tokens["reader"])
+        upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
+        assert await exchange(gw.chain, f, upstream) is not None
+        r = refusal(f, 503)
+        assert (r["code"], r["stage"], r["check"]) == ("ServiceUnavailable", "guard", "recording")
+        assert "recording" in gw.health.problems
+
+        # Every later request is refused before it goes upstream.
+        g = graph_request(client, bearer=tokens["reader"])
+        assert await exchange(gw.chain, g, graph_json(USERS)) is None
+        r = refusal(g, 503)
+        assert (r["stage"], r["check"]) == ("guard", "health")
+
+        c = await connect(gw.chain, tflow.tclient_conn(), token=tokens["reader"])
+        r = refusal(c, 503)
+        assert (r["stage"], r["check"]) == ("guard", "health")
+
+        # Once the directory is writable again, the next (refused, recorded) flow clears the fault.
+        recordings.unlink()
+        recordings.mkdir()
+        h = graph_request(client, bearer=tokens["reader"])
+        assert await exchange(gw.chain, h, graph_json(USERS)) is None
+        assert not gw.health.problems
+        k = graph_request(client, bearer=tokens["reader"])
+        assert await exchange(gw.chain, k, graph_json(USERS)) is not None
+        assert k.response.status_code == 200
+    gw.recorder.done()
+
+
+async def test_audit_line_says_what_the_client_got_when_recording_fails(tmp_path, authority, tokens):
+    recordings = tmp_path / "recordings"
+    recordings.write_text("a file where the recordings directory should be")
+    audit_path = tmp_path / "audit.jsonl"
+    gw = build_gateway(tmp_path, authority, recordings=recordings, audit_path=audit_path)
+    with taddons.context(*gw.chain):
+        client = await tunnel(gw)
+        f = graph_request(client, bearer=tokens["reader"])
+        await exchange(gw.chain, f, graph_json(USERS))
+    assert f.response.status_code == 503
+    lines = [json.loads(raw) for raw in audit_path.read_text().splitlines()
+             if json.loads(raw)["flow_id"] == f.id]
+    # The audit line written before the recording failed is amended by the next one.
+    assert (lines[-1]["decision"], lines[-1]["status"], lines[-1]["check"]) == ("deny", 503, "recording")
+    assert "amends" in lines[-1]
+
+
+async def test_audit_write_failure_refuses_and_stops_the_gateway(gw, tokens, monkeypatch):
+    def disk_full(record):
+        raise AuditWriteError("cannot write audit log: [Errno 28] No space left on device")
+
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
+    audit = gw.addon(Audit)
+    assert await exchange(gw.chain, f, upstream,
+                          before_response=lambda: monkeypatch.setattr(audit.log, "append", disk_full)) is not None
+    r = refusal(f, 503)
+    assert (r["code"], r["stage"], r["check"]) == ("ServiceUnavailable", "guard", "audit")
+    assert "audit" in gw.health.problems
+
+    g = graph_request(client, bearer=tokens["reader"])
+    assert await exchange(gw.chain, g, graph_json(USERS)) is None
+    r = refusal(g, 503)
+    assert (r["stage"], r["check"]) == ("guard", "health")
+
+
+# --- 6. masking ------------------------------------------------------------------------------------
+
+
+async def test_gzip_response_is_masked_and_stays_gzip(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    upstream = graph_json(USERS, encoding="gzip")
+    assert SECRET_MAIL.encode() not in upstream.raw_content  # really compressed on the wire
+    assert await exchange(gw.chain, f, upstream) is not None
+    assert f.response.status_code == 200
+    assert f.response.headers["Content-Encoding"] == "gzip"
+    doc = json.loads(gzip.decompress(f.response.raw_content))
+    assert [u["mail"] for u in doc["value"]] == [MASK, MASK]
+    assert doc["value"][0]["manager"]["mail"] == MASK
+    assert int(f.response.headers["Content-Length"]) == len(f.response.raw_content)
+    assert SECRET_MAIL.encode() not in gzip.decompress(f.response.raw_content)
+
+
+@pytest.mark.parametrize("upstream", [
+    pytest.param(lambda: graph_json(b'{"value": [{"mail": "' + SECRET_MAIL.encode() + b'"'), id="truncated-json"),
+    pytest.param(lambda: graph_json(b'{"mail": NaN, "x": "' + UPSTREAM_SECRET + b'"}'), id="not-json-constant"),
+    pytest.param(lambda: mislabelled(b"not gzip: " + SECRET_MAIL.encode() + UPSTREAM_SECRET), id="corrupt-gzip"),
+    # Parses as JSON only if the Content-Encoding is ignored: a client would decode it otherwise.
+    pytest.param(lambda: mislabelled(b'{"value": []}'), id="json-labelled-gzip"),
+])
+async def test_json_body_that_cannot_be_masked_is_withheld(gw, tokens, upstream):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, upstream()) is not None
+    r = refusal(f, 502)
+    assert (r["code"], r["stage"], r["check"], r["rule"]) == ("BadGateway", "masking", "masking", "directory-read")
+
+
+def mislabelled(raw: bytes) -> http.Response:
+    r = graph_json(b"")
+    r.headers["Content-Encoding"] = "gzip"
+    r.raw_content = raw
+    return r
+
+
+async def test_mask_profile_removed_by_a_reload_withholds_the_response(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+
+    def reload_without_profile():
+        gw.policy_path.write_text(POLICY_WITHOUT_PROFILE)
+        gw.policies.reload()
+        assert "pii" not in gw.policies.current.mask_profiles
+
+    assert await exchange(gw.chain, f, graph_json(USERS), before_response=reload_without_profile) is not None
+    r = refusal(f, 502)
+    assert (r["stage"], r["check"], r["rule"]) == ("masking", "masking", "directory-read")
+    assert "pii" in r["message"]
+
+
+# --- 7. identity -----------------------------------------------------------------------------------
+
+
+async def test_proxy_authorization_never_leaves_on_connect(gw, tokens):
+    f = await connect(gw.chain, tflow.tclient_conn(), token=tokens["reader"])
+    assert f.response is None and f.metadata[CONNECT_KEY] == "admitted"
+    assert "Proxy-Authorization" not in f.request.headers
+
+
+async def test_proxy_authorization_inside_a_tunnel_never_goes_upstream(gw, tokens):
+    # A client that sends its proxy credentials on the requests inside the tunnel as well.
+    client = await tunnel(gw)
+    f = graph_request(client, proxy_token=tokens["reader"])
+    sent = await exchange(gw.chain, f, graph_json(USERS))
+    assert sent is not None
+    assert "Proxy-Authorization" not in sent.headers
+    assert sent.headers["Authorization"] == f"Bearer {tokens['reader']}"
+
+
+@pytest.mark.parametrize("port", [80, 443])
+async def test_plain_http_to_graph_is_refused(gw, tokens, port):
+    # HTTP_PROXY clients send the token in cleartext on every request: never forward that.
+    f = graph_request(tflow.tclient_conn(), scheme="http", port=port, proxy_token=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("policy", "upstream")
+
+
+async def test_proxy_token_is_presented_upstream_as_the_bearer(gw, tokens):
+    client = await tunnel(gw, token=tokens["reader"])
+    f = graph_request(client)  # no Authorization header: the client only set HTTPS_PROXY
+    sent = await exchange(gw.chain, f, graph_json(USERS))
+    assert sent is not None
+    assert sent.headers["Authorization"] == f"Bearer {tokens['reader']}"
+    assert decision_of(f).principal["object_id"] == READER_OID
+
+
+async def test_request_without_a_token_is_refused_401(gw):
+    client = await tunnel(gw)
+    f = graph_request(client)
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 401)
+    assert (r["code"], r["stage"], r["check"]) == ("InvalidAuthenticationToken", "identity", "missing")
+    assert "WWW-Authenticate" in f.response.headers
+
+
+async def test_unreachable_signing_keys_refuse_503(tmp_path, authority, tokens):
+    async def entra_down(url):
+        raise ConnectionError("login.microsoftonline.com unreachable")
+
+    gw = build_gateway(tmp_path, authority, fetch=entra_down)
+    with taddons.context(*gw.chain):
+        client = await tunnel(gw)
+        f = graph_request(client, bearer=tokens["reader"])
+        assert await exchange(gw.chain, f, graph_json(USERS)) is None
+        r = refusal(f, 503)
+        assert (r["code"], r["stage"], r["check"]) == ("ServiceUnavailable", "identity", "keys_unavailable")
+    gw.recorder.done()
+
+
+async def test_forged_token_is_refused_401(gw, tokens):
+    # The reader's token with the payload of another caller: the signature no longer verifies.
+    header, _, signature = tokens["reader"].split(".")
+    payload = tokens["stranger"].split(".")[1]
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=f"{header}.{payload}.{signature}")
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 401)
+    assert (r["stage"], r["check"]) == ("identity", "signature")
+
+
+async def test_token_from_an_unpublished_key_is_refused(gw, authority):
+    rogue = authority.mint_app_token(tenant_id=TENANT, app_id=READER_APP, object_id=READER_OID,
+                                     key=SigningKey.generate())
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=rogue)
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 401)
+    assert r["stage"] == "identity" and r["check"] == "kid"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "graph.microsoft.com.evil.example", "login.microsoftonline.com"])
+async def test_request_for_another_host_inside_a_tunnel_is_misdirected(gw, tokens, host):
+    client = await tunnel(gw, token=tokens["reader"])
+    f = graph_request(client, host=host, bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 421)
+    assert (r["code"], r["stage"], r["check"]) == ("MisdirectedRequest", "identity", "tunnel")
+
+
+async def test_host_header_naming_another_host_is_misdirected(gw, tokens):
+    # Judged as Graph, routed by a virtual-hosting upstream to whatever Host names: domain fronting.
+    client = await tunnel(gw, token=tokens["reader"])
+    f = graph_request(client, bearer=tokens["reader"])
+    f.request.headers["Host"] = "evil.example"
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 421)
+    assert (r["stage"], r["check"]) == ("identity", "tunnel")
+
+
+async def test_https_request_without_an_admitted_tunnel_is_misdirected(gw, tokens):
+    f = graph_request(tflow.tclient_conn(), bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    assert refusal(f, 421)["check"] == "tunnel"
+
+
+async def test_proxy_and_bearer_tokens_of_different_identities_are_refused(gw, tokens):
+    client = await tunnel(gw, token=tokens["reader"])
+    f = graph_request(client, bearer=tokens["reader-2"])  # both allowed by the policy on their own
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 401)
+    assert (r["code"], r["stage"], r["check"]) == ("InvalidAuthenticationToken", "identity", "mismatch")
+
+
+async def test_bad_proxy_token_refuses_the_connect_407(gw, tokens):
+    tampered = tokens["reader"][:-4] + ("AAAA" if not tokens["reader"].endswith("AAAA") else "BBBB")
+    f = await connect(gw.chain, tflow.tclient_conn(), token=tampered)
+    r = refusal(f, 407)
+    assert (r["stage"], r["check"]) == ("identity", "signature")
+    assert f.metadata.get(CONNECT_KEY) != "admitted"
+    assert "Proxy-Authenticate" in f.response.headers
+
+
+async def test_proxy_credentials_without_a_token_refuse_the_connect_407(gw):
+    f = await connect(gw.chain, tflow.tclient_conn(), proxy_header="Digest username=mcp-directory")
+    r = refusal(f, 407)
+    assert (r["stage"], r["check"]) == ("identity", "format")
+    assert f.metadata.get(CONNECT_KEY) != "admitted"
+
+
+# --- 8. hosts outside the policy -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["evil.example", "graph.microsoft.com.evil.example", "graph.microsoft.us"])
+async def test_connect_to_an_unknown_host_is_refused(gw, tokens, host):
+    client = tflow.tclient_conn()
+    f = await connect(gw.chain, client, host=host, token=tokens["reader"])
+    r = refusal(f, 403)
+    assert (r["code"], r["stage"], r["check"]) == ("Authorization_RequestDenied", "policy", "upstream")
+    assert f.metadata.get(CONNECT_KEY) != "admitted"
+    # Requests on that client connection are not inside an admitted tunnel either.
+    g = graph_request(client, host=host, bearer=tokens["reader"])
+    assert await exchange(gw.chain, g, graph_json(USERS)) is None
+    assert refusal(g, 421)["check"] == "tunnel"
+
+
+async def test_connect_to_a_port_other_than_443_is_refused(gw, tokens):
+    f = await connect(gw.chain, tflow.tclient_conn(), port=8443, token=tokens["reader"])
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("policy", "upstream")
+    assert f.metadata.get(CONNECT_KEY) != "admitted"
+
+
+async def test_plain_http_request_to_an_unknown_host_is_refused(gw, tokens):
+    f = graph_request(tflow.tclient_conn(), host="evil.example", scheme="http", bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("policy", "upstream")

@@ -1,0 +1,160 @@
+"""The membership addon: it gives the verified principal its groups when a group rule could decide
+the request, refuses (503) such requests when the groups cannot be learned, and leaves every
+other request alone, even while Graph is down."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import pytest
+from mitmproxy.test import taddons, tflow, tutils
+
+from nhi_gateway.addons.authorization import Authorization
+from nhi_gateway.addons.failclosed import decision_of
+from nhi_gateway.addons.identity import PRINCIPAL_KEY
+from nhi_gateway.addons.membership import Membership
+from nhi_gateway.groups import GraphCredential, GroupResolver
+from nhi_gateway.policy import PolicyStore, parse_policy
+from nhi_gateway.principal import Principal
+
+from .test_groups import CALLER_APP, GATEWAY_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph
+
+USER = "0b1c2d3e-0000-4000-8000-0000000000f1"
+
+POLICY = textwrap.dedent(f"""\
+    version: 1
+    identity:
+      tenants: [{TENANT}]
+      audiences: [https://graph.microsoft.com]
+      issuers:
+        - https://login.microsoftonline.com/{{tenantid}}/v2.0
+    upstreams:
+      - host: graph.microsoft.com
+    rules:
+      - id: readers-read-groups
+        action: allow
+        when: {{groups: [{GROUP_A}]}}
+        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups/**"]}}]
+      - id: finance-reads-applications
+        action: allow
+        when: {{groups: [{GROUP_B}]}}
+        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/applications/**"]}}]
+      - id: users-by-app
+        action: allow
+        when: {{app_ids: [{CALLER_APP}]}}
+        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/**"]}}]
+    """)
+
+
+def app(**kw) -> Principal:
+    return Principal(tenant_id=TENANT, object_id=SP, app_id=CALLER_APP, display_name="mcp-directory", **kw)
+
+
+def graph_flow(path: str, principal: Principal | None, method: str = "GET"):
+    f = tflow.tflow(req=tutils.treq(method=method.encode(), scheme=b"https", host="graph.microsoft.com", port=443,
+                                    path=path.encode(), authority=b"graph.microsoft.com",
+                                    headers=((b"host", b"graph.microsoft.com"),)))
+    if principal is not None:
+        f.metadata[PRINCIPAL_KEY] = principal
+    return f
+
+
+def chain(graph: FakeGraph | None):
+    policies = PolicyStore(parse_policy(POLICY))
+    resolver = None
+    if graph is not None:
+        resolver = GroupResolver(GraphCredential(tenant_id=TENANT, client_id=GATEWAY_APP, client_secret=SECRET), graph)
+    return Membership(policies, resolver), Authorization(policies)
+
+
+async def run(addons, f) -> None:
+    with taddons.context(*addons):
+        for addon in addons:
+            result = addon.request(f)
+            if inspect.isawaitable(result):
+                await result
+
+
+def refusal(f) -> dict:
+    assert f.response is not None
+    return json.loads(f.response.content)["error"]
+
+
+async def test_a_service_principal_in_the_group_is_allowed_by_the_group_rule():
+    graph = FakeGraph({SP: [GROUP_A]})
+    f = graph_flow("/v1.0/groups", app())
+    await run(chain(graph), f)
+    assert f.response is None
+    assert decision_of(f).rule_id == "readers-read-groups"
+    assert f.metadata[PRINCIPAL_KEY].groups == (GROUP_A,)
+    assert decision_of(f).principal["groups"] == [GROUP_A]  # the audit line names the groups
+
+
+async def test_not_in_the_group_means_no_rule_allows():
+    graph = FakeGraph({SP: [GROUP_A]})
+    f = graph_flow("/v1.0/applications", app())
+    await run(chain(graph), f)
+    assert f.response.status_code == 403
+    assert decision_of(f).rule_id is None
+
+
+@pytest.mark.parametrize("path", ["/v1.0/groups", "/v1.0/applications/x", "/v1.0/$batch"])
+async def test_graph_down_refuses_requests_a_group_rule_could_decide(path):
+    graph = FakeGraph()
+    graph.raise_on = "graph"
+    f = graph_flow(path, app(), method="POST" if "$batch" in path else "GET")
+    await run(chain(graph), f)
+    assert f.response.status_code == 503
+    error = refusal(f)
+    assert error["innerError"]["nhi-gateway"]["check"] == "groups_unavailable"
+    assert "group membership" in error["message"] and "cannot reach graph.microsoft.com" in error["message"]
+    assert SECRET not in f.response.text
+
+
+async def test_graph_down_does_not_block_requests_no_group_rule_could_decide():
+    graph = FakeGraph()
+    graph.raise_on = "graph"
+    f = graph_flow("/v1.0/users", app())
+    await run(chain(graph), f)
+    assert f.response is None and decision_of(f).rule_id == "users-by-app"
+    assert graph.calls == []
+
+
+async def test_without_a_graph_credential_group_decisions_fail_closed():
+    f = graph_flow("/v1.0/groups", app())
+    await run(chain(None), f)
+    assert f.response.status_code == 503
+    assert "no Graph credential" in refusal(f)["message"]
+
+    other = graph_flow("/v1.0/users", app())
+    await run(chain(None), other)
+    assert other.response is None
+
+
+async def test_a_delegated_token_keeps_its_groups_claim():
+    graph = FakeGraph()
+    graph.raise_on = "graph"  # would fail if asked
+    user = Principal(tenant_id=TENANT, object_id=USER, app_id=CALLER_APP, scopes=("User.Read",), app_only=False,
+                     groups=(GROUP_A,))
+    f = graph_flow("/v1.0/groups", user)
+    await run(chain(graph), f)
+    assert f.response is None and decision_of(f).rule_id == "readers-read-groups"
+    assert graph.calls == []
+
+
+async def test_an_anonymous_request_is_left_to_the_rules():
+    graph = FakeGraph()
+    f = graph_flow("/v1.0/groups", None)
+    await run(chain(graph), f)
+    assert f.response.status_code == 403 and graph.calls == []
+
+
+async def test_an_exception_in_the_lookup_refuses_the_flow():
+    membership, _ = chain(FakeGraph())
+    membership.resolver.with_groups = None  # TypeError when called: a bug, not a lookup failure
+    f = graph_flow("/v1.0/groups", app())
+    with taddons.context(membership):
+        await membership.request(f)
+    assert f.response.status_code == 500  # fail_closed: refused, never forwarded
