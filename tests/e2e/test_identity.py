@@ -1,0 +1,169 @@
+"""Identity through the real gateway: every token shape Entra issues is understood, every forged
+shape is refused with 401 (request) or 407 (CONNECT) and a JSON reason — never a 5xx — and a
+signing key rotated at Entra works without a restart."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+
+from nhi_gateway.lookalike.pki import SigningKey
+
+from .conftest import start_gateway, stop
+from .test_gateway import GRAPH, basic, marker, raw_connect, reached_graph, use_proxy
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def decode(segment: str) -> dict:
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
+def with_header(token: str, **changes) -> str:
+    h, p, s = token.split(".")
+    header = decode(h)
+    header.update(changes)
+    return f"{b64(json.dumps(header).encode())}.{p}.{s}"
+
+
+def hs256_with_public_key(lookalike, tokens) -> str:
+    authority = lookalike.authority()
+    pem = authority.signing_key.public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    h, p, _ = tokens(nonce=False).split(".")
+    header = decode(h) | {"alg": "HS256"}
+    unsigned = f"{b64(json.dumps(header).encode())}.{p}"
+    return f"{unsigned}.{b64(hmac.new(pem, unsigned.encode(), hashlib.sha256).digest())}"
+
+
+ATTACKS = {
+    "alg none": lambda la, t: with_header(t(nonce=False), alg="none").rsplit(".", 1)[0] + ".",
+    "alg None": lambda la, t: with_header(t(nonce=False), alg="None"),
+    "HS256 with the public key": hs256_with_public_key,
+    "RS256 to PS256 swap": lambda la, t: with_header(t(nonce=False), alg="PS256"),
+    "jku": lambda la, t: t(header_overrides={"jku": "https://graph.microsoft.com/keys"}),
+    "x5u": lambda la, t: t(header_overrides={"x5u": "https://graph.microsoft.com/cert"}),
+    "jwk": lambda la, t: t(header_overrides={"jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}}),
+    "x5c": lambda la, t: t(header_overrides={"x5c": ["MIIB"]}),
+    "crit": lambda la, t: t(header_overrides={"crit": ["b64"], "b64": False}),
+    "unknown kid": lambda la, t: t(header_overrides={"kid": "nope"}),
+    "absurd kid": lambda la, t: t(header_overrides={"kid": "A" * 5000}),
+    "never published key": lambda la, t: t(key=SigningKey.generate()),
+    "expired": lambda la, t: t(now=int(time.time()) - 10_000),
+    "not yet valid": lambda la, t: t(extra_claims={"nbf": int(time.time()) + 3600}),
+    "no exp": lambda la, t: t(drop_claims=["exp"]),
+    "exp as string": lambda la, t: t(extra_claims={"exp": "never"}),
+    "exp overflow": lambda la, t: t(extra_claims={"exp": 1e308 * 10}),
+    "wrong tenant": lambda la, t: t(tenant_id="0f0f0f0f-0f0f-4f0f-8f0f-0f0f0f0f0f0f"),
+    "issuer of another tenant": lambda la, t: t(extra_claims={"iss": "https://sts.windows.net/0f0f0f0f-0f0f-4f0f-8f0f-0f0f0f0f0f0f/"}),
+    "audience confusion": lambda la, t: t(audience="api://some-other-api"),
+    "oversized": lambda la, t: t(extra_claims={"pad": "x" * 40_000}),
+    "garbage": lambda la, t: "%%%.@@@.!!!",
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_forged_bearer_tokens_get_401_json(gateway, lookalike, tokens, monkeypatch, attack):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    token = ATTACKS[attack](lookalike, tokens)
+    r = requests.get(f"{GRAPH}/v1.0/users?m={mark}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    # A header bigger than mitmproxy accepts is refused by the HTTP parser itself (431/400).
+    assert r.status_code in ((401,) if attack != "oversized" else (401, 400, 431)), r.text[:300]
+    if r.status_code == 401:
+        err = r.json()["error"]
+        assert err["code"] == "InvalidAuthenticationToken"
+        assert err["innerError"]["nhi-gateway"]["check"]
+    assert not reached_graph(lookalike, mark)
+
+
+@pytest.mark.parametrize("attack", [a for a in ATTACKS if a != "oversized"])
+def test_forged_proxy_tokens_get_407_json(gateway, lookalike, tokens, attack):
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(ATTACKS[attack](lookalike, tokens)))
+    s.close()
+    assert status == 407, body[:300]
+    assert json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"]
+
+
+SHAPES = {
+    "v1 app-only (Graph)": {},
+    "v2 app-only": {"version": "2.0"},
+    "Graph app id as audience": {"audience": "00000003-0000-0000-c000-000000000000"},
+    "managed identity": {"extra_claims": {"xms_mirid": "/subscriptions/0000/resourcegroups/rg/providers/"
+                                                      "Microsoft.ManagedIdentity/userAssignedIdentities/mcp"}},
+    "delegated": {"extra_claims": {"scp": "User.Read.All", "idtyp": "user"}},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_entra_token_shapes_are_accepted(gateway, lookalike, tokens, monkeypatch, shape):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/groups?m={mark}",
+                     headers={"Authorization": f"Bearer {tokens(**SHAPES[shape])}"}, timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    line = next(a for a in gateway.audit() if mark in a["url"])
+    assert line["decision"] == "allow"
+    if shape == "delegated":
+        assert line["principal"]["app_only"] is False
+    if shape == "managed identity":
+        assert line["principal"]["managed_identity"].endswith("/mcp")
+
+
+def test_key_rotated_at_entra_works_without_restart(request, tmp_path, lookalike, tokens, monkeypatch):
+    # A gateway of its own: the shared one has spent its unknown-kid refresh on forged kids
+    # (at most one refetch per 5 minutes, by design).
+    gateway = start_gateway(tmp_path / "gw", lookalike)
+    request.addfinalizer(lambda: stop(gateway.proc))
+    use_proxy(monkeypatch, gateway)
+    # Warm the gateway's key cache with the current key first.
+    assert requests.get(f"{GRAPH}/v1.0/groups", headers={"Authorization": f"Bearer {tokens()}"},
+                        timeout=30).status_code == 200
+    authority = lookalike.authority()
+    new_key = authority.add_key()  # published in the look-alike's JWKS from now on
+    try:
+        rotated = tokens(key=new_key)
+        r = requests.get(f"{GRAPH}/v1.0/groups", headers={"Authorization": f"Bearer {rotated}"}, timeout=30)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        authority.retire_key(new_key.kid)
+
+
+def test_both_sources_must_name_the_same_principal(gateway, lookalike, tokens, monkeypatch):
+    other = lookalike.app("rotation-bot")
+    intruder = tokens(app_id=other["client_id"], object_id=other["object_id"], display_name="rotation-bot")
+    use_proxy(monkeypatch, gateway, tokens())
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/groups?m={mark}", headers={"Authorization": f"Bearer {intruder}"},
+                     timeout=30)
+    assert r.status_code == 401
+    assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "mismatch"
+    assert not reached_graph(lookalike, mark)
+
+
+def test_flood_of_random_kids_refetches_keys_at_most_once(request, tmp_path, lookalike, tokens, monkeypatch):
+    gateway = start_gateway(tmp_path / "gw", lookalike)
+    request.addfinalizer(lambda: stop(gateway.proc))
+    use_proxy(monkeypatch, gateway)
+
+    def key_fetches() -> int:
+        return sum(1 for line in lookalike.received() if "/keys" in line["path"] and line["method"] == "GET")
+
+    before = key_fetches()
+    session = requests.Session()
+    for i in range(60):
+        r = session.get(f"{GRAPH}/v1.0/groups",
+                        headers={"Authorization": f"Bearer {tokens(header_overrides={'kid': f'random-{i}'})}"},
+                        timeout=30)
+        assert r.status_code == 401
+    # The first token loads the key set; one refresh for the unknown kid; then none for 5 minutes.
+    assert 1 <= key_fetches() - before <= 2
