@@ -58,3 +58,24 @@ MSG
   echo "$want" >"$stamp"
   rm -f "$log"
 }
+
+# Debian's Chromium (and an emoji font, so mitmweb's marks show in screenshots) for the mitmweb
+# end-to-end test. Installed when missing, only as root (CI, fresh machines); otherwise say how.
+nhi_browser() {
+  if command -v chromium >/dev/null 2>&1 \
+     && dpkg-query -W -f='${Status}' fonts-noto-color-emoji 2>/dev/null | grep -q "ok installed"; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    local log="$NHI_ROOT/.browser-setup.log"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji; } >"$log" 2>&1; then
+      echo "scripts: installing chromium failed; apt-get said:" >&2
+      tail -n 20 "$log" >&2
+      return 1
+    fi
+    rm -f "$log"
+  else
+    echo "scripts: the mitmweb test needs Debian's chromium: sudo apt-get install -y chromium fonts-noto-color-emoji" >&2
+    return 1
+  fi
+}

@@ -14,12 +14,15 @@ acknowledged by the next record (``decision: "torn-tail"``), which carries its h
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +328,12 @@ def verify_chain(path: str | os.PathLike[str]) -> list[Problem]:
                     for n, _ in unparsed
                 )
             unparsed = []
+        first = by_hash[line_hash(raw)]
+        if first != number:
+            # A byte-identical copy of an earlier line: not part of the chain, which goes on
+            # from the line before the copy.
+            problems.append(Problem(number, "inserted", f"an exact copy of line {first}"))
+            continue
         seq, prev = rec["seq"], rec["prev"]
         if replaced and seq == prev_seq + 1 + replaced and prev not in by_hash:
             pass  # the break is the invalid line(s) just reported
@@ -409,3 +418,79 @@ def _diagnose(
             f"{prev_seq} to {seq}",
         )
     return Problem(number, "inserted", f"seq {seq} and its prev match no line before it")
+
+
+# --- reading and searching ------------------------------------------------------------------------
+
+_AGO = re.compile(r"^(\d+)\s*([smhdw])$")
+_AGO_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(value: str, now: datetime | None = None) -> datetime:
+    """An instant for ``--since``/``--until``: ISO 8601 (``2026-11-01``, ``2026-11-01T09:30``,
+    with ``Z`` or an offset; no offset means UTC) or a time ago (``90s``, ``15m``, ``2h``, ``7d``)."""
+    v = value.strip()
+    if m := _AGO.match(v.lower()):
+        return (now or datetime.now(UTC)) - timedelta(**{_AGO_UNITS[m[2]]: int(m[1])})
+    try:
+        t = datetime.fromisoformat(v)
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: expected a time such as 2026-11-01, 2026-11-01T09:30Z or 15m (ago)"
+        ) from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def record_time(rec: dict) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(str(rec.get("time")))
+    except ValueError:
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def principal_names(rec: dict) -> list[str]:
+    p = rec.get("principal")
+    if not isinstance(p, dict) or not p:
+        return ["anonymous"]
+    return [str(p[k]) for k in ("display_name", "app_id", "object_id") if p.get(k)]
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """What ``nhi-gateway audit`` filters by; every given criterion must hold."""
+
+    principal: str | None = None  # display name, app id or object id (any case; * and ? glob)
+    decision: str | None = None  # allow, deny (or torn-tail)
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+    rule: str | None = None
+
+    def matches(self, rec: dict) -> bool:
+        if self.decision is not None and rec.get("decision") != self.decision:
+            return False
+        if self.rule is not None and (rec.get("rule") or "") != self.rule:
+            return False
+        if self.principal is not None:
+            wanted = self.principal.casefold()
+            names = [n.casefold() for n in principal_names(rec)]
+            if not any(fnmatch.fnmatchcase(n, wanted) for n in names):
+                return False
+        if self.since is not None or self.until is not None:
+            t = record_time(rec)
+            if t is None:
+                return False
+            if self.since is not None and t < self.since:
+                return False
+            if self.until is not None and t >= self.until:
+                return False
+        return True
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes, dict | None]]:
+    """``(line number, exact bytes without the newline, record or None)`` for every line; a
+    torn last line comes out too, as None."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\n")
+            yield number, raw, _parse_record(raw)

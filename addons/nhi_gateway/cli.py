@@ -9,9 +9,12 @@ import os
 import sys
 from pathlib import Path
 
+from . import policy_cli
+from . import approvals_cli, records_cli
 from .egress import parse_resolve
 from .groups import DEFAULT_TTL, CredentialError, credential_from_settings
 from .policy import PolicyError
+from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -19,6 +22,13 @@ def _listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT")
     return (host.strip("[]") or "127.0.0.1", int(port))
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_run(sub) -> None:
@@ -31,10 +41,22 @@ def _add_run(sub) -> None:
     p.add_argument("--recordings", type=Path, default=Path("recordings"),
                    help="directory for flow recordings and the audit trail")
     p.add_argument("--audit", type=Path, default=None, help="audit file (default RECORDINGS/audit.jsonl)")
+    p.add_argument("--recordings-max-bytes", type=_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                   help="start APP--OID.N.mitm when a recording would grow past this (default 64m)")
+    p.add_argument("--recordings-rotate", choices=("daily", "hourly"), default="daily",
+                   help="one file per app and UTC day (default), or per app and hour")
+    p.add_argument("--recordings-fsync", type=float, default=DEFAULT_FSYNC_INTERVAL, metavar="SECONDS",
+                   help="fsync each recording at most this often (default 1; 0: after every flow). "
+                        "Every flow reaches the OS before its response, so a killed gateway loses none")
     p.add_argument("--resolve", action="append", default=[], metavar="HOST=ADDR:PORT",
                    help="send HOST to ADDR:PORT, keeping URL, Host and SNI (like curl --resolve)")
     p.add_argument("--upstream-ca", type=Path, default=None,
                    help="CA bundle for upstream TLS and key fetches (default: the system's)")
+    p.add_argument("--approvals-listen", type=_listen, default=None, metavar="HOST:PORT",
+                   help="where the approval API listens (default: 127.0.0.1 at the proxy's port + 1; "
+                        "a free port when --listen has port 0). Keep it on loopback: it speaks plain HTTP")
+    p.add_argument("--approvals-db", type=Path, default=None, metavar="PATH",
+                   help="approval requests and grants, kept across restarts (default RECORDINGS/approvals.sqlite3)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write listen address and CA path here as JSON once listening")
     g = p.add_argument_group(
@@ -58,6 +80,10 @@ def _add_run(sub) -> None:
 def cmd_run(args) -> int:
     from .gateway import GatewayConfig, serve
 
+    # mitmproxy's log handler prints what reaches the root logger; ours speaks at INFO
+    # (one line per decision, with the identity and the flow id).
+    logging.getLogger("nhi_gateway").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+
     try:
         resolve = parse_resolve(args.resolve)
     except ValueError as e:
@@ -72,6 +98,9 @@ def cmd_run(args) -> int:
     except CredentialError as e:
         print(f"nhi-gateway: {e}", file=sys.stderr)
         return 2
+    if args.recordings_fsync < 0:
+        print("nhi-gateway: --recordings-fsync must be 0 or more seconds", file=sys.stderr)
+        return 2
     if args.groups_ttl < 0:
         print("nhi-gateway: --groups-ttl must be 0 or more seconds", file=sys.stderr)
         return 2
@@ -85,8 +114,13 @@ def cmd_run(args) -> int:
         resolve=resolve,
         upstream_ca=args.upstream_ca,
         ready_file=args.ready_file,
+        approvals_listen=args.approvals_listen,
+        approvals_db=args.approvals_db,
         graph_credential=graph_credential,
         groups_ttl=args.groups_ttl,
+        recordings_max_bytes=args.recordings_max_bytes,
+        recordings_hourly=args.recordings_rotate == "hourly",
+        recordings_fsync=args.recordings_fsync,
     )
     try:
         asyncio.run(serve(config))
@@ -131,13 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     _add_demo(sub)
     _add_lookalike(sub)
+    records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
+    approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
+    policy_cli.register(sub)  # policy lint|explain|replay: each sets its own handler
     args = parser.parse_args(argv)
     if args.command != "run":  # mitmproxy installs its own log handler for the proxy
         logging.basicConfig(
             level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    handler = {"run": cmd_run, "demo": cmd_demo, "lookalike": cmd_lookalike}[args.command]
+    handler = getattr(args, "handler", None) or {"run": cmd_run, "demo": cmd_demo, "lookalike": cmd_lookalike}[args.command]
     return handler(args)
 
 

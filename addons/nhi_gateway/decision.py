@@ -12,6 +12,9 @@ from enum import StrEnum
 class Action(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
+    # A person must approve first. Not an allow: every stage that lets only ALLOW through refuses
+    # it, and the decision carries a refusal's status and code for whichever stage answers.
+    APPROVE = "approve"
 
 
 class Stage(StrEnum):
@@ -41,6 +44,10 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.action is Action.ALLOW
+
+    @property
+    def needs_approval(self) -> bool:
+        return self.action is Action.APPROVE
 
     @classmethod
     def deny(cls, stage: Stage, status: int, code: str, reason: str, **kw) -> Decision:

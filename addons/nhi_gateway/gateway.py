@@ -9,17 +9,22 @@ scripts, proxyauth storing passwords in flow metadata) sits on the data path.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import hooks, master, options
 from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_layer, proxyserver, tlsconfig
 
+from .addons.approval import Approval
+from .addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from .addons.audit import Audit
 from .addons.authorization import Authorization
 from .addons.guard import Guard, Health
@@ -27,11 +32,14 @@ from .addons.identity import Identity
 from .addons.masking import Masking
 from .addons.membership import Membership
 from .addons.recorder import Recorder
+from .addons.reload import PolicyReload
 from .addons.routing import Routing
+from .approvals import Approvals, ApprovalStore, ApprovalStoreError
 from .audit import AuditLog
 from .egress import Address, EgressClient
 from .groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from .policy import PolicyStore, load_policy
+from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from .signing_keys import KeyStore
 from .tokens import TokenVerifier
 
@@ -54,6 +62,13 @@ class GatewayConfig:
     # The gateway's own Graph credential, for group membership (None: rules on groups fail closed).
     graph_credential: GraphCredential | None = None
     groups_ttl: int = DEFAULT_TTL
+    recordings_max_bytes: int = DEFAULT_MAX_BYTES  # a file that would grow past this starts a .N.mitm
+    recordings_hourly: bool = False  # one file per app and hour instead of per app and day
+    recordings_fsync: float = DEFAULT_FSYNC_INTERVAL  # seconds between fsyncs of a file (0: every flow)
+    # Approvals: requests and grants (default <recordings>/approvals.sqlite3), and where the
+    # approval API listens (default: 127.0.0.1, the proxy's port + 1, or a free port with port 0).
+    approvals_db: Path | None = None
+    approvals_listen: tuple[str, int] | None = None
 
 
 @dataclass
@@ -67,6 +82,7 @@ class Gateway:
     egress: EgressClient
     recorder: Recorder
     health: Health
+    approvals: Approvals | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -74,27 +90,78 @@ class Gateway:
         return addrs[0][:2]
 
     @property
+    def approvals_api(self) -> str:
+        """``http://host:port`` of the approval API, once it listens ("" before)."""
+        for server in self.master.addons.get("proxyserver").servers:
+            if is_api_target(server.mode) and server.listen_addrs:
+                host, port = server.listen_addrs[0][:2]
+                return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return ""
+
+    @property
     def ca_cert(self) -> Path:
         return self.config.confdir / "mitmproxy-ca-cert.pem"
 
 
 def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health,
-                groups: GroupResolver | None = None):
+                groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
     audit_path = config.audit_path or config.recordings / "audit.jsonl"
     audit = Audit(AuditLog(audit_path), health)
-    recorder = Recorder(config.recordings, health, on_refusal=audit.amend)
+    approvals = open_approvals(config)
+    notify = None
+    if egress is not None:
+        async def notify(url: str, payload: dict):  # the gateway's own client: never through the proxy
+            return await egress.post_json(url, json_body=payload)
+    recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
+                        max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
+                        fsync_interval=config.recordings_fsync)
     chain = [
+        PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
+        # First of the flow stages: answers every request on the approval API's own listener.
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
         Authorization(policies),
+        Approval(policies, approvals, health, audit.log, notify),  # holds `approve` decisions
         Masking(policies),
         Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
         audit,
         recorder,  # after audit and guard: the recording shows what the client saw
     ]
     return chain, recorder
+
+
+def open_approvals(config: GatewayConfig) -> Approvals:
+    store = ApprovalStore(config.approvals_db or config.recordings / "approvals.sqlite3")
+    try:
+        stale = store.cancel_pending("the gateway restarted while the request was held", time.time())
+    except ApprovalStoreError as e:  # requests that need approval are refused until it works
+        logger.error("%s", e)
+        stale = 0
+    if stale:
+        logger.warning("%d approval requests were still pending from the last run: marked cancelled", stale)
+    return Approvals(store)
+
+
+def approvals_listen(config: GatewayConfig) -> tuple[str, int]:
+    """Where the approval API listens: loopback by default, whatever the proxy listens on, at the
+    proxy's port + 1. mitmproxy refuses two listeners on one (host, 0), so a free port is picked
+    here when the API's port is 0."""
+    host, port = config.approvals_listen or ("127.0.0.1", config.listen_port + 1 if config.listen_port else 0)
+    if port == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host if ":" in host else socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 async def start(config: GatewayConfig) -> Gateway:
@@ -125,10 +192,15 @@ async def start(config: GatewayConfig) -> Gateway:
     if config.graph_credential is not None:
         groups = GroupResolver(config.graph_credential, egress, ttl=config.groups_ttl)
         logger.info("group membership is resolved through Graph as %r", groups)
-    chain, recorder = build_chain(config, policies, verifier, health, groups)
+    chain, recorder = build_chain(config, policies, verifier, health, groups, egress)
     m.addons.add(*chain)
+    approval = next(a for a in chain if isinstance(a, Approval))
+    api_host, api_port = approvals_listen(config)
+    if not _is_loopback(api_host):
+        logger.warning("the approval API listens on %s, not loopback: approvers' tokens cross the network "
+                       "in plain HTTP; put it behind TLS", api_host)
     opts.update(
-        mode=["regular"],
+        mode=["regular", api_mode(api_host, api_port)],
         # lazy: no upstream connection is opened at CONNECT, before the request is judged.
         connection_strategy="lazy",
         body_size_limit=BODY_SIZE_LIMIT,
@@ -140,7 +212,9 @@ async def start(config: GatewayConfig) -> Gateway:
     # Addons added from code get no initial configure call; give ours one so no state is missing.
     for addon in chain:
         m.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys())))
-    return Gateway(config, m, policies, verifier, egress, recorder, health)
+    gateway = Gateway(config, m, policies, verifier, egress, recorder, health, approval.approvals)
+    approval.api_url = lambda: gateway.approvals_api
+    return gateway
 
 
 def client_environment(gateway: Gateway) -> list[str]:
@@ -162,12 +236,14 @@ def announce(gateway: Gateway, out=sys.stdout) -> None:
         f"nhi-gateway listening on {host}:{port} (policy {gateway.config.policy_path})",
         f"CA certificate clients must trust: {gateway.ca_cert}",
         f"Recordings: {gateway.config.recordings}",
+        f"Approval API: {gateway.approvals_api}   (nhi-gateway approvals list --api {gateway.approvals_api})",
         "Client environment:",
         *("  " + line for line in client_environment(gateway)),
     ]
     print("\n".join(lines), file=out, flush=True)
     if gateway.config.ready_file:
-        ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid()}
+        ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid(),
+                 "approvals_api": gateway.approvals_api}
         tmp = gateway.config.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(gateway.config.ready_file)
@@ -185,9 +261,18 @@ async def serve(config: GatewayConfig) -> None:
         if ps.listen_addrs():
             break
         await asyncio.sleep(0.02)
-    if not run.done() and gateway.ca_cert.exists():
+    api_failed = not run.done() and not gateway.approvals_api
+    if api_failed:
+        # Without its API nobody could answer an approval: held requests would only time out.
+        gateway.master.shutdown()
+    elif not run.done() and gateway.ca_cert.exists():
         announce(gateway)
     try:
         await run
     finally:
         await gateway.egress.aclose()
+        if gateway.approvals is not None:
+            gateway.approvals.close()
+    if api_failed:
+        raise OSError(f"the approval API could not listen ({gateway.master.options.mode[-1]}); "
+                      "choose another address with --approvals-listen")

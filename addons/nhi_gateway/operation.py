@@ -39,12 +39,23 @@ Query options are decoded once (``+`` is a space, as ASP.NET reads it); names ar
 on Graph hosts, a bare OData system option (``select``, ``top``, ...) gets its ``$``: beta documents
 the ``$`` as optional, and treating v1.0 the same way can only make a ``$select`` rule stricter.
 Values keep their case.
+
+What a request asks of OData (:attr:`Operation.odata`, read by the policy's ``odata`` limits) is
+read from ``$select``, ``$expand`` and ``$top`` at every depth: ``$expand=owners($select=keyCredentials;
+$expand=owners($top=999))`` selects ``keyCredentials`` and asks for 999 items inside the expansion, and
+a rule must see that as surely as a top-level ``$select``. Items are split at the commas and
+semicolons that are outside parentheses and quotes; a property path (``microsoft.graph.user/mail``)
+keeps its segments, case-folded. ``*`` (all properties, all navigation properties) is kept as ``*``.
+Anything that cannot be read that way (unbalanced parentheses or quotes, a ``%XX`` escape that
+survived decoding, an empty item, ``$compute`` and ``$apply``) is not guessed at:
+:attr:`ODataQuery.problem` says why, and a rule with limits refuses it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import unquote_plus, urlsplit
 
 GRAPH_HOSTS = frozenset(
@@ -158,6 +169,11 @@ class Operation:
     def param(self, name: str) -> list[str]:
         """All values of a query option, by its canonical name (``$select``)."""
         return [v for k, v in self.query if k == name]
+
+    @cached_property
+    def odata(self) -> ODataQuery:
+        """What the request asks of OData: ``$select``/``$expand``/``$top`` at every depth."""
+        return read_odata(self.query)
 
     def __str__(self) -> str:
         port = "" if self.port == 443 else f":{self.port}"
@@ -359,3 +375,120 @@ def parse_query(raw: str, *, graph: bool = True) -> tuple[tuple[str, str], ...]:
             key = "$" + key
         out.append((key, value))
     return tuple(out)
+
+
+# --- OData query options ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ODataQuery:
+    """``$select``, ``$expand`` and ``$top`` of a request, at every depth of ``$expand``.
+
+    ``selects`` and ``expands`` hold property paths as tuples of case-folded segments
+    (``("microsoft.graph.user", "mail")``); ``("*",)`` means "all". ``tops`` holds each ``$top``
+    value as written. ``problem`` is set when the options could not be read unambiguously.
+    """
+
+    selects: tuple[tuple[str, ...], ...] = ()
+    expands: tuple[tuple[str, ...], ...] = ()
+    tops: tuple[str, ...] = ()
+    problem: str = ""
+
+
+_NESTED_OPTIONS = ("$select", "$expand", "$top")
+
+
+def read_odata(query: tuple[tuple[str, str], ...]) -> ODataQuery:
+    """Read ``$select``/``$expand``/``$top`` from a canonical query (see :func:`parse_query`)."""
+    reader = _ODataReader()
+    try:
+        for name, value in query:
+            reader.option(name, value, depth=0)
+    except _ODataUnreadable as e:
+        return ODataQuery(tuple(reader.selects), tuple(reader.expands), tuple(reader.tops), str(e))
+    return ODataQuery(tuple(reader.selects), tuple(reader.expands), tuple(reader.tops))
+
+
+class _ODataUnreadable(ValueError):
+    pass
+
+
+_MAX_ODATA_DEPTH = 16
+
+
+class _ODataReader:
+    def __init__(self) -> None:
+        self.selects: list[tuple[str, ...]] = []
+        self.expands: list[tuple[str, ...]] = []
+        self.tops: list[str] = []
+
+    def option(self, name: str, value: str, depth: int) -> None:
+        if name in ("$compute", "$apply"):
+            # Both can name properties and shape the answer: nothing a limit could judge.
+            raise _ODataUnreadable(f"{name} cannot be judged")
+        if name not in _NESTED_OPTIONS:
+            return
+        if depth > _MAX_ODATA_DEPTH:
+            raise _ODataUnreadable("$expand is nested too deeply")
+        if name == "$top":
+            self.tops.append(value.strip())
+            return
+        if _ESCAPE.search(value):
+            # %2C would become a comma for a second decoder: what we split is not what Graph reads
+            raise _ODataUnreadable(f"{name} still holds a percent-escape after decoding")
+        if not value.strip():
+            return  # "$select=" asks for nothing beyond the default
+        for item in _split_top_level(value, ",", name):
+            path_text, options = _item_options(item, name)
+            path = tuple(seg.strip().casefold() for seg in path_text.split("/"))
+            if not all(path):
+                raise _ODataUnreadable(f"{name} has an empty item or path segment in {item.strip()!r}")
+            (self.selects if name == "$select" else self.expands).append(path)
+            for option in options:
+                key, eq, val = option.partition("=")
+                key = key.strip().casefold()
+                if not eq:
+                    raise _ODataUnreadable(f"cannot read the option {option.strip()!r} inside {name}")
+                if not key.startswith("$") and key in ODATA_OPTIONS:
+                    key = "$" + key
+                self.option(key, val, depth + 1)
+
+
+def _split_top_level(text: str, sep: str, what: str) -> list[str]:
+    """Split at ``sep`` outside parentheses and single quotes (``''`` is an escaped quote)."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, c in enumerate(text):
+        if c == "'":
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                raise _ODataUnreadable(f"unbalanced ')' in {what}")
+        elif c == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if quoted:
+        raise _ODataUnreadable(f"unterminated quote in {what}")
+    if depth:
+        raise _ODataUnreadable(f"unbalanced '(' in {what}")
+    parts.append(text[start:])
+    return parts
+
+
+def _item_options(item: str, what: str) -> tuple[str, list[str]]:
+    """``owners($select=id;$top=5)`` -> ``("owners", ["$select=id", "$top=5"])``."""
+    open_at = item.find("(")
+    if open_at < 0:
+        if ")" in item or "'" in item:
+            raise _ODataUnreadable(f"cannot read {item.strip()!r} in {what}")
+        return item, []
+    if not item.rstrip().endswith(")"):
+        raise _ODataUnreadable(f"text after the options of {item.strip()!r} in {what}")
+    inner = item.rstrip()[open_at + 1 : -1]
+    # The options are split like the items: a ';' inside $filter's quotes or parentheses stays.
+    options = [o for o in _split_top_level(inner, ";", what) if o.strip()]
+    return item[:open_at], options

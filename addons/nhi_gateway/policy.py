@@ -25,17 +25,35 @@ Schema (``policies/example.yaml`` is a commented, working example)::
       profiles:
         directory-pii:
           fields: [mail, mobilePhone]            # JSON member names masked wherever they occur
+    approvals:                                   # optional
+      webhook: https://hooks.example/...         # optional: told of every request held for approval
     rules:                                       # optional, default none (= deny everything)
-      - id: directory-read                       # required, unique; letters, digits, . _ : -
+      - id: directory-read                       # required, unique; letters, digits . _ : -
         description: ...                         # optional
-        action: allow                            # required; allow | deny
+        action: allow                            # required; allow | deny | approve
         when: {app_ids: [<GUID>]}                # optional; who (see below)
         operations:                              # required, non-empty; what (see below)
           - host: graph.microsoft.com            # required; must be listed under upstreams
             methods: [GET]                       # required; GET HEAD POST PUT PATCH DELETE OPTIONS or "*"
             paths: ["/users", "/users/{id}"]     # required, non-empty
             versions: [v1.0]                     # optional, Graph hosts only; default v1.0 and beta
-        mask: directory-pii                      # optional, allow rules only; a masking profile name
+            odata: {max_top: 100}                # optional, Graph hosts only: limits of this operation
+        odata:                                   # optional, Graph operations only: limits of every one
+          forbid_select: [keyCredentials]        # properties a request must not $select
+          forbid_expand: [owners]                # navigation properties it must not $expand
+          max_top: 100                           # the largest $top, 1..1000000
+        schedule:                                # optional: when the rule is in force
+          days: [mon-fri]                        # mon..sun and ranges (fri-mon wraps); local to timezone
+          hours: ["08:00-18:00"]                 # HH:MM-HH:MM, end exclusive, 24:00 = midnight
+          timezone: Europe/Berlin                # IANA name; required with days or hours
+          valid_from: 2025-07-01T00:00:00Z       # inclusive; an offset, or local to timezone
+          valid_until: 2025-08-01T00:00:00+02:00 # exclusive
+        approval:                                # required on approve rules, refused on others
+          approvers: {users: [<oid>], groups: [<group id>]}  # at least one
+          timeout: 5m                            # optional, default 5m, 1s..1h: how long a request waits
+          max_grant: 1h                          # optional, 1m..7d: how long an approval may cover
+                                                 # repeats; without it, the one request only
+        mask: directory-pii                      # optional, allow and approve rules; a profile name
 
 An issuer without ``{tenantid}`` is a single-tenant issuer. ``https://sts.windows.net/{tenantid}/``
 (the v1 issuer) defaults to the v1 discovery document on login.microsoftonline.com, because
@@ -85,10 +103,55 @@ one segment, ``**`` (last segment only) matches zero or more segments, anything 
 literally and case-insensitively. On Graph hosts a pattern may start with a version
 (``/v1.0/users``); without one it matches ``/v1.0`` and ``/beta`` unless ``versions`` narrows it.
 
-Decisions: a matching ``deny`` rule wins over every ``allow`` (the first in file order is
-reported); otherwise the first matching ``allow`` rule decides; otherwise the request is refused
-because no rule allows it.
+``odata`` (Microsoft Graph only) limits what a request may ask of OData. ``$select``,
+``$expand`` and ``$top`` are read at every depth (``$expand=owners($select=keyCredentials)``
+selects ``keyCredentials`` as surely as ``$select=keyCredentials`` does), names are compared
+case-insensitively as Graph compares them, every segment of a path (``microsoft.graph.user/mail``)
+counts, and ``*`` asks for every name, so ``$select=*`` breaks any ``forbid_select``. Options the
+gateway cannot read unambiguously (unbalanced parentheses or quotes, a percent-escape left after
+decoding, ``$compute``/``$apply``) break every limit. ``max_top`` judges ``$top`` only; a request
+without ``$top`` gets Graph's own page size. Limits given on the rule and on one of its operations
+both apply to that operation. What they mean depends on the action, so that each reads as "what is
+forbidden":
+
+- on an ``allow`` or ``approve`` rule they bound what the rule covers: a request that breaks them is
+  not covered by it. If no other rule allows the request, the refusal names the rule and the
+  limit: ``no rule allows <op>: rule 'app-read' would, but $select asks for 'keyCredentials'
+  (odata.forbid_select)`` (``rule_id`` is that rule, ``check`` is ``odata``);
+- on a ``deny`` rule they say what is denied: the rule matches only requests that break them
+  (``denied by rule 'no-key-material': $select asks for 'keyCredentials' ...``), so one deny rule
+  keeps a property away from every caller.
+
+``$select`` limits what Graph is asked to return, not what it returns by default: mask a field
+that must never leave, whatever the request asks.
+
+``schedule`` says when a rule is in force; outside it the rule does not match at all (a deny rule
+out of its schedule denies nothing). ``days`` and ``hours`` are read on the local date and time in
+``timezone`` of each request, independently: ``days: [mon-fri]`` with ``hours: ["22:00-24:00"]``
+covers Friday 23:00 but not Saturday 01:00. A range never runs past midnight: write
+``["22:00-24:00", "00:00-06:00"]``. ``valid_from``/``valid_until`` are instants; written without
+an offset they are read in ``timezone``. Decisions read the clock only when a candidate rule has
+a schedule (``Policy.decide(..., at=...)`` takes the time for tests, ``explain`` and ``replay``).
+
+Decisions (precedence deny > approve > allow, default deny):
+
+1. a matching ``deny`` rule refuses the request, whatever else matches (the first in file order
+   is reported);
+2. otherwise the first matching ``approve`` rule makes an ``APPROVE`` decision: a person named by
+   its ``approval.approvers`` must allow the request first. ``APPROVE`` is not an allow: the
+   decision carries the status (403) and code of a refusal, so every stage that passes only
+   ``ALLOW`` refuses it with "approval required by rule '<id>'", until an approval stage holds the
+   request and turns it into an allow or a denial;
+3. otherwise the first matching ``allow`` rule allows it (with its mask profile);
+4. otherwise the request is refused: "no rule allows <op>".
+
+``nhi-gateway policy lint`` reports these errors and warns about rules that can never decide;
+``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
+recorded traffic under an edited policy (:mod:`nhi_gateway.policy_cli`).
+``policies/policy.schema.json`` describes the file for YAML language servers; this loader checks
+more than the schema can (hosts under upstreams, unique ids, known profiles and time zones).
 """
+
 
 from __future__ import annotations
 
@@ -97,14 +160,22 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.operation import GRAPH_HOSTS, GRAPH_VERSIONS, Operation, OperationError, normalize_host
+from nhi_gateway.operation import (
+    GRAPH_HOSTS,
+    GRAPH_VERSIONS,
+    ODataQuery,
+    Operation,
+    OperationError,
+    normalize_host,
+)
 from nhi_gateway.principal import AuthMethod, Principal, TokenSource
 
 REFUSAL_STATUS = 403
@@ -122,6 +193,11 @@ _BAD_LITERAL = re.compile(r"[{}*%\\\s\x00-\x1f\x7f?#]")
 _STS_V1 = "https://sts.windows.net/{tenantid}/"
 _STS_V1_DISCOVERY = "https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration"
 # xms_mirid: /subscriptions/<sub>/resourcegroups/<rg>/providers/<namespace>/<type>/<name>[/...]
+# An OData property or navigation property name (a type-cast segment has dots).
+_PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_HOURS = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+MAX_TOP = 1_000_000
 _ARM_ID = re.compile(r"/subscriptions/[^/\s]+/resourcegroups/[^/\s]+/providers/[^/\s]+(/[^/\s]+){2,}", re.I)
 
 
@@ -295,11 +371,161 @@ class PathPattern:
         return all(p == "*" or p == s for p, s in zip(pat, segs, strict=False))
 
 
+# --- OData limits, schedules and approvals -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ODataLimits:
+    """What a rule lets a request ask of OData (``odata:``). Names as written in the policy;
+    compared case-insensitively, as Graph compares property names."""
+
+    forbid_select: tuple[str, ...] = ()
+    forbid_expand: tuple[str, ...] = ()
+    max_top: int | None = None
+    _select: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _expand: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_select", {n.casefold(): n for n in self.forbid_select})
+        object.__setattr__(self, "_expand", {n.casefold(): n for n in self.forbid_expand})
+
+    def __hash__(self) -> int:
+        return hash((self.forbid_select, self.forbid_expand, self.max_top))
+
+    def merged(self, other: ODataLimits) -> ODataLimits:
+        """Both sets of limits at once (a rule's and one of its operations')."""
+        tops = [t for t in (self.max_top, other.max_top) if t is not None]
+        return ODataLimits(
+            tuple(dict.fromkeys(self.forbid_select + other.forbid_select)),
+            tuple(dict.fromkeys(self.forbid_expand + other.forbid_expand)),
+            min(tops) if tops else None,
+        )
+
+    def violation(self, q: ODataQuery) -> str | None:
+        """Why the request breaks these limits, or None."""
+        if q.problem:
+            # What cannot be read cannot be shown to respect the limits.
+            return f"its OData options cannot be judged ({q.problem})"
+        for names, asked, option, key in (
+            (self._select, q.selects, "$select", "odata.forbid_select"),
+            (self._expand, q.expands, "$expand", "odata.forbid_expand"),
+        ):
+            if not names:
+                continue
+            for path in asked:
+                if "*" in path:
+                    return f"{option}=* asks for every property, including {_names(names.values())} ({key})"
+                for seg in path:
+                    if seg in names:
+                        return f"{option} asks for '{names[seg]}' ({key})"
+        if self.max_top is not None:
+            for top in q.tops:
+                if not (top.isascii() and top.isdigit()):
+                    return f"$top={top!r} is not a whole number (odata.max_top)"
+                if int(top) > self.max_top:
+                    return f"$top={int(top)} is more than {self.max_top} (odata.max_top)"
+        return None
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(names)
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a rule is in force (``schedule:``). Outside it, the rule does not match.
+
+    ``days`` are ``datetime.weekday()`` numbers (0 = Monday) and ``hours`` half-open ranges of
+    seconds since local midnight, both read in ``timezone``; ``valid_from`` (inclusive) and
+    ``valid_until`` (exclusive) are instants. An empty ``days``/``hours`` means "any".
+    """
+
+    days: frozenset[int] = frozenset()
+    hours: tuple[tuple[int, int], ...] = ()
+    timezone: str = ""
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+
+    def contains(self, at: datetime) -> bool:
+        if self.valid_from is not None and at < self.valid_from:
+            return False
+        if self.valid_until is not None and at >= self.valid_until:
+            return False
+        if self.days or self.hours:
+            local = at.astimezone(ZoneInfo(self.timezone))
+            if self.days and local.weekday() not in self.days:
+                return False
+            if self.hours:
+                second = local.hour * 3600 + local.minute * 60 + local.second
+                return any(start <= second < end for start, end in self.hours)
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.days:
+            parts.append(",".join(WEEKDAYS[d] for d in sorted(self.days)))
+        if self.hours:
+            parts.append(",".join(f"{_hhmm(s)}-{_hhmm(e)}" for s, e in self.hours))
+        if self.timezone and (self.days or self.hours):
+            parts.append(self.timezone)
+        if self.valid_from is not None:
+            parts.append(f"from {self.valid_from.isoformat()}")
+        if self.valid_until is not None:
+            parts.append(f"until {self.valid_until.isoformat()}")
+        return " ".join(parts)
+
+
+def _hhmm(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
+
+
+@dataclass(frozen=True)
+class Approval:
+    """Who may approve a request that an ``approve`` rule holds, and for how long (``approval:``).
+
+    The approval machinery is not part of this module; until the gateway has it, an ``approve``
+    decision is a refusal (see :meth:`Policy.decide`).
+    """
+
+    users: frozenset[str] = frozenset()  # lower-case object ids of people who may approve
+    groups: frozenset[str] = frozenset()  # lower-case group ids whose members may approve
+    timeout_seconds: int = 300  # how long a request waits for an answer before it is refused
+    max_grant_seconds: int | None = None  # how long an approval may cover repeats; None: this request only
+
+    def to_dict(self) -> dict:
+        return {
+            "users": sorted(self.users),
+            "groups": sorted(self.groups),
+            "timeout_seconds": self.timeout_seconds,
+            "max_grant_seconds": self.max_grant_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class ApprovalsConfig:
+    """The policy's ``approvals:`` section: how approvers are told a request waits for them."""
+
+    webhook: str | None = None  # an https URL that receives a chat-style message per held request
+
+
+DEFAULT_APPROVAL_TIMEOUT = 300
+MAX_APPROVAL_TIMEOUT = 3600
+MIN_GRANT = 60
+MAX_GRANT = 7 * 24 * 3600
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class OperationMatch:
     host: str
     methods: frozenset[str]  # upper-case, or {"*"}
     paths: tuple[PathPattern, ...]
+    odata: ODataLimits | None = None  # this operation's own limits, on top of the rule's
 
     def matches(self, op: Operation) -> bool:
         if op.host != self.host:
@@ -318,10 +544,72 @@ class Rule:
     mask: str | None = None
     description: str = ""
     line: int = 0  # 1-based line of the rule in its file, for lint and explain output
+    odata: ODataLimits | None = None  # limits for every operation of the rule
+    schedule: Schedule | None = None
+    approval: Approval | None = None  # approve rules only
+    column: int = 0  # 1-based column of the rule's first key
 
-    def matches(self, principal: Principal | None, op: Operation) -> bool:
+    @property
+    def has_limits(self) -> bool:
+        return self.odata is not None or any(o.odata is not None for o in self.operations)
+
+    def limits_for(self, om: OperationMatch) -> ODataLimits | None:
+        if self.odata is None or om.odata is None:
+            return self.odata or om.odata
+        return self.odata.merged(om.odata)
+
+    def in_force(self, at: datetime | None = None) -> bool:
+        return self.schedule is None or self.schedule.contains(at or datetime.now(UTC))
+
+    def judge(self, op: Operation) -> tuple[bool, str]:
+        """Whether the rule applies to ``op`` once its operations match, and why (or why not).
+
+        OData limits narrow what a rule covers. On an ``allow`` or ``approve`` rule they are what
+        the request must respect: a request that breaks them is not covered (the text says
+        which limit). On a ``deny`` rule they say what is denied: the rule applies only to
+        requests that break them (the text says which limit). Without limits an operation that
+        matches is covered. A rule with several matching operations applies if one of them does.
+        """
+        broken = ""
+        for om in self.operations:
+            if not om.matches(op):
+                continue
+            limits = self.limits_for(om)
+            if limits is None:
+                return True, ""
+            violation = limits.violation(op.odata)
+            if self.action is Action.DENY:
+                if violation is not None:
+                    return True, violation
+            elif violation is None:
+                return True, ""
+            else:
+                broken = broken or violation
+        return False, broken
+
+    def matches(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> bool:
         """The plain reading of the rule; :meth:`Policy.decide` uses an index that must agree."""
-        return self.when.matches(principal) and any(o.matches(op) for o in self.operations)
+        return self.when.matches(principal) and self.in_force(at) and self.judge(op)[0]
+
+
+class Outcome(StrEnum):
+    """What a rule whose ``when`` and operations match made of one request (for ``explain``)."""
+
+    APPLIES = "applies"
+    NOT_IN_FORCE = "not in force"  # outside its schedule
+    LIMITS_BROKEN = "limits broken"  # allow/approve rule: the request breaks its OData limits
+    LIMITS_KEPT = "limits kept"  # deny rule: the request keeps within its OData limits
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    rule: Rule
+    outcome: Outcome
+    detail: str = ""
+
+    @property
+    def applies(self) -> bool:
+        return self.outcome is Outcome.APPLIES
 
 
 # --- the decision engine ---------------------------------------------------------------------
@@ -380,8 +668,10 @@ class Policy:
         mask_profiles: dict[str, MaskProfile],
         rules: Iterable[Rule],
         default_profile: str | None = None,
+        approvals: ApprovalsConfig | None = None,
     ) -> None:
         self.source = str(source)
+        self.approvals = approvals  # None: no approvals section
         self.identity = identity
         self.upstreams = tuple(upstreams)
         self._upstreams = {u.host: u for u in self.upstreams}
@@ -416,34 +706,100 @@ class Policy:
     def rule(self, rule_id: str) -> Rule | None:
         return self._rules_by_id.get(rule_id)
 
-    def matching_rules(self, principal: Principal | None, op: Operation) -> list[Rule]:
-        """Every rule that matches, in file order: what ``explain`` shows."""
-        candidates: set[int] = set()
+    def candidates(self, principal: Principal | None, op: Operation) -> list[Rule]:
+        """Rules whose ``when`` and operations match, in file order, before schedules and
+        OData limits are looked at."""
+        found: set[int] = set()
         segments = op.segments
         for pkey in _principal_keys(principal):
             for method in (op.method, ANY_METHOD):
                 root = self._index.get((pkey, op.host, method, op.version))
                 if root is not None:
-                    root.collect(segments, candidates)
-        rules = (self.rules[i] for i in sorted(candidates))
+                    root.collect(segments, found)
+        rules = (self.rules[i] for i in sorted(found))
         return [r for r in rules if r.when.matches(principal)]
 
-    def decide(self, principal: Principal | None, op: Operation) -> Decision:
-        matched = self.matching_rules(principal, op)
+    def matching_rules(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> list[Rule]:
+        """Every rule that matches (in force, OData limits read as :meth:`Rule.judge` says), in
+        file order."""
+        return [o.rule for o in self.explain(principal, op, at)[1] if o.applies]
+
+    def decide(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> Decision:
+        """The decision for ``op`` by ``principal`` at ``at`` (default: now, read only when a
+        candidate rule has a schedule). See the module docstring for the precedence."""
+        return self._decide(principal, op, at, None)
+
+    def explain(
+        self, principal: Principal | None, op: Operation, at: datetime | None = None
+    ) -> tuple[Decision, list[RuleOutcome]]:
+        """The decision and what every candidate rule made of the request (for ``explain``)."""
+        outcomes: list[RuleOutcome] = []
+        return self._decide(principal, op, at, outcomes), outcomes
+
+    def _decide(
+        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None
+    ) -> Decision:
+        deny: tuple[Rule, str] | None = None
+        approve: Rule | None = None
+        allow: Rule | None = None
+        limited: tuple[Rule, str] | None = None
+        for rule in self.candidates(principal, op):
+            if rule.schedule is not None:
+                if at is None:
+                    at = datetime.now(UTC)
+                if not rule.schedule.contains(at):
+                    if outcomes is not None:
+                        outcomes.append(RuleOutcome(rule, Outcome.NOT_IN_FORCE, rule.schedule.describe()))
+                    continue
+            applies, detail = rule.judge(op) if rule.has_limits else (True, "")
+            if not applies:
+                if rule.action is Action.DENY:
+                    outcome = Outcome.LIMITS_KEPT
+                else:
+                    outcome = Outcome.LIMITS_BROKEN
+                    limited = limited or (rule, detail)
+                if outcomes is not None:
+                    outcomes.append(RuleOutcome(rule, outcome, detail))
+                continue
+            if outcomes is not None:
+                outcomes.append(RuleOutcome(rule, Outcome.APPLIES, detail))
+            if rule.action is Action.DENY:
+                deny = deny or (rule, detail)
+                if outcomes is None:
+                    break  # a deny wins whatever follows
+            elif rule.action is Action.APPROVE:
+                approve = approve or rule
+            else:
+                allow = allow or rule
         who = principal.to_dict() if principal is not None else None
-        deny = next((r for r in matched if r.action is Action.DENY), None)
         if deny is not None:
+            rule, detail = deny
             return Decision.deny(
                 Stage.POLICY,
                 REFUSAL_STATUS,
                 REFUSAL_CODE,
-                f"denied by rule '{deny.id}'",
-                rule_id=deny.id,
+                f"denied by rule '{rule.id}'" + (f": {detail}" if detail else ""),
+                rule_id=rule.id,
                 operation=str(op),
                 principal=who,
             )
-        if matched:
-            allow = matched[0]
+        if approve is not None:
+            # Not an allow. It carries a refusal's status and code, so any stage that refuses it
+            # (every stage that passes only ALLOW) answers a readable 403, never a status 0; the
+            # approval stage, when there is one, turns it into an allow or a denial of its own.
+            return Decision(
+                action=Action.APPROVE,
+                stage=Stage.POLICY,
+                reason=f"approval required by rule '{approve.id}'",
+                status=REFUSAL_STATUS,
+                code=REFUSAL_CODE,
+                rule_id=approve.id,
+                operation=str(op),
+                principal=who,
+                mask_profile=approve.mask or self.default_profile,
+                extra={"approval": approve.approval.to_dict()} if approve.approval else {},
+            )
+        if allow is not None:
             return Decision(
                 action=Action.ALLOW,
                 stage=Stage.POLICY,
@@ -452,6 +808,18 @@ class Policy:
                 operation=str(op),
                 principal=who,
                 mask_profile=allow.mask or self.default_profile,
+            )
+        if limited is not None:
+            rule, detail = limited
+            return Decision.deny(
+                Stage.POLICY,
+                REFUSAL_STATUS,
+                REFUSAL_CODE,
+                f"no rule allows {op}: rule '{rule.id}' would, but {detail}",
+                rule_id=rule.id,
+                check="odata",
+                operation=str(op),
+                principal=who,
             )
         return Decision.deny(
             Stage.POLICY,
@@ -599,6 +967,13 @@ def _node_pos(node: object, default: Pos) -> Pos:
     if lc is not None and getattr(lc, "line", None) is not None:
         return (lc.line, lc.col)
     return default
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -759,7 +1134,14 @@ class _Loader:
         top = self.mapping(
             _Value(doc, (0, 0)),
             "the policy",
-            {"version": True, "identity": True, "upstreams": True, "masking": False, "rules": False},
+            {
+                "version": True,
+                "identity": True,
+                "upstreams": True,
+                "masking": False,
+                "approvals": False,
+                "rules": False,
+            },
         )
         version = top["version"]
         if isinstance(version.value, bool) or version.value != 1 or not isinstance(version.value, int):
@@ -771,8 +1153,24 @@ class _Loader:
         identity = self.identity(top["identity"])
         upstreams = self.upstreams(top["upstreams"])
         default_profile = self.masking(top["masking"]) if "masking" in top else None
+        approvals = self.approvals(top["approvals"]) if "approvals" in top else None
         rules = self.rules(top["rules"]) if "rules" in top else []
-        return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile)
+        return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile, approvals)
+
+    def approvals(self, node: _Value) -> ApprovalsConfig:
+        m = self.mapping(node, "approvals", {"webhook": False})
+        webhook = None
+        if "webhook" in m:
+            hint = "e.g. https://hooks.slack.com/services/... (the message names the request and how to approve it)"
+            webhook = self.string(m["webhook"], "approvals.webhook", hint).strip()
+            try:
+                parts = urlsplit(webhook)
+                ok = parts.scheme == "https" and bool(parts.hostname) and not parts.username and not parts.password
+            except ValueError:
+                ok = False
+            if not ok:
+                self.fail(m["webhook"].pos, f"approvals.webhook: '{webhook}' is not an https URL", hint)
+        return ApprovalsConfig(webhook)
 
     def identity(self, node: _Value) -> IdentityConfig:
         m = self.mapping(
@@ -912,6 +1310,9 @@ class _Loader:
             "action": True,
             "when": False,
             "operations": True,
+            "odata": False,
+            "schedule": False,
+            "approval": False,
             "mask": False,
         }
         if isinstance(node.value, dict) and isinstance(node.value.get("id"), str):
@@ -933,12 +1334,234 @@ class _Loader:
             self.operation(item, f"{what}: operations[{i}]")
             for i, item in enumerate(self.seq(m["operations"], f"{what}: operations", non_empty=True))
         )
+        odata = None
+        if "odata" in m:
+            odata = self.odata(m["odata"], f"{what}: odata")
+            for i, om in enumerate(operations):
+                if om.host not in GRAPH_HOSTS:
+                    self.fail(
+                        m["odata"].key_pos or m["odata"].pos,
+                        f"{what}: odata limits apply to Graph requests, but operations[{i}] is for '{om.host}'",
+                        "move the odata limits into the Graph operations, or the other operation into "
+                        "a rule of its own",
+                    )
+        schedule = self.schedule(m["schedule"], f"{what}: schedule") if "schedule" in m else None
+        approval = None
+        if action is Action.APPROVE:
+            if "approval" not in m:
+                self.fail(
+                    m["action"].pos,
+                    f"{what}: action approve needs 'approval', naming who may approve",
+                    "add e.g. approval: {approvers: {groups: [<group id>]}, timeout: 5m}",
+                )
+            approval = self.approval(m["approval"], f"{what}: approval")
+        elif "approval" in m:
+            self.fail(
+                m["approval"].key_pos or m["approval"].pos,
+                f"{what}: 'approval' applies to action: approve only, not {action}",
+                "remove it, or make the rule action: approve",
+            )
         mask = None
         if "mask" in m:
             if action is Action.DENY:
                 self.fail(m["mask"].pos, f"{what}: 'mask' has no effect on a deny rule", "remove it")
             mask = self.profile_ref(m["mask"], f"{what}: mask")
-        return Rule(rule_id, action, operations, when, mask, description, node.pos[0] + 1), m["id"].pos
+        rule = Rule(
+            rule_id,
+            action,
+            operations,
+            when,
+            mask,
+            description,
+            node.pos[0] + 1,
+            odata=odata,
+            schedule=schedule,
+            approval=approval,
+            column=node.pos[1] + 1,
+        )
+        return rule, m["id"].pos
+
+    def odata(self, node: _Value, what: str) -> ODataLimits:
+        keys = {"forbid_select": False, "forbid_expand": False, "max_top": False}
+        m = self.mapping(node, what, keys)
+        if not m:
+            self.fail(
+                node.key_pos or node.pos,
+                f"{what} limits nothing",
+                "give forbid_select, forbid_expand or max_top, or remove it",
+            )
+        names = {}
+        for key in ("forbid_select", "forbid_expand"):
+            if key not in m:
+                continue
+            out = []
+            for i, (name, pos) in enumerate(self.strings(m[key], f"{what}.{key}", "e.g. [keyCredentials]")):
+                name = name.strip()
+                if not _PROPERTY.fullmatch(name):
+                    self.fail(
+                        pos,
+                        f"{what}.{key}[{i}]: '{name}' is not a property name",
+                        "write one property name such as keyCredentials: '*' and paths are "
+                        "covered already, since every segment of a requested path is checked",
+                    )
+                out.append(name)
+            names[key] = tuple(dict.fromkeys(out))
+        max_top = self.integer(m["max_top"], f"{what}.max_top", 1, MAX_TOP) if "max_top" in m else None
+        return ODataLimits(names.get("forbid_select", ()), names.get("forbid_expand", ()), max_top)
+
+    def schedule(self, node: _Value, what: str) -> Schedule:
+        keys = {"days": False, "hours": False, "timezone": False, "valid_from": False, "valid_until": False}
+        m = self.mapping(node, what, keys)
+        if not m:
+            self.fail(
+                node.key_pos or node.pos,
+                f"{what} is empty",
+                "give days, hours (with timezone), valid_from or valid_until, or remove it",
+            )
+        timezone = ""
+        zone = None
+        if "timezone" in m:
+            timezone = self.string(m["timezone"], f"{what}.timezone", "an IANA name such as Europe/Berlin or UTC")
+            timezone = timezone.strip()
+            zone = self.zone(timezone, m["timezone"].pos, f"{what}.timezone")
+        days: set[int] = set()
+        if "days" in m:
+            for i, (text, pos) in enumerate(self.one_or_more(m["days"], f"{what}.days", "e.g. [mon-fri]")):
+                days |= self.days(text, pos, f"{what}.days[{i}]")
+        hours: list[tuple[int, int]] = []
+        if "hours" in m:
+            for i, (text, pos) in enumerate(self.one_or_more(m["hours"], f"{what}.hours", 'e.g. "08:00-18:00"')):
+                hours.append(self.hours(text, pos, f"{what}.hours[{i}]"))
+        if (days or hours) and zone is None:
+            first = m.get("days") or m["hours"]
+            self.fail(
+                first.key_pos or first.pos,
+                f"{what}: days and hours need a timezone",
+                "add timezone: an IANA name such as Europe/Berlin (or UTC): a rule must not change "
+                "its meaning with the gateway host's clock settings",
+            )
+        valid_from = self.instant(m["valid_from"], f"{what}.valid_from", zone) if "valid_from" in m else None
+        valid_until = self.instant(m["valid_until"], f"{what}.valid_until", zone) if "valid_until" in m else None
+        if valid_from is not None and valid_until is not None and valid_until <= valid_from:
+            self.fail(
+                m["valid_until"].pos,
+                f"{what}: valid_until ({valid_until.isoformat()}) is not after valid_from "
+                f"({valid_from.isoformat()})",
+                "the rule would never be in force",
+            )
+        return Schedule(frozenset(days), tuple(sorted(hours)), timezone, valid_from, valid_until)
+
+    def one_or_more(self, node: _Value, what: str, hint: str) -> list[tuple[str, Pos]]:
+        if isinstance(node.value, str):
+            return [(self.string(node, what, hint), node.pos)]
+        return self.strings(node, what, hint)
+
+    def zone(self, name: str, pos: Pos, what: str) -> ZoneInfo:
+        try:
+            return ZoneInfo(name)
+        except Exception:  # noqa: BLE001 - ZoneInfoNotFoundError, ValueError for odd keys, OSError
+            from zoneinfo import available_timezones
+
+            hint = _suggest(name, available_timezones()) or "use an IANA name such as Europe/Berlin or UTC"
+            self.fail(pos, f"{what}: unknown time zone '{name}'", hint)
+
+    def days(self, text: str, pos: Pos, what: str) -> set[int]:
+        first, dash, last = text.strip().lower().partition("-")
+        names = [first, last] if dash else [first]
+        for name in names:
+            if name.strip() not in WEEKDAYS:
+                self.fail(
+                    pos,
+                    f"{what}: '{text.strip()}' is not a day or a range of days",
+                    _suggest(name.strip(), WEEKDAYS) or "use mon tue wed thu fri sat sun, or a range: mon-fri",
+                )
+        start = WEEKDAYS.index(names[0].strip())
+        end = WEEKDAYS.index(names[-1].strip())
+        return {(start + i) % 7 for i in range((end - start) % 7 + 1)}
+
+    def hours(self, text: str, pos: Pos, what: str) -> tuple[int, int]:
+        m = _HOURS.fullmatch(text.strip())
+        hint = 'write "HH:MM-HH:MM" in 24-hour time, e.g. "08:00-18:00"; "24:00" ends at midnight'
+        if not m:
+            self.fail(pos, f"{what}: '{text.strip()}' is not a range of hours", hint)
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2):
+            self.fail(pos, f"{what}: '{text.strip()}' is not a time of day", hint)
+        start, end = h1 * 3600 + m1 * 60, h2 * 3600 + m2 * 60
+        if end == start:
+            self.fail(pos, f"{what}: '{text.strip()}' is empty", hint)
+        if end < start:
+            self.fail(
+                pos,
+                f"{what}: '{text.strip()}' runs past midnight",
+                f'write two ranges: ["{_hhmm(start)}-24:00", "00:00-{_hhmm(end)}"] (days are '
+                "checked on the local date of each request)",
+            )
+        return start, end
+
+    def instant(self, node: _Value, what: str, zone: ZoneInfo | None) -> datetime:
+        hint = "write an ISO 8601 time with an offset, e.g. 2025-07-01T08:00:00+02:00 or 2025-07-01T06:00:00Z"
+        v = node.value
+        if isinstance(v, datetime):
+            value = datetime(v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, tzinfo=v.tzinfo)
+        elif isinstance(v, date):
+            self.fail(node.pos, f"{what}: {v.isoformat()} is a date without a time", hint)
+        elif isinstance(v, str):
+            try:
+                value = datetime.fromisoformat(v.strip())
+            except ValueError:
+                self.fail(node.pos, f"{what}: '{v.strip()}' is not a time", hint)
+        else:
+            self.fail(node.pos, f"{what} must be a time, not {_kind(v)}", hint)
+        if value.tzinfo is None or value.utcoffset() is None:
+            if zone is None:
+                self.fail(
+                    node.pos,
+                    f"{what}: '{value.isoformat()}' has no offset and the schedule has no timezone",
+                    hint + ", or give the schedule a timezone",
+                )
+            value = value.replace(tzinfo=zone)
+        return value.astimezone(UTC)
+
+    def approval(self, node: _Value, what: str) -> Approval:
+        m = self.mapping(node, what, {"approvers": True, "timeout": False, "max_grant": False})
+        approvers = self.mapping(m["approvers"], f"{what}.approvers", {"users": False, "groups": False})
+        if not approvers:
+            self.fail(
+                m["approvers"].key_pos or m["approvers"].pos,
+                f"{what}.approvers names nobody",
+                "give users: [<object id>, ...] and/or groups: [<group id>, ...]",
+            )
+        users = frozenset(u for u, _ in self.guids(approvers["users"], f"{what}.approvers.users")) \
+            if "users" in approvers else frozenset()
+        groups = frozenset(g for g, _ in self.guids(approvers["groups"], f"{what}.approvers.groups")) \
+            if "groups" in approvers else frozenset()
+        timeout = DEFAULT_APPROVAL_TIMEOUT
+        if "timeout" in m:
+            timeout = self.duration(m["timeout"], f"{what}.timeout", 1, MAX_APPROVAL_TIMEOUT)
+        max_grant = None
+        if "max_grant" in m:
+            max_grant = self.duration(m["max_grant"], f"{what}.max_grant", MIN_GRANT, MAX_GRANT)
+        return Approval(users, groups, timeout, max_grant)
+
+    def duration(self, node: _Value, what: str, lo: int, hi: int) -> int:
+        hint = "write a duration such as 30s, 5m, 1h or 1h30m"
+        v = node.value
+        if isinstance(v, int) and not isinstance(v, bool):
+            self.fail(node.pos, f"{what}: {v} has no unit", f"{hint} ({v}s if you meant seconds)")
+        text = self.string(node, what, hint).strip()
+        m = _DURATION.fullmatch(text)
+        if not m or not text:
+            self.fail(node.pos, f"{what}: '{text}' is not a duration", hint)
+        d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+        seconds = int(timedelta(days=d, hours=h, minutes=mi, seconds=s).total_seconds())
+        if not lo <= seconds <= hi:
+            self.fail(
+                node.pos,
+                f"{what}: {text} is outside {_duration(lo)} to {_duration(hi)}",
+                hint,
+            )
+        return seconds
 
     def when(self, node: _Value, rule: str) -> PrincipalMatch:
         what = f"{rule}: when"
@@ -1033,7 +1656,9 @@ class _Loader:
         return value.lower()
 
     def operation(self, node: _Value, what: str) -> OperationMatch:
-        m = self.mapping(node, what, {"host": True, "methods": True, "paths": True, "versions": False})
+        m = self.mapping(
+            node, what, {"host": True, "methods": True, "paths": True, "versions": False, "odata": False}
+        )
         host = self.host(m["host"], f"{what}.host")
         if host not in self.upstream_hosts:
             self.fail(
@@ -1072,7 +1697,16 @@ class _Loader:
             self.path(v, f"{what}.paths[{i}]", graph, versions)
             for i, v in enumerate(self.seq(m["paths"], f"{what}.paths", non_empty=True))
         )
-        return OperationMatch(host, frozenset(methods), paths)
+        odata = None
+        if "odata" in m:
+            if not graph:
+                self.fail(
+                    m["odata"].key_pos or m["odata"].pos,
+                    f"{what}: odata limits apply to Graph hosts only, not '{host}'",
+                    "remove odata",
+                )
+            odata = self.odata(m["odata"], f"{what}.odata")
+        return OperationMatch(host, frozenset(methods), paths, odata)
 
     def path(self, node: _Value, what: str, graph: bool, versions: frozenset[str] | None) -> PathPattern:
         text = self.string(node, what, 'e.g. "/users/{id}"')
@@ -1135,3 +1769,131 @@ class _Loader:
                 "segments are plain text: no spaces, backslashes, '?' or '#'",
             )
         return "", ""
+
+
+# --- findings for policy authors (lint) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyWarning:
+    """Something legal but probably not meant: a rule that can never decide, or has expired."""
+
+    line: int
+    column: int
+    message: str
+    hint: str = ""
+
+
+def policy_warnings(policy: Policy, at: datetime | None = None) -> list[PolicyWarning]:
+    """Rules that never decide (shadowed by another rule that always matches where they do) and
+    rules whose schedule has ended. Sound, not complete: a warning is always true, but a rule
+    covered only by several others together is not found."""
+    at = at or datetime.now(UTC)
+    out: list[PolicyWarning] = []
+    rules = policy.rules
+    buckets: dict[tuple[str, ...], list[int]] = {}
+    for i, rule in enumerate(rules):
+        for key in rule.when.index_keys():
+            buckets.setdefault(key, []).append(i)
+    rank = {Action.DENY: 0, Action.APPROVE: 1, Action.ALLOW: 2}
+    for j, b in enumerate(rules):
+        if b.schedule is not None and b.schedule.valid_until is not None and b.schedule.valid_until <= at:
+            out.append(PolicyWarning(
+                b.line, b.column,
+                f"rule '{b.id}' expired at {b.schedule.valid_until.isoformat()} and never matches again",
+                "remove it, or move schedule.valid_until",
+            ))
+            continue
+        # The strongest reason first: a deny that always wins says more than an earlier allow.
+        best: tuple[int, int, str] | None = None
+        for i in _possible_coverers(b, buckets):
+            a = rules[i]
+            if i == j or (best is not None and (rank[a.action], i) >= best[:2]) or not _always_covers(a, b):
+                continue
+            found = _shadowing(a, b, a_first=i < j)
+            if found:
+                best = (rank[a.action], i, found)
+        if best is not None:
+            out.append(PolicyWarning(b.line, b.column, best[2], _SHADOW_HINT))
+    return out
+
+
+_SHADOW_HINT = "narrow or remove one of the two rules, or reorder them if file order is what decides"
+
+
+def _shadowing(a: Rule, b: Rule, *, a_first: bool) -> str:
+    where = f"rule '{a.id}' (line {a.line})"
+    if a.action is Action.DENY and b.action is not Action.DENY:
+        return f"rule '{b.id}' never applies: deny {where} matches every request it matches, and deny wins"
+    if a.action is Action.APPROVE and b.action is Action.ALLOW:
+        return (f"rule '{b.id}' never allows: approve {where} matches every request it matches, and "
+                "approve wins over allow")
+    if a.action is b.action and a_first:
+        verb = "is never reported" if b.action is Action.DENY else "never decides"
+        return f"rule '{b.id}' {verb}: the earlier {a.action} {where} matches every request it matches"
+    return ""
+
+
+def _possible_coverers(b: Rule, buckets: dict[tuple[str, ...], list[int]]) -> set[int]:
+    """Rules whose ``when`` could cover ``b``'s: those filed under "any", or under a value of a
+    key that ``b`` also restricts (a covering rule's set of values must include all of ``b``'s)."""
+    if b.when.anonymous:
+        return set(buckets.get(("anonymous",), ()))
+    found = set(buckets.get(("any",), ()))
+    for name in ("object_ids", "app_ids", "managed_identities", "groups", "roles", "tenants"):
+        values = getattr(b.when, name)
+        if values:
+            found.update(buckets.get((name, next(iter(values))), ()))
+    return found
+
+
+def _always_covers(a: Rule, b: Rule) -> bool:
+    """``a`` matches every request ``b`` matches, at any time, whatever its OData options."""
+    if a.schedule is not None or not _when_covers(a.when, b.when):
+        return False
+    for om_b in b.operations:
+        for pattern in om_b.paths:
+            if not any(
+                a.limits_for(om_a) is None and _operation_covers(om_a, om_b) and
+                any(_path_covers(p, pattern) for p in om_a.paths)
+                for om_a in a.operations
+            ):
+                return False
+    return True
+
+
+def _when_covers(a: PrincipalMatch, b: PrincipalMatch) -> bool:
+    if a.anonymous or b.anonymous:
+        return a.anonymous and b.anonymous
+    for name in ("app_ids", "object_ids", "groups", "roles", "tenants", "auth_methods", "token_sources",
+                 "managed_identities"):
+        av = getattr(a, name)
+        if av is None:
+            continue
+        bv = getattr(b, name)
+        if bv is None or not bv <= av:
+            return False
+    return a.app_only is None or a.app_only is b.app_only
+
+
+def _operation_covers(a: OperationMatch, b: OperationMatch) -> bool:
+    if a.host != b.host:
+        return False
+    return ANY_METHOD in a.methods or (ANY_METHOD not in b.methods and b.methods <= a.methods)
+
+
+def _path_covers(a: PathPattern, b: PathPattern) -> bool:
+    if not b.versions <= a.versions:
+        return False
+    sa, sb = a.segments, b.segments
+    a_tail, b_tail = bool(sa) and sa[-1] == "**", bool(sb) and sb[-1] == "**"
+    if a_tail:
+        sa = sa[:-1]
+    if b_tail:
+        sb = sb[:-1]
+    if a_tail:
+        if len(sb) < len(sa):
+            return False
+    elif b_tail or len(sa) != len(sb):
+        return False
+    return all(x == "*" or x == y for x, y in zip(sa, sb, strict=False))

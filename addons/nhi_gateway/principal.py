@@ -81,6 +81,57 @@ class Principal:
             "token_id": self.token_id,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Principal:
+        """The inverse of :meth:`to_dict`, for re-deciding recorded flows (``policy replay``).
+
+        Raises ``ValueError`` for a dict that is not one: a recording is input, not trusted code.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a principal must be a mapping, not {type(d).__name__}")
+
+        def text(name: str, required: bool = False) -> str:
+            v = d.get(name, "")
+            if not isinstance(v, str) or (required and not v):
+                raise ValueError(f"principal {name!r} must be a non-empty string" if required
+                                 else f"principal {name!r} must be a string")
+            return v
+
+        def texts(name: str) -> tuple[str, ...]:
+            v = d.get(name) or []
+            if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
+                raise ValueError(f"principal {name!r} must be a list of strings")
+            return tuple(v)
+
+        app_only = d.get("app_only", True)
+        if not isinstance(app_only, bool):
+            raise ValueError("principal 'app_only' must be true or false")
+        try:
+            auth_method = AuthMethod(d.get("auth_method") or AuthMethod.UNKNOWN)
+            sources = tuple(TokenSource(s) for s in texts("token_sources"))
+        except ValueError as e:
+            raise ValueError(f"principal: {e}") from e
+        expires_at = d.get("expires_at", 0)
+        if isinstance(expires_at, bool) or not isinstance(expires_at, int):
+            raise ValueError("principal 'expires_at' must be a whole number")
+        return cls(
+            tenant_id=text("tenant_id", required=True),
+            object_id=text("object_id", required=True),
+            app_id=text("app_id"),
+            display_name=text("display_name"),
+            roles=texts("roles"),
+            scopes=texts("scopes"),
+            groups=texts("groups"),
+            auth_method=auth_method,
+            app_only=app_only,
+            token_sources=sources,
+            issuer=text("issuer"),
+            token_version=text("token_version"),
+            managed_identity=text("managed_identity"),
+            expires_at=expires_at,
+            token_id=text("token_id"),
+        )
+
     def with_sources(self, sources: tuple[TokenSource, ...]) -> Principal:
         from dataclasses import replace
 

@@ -36,7 +36,7 @@ def _row(output: str, label: str) -> str:
 def test_demo_succeeds(demo):
     done, _ = demo
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "All 5 steps had the expected outcome" in done.stdout
+    assert "All 6 steps had the expected outcome" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -47,6 +47,7 @@ def test_demo_succeeds(demo):
         ("list users, token in proxy credentials", "200", "allow (rule directory-read)", "reached"),
         ("add a client secret to an app", "403", "deny (rule no-credential-minting)", "not reached"),
         ("list users with a tampered token", "401", "deny (check signature)", "not reached"),
+        ("rotate a secret, approved by a person", "200", "allow (rule secret-rotation)", "reached"),
     ],
 )
 def test_each_step_shows_the_gateways_decision(demo, label, status, decision, upstream):
@@ -86,6 +87,19 @@ def test_the_printed_command_opens_the_recording(demo):
     shown = subprocess.run(shlex.split(command.group(1)), capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "graph.microsoft.com" in shown.stdout
+
+
+def test_the_approval_is_shown_from_request_to_answer(demo):
+    done, workdir = demo
+    out = done.stdout
+    row = _row(out, "rotate a secret, approved by a person")
+    assert "approved by Adele Vance" in row and f"secretText: {MASK}" in row, row
+    approval = re.search(r"\$ nhi-gateway approvals approve (apr-\S+) --reason", out)
+    assert approval, out
+    assert "$ nhi-gateway approvals list" in out and f"approved {approval.group(1)}" in out
+    records = [json.loads(line) for line in (workdir / "recordings" / "audit.jsonl").read_text().splitlines()]
+    events = [r.get("event") for r in records if approval.group(1) in json.dumps(r.get("approval"))]
+    assert events == ["approval_requested", "approval_approved"]
 
 
 def test_audit_names_every_step(demo):

@@ -388,3 +388,82 @@ def test_audit_and_masking_load_without_mitmproxy():
         "sys.exit(any(m.split('.')[0] == 'mitmproxy' for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- reading and searching ------------------------------------------------------------------------
+
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-01", datetime(2026, 11, 1, tzinfo=UTC)),
+        ("2026-11-01T09:30", datetime(2026, 11, 1, 9, 30, tzinfo=UTC)),
+        ("2026-11-01T09:30:00Z", datetime(2026, 11, 1, 9, 30, tzinfo=UTC)),
+        ("2026-11-01T10:30:00+01:00", datetime(2026, 11, 1, 9, 30, tzinfo=UTC)),
+        ("90s", NOW - timedelta(seconds=90)),
+        ("15m", NOW - timedelta(minutes=15)),
+        ("2h", NOW - timedelta(hours=2)),
+        ("7d", NOW - timedelta(days=7)),
+    ],
+)
+def test_parse_time(text, expected):
+    assert audit.parse_time(text, now=NOW) == expected
+
+
+@pytest.mark.parametrize("bad", ["yesterday-ish", "15 minutes", "2026-13-01", ""])
+def test_parse_time_says_what_it_expects(bad):
+    with pytest.raises(ValueError, match="expected a time such as"):
+        audit.parse_time(bad, now=NOW)
+
+
+def line(decision="allow", rule="read-users", principal=PRINCIPAL, time="2026-11-01T10:00:00.000000Z"):
+    return {"seq": 1, "prev": GENESIS, "time": time, "decision": decision, "rule": rule, "principal": principal}
+
+
+@pytest.mark.parametrize(
+    ("query", "rec", "matches"),
+    [
+        (audit.AuditQuery(), line(), True),
+        (audit.AuditQuery(decision="deny"), line(), False),
+        (audit.AuditQuery(decision="deny"), line(decision="deny"), True),
+        (audit.AuditQuery(rule="read-users"), line(), True),
+        (audit.AuditQuery(rule="other"), line(), False),
+        (audit.AuditQuery(principal="MCP-Directory"), line(), True),
+        (audit.AuditQuery(principal="o1"), line(), True),
+        (audit.AuditQuery(principal="a1"), line(), True),
+        (audit.AuditQuery(principal="mcp-*"), line(), True),
+        (audit.AuditQuery(principal="mcp"), line(), False),  # a name, not a substring
+        (audit.AuditQuery(principal="anonymous"), line(principal=None), True),
+        (audit.AuditQuery(principal="mcp-directory"), line(principal=None), False),
+        (audit.AuditQuery(since=datetime(2026, 11, 1, 10, tzinfo=UTC)), line(), True),  # inclusive
+        (audit.AuditQuery(since=datetime(2026, 11, 1, 10, 0, 1, tzinfo=UTC)), line(), False),
+        (audit.AuditQuery(until=datetime(2026, 11, 1, 10, tzinfo=UTC)), line(), False),  # exclusive
+        (audit.AuditQuery(until=datetime(2026, 11, 1, 11, tzinfo=UTC)), line(), True),
+        (audit.AuditQuery(since=NOW), line(time="garbled"), False),
+        (audit.AuditQuery(decision="deny", principal="o1"), line(decision="deny", principal=None), False),
+    ],
+)
+def test_query_matches(query, rec, matches):
+    assert query.matches(rec) is matches
+
+
+def test_read_records_gives_exact_bytes_and_keeps_a_torn_tail(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 2)
+    with open(path, "ab") as f:
+        f.write(b'{"seq":3,"pre')
+    got = list(audit.read_records(path))
+    assert [(n, raw) for n, raw, _ in got] == [(1, lines[0]), (2, lines[1]), (3, b'{"seq":3,"pre')]
+    assert [rec["seq"] if rec else None for _, _, rec in got] == [1, 2, None]
+
+
+@pytest.mark.parametrize(("at", "copy_of"), [(2, 1), (3, 2), (6, 3)])
+def test_an_exact_copy_of_a_line_is_named_as_inserted(tmp_path, at, copy_of):
+    path = tmp_path / "a.jsonl"
+    lines = write_log(path, 5)
+    lines.insert(at - 1, lines[copy_of - 1])
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert [(p.line, p.kind) for p in verify_chain(path)] == [(at, "inserted")]
+    assert f"an exact copy of line {copy_of}" in str(verify_chain(path)[0])

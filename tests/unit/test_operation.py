@@ -245,3 +245,74 @@ def test_any_target_is_refused_or_canonical(tail, host):
     assert o.path == o.path.casefold()
     assert not {".", ".."} & set(o.segments)
     assert "\\" not in o.path and "\x00" not in o.path
+
+
+# --- OData options: $select, $expand and $top at every depth ------------------------------------
+
+from nhi_gateway.operation import ODataQuery, read_odata  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("query", "selects", "expands", "tops"),
+    [
+        ("", (), (), ()),
+        ("$select=id,displayName", (("id",), ("displayname",)), (), ()),
+        ("select=KeyCredentials", (("keycredentials",),), (), ()),  # the $ is optional
+        ("%24select=keyCredentials", (("keycredentials",),), (), ()),
+        ("$SELECT=%6BeyCredentials", (("keycredentials",),), (), ()),  # decoded once
+        ("$select=*", (("*",),), (), ()),
+        ("$select=", (), (), ()),
+        ("$select= id , mail ", (("id",), ("mail",)), (), ()),
+        ("$select=microsoft.graph.user/mail", (("microsoft.graph.user", "mail"),), (), ()),
+        ("$select=a&$select=b", (("a",), ("b",)), (), ()),  # every occurrence counts
+        ("$top=5&top=7", (), (), ("5", "7")),
+        ("$expand=owners", (), (("owners",),), ()),
+        ("$expand=members/$ref", (), (("members", "$ref"),), ()),
+        ("$expand=*", (), (("*",),), ()),
+        (
+            "$expand=owners($select=keyCredentials;$expand=owners($top=999))&$top=5",
+            (("keycredentials",),),
+            (("owners",), ("owners",)),
+            ("999", "5"),
+        ),
+        ("$expand=owners(select=id;top=2)", (("id",),), (("owners",),), ("2",)),  # $ optional inside
+        (
+            "$expand=memberOf($filter=startswith(displayName,'a,b;c)'))",
+            (),
+            (("memberof",),),
+            (),
+        ),  # commas, semicolons and parentheses inside quotes do not split
+        ("$expand=a,b($select=x,y)", (("x",), ("y",)), (("a",), ("b",)), ()),
+    ],
+)
+def test_odata_options_are_read_at_every_depth(query, selects, expands, tops):
+    q = op("/v1.0/applications" + (f"?{query}" if query else "")).odata
+    assert (q.selects, q.expands, q.tops, q.problem) == (selects, expands, tops, "")
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("$expand=owners($select=x", "unbalanced '('"),
+        ("$expand=owners)", "unbalanced ')'"),
+        ("$expand=owners($filter=name eq 'x)", "unterminated quote"),
+        ("$select=key%2543redentials", "percent-escape"),  # %25 -> % : a second decoder would act
+        ("$select=a,,b", "empty item"),
+        ("$select=a//b", "empty item"),
+        ("$expand=owners($select=id)x", "text after the options"),
+        ("$expand=owners($select)", "cannot read the option"),
+        ("$compute=keyCredentials as k", "$compute cannot be judged"),
+        ("$apply=groupby((keyCredentials))", "$apply cannot be judged"),
+        ("$expand=" + "a($expand=" * 20 + "b" + ")" * 20, "nested too deeply"),
+    ],
+)
+def test_odata_options_that_cannot_be_read_are_not_guessed_at(query, problem):
+    q = op(f"/v1.0/applications?{query}").odata
+    assert problem in q.problem
+
+
+def test_odata_is_read_from_the_canonical_query():
+    assert read_odata((("$select", "a"),)) == ODataQuery(selects=(("a",),))
+    # non-Graph hosts keep option names as written: "select" is not OData there
+    login = op("/t/oauth2/v2.0/token?select=x", host="login.microsoftonline.com")
+    assert login.odata == ODataQuery()

@@ -6,6 +6,7 @@ import contextlib
 import random
 import re
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,134 @@ def test_deny_all_denies(example):
     assert deny_all.upstream(GRAPH) is not None
 
 
+STARTERS = ["example.yaml", "deny-all.yaml", "directory-reader.yaml", "credential-rotation.yaml"]
+
+
+@pytest.mark.parametrize("name", STARTERS)
+def test_starter_policies_load_warn_nothing_and_name_the_schema(name):
+    from nhi_gateway.policy import policy_warnings
+
+    text = (POLICIES / name).read_text()
+    assert text.startswith("# yaml-language-server: $schema=./policy.schema.json\n")
+    assert policy_warnings(load_policy(POLICIES / name)) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "rule", "allowed"),
+    [
+        ("/v1.0/applications?$select=id,displayName", "directory-read", True),
+        ("/v1.0/applications?$select=keyCredentials", "no-key-material", False),
+        ("/v1.0/applications?select=KEYCREDENTIALS", "no-key-material", False),
+        ("/v1.0/groups?$expand=owners($select=keyCredentials)", "no-key-material", False),
+        ("/v1.0/users?$select=*", "no-key-material", False),
+        ("/v1.0/users?$top=999", "directory-read", True),
+        ("/v1.0/users?$top=1000", "directory-read", False),  # refused, naming the rule and limit
+    ],
+)
+def test_example_odata_limits(example, target, rule, allowed):
+    d = example.decide(principal(), op("GET", target))
+    assert (d.allowed, d.rule_id) == (allowed, rule), d.reason
+    if not allowed:
+        assert "odata." in d.reason
+
+
+def test_the_example_schedule_rule_works_once_uncommented():
+    text = (POLICIES / "example.yaml").read_text()
+    head, marker, commented = text.partition("  # - id: directory-read-office-hours")
+    assert marker
+    rule = re.sub(r"(?m)^  # ?", "  ", marker + commented.partition("\n\n")[0] + "\n")
+    p = parse_policy(head + rule, "example.yaml")
+    devices = op("GET", "/v1.0/devices")
+    assert p.decide(principal(), devices, datetime(2025, 7, 7, 8, tzinfo=UTC)).rule_id == "directory-read-office-hours"
+    assert not p.decide(principal(), devices, datetime(2025, 7, 7, 17, tzinfo=UTC)).allowed  # 19:00 CEST
+    assert not p.decide(principal(), devices, datetime(2025, 7, 5, 8, tzinfo=UTC)).allowed  # Saturday
+    assert not p.decide(principal(), devices, datetime(2027, 1, 4, 8, tzinfo=UTC)).allowed  # expired
+
+
+def test_the_example_approve_rule_works_once_uncommented():
+    text = (POLICIES / "example.yaml").read_text()
+    head, marker, commented = text.partition("  # - id: rotate-with-approval")
+    assert marker
+    rule = re.sub(r"(?m)^  # ?", "  ", marker + commented.partition("\n\n")[0] + "\n")
+    p = parse_policy(head + rule, "example.yaml")
+    add = op("POST", "/v1.0/applications/x/addPassword")
+    assert p.decide(principal(auth_method=CERT), add).rule_id == "no-credential-minting"  # deny wins
+    without_deny = parse_policy((head + rule).replace(
+        '          - "/applications/{id}/addPassword"\n', "", 1), "example.yaml")
+    d = without_deny.decide(principal(auth_method=CERT), add)
+    assert (d.action, d.rule_id) == (Action.APPROVE, "rotate-with-approval")
+    approval = without_deny.rule("rotate-with-approval").approval
+    assert (approval.timeout_seconds, approval.max_grant_seconds) == (600, 3600)
+    assert approval.users and approval.groups
+    assert not without_deny.decide(principal(auth_method=SECRET), add).needs_approval
+
+
+READER = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
+ROTATOR = "7d2c4b1e-5f3a-4c6d-8e9f-0a1b2c3d4e5f"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "caller", "expected"),
+    [
+        ("GET", "/v1.0/users?$top=10", principal(auth_method=CERT), ("allow", "directory-read")),
+        ("GET", "/v1.0/servicePrincipals/x", principal(auth_method=CERT), ("allow", "directory-read")),
+        ("GET", "/v1.0/users", principal(auth_method=SECRET), ("deny", None)),  # certificate only
+        ("GET", "/beta/users", principal(auth_method=CERT), ("deny", None)),  # v1.0 only
+        ("GET", "/v1.0/users?$top=5000", principal(auth_method=CERT), ("deny", "directory-read")),
+        ("GET", "/v1.0/groups/g?$expand=members", principal(auth_method=CERT), ("deny", "directory-read")),
+        ("GET", "/v1.0/applications?$select=passwordCredentials", principal(auth_method=CERT),
+         ("deny", "no-credential-material")),
+        ("PATCH", "/v1.0/users/x", principal(auth_method=CERT), ("deny", "no-writes")),
+        ("POST", "/v1.0/applications/x/addPassword", principal(auth_method=CERT), ("deny", "no-writes")),
+        ("GET", "/v1.0/users", principal(app=APP_B, auth_method=CERT), ("deny", None)),
+    ],
+)
+def test_directory_reader_starter(method, target, caller, expected):
+    p = load_policy(POLICIES / "directory-reader.yaml")
+    d = p.decide(caller, op(method, target))
+    assert (str(d.action), d.rule_id) == expected, d.reason
+    if d.allowed:
+        assert d.mask_profile == "directory-pii"
+    assert p.identity.client_secret_grants is ClientSecretGrants.REFUSE
+
+
+MONDAY_0900_BERLIN = datetime(2025, 7, 7, 7, tzinfo=UTC)
+SATURDAY_0900_BERLIN = datetime(2025, 7, 5, 7, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "caller", "at", "expected"),
+    [
+        ("POST", "/v1.0/applications/x/addPassword", "rotator", MONDAY_0900_BERLIN, ("approve", "rotate-client-secrets")),
+        ("POST", "/v1.0/applications(appId='abc')/removePassword", "rotator", MONDAY_0900_BERLIN,
+         ("approve", "rotate-client-secrets")),
+        ("POST", "/v1.0/applications/x/addPassword", "rotator", SATURDAY_0900_BERLIN, ("deny", None)),  # out of hours
+        ("POST", "/beta/applications/x/addPassword", "rotator", MONDAY_0900_BERLIN, ("deny", None)),
+        ("POST", "/v1.0/applications/x/addPassword", "rotator-with-secret", MONDAY_0900_BERLIN,
+         ("deny", "no-rotation-by-secret-holders")),
+        ("POST", "/v1.0/applications/x/addPassword", "rotator-without-role", MONDAY_0900_BERLIN, ("deny", None)),
+        ("POST", "/v1.0/applications/x/addKey", "rotator", MONDAY_0900_BERLIN, ("deny", "no-keys-or-federation")),
+        ("POST", "/v1.0/servicePrincipals/x/addPassword", "rotator", MONDAY_0900_BERLIN, ("deny", "no-keys-or-federation")),
+        ("GET", "/v1.0/applications/x", "rotator", SATURDAY_0900_BERLIN, ("allow", "read-owned-apps")),
+        ("GET", "/v1.0/applications/x?$select=keyCredentials", "rotator", MONDAY_0900_BERLIN, ("deny", "read-owned-apps")),
+        ("POST", "/v1.0/applications/x/addPassword", "someone-else", MONDAY_0900_BERLIN, ("deny", None)),
+    ],
+)
+def test_credential_rotation_starter(method, target, caller, at, expected):
+    callers = {
+        "rotator": principal(app=ROTATOR, roles=("Application.ReadWrite.OwnedBy",), auth_method=CERT),
+        "rotator-with-secret": principal(app=ROTATOR, roles=("Application.ReadWrite.OwnedBy",), auth_method=SECRET),
+        "rotator-without-role": principal(app=ROTATOR, roles=("Application.ReadWrite.All",), auth_method=CERT),
+        "someone-else": principal(app=APP_B, roles=("Application.ReadWrite.OwnedBy",), auth_method=CERT),
+    }
+    p = load_policy(POLICIES / "credential-rotation.yaml")
+    d = p.decide(callers[caller], op(method, target), at)
+    assert (str(d.action), d.rule_id) == expected, d.reason
+    if d.needs_approval:
+        assert d.extra["approval"]["groups"] == ["3c9d1f7a-2b4e-4f6a-8c0d-1e2f3a4b5c6d"]
+        assert d.mask_profile is None  # the job must receive the new secret
+
+
 # --- decisions -----------------------------------------------------------------------------------
 
 
@@ -366,7 +495,7 @@ def test_the_example_rule_on_authentication_works_once_uncommented(example):
     text = (POLICIES / "example.yaml").read_text()
     head, marker, commented = text.partition("  # - id: no-writes-with-static-secrets")
     assert marker
-    rule = re.sub(r"(?m)^  # ?", "  ", marker + commented)
+    rule = re.sub(r"(?m)^  # ?", "  ", marker + commented.partition("\n\n")[0] + "\n")
     p = parse_policy(head + rule, "example.yaml")
     write = op("PATCH", "/v1.0/users/x")
     assert p.decide(principal(auth_method=SECRET), write).rule_id == "no-writes-with-static-secrets"
@@ -596,7 +725,8 @@ def _replace(old: str, new: str, rules: str = RULE) -> str:
             _replace("rules:", "rule:"),
             14,
             1,
-            "unknown key 'rule' in the policy; allowed keys: version, identity, upstreams, masking, rules",
+            "unknown key 'rule' in the policy; allowed keys: version, identity, upstreams, masking, approvals, "
+            "rules",
         ),
         # identity
         (
@@ -692,14 +822,15 @@ def _replace(old: str, new: str, rules: str = RULE) -> str:
             _replace("  action: allow", "  acton: allow"),
             16,
             3,
-            "unknown key 'acton' in rule 'r'; allowed keys: id, description, action, when, operations, mask",
+            "unknown key 'acton' in rule 'r'; allowed keys: id, description, action, when, operations, odata, "
+            "schedule, approval, mask",
         ),
         (_replace("  action: allow\n", ""), 15, 3, "rule 'r' is missing the required key 'action'"),
         (
             _replace("  action: allow", "  action: permit"),
             16,
             11,
-            "rule 'r': action must be one of allow, deny, not 'permit'",
+            "rule 'r': action must be one of allow, deny, approve, not 'permit'",
         ),
         (_replace("  action: allow", "  action:"), 16, 3, "rule 'r': 'action' has no value"),
         (_replace("- id: r", "- id: my rule"), 15, 7, "rule 'my rule': invalid rule id 'my rule'"),

@@ -165,6 +165,72 @@ CASES = [
         [b'"token_type":"Bearer"', b'"expires_in":3599'],
     ),
     (
+        "token-response-v1-id-token",
+        lambda: flow_of(
+            "POST",
+            "https://login.microsoftonline.com/tenant/oauth2/token",
+            response=resp(
+                json.dumps(
+                    {
+                        "token_type": "Bearer",
+                        "resource": "https://graph.microsoft.com",
+                        "access_token": JWT,
+                        "id_token": ASSERTION,
+                        "refresh_token": "0.AAAA-opaque-refresh",
+                    }
+                ).encode(),
+                JSON,
+            ),
+        ),
+        [JWT, ASSERTION, "0.AAAA-opaque-refresh"],
+        [b'"resource":"https://graph.microsoft.com"'],
+    ),
+    (
+        "json-create-user-password-profile",
+        lambda: flow_of(
+            "POST",
+            f"{GRAPH}/users",
+            json.dumps(
+                {
+                    "accountEnabled": True,
+                    "displayName": "Adele",
+                    "passwordProfile": {"password": "Cr3ate-Pa55!", "forceChangePasswordNextSignIn": False},
+                }
+            ).encode(),
+            JSON,
+        ),
+        ["Cr3ate-Pa55!"],
+        [b'"displayName":"Adele"'],
+    ),
+    (
+        "json-change-password",
+        lambda: flow_of(
+            "POST",
+            f"{GRAPH}/me/changePassword",
+            b'{"currentPassword": "0ld-Pa55", "newPassword": "N3w-Pa55"}',
+            JSON,
+        ),
+        ["0ld-Pa55", "N3w-Pa55"],
+        [],
+    ),
+    (
+        "json-client-secret-and-assertion",
+        lambda: flow_of(
+            "POST",
+            f"{GRAPH}/x",
+            json.dumps({"client_secret": "json-s3cret", "client_assertion": "json-assert"}).encode(),
+            JSON,
+        ),
+        ["json-s3cret", "json-assert"],
+        [],
+    ),
+    (
+        "cookie-headers-repeated",
+        lambda: _two_cookie_headers(flow_of()),
+        ["first-c00kie", "second-c00kie"],
+        [b"a=[redacted]", b"b=[redacted]"],
+    ),
+    (
         "json-password-profile",
         lambda: flow_of(
             "PATCH",
@@ -305,6 +371,24 @@ CASES = [
 ]
 
 
+def _gzipped(response):
+    response.headers["content-encoding"] = "gzip"
+    response.content = response.raw_content  # encoded with gzip on the way in
+    return response
+
+
+def _gzipped_request(f):
+    f.request.headers["content-encoding"] = "gzip"
+    f.request.content = f.request.raw_content
+    return f
+
+
+def _two_cookie_headers(f):
+    f.request.headers.add("Cookie", "a=first-c00kie")
+    f.request.headers.add("Cookie", "b=second-c00kie")
+    return f
+
+
 def _with_metadata(f, **meta):
     f.metadata.update(meta)
     return f
@@ -339,6 +423,45 @@ def test_no_credential_reaches_the_disk(build, secrets, kept):
         assert text in data, data
     assert on_disk(live) == before, "the live flow must not change"
     assert read_back(data).id == live.id
+
+
+@pytest.mark.parametrize(
+    ("build", "secret"),
+    [
+        (
+            lambda: flow_of(
+                "POST",
+                TOKEN_URL,
+                response=_gzipped(
+                    resp(json.dumps({"access_token": "gz-opaque-tok", "expires_in": 1}).encode(), JSON)
+                ),
+            ),
+            "gz-opaque-tok",
+        ),
+        (
+            lambda: _gzipped_request(
+                flow_of(
+                    "PATCH",
+                    f"{GRAPH}/users/u1",
+                    json.dumps({"passwordProfile": {"password": "gz-Pa55-w0rd"}}).encode(),
+                    JSON,
+                )
+            ),
+            "gz-Pa55-w0rd",
+        ),
+    ],
+    ids=["token-response", "password-profile-request"],
+)
+def test_secrets_in_compressed_bodies_are_redacted(build, secret):
+    live = build()
+    message = live.response if live.response else live.request
+    assert secret.encode() not in message.raw_content  # compressed on the wire
+    assert secret in message.get_text()
+    disk = read_back(on_disk(redact_flow_for_disk(live)))
+    written = disk.response if live.response else disk.request
+    assert written.headers["content-encoding"] == "gzip"
+    assert secret not in written.get_text(strict=True)
+    assert REDACTED in written.get_text(strict=True)
 
 
 def test_live_flow_is_untouched_and_the_copy_is_not_live():

@@ -7,9 +7,11 @@ import logging
 from mitmproxy import http
 
 from ..audit import AuditLog, AuditWriteError
+from ..batch import BATCH_KEY, inner_flow_id
 from ..decision import Decision, Stage
 from .failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
 from .guard import Health
+from .recorder import approver_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,42 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "masked_fields": (decision.extra.get("masked_fields", 0) if decision else 0),
         "flags": list(decision.extra.get("flags", ())) if decision else [],
         "grant": (decision.extra.get("grant") if decision else None) or None,
+        "operation": (decision.operation if decision else "") or None,
+        "approver": approver_of(decision) if decision else None,
     }
+
+
+def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
+    """For a ``$batch``: one line per inner request, as if it had been sent alone, with its own
+    decision and rule (:mod:`nhi_gateway.batch`). ``batch.flow_id`` is the outer flow's id; the
+    line's own ``flow_id`` is the id of the inner request's recorded flow.
+
+    ``status``: the inner response's status when Graph answered it and the client got it; else
+    what the client got for the whole batch (its refusal, or the gateway's 502)."""
+    out = []
+    r = flow.request
+    port = "" if r.port == 443 else f":{r.port}"
+    for e in flow.metadata.get(BATCH_KEY) or ():
+        sent = bool(e.get("sent"))
+        out.append({
+            "flow_id": inner_flow_id(flow.id, e),
+            "principal": outer.get("principal"),
+            "method": e.get("method") or None,
+            "url": f"https://{r.host}{port}{e.get('target') or ''}",
+            "decision": e.get("decision") or "deny",
+            "rule": e.get("rule") or None,
+            "stage": e.get("stage") or "policy",
+            "reason": e.get("reason") or "",
+            "check": e.get("check") or "",
+            "status": e.get("response_status") or outer.get("status"),
+            "error": outer.get("error") if sent else None,
+            "masked_fields": e.get("masked_fields", 0),
+            "flags": [],
+            "grant": None,
+            "operation": e.get("operation") or None,
+            "batch": {"flow_id": flow.id, "id": e.get("id"), "index": e.get("index"), "sent": sent},
+        })
+    return out
 
 
 class Audit:
@@ -54,6 +91,9 @@ class Audit:
         if amends:
             record["amends"] = "an earlier line of this flow_id: the client got this answer instead"
         try:
+            if not amends:  # the inner lines of a batch stand; an amendment concerns the outer answer
+                for inner in batch_inner_records(flow, record):
+                    self.log.append(inner)
             self.log.append(record)
         except AuditWriteError as e:
             self.health.fail("audit", str(e))

@@ -1,5 +1,9 @@
 """Authorization: the policy's decision for the operation the request performs and, for token
-requests, for how the client authenticates (``identity.client_secret_grants``)."""
+requests, for how the client authenticates (``identity.client_secret_grants``).
+
+``POST /{version}/$batch`` needs no rule of its own: each inner request is decided as if it had
+been sent alone, and the batch goes through only when every one of them is allowed
+(:mod:`nhi_gateway.batch`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 
 from mitmproxy import http
 
+from ..batch import BATCH_KEY, batch_refusal_body, is_batch_endpoint, judge_batch, names_batch
 from ..decision import Decision, Stage
 from ..operation import Operation, OperationError
 from ..policy import PolicyStore
@@ -49,6 +54,9 @@ class Authorization:
             ))
             return
         policy = self.policies.current
+        if names_batch(operation):
+            self._judge_batch(flow, principal, operation, policy)
+            return
         decision = policy.decide(principal, operation)
         who = principal.label if principal else "anonymous"
         logger.info("flow %s: %s %s -> %s (%s)", flow.id, who, operation, decision.action,
@@ -64,7 +72,36 @@ class Authorization:
                 refuse(flow, decision)
                 flow.response.content = refusal_body(decision, flow.id)
                 return
-        if decision.allowed:
+        if decision.allowed or decision.needs_approval:
+            # approve: held by the approval stage (addons/approval.py), which turns it into an
+            # allow or a refusal; the guard refuses it should that stage not run.
             set_decision(flow, decision)
         else:
             refuse(flow, decision)
+
+    def _judge_batch(self, flow: http.HTTPFlow, principal, operation: Operation, policy) -> None:
+        who = principal.to_dict() if principal else None
+        r = flow.request
+        if not is_batch_endpoint(operation) or operation.method != "POST":
+            refuse(flow, Decision.deny(
+                Stage.POLICY, 400, "BadRequest",
+                f"{operation} is not a batch request the gateway can judge: a batch is "
+                "POST /v1.0/$batch or POST /beta/$batch",
+                check="batch", operation=str(operation), principal=who,
+            ))
+            return
+        # Every Content-Encoding header: a second one would be applied by Graph but not by us.
+        encoding = ",".join(r.headers.get_all("content-encoding"))
+        decision = judge_batch(policy, principal, operation, r.raw_content or b"",
+                               r.headers.get("content-type", ""), encoding)
+        # Kept apart from the decision: a later refusal replaces the decision, not this list.
+        flow.metadata[BATCH_KEY] = list(decision.extra.get("batch") or ())
+        inner = ", ".join(f"{e['id'] or '#' + str(e['index'] + 1)}={e['decision']}"
+                          f"{'(' + e['rule'] + ')' if e['rule'] else ''}" for e in flow.metadata[BATCH_KEY])
+        logger.info("flow %s: %s %s [%s] -> %s", flow.id, principal.label if principal else "anonymous",
+                    operation, inner, decision.action)
+        if decision.allowed:
+            set_decision(flow, decision)
+            return
+        refuse(flow, decision)
+        flow.response.content = batch_refusal_body(decision, flow.id)

@@ -6,6 +6,7 @@ import logging
 
 from mitmproxy import http
 
+from ..batch import BATCH_KEY, mask_batch_response
 from ..decision import Decision, Stage
 from ..masking import MaskingError, is_json_content_type, mask_json_bytes
 from ..policy import PolicyStore
@@ -19,7 +20,12 @@ def _refusal(reason: str, decision: Decision | None) -> Decision:
         Stage.MASKING, 502, "BadGateway",
         f"the upstream response was withheld: {reason}",
         check="masking", rule_id=decision.rule_id if decision else None,
+        extra={"batch": decision.extra["batch"]} if decision and "batch" in decision.extra else {},
     )
+
+
+class _MissingProfile(LookupError):
+    pass
 
 
 class Masking:
@@ -31,6 +37,9 @@ class Masking:
         if flow.metadata.get(REFUSED_KEY) or flow.response is None:
             return
         decision = decision_of(flow)
+        if decision is not None and decision.allowed and "batch" in decision.extra:
+            self._mask_batch(flow, decision)
+            return
         if decision is None or not decision.allowed or not decision.mask_profile:
             return  # the guard answers for flows without an allow; nothing to mask otherwise
         profile = self.policies.current.mask_profiles.get(decision.mask_profile)
@@ -49,6 +58,48 @@ class Masking:
             logger.warning("flow %s: response withheld: %s", flow.id, e)
             refuse(flow, _refusal(f"a {content_type or 'JSON'} body could not be masked ({e})", decision))
             return
-        if count:
-            flow.response.set_content(masked)  # re-encodes with the original Content-Encoding
+        # Always the re-serialised document, even with nothing masked: a body with a duplicated
+        # key ({"value":[...secret...],"value":[]}) must not reach a first-key-wins parser as sent.
+        flow.response.set_content(masked)  # re-encodes with the original Content-Encoding
         set_decision(flow, decision.but(extra={**decision.extra, "masked_fields": count}))
+
+    def _mask_batch(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Each inner response of a ``$batch`` masked by its own inner request's profile."""
+        entries = [dict(e) for e in decision.extra["batch"]]
+        for e in entries:
+            e["sent"] = True  # the batch reached Graph: the record must say so, whatever follows
+        flow.metadata[BATCH_KEY] = entries
+        decision = decision.but(extra={**decision.extra, "batch": entries})
+        set_decision(flow, decision)
+        profiles = self.policies.current.mask_profiles
+
+        def fields_of(name: str) -> frozenset[str]:
+            profile = profiles.get(name)
+            if profile is None:
+                raise _MissingProfile(name)
+            return profile.fields
+
+        masks = any(e.get("mask_profile") for e in entries)
+        content_type = flow.response.headers.get("Content-Type", "")
+        if not flow.response.raw_content:
+            return
+        if not is_json_content_type(content_type):
+            if masks:
+                logger.warning("flow %s: batch response withheld: %s is not JSON", flow.id, content_type)
+                refuse(flow, _refusal(f"a batch answer of type {content_type or 'unknown'!r} cannot be masked",
+                                      decision))
+            return
+        try:
+            body = flow.response.get_content(strict=True)
+            masked, entries, count = mask_batch_response(body, entries, fields_of)
+        except _MissingProfile as e:
+            refuse(flow, _refusal(f"mask profile {e.args[0]!r} no longer exists", decision))
+            return
+        except (MaskingError, ValueError) as e:
+            logger.warning("flow %s: batch response withheld: %s", flow.id, e)
+            refuse(flow, _refusal(f"the batch answer could not be masked ({e})", decision))
+            return
+        # Always re-serialised: a member repeated in Graph's bytes must not reach the client unmasked.
+        flow.response.set_content(masked)  # re-encodes with the original Content-Encoding
+        flow.metadata[BATCH_KEY] = entries
+        set_decision(flow, decision.but(extra={**decision.extra, "batch": entries, "masked_fields": count}))

@@ -4,7 +4,7 @@
 - :mod:`.load` is the load generator (HTTPS through CONNECT, keep-alive or a new connection per
   request);
 - :mod:`.upstream` is the cheap upstream that replays the look-alike's answer;
-- :mod:`.bare_mitmdump` is the address mapping loaded into bare mitmdump with ``-s``;
+- :mod:`.launch` starts both proxies with graph.microsoft.com resolved to the loopback upstream;
 - :mod:`.policies` generates realistic policies of any size; :mod:`.decisions` times
   ``Policy.decide`` for 10 against 5,000 rules;
 - :mod:`.profile` samples the gateway with py-spy under load;

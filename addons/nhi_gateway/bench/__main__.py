@@ -3,6 +3,8 @@
     python -m nhi_gateway.bench [run] [--quick] [--json FILE] ...   the benchmark (scripts/bench)
     python -m nhi_gateway.bench policy --rules N                    print a realistic N-rule policy
     python -m nhi_gateway.bench upstream ...                        the replaying upstream (internal)
+    python -m nhi_gateway.bench mitmdump|gateway --resolve H=A:P ... -- ARGS
+                                                                     a proxy under test (internal)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -47,13 +50,16 @@ def run_main(argv: list[str]) -> int:
     p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help=f"gateway policy (default {DEFAULT_POLICY})")
     p.add_argument("--profile", type=_positive(float), metavar="SECONDS",
                    help="after measuring, sample the gateway with py-spy under load for this long")
+    p.add_argument("--records", type=Path, metavar="DIR",
+                   help="where the gateway writes recordings and audit (default: the workdir); the audit "
+                        "trail is fsynced per line, so this disk's flush latency shows in the figures")
     p.add_argument("--workdir", type=Path, help="keep state, logs and recordings here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="do not delete the workdir at the end")
     args = p.parse_args(argv)
     settings = Settings.for_mode(
         args.quick, duration=args.duration, rounds=args.rounds, memory_requests=args.memory_requests,
         decisions=args.decisions, upstream=args.upstream, policy=args.policy.resolve(), workdir=args.workdir,
-        keep=args.keep or bool(args.workdir), profile=args.profile)
+        keep=args.keep or bool(args.workdir), profile=args.profile, records=args.records)
     if not settings.policy.exists():
         print(f"bench: no policy at {settings.policy}", file=sys.stderr)
         return 2
@@ -61,15 +67,17 @@ def run_main(argv: list[str]) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so every process started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = asyncio.run(run_all(settings, say))
     print(render(results))
     if args.json:
-        from .report import comparisons, targets, warnings
+        from .report import comparisons, json_safe, targets, warnings
 
         results["comparisons"] = comparisons(results)
         results["targets"] = [t.to_dict() for t in targets(results)]
         results["warnings"] = warnings(results)
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
         print(f"results written to {args.json}")
     return 0
 
@@ -102,9 +110,22 @@ def upstream_main(argv: list[str]) -> int:
     return 0
 
 
+def proxy_main(kind: str, argv: list[str]) -> int:
+    from .launch import run_proxy
+
+    p = argparse.ArgumentParser(prog=f"python -m nhi_gateway.bench {kind}",
+                                description=f"run {kind} with ARGS, resolving HOST to ADDR:PORT like DNS would")
+    p.add_argument("--resolve", action="append", default=[], metavar="HOST=ADDR:PORT")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="after --: the proxy's own arguments")
+    args = p.parse_args(argv)
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    return run_proxy(kind, args.resolve, rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_main, "policy": policy_main, "upstream": upstream_main}
+    commands = {"run": run_main, "policy": policy_main, "upstream": upstream_main,
+                "mitmdump": lambda a: proxy_main("mitmdump", a), "gateway": lambda a: proxy_main("gateway", a)}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_main(argv)

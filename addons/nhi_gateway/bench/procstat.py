@@ -18,6 +18,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all processes of the machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
 def status_kb(pid: int, key: str) -> int:
     """A ``VmRSS``/``VmHWM``-style line of /proc/PID/status, in KiB (0 if absent)."""
     with open(f"/proc/{pid}/status") as f:
@@ -39,19 +47,25 @@ def reset_peak(pid: int) -> bool:
 
 @dataclass
 class CpuWindow:
-    """CPU used by some processes between ``start()`` and ``stop()``, as % of one core."""
+    """CPU used by some processes between ``start()`` and ``stop()``, as % of one core, and by
+    everything else on the machine (``others``: a busy neighbour skews a benchmark)."""
 
     pids: dict[str, int]
     _before: dict[str, float] | None = None
+    _machine: float = 0.0
     _wall: float = 0.0
     percent: dict[str, float] | None = None
 
     def start(self) -> None:
         self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._machine = machine_busy_seconds()
         self._wall = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self._wall
+        machine = machine_busy_seconds() - self._machine
         after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.percent = {name: 100 * (after[name] - self._before[name]) / wall for name in self.pids}
+        used = {name: after[name] - self._before[name] for name in self.pids}
+        self.percent = {name: 100 * v / wall for name, v in used.items()}
+        self.percent["others"] = max(0.0, 100 * (machine - sum(used.values())) / wall)
         return self.percent

@@ -21,12 +21,23 @@ class TargetCheck:
                 "met": self.met}
 
 
+def json_safe(value):
+    """JSON has no NaN or infinity: figures that could not be measured become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _by(summary: list[dict]) -> dict[tuple[str, str], dict]:
     return {(m["scenario"], m["target"]): m for m in summary}
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else math.nan
+def _ratio(a: float | None, b: float | None) -> float:
+    return a / b if a is not None and b else math.nan
 
 
 def comparisons(results: dict) -> list[dict]:
@@ -40,9 +51,13 @@ def comparisons(results: dict) -> list[dict]:
         out.append({
             "scenario": scenario,
             "throughput_ratio": round(_ratio(gw["rps"], bare["rps"]), 3),
-            "added_p50_ms": round(gw["p50_ms"] - bare["p50_ms"], 3),
-            "added_p99_ms": round(gw["p99_ms"] - bare["p99_ms"], 3),
+            "added_p50_ms": round((gw["p50_ms"] or math.nan) - (bare["p50_ms"] or math.nan), 3),
+            "added_p99_ms": round((gw["p99_ms"] or math.nan) - (bare["p99_ms"] or math.nan), 3),
             "peak_rss_ratio": round(_ratio(gw["peak_rss_kb"], bare["peak_rss_kb"]), 2),
+            "proxy_cpu_per_request_ratio": round(
+                _ratio(gw["proxy_cpu_ms_per_request"], bare["proxy_cpu_ms_per_request"]), 2),
+            "added_cpu_ms_per_request": round(
+                (gw["proxy_cpu_ms_per_request"] or math.nan) - (bare["proxy_cpu_ms_per_request"] or math.nan), 3),
         })
     return out
 
@@ -85,6 +100,8 @@ def warnings(results: dict) -> list[str]:
             out.append(f"{where}: the load generator used {cpu['loadgen']:.0f}% of a core: it may be the limit")
         if cpu.get("upstream", 0) >= SATURATED:
             out.append(f"{where}: the upstream used {cpu['upstream']:.0f}% of a core: it may be the limit")
+        if cpu.get("others", 0) >= 15:
+            out.append(f"{where}: other processes on the machine used {cpu['others']:.0f}% of a core meanwhile")
         total = sum(cpu.values())
         cores = results["machine"].get("nproc") or 1
         if total >= 100 * cores * 0.95:
@@ -99,6 +116,10 @@ def warnings(results: dict) -> list[str]:
     if pre and not pre.get("gateway_masks_response", True):
         out.append("the gateway did not change the response: masking did not run")
     return out
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _row(cells, widths) -> str:
@@ -116,26 +137,30 @@ def render(results: dict) -> str:
         f"{s['rounds']} round(s) x {s['duration_s']:g}s per scenario and target; figures are medians over rounds",
         "",
     ]
-    head = ["scenario", "target", "req/s", "p50 ms", "p99 ms", "errors", "peak RSS MiB",
-            "cpu proxy", "cpu upstream", "cpu loadgen"]
-    widths = [16, 8, 8, 7, 7, 6, 12, 9, 12, 11]
+    head = ["scenario", "target", "req/s", "p50 ms", "p99 ms", "errors", "peak RSS MiB", "cpu-ms/req",
+            "cpu proxy", "cpu upstream", "cpu loadgen", "cpu others"]
+    widths = [16, 8, 8, 7, 7, 6, 12, 10, 9, 12, 11, 10]
     lines.append(_row(head, widths))
     lines.append(_row(["-" * w for w in widths], widths))
     for r in results["summary"]:
         cpu = r["cpu_percent"]
         lines.append(_row([
-            r["scenario"], r["target"], f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+            r["scenario"], r["target"], f"{r['rps']:.0f}", _ms(r["p50_ms"]), _ms(r["p99_ms"]),
             sum(r["errors"].values()), f"{r['peak_rss_kb'] / 1024:.0f}" if r["peak_rss_kb"] else "-",
+            f"{r['proxy_cpu_ms_per_request']:.3f}" if "proxy" in cpu else "-",
             f"{cpu['proxy']:.0f}%" if "proxy" in cpu else "-", f"{cpu['upstream']:.0f}%", f"{cpu['loadgen']:.0f}%",
+            f"{cpu.get('others', 0):.0f}%",
         ], widths))
     lines += ["", "gateway / bare mitmdump:"]
-    head = ["scenario", "throughput", "added p50", "added p99", "peak RSS"]
-    widths = [16, 10, 10, 10, 8]
+    head = ["scenario", "throughput", "added p50", "added p99", "peak RSS", "proxy CPU per request"]
+    widths = [16, 10, 10, 10, 8, 24]
     lines.append(_row(head, widths))
     lines.append(_row(["-" * w for w in widths], widths))
     for c in comparisons(results):
         lines.append(_row([c["scenario"], f"{c['throughput_ratio']:.0%}", f"{c['added_p50_ms']:+.2f} ms",
-                           f"{c['added_p99_ms']:+.2f} ms", f"{c['peak_rss_ratio']:.2f}x"], widths))
+                           f"{c['added_p99_ms']:+.2f} ms", f"{c['peak_rss_ratio']:.2f}x",
+                           f"{c['proxy_cpu_per_request_ratio']:.2f}x ({c['added_cpu_ms_per_request']:+.2f} ms)"],
+                          widths))
     lines += ["", "memory over a long keep-alive run (c=10), VmRSS:"]
     for run in results["memory"]:
         lines.append(f"  {run['target']:8} {run['requests']:>9,} requests  {run['rss_start_kb'] / 1024:7.1f} MiB -> "
@@ -163,12 +188,15 @@ def render(results: dict) -> str:
 
 
 def render_profile(prof: dict) -> str:
-    lines = [f"gateway profile (py-spy, {prof['samples']:,} samples over {prof['seconds']:g}s, "
-             f"{prof.get('rps', 0):.0f} req/s while sampled):"]
-    lines.append("  by area (inclusive, % of samples):")
+    lines = [f"gateway profile (py-spy, {prof['busy_samples']:,} busy samples of {prof['samples']:,} over "
+             f"{prof['seconds']:g}s, {prof.get('rps', 0):.0f} req/s while sampled; % of busy samples):"]
+    lines.append("  by area:")
     for name, pct in prof["areas"]:
         lines.append(f"    {pct:5.1f}%  {name}")
-    lines.append("  hottest functions (inclusive % / self %):")
-    for fn, incl, self_ in prof["functions"][:25]:
+    lines.append("  the gateway's hottest functions (inclusive % / self %):")
+    for fn, incl, self_ in prof["functions"][:20]:
         lines.append(f"    {incl:5.1f}% {self_:5.1f}%  {fn}")
+    lines.append("  hottest functions overall (self %):")
+    for fn, self_ in prof["self_top"][:15]:
+        lines.append(f"    {self_:5.1f}%  {fn}")
     return "\n".join(lines)

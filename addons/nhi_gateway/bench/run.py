@@ -7,10 +7,11 @@ Processes (all on loopback):
   verifies against; its answer to the benchmark request is what the upstream replays),
 - the upstream: a cheap replay of that answer (see :mod:`.upstream`), or the look-alike itself
   with ``--upstream lookalike``,
-- bare ``mitmdump``, with the options of the gateway that matter for the data path and the same
-  address mapping (:mod:`.bare_mitmdump`),
+- bare ``mitmdump``, with the options of the gateway that matter for the data path,
 - the gateway (``nhi-gateway run``) with a realistic policy: token verification, about 50 rules,
   masking, recording and audit, all on.
+
+Both proxies resolve graph.microsoft.com to the upstream's loopback port (:mod:`.launch`).
 
 The load generator runs in this process. Each figure is measured in the same run for both
 proxies, so only the ratios carry over to another machine.
@@ -19,7 +20,9 @@ proxies, so only the ratios carry over to another machine.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import decisions, load, procstat
+from .launch import free_port
 from .upstream import CannedResponse
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -73,6 +77,7 @@ class Settings:
     workdir: Path | None = None
     keep: bool = False
     profile: float = 0.0  # seconds of py-spy on the gateway under keep-alive c=10 load; 0: none
+    records: Path | None = None  # where the gateway writes recordings and audit (default: workdir)
 
     @classmethod
     def for_mode(cls, quick: bool, **overrides) -> Settings:
@@ -115,11 +120,22 @@ def tail(path: Path, chars: int = 3000) -> str:
         return "(no log)"
 
 
-def spawn(name: str, argv: list[str], workdir: Path) -> Process:
+def _die_with_parent() -> None:
+    """In the child: be sent SIGTERM when the benchmark dies, however it dies (Linux), so no
+    proxy or upstream outlives a killed run."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(name: str, argv: list[str], workdir: Path, ready: Path | None = None) -> Process:
+    if ready is not None:
+        ready.unlink(missing_ok=True)  # a kept workdir's old ready file would name a dead port
     log = workdir / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=workdir)
+                                 cwd=workdir, preexec_fn=_die_with_parent)
     return Process(name, popen, log)
 
 
@@ -131,6 +147,23 @@ async def wait_for_json(path: Path, proc: Process, timeout: float = START_TIMEOU
         proc.check_alive()
         await asyncio.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not become ready within {timeout:.0f}s:\n{tail(proc.log)}")
+
+
+async def wait_for_listener(address: tuple[str, int], ca_cert: Path, proc: Process,
+                            timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        if ca_cert.exists():
+            try:
+                _, writer = await asyncio.open_connection(*address)
+            except OSError:
+                pass
+            else:
+                writer.close()
+                return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not listen on {address} within {timeout:.0f}s:\n{tail(proc.log)}")
 
 
 def machine() -> dict:
@@ -155,6 +188,11 @@ def machine() -> dict:
     }
 
 
+def _num(value: float, digits: int) -> float | None:
+    """JSON has no NaN: a figure that could not be measured is null."""
+    return None if math.isnan(value) else round(value, digits)
+
+
 @dataclass
 class Measurement:
     scenario: str
@@ -169,13 +207,21 @@ class Measurement:
     cpu_percent: dict[str, float]  # proxy / upstream / loadgen, % of one core
     peak_rss_kb: int = 0  # the proxy's VmHWM over this measurement (reset before it)
 
+    @property
+    def proxy_cpu_ms(self) -> float:
+        """CPU milliseconds the proxy spent per completed request: what a request costs it,
+        whatever else competes for the cores (other processes lengthen the wait, not this)."""
+        if "proxy" not in self.cpu_percent or not self.requests:
+            return float("nan")
+        return self.cpu_percent["proxy"] / 100 * self.elapsed / self.requests * 1000
+
     def to_dict(self) -> dict:
         return {
             "scenario": self.scenario, "target": self.target, "round": self.round,
             "requests": self.requests, "errors": dict(self.errors), "elapsed_s": round(self.elapsed, 3),
-            "rps": round(self.rps, 1), "p50_ms": round(self.p50_ms, 3), "p99_ms": round(self.p99_ms, 3),
+            "rps": round(self.rps, 1), "p50_ms": _num(self.p50_ms, 3), "p99_ms": _num(self.p99_ms, 3),
             "cpu_percent": {k: round(v, 1) for k, v in self.cpu_percent.items()},
-            "peak_rss_kb": self.peak_rss_kb,
+            "peak_rss_kb": self.peak_rss_kb, "proxy_cpu_ms_per_request": _num(self.proxy_cpu_ms, 4),
         }
 
 
@@ -209,6 +255,7 @@ class Bench:
         self.upstream_proc: Process | None = None
         self.spec: load.RequestSpec | None = None
         self.workdir: Path = Path()
+        self.records: Path = Path()
         self.info: dict = {}
 
     # --- processes ------------------------------------------------------------------------
@@ -222,8 +269,14 @@ class Bench:
             self.workdir = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
         w = self.workdir
         self.say(f"workdir: {w}")
+        if s.records:
+            s.records.mkdir(parents=True, exist_ok=True)
+            self.records = Path(tempfile.mkdtemp(prefix="nhi-bench-records-", dir=s.records))
+        else:
+            self.records = w / "recordings"
         lookalike = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli", "lookalike",
-                                              "--state-dir", str(w / "lookalike"), "--port", "0"])
+                                              "--state-dir", str(w / "lookalike"), "--port", "0"],
+                                w / "lookalike" / "lookalike.json")
         la = await wait_for_json(w / "lookalike" / "lookalike.json", lookalike)
         self.info["lookalike"] = la
         ca = la["ca_cert"]
@@ -243,45 +296,53 @@ class Bench:
                 sys.executable, "-m", "nhi_gateway.bench", "upstream",
                 "--cert", str(pki / "server.pem"), "--key", str(pki / "server.key.pem"),
                 "--path", REQUEST_TARGET, "--token-file", str(token_path), "--canned", str(canned_path),
-                "--ready-file", str(w / "upstream.json")])
+                "--ready-file", str(w / "upstream.json")], w / "upstream.json")
             up_port = (await wait_for_json(w / "upstream.json", standin))["port"]
             self.upstream_proc = standin
         self.info["upstream"] = {"kind": s.upstream, "port": up_port}
 
+        # Both proxies resolve the names to loopback like DNS would (see launch.py): no
+        # address rewriting, so URL, Host, SNI and upstream connection reuse are production's.
+        resolve = [f"--resolve={GRAPH}=127.0.0.1:{up_port}",
+                   f"--resolve=login.microsoftonline.com=127.0.0.1:{la['port']}",
+                   f"--resolve=sts.windows.net=127.0.0.1:{la['port']}"]
+        bare_port = free_port()
         bare = self._spawn("mitmdump", [
-            str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port", "0",
+            sys.executable, "-m", "nhi_gateway.bench", "mitmdump", *resolve, "--",
+            "--listen-host", "127.0.0.1", "--listen-port", str(bare_port),
             "--set", f"confdir={w / 'mitmdump-confdir'}",
             # The gateway's data-path options: lazy upstream connections, the same upstream trust,
-            # the same body limit (nothing streamed).
+            # the same body limit (nothing streamed). Its log like the gateway's, without the
+            # per-flow lines the gateway does not print either.
             "--set", "connection_strategy=lazy",
             "--set", f"ssl_verify_upstream_trusted_ca={ca}",
             "--set", "body_size_limit=32m",
-            "-s", str(PACKAGE_DIR / "bare_mitmdump.py"),
-            "--set", f"nhi_bench_resolve={GRAPH}=127.0.0.1:{up_port}",
-            "--set", f"nhi_bench_ready_file={w / 'mitmdump.json'}",
-        ])
+            "--set", "flow_detail=0",
+        ], None)
         gateway = self._spawn("gateway", [
-            sys.executable, "-m", "nhi_gateway.cli", "run", "--policy", str(s.policy),
+            sys.executable, "-m", "nhi_gateway.bench", "gateway", *resolve, "--",
+            "run", "--policy", str(s.policy),
             "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
-            "--recordings", str(w / "recordings"), "--upstream-ca", ca,
+            "--recordings", str(self.records), "--upstream-ca", ca,
             "--ready-file", str(w / "gateway.json"),
-            "--resolve", f"{GRAPH}=127.0.0.1:{up_port}",
+            # The gateway's own key fetches (httpx) take its --resolve; anyio keeps the port 443
+            # of the URL whatever getaddrinfo says.
             "--resolve", f"login.microsoftonline.com=127.0.0.1:{la['port']}",
             "--resolve", f"sts.windows.net=127.0.0.1:{la['port']}",
-        ])
-        bare_ready = await wait_for_json(w / "mitmdump.json", bare)
+        ], w / "gateway.json")
+        await wait_for_listener(("127.0.0.1", bare_port), w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem", bare)
         gw_ready = await wait_for_json(w / "gateway.json", gateway)
         self.proxies = {"bare": bare, "gateway": gateway}
         self.targets = {
-            "bare": load.Target("bare", ("127.0.0.1", bare_ready["port"]),
+            "bare": load.Target("bare", ("127.0.0.1", bare_port),
                                 load.client_tls(str(w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"))),
             "gateway": load.Target("gateway", ("127.0.0.1", gw_ready["port"]), load.client_tls(gw_ready["ca_cert"])),
             "direct": load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False),
         }
         await self._preflight(canned)
 
-    def _spawn(self, name: str, argv: list[str]) -> Process:
-        proc = spawn(name, argv, self.workdir)
+    def _spawn(self, name: str, argv: list[str], ready: Path | None) -> Process:
+        proc = spawn(name, argv, self.workdir, ready)
         self.processes.append(proc)
         return proc
 
@@ -331,6 +392,8 @@ class Bench:
             proc.stop()
         if not self.settings.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.settings.records:
+                shutil.rmtree(self.records, ignore_errors=True)
 
     # --- measuring --------------------------------------------------------------------------
 
@@ -374,32 +437,35 @@ class Bench:
         return run
 
     def gateway_records(self) -> dict:
-        audit = self.workdir / "recordings" / "audit.jsonl"
+        audit = self.records / "audit.jsonl"
         lines = 0
         if audit.exists():
             with open(audit, "rb") as f:
                 lines = sum(1 for _ in f)
-        recordings = list((self.workdir / "recordings").rglob("*.mitm"))
-        return {"audit_lines": lines, "recording_files": len(recordings),
+        recordings = [p for p in self.records.rglob("*") if p.is_file() and p.name != "audit.jsonl"]
+        return {"directory": str(self.records), "audit_lines": lines, "recording_files": len(recordings),
                 "recording_bytes": sum(p.stat().st_size for p in recordings)}
 
 
-def median_measurement(ms: list[Measurement]) -> Measurement:
+def median_measurement(ms: list[Measurement]) -> dict:
     """Per metric, the median over rounds (one round: itself)."""
     if len(ms) == 1:
-        return ms[0]
+        return ms[0].to_dict()
     first = ms[0]
     errors: dict[str, int] = {}
     for m in ms:
         for k, v in m.errors.items():
             errors[k] = errors.get(k, 0) + v
-    return Measurement(
+    median = Measurement(
         first.scenario, first.target, 0, sum(m.requests for m in ms), errors, sum(m.elapsed for m in ms),
         statistics.median(m.rps for m in ms), statistics.median(m.p50_ms for m in ms),
         statistics.median(m.p99_ms for m in ms),
         {k: statistics.median(m.cpu_percent.get(k, 0.0) for m in ms) for k in first.cpu_percent},
         max(m.peak_rss_kb for m in ms),
     )
+    out = median.to_dict()
+    out["proxy_cpu_ms_per_request"] = _num(statistics.median(m.proxy_cpu_ms for m in ms), 4)
+    return out
 
 
 async def run_all(settings: Settings, say=print) -> dict:
@@ -422,8 +488,9 @@ async def run_all(settings: Settings, say=print) -> dict:
                     raw.append(m)
                     say(f"  round {r + 1} {scenario.name:16} {target:8} {m.rps:8.1f} req/s  "
                         f"p50 {m.p50_ms:6.2f} ms  p99 {m.p99_ms:6.2f} ms  errors {sum(m.errors.values())}  "
-                        f"cpu proxy {m.cpu_percent.get('proxy', 0):3.0f}% upstream "
-                        f"{m.cpu_percent['upstream']:3.0f}% loadgen {m.cpu_percent['loadgen']:3.0f}%")
+                        f"proxy {m.proxy_cpu_ms:5.2f} cpu-ms/req; cpu proxy {m.cpu_percent.get('proxy', 0):3.0f}% upstream "
+                        f"{m.cpu_percent['upstream']:3.0f}% loadgen {m.cpu_percent['loadgen']:3.0f}% "
+                        f"others {m.cpu_percent['others']:3.0f}%")
         memory = []
         for target in ("bare", "gateway"):
             say(f"  memory: {settings.memory_requests:,} keep-alive requests (c=10) through {target} ...")
@@ -448,11 +515,12 @@ async def run_all(settings: Settings, say=print) -> dict:
         "settings": {"mode": "quick" if settings.quick else "full", "duration_s": settings.duration,
                      "rounds": settings.rounds, "memory_requests": settings.memory_requests,
                      "upstream": settings.upstream, "policy": str(settings.policy),
+                     "records": str(settings.records or "workdir"),
                      "request": f"GET https://{GRAPH}{REQUEST_TARGET} (Authorization: Bearer, RS256)"},
         "preflight": bench.info.get("preflight", {}),
         "gateway_records": records,
         "measurements": [m.to_dict() for m in raw],
-        "summary": [m.to_dict() for m in summary],
+        "summary": summary,
         "memory": [m.to_dict() for m in memory],
         "decisions": [t.to_dict() for t in timings],
         "profile": profile,

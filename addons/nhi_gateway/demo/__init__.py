@@ -1,5 +1,6 @@
 """``nhi-gateway demo``: the look-alike Entra ID and Graph, the gateway, and an MCP server that an
-agent drives through it, all on loopback and in a few seconds.
+agent drives through it, all on loopback and in a few seconds; then one request that waits for a
+person's approval, from the request to the approver's command to the answer (:mod:`.approval`).
 
 The demo starts two services as child processes, runs the workload, prints what the gateway
 decided for each request, where the recordings and the audit trail are, and exits 0 only when
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import nhi_gateway
 
+from ..policy import PolicyError
 from . import report
+from .approval import policy_with_approval, run_approval
 from .services import Service, ServiceFailed, log_tail, start_gateway, start_lookalike
 from .workload import SESSION_TIMEOUT, Outcome, run_workload, steps
 
@@ -88,10 +91,15 @@ def run_demo(workdir: Path) -> int:
     started, started_wall = time.monotonic(), time.time()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    policy = example_policy()
-    if not policy.exists():
-        print(f"nhi-gateway demo: the example policy is missing: {policy}\n"
+    example = example_policy()
+    if not example.exists():
+        print(f"nhi-gateway demo: the example policy is missing: {example}\n"
               "Run the demo from a checkout of the repository (scripts/demo).")
+        return 2
+    try:
+        policy = policy_with_approval(example, workdir / "policy.yaml")
+    except (ValueError, PolicyError) as e:
+        print(f"nhi-gateway demo: {e}")
         return 2
     recordings = workdir / "recordings"
     audit = recordings / "audit.jsonl"
@@ -103,11 +111,13 @@ def run_demo(workdir: Path) -> int:
         stack = _start(workdir, policy, services)
         print(f"  look-alike Entra ID + Graph  127.0.0.1:{stack.entra['port']}  tenant {stack.entra['tenant_id']}\n"
               f"  gateway                      {stack.gateway['host']}:{stack.gateway['port']}  policy {policy}\n"
+              f"                               (the example policy, and rule secret-rotation for the approval step)\n"
               f"  MCP server {APP} (stdio)  HTTPS_PROXY={stack.proxy}  SSL_CERT_FILE={stack.gateway['ca_cert']}\n",
               flush=True)
         with mcp_log.open("w") as errlog:
             outcomes = run_workload(stack.workload_env(), steps(stack.app["application_object_id"]),
                                     audit, Path(stack.entra["received_log"]), errlog)
+        outcomes.append(run_approval(stack.entra, stack.gateway, audit, Path(stack.entra["received_log"])))
         for service in services:
             if gone := service.exited():
                 print(f"nhi-gateway demo: during the demo, {gone}\n")
@@ -134,7 +144,7 @@ def run_demo(workdir: Path) -> int:
         print(line)
     print()
     found = report.recordings(recordings, started_wall)
-    for line in report.where_to_look(found, recordings, audit, _count_lines(audit) - audit_lines_before):
+    for line in report.where_to_look(found, recordings, audit, _count_lines(audit) - audit_lines_before, APP):
         print(line)
     leaks = report.credentials_on_disk([r.path for r in found] + [audit], stack.app["secret"])
     return _verdict(outcomes, leaks, time.monotonic() - started)

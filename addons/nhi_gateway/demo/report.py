@@ -79,7 +79,8 @@ def credentials_on_disk(paths: list[Path], client_secret: str) -> list[str]:
     return found
 
 
-def where_to_look(found: list[Recording], root: Path, audit: Path, audit_lines_this_run: int) -> list[str]:
+def where_to_look(found: list[Recording], root: Path, audit: Path, audit_lines_this_run: int,
+                  prefer: str = "") -> list[str]:
     bin_dir = Path(sys.executable).parent
     lines = [f"Recordings (mitmproxy format, every flow, credentials redacted) under {root}:"]
     for r in found:
@@ -89,7 +90,9 @@ def where_to_look(found: list[Recording], root: Path, audit: Path, audit_lines_t
         lines.append("  (none written in this run)")
     else:
         # The app's own file is the interesting one; anonymous.mitm holds the token requests.
-        chosen = max(found, key=lambda r: (r.path.name != "anonymous.mitm", r.this_run))
+        # ``prefer``: the workload's own file, not the approver's calls to the approval API.
+        chosen = max(found, key=lambda r: (r.path.name != "anonymous.mitm",
+                                           bool(prefer) and r.path.name.startswith(f"{prefer}--"), r.this_run))
         example = shlex.quote(str(chosen.path))
         lines += [
             # -n: no proxy listener of its own, which would clash with a gateway on 8080.

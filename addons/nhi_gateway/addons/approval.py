@@ -1,0 +1,238 @@
+"""Approval: a request that an ``approve`` rule decided is held until a person answers.
+
+Sits after Authorization (which writes the ``approve`` decision) and before Masking and the Guard
+(which let only an explicit allow through, so an ``approve`` this stage never saw is refused).
+The ``request`` hook is ``async``: mitmproxy runs each flow's hooks in a task of its own, so a held
+request waits on its own future while every other request keeps flowing. The answer becomes an
+allow (approved, or covered by an active grant) or a refusal: 403 naming the approver and reason
+(denied), 403 "approval timed out", or cancelled when the client disconnects while held
+(``client_disconnected``; mitmproxy does not cancel the hook itself). Each outcome is written
+into the decision (``extra["approval"]``, ``extra["approver"]``), which the audit trail and the
+recording carry; opening a request also writes its own audit line, a log line and, when the
+policy names one, a webhook message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from mitmproxy import connection, http
+
+from ..approvals import (
+    ApprovalRequest,
+    Approvals,
+    ApprovalSettings,
+    ApprovalState,
+    ApprovalStoreError,
+    Grant,
+    format_duration,
+    iso,
+    notification_text,
+    request_digest,
+    webhook_url,
+)
+from ..audit import AuditLog, AuditWriteError
+from ..decision import Action, Decision, Stage
+from ..policy import PolicyStore
+from ..redaction import redact_url, scrub_text
+from .failclosed import decision_of, fail_closed, refuse, set_decision
+from .guard import Health
+from .identity import PRINCIPAL_KEY
+
+logger = logging.getLogger(__name__)
+
+REFUSAL_CODE = "Authorization_RequestDenied"
+PREVIEW_CHARS = 2048
+
+
+def body_preview(request: http.Request) -> str:
+    """The start of the body as an approver reads it, credentials scrubbed. Never decompressed:
+    a held request must not make the gateway inflate whatever a caller sent."""
+    raw = request.raw_content or b""
+    if not raw:
+        return ""
+    if request.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+        return f"({request.headers['content-encoding']}-encoded body, {len(raw)} bytes)"
+    text = raw[: PREVIEW_CHARS * 4].decode("utf-8", "replace")[:PREVIEW_CHARS]
+    return scrub_text(text) + ("…" if len(raw) > len(text.encode("utf-8", "replace")) else "")
+
+
+def approved(decision: Decision, request: ApprovalRequest | None, grant: Grant | None) -> Decision:
+    """The allow an approval (or a grant it made) turns ``decision`` into."""
+    if request is None:
+        assert grant is not None
+        outcome = {"id": grant.approval_id, "state": str(ApprovalState.APPROVED),
+                   "approver": grant.approver.to_dict(), "reason": grant.reason, "grant_id": grant.id}
+        approver, why = grant.approver, grant.reason
+        reason = (f"allowed by grant {grant.id} of approval {grant.approval_id} (approved by "
+                  f"{approver.label}{': ' + why if why else ''}), valid until {iso(grant.expires_at)}")
+    else:
+        assert request is not None and request.approver is not None
+        outcome = request.outcome()
+        approver, why = request.approver, request.reason
+        reason = f"approved by {approver.label}{': ' + why if why else ''} (approval {request.id}"
+        if request.grant_id:
+            reason += f"; grant {request.grant_id} until {iso(grant.expires_at) if grant else '?'}"
+        reason += ")"
+    return decision.but(
+        action=Action.ALLOW, status=0, code="", reason=reason,
+        extra={**decision.extra, "approval": outcome, "approver": approver.label},
+    )
+
+
+def refused(decision: Decision, request: ApprovalRequest) -> Decision:
+    """The refusal a request that was not approved ends in: denied, timed out or cancelled."""
+    if request.state is ApprovalState.DENIED and request.approver is not None:
+        reason = f"denied by {request.approver.label}: {request.reason or 'no reason given'} (approval {request.id})"
+    elif request.state is ApprovalState.TIMED_OUT:
+        waited = format_duration(request.expires_at - request.created_at)
+        reason = f"approval timed out: nobody approved approval {request.id} within {waited}"
+    else:
+        reason = f"approval {request.id} was cancelled: {request.reason or request.state}"
+    # extra["approver"]: the label of whoever decided (none for timed out or cancelled), which the
+    # recording's comment and the audit line show as it is.
+    extra = {k: v for k, v in decision.extra.items() if k != "approver"}
+    if request.approver is not None:
+        extra["approver"] = request.approver.label
+    return Decision.deny(
+        Stage.POLICY, 403, REFUSAL_CODE, reason, rule_id=decision.rule_id, operation=decision.operation,
+        principal=decision.principal, mask_profile=decision.mask_profile,
+        extra={**extra, "approval": request.outcome()},
+    )
+
+
+class Approval:
+    def __init__(self, policies: PolicyStore, approvals: Approvals, health: Health,
+                 audit_log: AuditLog | None = None,
+                 notify: Callable[[str, dict], Awaitable[tuple[int, object]]] | None = None,
+                 api_url: Callable[[], str] = lambda: "") -> None:
+        self.policies = policies
+        self.approvals = approvals
+        self.health = health
+        self.audit_log = audit_log
+        self.notify = notify  # async (url, payload) -> (status, body): the gateway's own HTTPS client
+        self.api_url = api_url
+        self._held: dict[str, set[str]] = {}  # client connection id -> approval ids held for it
+        self._tasks: set[asyncio.Task] = set()
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        decision = decision_of(flow)
+        if decision is None or decision.action is not Action.APPROVE:
+            return
+        principal = flow.metadata.get(PRINCIPAL_KEY)
+        rule = self.policies.current.rule(decision.rule_id or "")
+        settings = ApprovalSettings.of(rule) if rule is not None else None
+        if principal is None or settings is None:
+            why = ("an approval needs a verified identity to hold the request for" if principal is None
+                   else f"rule {decision.rule_id!r} is no longer an approve rule of the policy")
+            refuse(flow, Decision.deny(Stage.POLICY, 403, REFUSAL_CODE, f"the request cannot be held: {why}",
+                                       rule_id=decision.rule_id, operation=decision.operation,
+                                       principal=decision.principal))
+            return
+        try:
+            await self._hold(flow, decision, principal, settings)
+        except ApprovalStoreError as e:
+            logger.error("flow %s: %s", flow.id, e)
+            refuse(flow, Decision.deny(
+                Stage.GUARD, 503, "ServiceUnavailable",
+                f"the request needs approval and the gateway cannot keep approval records ({e}); "
+                "it was refused (fail closed). Retry later.", check="approvals",
+                rule_id=decision.rule_id, operation=decision.operation, principal=decision.principal))
+
+    async def _hold(self, flow: http.HTTPFlow, decision: Decision, principal, settings: ApprovalSettings) -> None:
+        grant = self.approvals.grant_for(principal.key, decision.operation, settings.rule_id)
+        if grant is not None:
+            logger.info("flow %s: %s %s allowed by grant %s (approval %s, until %s)", flow.id, principal.label,
+                        decision.operation, grant.id, grant.approval_id, iso(grant.expires_at))
+            set_decision(flow, approved(decision, None, grant))
+            return
+        held = self._open(flow, decision, settings)
+        if held is None:
+            return
+        client = flow.client_conn.id
+        self._held.setdefault(client, set()).add(held.id)
+        try:
+            final = await self.approvals.outcome(held)
+        finally:
+            ids = self._held.get(client)
+            if ids is not None:
+                ids.discard(held.id)
+                if not ids:
+                    del self._held[client]
+        logger.info("flow %s: approval %s %s%s", flow.id, final.id, final.state,
+                    f" by {final.approver.label}" if final.approver else "")
+        if final.state is ApprovalState.APPROVED:
+            grant = self.approvals.store.grant(final.grant_id) if final.grant_id else None
+            set_decision(flow, approved(decision, final, grant))
+        else:
+            refuse(flow, refused(decision, final))
+
+    def _open(self, flow: http.HTTPFlow, decision: Decision, settings: ApprovalSettings) -> ApprovalRequest | None:
+        r = flow.request
+        held = self.approvals.open(
+            settings=settings, principal=decision.principal or {}, operation=decision.operation,
+            method=r.method, url=redact_url(r.url), digest=request_digest(r.method, r.url, r.raw_content or b""),
+            body_size=len(r.raw_content or b""), body_preview=body_preview(r), flow_id=flow.id,
+        )
+        text = notification_text(held, self.api_url())
+        logger.warning("flow %s: approval %s requested: %s", flow.id, held.id, text)
+        if self.audit_log is not None:
+            try:
+                self.audit_log.append({
+                    "flow_id": flow.id, "principal": decision.principal, "method": r.method,
+                    "url": r.pretty_url, "decision": str(Action.APPROVE), "rule": decision.rule_id,
+                    "stage": str(Stage.POLICY), "reason": f"approval {held.id} requested; held until "
+                    f"{iso(held.expires_at)}", "status": 0, "event": "approval_requested",
+                    "operation": decision.operation, "approval": held.outcome() | {"digest": held.digest},
+                })
+            except AuditWriteError as e:
+                # Nobody may act on a request the trail does not show was asked.
+                self.health.fail("audit", str(e))
+                self.approvals.cancel(held.id, "the gateway could not write the audit trail")
+                refuse(flow, Decision.deny(
+                    Stage.GUARD, 503, "ServiceUnavailable",
+                    "the gateway could not write the audit trail, so it refused the request", check="audit",
+                    rule_id=decision.rule_id, operation=decision.operation, principal=decision.principal))
+                return None
+        url = webhook_url(self.policies.current)
+        if url and self.notify is not None:
+            # What a chat may see: what is asked and by whom, never the body (it stays with the gateway).
+            approval = {k: v for k, v in held.to_dict().items() if k != "body_preview"}
+            payload = {"text": text, "nhi_gateway": {"approval": approval, "api": self.api_url() or None}}
+            task = asyncio.ensure_future(self._send(url, payload, held.id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return held
+
+    async def _send(self, url: str, payload: dict, approval_id: str) -> None:
+        """Tell approvers in their chat; a webhook that fails is logged, never waited for."""
+        # Only the host is logged: Slack and Teams webhook URLs carry their secret in the path.
+        host = urlsplit(url).netloc
+        try:
+            status, _ = await self.notify(url, payload)
+        except Exception as e:  # noqa: BLE001 - a notification must never fail a request
+            logger.error("approval %s: webhook to %s failed: %s: %s", approval_id, host, type(e).__name__,
+                         scrub_text(str(e))[:200])
+            return
+        if 200 <= status < 300:
+            logger.info("approval %s: webhook to %s notified (%d)", approval_id, host, status)
+        else:
+            logger.error("approval %s: webhook to %s answered %d", approval_id, host, status)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        try:
+            for approval_id in self._held.pop(client.id, ()):
+                if self.approvals.cancel(approval_id, "the client disconnected while the request was held"):
+                    logger.info("approval %s cancelled: the client disconnected", approval_id)
+        except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
+            logger.error("cancelling the approvals of client %s failed: %r", client.id, e)
+
+    def done(self) -> None:
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,209 @@
+"""The demo's approval step: a risky request waits for a person.
+
+rotation-bot, which authenticates with its certificate, asks Graph to add a client secret to
+mcp-directory's registration (it owns it). The demo's policy is the example policy with one rule
+more, ``secret-rotation`` (:func:`policy_with_approval`), which holds the request; Adele Vance,
+named as its approver, signs in (the look-alike Entra mints her delegated token, as ``az login``
+would get one) and answers with the command an approver uses: ``nhi-gateway approvals list`` and
+``nhi-gateway approvals approve ID``. Only then does the request reach Graph, and the new secret
+comes back masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from ..lookalike.minting import EntraAuthority, mint_client_assertion
+from ..lookalike.pki import SigningKey
+from ..masking import MASK
+from .workload import JsonLinesCursor, Outcome, Step, from_workload
+
+BOT = "rotation-bot"
+APPROVER = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance", "AdeleV")  # named by the example policy
+AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the public client people sign in with
+REASON = "rotation ticket CHG-1042"
+STEP = Step("rotate a secret, approved by a person", "approval", 200, "allow")
+WAIT = 30.0  # seconds for the request to be held, and for it to finish once approved
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo prints what happens itself
+
+
+# Added to the example policy for this step. The example's no-credential-minting rule denies
+# addPassword to everyone, and a deny beats an approve: in the demo's copy it keeps denying every
+# identity that holds a static secret (mcp-directory, step 4), and certificate identities get no
+# allow rule for it, only this one, with a person's yes.
+APPROVE_RULE = f"""
+  # Added by the demo (nhi_gateway/demo/approval.py): a person approves first. The request is held
+  # until someone named under approval.approvers answers with their own Entra token:
+  #   nhi-gateway approvals list
+  #   nhi-gateway approvals approve <id> [--for 30m] --reason "ticket"    (or: deny <id>)
+  - id: secret-rotation
+    description: rotation-bot adds client secrets to the applications it owns, each time a person approves.
+    action: approve
+    when:
+      app_ids: [a00780c4-4e70-52ba-ab0f-9b41ac40647f]   # rotation-bot
+      auth_methods: [certificate]
+    operations:
+      - host: graph.microsoft.com
+        methods: [POST]
+        paths: ["/applications/{{id}}/addPassword"]
+    approval:
+      approvers:
+        users: [{APPROVER[0]}]   # {APPROVER[1]}
+      timeout: 5m
+      max_grant: 1h
+"""
+NARROWED = "    # In the demo's copy: identities holding a static secret (see secret-rotation below).\n" \
+           "    when: {auth_methods: [client_secret, public_client, unknown]}\n"
+
+
+def policy_with_approval(example: Path, out: Path) -> Path:
+    """``example`` with :data:`APPROVE_RULE` appended to its rules and its no-credential-minting
+    rule narrowed to identities that hold a static secret, written to ``out``. Edited as text, so
+    the copy reads like the original; checked by loading it."""
+    from ..policy import PolicyError, load_policy
+
+    if load_policy(example).rule("secret-rotation") is not None:
+        return example  # the example policy has the rule itself: nothing to add
+    lines = example.read_text().splitlines(keepends=True)
+    try:
+        rule = next(i for i, line in enumerate(lines) if line.strip() == "- id: no-credential-minting")
+        action = next(i for i in range(rule, len(lines)) if lines[i].strip() == "action: deny")
+    except StopIteration:
+        raise ValueError(f"{example} has no rule no-credential-minting for the demo to narrow") from None
+    text = "".join(lines[: action + 1]) + NARROWED + "".join(lines[action + 1 :])
+    out.write_text(f"# The demo's policy: {example}, with rule secret-rotation.\n"
+                   + text.rstrip("\n") + "\n" + APPROVE_RULE)
+    try:
+        policy = load_policy(out)
+    except PolicyError as e:
+        raise ValueError(f"{example} changed shape: the demo could not add its approval rule: {e}") from e
+    deny, approve = policy.rule("no-credential-minting"), policy.rule("secret-rotation")
+    if deny is None or deny.when.auth_methods is None or approve is None:
+        raise ValueError(f"{example} changed shape: the demo could not add its approval rule")
+    return out
+
+
+def _client(gateway: dict) -> httpx.Client:
+    return httpx.Client(proxy=f"http://{gateway['host']}:{gateway['port']}", verify=gateway["ca_cert"],
+                        timeout=WAIT * 2, trust_env=False)
+
+
+def bot_token(entra: dict, gateway: dict) -> str:
+    """client_credentials with a certificate, through the gateway, as MSAL does it."""
+    bot = entra["apps"][BOT]
+    key = SigningKey.load(Path(bot["key_path"]), Path(bot["cert_path"]))
+    assertion = mint_client_assertion(key, client_id=bot["client_id"], audience=entra["token_endpoint"])
+    with _client(gateway) as client:
+        r = client.post(entra["token_endpoint"], data={
+            "grant_type": "client_credentials", "client_id": bot["client_id"], "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": assertion, "scope": "https://graph.microsoft.com/.default"})
+    r.raise_for_status()
+    return r.json()["access_token"]
+
+
+def approver_token(entra: dict) -> str:
+    """The approver's own delegated Graph token: what she would get from ``az login``."""
+    oid, name, alias = APPROVER
+    authority = EntraAuthority.open(Path(entra["signing_keys_dir"]))
+    return authority.mint_app_token(
+        tenant_id=entra["tenant_id"], app_id=AZURE_CLI, object_id=oid, display_name="Azure CLI", acr="0",
+        extra_claims={"idtyp": "user", "scp": "User.Read", "name": name,
+                      "upn": f"{alias}@{entra['tenant_domain']}"})
+
+
+def approvals(token: str, api: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=api)
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "approvals", *args], env=env,
+                          capture_output=True, text=True, timeout=WAIT)
+
+
+def _show(command: list[str], done: subprocess.CompletedProcess) -> None:
+    print(f"    $ nhi-gateway approvals {shlex.join(command)}")
+    for line in (done.stdout + done.stderr).rstrip().splitlines():
+        print(f"      {line}")
+
+
+def _held(audit: Path, since: int) -> str | None:
+    """The id of the approval the gateway opened (its audit line says so: the approvers' cue)."""
+    deadline = time.monotonic() + WAIT
+    cursor = JsonLinesCursor(audit)
+    cursor.offset = since
+    while time.monotonic() < deadline:
+        for record in cursor.new_records():
+            if record.get("event") == "approval_requested":
+                return (record.get("approval") or {}).get("id")
+        time.sleep(0.05)
+    return None
+
+
+def run_approval(entra: dict, gateway: dict, audit: Path, received: Path) -> Outcome:
+    audit_lines, upstream_lines = JsonLinesCursor(audit), JsonLinesCursor(received)
+    api = gateway["approvals_api"]
+    target = entra["apps"]["mcp-directory"]["application_object_id"]
+    token = bot_token(entra, gateway)
+    upstream_lines.new_records()  # the token request is not this step's business
+    print(f"  Approval: {BOT} asks Graph to add a client secret to mcp-directory; the gateway holds the request.")
+    answer: dict = {}
+
+    def ask() -> None:
+        started = time.monotonic()
+        try:
+            with _client(gateway) as client:
+                r = client.post(f"https://graph.microsoft.com/v1.0/applications/{target}/addPassword",
+                                json={"passwordCredential": {"displayName": "rotated by rotation-bot"}},
+                                headers={"Authorization": f"Bearer {token}"})
+            answer.update(status=r.status_code, body=r.json(), held=time.monotonic() - started)
+        except (httpx.HTTPError, ValueError) as e:
+            answer.update(status=None, error=f"{type(e).__name__}: {e}")
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    person = approver_token(entra)
+    held = _held(audit, audit_lines.offset)
+    problems: list[str] = []
+    if held is None:
+        problems.append("the request was never held for approval")
+    else:
+        print(f"  {APPROVER[1]} signs in and answers (NHI_APPROVER_TOKEN=<her token>, NHI_APPROVALS_API={api}):")
+        _show(["list"], approvals(person, api, "list"))
+        command = ["approve", held, "--reason", REASON]
+        done = approvals(person, api, *command)
+        _show(command, done)
+        if done.returncode != 0:
+            problems.append(f"approving failed: {done.stderr.strip()}")
+    asking.join(WAIT * 2)
+    print()
+
+    records = [r for r in audit_lines.new_records() if r.get("method") != "CONNECT"]
+    final = next((r for r in reversed(records) if not r.get("event") and "addPassword" in (r.get("url") or "")), None)
+    upstream = [r for r in upstream_lines.new_records() if from_workload(r)]
+    status, body = answer.get("status"), answer.get("body")
+    if status != STEP.status:
+        problems.append(f"expected HTTP {STEP.status}, got {status} {answer.get('error') or body}")
+    if final is None:
+        problems.append("the gateway wrote no audit line for the approved request")
+    elif final.get("decision") != "allow" or APPROVER[1] not in (final.get("approver") or ""):
+        problems.append(f"expected an allow approved by {APPROVER[1]}, the audit says {final.get('reason')}")
+    if not upstream:
+        problems.append("the approved request never reached Graph")
+    secret = body.get("secretText") if isinstance(body, dict) else None
+    if status == 200 and secret != MASK:
+        problems.append("the new secret reached the caller unmasked")
+    detail = (f"held {answer.get('held', 0):.1f} s for approval {held or '?'}; approved by "
+              f"{APPROVER[1]} ({REASON}); secretText: {secret}")
+    basis = f"rule {final.get('rule')}" if final and final.get("rule") else ""
+    return Outcome(STEP, status, str(final.get("decision", "?")) if final else "?", basis, bool(upstream),
+                   detail, problems)

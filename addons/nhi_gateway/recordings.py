@@ -1,0 +1,438 @@
+"""Recordings on disk: where each flow goes, how files rotate, and how a crash is recovered.
+
+Layout (dates and hours in UTC)::
+
+    <root>/<YYYY-MM-DD>/<tenant-id>/<app>--<object-id>.mitm      one app's flows of one day
+    <root>/<YYYY-MM-DD>/<tenant-id>/<app>--<object-id>.1.mitm    the same, after it reached the size limit
+    <root>/<YYYY-MM-DD>/anonymous.mitm                           callers without a verified token
+
+``<app>`` is the service principal's display name (or its app id), ``<object-id>`` the service
+principal's object id: "app X, today" is ``<root>/<today>/*/X--*.mitm``, which
+``nhi-gateway recordings open X`` finds and opens. With hourly rotation a ``.<HH>h`` part comes
+before the size suffix (``X--<oid>.14h.mitm``, ``X--<oid>.14h.1.mitm``).
+
+Rotation never renames a file: the first file of a day keeps its name and later parts get the next
+number, so a path that someone has open in mitmweb, or wrote in a ticket, stays valid.
+
+Writes: each flow is serialised in memory and handed to the operating system in one ``write`` on
+an ``O_APPEND`` descriptor before the client gets its answer. A killed gateway (``kill -9``) loses
+nothing that was written; a power failure loses at most the flows of the last ``fsync_interval``
+seconds (each file is fsynced when a write finds its last fsync that old, by the gateway's timer
+when no write comes, and on rotation and shutdown; ``0`` fsyncs after every flow). A record cut short
+anyway (a crash inside the ``write`` of a large flow, a full disk) is moved to ``<file>.torn`` by
+the next writer of that file, or at the next start, so every ``.mitm`` file stays readable by
+``mitmdump -nr`` and ``mitmweb -r``.
+
+No mitmproxy import: the writer takes bytes (a tnetstring record, as ``FlowWriter`` writes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".mitm"
+TORN_SUFFIX = ".torn"
+ANONYMOUS = "anonymous"
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_FSYNC_INTERVAL = 1.0
+MAX_OPEN_FILES = 64
+ROTATIONS = ("daily", "hourly")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]+")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# <app>--<oid>[.<HH>h][.<n>].mitm; the object id holds no dot, so the last "--" splits.
+_NAME = re.compile(
+    r"^(?:(?P<app>.+)--(?P<oid>[A-Za-z0-9_-]+)|(?P<anon>anonymous))"
+    r"(?:\.(?P<hour>\d{2})h)?(?:\.(?P<part>[1-9]\d*))?\.mitm$"
+)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str) -> int:
+    """``67108864``, ``64m``, ``64MiB``, ``1g``: bytes (k, m, g are powers of 1024)."""
+    m = _SIZE.match(value)
+    if m is None or int(m[1]) == 0:
+        raise ValueError(f"{value!r}: expected a positive size such as 64m, 512k or 1g")
+    return int(m[1]) * 1024 ** " kmg".index(m[2].lower() or " ")
+
+
+# --- layout --------------------------------------------------------------------------------------
+
+
+def _safe(name: str, fallback: str, pattern: re.Pattern = _UNSAFE) -> str:
+    cleaned = pattern.sub("-", name).strip("-.")[:64]
+    return cleaned or fallback
+
+
+def recording_base(root: Path, principal: dict | None, when: datetime, hourly: bool = False) -> Path:
+    """The first file of the series this flow belongs to (later parts: :func:`part_path`)."""
+    when = when.astimezone(UTC)
+    day = root / when.strftime("%Y-%m-%d")
+    hour = f".{when:%H}h" if hourly else ""
+    principal = principal or {}
+    if not principal.get("object_id"):
+        return day / f"{ANONYMOUS}{hour}{SUFFIX}"
+    tenant = _safe(str(principal.get("tenant_id") or ""), "unknown-tenant")
+    app = _safe(str(principal.get("display_name") or principal.get("app_id") or ""), "app")
+    oid = _safe(str(principal["object_id"]), "unknown", _UNSAFE_ID)
+    return day / tenant / f"{app}--{oid}{hour}{SUFFIX}"
+
+
+def part_path(base: Path, part: int) -> Path:
+    return base if part == 0 else base.with_name(f"{base.name[: -len(SUFFIX)]}.{part}{SUFFIX}")
+
+
+@dataclass(frozen=True)
+class RecordingName:
+    app: str  # "anonymous" for callers without a token
+    object_id: str
+    hour: int | None
+    part: int
+
+
+def parse_name(name: str) -> RecordingName | None:
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    hour = int(m["hour"]) if m["hour"] else None
+    part = int(m["part"] or 0)
+    if m["anon"]:
+        return RecordingName(ANONYMOUS, "", hour, part)
+    return RecordingName(m["app"], m["oid"], hour, part)
+
+
+def _parts_of(base: Path) -> dict[int, Path]:
+    """Existing files of the series ``base`` starts, by part number."""
+    found: dict[int, Path] = {}
+    stem = base.name[: -len(SUFFIX)]
+    if not base.parent.is_dir():
+        return found
+    for path in base.parent.iterdir():
+        name = path.name
+        if name == base.name:
+            found[0] = path
+        elif name.startswith(stem + ".") and name.endswith(SUFFIX):
+            middle = name[len(stem) + 1 : -len(SUFFIX)]
+            if middle.isdigit() and not middle.startswith("0"):
+                found[int(middle)] = path
+    return found
+
+
+def sort_key(path: Path) -> tuple:
+    """Files in the order their flows were written: by day, tenant, app, hour, then part."""
+    parsed = parse_name(path.name)
+    if parsed is None:
+        return (str(path.parent), path.name, -1, 0)
+    return (str(path.parent), parsed.app, parsed.object_id, parsed.hour or -1, parsed.part)
+
+
+# --- framing: is the file whole? ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scan:
+    records: int  # whole top-level records
+    clean_end: int  # offset just after the last whole record
+    size: int
+    problem: str | None = None  # None, "torn" (last record cut short) or "corrupt"
+
+    @property
+    def whole(self) -> bool:
+        return self.problem is None
+
+
+_PREFIX_MAX = 12  # mitmproxy's tnetstring refuses longer length prefixes
+
+
+def scan(path: Path) -> Scan:
+    """Walk the tnetstring framing of a recording without decoding it.
+
+    A record is ``<length>:<payload><type>``; each flow is one dict (type ``}``). A record that
+    runs past the end of the file is a torn tail (a write cut short); anything else that does not
+    frame is corruption, which this module never repairs.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = records = 0
+        while offset < size:
+            f.seek(offset)
+            head = f.read(_PREFIX_MAX + 1)
+            digits, colon, _ = head.partition(b":")
+            if not colon:
+                # Only the start of a length prefix, then the end of the file: cut short.
+                at_end = offset + len(head) >= size and head.isdigit() and len(head) <= _PREFIX_MAX
+                return Scan(records, offset, size, "torn" if at_end else "corrupt")
+            if not digits.isdigit():
+                return Scan(records, offset, size, "corrupt")
+            end = offset + len(digits) + 1 + int(digits) + 1
+            if end > size:
+                return Scan(records, offset, size, "torn")
+            f.seek(end - 1)
+            if f.read(1) != b"}":
+                return Scan(records, offset, size, "corrupt")
+            offset = end
+            records += 1
+    return Scan(records, offset, size)
+
+
+def recover_torn_tail(path: Path) -> int:
+    """Move a torn last record to ``<path>.torn`` (kept as evidence) and cut it from ``path``.
+
+    Returns the number of bytes moved. A file that is whole, or corrupt in a way a crash does
+    not explain, is left as it is.
+    """
+    result = scan(path)
+    if result.problem != "torn":
+        return 0
+    with open(path, "r+b") as f:
+        f.seek(result.clean_end)
+        tail = f.read()
+        sidecar = path.with_name(path.name + TORN_SUFFIX)
+        with open(sidecar, "ab") as side:
+            side.write(tail)
+            side.flush()
+            os.fsync(side.fileno())
+        f.truncate(result.clean_end)
+        f.flush()
+        os.fsync(f.fileno())
+    logger.warning(
+        "%s: the last flow was cut short (%d bytes, most likely a crash while it was written); "
+        "moved to %s so the file stays readable", path, len(tail), sidecar.name,
+    )
+    return len(tail)
+
+
+def day_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _DAY.match(p.name))
+
+
+def recover_recent(root: Path, days: int = 2) -> list[Path]:
+    """At start: a crash can only have torn files that were being written, which live in the
+    newest day directories (the newest two cover a crash just after midnight)."""
+    repaired = []
+    for day in day_dirs(root)[-days:]:
+        for path in sorted(day.rglob("*" + SUFFIX)):
+            try:
+                if recover_torn_tail(path):
+                    repaired.append(path)
+            except OSError as e:
+                logger.error("%s: cannot check for a torn tail: %s", path, e)
+    return repaired
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Series:
+    part: int
+    size: int
+    fd: int | None = None
+    synced: float = 0.0
+    dirty: bool = False
+
+
+class RecordingWriter:
+    """Appends whole records to the series of files a base path starts, rotating by size."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES,
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL,
+                 max_open: int = MAX_OPEN_FILES, clock=time.monotonic) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if fsync_interval < 0:
+            raise ValueError("fsync_interval must be 0 (every flow) or more seconds")
+        self.max_bytes = max_bytes
+        self.fsync_interval = fsync_interval
+        self.max_open = max_open
+        self.clock = clock
+        self._series: dict[Path, _Series] = {}
+        self._open: OrderedDict[Path, _Series] = OrderedDict()  # by base, least recently used first
+
+    def _discover(self, base: Path) -> _Series:
+        """Continue the newest existing part of a series, unless it is full or not whole."""
+        parts = _parts_of(base)
+        if not parts:
+            return _Series(part=0, size=0)
+        part = max(parts)
+        path = parts[part]
+        recover_torn_tail(path)
+        result = scan(path)
+        if not result.whole:
+            logger.error("%s is corrupt at byte %d; new flows go to the next part", path,
+                         result.clean_end)
+            return _Series(part=part + 1, size=0)
+        return _Series(part=part, size=result.size)
+
+    def _close(self, series: _Series) -> None:
+        if series.fd is None:
+            return
+        fd, series.fd = series.fd, None
+        try:
+            if series.dirty:
+                os.fsync(fd)
+                series.dirty = False
+        finally:
+            os.close(fd)
+
+    def _fd(self, base: Path, series: _Series) -> int:
+        if series.fd is not None:
+            self._open.move_to_end(base)
+            return series.fd
+        path = part_path(base, series.part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
+        series.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        series.synced = self.clock()
+        if created:
+            # The new name must survive a power failure as well as the flows in it.
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        self._open[base] = series
+        while len(self._open) > self.max_open:
+            _, oldest = self._open.popitem(last=False)
+            self._close(oldest)
+        return series.fd
+
+    def append(self, base: Path, record: bytes) -> Path:
+        """Write one whole record; returns the file it went to."""
+        series = self._series.get(base)
+        if series is None:
+            series = self._series[base] = self._discover(base)
+        if series.size and series.size + len(record) > self.max_bytes:
+            self._open.pop(base, None)
+            self._close(series)
+            series.part, series.size = series.part + 1, 0
+        fd = self._fd(base, series)
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            # Part of the record may be on disk: the next write must start from a whole file.
+            self._open.pop(base, None)
+            self._series.pop(base, None)
+            try:
+                self._close(series)
+            except OSError:
+                pass
+            raise
+        series.size += len(record)
+        series.dirty = True
+        now = self.clock()
+        if now - series.synced >= self.fsync_interval:
+            os.fsync(fd)
+            series.synced, series.dirty = now, False
+        return part_path(base, series.part)
+
+    def sync_due(self) -> None:
+        """fsync every open file holding flows older than the interval: called on a timer, so a
+        file that stops receiving flows is synced too."""
+        now = self.clock()
+        for series in list(self._open.values()):
+            if series.dirty and series.fd is not None and now - series.synced >= self.fsync_interval:
+                os.fsync(series.fd)
+                series.synced, series.dirty = now, False
+
+    def close(self) -> None:
+        errors = []
+        for series in list(self._open.values()):
+            try:
+                self._close(series)
+            except OSError as e:
+                errors.append(e)
+        self._open.clear()
+        self._series.clear()
+        if errors:
+            raise errors[0]
+
+
+# --- finding -------------------------------------------------------------------------------------
+
+
+def parse_day(value: str, today: date | None = None) -> date | None:
+    """``today``, ``yesterday``, ``YYYY-MM-DD``, or ``all`` (None)."""
+    today = today or datetime.now(UTC).date()
+    v = value.strip().lower()
+    if v == "all":
+        return None
+    if v == "today":
+        return today
+    if v == "yesterday":
+        return today - timedelta(days=1)
+    try:
+        return date.fromisoformat(v)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected today, yesterday, all or a date like 2026-11-01") from None
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One series: an app's (or the anonymous callers') files of one day."""
+
+    day: str
+    tenant: str
+    app: str
+    object_id: str
+    files: tuple[Path, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def list_recordings(root: Path, day: date | None = None) -> list[Recording]:
+    days = day_dirs(root)
+    if day is not None:
+        days = [d for d in days if d.name == day.isoformat()]
+    groups: dict[tuple, list[Path]] = {}
+    for d in days:
+        for path in d.rglob("*" + SUFFIX):
+            parsed = parse_name(path.name)
+            if parsed is None:
+                continue
+            tenant = "" if path.parent == d else path.parent.name
+            key = (d.name, tenant, parsed.app, parsed.object_id)
+            groups.setdefault(key, []).append(path)
+    return [
+        Recording(day_name, tenant, app, oid, tuple(sorted(files, key=sort_key)))
+        for (day_name, tenant, app, oid), files in sorted(groups.items())
+    ]
+
+
+def find(root: Path, who: str, day: date | None) -> list[Path]:
+    """The files of the app named ``who`` (display name or object id, any case) on ``day``.
+
+    ``who`` may also be a path: a ``.mitm`` file, or a directory whose recordings are all taken.
+    """
+    as_path = Path(who)
+    if as_path.is_file():
+        return [as_path]
+    if as_path.is_dir():
+        return sorted(as_path.rglob("*" + SUFFIX), key=sort_key)
+    wanted = who.strip().casefold()
+    safe_wanted = _safe(who, "", _UNSAFE).casefold()
+    out: list[Path] = []
+    for rec in list_recordings(root, day):
+        if wanted in (rec.app.casefold(), rec.object_id.casefold()) or (
+            safe_wanted and safe_wanted == rec.app.casefold()
+        ):
+            out.extend(rec.files)
+    return out

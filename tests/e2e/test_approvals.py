@@ -1,0 +1,672 @@
+"""Just-in-time approval, end to end: the real gateway process holds a risky request from a real
+client (requests, configured with HTTPS_PROXY and the gateway's CA) until a person answers
+through the approval API, with their own Entra token, or through ``nhi-gateway approvals``.
+
+Workloads and people are minted by the look-alike Entra authority: the workload is rotation-bot's
+application (each test gets a service principal of its own, so grants of one test never cover
+another's requests) and the approvers are users of the look-alike tenant with delegated tokens.
+No test asserts a duration: "other traffic keeps flowing" is shown by requests that complete while
+twenty others are still held.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import httpx
+import pytest
+import requests
+
+from .conftest import start_gateway, stop
+
+GRAPH = "https://graph.microsoft.com"
+AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the public client people sign in with
+# Users of the look-alike tenant (lookalike/directory.py: stable ids).
+ADELE = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance")  # named in the rules
+MEGAN = ("03bc8a03-1dad-59dd-8239-0e5b03001054", "Megan Bowen")  # in Finance, named by group
+ALEX = ("9d30a7d1-85d0-5d80-8734-f6a6cb79de21", "Alex Wilber")  # named by no rule
+SELF_LISTED = "6f1d2c3b-0000-4000-8000-00000000a11f"  # a workload the policy also names as approver
+WEBHOOK_HOST = "hooks.nhi-test.example"
+WAIT = 30.0  # the longest any test waits for the gateway to reach a state (never asserted)
+
+
+def policy_text(lookalike, webhook: str | None = None) -> str:
+    bot = lookalike.app("rotation-bot")["client_id"]
+    finance = lookalike.info["groups"]["Finance"]
+    approvals = f"approvals:\n  webhook: {webhook}\n" if webhook else ""
+    return f"""\
+version: 1
+identity:
+  tenants: [{lookalike.tenant_id}]
+  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+  issuers:
+    - https://sts.windows.net/{{tenantid}}/
+    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+upstreams:
+  - host: graph.microsoft.com
+{approvals}masking:
+  profiles:
+    secrets: {{fields: [secretText, hint]}}
+rules:
+  - id: directory-read
+    action: allow
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/users/**"]
+  - id: secret-rotation
+    action: approve
+    when: {{app_ids: [{bot}]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [POST]
+        paths: ["/applications/{{id}}/addPassword"]
+    mask: secrets
+    approval:
+      approvers:
+        users: [{ADELE[0]}, {SELF_LISTED}]
+        groups: [{finance}]
+      timeout: 2m
+      max_grant: 1h
+  - id: key-rotation
+    action: approve
+    when: {{app_ids: [{bot}]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [POST]
+        paths: ["/applications/{{id}}/addKey"]
+    approval:
+      approvers: {{users: [{ADELE[0]}]}}
+      timeout: 2s
+"""
+
+
+# --- identities ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authority(lookalike):
+    return lookalike.authority()
+
+
+@pytest.fixture
+def workload(lookalike, authority) -> Callable[..., str]:
+    """A token of rotation-bot's application, for a service principal of this test's own."""
+    oid = str(uuid.uuid4())
+
+    def mint(object_id: str = oid) -> str:
+        return authority.mint_app_token(
+            tenant_id=lookalike.tenant_id, app_id=lookalike.app("rotation-bot")["client_id"], object_id=object_id,
+            display_name="rotation-bot", roles=("Application.ReadWrite.All",))
+
+    return mint
+
+
+def person(lookalike, authority, who: tuple[str, str], groups: list[str] | None = None) -> str:
+    """A person's delegated Graph token, as `az account get-access-token` gets it."""
+    oid, name = who
+    alias = name.split()[0] + name.split()[1][0]
+    return authority.mint_app_token(
+        tenant_id=lookalike.tenant_id, app_id=AZURE_CLI, object_id=oid, display_name="Azure CLI", acr="0",
+        groups=groups, extra_claims={"idtyp": "user", "scp": "User.Read Directory.AccessAsUser.All", "name": name,
+                                     "upn": f"{alias}@{lookalike.info['tenant_domain']}"})
+
+
+@pytest.fixture(scope="module")
+def adele(lookalike, authority) -> str:
+    return person(lookalike, authority, ADELE)
+
+
+# --- the gateway and its API ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, lookalike):
+    workdir = tmp_path_factory.mktemp("approvals")
+    policy = workdir / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    gw = start_gateway(workdir, lookalike, policy=policy)
+    try:
+        yield gw
+    finally:
+        stop(gw.proc)
+
+
+class API:
+    """The approval API as an approver's script calls it: its own token, no proxy."""
+
+    def __init__(self, gateway, token: str) -> None:
+        self.url = gateway.info["approvals_api"]
+        self.client = httpx.Client(base_url=self.url, trust_env=False, timeout=30,
+                                   headers={"Authorization": f"Bearer {token}"})
+
+    def get(self, path: str, **params) -> httpx.Response:
+        return self.client.get(path, params=params)
+
+    def approve(self, approval_id: str, **body) -> httpx.Response:
+        return self.client.post(f"/approvals/{approval_id}/approve", json=body)
+
+    def deny(self, approval_id: str, reason: str = "") -> httpx.Response:
+        return self.client.post(f"/approvals/{approval_id}/deny", json={"reason": reason})
+
+    def revoke(self, grant_id: str) -> httpx.Response:
+        return self.client.delete(f"/grants/{grant_id}")
+
+    def approvals(self, state: str = "pending") -> list[dict]:
+        r = self.get("/approvals", **({"state": "all"} if state == "all" else {}))
+        assert r.status_code == 200, r.text
+        return r.json()["approvals"]
+
+    def wait_for(self, mark: str, state: str = "pending", count: int = 1) -> list[dict]:
+        """The approval requests whose URL carries ``mark``, once ``count`` are in ``state``."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            found = [a for a in self.approvals("all") if mark in a["url"] and a["state"] == state]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def grants(self, state: str = "active") -> list[dict]:
+        r = self.get("/grants", **({"state": "all"} if state == "all" else {}))
+        assert r.status_code == 200, r.text
+        return r.json()["grants"]
+
+
+@pytest.fixture
+def api(gateway, adele) -> API:
+    return API(gateway, adele)
+
+
+def use_proxy(monkeypatch, gateway) -> None:
+    for k, v in gateway.client_env().items():
+        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+            monkeypatch.setenv(k, v)
+
+
+class Call:
+    """One client request in a thread of its own: held requests block their caller, not the test."""
+
+    def __init__(self, method: str, url: str, token: str, body: dict | None = None, timeout: float = 120) -> None:
+        self.response: requests.Response | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.response = requests.request(method, url, json=body, timeout=timeout,
+                                                 headers={"Authorization": f"Bearer {token}"})
+            except BaseException as e:  # noqa: BLE001 - reported by result()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    @property
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def result(self) -> requests.Response:
+        self.thread.join(WAIT * 2)
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None, "the request is still held"
+        return self.response
+
+
+def marker() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def add_password(lookalike, token: str, mark: str, app: str = "mcp-directory", name: str = "rotated") -> Call:
+    app_id = lookalike.app(app)["application_object_id"]
+    return Call("POST", f"{GRAPH}/v1.0/applications/{app_id}/addPassword?m={mark}", token,
+                {"passwordCredential": {"displayName": name}})
+
+
+def reached_graph(lookalike, mark: str) -> bool:
+    return any(mark in line.get("path", "") for line in lookalike.received())
+
+
+def error_message(response) -> str:
+    return response.json()["error"]["message"]
+
+
+def audit_of(gateway, flow_id: str) -> list[dict]:
+    return [a for a in gateway.audit() if a.get("flow_id") == flow_id]
+
+
+def recorded(gateway, mark: str):
+    from mitmproxy import io
+
+    for path in gateway.recording_files():
+        with open(path, "rb") as f:
+            for flow in io.FlowReader(f).stream():
+                if mark in flow.request.path:
+                    return flow
+    return None
+
+
+def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"])
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "approvals", *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+def test_approved_request_goes_on_and_the_approver_is_on_record(gateway, lookalike, workload, adele, api,
+                                                                monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    assert not call.done and not reached_graph(lookalike, mark)
+    assert held["rule"] == "secret-rotation" and held["principal"]["display_name"] == "rotation-bot"
+    assert held["operation"].startswith("POST graph.microsoft.com /v1.0/applications/")
+    assert held["digest"].startswith("sha256:") and '"rotated"' in held["body_preview"]
+
+    listed = cli(gateway, adele, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert held["id"] in listed.stdout and "secret-rotation" in listed.stdout
+
+    done = cli(gateway, adele, "approve", held["id"], "--reason", "ticket CHG-42")
+    assert done.returncode == 0, done.stderr
+    assert f"approved {held['id']}" in done.stdout
+
+    r = call.result()
+    assert r.status_code == 200, r.text
+    assert r.json()["secretText"] == "[masked]"  # the approved answer is masked like any other
+    assert reached_graph(lookalike, mark)
+
+    lines = audit_of(gateway, held_flow(gateway, held["id"]))
+    events = [line.get("event") for line in lines]
+    assert "approval_requested" in events and "approval_approved" in events
+    final = [line for line in lines if not line.get("event")]
+    assert len(final) == 1 and final[0]["decision"] == "allow" and final[0]["status"] == 200
+    assert "Adele Vance" in final[0]["approver"] and "ticket CHG-42" in final[0]["reason"]
+
+    flow = recorded(gateway, mark)
+    assert flow is not None and "Adele Vance" in flow.comment and flow.marked
+    assert flow.metadata["nhi"]["extra"]["approval"]["state"] == "approved"
+    assert flow.metadata["nhi"]["extra"]["approval"]["id"] == held["id"]
+
+
+def held_flow(gateway, approval_id: str) -> str:
+    """The flow id an approval request was opened for, from its audit line."""
+    for line in gateway.audit():
+        if line.get("event") == "approval_requested" and (line.get("approval") or {}).get("id") == approval_id:
+            return line["flow_id"]
+    raise AssertionError(f"no audit line opened {approval_id}")
+
+
+def test_denied_request_gets_403_naming_the_approver_and_the_reason(gateway, lookalike, workload, adele, api,
+                                                                    monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    done = cli(gateway, adele, "deny", held["id"], "--reason", "no change ticket")
+    assert done.returncode == 0, done.stderr
+
+    r = call.result()
+    assert r.status_code == 403
+    message = error_message(r)
+    assert "denied by Adele Vance" in message and "no change ticket" in message
+    assert not reached_graph(lookalike, mark)
+    [final] = [line for line in audit_of(gateway, held_flow(gateway, held["id"])) if not line.get("event")]
+    assert final["decision"] == "deny" and final["status"] == 403 and "no change ticket" in final["reason"]
+    assert final["approver"].startswith("Adele Vance (")
+    flow = recorded(gateway, mark)
+    assert flow is not None and "denied by Adele Vance" in flow.comment
+    assert flow.metadata["nhi"]["extra"]["approval"]["state"] == "denied"
+
+
+def test_no_decision_before_the_timeout_is_refused(gateway, lookalike, workload, api, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    app_id = lookalike.app("mcp-directory")["application_object_id"]
+    r = Call("POST", f"{GRAPH}/v1.0/applications/{app_id}/addKey?m={mark}", workload(), {"keyCredential": {}}).result()
+    assert r.status_code == 403
+    assert error_message(r).startswith("approval timed out")
+    assert not reached_graph(lookalike, mark)
+    [held] = api.wait_for(mark, state="timed_out")
+    [final] = [line for line in audit_of(gateway, held_flow(gateway, held["id"])) if not line.get("event")]
+    assert final["decision"] == "deny" and "approval timed out" in final["reason"]
+    assert recorded(gateway, mark).metadata["nhi"]["extra"]["approval"]["state"] == "timed_out"
+
+
+def test_client_disconnecting_while_held_cancels_the_request(gateway, lookalike, workload, api, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    app_id = lookalike.app("mcp-directory")["application_object_id"]
+    call = Call("POST", f"{GRAPH}/v1.0/applications/{app_id}/addPassword?m={mark}", workload(),
+                {"passwordCredential": {}}, timeout=1.5)  # the client gives up and closes the connection
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        call.result()
+    [cancelled] = api.wait_for(mark, state="cancelled")
+    assert "disconnected" in cancelled["reason"]
+    assert api.approve(cancelled["id"]).status_code == 409  # nothing left to approve
+    assert not reached_graph(lookalike, mark)
+    deadline = time.monotonic() + WAIT
+    while not [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]:
+        assert time.monotonic() < deadline, "the cancelled flow was never audited"
+        time.sleep(0.05)
+    [final] = [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]
+    assert final["decision"] == "deny" and "cancelled" in final["reason"]
+    assert recorded(gateway, mark).metadata["nhi"]["extra"]["approval"]["state"] == "cancelled"
+
+
+# --- who may approve -----------------------------------------------------------------------------
+
+
+def test_no_identity_approves_its_own_request(gateway, lookalike, workload, api, monkeypatch):
+    """The workload is named as an approver of the rule, and still cannot approve itself."""
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    own = workload(SELF_LISTED)
+    call = add_password(lookalike, own, mark, app="rotation-bot")
+    [held] = api.wait_for(mark)
+    r = API(gateway, own).approve(held["id"], reason="trust me")
+    assert r.status_code == 403
+    assert "cannot approve its own request" in error_message(r)
+    assert cli(gateway, own, "approve", held["id"]).returncode == 1
+    assert [a["state"] for a in api.approvals("all") if a["id"] == held["id"]] == ["pending"]
+    assert not call.done and not reached_graph(lookalike, mark)
+    assert api.deny(held["id"], "self-approval attempt").status_code == 200
+    assert call.result().status_code == 403
+
+
+def test_approver_outside_the_list_is_refused_and_a_group_member_may_approve(gateway, lookalike, authority,
+                                                                             workload, api, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    alex = API(gateway, person(lookalike, authority, ALEX, groups=[lookalike.info["groups"]["Retail"]]))
+    for r in (alex.approve(held["id"]), alex.deny(held["id"]), alex.get("/approvals")):
+        assert r.status_code == 403, r.text
+        assert "Alex Wilber" in error_message(r)
+    unsigned = API(gateway, "not-a-token")
+    assert unsigned.approve(held["id"]).status_code == 401
+    assert not call.done
+
+    megan = API(gateway, person(lookalike, authority, MEGAN, groups=[lookalike.info["groups"]["Finance"]]))
+    assert [a["id"] for a in megan.approvals() if mark in a["url"]] == [held["id"]]
+    r = megan.approve(held["id"], reason="finance on call")
+    assert r.status_code == 200, r.text
+    assert call.result().status_code == 200
+
+
+def test_a_bad_grant_duration_is_refused_and_the_request_stays_held(gateway, lookalike, workload, api,
+                                                                    monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    for duration, why in (("2h", "max_grant 1h"), ("soon", "not a duration")):
+        r = api.approve(held["id"], **{"for": duration})
+        assert r.status_code == 400 and why in error_message(r)
+    assert not call.done
+    assert api.deny(held["id"]).status_code == 200
+    assert call.result().status_code == 403
+
+
+# --- grants --------------------------------------------------------------------------------------
+
+
+def test_a_grant_covers_the_operation_until_revoked(gateway, lookalike, workload, adele, api, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    token = workload()
+    mark = marker()
+    first = add_password(lookalike, token, mark)
+    [held] = api.wait_for(mark)
+    done = cli(gateway, adele, "approve", held["id"], "--for", "30m", "--reason", "rotation window")
+    assert done.returncode == 0, done.stderr
+    assert first.result().status_code == 200
+    [grant] = [g for g in api.grants() if g["approval_id"] == held["id"]]
+    assert grant["state"] == "active" and grant["operation"] == held["operation"]
+    assert grant["id"] in cli(gateway, adele, "list").stdout
+
+    # Within the grant: another request of the same workload and operation goes straight on.
+    again = marker()
+    r = add_password(lookalike, token, again, name="second").result()
+    assert r.status_code == 200, r.text
+    assert not api.wait_for(again, count=0) and reached_graph(lookalike, again)
+    [line] = [a for a in gateway.audit() if again in (a.get("url") or "")]
+    assert line["decision"] == "allow" and grant["id"] in line["reason"] and "Adele Vance" in line["approver"]
+
+    # The grant is the workload's: another service principal of the same app is held.
+    other = marker()
+    call = add_password(lookalike, workload(str(uuid.uuid4())), other)
+    [held_other] = api.wait_for(other)
+    assert api.deny(held_other["id"]).status_code == 200
+    assert call.result().status_code == 403
+
+    # Revoked: held again.
+    r = api.revoke(grant["id"])
+    assert r.status_code == 200 and r.json()["grant"]["state"] == "revoked"
+    assert api.revoke(grant["id"]).status_code == 409
+    late = marker()
+    call = add_password(lookalike, token, late)
+    [held_late] = api.wait_for(late)
+    assert api.deny(held_late["id"], "grant revoked").status_code == 200
+    assert call.result().status_code == 403
+    assert any(a.get("event") == "grant_revoked" and grant["id"] in a["reason"] for a in gateway.audit())
+
+
+def test_a_grant_expires_on_time(gateway, lookalike, workload, api, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    token = workload()
+    mark = marker()
+    first = add_password(lookalike, token, mark)
+    [held] = api.wait_for(mark)
+    r = api.approve(held["id"], **{"for": "2s", "reason": "just this once, briefly"})
+    assert r.status_code == 200 and r.json()["grant"]["state"] == "active"
+    grant_id = r.json()["grant"]["id"]
+    assert first.result().status_code == 200
+
+    deadline = time.monotonic() + WAIT
+    while [g["state"] for g in api.grants("all") if g["id"] == grant_id] != ["expired"]:
+        assert time.monotonic() < deadline, "the grant never expired"
+        time.sleep(0.1)
+    assert grant_id not in [g["id"] for g in api.grants()]
+    late = marker()
+    call = add_password(lookalike, token, late)
+    [held_late] = api.wait_for(late)  # asked again: the expired grant covers nothing
+    assert api.deny(held_late["id"], "expired").status_code == 200
+    assert call.result().status_code == 403
+
+
+def test_grants_are_kept_across_a_restart(tmp_path, lookalike, authority, workload, adele, monkeypatch):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    token = workload()
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy)
+    try:
+        use_proxy(monkeypatch, gw)
+        api = API(gw, adele)
+        mark = marker()
+        call = add_password(lookalike, token, mark)
+        [held] = api.wait_for(mark)
+        grant = api.approve(held["id"], **{"for": "30m", "reason": "maintenance"}).json()["grant"]
+        assert call.result().status_code == 200
+        # A request still held when the gateway stops is cancelled, not left pending.
+        pending_mark = marker()
+        pending = add_password(lookalike, workload(str(uuid.uuid4())), pending_mark)
+        [still_held] = api.wait_for(pending_mark)
+    finally:
+        stop(gw.proc)
+    pending.thread.join(WAIT)
+    assert pending.done
+
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy)
+    try:
+        use_proxy(monkeypatch, gw)
+        api = API(gw, adele)
+        assert grant["id"] in [g["id"] for g in api.grants()]
+        assert grant["id"] in cli(gw, adele, "list").stdout
+        assert [a["state"] for a in api.approvals("all") if a["id"] == still_held["id"]] == ["cancelled"]
+        after = marker()
+        r = add_password(lookalike, token, after, name="after restart").result()
+        assert r.status_code == 200, r.text
+        assert not api.wait_for(after, count=0)
+        [line] = [a for a in gw.audit() if after in (a.get("url") or "")]
+        assert grant["id"] in line["reason"]
+    finally:
+        stop(gw.proc)
+
+
+# --- many at once --------------------------------------------------------------------------------
+
+
+def test_twenty_held_requests_do_not_hold_up_other_traffic(gateway, lookalike, workload, api, monkeypatch,
+                                                           tokens):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    held_calls = [add_password(lookalike, workload(), f"{mark}-{i}") for i in range(20)]
+    held = api.wait_for(mark, count=20)
+    assert len(held) == 20
+
+    # Other traffic, while all twenty wait: reads by another identity, one after the other.
+    reader = tokens()
+    for i in range(10):
+        r = requests.get(f"{GRAPH}/v1.0/users?$top=1&m={mark}-read-{i}",
+                         headers={"Authorization": f"Bearer {reader}"}, timeout=30)
+        assert r.status_code == 200, r.text
+    # ... all of them answered while the twenty are still held.
+    assert not any(c.done for c in held_calls)
+    assert len(api.wait_for(mark, count=20)) == 20
+
+    for a in held:
+        assert api.deny(a["id"], "load test").status_code == 200
+    assert [c.result().status_code for c in held_calls] == [403] * 20
+    assert not any(reached_graph(lookalike, f"{mark}-{i}") for i in range(20))
+
+
+# --- notifying approvers ---------------------------------------------------------------------------
+
+
+class _Webhook(http.server.BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).received.append(json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook(lookalike, tmp_path):
+    """An incoming-webhook receiver (like Slack's or Teams') with a certificate from the CA the
+    gateway trusts for its own outbound HTTPS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from nhi_gateway.lookalike.pki import issue_server_cert
+
+    pki = lookalike.state_dir / "pki"
+    ca_key = serialization.load_pem_private_key((pki / "ca.key.pem").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    key, cert = issue_server_cert(ca_key, ca_cert, names=(WEBHOOK_HOST,), addresses=("127.0.0.1",))
+    (tmp_path / "hook.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "hook.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "hook.pem", tmp_path / "hook.key")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    _Webhook.received = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], _Webhook.received
+    finally:
+        server.shutdown()
+
+
+def test_webhook_tells_approvers_what_is_asked_and_how_to_approve(tmp_path, lookalike, workload, adele,
+                                                                  webhook, monkeypatch):
+    port, received = webhook
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike, webhook=f"https://{WEBHOOK_HOST}/services/T000/B000/XXXX"))
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
+                       extra_args=["--resolve", f"{WEBHOOK_HOST}=127.0.0.1:{port}"])
+    try:
+        use_proxy(monkeypatch, gw)
+        api = API(gw, adele)
+        mark = marker()
+        call = add_password(lookalike, workload(), mark)
+        [held] = api.wait_for(mark)
+        deadline = time.monotonic() + WAIT
+        while not received:
+            assert time.monotonic() < deadline, f"no webhook message; gateway log:\n{gw.log.read_text()[-2000:]}"
+            time.sleep(0.05)
+        message = received[0]["text"]
+        assert held["id"] in message and "rotation-bot" in message and "secret-rotation" in message
+        assert f"nhi-gateway approvals approve {held['id']}" in message and gw.info["approvals_api"] in message
+        assert "body_preview" not in received[0]["nhi_gateway"]["approval"]  # the body stays with the gateway
+        assert "B000/XXXX" not in gw.log.read_text()  # a webhook URL's path is its secret: never logged
+        assert api.approve(held["id"]).status_code == 200
+        assert call.result().status_code == 200
+    finally:
+        stop(gw.proc)
+
+
+def test_a_failing_webhook_never_holds_up_the_request(tmp_path, lookalike, workload, adele, monkeypatch):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike, webhook=f"https://{WEBHOOK_HOST}/nobody-listens"))
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
+                       extra_args=["--resolve", f"{WEBHOOK_HOST}=127.0.0.1:9"])  # nothing listens there
+    try:
+        use_proxy(monkeypatch, gw)
+        api = API(gw, adele)
+        mark = marker()
+        call = add_password(lookalike, workload(), mark)
+        [held] = api.wait_for(mark)
+        assert api.approve(held["id"]).status_code == 200
+        assert call.result().status_code == 200
+        deadline = time.monotonic() + WAIT
+        while f"webhook to {WEBHOOK_HOST}" not in gw.log.read_text():
+            assert time.monotonic() < deadline, "the failed webhook was not logged"
+            time.sleep(0.05)
+        logged = gw.log.read_text().split(f"webhook to {WEBHOOK_HOST}", 1)[1][:300]
+        assert logged.startswith(" failed") and "nobody-listens" not in logged  # the URL's path stays out
+    finally:
+        stop(gw.proc)
+
+
+# --- the API's own listener ------------------------------------------------------------------------
+
+
+def test_the_api_listener_forwards_nothing(gateway, lookalike, adele):
+    before = len(lookalike.received())
+    with httpx.Client(base_url=gateway.info["approvals_api"], trust_env=False, timeout=30) as client:
+        r = client.get("/v1.0/users", headers={"Authorization": f"Bearer {adele}", "Host": "graph.microsoft.com"})
+    assert r.status_code == 404
+    assert len(lookalike.received()) == before
+    assert gateway.info["approvals_api"].startswith("http://127.0.0.1:")
+
+
+def test_the_approval_api_is_not_reachable_through_the_proxy(gateway, adele, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    api = gateway.info["approvals_api"]
+    r = requests.get(f"{api}/approvals", headers={"Authorization": f"Bearer {adele}"}, timeout=30,
+                     proxies={"http": gateway.proxy()})
+    assert r.status_code == 403, r.text
+    assert "not an upstream named in the policy" in error_message(r)

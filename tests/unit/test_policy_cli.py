@@ -1,0 +1,435 @@
+"""``nhi-gateway policy lint|explain|replay``, run through the real command line entry point."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from mitmproxy import io
+from mitmproxy.test import tflow, tutils
+
+from nhi_gateway.cli import main
+from nhi_gateway.decision import Decision, Stage
+from nhi_gateway.operation import Operation
+from nhi_gateway.policy import load_policy
+from nhi_gateway.principal import AuthMethod, Principal, TokenSource
+
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+EXAMPLE = POLICIES / "example.yaml"
+TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
+MCP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
+OID = "0b1c2d3e-0000-4000-8000-000000000042"
+OTHER = "11111111-2222-4333-8444-555555555555"
+GRAPH = "graph.microsoft.com"
+GROUP = "aaaaaaaa-0000-4000-8000-00000000000a"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["policy", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+HEAD = f"""\
+version: 1
+identity:
+  tenants: [{TENANT}]
+  audiences: [https://graph.microsoft.com]
+  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+upstreams:
+  - host: graph.microsoft.com
+rules:
+"""
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+
+def test_lint_passes_every_shipped_policy(capsys):
+    files = sorted(str(p) for p in POLICIES.glob("*.yaml"))
+    assert len(files) >= 5
+    code, out, _ = run(capsys, "lint", *files)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert len(lines) == len(files)  # one line per file, no warnings
+    for path, line in zip(files, lines, strict=True):
+        assert line.startswith(f"{path}: ok: ")
+    assert any("5 rules (2 allow, 2 deny, 1 approve), 2 upstreams, 1 mask profile" in line for line in lines)
+
+
+def test_lint_reports_file_line_column_and_hint_and_exits_1(capsys, tmp_path):
+    good = write(tmp_path, "good.yaml", HEAD + "- {id: r, action: allow, operations: [{host: graph.microsoft.com, methods: [GET], paths: [/users]}]}\n")
+    bad = write(tmp_path, "bad.yaml", HEAD + "- id: r\n  acton: allow\n")
+    code, out, _ = run(capsys, "lint", str(good), str(bad))
+    assert code == 1
+    assert f"{good}: ok: 1 rule (1 allow, 0 deny, 0 approve), 1 upstream, 0 mask profiles" in out
+    assert f"{bad}:10:3: unknown key 'acton' in rule 'r'" in out
+    assert "  hint: did you mean 'action'?" in out
+
+
+def test_lint_of_a_missing_file(capsys, tmp_path):
+    code, out, _ = run(capsys, "lint", str(tmp_path / "nope.yaml"))
+    assert code == 1 and "cannot read the policy file" in out
+
+
+SHADOWED = HEAD + f"""\
+- id: read-everything
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: ["*"], paths: ["/**"]}}]
+- id: read-users
+  action: allow
+  when: {{app_ids: [{MCP}]}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/{{id}}"]}}]
+- id: no-deletes
+  action: deny
+  operations: [{{host: graph.microsoft.com, methods: [DELETE], paths: ["/users/**"]}}]
+- id: delete-users
+  action: allow
+  when: {{groups: [{GROUP}]}}
+  operations: [{{host: graph.microsoft.com, methods: [DELETE], paths: ["/users/{{id}}"], versions: [v1.0]}}]
+- id: limited
+  action: allow
+  odata: {{max_top: 5}}
+  operations: [{{host: graph.microsoft.com, methods: ["*"], paths: ["/**"]}}]
+- id: expired
+  action: allow
+  schedule: {{valid_until: 2020-01-01T00:00:00Z}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups"]}}]
+"""
+
+
+def test_lint_warns_about_rules_that_never_decide_without_failing(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", SHADOWED)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0
+    assert (f"{path}:12:3: warning: rule 'read-users' never decides: the earlier allow rule "
+            "'read-everything' (line 9) matches every request it matches") in out
+    assert (f"{path}:19:3: warning: rule 'delete-users' never applies: deny rule 'no-deletes' (line 16) "
+            "matches every request it matches, and deny wins") in out
+    assert "rule 'limited' never decides" in out  # limits narrow it, the earlier rule has none
+    assert "warning: rule 'expired' expired at 2020-01-01T00:00:00+00:00" in out
+    assert "warning: rule 'read-everything'" not in out and "warning: rule 'no-deletes'" not in out
+    assert out.rstrip().endswith("6 rules (5 allow, 1 deny, 0 approve), 1 upstream, 0 mask profiles, 4 warnings")
+    code, _, _ = run(capsys, "lint", "--strict", str(path))
+    assert code == 1
+
+
+def test_lint_does_not_warn_when_a_rule_is_only_partly_covered(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", HEAD + f"""\
+- id: a
+  action: allow
+  when: {{app_ids: [{MCP}]}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users"]}}]
+- id: b
+  action: allow
+  when: {{app_ids: [{MCP}, {OTHER}]}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users"]}}]
+- id: c
+  action: allow
+  when: {{app_ids: [{MCP}]}}
+  operations: [{{host: graph.microsoft.com, methods: [GET, POST], paths: ["/users"]}}]
+- id: d
+  action: deny
+  schedule: {{hours: "00:00-06:00", timezone: UTC}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/**"]}}]
+- id: e
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups/{{id}}"], versions: [beta]}}]
+- id: f
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups/**"], versions: [v1.0]}}]
+""")
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0 and "warning" not in out, out
+
+
+# --- explain --------------------------------------------------------------------------------------
+
+AS_MCP = f"app={MCP},oid={OID},tenant={TENANT}"
+
+
+def test_explain_an_allow(capsys):
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", AS_MCP, "GET",
+                       "https://graph.microsoft.com/v1.0/users?$top=5")
+    assert code == 0
+    assert f"principal: app={MCP} oid={OID} tenant={TENANT} auth=unknown sources=bearer app_only=true" in out
+    assert "operation: GET graph.microsoft.com /v1.0/users  ?$top=5" in out
+    line = next(n for n, text in enumerate(EXAMPLE.read_text().splitlines(), 1) if "- id: directory-read" in text)
+    assert f"decision:  ALLOW by rule 'directory-read' ({EXAMPLE}:{line}:5), mask profile directory-pii" in out
+    assert "reason:    allowed by rule 'directory-read'" in out
+    # the other rules that named this request, and what they made of it
+    assert "no-key-material" in out and "does not apply: the request keeps within its odata limits" in out
+    assert "-> directory-read" in out
+
+
+def test_explain_a_deny_names_the_rule_and_every_rule_that_matched(capsys):
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", AS_MCP, "POST",
+                       f"https://graph.microsoft.com/v1.0/applications(appId='{MCP}')/addPassword")
+    assert code == 1
+    assert "decision:  DENY, rule 'no-credential-minting'" in out
+    assert "reason:    denied by rule 'no-credential-minting'" in out
+
+
+def test_explain_a_broken_odata_limit(capsys):
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", AS_MCP, "GET",
+                       "https://graph.microsoft.com/v1.0/users?$top=5000")
+    assert code == 1
+    assert "rule 'directory-read' would, but $top=5000 is more than 999 (odata.max_top)" in out
+    assert "directory-read" in out and "does not apply: $top=5000 is more than 999" in out
+
+
+def test_explain_an_approve_exits_3(capsys):
+    path = POLICIES / "credential-rotation.yaml"
+    code, out, _ = run(capsys, "explain", str(path), "--as",
+                       "app=7d2c4b1e-5f3a-4c6d-8e9f-0a1b2c3d4e5f,roles=Application.ReadWrite.OwnedBy,auth=certificate",
+                       "POST", "https://graph.microsoft.com/v1.0/applications/x/addPassword",
+                       "--at", "2025-07-07T09:00:00+02:00")
+    assert code == 3
+    assert "decision:  APPROVE by rule 'rotate-client-secrets'" in out
+    assert "approval:  users=- groups=3c9d1f7a-2b4e-4f6a-8c0d-1e2f3a4b5c6d timeout=900s max_grant=1800s" in out
+    code, out, _ = run(capsys, "explain", str(path), "--as",
+                       "app=7d2c4b1e-5f3a-4c6d-8e9f-0a1b2c3d4e5f,roles=Application.ReadWrite.OwnedBy,auth=certificate",
+                       "POST", "https://graph.microsoft.com/v1.0/applications/x/addPassword",
+                       "--at", "2025-07-05T09:00:00+02:00")  # a Saturday
+    assert code == 1
+    assert "not in force (schedule: mon,tue,wed,thu,fri 08:00-18:00 Europe/Berlin)" in out
+
+
+def test_explain_anonymous(capsys):
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", "anonymous", "POST",
+                       f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token")
+    assert code == 0 and "principal: anonymous (no token)" in out and "rule 'token-endpoint'" in out
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", "anonymous", "GET",
+                       "https://graph.microsoft.com/v1.0/users")
+    assert code == 1 and "DENY before any rule (identity stage, 401 InvalidAuthenticationToken)" in out
+
+
+def _unsigned_token(**claims) -> str:
+    def part(d):
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+    return f"{part({'typ': 'JWT', 'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+def test_explain_reads_a_jwt_without_verifying_it_and_says_so(capsys):
+    token = _unsigned_token(tid=TENANT, oid=OID, appid=MCP, appidacr="2", idtyp="app", ver="1.0",
+                            roles=["User.Read.All"], app_displayname="mcp-directory")
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", token, "GET", "https://graph.microsoft.com/v1.0/groups")
+    assert code == 0
+    assert "name=mcp-directory app=" in out and "auth=certificate" in out and "roles=User.Read.All" in out
+    assert "UNVERIFIED: decoded for explain only; its signature, issuer, audience and lifetime were not checked" in out
+
+
+def test_explain_reads_a_recorded_principal_or_claims_from_a_json_file(capsys, tmp_path):
+    recorded = Principal(TENANT, OID, MCP, "mcp-directory", auth_method=AuthMethod.CERTIFICATE,
+                         token_sources=(TokenSource.PROXY,))
+    path = write(tmp_path, "who.json", json.dumps(recorded.to_dict()))
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", str(path), "GET", "https://graph.microsoft.com/v1.0/users")
+    assert code == 0 and "sources=proxy" in out and "UNVERIFIED" not in out
+    claims = write(tmp_path, "claims.json", json.dumps({"tid": TENANT, "oid": OID, "appid": OTHER}))
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", str(claims), "GET", "https://graph.microsoft.com/v1.0/users")
+    assert code == 1 and "UNVERIFIED" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://evil.example/x", "host 'evil.example' is not an upstream named in the policy"),
+        ("http://graph.microsoft.com/v1.0/users", "plain HTTP to 'graph.microsoft.com' is refused"),
+        ("https://graph.microsoft.com:8443/v1.0/users", "port 8443 of 'graph.microsoft.com' is not allowed"),
+        ("https://graph.microsoft.com/v1.0/users/%2F..", "the request target cannot be judged safely: encoded slash"),
+    ],
+)
+def test_explain_shows_refusals_made_before_any_rule(capsys, url, reason):
+    code, out, _ = run(capsys, "explain", str(EXAMPLE), "--as", AS_MCP, "GET", url)
+    assert code == 1 and reason in out and "before any rule" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--as", "app=x,colour=blue", "GET", "https://graph.microsoft.com/v1.0/users"], "cannot read 'colour=blue'"),
+        (["--as", "auth=cert", "GET", "https://graph.microsoft.com/v1.0/users"], "auth must be one of"),
+        (["--as", "sources=header", "GET", "https://graph.microsoft.com/v1.0/users"], "sources are proxy and/or bearer"),
+        (["--as", "bob", "GET", "https://graph.microsoft.com/v1.0/users"], "expected 'anonymous'"),
+        (["--as", "eyJhbGciOiJSUzI1NiJ9.e30.x", "GET", "https://graph.microsoft.com/v1.0/users"], "has no tid or oid claim"),
+        (["--as", AS_MCP, "GET", "graph.microsoft.com/v1.0/users"], "give a full URL"),
+    ],
+)
+def test_explain_usage_errors_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, "explain", str(EXAMPLE), *argv)
+    assert code == 2 and message in err
+
+
+def test_explain_a_broken_policy_exits_2_with_its_position(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", HEAD + "- id: r\n  action: permit\n  operations: []\n")
+    code, _, err = run(capsys, "explain", str(path), "--as", "anonymous", "GET", "https://graph.microsoft.com/")
+    assert code == 2 and f"{path}:10:11:" in err
+
+
+def test_explain_time_needs_an_offset():
+    with pytest.raises(SystemExit) as e:
+        main(["policy", "explain", str(EXAMPLE), "--as", "anonymous", "GET", "https://graph.microsoft.com/",
+              "--at", "2025-07-07T09:00"])
+    assert e.value.code == 2
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+MCP_PRINCIPAL = Principal(TENANT, OID, MCP, "mcp-directory", auth_method=AuthMethod.CERTIFICATE,
+                          token_sources=(TokenSource.BEARER,))
+RECORDED_AT = datetime(2025, 7, 7, 9, 30, tzinfo=UTC)  # a Monday
+
+
+def recorded(method: str, target: str, decision: Decision | None, host: str = GRAPH):
+    """A flow as the gateway's recorder writes it: the redacted request and the decision."""
+    req = tutils.treq(method=method.encode(), scheme=b"https", host=host, port=443, authority=b"",
+                      path=target.encode(), headers=((b"host", host.encode()),), content=b"")
+    f = tflow.tflow(req=req, resp=True)
+    f.request.timestamp_start = RECORDED_AT.timestamp()
+    if decision is not None:
+        f.metadata["nhi"] = decision.to_dict()
+    return f
+
+
+def decided(policy, method: str, target: str, who=MCP_PRINCIPAL, host: str = GRAPH) -> Decision:
+    return policy.decide(who, Operation.from_request(method, "https", host, 443, target), RECORDED_AT)
+
+
+@pytest.fixture
+def recording(tmp_path) -> Path:
+    """Traffic decided under example.yaml, written with mitmproxy's FlowWriter."""
+    example = load_policy(EXAMPLE)
+    flows = [
+        recorded("GET", "/v1.0/users?$top=5", decided(example, "GET", "/v1.0/users?$top=5")),
+        recorded("GET", "/v1.0/groups", decided(example, "GET", "/v1.0/groups")),
+        recorded("POST", "/v1.0/applications/x/addPassword", decided(example, "POST", "/v1.0/applications/x/addPassword")),
+        recorded("DELETE", "/v1.0/users/x", decided(example, "DELETE", "/v1.0/users/x")),
+        # refused before the rules: never counted as a change
+        recorded("GET", "/v1.0/users", Decision.deny(Stage.IDENTITY, 401, "InvalidAuthenticationToken",
+                                                     "bearer token refused: signature", check="signature")),
+        recorded("GET", "/v1.0/users", None),
+        # allowed by the rules, withheld by masking afterwards
+        recorded("GET", "/v1.0/users/y", Decision.deny(Stage.MASKING, 502, "BadGateway", "withheld",
+                                                       check="masking", rule_id="directory-read",
+                                                       principal=MCP_PRINCIPAL.to_dict())),
+    ]
+    day = tmp_path / "recordings" / "2025-07-07" / TENANT
+    day.mkdir(parents=True)
+    with open(day / f"mcp-directory--{OID}.mitm", "wb") as f:
+        writer = io.FlowWriter(f)
+        for flow in flows:
+            writer.add(flow)
+    return tmp_path / "recordings"
+
+
+def test_replay_under_the_same_policy_changes_nothing(capsys, recording):
+    code, out, _ = run(capsys, "replay", "--policy", str(EXAMPLE), str(recording))
+    assert code == 0, out
+    assert "CHANGED" not in out
+    assert out.count("SKIPPED") == 2
+    assert "refused at the identity stage (signature) before any rule" in out
+    assert "no decision was recorded" in out
+    assert "replayed 7 flows from 1 files" in out and "5 re-decided, 0 would change" in out
+
+
+def test_replay_lists_each_flow_whose_decision_would_change(capsys, recording, tmp_path):
+    stricter = EXAMPLE.read_text().replace('          - "/groups/**"\n', "", 1)  # no more group reads
+    assert stricter != EXAMPLE.read_text()
+    looser = stricter.replace("      - host: graph.microsoft.com\n        methods: [GET]\n        # No version",
+                              "      - host: graph.microsoft.com\n        methods: [GET, DELETE]\n        # No version", 1)
+    assert looser != stricter
+    new = write(tmp_path, "new.yaml", looser)
+    code, out, _ = run(capsys, "replay", "--policy", str(new), str(recording))
+    assert code == 1
+    changed = [block for block in out.split("CHANGED  ")[1:]]
+    assert len(changed) == 2, out
+    groups = next(b for b in changed if "/v1.0/groups" in b)
+    assert "by mcp-directory" in groups
+    assert "allow (directory-read, mask directory-pii) -> deny (no rule)" in groups
+    assert "new reason: no rule allows GET graph.microsoft.com /v1.0/groups" in groups
+    assert "mcp-directory--" in groups  # which recording
+    delete = next(b for b in changed if "DELETE" in b)
+    assert "deny (no rule) -> allow (directory-read, mask directory-pii)" in delete
+    assert "2 would change" in out and "2 skipped" in out
+
+
+def test_replay_counts_a_new_mask_profile_as_a_change(capsys, recording, tmp_path):
+    text = EXAMPLE.read_text().replace("    mask: directory-pii\n", "", 1).replace("  default_profile: directory-pii\n", "", 1)
+    new = write(tmp_path, "unmasked.yaml", text)
+    code, out, _ = run(capsys, "replay", "--policy", str(new), str(recording))
+    assert code == 1
+    assert "allow (directory-read, mask directory-pii) -> allow (directory-read)" in out
+
+
+def test_replay_when_an_upstream_is_dropped(capsys, recording, tmp_path):
+    text = EXAMPLE.read_text()
+    new = write(tmp_path, "no-graph.yaml", text[: text.index("\nrules:") + 1].replace(
+        "  - host: graph.microsoft.com\n    token: any\n", "") + "rules: []\n")
+    code, out, _ = run(capsys, "replay", "--policy", str(new), str(recording))
+    assert code == 1
+    assert "allow (directory-read, mask directory-pii) -> deny (upstream)" in out
+
+
+def test_replay_decides_at_the_recorded_time(capsys, recording, tmp_path):
+    office_hours = EXAMPLE.read_text().replace(
+        "    odata:\n      max_top: 999\n",
+        "    odata:\n      max_top: 999\n    schedule: {days: [mon-fri], hours: ['08:00-18:00'], timezone: UTC}\n", 1)
+    new = write(tmp_path, "office.yaml", office_hours)
+    code, out, _ = run(capsys, "replay", "--policy", str(new), str(recording))
+    assert code == 0, out  # recorded on a Monday at 09:30 UTC
+    night = write(tmp_path, "night.yaml", office_hours.replace("08:00-18:00", "20:00-24:00"))
+    code, out, _ = run(capsys, "replay", "--policy", str(night), str(recording))
+    assert code == 1 and "allow (directory-read, mask directory-pii) -> deny (no rule)" in out
+
+
+def test_replay_input_errors_exit_2(capsys, tmp_path, recording):
+    code, _, err = run(capsys, "replay", "--policy", str(EXAMPLE), str(tmp_path / "missing"))
+    assert code == 2 and "no such file or directory" in err
+    text = EXAMPLE.read_text()
+    bad = write(tmp_path, "bad.yaml", text.replace("\nversion: 1\n", "\nversion: 2\n"))
+    line = text.splitlines().index("version: 1") + 1
+    code, _, err = run(capsys, "replay", "--policy", str(bad), str(recording))
+    assert code == 2 and f"{bad}:{line}:10: unsupported policy version 2" in err
+
+
+def test_replay_reads_a_truncated_recording_up_to_the_last_whole_flow(capsys, recording):
+    path = next(recording.rglob("*.mitm"))
+    data = path.read_bytes()
+    path.write_bytes(data[:-20])
+    code, out, err = run(capsys, "replay", "--policy", str(EXAMPLE), str(path))
+    assert code == 0
+    assert "replayed 6 flows from 1 files" in out
+
+
+def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_path):
+    from nhi_gateway.batch import judge_batch
+
+    example = load_policy(EXAMPLE)
+    body = json.dumps({"requests": [{"id": "1", "method": "GET", "url": "/users"},
+                                    {"id": "2", "method": "GET", "url": "groups?$top=3"}]}).encode()
+    outer = Operation.from_request("POST", "https", GRAPH, 443, "/v1.0/$batch")
+    old = judge_batch(example, MCP_PRINCIPAL, outer, body, "application/json")
+    assert old.allowed
+    flow = recorded("POST", "/v1.0/$batch", old)
+    flow.request.headers["content-type"] = "application/json"
+    flow.request.content = body
+    path = tmp_path / "batch.mitm"
+    with open(path, "wb") as f:
+        io.FlowWriter(f).add(flow)
+    code, out, _ = run(capsys, "replay", "--policy", str(EXAMPLE), str(path))
+    assert code == 0 and "1 re-decided, 0 would change" in out, out
+    no_groups = write(tmp_path, "no-groups.yaml", EXAMPLE.read_text().replace('          - "/groups/**"\n', "", 1))
+    code, out, _ = run(capsys, "replay", "--policy", str(no_groups), str(path))
+    assert code == 1
+    assert "CHANGED  flow" in out and "POST graph.microsoft.com /v1.0/$batch" in out
+    assert "allow (batch of 2) -> deny (batch of 2; refused: 2)" in out
+    assert "new reason: " in out and "2" in out.split("new reason: ", 1)[1].splitlines()[0]
