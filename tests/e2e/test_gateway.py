@@ -333,3 +333,19 @@ def test_connect_to_another_port_is_refused(gateway, tokens):
     head = s.recv(65536)
     s.close()
     assert head.split()[1] == b"403"
+
+
+def test_keep_alive_connection_serves_many_requests(gateway, lookalike, monkeypatch):
+    """One HTTP/1.1 client connection, many requests: the upstream connection is reused (a
+    rewritten upstream address once made the sixth request wait until the upstream dropped an
+    idle connection). --max-time only bounds a hang; it measures nothing."""
+    token = get_token(gateway, lookalike, monkeypatch)
+    out = subprocess.run(
+        ["curl", "--http1.1", "-sS", "--max-time", "4", "--cacert", gateway.ca_cert,
+         "-w", "\n@@%{http_code} %{num_connects}\n", "-H", f"Authorization: Bearer {token}",
+         *[f"{GRAPH}/v1.0/groups?n={i}" for i in range(12)]],
+        env=gateway.client_env(), capture_output=True, text=True, timeout=60,
+    )
+    results = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("@@")]
+    assert [code for code, _ in results] == ["200"] * 12, out.stderr
+    assert sum(int(n) for _, n in results) == 1  # one client connection for all twelve

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def run_main(argv: list[str]) -> int:
         description="Measure the gateway against bare mitmdump with the same load, in the same run "
                     "(loopback only, bounded). Prints a table; --json writes every figure.")
     p.add_argument("--quick", action="store_true",
-                   help="short runs (3s per scenario, 5,000-request memory run): about a minute")
+                   help="short runs (3s per scenario, 5,000-request memory run): about 1.5 minutes")
     p.add_argument("--json", type=Path, metavar="FILE", help="write all results here as JSON")
     p.add_argument("--duration", type=_positive(float), metavar="SECONDS",
                    help="seconds per scenario and target (quick 3, full 10)")
@@ -67,9 +66,11 @@ def run_main(argv: list[str]) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so every process started is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results = asyncio.run(run_all(settings, say))
+    try:
+        results = asyncio.run(run_all(settings, say))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
     print(render(results))
     if args.json:
         from .report import comparisons, json_safe, targets, warnings

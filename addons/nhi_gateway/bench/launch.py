@@ -21,21 +21,13 @@ import asyncio
 import socket
 from collections.abc import Mapping
 
+from ..addons.routing import install_resolver
 from ..egress import Address, parse_resolve
 
 
 def install(loop: asyncio.AbstractEventLoop, resolve: Mapping[str, Address]) -> None:
     """Make ``loop`` resolve the names in ``resolve`` to their address and port."""
-    original = loop.getaddrinfo
-
-    async def getaddrinfo(host, port, *args, **kwargs):
-        name = host.decode("idna") if isinstance(host, bytes) else host
-        target = resolve.get(name.lower().rstrip(".")) if name else None
-        if target is not None:
-            host, port = target.host, target.port
-        return await original(host, port, *args, **kwargs)
-
-    loop.getaddrinfo = getaddrinfo  # create_connection resolves through the loop's own method
+    install_resolver(loop, resolve)
 
 
 class ResolvingPolicy(asyncio.DefaultEventLoopPolicy):

@@ -278,29 +278,31 @@ class Bench:
                                               "--state-dir", str(w / "lookalike"), "--port", "0"],
                                 w / "lookalike" / "lookalike.json")
         la = await wait_for_json(w / "lookalike" / "lookalike.json", lookalike)
-        self.info["lookalike"] = la
-        ca = la["ca_cert"]
-        token = self._mint(la)
-        self.spec = load.RequestSpec(GRAPH, REQUEST_TARGET, token)
+        self.spec = load.RequestSpec(GRAPH, REQUEST_TARGET, self._mint(la))
         # The look-alike's own answer, verified by it with real RS256: what the stand-in replays.
-        canned = await self._fetch_canned(("127.0.0.1", la["port"]), ca)
+        canned = await self._fetch_canned(("127.0.0.1", la["port"]), la["ca_cert"])
         if s.upstream == "lookalike":
             self.upstream_proc, up_port = lookalike, la["port"]
         else:
-            canned_path, token_path = w / "canned-response.json", w / "token"
-            canned.to_file(canned_path)
-            token_path.write_text(token)
-            token_path.chmod(0o600)
-            pki = Path(ca).parent
-            standin = self._spawn("upstream", [
-                sys.executable, "-m", "nhi_gateway.bench", "upstream",
-                "--cert", str(pki / "server.pem"), "--key", str(pki / "server.key.pem"),
-                "--path", REQUEST_TARGET, "--token-file", str(token_path), "--canned", str(canned_path),
-                "--ready-file", str(w / "upstream.json")], w / "upstream.json")
-            up_port = (await wait_for_json(w / "upstream.json", standin))["port"]
-            self.upstream_proc = standin
-        self.info["upstream"] = {"kind": s.upstream, "port": up_port}
+            up_port = await self._start_standin(canned, Path(la["ca_cert"]).parent)
+        await self._start_proxies(la, up_port)
+        await self._preflight(canned)
 
+    async def _start_standin(self, canned: CannedResponse, pki: Path) -> int:
+        w = self.workdir
+        canned_path, token_path = w / "canned-response.json", w / "token"
+        canned.to_file(canned_path)
+        token_path.write_text(self.spec.token)
+        token_path.chmod(0o600)
+        self.upstream_proc = self._spawn("upstream", [
+            sys.executable, "-m", "nhi_gateway.bench", "upstream",
+            "--cert", str(pki / "server.pem"), "--key", str(pki / "server.key.pem"),
+            "--path", REQUEST_TARGET, "--token-file", str(token_path), "--canned", str(canned_path),
+            "--ready-file", str(w / "upstream.json")], w / "upstream.json")
+        return (await wait_for_json(w / "upstream.json", self.upstream_proc))["port"]
+
+    async def _start_proxies(self, la: dict, up_port: int) -> None:
+        w, ca = self.workdir, la["ca_cert"]
         # Both proxies resolve the names to loopback like DNS would (see launch.py): no
         # address rewriting, so URL, Host, SNI and upstream connection reuse are production's.
         resolve = [f"--resolve={GRAPH}=127.0.0.1:{up_port}",
@@ -321,7 +323,7 @@ class Bench:
         ], None)
         gateway = self._spawn("gateway", [
             sys.executable, "-m", "nhi_gateway.bench", "gateway", *resolve, "--",
-            "run", "--policy", str(s.policy),
+            "run", "--policy", str(self.settings.policy),
             "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
             "--recordings", str(self.records), "--upstream-ca", ca,
             "--ready-file", str(w / "gateway.json"),
@@ -339,7 +341,6 @@ class Bench:
             "gateway": load.Target("gateway", ("127.0.0.1", gw_ready["port"]), load.client_tls(gw_ready["ca_cert"])),
             "direct": load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False),
         }
-        await self._preflight(canned)
 
     def _spawn(self, name: str, argv: list[str], ready: Path | None) -> Process:
         proc = spawn(name, argv, self.workdir, ready)
@@ -471,6 +472,8 @@ def median_measurement(ms: list[Measurement]) -> dict:
 async def run_all(settings: Settings, say=print) -> dict:
     bench = Bench(settings, say)
     started = time.monotonic()
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C: the finally below stops every process.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     try:
         await bench.start()
         say(f"upstream: {settings.upstream}; policy: {settings.policy}; {settings.rounds} round(s) of "
