@@ -7,8 +7,11 @@ Changing, removing, inserting or reordering a line breaks the chain at that line
 the whole file from some point on can recompute every hash after it, and removing lines from the
 end leaves no trace. Anchor :attr:`AuditLog.head` somewhere else to close both gaps.
 
-Every line is written, flushed and fsynced before :meth:`AuditLog.append` returns, so a crash
-loses at most the line being written. A torn last line is kept (it is evidence), terminated, and
+Every line is handed to the operating system (one unbuffered ``write``) before
+:meth:`AuditLog.append` returns, so a killed gateway loses at most the line being written. With
+``fsync_interval=0`` each line is also fsynced before ``append`` returns; with an interval, a
+background thread fsyncs at most that often, so the event loop never waits for the disk (a power
+loss can then cost the last interval; a failed fsync makes the next ``append`` fail, closed). A torn last line is kept (it is evidence), terminated, and
 acknowledged by the next record (``decision: "torn-tail"``), which carries its hash and length.
 """
 
@@ -100,8 +103,12 @@ class AuditLog:
     fails with :class:`AuditWriteError` instead of forking the chain.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], fsync_interval: float = 0.0):
         self.path = Path(path)
+        self.fsync_interval = fsync_interval
+        self._dirty = threading.Event()
+        self._sync_error: OSError | None = None
+        self._syncer: threading.Thread | None = None
         self._lock = threading.Lock()
         self._file: Any = None
         self._broken = False  # a write failed: reopen (and recover the tail) before the next
@@ -208,13 +215,44 @@ class AuditLog:
             while view:
                 written = self._file.write(view)
                 view = view[written:]
-            os.fsync(self._file.fileno())
+            if self.fsync_interval <= 0:
+                os.fsync(self._file.fileno())
+            else:
+                self._dirty.set()
+                self._start_syncer()
         except OSError as e:
             self._broken = True
             raise AuditWriteError(f"cannot write audit log {self.path}: {e}") from e
         last = advance_to if advance_to is not None else data[:-1].rpartition(b"\n")[2]
         self._seq += 1
         self._prev = line_hash(last)
+
+    def _start_syncer(self) -> None:
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, name="audit-fsync", daemon=True)
+            self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while not self._closed:
+            self._dirty.wait(timeout=self.fsync_interval)
+            if self._closed:
+                return
+            if not self._dirty.is_set():
+                continue
+            self._dirty.clear()
+            self.sync()
+            threading.Event().wait(self.fsync_interval)  # at most one fsync per interval
+
+    def sync(self) -> None:
+        """fsync what has been written; a failure is reported by the next ``append``."""
+        f = self._file
+        if f is None:
+            return
+        try:
+            os.fsync(f.fileno())
+        except (OSError, ValueError) as e:  # ValueError: closed meanwhile
+            if isinstance(e, OSError):
+                self._sync_error = e
 
     def append(self, record: dict) -> dict:
         """Write one record; returns the line as written (with ``seq``, ``prev`` and ``time``).
@@ -225,6 +263,10 @@ class AuditLog:
         with self._lock:
             if self._closed:
                 raise AuditWriteError(f"audit log {self.path} is closed")
+            if self._sync_error is not None:
+                e, self._sync_error = self._sync_error, None
+                self._broken = True
+                raise AuditWriteError(f"cannot sync audit log {self.path}: {e}") from e
             if self._broken or self._file is None:
                 # A failed write may have left part of a line: start again from what is on disk.
                 if self._file is not None:
@@ -242,7 +284,12 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._dirty.set()  # wake the syncer so it ends
             if self._file is not None:
+                try:
+                    os.fsync(self._file.fileno())
+                except OSError:
+                    pass
                 self._file.close()
                 self._file = None
 

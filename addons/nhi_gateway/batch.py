@@ -30,7 +30,8 @@ audit trail and the recording always show every inner request of a batch that re
 
 Responses (``{"responses": [{"id", "status", "headers", "body"}]}``, in any order) are masked by
 :func:`mask_batch_response`: each inner ``body`` by the mask profile of *its own* inner decision,
-looked up by id case-insensitively. See that function for what is refused (502).
+looked up by id case-insensitively, exactly as it would be masked alone (fields, paths rooted at
+the inner body, detectors, text and binary bodies). See that function for what is refused (502).
 """
 
 from __future__ import annotations
@@ -46,7 +47,17 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from nhi_gateway.decision import Action, Decision, Stage, refusal_body
-from nhi_gateway.masking import MaskingError, is_json_content_type, mask_document, mask_json_bytes
+from nhi_gateway.masking import (
+    MaskingError,
+    MaskProfile,
+    as_profile,
+    combine,
+    dump_json,
+    is_json_content_type,
+    mask_body,
+    mask_document,
+    mask_json_bytes,
+)
 from nhi_gateway.operation import GRAPH_VERSIONS, Operation, OperationError, normalize_method
 from nhi_gateway.principal import Principal
 
@@ -610,23 +621,25 @@ def _folded_members(obj: dict, name: str) -> list[str]:
 def mask_batch_response(
     data: bytes,
     entries: list[dict],
-    fields_of: Callable[[str], frozenset[str]],
+    profile_of: Callable[[str], MaskProfile | frozenset[str]],
 ) -> tuple[bytes, list[dict], int]:
     """Mask a ``$batch`` response: each ``responses[].body`` by its own inner request's profile.
 
-    ``fields_of(profile_name)`` gives a profile's fields (and raises when it no longer exists).
-    Returns the body (always re-serialised from the parsed document, so no repeated member the
-    parser dropped reaches the client), the entries with ``response_status`` and
-    ``masked_fields``, and the number of values masked.
+    ``profile_of(profile_name)`` gives a :class:`~nhi_gateway.masking.MaskProfile` (or, in the
+    older form, the member names to redact) and raises when it no longer exists. The response is
+    parsed once, masked in place and serialised once. Returns the body (always re-serialised from
+    the parsed document, so no repeated member the parser dropped reaches the client), the
+    entries with ``response_status`` and ``masked_fields``, and the number of values masked.
 
     Withheld (:class:`BatchResponseError`, the caller answers 502): a body that is not JSON, a
     response whose id is not one of the batch's requests or is answered twice, a response that is
-    not an object or repeats ``id``/``body`` in another case, and a string body (Graph's base64
-    form) under a mask profile that cannot be base64-decoded, or that is declared JSON and does
-    not parse. A decoded string body that parses as a JSON document is masked whatever its
-    declared type; one that does not (an image, a PDF) is passed as it would be alone.
-    Members next to ``responses`` (and an answer without ``responses``, such as Graph's error
-    for the whole batch) are masked with every profile of the batch.
+    not an object or repeats ``id``/``body`` in another case, and, under a mask profile, a string
+    body (Graph's base64 form) that cannot be base64-decoded, that is declared JSON and does not
+    parse, that is declared text and does not decode, or that is binary under a profile that
+    refuses binary bodies. A decoded string body that parses as a JSON document is masked as JSON
+    whatever its declared type. Members next to ``responses`` (and an answer without
+    ``responses``, such as Graph's error for the whole batch) are masked with every profile of
+    the batch together.
     """
     try:
         doc = json.loads(data, parse_constant=_refuse_json_constant)
@@ -637,34 +650,38 @@ def mask_batch_response(
     except ValueError as e:
         raise BatchResponseError(f"the batch response is not valid JSON: {e}") from e
     by_key = {str(e.get("id") or "").casefold(): dict(e) for e in entries if e.get("id")}
-    profiles = {e.get("mask_profile") for e in entries if e.get("mask_profile")}
-    every: frozenset[str] = frozenset().union(*(fields_of(p) for p in profiles)) if profiles else frozenset()
+    names = sorted({e.get("mask_profile") for e in entries if e.get("mask_profile")})
+    every = combine([as_profile(profile_of(n)) for n in names], "batch") if names else None
     if not isinstance(doc, dict):
-        masked, count = mask_document(doc, every)
-        return _dump(masked), list(by_key.values()), count
+        count = mask_document(doc, every)[1] if every is not None else 0
+        return _dump(doc), list(by_key.values()), count
     keys = _folded_members(doc, "responses")
     if len(keys) > 1:
         raise BatchResponseError("the batch response has 'responses' more than once")
-    out: dict = {}
     count = 0
-    for key, value in doc.items():
-        if keys and key == keys[0]:
-            continue
-        masked, n = mask_document({key: value}, every)
-        out.update(masked)  # type: ignore[arg-type]
-        count += n
+    if every is not None:
+        for key in list(doc):
+            if keys and key == keys[0]:
+                continue
+            # One member at a time, as a document of its own, so that the inner responses are
+            # masked by their own profiles only.
+            count += _mask_member(doc, key, every)
     if keys:
         items = doc[keys[0]]
         if not isinstance(items, list):
             raise BatchResponseError("the batch response's 'responses' is not a list")
         answered: set[str] = set()
-        masked_items = []
         for item in items:
-            masked_item, n = _mask_item(item, by_key, answered, fields_of)
-            masked_items.append(masked_item)
-            count += n
-        out[keys[0]] = masked_items
-    return _dump(out), [by_key.get(str(e.get("id") or "").casefold(), dict(e)) for e in entries], count
+            count += _mask_item(item, by_key, answered, profile_of)
+    return _dump(doc), [by_key.get(str(e.get("id") or "").casefold(), dict(e)) for e in entries], count
+
+
+def _mask_member(doc: dict, key: str, profile: MaskProfile) -> int:
+    """One member of ``doc`` masked as if it were the only one (by name, paths, detectors)."""
+    wrapper = {key: doc[key]}
+    _, n = mask_document(wrapper, profile)
+    doc[key] = wrapper[key]
+    return n
 
 
 def _refuse_json_constant(name: str) -> object:
@@ -672,15 +689,14 @@ def _refuse_json_constant(name: str) -> object:
 
 
 def _dump(doc: object) -> bytes:
-    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return dump_json(doc)
+    except MaskingError as e:
+        raise BatchResponseError(f"the batch response is not valid JSON: {e}") from e
 
 
 def _mask_item(item: object, by_key: dict[str, dict], answered: set[str],
-               fields_of: Callable[[str], frozenset[str]]) -> tuple[dict, int]:
+               profile_of: Callable[[str], MaskProfile | frozenset[str]]) -> int:
     if not isinstance(item, dict):
         raise BatchResponseError("an item of 'responses' is not a JSON object")
     id_keys = _folded_members(item, "id")
@@ -697,49 +713,54 @@ def _mask_item(item: object, by_key: dict[str, dict], answered: set[str],
     if key in answered:
         raise BatchResponseError(f"the batch response answers id {response_id[:80]!r} more than once")
     answered.add(key)
-    fields = fields_of(e["mask_profile"]) if e.get("mask_profile") else frozenset()
-    out: dict = {}
+    profile = as_profile(profile_of(e["mask_profile"])) if e.get("mask_profile") else None
     count = 0
-    for name, value in item.items():
-        folded = name.casefold()
-        if folded in ("id", "status", "headers"):
-            out[name] = value
-        elif folded == "body":
-            out[name], n = _mask_body(value, item, fields, response_id)
-            count += n
-        else:
-            masked, n = mask_document({name: value}, fields)
-            out.update(masked)  # type: ignore[arg-type]
+    if profile is not None:
+        for name in list(item):
+            folded = name.casefold()
+            if folded in ("id", "status", "headers"):
+                continue
+            if folded == "body":
+                item[name], n = _mask_body(item[name], item, profile, response_id)
+            else:
+                n = _mask_member(item, name, profile)
             count += n
     status = next((item[k] for k in _folded_members(item, "status")), 0)
     e["response_status"] = status if isinstance(status, int) and not isinstance(status, bool) else 0
     e["masked_fields"] = count
-    return out, count
+    return count
 
 
-def _mask_body(body: object, item: dict, fields: frozenset[str], response_id: str) -> tuple[object, int]:
-    if not fields:
-        return body, 0
+def _mask_body(body: object, item: dict, profile: MaskProfile, response_id: str) -> tuple[object, int]:
     if isinstance(body, (dict, list)):
-        return mask_document(body, fields)
+        return mask_document(body, profile)
     if not isinstance(body, str):
         return body, 0  # a number, boolean or null holds no field
     headers = next((item[k] for k in _folded_members(item, "headers")), None)
     content_type = header(headers, "content-type") if isinstance(headers, dict) else ""
     decoded, urlsafe = _b64decode(body)
+    where = f"the body of response {response_id[:80]!r}"
     if decoded is None:
-        raise BatchResponseError(f"the body of response {response_id[:80]!r} is a string that is not "
-                                 "base64, so it cannot be checked for masked fields")
-    if is_json_content_type(content_type) or decoded.lstrip()[:1] in (b"{", b"["):
+        raise BatchResponseError(f"{where} is a string that is not base64, so it cannot be checked for masked fields")
+    declared_json = is_json_content_type(content_type)
+    masked: bytes | None = None
+    count = 0
+    if declared_json or decoded.lstrip()[:1] in (b"{", b"["):
         try:
-            masked, count = mask_json_bytes(decoded, fields)
+            masked, count = mask_json_bytes(decoded, profile)
         except MaskingError as e:
-            if is_json_content_type(content_type):
-                raise BatchResponseError(f"the body of response {response_id[:80]!r} could not be masked ({e})") from e
-            return body, 0  # not JSON after all (text that starts with a bracket): as it would be alone
-        encoded = base64.urlsafe_b64encode(masked) if urlsafe else base64.b64encode(masked)
-        return encoded.decode("ascii"), count
-    return body, 0
+            if declared_json:
+                raise BatchResponseError(f"{where} could not be masked ({e})") from e
+            # Not JSON after all (text that starts with a bracket): masked as its declared type.
+    if masked is None:
+        try:
+            masked, count = mask_body(decoded, content_type, profile)
+        except MaskingError as e:
+            raise BatchResponseError(f"{where} could not be masked ({e})") from e
+        if masked is decoded:
+            return body, 0  # unchanged: as Graph sent it, padding and alphabet included
+    encoded = base64.urlsafe_b64encode(masked) if urlsafe else base64.b64encode(masked)
+    return encoded.decode("ascii"), count
 
 
 def _b64decode(text: str) -> tuple[bytes | None, bool]:

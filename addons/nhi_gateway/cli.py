@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import policy_cli
 from . import approvals_cli, records_cli
+from .addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 from .egress import parse_resolve
 from .groups import DEFAULT_TTL, CredentialError, credential_from_settings
 from .policy import PolicyError
@@ -48,6 +49,9 @@ def _add_run(sub) -> None:
     p.add_argument("--recordings-fsync", type=float, default=DEFAULT_FSYNC_INTERVAL, metavar="SECONDS",
                    help="fsync each recording at most this often (default 1; 0: after every flow). "
                         "Every flow reaches the OS before its response, so a killed gateway loses none")
+    p.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT, metavar="SECONDS",
+                   help=f"how long an upstream has to answer a request before the client gets 502 "
+                        f"(default {DEFAULT_UPSTREAM_TIMEOUT:g})")
     p.add_argument("--resolve", action="append", default=[], metavar="HOST=ADDR:PORT",
                    help="send HOST to ADDR:PORT, keeping URL, Host and SNI (like curl --resolve)")
     p.add_argument("--upstream-ca", type=Path, default=None,
@@ -101,6 +105,9 @@ def cmd_run(args) -> int:
     if args.recordings_fsync < 0:
         print("nhi-gateway: --recordings-fsync must be 0 or more seconds", file=sys.stderr)
         return 2
+    if not args.upstream_timeout > 0:
+        print("nhi-gateway: --upstream-timeout must be more than 0 seconds", file=sys.stderr)
+        return 2
     if args.groups_ttl < 0:
         print("nhi-gateway: --groups-ttl must be 0 or more seconds", file=sys.stderr)
         return 2
@@ -121,6 +128,7 @@ def cmd_run(args) -> int:
         recordings_max_bytes=args.recordings_max_bytes,
         recordings_hourly=args.recordings_rotate == "hourly",
         recordings_fsync=args.recordings_fsync,
+        upstream_timeout=args.upstream_timeout,
     )
     try:
         asyncio.run(serve(config))

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import hooks, master, options
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import events as proxy_events
+from mitmproxy.proxy import server as proxy_server
 from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_layer, proxyserver, tlsconfig
 
 from .addons.approval import Approval
@@ -34,6 +37,7 @@ from .addons.membership import Membership
 from .addons.recorder import Recorder
 from .addons.reload import PolicyReload
 from .addons.routing import Routing
+from .addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from .approvals import Approvals, ApprovalStore, ApprovalStoreError
 from .audit import AuditLog
 from .egress import Address, EgressClient
@@ -69,6 +73,7 @@ class GatewayConfig:
     # approval API listens (default: 127.0.0.1, the proxy's port + 1, or a free port with port 0).
     approvals_db: Path | None = None
     approvals_listen: tuple[str, int] | None = None
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
 
 
 @dataclass
@@ -107,7 +112,7 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
                 groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
     audit_path = config.audit_path or config.recordings / "audit.jsonl"
-    audit = Audit(AuditLog(audit_path), health)
+    audit = Audit(AuditLog(audit_path, fsync_interval=config.recordings_fsync), health)
     approvals = open_approvals(config)
     notify = None
     if egress is not None:
@@ -127,6 +132,7 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         Approval(policies, approvals, health, audit.log, notify),  # holds `approve` decisions
         Masking(policies),
         Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
+        UpstreamTimeout(config.upstream_timeout),  # times what goes upstream: 502 instead of a hang
         audit,
         recorder,  # after audit and guard: the recording shows what the client saw
     ]
@@ -157,6 +163,36 @@ def approvals_listen(config: GatewayConfig) -> tuple[str, int]:
     return host, port
 
 
+def answer_lost_connection_attempts() -> None:
+    """Work around a mitmproxy 12.3 race: an upstream that resets the connection between
+    ``connect()`` and ``getpeername()`` fails ``assert command.connection.peername`` in
+    ``ConnectionHandler.open_connection``. The task dies without telling the layer that waits
+    for the connection, so the request hangs until ``tcp_timeout``, and when the client gives up
+    the flow is never audited or recorded (its events queue behind the layer that waits). The
+    attempt is answered here as the failed connection it is: the client gets 502 and the flow
+    its ``error`` hook."""
+    original = proxy_server.ConnectionHandler.open_connection
+    if getattr(original, "nhi_answers_lost_attempts", False):
+        return
+
+    async def open_connection(self, command):
+        try:
+            await original(self, command)
+        except AssertionError:
+            conn = command.connection
+            if conn.peername is not None or self.transports.get(conn) is None:
+                raise
+            io = self.transports.pop(conn)
+            if io.writer is not None:
+                io.writer.close()
+            conn.state = ConnectionState.CLOSED
+            conn.error = "the upstream reset the connection as it was opened"
+            await self.server_event(proxy_events.OpenConnectionCompleted(command, conn.error))
+
+    open_connection.nhi_answers_lost_attempts = True
+    proxy_server.ConnectionHandler.open_connection = open_connection
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host if ":" in host else socket.gethostbyname(host)).is_loopback
@@ -166,6 +202,7 @@ def _is_loopback(host: str) -> bool:
 
 async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
+    answer_lost_connection_attempts()
     policies = PolicyStore(load_policy(config.policy_path))
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)
@@ -206,6 +243,7 @@ async def start(config: GatewayConfig) -> Gateway:
         body_size_limit=BODY_SIZE_LIMIT,
         stream_large_bodies=None,
         rawtcp=False,
+        websocket=False,  # upgrades are refused at the request (guard); never relay messages unjudged
         ssl_insecure=False,
         **({"ssl_verify_upstream_trusted_ca": str(config.upstream_ca)} if config.upstream_ca else {}),
     )

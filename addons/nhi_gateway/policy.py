@@ -20,11 +20,19 @@ Schema (``policies/example.yaml`` is a commented, working example)::
     upstreams:                                   # required (may be empty): the only hosts reachable at all
       - host: graph.microsoft.com
         token: any                               # optional, default any; any | proxy | bearer | both | none
-    masking:                                     # optional
+    masking:                                     # optional (see "Masking" below)
       default_profile: directory-pii             # optional; used by allow rules without `mask`
+      pseudonym_key_env: NHI_MASK_KEY            # required if a profile uses pseudonym: the variable
+                                                 # that holds the HMAC key (never the key itself)
       profiles:
-        directory-pii:
-          fields: [mail, mobilePhone]            # JSON member names masked wherever they occur
+        directory-pii:                           # at least one of fields, paths, detectors
+          fields: [mail, mobilePhone]            # member names matched anywhere; a list redacts,
+          # fields: {mail: partial, userPrincipalName: pseudonym}   # a mapping names the style
+          paths: {"$.value[*].identities[*].issuerAssignedId": redact}  # or a list
+          detectors: {email: partial, phone: redact}   # or a list: email phone jwt bearer
+                                                 # graph_secret high_entropy
+          binary: refuse                         # optional; pass | refuse (default: refuse with
+                                                 # detectors, pass without)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
     rules:                                       # optional, default none (= deny everything)
@@ -145,6 +153,21 @@ Decisions (precedence deny > approve > allow, default deny):
 3. otherwise the first matching ``allow`` rule allows it (with its mask profile);
 4. otherwise the request is refused: "no rule allows <op>".
 
+Masking (:mod:`nhi_gateway.masking` has the details) hides what an allowed response holds, by
+the profile of the rule (``mask``) or ``masking.default_profile``. A profile matches ``fields``
+(member names, case-insensitively, at any depth), ``paths`` (JSON paths: ``$``, ``.name``,
+``['name']``, ``.*``/``[*]``, ``[0]``, ``..name``; filters, slices and unions are refused) and
+``detectors`` (``email``, ``phone``, ``jwt``, ``bearer``, ``graph_secret``, ``high_entropy``:
+shapes found inside any string and text body). Each entry names a style: ``redact`` (the value
+becomes ``"[masked]"``), ``partial`` (a hint: ``a***@contoso.com``, ``abc***``) or
+``pseudonym`` (``pseudonym:<16 hex>``, HMAC-SHA256 keyed with the value of the environment
+variable ``pseudonym_key_env`` names, at least 16 bytes; the same value gives the same token
+within a deployment). A policy whose profiles make pseudonyms does not load while that variable
+is unset or short: the gateway refuses to start, and a reload keeps the last good policy.
+``binary`` says whether a body the detectors cannot read (images, PDFs, octet streams) is passed
+or refused (502); it defaults to refuse when the profile has detectors. A body that does not
+parse as its declared type (JSON, form, text in its charset) is always refused (502).
+
 ``nhi-gateway policy lint`` reports these errors and warns about rules that can never decide;
 ``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
 recorded traffic under an edited policy (:mod:`nhi_gateway.policy_cli`).
@@ -156,9 +179,10 @@ more than the schema can (hosts under upstreams, unique ids, known profiles and 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -168,6 +192,16 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from nhi_gateway.decision import Action, Decision, Stage
+from nhi_gateway.masking import (
+    MIN_KEY_BYTES,
+    BinaryBodies,
+    Detector,
+    JSONPathError,
+    MaskProfile,
+    PseudonymKey,
+    Style,
+    compile_path,
+)
 from nhi_gateway.operation import (
     GRAPH_HOSTS,
     GRAPH_VERSIONS,
@@ -198,6 +232,7 @@ _PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _HOURS = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 MAX_TOP = 1_000_000
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARM_ID = re.compile(r"/subscriptions/[^/\s]+/resourcegroups/[^/\s]+/providers/[^/\s]+(/[^/\s]+){2,}", re.I)
 
 
@@ -270,12 +305,6 @@ class IdentityConfig:
     issuers: tuple[IssuerConfig, ...]
     leeway_seconds: int = DEFAULT_LEEWAY
     client_secret_grants: ClientSecretGrants = ClientSecretGrants.FLAG
-
-
-@dataclass(frozen=True)
-class MaskProfile:
-    name: str
-    fields: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -874,8 +903,11 @@ class PolicyStore:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and check a policy file; raises :class:`PolicyError` and nothing else."""
+def load_policy(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Policy:
+    """Read and check a policy file; raises :class:`PolicyError` and nothing else.
+
+    ``environ`` (default: this process's environment) holds the pseudonym key named by
+    ``masking.pseudonym_key_env``."""
     source = str(path)
     try:
         data = Path(path).read_bytes()
@@ -889,15 +921,16 @@ def load_policy(path: str | Path) -> Policy:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1  # in bytes: the text has no columns yet
         raise PolicyError(source, line, col, "the policy file is not UTF-8", "save it as UTF-8") from e
-    return parse_policy(text, source)
+    return parse_policy(text, source, environ=environ)
 
 
-def parse_policy(text: str | bytes, source_name: str = "<policy>") -> Policy:
+def parse_policy(text: str | bytes, source_name: str = "<policy>", *,
+                 environ: Mapping[str, str] | None = None) -> Policy:
     """Parse and check policy text; raises :class:`PolicyError` and nothing else."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8-sig")
-        return _Loader(source_name, text).load()
+        return _Loader(source_name, text, environ).load()
     except PolicyError:
         raise
     except RecursionError as e:
@@ -982,9 +1015,10 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 
 class _Loader:
-    def __init__(self, source: str, text: str) -> None:
+    def __init__(self, source: str, text: str, environ: Mapping[str, str] | None = None) -> None:
         self.source = source
         self.text = text
+        self.environ = os.environ if environ is None else environ
         self.profiles: dict[str, MaskProfile] = {}
         self.upstream_hosts: set[str] = set()
         self.tenants: frozenset[str] = frozenset()
@@ -1026,6 +1060,29 @@ class _Loader:
             ) from e
         except YAMLError as e:
             raise PolicyError(self.source, 1, 1, f"YAML error: {e}") from e
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            # ruamel's constructors raise these, unmarked, for a value its explicit tag cannot
+            # hold: `!!int abc`, `!!bool maybe`, `!!timestamp 2025-13-45`, `!!omap 5`.
+            line, col, tag = self._first_tag()
+            raise PolicyError(
+                self.source, line, col,
+                f"YAML cannot read the value tagged {tag}: {e}" if tag else f"YAML cannot read this document: {e}",
+                "remove the tag: a policy needs no YAML tags, write the plain value",
+            ) from e
+
+    def _first_tag(self) -> tuple[int, int, str]:
+        """Where the first explicitly tagged node is (1-based), and its tag as written."""
+        from ruamel.yaml import YAML
+
+        try:
+            for event in YAML(typ="rt").parse(self.text):
+                tag = getattr(event, "tag", None)
+                if tag:
+                    mark = event.start_mark
+                    return mark.line + 1, mark.column + 1, tag.replace("tag:yaml.org,2002:", "!!")
+        except Exception:  # noqa: BLE001 - only a position is looked for; the error is already known
+            pass
+        return 1, 1, ""
 
     # -- generic shapes ------------------------------------------------------------------------
 
@@ -1267,18 +1324,134 @@ class _Loader:
             )
 
     def masking(self, node: _Value) -> str | None:
-        m = self.mapping(node, "masking", {"default_profile": False, "profiles": False})
+        m = self.mapping(node, "masking", {"default_profile": False, "pseudonym_key_env": False, "profiles": False})
+        key_env = None
+        if "pseudonym_key_env" in m:
+            key_env = self.string(m["pseudonym_key_env"], "masking.pseudonym_key_env", "e.g. NHI_MASK_KEY")
+            if not _ENV_NAME.fullmatch(key_env):
+                self.fail(m["pseudonym_key_env"].pos,
+                          f"masking.pseudonym_key_env: '{key_env}' is not an environment variable name",
+                          "name the variable that holds the key (letters, digits and _), e.g. NHI_MASK_KEY; "
+                          "never put the key itself in the policy")
         if "profiles" in m:
             for name, kpos, pnode in self.entries(m["profiles"], "masking.profiles"):
                 what = f"masking profile '{name}'"
                 if not _RULE_ID.fullmatch(name):
                     self.fail(kpos, f"{what}: invalid name", "use letters, digits and . _ : -")
-                fields = self.mapping(pnode, what, {"fields": True})
-                names = frozenset(f.strip() for f, _ in self.strings(fields["fields"], f"{what}.fields"))
-                self.profiles[name] = MaskProfile(name, names)
+                self.profiles[name] = self.mask_profile(name, pnode, what, m.get("pseudonym_key_env"), key_env)
         if "default_profile" in m:
             return self.profile_ref(m["default_profile"], "masking.default_profile")
         return None
+
+    def mask_profile(self, name: str, node: _Value, what: str, key_node: _Value | None,
+                     key_env: str | None) -> MaskProfile:
+        m = self.mapping(node, what, {"fields": False, "paths": False, "detectors": False, "binary": False})
+        if not any(k in m for k in ("fields", "paths", "detectors")):
+            self.fail(node.key_pos or node.pos, f"{what} masks nothing: give fields, paths or detectors",
+                      "e.g. fields: [mail, mobilePhone], or detectors: [email, graph_secret]")
+        fields = self.mask_targets(m["fields"], f"{what}.fields", self.mask_field) if "fields" in m else {}
+        paths = self.mask_targets(m["paths"], f"{what}.paths", self.mask_path) if "paths" in m else {}
+        detectors = self.mask_targets(m["detectors"], f"{what}.detectors", self.detector) if "detectors" in m else {}
+        binary = None
+        if "binary" in m:
+            binary = BinaryBodies(self.choice(m["binary"], f"{what}.binary", [b.value for b in BinaryBodies]))
+        key = None
+        uses = [(t, pos) for targets in (fields, paths, detectors) for t, (style, pos) in targets.items()
+                if style is Style.PSEUDONYM]
+        if uses:
+            key = self.pseudonym_key(uses[0], what, key_node, key_env)
+        return MaskProfile(
+            name,
+            {k: s for k, (s, _) in fields.items()},
+            paths={k: s for k, (s, _) in paths.items()},
+            detectors={k: s for k, (s, _) in detectors.items()},
+            binary=binary,
+            pseudonym_key=key,
+        )
+
+    def mask_targets(self, node: _Value, what: str, check) -> dict[str, tuple[Style, Pos]]:
+        """``[a, b]`` (each redacted) or ``{a: style, b: style}``; ``check(text, pos, what)``
+        returns the entry as it is kept."""
+        out: dict[str, tuple[Style, Pos]] = {}
+        styles = [s.value for s in Style]
+        if isinstance(node.value, dict):
+            items = []
+            for k, kpos, v in self.entries(node, what):
+                if v.value is None:
+                    self.fail(kpos, f"{what}: '{k}' has no style", f"write '{k}: redact' (or {', '.join(styles)})")
+                items.append((k, kpos, Style(self.choice(v, f"{what}: '{k}'", styles))))
+            if not items:
+                self.fail(node.pos, f"{what} must not be empty")
+        else:
+            hint = "a list (each entry redacted) or a mapping of entry to style (redact, partial, pseudonym)"
+            items = [(k, pos, Style.REDACT) for k, pos in self.strings(node, what, hint)]
+        folded: dict[str, str] = {}
+        for k, kpos, style in items:
+            entry = check(k, kpos, what)
+            same = folded.get(str(entry).casefold())
+            if same is not None and out[same][0] is not style:
+                self.fail(kpos, f"{what}: '{entry}' is listed twice with different styles",
+                          "names match case-insensitively; keep one entry")
+            folded.setdefault(str(entry).casefold(), entry)
+            out[entry] = (style, kpos)
+        return out
+
+    def mask_field(self, name: str, pos: Pos, what: str) -> str:
+        name = name.strip()
+        if not name:
+            self.fail(pos, f"{what}: a field name must not be empty")
+        if "[" in name or "]" in name or name.startswith("$"):
+            # A path spelt as a name would silently match nothing, leaving the value unmasked.
+            path = name if name.startswith("$") else "$.." + name.lstrip(".").replace("[]", "[*]")
+            self.fail(pos, f"{what}: '{name}' is a path, but fields are member names matched wherever they occur",
+                      f"list it under paths as '{path}', or give the last name alone")
+        return name
+
+    def mask_path(self, text: str, pos: Pos, what: str) -> str:
+        text = text.strip()
+        try:
+            compile_path(text)
+        except JSONPathError as e:
+            self.fail(self.inside(pos, text, e.offset),
+                      f"{what}: invalid JSON path '{text}': {e.message} (at character {e.offset + 1})",
+                      e.hint or "supported: $, .name, ['name'], .* or [*], [0], ..name")
+        return text
+
+    def inside(self, pos: Pos, text: str, offset: int) -> Pos:
+        """The position of ``text[offset]`` when ``text`` is written as is (plain or quoted, on
+        one line) at ``pos``; ``pos`` itself otherwise."""
+        lines = self.text.splitlines()
+        line = lines[pos[0]] if 0 <= pos[0] < len(lines) else ""
+        start = pos[1] + (1 if line[pos[1]:pos[1] + 1] in ("'", '"') else 0)
+        return (pos[0], start + offset) if line.startswith(text, start) else pos
+
+    def detector(self, text: str, pos: Pos, what: str) -> str:
+        names = [d.value for d in Detector]
+        if text not in names:
+            hint = _suggest(text, names) or f"use one of: {', '.join(names)}"
+            self.fail(pos, f"{what}: unknown detector '{text}'", hint)
+        return text
+
+    def pseudonym_key(self, use: tuple[str, Pos], what: str, key_node: _Value | None,
+                      key_env: str | None) -> PseudonymKey:
+        entry, pos = use
+        if key_env is None or key_node is None:
+            self.fail(pos, f"{what}: '{entry}' asks for pseudonyms, but masking.pseudonym_key_env is not set",
+                      "add 'pseudonym_key_env: NHI_MASK_KEY' under masking and set that environment variable "
+                      "to a long random value before the gateway starts")
+        raw = self.environ.get(key_env)
+        # Never the value itself in a message: only whether it is there and how long it is.
+        if not raw:
+            self.fail(key_node.pos, f"masking.pseudonym_key_env: the environment variable {key_env} is not set "
+                                    f"(or empty), and {what} makes pseudonyms with it",
+                      f"set {key_env} to a long random value, e.g. {key_env}=$(openssl rand -base64 32), and keep it "
+                      "the same across restarts so that pseudonyms stay the same")
+        key = raw.encode("utf-8", "surrogateescape")
+        if len(key) < MIN_KEY_BYTES:
+            self.fail(key_node.pos, f"masking.pseudonym_key_env: the key in {key_env} is {len(key)} bytes long; "
+                                    f"a pseudonym key needs at least {MIN_KEY_BYTES}",
+                      f"e.g. {key_env}=$(openssl rand -base64 32)")
+        return PseudonymKey(key, f"${key_env}")
 
     def profile_ref(self, node: _Value, what: str) -> str:
         name = self.string(node, what)

@@ -23,7 +23,9 @@ anyway (a crash inside the ``write`` of a large flow, a full disk) is moved to `
 the next writer of that file, or at the next start, so every ``.mitm`` file stays readable by
 ``mitmdump -nr`` and ``mitmweb -r``.
 
-No mitmproxy import: the writer takes bytes (a tnetstring record, as ``FlowWriter`` writes it).
+Records: one tnetstring dict per flow, as ``FlowWriter`` writes it. :class:`RecordEncoder` makes them
+from a flow's redacted state, serialising each connection once rather than once per flow; the
+writer takes bytes and knows nothing of flows.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mitmproxy.io import tnetstring
+
+if TYPE_CHECKING:
+    from mitmproxy.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ ANONYMOUS = "anonymous"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 1.0
 MAX_OPEN_FILES = 64
+MAX_CACHED_CONNECTIONS = 1024
 ROTATIONS = ("daily", "hourly")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -232,6 +241,50 @@ def recover_recent(root: Path, days: int = 2) -> list[Path]:
             except OSError as e:
                 logger.error("%s: cannot check for a torn tail: %s", path, e)
     return repaired
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+class RecordEncoder:
+    """Flow states to records, with each connection's part serialised once while it stays the same.
+
+    A connection's state (addresses, TLS parameters, the server's certificate chain as PEM) is the
+    same for every request on it, and serialising it through mitmproxy's generic ``get_state`` costs
+    more than the rest of the flow. Its record part is kept per connection id until any attribute
+    of the connection changes (TLS set up, closed, an error), for the most recent connections.
+    """
+
+    def __init__(self, max_connections: int = MAX_CACHED_CONNECTIONS) -> None:
+        self.max_connections = max_connections
+        self._parts: OrderedDict[str, tuple[tuple, bytes]] = OrderedDict()
+
+    def encode(self, state: dict, client_conn: Connection, server_conn: Connection) -> bytes:
+        """The record of a flow whose state, less its connections, is ``state``."""
+        rest = tnetstring.dumps(state)
+        # A tnetstring dict is "<length>:<key><value>...}" and its items may come in any order:
+        # the connections' items go after the others.
+        items = b"".join((
+            rest[rest.index(b":") + 1 : -1],
+            self._part("client_conn", client_conn),
+            self._part("server_conn", server_conn),
+        ))
+        return b"%d:%s}" % (len(items), items)
+
+    def _part(self, key: str, conn: Connection) -> bytes:
+        # Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy
+        # may change one in place.
+        snapshot = tuple(tuple(v) if isinstance(v, list) else v for v in vars(conn).values())
+        cached = self._parts.get(conn.id)
+        if cached is not None and cached[0] == snapshot:
+            self._parts.move_to_end(conn.id)
+            encoded = cached[1]
+        else:
+            encoded = tnetstring.dumps(conn.get_state())
+            self._parts[conn.id] = (snapshot, encoded)
+            if len(self._parts) > self.max_connections:
+                self._parts.popitem(last=False)
+        return tnetstring.dumps(key) + encoded
 
 
 # --- writing -------------------------------------------------------------------------------------

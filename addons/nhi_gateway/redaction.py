@@ -2,10 +2,15 @@
 
 Recordings (``FlowWriter``) and the audit trail outlive the tokens they saw, and whoever reads them
 is not whoever was allowed to use those tokens. Everything bound for disk passes through here:
-:func:`redact_url` for URLs, :func:`redact_flow_for_disk` for whole flows.
+:func:`redact_url` for URLs, :func:`redacted_state` for whole flows (the recorder serialises it
+directly; :func:`redact_flow_for_disk` makes a flow object of it).
 
 The live flow is never touched: redacting its headers or body would change what goes upstream
 (mitmproxy sends the flow object as it stands after the hooks).
+
+Every flow passes through here, so the common case is kept cheap: the credential patterns have a
+fixed part (``eyJ``, ``Q~``, a member name) that a substring test finds long before a regex or a
+JSON walk would, and only text that has one is scanned in full.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import copy
 import json
 import logging
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from nhi_gateway.masking import MAX_DEPTH, MaskingError, is_json_content_type
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
     from mitmproxy import http
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound="http.Message")
 
 REDACTED = "[redacted]"
 
@@ -108,6 +115,9 @@ _AUTH_SCHEMES = frozenset(
 _SECRET_HEADER_NAME = re.compile(
     r"(?i)(token|secret|passw|api-?key|-key$|^key$|credential|signature)"
 )
+# The same, for a lowercased ASCII name: IGNORECASE makes the regex several times slower.
+_SECRET_LOWER_ASCII_HEADER_NAME = re.compile(_SECRET_HEADER_NAME.pattern.removeprefix("(?i)"))
+_USERINFO = re.compile(r"//[^/]*@")
 _URL_HEADERS = frozenset({"location", "content-location", "referer"})
 _SET_COOKIE_ATTRS = frozenset(
     {"expires", "max-age", "domain", "path", "secure", "httponly", "samesite", "partitioned"}
@@ -119,7 +129,20 @@ _CREDENTIAL_METADATA = frozenset({"proxyauth"})
 
 def scrub_text(text: str) -> str:
     """Replace anything shaped like a JWT or an Entra client secret."""
-    return _ENTRA_SECRET.sub(REDACTED, _JWT.sub(REDACTED, text))
+    # The secret pattern has no literal prefix, so the regex alone tries every position of the text.
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    if "Q~" in text:
+        text = _ENTRA_SECRET.sub(REDACTED, text)
+    return text
+
+
+def _scrub_bytes(data: bytes) -> bytes:
+    if b"eyJ" in data:
+        data = _JWT_BYTES.sub(REDACTED.encode(), data)
+    if b"Q~" in data:
+        data = _ENTRA_SECRET_BYTES.sub(REDACTED.encode(), data)
+    return data
 
 
 def _scrub_loose(text: str) -> str:
@@ -165,7 +188,7 @@ def redact_url(url: str) -> str:
     except ValueError:
         # urlsplit refuses some malformed hosts ("http://[::1"): keep only what is safe to keep.
         head, q, _ = url.partition("?")
-        head = re.sub(r"//[^/]*@", f"//{REDACTED}@", head)
+        head = _USERINFO.sub(f"//{REDACTED}@", head)
         return scrub_text(head) + (f"?{REDACTED}" if q else "")
     netloc = parts.netloc
     if "@" in netloc:
@@ -182,19 +205,25 @@ def redact_url(url: str) -> str:
     )
 
 
-def _redact_tree(obj: object) -> tuple[object, int]:
+def _redact_tree(obj: object, serialisable: bool = False) -> tuple[object, int]:
     """A copy of a JSON (or tnetstring) value with secret members and secret-shaped strings
-    replaced; returns the copy and the number of replacements. Iterative and depth-limited."""
+    replaced; returns the copy and the number of replacements. Iterative and depth-limited.
+
+    With ``serialisable``, raises ``TypeError`` or ``UnicodeEncodeError`` where mitmproxy's
+    tnetstring could not write the value (the types it takes, text that encodes as UTF-8).
+    """
 
     def leaf(value: object) -> tuple[object, int]:
         if isinstance(value, str):
+            if serialisable and not value.isascii():
+                value.encode("utf-8")  # lone surrogates do not
             new = scrub_text(value)
             return new, int(new != value)
         if isinstance(value, bytes):
-            new_b = _ENTRA_SECRET_BYTES.sub(
-                REDACTED.encode(), _JWT_BYTES.sub(REDACTED.encode(), value)
-            )
+            new_b = _scrub_bytes(value)
             return new_b, int(new_b != value)
+        if serialisable and not (value is None or isinstance(value, (int, float))):
+            raise TypeError(f"{type(value).__name__} is not tnetstring-serialisable")
         return value, 0
 
     if not isinstance(obj, (dict, list, tuple)):
@@ -206,9 +235,10 @@ def _redact_tree(obj: object) -> tuple[object, int]:
         src, dst, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise MaskingError(f"document nested deeper than {MAX_DEPTH} levels")
-        items = src.items() if isinstance(src, dict) else enumerate(src)  # type: ignore[union-attr]
+        is_dict = isinstance(src, dict)
+        items = src.items() if is_dict else enumerate(src)  # type: ignore[union-attr]
         for key, value in items:
-            if isinstance(src, dict):
+            if is_dict:
                 new_key, n = leaf(key)
                 changes += n
                 if isinstance(key, str) and key.casefold() in _SECRET_JSON_FIELDS:
@@ -226,6 +256,13 @@ def _redact_tree(obj: object) -> tuple[object, int]:
     return root, changes
 
 
+def _names_a_secret_member(text: str) -> bool:
+    # Casefolding works character by character, so a member name that casefolds to a secret one
+    # leaves that name in the casefolded text.
+    folded = text.casefold()
+    return any(name in folded for name in _SECRET_JSON_FIELDS)
+
+
 def _redact_json_text(text: str) -> str:
     """Raises MaskingError when the text is not JSON."""
 
@@ -238,6 +275,10 @@ def _redact_json_text(text: str) -> str:
         raise
     except (ValueError, RecursionError) as e:
         raise MaskingError("not valid JSON") from e
+    if "\\" not in text and not _names_a_secret_member(text) and scrub_text(text) == text:
+        # Without escapes every member name and string of the document is a piece of the text as
+        # it stands: none names a secret member and none holds a token, so the walk would find nothing.
+        return text
     redacted, changes = _redact_tree(doc)
     if not changes:
         # Parsing dropped nothing that matters, but a duplicate key the parser discarded may
@@ -328,7 +369,7 @@ def _redact_header_value(name: str, value: str) -> str:
         value = _redact_set_cookie(value)
     elif lname in _URL_HEADERS:
         value = redact_url(value)
-    elif _SECRET_HEADER_NAME.search(lname):
+    elif (_SECRET_LOWER_ASCII_HEADER_NAME if lname.isascii() else _SECRET_HEADER_NAME).search(lname):
         value = REDACTED
     return scrub_text(value)
 
@@ -339,46 +380,56 @@ def _redact_headers(headers: http.Headers) -> None:
         name = raw_name.decode("utf-8", "surrogateescape")
         value = raw_value.decode("utf-8", "surrogateescape")
         new = _redact_header_value(name, value)
-        fields.append((raw_name, new.encode("utf-8", "surrogateescape")))
+        fields.append((raw_name, raw_value if new == value else new.encode("utf-8", "surrogateescape")))
     headers.fields = tuple(fields)
 
 
 def _metadata_for_disk(flow: http.HTTPFlow) -> dict:
-    # Imported here so that redact_url, and the audit trail that uses it, load without mitmproxy.
-    from mitmproxy.io import tnetstring
-
     kept = {}
     for key, value in flow.metadata.items():
         if key in _CREDENTIAL_METADATA:
             continue
         try:
-            tnetstring.dumps({key: value})
-            value, _ = _redact_tree(value)
+            _redact_tree(key, serialisable=True)  # the key is checked, and kept as it is
+            value, _ = _redact_tree(value, serialisable=True)
         except Exception:
-            # Also keeps flow.copy() from deep-copying live objects (locks, events, clients).
+            # Live objects (the Principal, locks, events, clients) stay in memory.
             logger.debug("flow %s: metadata %r left out of the recording", flow.id, key)
             continue
         kept[key] = value
     return kept
 
 
-def redact_flow_for_disk(flow: http.HTTPFlow) -> http.HTTPFlow:
-    """A copy of ``flow`` that is safe to write with ``FlowWriter``; ``flow`` is not modified.
+def _disk_copy(message: M) -> M:
+    """A request or response that redaction may change while the live one goes upstream as it is.
 
-    The copy keeps the live flow's id, so audit lines and recorded flows can be joined.
-    Bodies that cannot be decoded, or claim JSON and do not parse, are replaced by a placeholder
-    (noted in ``metadata["nhi_gateway.withheld"]``) instead of being written raw.
+    Shallow: the copy shares the live message's bytes (immutable) until redaction replaces them.
+    ``Message.from_state`` would do the same work with a type check of every field on top, and
+    ``flow.copy()`` round-trips the whole flow, connections and certificates included.
     """
-    # A shallow stand-in carries the filtered metadata into copy(): flow.copy() deep-copies
-    # metadata and the undo backup (which still holds the original, unredacted request) as is.
-    stand_in = copy.copy(flow)
-    stand_in.metadata = _metadata_for_disk(flow)
-    stand_in._backup = None
-    disk = stand_in.copy()
-    disk.id = flow.id
+    disk = copy.copy(message)
+    disk.data = copy.copy(message.data)
+    disk.data.headers = message.data.headers.copy()
+    if message.data.trailers is not None:
+        disk.data.trailers = message.data.trailers.copy()
+    return disk
+
+
+def redacted_state(flow: http.HTTPFlow) -> dict:
+    """What is written to disk for ``flow``: its ``get_state()`` with credentials redacted, less
+    ``client_conn`` and ``server_conn``. ``flow`` is not modified.
+
+    Connections carry no credential and are the same for every flow on them, so the recorder
+    serialises each once (:class:`nhi_gateway.recordings.RecordEncoder`) rather than per flow.
+    The undo backup, which still holds the original request, is never part of it. Bodies that
+    cannot be decoded, or claim JSON and do not parse, are replaced by a placeholder (noted in
+    ``metadata["nhi_gateway.withheld"]``) instead of being written raw.
+    """
+    # Imported here so that redact_url, and the audit trail that uses it, load without mitmproxy.
+    from mitmproxy.version import FLOW_FORMAT_VERSION
 
     withheld = {}
-    request = disk.request
+    request = _disk_copy(flow.request)
     _redact_headers(request.headers)
     if request.trailers:
         _redact_headers(request.trailers)
@@ -388,20 +439,55 @@ def redact_flow_for_disk(flow: http.HTTPFlow) -> http.HTTPFlow:
         request.authority = f"{REDACTED}@{request.authority.rpartition('@')[2]}"
     if why := _redact_body(request):
         withheld["request"] = why
-    if disk.response:
-        _redact_headers(disk.response.headers)
-        if disk.response.trailers:
-            _redact_headers(disk.response.trailers)
-        if why := _redact_body(disk.response):
+    response = None
+    if flow.response:
+        response = _disk_copy(flow.response)
+        _redact_headers(response.headers)
+        if response.trailers:
+            _redact_headers(response.trailers)
+        if why := _redact_body(response):
             withheld["response"] = why
-    if disk.websocket:
-        for message in disk.websocket.messages:
-            message.content = _ENTRA_SECRET_BYTES.sub(
-                REDACTED.encode(), _JWT_BYTES.sub(REDACTED.encode(), message.content)
-            )
-    if disk.error:
-        disk.error.msg = scrub_text(disk.error.msg)
-    disk.comment = scrub_text(disk.comment)
+    websocket = None
+    if flow.websocket:
+        disk_websocket = type(flow.websocket).from_state(flow.websocket.get_state())
+        for message in disk_websocket.messages:
+            message.content = _scrub_bytes(message.content)
+        websocket = disk_websocket.get_state()
+    error = None
+    if flow.error:
+        error = flow.error.get_state()
+        error["msg"] = scrub_text(error["msg"])
+    metadata = _metadata_for_disk(flow)
     if withheld:
-        disk.metadata["nhi_gateway.withheld"] = withheld
-    return disk
+        metadata["nhi_gateway.withheld"] = withheld
+    # The fields of HTTPFlow.get_state(); a test holds this to mitmproxy's own for a clean flow.
+    return {
+        "version": FLOW_FORMAT_VERSION,
+        "type": flow.type,
+        "id": flow.id,  # audit lines and recorded flows join on it
+        "error": error,
+        "intercepted": flow.intercepted,
+        "is_replay": flow.is_replay,
+        "marked": flow.marked,
+        "metadata": metadata,
+        "comment": scrub_text(flow.comment),
+        "timestamp_created": flow.timestamp_created,
+        "backup": None,
+        "request": request.get_state(),
+        "response": response.get_state() if response else None,
+        "websocket": websocket,
+    }
+
+
+def redact_flow_for_disk(flow: http.HTTPFlow) -> http.HTTPFlow:
+    """A copy of ``flow`` that is safe to write with ``FlowWriter``; ``flow`` is not modified.
+
+    The flow form of :func:`redacted_state` (same id, connections included), for callers that
+    want an object to inspect or hand to mitmproxy.
+    """
+    from mitmproxy import http
+
+    state = redacted_state(flow)
+    state["client_conn"] = flow.client_conn.get_state()
+    state["server_conn"] = flow.server_conn.get_state()
+    return http.HTTPFlow.from_state(state)

@@ -139,3 +139,40 @@ def test_replay_of_the_gateway_s_own_recording_lists_what_an_edit_would_change(r
     assert "allow (directory-read, mask directory-pii) -> deny (no-user-reads)" in changed[0]
     assert "refused at the identity stage" in out.stdout  # the bad token: skipped, not a change
     assert "1 would change" in out.stdout
+
+
+CORRUPTIONS = {
+    "emptied": lambda good: b"",
+    "not UTF-8": lambda good: b"\xff\xfe" + good.encode("utf-16-le")[:200],
+    "cut off mid-line, as by a crash while saving": lambda good: good.encode()[: good.rindex('paths: ["/users') + 12],
+    "not a policy at all": lambda good: b"just a string\n",
+}
+
+
+def test_a_corrupted_or_replaced_policy_file_keeps_the_last_good_policy(running, tokens):
+    gw, policy = running
+    token = tokens()
+    good = policy.read_text() + NO_USERS
+    policy.write_text(good)
+    until(lambda: get(gw, token, "/v1.0/users").status_code == 403, "the deny rule took effect")
+
+    def refusals() -> int:
+        return gw.log.read_text(errors="replace").count("policy reload refused")
+
+    for name, corrupt in CORRUPTIONS.items():
+        seen = refusals()
+        policy.write_bytes(corrupt(good))
+        until(lambda: refusals() > seen, f"the {name} file was refused")
+        assert get(gw, token, "/v1.0/users").status_code == 403, name  # the last good policy holds
+        assert get(gw, token, "/v1.0/groups").status_code == 200, name
+        policy.write_text(good + f"# {name}\n")  # a good file again (a new one, so it is read)
+
+    # A directory where the file was: unreadable, refused the same way.
+    seen = refusals()
+    policy.unlink()
+    policy.mkdir()
+    until(lambda: refusals() > seen, "the directory was refused")
+    assert get(gw, token, "/v1.0/users").status_code == 403
+    policy.rmdir()
+    policy.write_text(good)
+    assert gw.proc.poll() is None

@@ -2,6 +2,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta, timezone
@@ -100,7 +101,38 @@ def test_every_append_is_fsynced(tmp_path, monkeypatch):
         log.append(record(1))
         log.append(record(2))
         fd = log._file.fileno()
-    assert synced[before:] == [fd, fd]
+        assert synced[before:] == [fd, fd]
+
+
+def test_with_an_interval_appends_reach_the_os_and_a_thread_fsyncs(tmp_path, monkeypatch):
+    synced = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(audit.os, "fsync", lambda fd: (synced.set(), real_fsync(fd)))
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path, fsync_interval=0.05) as log:
+        log.append(record(1))
+        assert len(lines_of(path)) == 1  # in the file (the OS has it) before append returned
+        assert synced.wait(timeout=10)  # and the background thread fsynced it
+
+
+def test_a_failed_background_fsync_fails_the_next_append(tmp_path, monkeypatch):
+    failed = threading.Event()
+
+    def broken_fsync(fd):
+        failed.set()
+        raise OSError(5, "Input/output error")
+
+    with AuditLog(tmp_path / "a.jsonl", fsync_interval=0.05) as log:
+        monkeypatch.setattr(audit.os, "fsync", broken_fsync)
+        log.append(record(1))
+        assert failed.wait(timeout=10)
+        for _ in range(100):  # the thread records the error just after calling fsync
+            if log._sync_error is not None:
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(AuditWriteError):
+            log.append(record(2))
+        monkeypatch.setattr(audit.os, "fsync", lambda fd: None)
 
 
 def test_reopening_continues_the_chain(tmp_path):

@@ -20,10 +20,15 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import connection, flow, http
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
+from nhi_gateway.addons import approval as approval_module
 from nhi_gateway.addons import guard as guard_module
 from nhi_gateway.addons import masking as masking_module
+from nhi_gateway.addons import membership as membership_module
+from nhi_gateway.addons import upstream_timeout as upstream_timeout_module
+from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode
 from nhi_gateway.addons.audit import Audit
 from nhi_gateway.addons.authorization import Authorization
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, set_decision
@@ -404,6 +409,10 @@ REQUEST_SIDE_FAILURES = {
     "identity.request (verify)": lambda gw, mp: mp.setattr(gw.verifier, "verify", boom),
     "authorization.request (decide)": lambda gw, mp: mp.setattr(gw.policies.current, "decide", boom),
     "guard.request": lambda gw, mp: mp.setattr(gw.addon(Guard), "_unhealthy", boom),
+    "membership.request (needs_lookup)": lambda gw, mp: mp.setattr(membership_module, "needs_lookup", boom),
+    "approval.request (decision_of)": lambda gw, mp: mp.setattr(approval_module, "decision_of", boom),
+    "upstream_timeout.request (event loop)": lambda gw, mp: mp.setattr(
+        upstream_timeout_module, "asyncio", type("NoLoop", (), {"get_running_loop": staticmethod(boom)})),
 }
 
 
@@ -479,6 +488,38 @@ async def test_exception_in_responseheaders_kills_the_flow(gw, tokens, monkeypat
     assert decision_of(f).stage is Stage.ERROR and not decision_of(f).allowed
 
 
+async def async_boom(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+async def test_exception_in_the_approval_api_refuses_the_call(gw, tokens, monkeypatch):
+    monkeypatch.setattr(ApprovalsAPI, "_caller", async_boom)
+    client = tflow.tclient_conn()
+    client.proxy_mode = ProxyMode.parse(api_mode("127.0.0.1", 1))
+    f = graph_request(client, path="/approvals", host="approvals.nhi-gateway.invalid", scheme="http",
+                      port=1, bearer=tokens["reader"])
+    assert await exchange(gw.chain, f, graph_json({})) is None
+    r = refusal(f, 500)
+    assert (r["code"], r["stage"]) == ("GatewayError", "error")
+
+
+async def test_exception_in_the_recorder_refuses_and_amends_the_audit_line(tmp_path, authority, tokens, monkeypatch):
+    audit_path = tmp_path / "audit.jsonl"
+    gw = build_gateway(tmp_path, authority, audit_path=audit_path)
+    with taddons.context(*gw.chain):
+        client = await tunnel(gw)
+        f = graph_request(client, bearer=tokens["reader"])
+        upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
+        sent = await exchange(gw.chain, f, upstream,
+                              before_response=lambda: monkeypatch.setattr(gw.recorder, "write", boom))
+        assert sent is not None
+        r = refusal(f, 500)
+        assert (r["code"], r["stage"]) == ("GatewayError", "error")
+    gw.recorder.done()
+    lines = [json.loads(raw) for raw in audit_path.read_text().splitlines() if json.loads(raw)["flow_id"] == f.id]
+    assert [line["status"] for line in lines] == [200, 500] and "amends" in lines[-1]
+
+
 # --- 3. streamed bodies ----------------------------------------------------------------------------
 
 
@@ -518,6 +559,27 @@ async def test_websocket_is_killed(gw):
     f = tflow.twebsocketflow()
     await run_hook(gw.chain, "websocket_start", f)
     assert killed(f)
+
+
+@pytest.mark.parametrize("protocol", ["websocket", "h2c", "TLS/1.2", ""])
+async def test_upgrade_request_is_refused_before_it_goes_upstream(gw, tokens, protocol):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])  # a request the policy allows
+    f.request.headers["Connection"] = "Upgrade"
+    f.request.headers["Upgrade"] = protocol
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("guard", "upgrade")
+    assert decision_of(f).operation.startswith("GET graph.microsoft.com") and decision_of(f).principal  # on record
+
+
+async def test_a_101_answer_is_not_relayed(gw, tokens):
+    client = await tunnel(gw)
+    f = graph_request(client, bearer=tokens["reader"])
+    switching = http.Response.make(101, b"", {"Upgrade": "websocket", "Connection": "Upgrade"})
+    assert await exchange(gw.chain, f, switching) is not None
+    r = refusal(f, 502)
+    assert (r["stage"], r["check"]) == ("guard", "upgrade")
 
 
 # --- 5. records that cannot be written -----------------------------------------------------------
@@ -593,6 +655,25 @@ async def test_audit_write_failure_refuses_and_stops_the_gateway(gw, tokens, mon
     assert await exchange(gw.chain, g, graph_json(USERS)) is None
     r = refusal(g, 503)
     assert (r["stage"], r["check"]) == ("guard", "health")
+
+
+async def test_an_answer_cut_short_is_audited_as_the_502_the_client_got(tmp_path, authority, tokens):
+    # The upstream's headers arrived, its body never did: mitmproxy answers the client 502 and
+    # calls `error`; flow.response still holds the upstream's 200 headers.
+    audit_path = tmp_path / "audit.jsonl"
+    gw = build_gateway(tmp_path, authority, audit_path=audit_path)
+    with taddons.context(*gw.chain):
+        client = await tunnel(gw)
+        f = graph_request(client, bearer=tokens["reader"])
+        await run_hook(gw.chain, "requestheaders", f)
+        await run_hook(gw.chain, "request", f)
+        f.response = graph_json(USERS)
+        await run_hook(gw.chain, "responseheaders", f)
+        f.error = flow.Error("peer closed connection without sending complete message body")
+        await run_hook(gw.chain, "error", f)
+    gw.recorder.done()
+    line = [json.loads(raw) for raw in audit_path.read_text().splitlines() if json.loads(raw)["flow_id"] == f.id][-1]
+    assert (line["status"], line["error"]) == (502, "peer closed connection without sending complete message body")
 
 
 # --- 6. masking ------------------------------------------------------------------------------------
@@ -750,6 +831,27 @@ async def test_host_header_naming_another_host_is_misdirected(gw, tokens):
     assert (r["stage"], r["check"]) == ("identity", "tunnel")
 
 
+@pytest.mark.parametrize("target_authority", ["evil.example", "evil.example:443", "127.0.0.1", "[::1]", "graph%2emicrosoft.com"])
+async def test_absolute_form_target_naming_another_host_is_misdirected(gw, tokens, target_authority):
+    # Inside a tunnel mitmproxy sends an absolute-form target on as it came, and a server routes
+    # by it rather than by Host (RFC 9112 3.2.2).
+    client = await tunnel(gw, token=tokens["reader"])
+    f = graph_request(client, bearer=tokens["reader"])
+    f.request.authority = target_authority
+    assert await exchange(gw.chain, f, graph_json(USERS)) is None
+    r = refusal(f, 421)
+    assert (r["stage"], r["check"]) == ("identity", "tunnel")
+
+
+@pytest.mark.parametrize("target_authority", ["graph.microsoft.com", "GRAPH.Microsoft.com.", "graph.microsoft.com:443"])
+async def test_absolute_form_target_naming_the_tunnel_s_host_is_judged(gw, tokens, target_authority):
+    client = await tunnel(gw, token=tokens["reader"])
+    f = graph_request(client, bearer=tokens["reader"])
+    f.request.authority = target_authority
+    assert await exchange(gw.chain, f, graph_json(USERS)) is not None
+    assert f.response.status_code == 200
+
+
 async def test_https_request_without_an_admitted_tunnel_is_misdirected(gw, tokens):
     f = graph_request(tflow.tclient_conn(), bearer=tokens["reader"])
     assert await exchange(gw.chain, f, graph_json(USERS)) is None
@@ -794,6 +896,14 @@ async def test_connect_to_an_unknown_host_is_refused(gw, tokens, host):
     g = graph_request(client, host=host, bearer=tokens["reader"])
     assert await exchange(gw.chain, g, graph_json(USERS)) is None
     assert refusal(g, 421)["check"] == "tunnel"
+
+
+@pytest.mark.parametrize("host", ["::1", "2603:1037::1", "127.0.0.1"])
+async def test_connect_to_an_address_is_refused_403_not_500(gw, tokens, host):
+    # Hosts are matched by name; mitmproxy hands IPv6 literals over without their brackets.
+    f = await connect(gw.chain, tflow.tclient_conn(), host=host, token=tokens["reader"])
+    r = refusal(f, 403)
+    assert (r["stage"], r["check"]) == ("policy", "upstream")
 
 
 async def test_connect_to_a_port_other_than_443_is_refused(gw, tokens):

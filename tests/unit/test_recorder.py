@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from mitmproxy import flowfilter, http
+from mitmproxy import certs, flowfilter, http
 from mitmproxy import io as mio
 from mitmproxy.test import taddons, tflow
 
@@ -160,6 +160,49 @@ def test_credentials_are_redacted_on_disk_and_the_live_flow_is_untouched(recorde
     assert live.request.headers["Authorization"] == f"Bearer {JWT}"
     assert live.comment == "" and not live.marked
     assert flow.id == live.id  # audit lines and recorded flows join on the flow id
+
+
+def test_the_undo_backup_is_never_written(recorder):
+    live = flow_with(ALLOWED, Authorization=f"Bearer {JWT}")
+    live.backup()  # what mitmproxy's replay and edit commands do: the backup keeps the token
+    live.request.headers["Authorization"] = "Bearer edited"
+    path = recorder.write(live)
+    assert JWT.encode() not in path.read_bytes()
+    (flow,) = read_back(path)
+    assert flow._backup is None
+    assert live._backup is not None
+
+
+def test_flows_sharing_a_connection_are_each_written_whole_in_one_write(recorder, monkeypatch):
+    from nhi_gateway import recordings
+
+    key, ca = certs.create_ca("nhi-gateway tests", "test CA", 2048)
+    chain = [certs.dummy_cert(key, ca, "graph.microsoft.com", []), certs.Cert(ca)]
+    first = flow_with(ALLOWED, Authorization=f"Bearer {JWT}")
+    first.server_conn.certificate_list = chain
+    first.server_conn.timestamp_end = None  # open
+    flows = [first]
+    for _ in range(2):  # keep-alive: the next requests on the same connections
+        f = flow_with(ALLOWED, Authorization=f"Bearer {JWT}")
+        f.client_conn, f.server_conn = first.client_conn, first.server_conn
+        flows.append(f)
+    writes = []
+    real_write = recordings.os.write
+    monkeypatch.setattr(recordings.os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+
+    for f in flows[:2]:
+        path = recorder.write(f)
+    first.server_conn.timestamp_end = first.server_conn.timestamp_start + 1  # the server closed it
+    path = recorder.write(flows[2])
+
+    assert len(writes) == 3
+    back = read_back(path)
+    assert [f.id for f in back] == [f.id for f in flows]
+    assert all(f.server_conn.certificate_list == chain for f in back)
+    assert all(f.server_conn.id == first.server_conn.id for f in back)
+    assert [f.server_conn.timestamp_end for f in back] == [None, None, first.server_conn.timestamp_end]
+    assert all(f.request.headers["Authorization"] == "Bearer [redacted]" for f in back)
+    assert all(f.request.headers["Authorization"] == f"Bearer {JWT}" for f in flows)
 
 
 def test_flows_go_to_their_apps_file_of_the_day(recorder):

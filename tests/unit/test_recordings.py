@@ -9,12 +9,14 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from mitmproxy import certs
 from mitmproxy import io as mio
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
 from nhi_gateway import recordings
 from nhi_gateway.recordings import (
+    RecordEncoder,
     RecordingName,
     RecordingWriter,
     find,
@@ -347,6 +349,81 @@ def test_scan_counts_whole_records(tmp_path):
     empty = tmp_path / "empty.mitm"
     empty.write_bytes(b"")
     assert scan(empty).whole and scan(empty).records == 0
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain() -> list[certs.Cert]:
+    key, ca = certs.create_ca("nhi-gateway tests", "test CA", 2048)
+    leaf = certs.dummy_cert(key, ca, "graph.microsoft.com", [])
+    return [leaf, certs.Cert(ca)]
+
+
+def tls_flow(chain, n: int = 0, server=None):
+    """A flow over TLS whose server sent a certificate chain; ``server``: share that connection."""
+    f = tflow.tflow(resp=True)
+    if server is not None:
+        f.client_conn, f.server_conn = server
+    else:
+        f.server_conn.certificate_list = list(chain)
+        f.server_conn.sni = "graph.microsoft.com"
+    f.comment = f"flow {n}"
+    return f
+
+
+def encoded(encoder: RecordEncoder, f) -> bytes:
+    state = f.get_state()
+    del state["client_conn"], state["server_conn"]
+    return encoder.encode(state, f.client_conn, f.server_conn)
+
+
+def as_written(state):
+    """Decoded as mitmproxy's FlowWriter writes it (tuples come back as lists)."""
+    return tnetstring.loads(tnetstring.dumps(state))
+
+
+def test_a_record_holds_the_whole_flow_connections_included(tmp_path, chain):
+    encoder = RecordEncoder()
+    first = tls_flow(chain, 1)
+    second = tls_flow(chain, 2, server=(first.client_conn, first.server_conn))
+    for f in (first, second):
+        data = encoded(encoder, f)
+        assert tnetstring.loads(data) == as_written(f.get_state())
+    path = tmp_path / "a--b.mitm"
+    path.write_bytes(encoded(encoder, first) + encoded(encoder, second))
+    back = read_all(path)
+    assert [f.comment for f in back] == ["flow 1", "flow 2"]
+    assert all(f.server_conn.certificate_list == chain for f in back)
+    assert mitmdump_reads(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda conn, chain: setattr(conn, "timestamp_end", conn.timestamp_start + 5),
+        lambda conn, chain: setattr(conn, "error", "connection reset"),
+        lambda conn, chain: setattr(conn, "sni", "login.microsoftonline.com"),
+        lambda conn, chain: conn.certificate_list.pop(),  # in place
+        lambda conn, chain: conn.alpn_offers.append(b"h2"),  # in place
+    ],
+    ids=["closed", "error", "sni", "certificate-list", "alpn-offers"],
+)
+def test_a_connection_that_changes_is_written_as_it_is_now(chain, change):
+    encoder = RecordEncoder()
+    f = tls_flow(chain)
+    f.server_conn.alpn_offers = [b"http/1.1"]
+    encoded(encoder, f)
+    change(f.server_conn, chain)
+    assert tnetstring.loads(encoded(encoder, f))["server_conn"] == as_written(f.server_conn.get_state())
+
+
+def test_connections_are_remembered_for_a_bounded_number(chain):
+    encoder = RecordEncoder(max_connections=4)
+    for n in range(20):
+        encoded(encoder, tls_flow(chain, n))  # a new client and server connection each
+    assert len(encoder._parts) == 4
 
 
 # --- finding -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from mitmproxy.io import FlowReader, FlowWriter
 from mitmproxy.test import tflow
 
 from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.redaction import REDACTED, redact_flow_for_disk, redact_url, scrub_text
+from nhi_gateway.redaction import REDACTED, redact_flow_for_disk, redact_url, redacted_state, scrub_text
 
 JWT = (
     "eyJ0eXAiOiJKV1QiLCJub25jZSI6ImFiYyIsImFsZyI6IlJTMjU2In0"
@@ -287,6 +287,25 @@ CASES = [
         [JWT],
         [b'"note": "clean"'],
     ),
+    # Member names are compared casefolded: "ß" and "ſ" fold to ASCII letters.
+    (
+        "json-member-name-upper-case",
+        lambda: flow_of("POST", f"{GRAPH}/x", b'{"PASSWORD": "upper-Pa55"}', JSON),
+        ["upper-Pa55"],
+        [],
+    ),
+    (
+        "json-member-name-eszett",
+        lambda: flow_of("POST", f"{GRAPH}/x", '{"pa\u00dfword": "eszett-Pa55"}'.encode(), JSON),
+        ["eszett-Pa55"],
+        [],
+    ),
+    (
+        "json-member-name-long-s",
+        lambda: flow_of("POST", f"{GRAPH}/x", '{"\u017fecretText": "long-s-s3cret"}'.encode(), JSON),
+        ["long-s-s3cret"],
+        [],
+    ),
     (
         "json-under-wrong-content-type",
         lambda: flow_of(
@@ -318,6 +337,12 @@ CASES = [
         "jwt-in-any-header",
         lambda: flow_of(headers={"X-Forwarded-Token-Anything": JWT, "X-Custom": f"v={JWT}"}),
         [JWT],
+        [],
+    ),
+    (
+        "secret-header-name-beyond-ascii",
+        lambda: _with_raw_header(flow_of(), "X-Pa\u017f\u017fword", "non-ascii-name-s3cret"),
+        ["non-ascii-name-s3cret"],
         [],
     ),
     (
@@ -386,6 +411,11 @@ def _gzipped_request(f):
 def _two_cookie_headers(f):
     f.request.headers.add("Cookie", "a=first-c00kie")
     f.request.headers.add("Cookie", "b=second-c00kie")
+    return f
+
+
+def _with_raw_header(f, name, value):
+    f.request.headers.fields += ((name.encode(), value.encode()),)
     return f
 
 
@@ -578,6 +608,46 @@ def test_unserialisable_metadata_is_left_out():
     assert Decision.from_dict(back.metadata["nhi_gateway.decision"]) == decision
     assert back.metadata["tuple"] == ["a", 1]
     assert live.metadata["decision_object"] is decision and "lock" in live.metadata
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ({"nested": [1, 2.5, None, True, b"raw", "J\u00e9r\u00f4me", {"k": -1}]}, True),
+        (threading.Event(), False),
+        ([1, object()], False),  # one bad item leaves the whole key out
+        ({"k": {1, 2}}, False),
+        ("lone surrogate \udcff", False),  # not UTF-8: tnetstring cannot write it
+    ],
+    ids=["serialisable", "live-object", "bad-item", "set", "surrogate"],
+)
+def test_metadata_is_kept_only_when_mitmproxy_can_write_it(value, kept):
+    live = flow_of()
+    live.metadata["x"] = value
+    disk = read_back(on_disk(redact_flow_for_disk(live)))
+    assert ("x" in disk.metadata) is kept
+    if kept:
+        assert disk.metadata["x"] == value
+    assert live.metadata["x"] is value
+
+
+def _without_key(f):
+    del f.request.headers["sec-websocket-key"]  # redacted: a header named like a key
+    return f
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: tflow.tflow(resp=True), lambda: tflow.tflow(err=True), lambda: _without_key(tflow.twebsocketflow())],
+    ids=["response", "error", "websocket"],
+)
+def test_a_flow_with_nothing_to_redact_is_written_as_mitmproxy_would(build):
+    """The recorder serialises the redacted state itself: it must be mitmproxy's own state."""
+    live = build()
+    live.metadata["note"] = {"seen": ["a", 1]}
+    expected = live.get_state()
+    del expected["client_conn"], expected["server_conn"]
+    assert redacted_state(live) == expected
 
 
 def test_websocket_messages_are_scrubbed():

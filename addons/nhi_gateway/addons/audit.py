@@ -22,10 +22,14 @@ def audit_record(flow: http.HTTPFlow) -> dict:
     decision = decision_of(flow)
     r = flow.request
     url = f"{r.host}:{r.port}" if r.method == "CONNECT" else r.pretty_url
-    if flow.response is not None:
+    if flow.error is not None:
+        # The client never got flow.response (at most its headers came from upstream before the
+        # connection failed): mitmproxy answered 502, or closed the connection.
+        status = 502
+    elif flow.response is not None:
         status = flow.response.status_code
     else:
-        status = 502 if flow.error else 0
+        status = 0
     return {
         "flow_id": flow.id,
         "principal": (decision.principal if decision else None) or None,

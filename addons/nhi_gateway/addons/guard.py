@@ -34,8 +34,16 @@ class Health:
             logger.warning("%s recovered; requests are judged again", component)
 
 
-def _guard_refusal(reason: str, status: int = 403) -> Decision:
-    return Decision.deny(Stage.GUARD, status, "Authorization_RequestDenied", reason, check="guard")
+def _guard_refusal(reason: str, status: int = 403, check: str = "guard") -> Decision:
+    return Decision.deny(Stage.GUARD, status, "Authorization_RequestDenied", reason, check=check)
+
+
+def upgrade_of(request: http.Request) -> str | None:
+    """The protocol a request asks to switch to (``Upgrade: websocket``), if any."""
+    value = request.headers.get("Upgrade")
+    if value is None:
+        return None
+    return value.strip() or "(empty)"
 
 
 class Guard:
@@ -74,6 +82,14 @@ class Guard:
             refuse(flow, d)
         elif decision is None or not decision.allowed:
             refuse(flow, _guard_refusal("no explicit allow decision was made for this request"))
+        elif (protocol := upgrade_of(flow.request)) is not None:
+            # After a 101 the connection carries WebSocket (or other) messages that no rule judges,
+            # masks or records: refused here, before the upstream sees the handshake.
+            logger.warning("flow %s: upgrade to %s refused", flow.id, protocol[:40])
+            refuse(flow, _guard_refusal(
+                f"the gateway does not switch protocols (Upgrade: {protocol[:40]}): WebSocket and other "
+                "upgraded connections cannot be judged per operation, so no rule can allow them",
+                check="upgrade"))
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -88,6 +104,10 @@ class Guard:
         decision = decision_of(flow)
         if decision is None or (not decision.allowed and not flow.metadata.get("nhi.refused")):
             refuse(flow, _guard_refusal("a response arrived for a request that was never allowed"))
+        elif flow.response is not None and flow.response.status_code == 101:
+            # Only an upgrade request may be answered 101, and those are refused in `request`.
+            refuse(flow, _guard_refusal("the upstream switched protocols (101), which the gateway "
+                                        "does not relay", status=502, check="upgrade"))
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Non-HTTP payloads inside CONNECT skip the request hook entirely: never relay them.

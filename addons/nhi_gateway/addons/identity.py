@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mitmproxy import connection, http
 
 from ..decision import Decision, Stage
-from ..operation import normalize_host
+from ..operation import OperationError, normalize_host
 from ..policy import PolicyStore, Upstream
 from ..principal import Principal, TokenSource
 from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings, IssuerTrust
@@ -141,6 +141,22 @@ class Identity:
             ))
         return None
 
+    @staticmethod
+    def _host(flow) -> str | None:
+        """The request's host in its canonical spelling, or a refusal. Hosts are matched by name:
+        a spelling that is no host name (an IPv6 literal, which mitmproxy hands over unbracketed)
+        is never an upstream of the policy."""
+        try:
+            return normalize_host(flow.request.host)
+        except OperationError as e:
+            r = flow.request
+            refuse(flow, Decision.deny(
+                Stage.POLICY, 403, "Authorization_RequestDenied",
+                f"host {r.host[:100]!r} is not an upstream named in the policy ({e}); "
+                "upstreams are matched by host name, never by address",
+                check="upstream", operation=f"{r.method} {r.host[:100]}:{r.port}"))
+            return None
+
     def _upstream(self, flow, host: str) -> Upstream | None:
         """The policy's upstream for this host, or a refusal: unknown hosts, ports other than
         443 and plain HTTP never reach the rules (a token must not travel in cleartext)."""
@@ -164,7 +180,9 @@ class Identity:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        host = normalize_host(flow.request.host)
+        host = self._host(flow)
+        if host is None:
+            return
         upstream = self._upstream(flow, host)
         if upstream is None:
             return
@@ -192,7 +210,9 @@ class Identity:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
-        host = normalize_host(flow.request.host)
+        host = self._host(flow)
+        if host is None:
+            return
         tunnel = self._tunnels.get(flow.client_conn)
         if tunnel is not None or flow.request.scheme == "https":
             if tunnel is None or tunnel.host != host:
@@ -202,13 +222,21 @@ class Identity:
                     f"request for {host!r} inside a tunnel opened to "
                     f"{tunnel.host if tunnel else 'no admitted host'!r}", check="tunnel"))
                 return
-        if (named := host_header_name(flow.request.host_header)) is not None and named != host:
-            # The connection goes to request.host, but a virtual-hosting upstream routes by Host:
-            # judge one name and reach another would be domain fronting.
-            refuse(flow, Decision.deny(
-                Stage.IDENTITY, 421, "MisdirectedRequest",
-                f"Host header {named!r} does not name the request's host {host!r}", check="tunnel"))
-            return
+        # The connection goes to request.host, but a virtual-hosting upstream routes by the Host
+        # header, and by the authority of an absolute-form target (RFC 9112 3.2.2), which mitmproxy
+        # sends on as it came inside a tunnel: judge one name and reach another would be domain
+        # fronting.
+        for what, value in (("Host header", flow.request.host_header),
+                            ("request target authority", flow.request.authority)):
+            try:
+                named = host_header_name(value)
+            except OperationError:
+                named = value
+            if named is not None and named != host:
+                refuse(flow, Decision.deny(
+                    Stage.IDENTITY, 421, "MisdirectedRequest",
+                    f"{what} {named[:100]!r} does not name the request's host {host!r}", check="tunnel"))
+                return
         upstream = self._upstream(flow, host)
         if upstream is None:
             return

@@ -1,4 +1,10 @@
-"""Masking: sensitive fields never reach the caller in a response the policy masks."""
+"""Masking: what the policy masks never reaches the caller, whatever the body's type or encoding.
+
+The body is decoded from its Content-Encoding (gzip, br, zstd, deflate) strictly, masked by the
+flow's mask profile (:func:`nhi_gateway.masking.mask_body`) and encoded again with the same
+Content-Encoding. A body that cannot be decoded or parsed as its declared type, or a binary body
+under a profile that refuses them, is withheld: 502, never passed on unmasked.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from mitmproxy import http
 
 from ..batch import BATCH_KEY, mask_batch_response
 from ..decision import Decision, Stage
-from ..masking import MaskingError, is_json_content_type, mask_json_bytes
+from ..masking import BodyKind, MaskingError, MaskProfile, body_kind, mask_body, mask_json_bytes, media_type
 from ..policy import PolicyStore
 from .failclosed import REFUSED_KEY, decision_of, fail_closed, refuse, set_decision
 
@@ -26,6 +32,33 @@ def _refusal(reason: str, decision: Decision | None) -> Decision:
 
 class _MissingProfile(LookupError):
     pass
+
+
+def mask_response(response: http.Response, profile: MaskProfile) -> int | None:
+    """Mask a response body in place; the number of values masked, or ``None`` when the body was
+    left exactly as it came (nothing a profile could change, or a binary body it passes).
+
+    Raises :class:`MaskingError` (or ``ValueError``/``TypeError`` from a Content-Encoding that
+    does not decode) when the body must be withheld.
+    """
+    content_type = response.headers.get("Content-Type", "")
+    kind = body_kind(content_type)
+    if kind is BodyKind.BINARY and not profile.refuses_binary:
+        return None  # not even decoded: nothing in it is a field, a path or scanned text
+    if kind is BodyKind.TEXT and not profile.scans_text:
+        return None  # no field or path names anything in text, and there are no detectors
+    # strict: a body that cannot be decoded from its Content-Encoding is refused, not passed.
+    body = response.get_content(strict=True)
+    if kind is BodyKind.JSON:
+        masked, count = mask_json_bytes(body, profile)
+    else:
+        masked, count = mask_body(body, content_type, profile)
+        if masked is body:
+            return None
+    # JSON is always the re-serialised document, even with nothing masked: a body with a
+    # duplicated key ({"value":[...secret...],"value":[]}) must not reach a first-key-wins parser.
+    response.set_content(masked)  # re-encodes with the original Content-Encoding
+    return count
 
 
 class Masking:
@@ -47,21 +80,18 @@ class Masking:
             # The policy was reloaded without the profile this flow was allowed under.
             refuse(flow, _refusal(f"mask profile {decision.mask_profile!r} no longer exists", decision))
             return
+        if not flow.response.raw_content:
+            return
         content_type = flow.response.headers.get("Content-Type", "")
-        if not flow.response.raw_content or not is_json_content_type(content_type):
-            return
         try:
-            # strict: a body that cannot be decoded from its Content-Encoding is refused, not passed.
-            body = flow.response.get_content(strict=True)
-            masked, count = mask_json_bytes(body, profile.fields)
-        except (MaskingError, ValueError) as e:
+            count = mask_response(flow.response, profile)
+        except (MaskingError, ValueError, TypeError) as e:
             logger.warning("flow %s: response withheld: %s", flow.id, e)
-            refuse(flow, _refusal(f"a {content_type or 'JSON'} body could not be masked ({e})", decision))
+            what = media_type(content_type) or "untyped"
+            refuse(flow, _refusal(f"a {what} body could not be masked ({e})", decision))
             return
-        # Always the re-serialised document, even with nothing masked: a body with a duplicated
-        # key ({"value":[...secret...],"value":[]}) must not reach a first-key-wins parser as sent.
-        flow.response.set_content(masked)  # re-encodes with the original Content-Encoding
-        set_decision(flow, decision.but(extra={**decision.extra, "masked_fields": count}))
+        if count is not None:
+            set_decision(flow, decision.but(extra={**decision.extra, "masked_fields": count}))
 
     def _mask_batch(self, flow: http.HTTPFlow, decision: Decision) -> None:
         """Each inner response of a ``$batch`` masked by its own inner request's profile."""
@@ -73,17 +103,17 @@ class Masking:
         set_decision(flow, decision)
         profiles = self.policies.current.mask_profiles
 
-        def fields_of(name: str) -> frozenset[str]:
+        def profile_of(name: str) -> MaskProfile:
             profile = profiles.get(name)
             if profile is None:
                 raise _MissingProfile(name)
-            return profile.fields
+            return profile
 
         masks = any(e.get("mask_profile") for e in entries)
         content_type = flow.response.headers.get("Content-Type", "")
         if not flow.response.raw_content:
             return
-        if not is_json_content_type(content_type):
+        if body_kind(content_type) is not BodyKind.JSON:
             if masks:
                 logger.warning("flow %s: batch response withheld: %s is not JSON", flow.id, content_type)
                 refuse(flow, _refusal(f"a batch answer of type {content_type or 'unknown'!r} cannot be masked",
@@ -91,11 +121,11 @@ class Masking:
             return
         try:
             body = flow.response.get_content(strict=True)
-            masked, entries, count = mask_batch_response(body, entries, fields_of)
+            masked, entries, count = mask_batch_response(body, entries, profile_of)
         except _MissingProfile as e:
             refuse(flow, _refusal(f"mask profile {e.args[0]!r} no longer exists", decision))
             return
-        except (MaskingError, ValueError) as e:
+        except (MaskingError, ValueError, TypeError) as e:
             logger.warning("flow %s: batch response withheld: %s", flow.id, e)
             refuse(flow, _refusal(f"the batch answer could not be masked ({e})", decision))
             return

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 from mitmproxy import http
-from mitmproxy.io import tnetstring
 
 from ..batch import (
     BATCH_KEY,
@@ -36,12 +35,13 @@ from ..decision import Decision, Stage
 from ..recordings import (
     DEFAULT_FSYNC_INTERVAL,
     DEFAULT_MAX_BYTES,
+    RecordEncoder,
     RecordingWriter,
     recording_base,
     recover_recent,
 )
-from ..redaction import redact_flow_for_disk, scrub_text
-from .failclosed import DECISION_KEY, REFUSED_KEY, decision_of, fail_closed, refuse
+from ..redaction import redacted_state, scrub_text
+from .failclosed import DECISION_KEY, REFUSED_KEY, decision_of, fail_closed, internal_error, refuse
 from .guard import Health
 
 logger = logging.getLogger(__name__)
@@ -122,11 +122,11 @@ def search_keys(decision: Decision | None) -> dict[str, str]:
     return {k: v for k, v in keys.items() if v}
 
 
-def annotate(disk: http.HTTPFlow, decision: Decision | None, live: http.HTTPFlow | None = None) -> None:
-    """Write the review annotations onto the redacted copy (never onto the live flow)."""
-    disk.comment = scrub_text(flow_comment(decision, live or disk))
-    disk.marked = flow_mark(decision)
-    disk.metadata.update({k: scrub_text(v) for k, v in search_keys(decision).items()})
+def annotate(disk: dict, decision: Decision | None, live: http.HTTPFlow) -> None:
+    """Write the review annotations into the redacted state (never onto the live flow)."""
+    disk["comment"] = scrub_text(flow_comment(decision, live))
+    disk["marked"] = flow_mark(decision)
+    disk["metadata"].update({k: scrub_text(v) for k, v in search_keys(decision).items()})
 
 
 class Recorder:
@@ -138,6 +138,7 @@ class Recorder:
         self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
         self.hourly = hourly
         self.writer = RecordingWriter(max_bytes=max_bytes, fsync_interval=fsync_interval)
+        self.encoder = RecordEncoder()
         self.last_path: Path | None = None
         self._sync_timer: asyncio.TimerHandle | None = None
         try:
@@ -147,12 +148,12 @@ class Recorder:
 
     def write(self, flow, comment_prefix: str = "") -> Path:
         decision = decision_of(flow)
-        disk = redact_flow_for_disk(flow)
+        disk = redacted_state(flow)
         annotate(disk, decision, flow)
         if comment_prefix:
-            disk.comment = scrub_text(comment_prefix) + disk.comment
+            disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        record = tnetstring.dumps(disk.get_state())
+        record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
         base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly)
         path = self.writer.append(base, record)
         self.last_path = path
@@ -170,6 +171,15 @@ class Recorder:
                 refuse(flow, Decision.deny(
                     Stage.GUARD, 503, "ServiceUnavailable",
                     "the gateway could not record this request, so it refused it", check="recording"))
+                if self.on_refusal is not None:
+                    self.on_refusal(flow)
+            return
+        except Exception as e:
+            # A flow the recorder cannot write (a bug, not the disk): refused like any exception,
+            # and the audit line, already written, is amended to say what the client got instead.
+            logger.error("flow %s: recording it failed: %r", flow.id, e, exc_info=e)
+            if live and isinstance(flow, http.HTTPFlow):
+                refuse(flow, internal_error(f"{type(self).__qualname__}.write"))
                 if self.on_refusal is not None:
                     self.on_refusal(flow)
             return

@@ -692,13 +692,44 @@ def _graph_response(request: Request, status: int, body: dict | None, request_id
     content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
     if body is not None:
         headers["Content-Type"] = GRAPH_CONTENT_TYPE
-    # Graph compresses when asked; the gateway's masking must cope with encoded bodies.
+    return _encoded_response(request, status, content, headers)
+
+
+# Graph answers gzip; the others are here so that tests can show the gateway masks every encoding
+# mitmproxy decodes. gzip stays first whenever it is accepted, as Graph does.
+_ENCODINGS = ("gzip", "br", "zstd", "deflate")
+
+
+def _encoded_response(request: Request, status: int, content: bytes, headers: dict) -> Response:
+    """Compressed when the client asks (Accept-Encoding), so the gateway must decode to mask."""
     accepts = [e.split(";")[0].strip().lower() for e in request.headers.get("accept-encoding", "").split(",")]
-    if content and "gzip" in accepts:
-        content = gzip.compress(content)
-        headers["Content-Encoding"] = "gzip"
+    chosen = next((e for e in _ENCODINGS if e in accepts), None)
+    if content and chosen:
+        if chosen == "gzip":
+            content = gzip.compress(content)
+        else:
+            from mitmproxy.net import encoding  # brotli and zstd, as the gateway itself reads them
+
+            content = encoding.encode(content, chosen)
+        headers["Content-Encoding"] = chosen
         headers["Vary"] = "Accept-Encoding"
     return Response(content, status_code=status, headers=headers)
+
+
+# Usage reports (Reports.Read.All). Graph answers with a redirect to a CSV download on another
+# host; the look-alike serves the CSV itself, as text/csv, so that tests can show that text
+# bodies are masked too (each row names a user by userPrincipalName).
+_REPORT = re.compile(r"reports/(getOffice365ActiveUserDetail|getEmailActivityUserDetail)"
+                     r"\(period='D(7|30|90|180)'\)", re.IGNORECASE)
+READ_REPORTS = frozenset({"Reports.Read.All", "User.Read.All", "Directory.Read.All"})
+
+
+def user_report(lookalike: LookAlike) -> str:
+    rows = ["Report Refresh Date,User Principal Name,Display Name,Is Deleted,Last Activity Date,Mobile Phone"]
+    today = _utcnow().date().isoformat()
+    for u in lookalike.directory.users:
+        rows.append(f"{today},{u['userPrincipalName']},{u['displayName']},False,{today},{u.get('mobilePhone') or ''}")
+    return "\r\n".join(rows) + "\r\n"
 
 
 def build_graph_app(lookalike: LookAlike) -> Starlette:
@@ -722,6 +753,13 @@ def build_graph_app(lookalike: LookAlike) -> Starlette:
                 return _graph_response(request, 200, run_batch(lookalike, version.lower(), body, claims),
                                        request_id, client_request_id)
             call = GraphCall(request.method, version.lower(), rest, dict(request.query_params), body, claims)
+            if _REPORT.fullmatch(rest.strip("/")):
+                if request.method != "GET":
+                    raise _method_not_allowed()
+                _require(call, READ_REPORTS)
+                headers = {"request-id": request_id, "client-request-id": client_request_id,
+                           "Content-Type": "text/csv; charset=utf-8"}
+                return _encoded_response(request, 200, user_report(lookalike).encode("utf-8"), headers)
             status, payload = answer_graph(lookalike, call)
             return _graph_response(request, status, payload, request_id, client_request_id)
         except GraphError as e:

@@ -1,0 +1,479 @@
+"""Faults around the real gateway process end in a refusal the client can read, and never in a
+request that goes upstream unjudged or goes unrecorded.
+
+Entra and Graph "go down" for one gateway at a time: its ``--resolve`` sends the host to a
+loopback relay (tests/e2e/relay.py) that the test stops, stalls or makes reset connections; the
+look-alike the other tests share is never touched. Disks fill up for real: the recordings or the
+audit trail live on a tiny tmpfs that the test fills (where this machine lets it mount one; the
+test is skipped otherwise), and a recordings directory stops being one while the gateway runs.
+
+Cases covered elsewhere: keys unreachable at a cold start (test_gateway.py,
+test_unreachable_signing_keys_at_cold_start_answer_503), a broken or deleted policy file
+(test_policy_reload.py), a client that disconnects while its request is held for approval
+(test_approvals.py, test_client_disconnecting_while_held_cancels_the_request).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from mitmproxy import io
+
+from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE, SigningKey
+
+from .conftest import start_gateway, stop
+from .relay import MuteServer, Relay
+
+GRAPH = "https://graph.microsoft.com"
+LOGIN = "login.microsoftonline.com"
+FAULTY_GATEWAY = Path(__file__).with_name("faulty_gateway.py")
+UPSTREAM_TIMEOUT = 2  # seconds, for the gateways of this module that meet a hanging upstream
+
+
+def marker() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def get(gw, token: str | None, mark: str, path: str = "/v1.0/users", timeout: float = 30) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.get(f"{GRAPH}{path}?m={mark}", headers=headers, proxies={"https": gw.proxy()},
+                        verify=gw.ca_cert, timeout=timeout)
+
+
+def nhi(r: requests.Response) -> dict:
+    """The gateway's own part of a refusal body."""
+    return r.json()["error"]["innerError"]["nhi-gateway"]
+
+
+def reached(lookalike, mark: str) -> bool:
+    return any(mark in line.get("path", "") for line in lookalike.received())
+
+
+def audit_lines(path: Path, mark: str) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if mark in (line.get("url") or "")]
+
+
+def recorded(gw, mark: str) -> list:
+    flows = []
+    for path in gw.recording_files():
+        with open(path, "rb") as fh:
+            flows += [f for f in io.FlowReader(fh).stream() if mark in f.request.path]
+    return flows
+
+
+def until(predicate, what: str, deadline: float = 15.0):
+    end = time.monotonic() + deadline
+    while True:
+        if value := predicate():
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"not within {deadline}s: {what}")
+        time.sleep(0.1)
+
+
+def log_of(gw) -> str:
+    return gw.log.read_text(errors="replace")
+
+
+# --- Entra: signing keys ------------------------------------------------------------------------
+
+
+def test_keys_already_cached_carry_the_gateway_while_entra_is_down(tmp_path, lookalike, tokens):
+    with Relay(("127.0.0.1", lookalike.port)) as entra:
+        gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
+                           extra_args=["--resolve", f"{LOGIN}={entra.address}"])
+        try:
+            assert get(gw, tokens(), marker()).status_code == 200  # keys fetched through the relay
+            assert entra.accepted["forward"] >= 1
+            entra.set_mode("down")
+
+            for _ in range(3):
+                assert get(gw, tokens(), marker()).status_code == 200
+            # A kid the cache does not hold makes the gateway look again; Entra is unreachable, so
+            # the token is refused, and the keys it had are kept (not dropped with the failed fetch).
+            mark = marker()
+            r = get(gw, tokens(key=SigningKey.generate()), mark)
+            assert r.status_code == 401 and nhi(r)["check"], r.text
+            until(lambda: "keeping the last good set" in log_of(gw), "the failed refetch was logged")
+            assert get(gw, tokens(), marker()).status_code == 200
+            # Keys never fetched (v2 tokens have their own metadata document) cannot be had: 503.
+            mark_v2 = marker()
+            r = get(gw, tokens(version="2.0"), mark_v2)
+            assert r.status_code == 503, r.text
+            assert nhi(r)["check"] == "keys_unavailable"
+            assert not reached(lookalike, mark) and not reached(lookalike, mark_v2)
+        finally:
+            stop(gw.proc)
+
+
+def test_slow_discovery_refuses_503_while_verified_traffic_keeps_flowing(tmp_path, lookalike, tokens):
+    """Entra accepts the connection and never answers: the request that needs new keys gets 503
+    once the gateway's own fetch times out, is never forwarded, and meanwhile requests whose keys
+    are cached are answered: the fetch does not hold up the event loop."""
+    with Relay(("127.0.0.1", lookalike.port)) as entra:
+        gw = start_gateway(tmp_path / "gw", lookalike, extra_args=["--resolve", f"{LOGIN}={entra.address}"])
+        try:
+            v1 = tokens()
+            assert get(gw, v1, marker()).status_code == 200  # v1 keys cached
+            entra.set_mode("stall")
+
+            slow_mark, answer = marker(), {}
+            waiting = threading.Thread(target=lambda: answer.update(r=get(gw, tokens(version="2.0"), slow_mark)))
+            waiting.start()
+            until(lambda: entra.held() > 0, "the gateway's fetch of the v2 keys reached the stalled Entra")
+            for _ in range(5):
+                assert get(gw, v1, marker()).status_code == 200
+            assert waiting.is_alive(), "the key fetch should still be hanging on Entra"
+
+            waiting.join(timeout=40)
+            assert not waiting.is_alive()
+            r = answer["r"]
+            assert r.status_code == 503, r.text
+            assert nhi(r)["check"] == "keys_unavailable"
+            assert not reached(lookalike, slow_mark)
+            line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", slow_mark), "the audit line")[-1]
+            assert (line["decision"], line["status"]) == ("deny", 503)
+        finally:
+            stop(gw.proc)
+
+
+# --- Graph: down, hanging, resetting --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def graph_faults(tmp_path_factory, lookalike):
+    """A gateway whose Graph is a relay (to the look-alike, or to a server that hangs)."""
+    pki = lookalike.state_dir / "pki"
+    with Relay(("127.0.0.1", lookalike.port)) as relay, \
+            MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "silent") as silent, \
+            MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "trickle") as trickle:
+        gw = start_gateway(tmp_path_factory.mktemp("graph-faults"), lookalike, env={"PYTHONUNBUFFERED": "1"},
+                           extra_args=["--resolve", f"graph.microsoft.com={relay.address}",
+                                       "--upstream-timeout", str(UPSTREAM_TIMEOUT)])
+        try:
+            yield gw, relay, {"silent": silent, "trickle": trickle}
+        finally:
+            stop(gw.proc)
+
+
+UPSTREAM_FAULTS = {
+    # fault: (how the relay behaves, what the audit line's error says)
+    "down": ("down", "Connect call failed"),
+    "resets connections": ("reset", ""),
+    "accepts and never answers (TLS)": ("stall", ""),
+    "never answers the request": ("silent", ""),
+    "sends half an answer": ("trickle", ""),
+}
+
+
+@pytest.mark.parametrize("fault", list(UPSTREAM_FAULTS))
+def test_upstream_fault_answers_502_and_is_audited_and_recorded(graph_faults, lookalike, tokens, fault):
+    gw, relay, mute = graph_faults
+    mode, error = UPSTREAM_FAULTS[fault]
+    if mode in mute:
+        relay.set_mode("forward", target=("127.0.0.1", mute[mode].port))
+    else:
+        relay.set_mode(mode)
+    # A reset can land before mitmproxy has even read the connection's peer address (see
+    # gateway.answer_lost_connection_attempts): a few tries, so that race is met too.
+    try:
+        for _ in range(8 if mode == "reset" else 1):
+            mark = marker()
+            r = get(gw, tokens(), mark)
+            assert r.status_code in (502, 504), r.text[:300]
+            assert "Adele" not in r.text  # nothing of a directory answer
+    finally:
+        relay.set_mode("forward", target=("127.0.0.1", lookalike.port))
+
+    line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", mark), "the audit line")[-1]
+    assert line["status"] == r.status_code and line["decision"] == "allow" and line["rule"] == "directory-read"
+    assert error in (line["error"] or ""), line
+    if mode in ("stall", "silent", "trickle"):
+        assert "upstream_timeout" in line["flags"]
+        assert f"did not answer within {UPSTREAM_TIMEOUT}s" in log_of(gw)
+    flows = until(lambda: recorded(gw, mark), "the recording")
+    assert flows[-1].error is not None
+    assert get(gw, tokens(), marker()).status_code == 200  # and the gateway carries on
+
+
+# --- the record cannot be written ---------------------------------------------------------------
+
+
+class Tmpfs:
+    """A tiny tmpfs at ``path`` (skips the test where mounting is not allowed)."""
+
+    def __init__(self, path: Path, size: str = "256k") -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True, text=True, timeout=30)
+        except OSError as e:
+            pytest.skip(f"cannot mount a tmpfs here: {e}")
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+def refused_for(check: str):
+    def predicate(r: requests.Response) -> bool:
+        return r.status_code == 503 and nhi(r)["check"] == check
+    return predicate
+
+
+def first_refusal(gw, tokens, check: str, tries: int = 20) -> tuple[requests.Response, str]:
+    """Send allowed requests until one is refused for ``check`` (a full tmpfs still takes what fits
+    in the pages a file already has); every one before it was answered normally."""
+    for _ in range(tries):
+        mark = marker()
+        r = get(gw, tokens(), mark)
+        if refused_for(check)(r):
+            return r, mark
+        assert r.status_code == 200, r.text[:300]
+    pytest.fail(f"no request was refused for {check} in {tries} tries")
+
+
+def status_of(gw, token: str, mark: str) -> int:
+    """The status a client gets, also when the gateway refuses the CONNECT itself (clients
+    report that as a proxy error and hide the body)."""
+    try:
+        return get(gw, token, mark).status_code
+    except requests.exceptions.ProxyError as e:
+        found = re.search(r"Tunnel connection failed: (\d{3})", str(e))
+        if found is None:
+            raise
+        return int(found[1])
+
+
+def connect_refusal(gw) -> tuple[int, dict]:
+    """A CONNECT sent by hand, to read the body of its refusal."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"CONNECT graph.microsoft.com:443 HTTP/1.1\r\nHost: graph.microsoft.com:443\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                       if h.lower().startswith(b"content-length:")), 0)
+        while len(body) < length and (chunk := s.recv(65536)):
+            body += chunk
+    return int(head.split()[1]), json.loads(body) if body else {}
+
+
+def assert_refuses_until_recovered(gw, lookalike, tokens, component: str, recover) -> None:
+    """With ``component`` failing: new requests are refused before they go anywhere (from the
+    CONNECT on); once the cause is gone, requests are answered again."""
+    status, body = connect_refusal(gw)
+    assert status == 503, body
+    assert body["error"]["innerError"]["nhi-gateway"]["check"] == "health"
+    assert component in body["error"]["message"]
+    mark = marker()
+    assert status_of(gw, tokens(), mark) == 503
+    assert not reached(lookalike, mark)
+    recover()
+    # The first request after recovery is still refused (health is only restored by a write that
+    # works, the record of that very refusal); the next one is answered.
+    until(lambda: status_of(gw, tokens(), marker()) == 200, f"{component} recovered")
+    assert f"{component} recovered; requests are judged again" in log_of(gw)
+
+
+def test_recordings_disk_full_refuses_new_requests_503(tmp_path, lookalike, tokens):
+    recordings = tmp_path / "recordings"
+    disk = Tmpfs(recordings)
+    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
+                       extra_args=["--recordings", str(recordings), "--audit", str(tmp_path / "audit.jsonl"),
+                                   "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+    gw.recordings = recordings
+    try:
+        assert get(gw, tokens(), marker()).status_code == 200
+        disk.fill()
+
+        r, mark = first_refusal(gw, tokens, "recording")
+        assert r.json()["error"]["code"] == "ServiceUnavailable"
+        assert "could not record" in r.json()["error"]["message"]
+        log = log_of(gw)
+        assert "recording is failing" in log and "All new requests are refused until it recovers" in log
+        # The trail says what the client got: the allow, amended by the 503.
+        lines = audit_lines(tmp_path / "audit.jsonl", mark)
+        assert [line["status"] for line in lines] == [200, 503] and "amends" in lines[-1]
+
+        assert_refuses_until_recovered(gw, lookalike, tokens, "recording", disk.free)
+    finally:
+        stop(gw.proc)
+        disk.unmount()
+
+
+def test_recordings_directory_not_writable_refuses_new_requests_503(tmp_path, lookalike, tokens):
+    recordings = tmp_path / "recordings"
+    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
+                       extra_args=["--recordings", str(recordings), "--audit", str(tmp_path / "audit.jsonl"),
+                                   "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+    try:
+        # Root ignores file modes, so "not writable" is made the way that stops root too: the
+        # directory is replaced by a file while the gateway runs.
+        recordings.rename(tmp_path / "recordings.away")
+        recordings.write_text("not a directory")
+        mark = marker()
+        r = get(gw, tokens(), mark)
+        assert r.status_code == 503 and nhi(r)["check"] == "recording", r.text
+        assert "recording is failing" in log_of(gw)
+
+        def recover():
+            recordings.unlink()
+            (tmp_path / "recordings.away").rename(recordings)
+
+        assert_refuses_until_recovered(gw, lookalike, tokens, "recording", recover)
+    finally:
+        stop(gw.proc)
+
+
+def test_audit_write_failure_refuses_new_requests_503(tmp_path, lookalike, tokens):
+    trail = tmp_path / "trail"
+    disk = Tmpfs(trail, size="64k")
+    audit = trail / "audit.jsonl"
+    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"}, extra_args=["--audit", str(audit)])
+    try:
+        assert get(gw, tokens(), marker()).status_code == 200
+        disk.fill()
+
+        r, mark = first_refusal(gw, tokens, "audit")
+        assert "could not write the audit trail" in r.json()["error"]["message"]
+        assert "audit is failing" in log_of(gw)
+        assert_refuses_until_recovered(gw, lookalike, tokens, "audit", disk.free)
+        # What happened while the trail could not be written is in the recording.
+        assert recorded(gw, mark)
+    finally:
+        stop(gw.proc)
+        disk.unmount()
+
+
+# --- an exception inside each addon -------------------------------------------------------------
+
+# addon: (the client's status, whether the request reached Graph before the fault)
+ADDON_FAULTS = {
+    "identity": (500, False),
+    "membership": (500, False),
+    "authorization": (500, False),
+    "approval": (500, False),
+    "guard": (500, False),
+    "masking": (500, True),  # response side: Graph answered, the answer is withheld
+    "audit": (500, True),
+    "recorder": (500, True),
+}
+
+
+@pytest.mark.parametrize("addon", list(ADDON_FAULTS))
+def test_an_exception_in_an_addon_refuses_the_request(tmp_path, lookalike, tokens, addon):
+    status, forwarded = ADDON_FAULTS[addon]
+    gw = start_gateway(tmp_path / "gw", lookalike, command=[sys.executable, str(FAULTY_GATEWAY), addon])
+    try:
+        mark = marker()
+        r = get(gw, tokens(), mark)
+        assert r.status_code == status, r.text[:300]
+        assert "Adele" not in r.text and "displayName" not in r.text  # nothing of Graph's answer
+        assert reached(lookalike, mark) is forwarded
+        if status == 500:
+            assert r.json()["error"]["code"] == "GatewayError"
+            assert nhi(r)["stage"] == "error"
+            assert "injected fault" in log_of(gw)
+        if addon != "recorder":  # (whose fault is that it cannot record)
+            flow = until(lambda: recorded(gw, mark), "the recording")[-1]
+            assert flow.error is not None if status == 502 else flow.response.status_code == status
+        if addon != "audit":
+            # The trail ends with what the client got (for the recorder: an amendment of the allow).
+            line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", mark), "the audit line")[-1]
+            assert line["status"] == status and (line["decision"] == "deny" or line["error"]), line
+        assert gw.proc.poll() is None
+    finally:
+        stop(gw.proc)
+
+
+def test_an_exception_in_the_approval_api_refuses_the_call(tmp_path, lookalike, tokens):
+    gw = start_gateway(tmp_path / "gw", lookalike, command=[sys.executable, str(FAULTY_GATEWAY), "approvals_api"])
+    try:
+        r = requests.get(f"{gw.info['approvals_api']}/approvals", headers={"Authorization": f"Bearer {tokens()}"},
+                         proxies={"http": "", "https": ""}, timeout=20)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "GatewayError"
+    finally:
+        stop(gw.proc)
+
+
+NO_USER_READS = """
+  - id: no-user-reads
+    action: deny
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/users/**"]
+"""
+
+
+def test_an_exception_in_the_policy_watcher_keeps_the_policy_in_force(tmp_path, lookalike, tokens):
+    from .conftest import EXAMPLE_POLICY
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(EXAMPLE_POLICY.read_text() + NO_USER_READS)
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy, env={"PYTHONUNBUFFERED": "1"},
+                       command=[sys.executable, str(FAULTY_GATEWAY), "reload"])
+    try:
+        assert get(gw, tokens(), marker()).status_code == 403
+        policy.write_text(EXAMPLE_POLICY.read_text())  # an edit that would allow user reads
+        until(lambda: "policy reload: unexpected error" in log_of(gw), "the watcher's failure was logged")
+        mark = marker()
+        r = get(gw, tokens(), mark)
+        assert r.status_code == 403 and nhi(r)["rule"] == "no-user-reads"
+        assert not reached(lookalike, mark)
+    finally:
+        stop(gw.proc)
+
+
+# --- a client that goes away mid-request --------------------------------------------------------
+
+
+def test_client_disconnecting_mid_request_sends_nothing_upstream(gateway, lookalike, tokens):
+    mark = marker()
+    s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    s.sendall(b"CONNECT graph.microsoft.com:443 HTTP/1.1\r\nHost: graph.microsoft.com:443\r\n\r\n")
+    assert b" 200 " in s.recv(65536)
+    tls = ssl.create_default_context(cafile=gateway.ca_cert).wrap_socket(s, server_hostname="graph.microsoft.com")
+    # A request the policy would allow, cut off after its headers and part of its body.
+    tls.sendall(f"GET /v1.0/users?m={mark} HTTP/1.1\r\nHost: graph.microsoft.com\r\n"
+                f"Authorization: Bearer {tokens()}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 1000\r\n\r\n{{\"partial\": ".encode())
+    time.sleep(0.3)
+    tls.close()
+
+    line = until(lambda: audit_lines(gateway.recordings / "audit.jsonl", mark), "the audit line")[-1]
+    assert line["error"] and line["status"] != 200
+    assert not reached(lookalike, mark)
+    assert requests.get(f"{GRAPH}/v1.0/users?m={marker()}", headers={"Authorization": f"Bearer {tokens()}"},
+                        proxies={"https": gateway.proxy()}, verify=gateway.ca_cert, timeout=20).status_code == 200
