@@ -176,6 +176,15 @@ class Identity:
             return None
         return upstream
 
+    async def _proxy_principal(self, flow, header: str) -> tuple[Principal, str] | None:
+        """The verified identity in a Proxy-Authorization header and its token, or a 407."""
+        token = proxy_token(header)
+        if token is None:
+            refuse(flow, _identity_refusal(407, "format", "Proxy-Authorization carries no token"))
+            return None
+        principal = await self._principal(token, TokenSource.PROXY, flow, 407)
+        return None if principal is None else (principal, token)
+
     @fail_closed
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response:
@@ -186,22 +195,19 @@ class Identity:
         upstream = self._upstream(flow, host)
         if upstream is None:
             return
-        principal = None
+        principal = token = None
         header = flow.request.headers.pop("Proxy-Authorization", None)
         if header is not None:
-            token = proxy_token(header)
-            if token is None:
-                refuse(flow, _identity_refusal(407, "format", "Proxy-Authorization carries no token"))
+            verified = await self._proxy_principal(flow, header)
+            if verified is None:
                 return
-            principal = await self._principal(token, TokenSource.PROXY, flow, 407)
-            if principal is None:
-                return
+            principal, token = verified
         elif upstream.token in ("proxy", "both"):
             refuse(flow, _identity_refusal(
                 407, "missing", f"{host} requires a token in the proxy credentials "
                 "(HTTPS_PROXY=http://<name>:<token>@host:port)"))
             return
-        self._tunnels[flow.client_conn] = Tunnel(host, principal, token if principal else None)
+        self._tunnels[flow.client_conn] = Tunnel(host, principal, token)
         flow.metadata[CONNECT_KEY] = "admitted"
         if principal is not None:
             flow.metadata[PRINCIPAL_KEY] = principal
@@ -254,15 +260,11 @@ class Identity:
         # Plain-HTTP proxy requests carry Proxy-Authorization on every request.
         proxy_header = flow.request.headers.pop("Proxy-Authorization", None)
         if proxy_header is not None:
-            token = proxy_token(proxy_header)
-            if token is None:
-                refuse(flow, _identity_refusal(407, "format", "Proxy-Authorization carries no token"))
+            verified = await self._proxy_principal(flow, proxy_header)
+            if verified is None:
                 return
-            p = await self._principal(token, TokenSource.PROXY, flow, 407)
-            if p is None:
-                return
-            principals.append(p)
-            proxy_tokens.append(token)
+            principals.append(verified[0])
+            proxy_tokens.append(verified[1])
         auth = flow.request.headers.get("Authorization")
         if auth is not None and auth.strip().lower().startswith("bearer"):
             token = bearer_token(auth)
