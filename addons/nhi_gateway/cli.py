@@ -84,6 +84,9 @@ def _add_run(sub) -> None:
 def cmd_run(args) -> int:
     from .gateway import GatewayConfig, serve
 
+    # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
+    # their directories) holds secrets or who-did-what: private to the gateway's user.
+    os.umask(0o077)
     # mitmproxy's log handler prints what reaches the root logger; ours speaks at INFO
     # (one line per decision, with the identity and the flow id).
     logging.getLogger("nhi_gateway").setLevel(logging.DEBUG if args.verbose else logging.INFO)

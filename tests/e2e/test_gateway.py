@@ -349,3 +349,18 @@ def test_keep_alive_connection_serves_many_requests(gateway, lookalike, monkeypa
     results = [line[2:].split() for line in out.stdout.splitlines() if line.startswith("@@")]
     assert [code for code, _ in results] == ["200"] * 12, out.stderr
     assert sum(int(n) for _, n in results) == 1  # one client connection for all twelve
+
+
+def test_what_the_gateway_creates_is_private_to_its_user(gateway, lookalike, monkeypatch):
+    """The CA key, recordings, audit trail and their directories: no access for group or others."""
+    import os
+    import stat
+
+    get_token(gateway, lookalike, monkeypatch)  # makes sure recordings exist
+    confdir = gateway.workdir / "confdir"
+    paths = [confdir, confdir / "mitmproxy-ca.pem", gateway.recordings, gateway.recordings / "audit.jsonl",
+             *gateway.recording_files(), *(f.parent for f in gateway.recording_files())]
+    assert len(paths) > 5
+    for path in paths:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
