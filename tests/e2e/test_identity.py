@@ -167,3 +167,15 @@ def test_flood_of_random_kids_refetches_keys_at_most_once(request, tmp_path, loo
         assert r.status_code == 401
     # The first token loads the key set; one refresh for the unknown kid; then none for 5 minutes.
     assert 1 <= key_fetches() - before <= 2
+
+
+@pytest.mark.parametrize("credential", ["Basic YWdlbnQ6c2VjcmV0", "PoP eyJhbGciOiJSUzI1NiJ9.e30.x", "Bearer"])
+def test_other_authorization_schemes_never_ride_on_the_proxy_identity(gateway, lookalike, tokens, monkeypatch,
+                                                                      credential):
+    """With a valid proxy token, a non-Bearer Authorization header must not reach Graph unverified."""
+    use_proxy(monkeypatch, gateway, tokens())
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/groups?m={mark}", headers={"Authorization": credential}, timeout=30)
+    assert r.status_code == 401, r.text[:300]
+    assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] in ("scheme", "format")
+    assert not reached_graph(lookalike, mark)

@@ -266,6 +266,12 @@ class Identity:
             principals.append(verified[0])
             proxy_tokens.append(verified[1])
         auth = flow.request.headers.get("Authorization")
+        if auth is not None and upstream.token != "none" and auth.strip().split(" ", 1)[0].lower() != "bearer":
+            # A credential of another scheme would reach the upstream unverified, riding on the
+            # proxy identity's decision. (Token endpoints, token: none, keep HTTP Basic client auth.)
+            refuse(flow, _identity_refusal(
+                401, "scheme", "only Authorization: Bearer tokens are accepted for this upstream"))
+            return
         if auth is not None and auth.strip().lower().startswith("bearer"):
             token = bearer_token(auth)
             if token is None:
