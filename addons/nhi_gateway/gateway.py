@@ -74,6 +74,9 @@ class GatewayConfig:
     approvals_db: Path | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
+    # Recordings are written by a child process (nhi_gateway.recording_process), off the event
+    # loop; False writes them in the gateway's own process (tests that reach into the recorder).
+    recording_process: bool = True
 
 
 @dataclass
@@ -120,7 +123,7 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
             return await egress.post_json(url, json_body=payload)
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
-                        fsync_interval=config.recordings_fsync)
+                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
     chain = [
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         # First of the flow stages: answers every request on the approval API's own listener.

@@ -246,6 +246,16 @@ def recover_recent(root: Path, days: int = 2) -> list[Path]:
 # --- encoding ------------------------------------------------------------------------------------
 
 
+def encode_with_parts(state: dict, parts: tuple[bytes, ...]) -> bytes:
+    """The record of a flow whose state, less its connections, is ``state``; ``parts`` are the
+    connections' items, already encoded (``tnetstring.dumps(key) + tnetstring.dumps(state)``)."""
+    rest = tnetstring.dumps(state)
+    # A tnetstring dict is "<length>:<key><value>...}" and its items may come in any order:
+    # the connections' items go after the others.
+    items = b"".join((rest[rest.index(b":") + 1 : -1], *parts))
+    return b"%d:%s}" % (len(items), items)
+
+
 class RecordEncoder:
     """Flow states to records, with each connection's part serialised once while it stays the same.
 
@@ -261,15 +271,8 @@ class RecordEncoder:
 
     def encode(self, state: dict, client_conn: Connection, server_conn: Connection) -> bytes:
         """The record of a flow whose state, less its connections, is ``state``."""
-        rest = tnetstring.dumps(state)
-        # A tnetstring dict is "<length>:<key><value>...}" and its items may come in any order:
-        # the connections' items go after the others.
-        items = b"".join((
-            rest[rest.index(b":") + 1 : -1],
-            self._part("client_conn", client_conn),
-            self._part("server_conn", server_conn),
-        ))
-        return b"%d:%s}" % (len(items), items)
+        return encode_with_parts(state, (self._part("client_conn", client_conn),
+                                         self._part("server_conn", server_conn)))
 
     def _part(self, key: str, conn: Connection) -> bytes:
         # Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy

@@ -35,6 +35,7 @@ def inject(fault: str) -> None:
         recorder,
         reload,
     )
+    from nhi_gateway import recording_process
 
     module, name, replacement = {
         "identity": (identity, "host_header_name", boom),  # Identity.request
@@ -44,7 +45,7 @@ def inject(fault: str) -> None:
         "guard": (guard, "decision_of", boom),  # Guard.request (and Guard.response)
         "masking": (masking, "decision_of", boom),  # Masking.response
         "audit": (audit, "audit_record", boom),  # Audit.response
-        "recorder": (recorder.Recorder, "write", boom),  # Recorder.response -> _record
+        "recorder": (recording_process, "flow_state", boom),  # Recorder.response -> _record
         "approvals_api": (approvals_api.ApprovalsAPI, "_caller", async_boom),  # ApprovalsAPI.request
         "reload": (reload.PolicyReload, "check", async_boom),  # the policy watcher's poll
     }[fault]

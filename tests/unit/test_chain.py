@@ -159,7 +159,9 @@ def build_gateway(tmp_path: Path, authority, *, recordings: Path | None = None,
     policies = PolicyStore(parse_policy(POLICY, str(policy_path)))
     verifier = TokenVerifier(KeyStore(fetch or entra_fetcher(authority)))
     health = Health()
-    config = GatewayConfig(policy_path=policy_path, recordings=recordings, audit_path=audit_path)
+    # In-process recording: these tests drive the hooks themselves and reach into the recorder.
+    config = GatewayConfig(policy_path=policy_path, recordings=recordings, audit_path=audit_path,
+                           recording_process=False)
     chain, recorder = build_chain(config, policies, verifier, health)
     return Gateway(chain, policies, verifier, health, recorder, policy_path)
 

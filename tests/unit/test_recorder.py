@@ -231,13 +231,13 @@ async def test_every_flow_is_recorded_once_through_the_hooks(tmp_path):
     r = Recorder(tmp_path, Health())
     with taddons.context(r):
         f = flow_with(DENIED)
-        r.response(f)
-        r.error(f)  # a later error of the same flow is not a second record
+        await r.response(f)
+        await r.error(f)  # a later error of the same flow is not a second record
         assert f.metadata[RECORDED_KEY] is True
         g = flow_with(ALLOWED)
         g.response = None
         g.error = tflow.terr("client disconnected")
-        r.error(g)
+        await r.error(g)
     r.done()
     recorded = [x for p in tmp_path.rglob("*.mitm") for x in read_back(p)]
     assert sorted(x.id for x in recorded) == sorted([f.id, g.id])
@@ -251,7 +251,7 @@ async def test_a_flow_that_cannot_be_recorded_is_refused(tmp_path):
     r = Recorder(blocked, health, on_refusal=refused.append)
     with taddons.context(r):
         f = flow_with(ALLOWED)
-        r.response(f)
+        await r.response(f)
     assert f.response.status_code == 503
     assert refused == [f]
     assert "recording" in health.problems

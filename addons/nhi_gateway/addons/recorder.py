@@ -37,9 +37,11 @@ from ..recordings import (
     DEFAULT_MAX_BYTES,
     RecordEncoder,
     RecordingWriter,
+    encode_with_parts,
     recording_base,
     recover_recent,
 )
+from ..recording_process import RecordingProcess
 from ..redaction import redacted_state, scrub_text
 from .failclosed import DECISION_KEY, REFUSED_KEY, decision_of, fail_closed, internal_error, refuse
 from .guard import Health
@@ -132,7 +134,7 @@ def annotate(disk: dict, decision: Decision | None, live: http.HTTPFlow) -> None
 class Recorder:
     def __init__(self, directory: Path, health: Health, on_refusal=None, *,
                  max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
-                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL) -> None:
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, separate_process: bool = False) -> None:
         self.directory = Path(directory)
         self.health = health
         self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
@@ -141,32 +143,54 @@ class Recorder:
         self.encoder = RecordEncoder()
         self.last_path: Path | None = None
         self._sync_timer: asyncio.TimerHandle | None = None
+        # With separate_process, a child process writes (see nhi_gateway.recording_process) and
+        # this object only hands flows over; the child checks the files for torn tails itself.
+        self.process = RecordingProcess(self.directory, max_bytes=max_bytes, hourly=hourly,
+                                        fsync_interval=fsync_interval) if separate_process else None
+        if self.process is not None:
+            return
         try:
             recover_recent(self.directory)
         except OSError as e:  # the first write reports it, and refuses
             logger.error("cannot check %s for recordings cut short by a crash: %s", self.directory, e)
 
-    def write(self, flow, comment_prefix: str = "") -> Path:
+    def write(self, flow, comment_prefix: str = "", connections: tuple[bytes, bytes] | None = None) -> Path:
+        """Write one flow now, in this process. ``connections``: its connections' record parts,
+        already encoded (the recording process gets them so), instead of ``flow``'s own."""
         decision = decision_of(flow)
         disk = redacted_state(flow)
         annotate(disk, decision, flow)
         if comment_prefix:
             disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        if connections is None:
+            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        else:
+            record = encode_with_parts(disk, connections)
         base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
 
-    def _record(self, flow, live: bool) -> None:
+    def record_now(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
+        """The flow and, for a ``$batch``, each of its inner requests; returns the flow's file."""
+        path = self.write(flow, connections=connections)
+        if isinstance(flow, http.HTTPFlow) and flow.metadata.get(BATCH_KEY):
+            for inner, prefix in batch_inner_flows(flow):
+                self.write(inner, comment_prefix=prefix, connections=connections)
+        return path
+
+    async def _record(self, flow, live: bool) -> None:
         if flow.metadata.get(RECORDED_KEY):
             return
         try:
-            self.write(flow)
-            self._write_batch_inner(flow)
+            if self.process is not None:
+                self.last_path = await self.process.record(flow)
+            else:
+                self.record_now(flow)
         except OSError as e:
-            self.health.fail("recording", f"cannot write {self.directory}: {e.strerror or e}")
+            self.health.fail("recording", str(e) if self.process is not None
+                             else f"cannot write {self.directory}: {e.strerror or e}")
             if live and isinstance(flow, http.HTTPFlow):
                 refuse(flow, Decision.deny(
                     Stage.GUARD, 503, "ServiceUnavailable",
@@ -186,28 +210,30 @@ class Recorder:
         flow.metadata[RECORDED_KEY] = True
         self.health.recover("recording")
 
-    def _write_batch_inner(self, flow) -> None:
-        """A ``$batch``'s inner requests, each as a flow of its own, in the outer flow's file."""
-        if not isinstance(flow, http.HTTPFlow) or not flow.metadata.get(BATCH_KEY):
-            return
-        for inner, prefix in batch_inner_flows(flow):
-            self.write(inner, comment_prefix=prefix)
+    @fail_closed
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow, live=not flow.metadata.get(REFUSED_KEY))
 
     @fail_closed
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._record(flow, live=not flow.metadata.get(REFUSED_KEY))
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow, live=False)
 
     @fail_closed
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow, live=False)
+    async def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow, live=False)
 
-    @fail_closed
-    def http_connect_error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow, live=False)
-
-    def running(self) -> None:
+    def running(self):
+        if self.process is not None:
+            return self._start_process()  # mitmproxy awaits it
         if self.writer.fsync_interval > 0:
             self._schedule_sync()
+        return None
+
+    async def _start_process(self) -> None:
+        try:
+            await self.process.start()
+        except OSError as e:  # every flow is refused until a child starts and writes
+            self.health.fail("recording", str(e))
 
     def _schedule_sync(self) -> None:
         loop = asyncio.get_running_loop()
@@ -221,7 +247,9 @@ class Recorder:
             self.health.fail("recording", f"cannot sync {self.directory}: {e.strerror or e}")
         self._schedule_sync()
 
-    def done(self) -> None:
+    def done(self):
+        if self.process is not None:
+            return self.process.close()  # mitmproxy awaits it: the child writes what it has
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None

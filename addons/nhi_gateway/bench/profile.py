@@ -46,6 +46,7 @@ def parse_frame(frame: str) -> tuple[str, str]:
 def is_idle(leaf: tuple[str, str]) -> bool:
     """A thread waiting for work: the event loop in select, an executor thread on its queue."""
     file, func = leaf
+    func = func.rpartition(".")[2]  # py-spy names methods "Class.method"
     return ((file.endswith("selectors.py") and func.endswith(("select", "poll")))
             or (file.endswith("concurrent/futures/thread.py") and func == "_worker")
             or (file.endswith("threading.py") and func in ("wait", "_wait_for_tstate_lock")))
@@ -118,23 +119,41 @@ def summarize(folded: str, seconds: float, top: int = 30) -> dict:
     }
 
 
-async def profile_gateway(bench, seconds: float) -> dict | None:
-    """Sample the gateway for ``seconds`` while keep-alive c=10 load runs through it."""
+RATE = 250  # samples per second
+
+
+async def profile_target(bench, target: str, seconds: float) -> dict | None:
+    """Sample one proxy (``bare`` or ``gateway``) for ``seconds`` under keep-alive c=10 load."""
     py_spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
     if not Path(py_spy).exists():
         bench.say("  py-spy is not installed (pip install py-spy): no profile")
         return None
-    out = bench.workdir / "gateway-profile.folded"
+    out = bench.workdir / f"{target}-profile.folded"
     proc = await asyncio.create_subprocess_exec(
-        py_spy, "record", "--pid", str(bench.proxies["gateway"].pid), "--rate", "250", "--idle",
+        py_spy, "record", "--pid", str(bench.proxies[target].pid), "--rate", str(RATE), "--idle",
         "--nonblocking", "--full-filenames", "--format", "raw", "--duration", str(int(round(seconds))), "--output", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    result = await load.keep_alive(bench.targets["gateway"], bench.spec, 10, duration=seconds + 2)
+    result = await load.keep_alive(bench.targets[target], bench.spec, 10, duration=seconds + 2)
     _, err = await proc.communicate()
     if proc.returncode != 0 or not out.exists():
         bench.say(f"  py-spy failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
         return None
-    summary = summarize(out.read_text(), seconds)
+    summary = summarize(out.read_text(errors="replace"), seconds, top=300)
     summary["rps"] = result.rps
     summary["folded_file"] = str(out)
+    # One sample stands for 1/RATE s of the process: busy samples per request are CPU per request.
+    per_request = 1e6 / RATE / max(result.rps * seconds, 1)
+    summary["us_per_request"] = {
+        "busy": round(summary["busy_samples"] * per_request, 1),
+        "areas": [(name, round(pct / 100 * summary["busy_samples"] * per_request, 1)) for name, pct in summary["areas"]],
+        "self_top": [(fn, round(pct / 100 * summary["busy_samples"] * per_request, 1)) for fn, pct in summary["self_top"]],
+    }
     return summary
+
+
+async def profile_gateway(bench, seconds: float) -> dict | None:
+    """The gateway's profile, with bare mitmdump's under the same load for comparison."""
+    gateway = await profile_target(bench, "gateway", seconds)
+    if gateway is not None:
+        gateway["bare"] = await profile_target(bench, "bare", seconds)
+    return gateway

@@ -208,4 +208,20 @@ def render_profile(prof: dict) -> str:
     lines.append("  hottest functions overall (self %):")
     for fn, self_ in prof["self_top"][:15]:
         lines.append(f"    {self_:5.1f}%  {fn}")
+    bare = prof.get("bare")
+    if bare and "us_per_request" in prof and "us_per_request" in bare:
+        g, b = prof["us_per_request"], bare["us_per_request"]
+        lines.append("  CPU per request by area, sampled under the same load (us/request; "
+                     "py-spy, so +-10 %):")
+        lines.append(f"    {'area':70} {'bare':>7} {'gateway':>8}")
+        bare_areas = dict(b["areas"])
+        for name, us in g["areas"]:
+            if not name.startswith("  "):
+                lines.append(f"    {name[:70]:70} {bare_areas.get(name, 0.0):7.0f} {us:8.0f}")
+        lines.append(f"    {'all busy samples':70} {b['busy']:7.0f} {g['busy']:8.0f}")
+        lines.append("  functions costing the gateway more than bare (self us/request, top 15):")
+        bare_self = dict(b["self_top"])
+        extra = sorted(((us - bare_self.get(fn, 0.0), fn, us) for fn, us in g["self_top"]), reverse=True)
+        for diff, fn, us in extra[:15]:
+            lines.append(f"    {diff:+7.1f}  {fn}  ({bare_self.get(fn, 0.0):.1f} -> {us:.1f})")
     return "\n".join(lines)

@@ -1,0 +1,463 @@
+"""Recording in a process of its own, so that the proxy's event loop never serialises a flow.
+
+Redacting a flow and writing it in mitmproxy's format (tnetstring) is pure Python and took the
+event loop about a quarter of its time per request. mitmproxy runs on one thread, so that was a
+quarter of the gateway's throughput, while the machine's other cores sat idle. The gateway hands
+each flow over a pipe, as plain data, to a child process that runs the same recording code
+(:meth:`nhi_gateway.addons.recorder.Recorder.record_now`), and the client gets its answer only once
+the child confirms that the flow is written. So what the in-process recorder promised still holds:
+
+- no answer without its record: a flow the child cannot write (full disk, a bug) is reported back
+  and refused (503), as before;
+- nothing is lost on a crash: a killed gateway leaves the flows already handed over in the pipe,
+  and the child writes them all before it sees the end of its input and exits; a killed child
+  fails every flow it had not confirmed (each refused, none answered unrecorded), and the next
+  flow starts a new child;
+- the same files, rotation, fsync interval, torn-tail recovery, redaction and annotations, since
+  it is the same code.
+
+Only plain data crosses the pipe (``marshal``: dicts, lists, tuples, bytes, str, numbers): the
+flow's state less its connections, the ``flow.metadata`` entries that are plain data (live objects
+such as the principal stay in the gateway, as they would stay out of the recording anyway), and
+each connection's state the first time it is seen and whenever it changes. Both ends keep the same
+bounded table of connection states, updated in the same order, so a connection seen before is sent
+as its id alone. The pipe carries credentials unredacted (the child redacts them); it exists only
+between the two processes, which run as the same user.
+
+Frames both ways start with a 4-byte big-endian length of the rest. Gateway to child: the flow's
+sequence number (8 bytes), the length of the connections part (4 bytes), the connections part
+(``marshal`` of ``((client_id, state | None), (server_id, state | None))``), then the flow's state
+(``marshal``). Child to gateway, a ``marshal`` payload:
+``(seq, status, detail)`` with status ``ok`` (detail: the file written), ``oserror`` (detail: why)
+or ``error`` (a bug; detail: the exception's type), and ``(0, "ready" | "oserror", detail)`` once
+at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import marshal
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from mitmproxy import flow as mflow
+from mitmproxy import http
+
+from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, MAX_CACHED_CONNECTIONS
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!I")  # frame length
+_FLOW_PREFIX = struct.Struct("!QI")  # a flow's frame, after its length: seq, length of the connections part
+READY = 0
+CONFIRM_TIMEOUT = 30.0  # seconds a flow waits for the child before it is refused (a stalled disk)
+RESTART_INTERVAL = 1.0  # at most one new child per second after one stopped
+# flow.metadata keys that never cross the pipe: proxyauth holds (username, password), and the
+# password is the caller's JWT; the recording leaves it out anyway.
+_LEFT_OUT = frozenset({"proxyauth"})
+
+
+class RecordingFailed(Exception):
+    """The child could not record a flow for a reason other than the disk (a bug)."""
+
+
+def frame(payload: object) -> tuple[bytes, bytes]:
+    data = marshal.dumps(payload)
+    return _HEADER.pack(len(data)), data
+
+
+def _plain(value: object) -> bool:
+    try:
+        marshal.dumps(value)
+    except ValueError:
+        return False
+    return True
+
+
+def flow_state(flow: http.HTTPFlow) -> dict:
+    """What the child needs to rebuild ``flow`` for the recording: its state less connections."""
+    return {
+        "id": flow.id,
+        "type": flow.type,
+        "request": flow.request.get_state(),
+        "response": flow.response.get_state() if flow.response is not None else None,
+        "error": flow.error.get_state() if flow.error is not None else None,
+        "websocket": flow.websocket.get_state() if flow.websocket is not None else None,
+        "metadata": {k: v for k, v in flow.metadata.items() if k not in _LEFT_OUT and _plain(v)},
+        "comment": flow.comment,
+        "marked": flow.marked,
+        "is_replay": flow.is_replay,
+        "intercepted": flow.intercepted,
+        "timestamp_created": flow.timestamp_created,
+    }
+
+
+def rebuild_flow(state: dict) -> http.HTTPFlow:
+    """The child's copy of a flow. Its connections are None: they travel as encoded parts."""
+    from mitmproxy import websocket
+
+    f = http.HTTPFlow(None, None)  # type: ignore[arg-type]
+    f.id = state["id"]
+    f.request = http.Request.from_state(state["request"])
+    if state["response"] is not None:
+        f.response = http.Response.from_state(state["response"])
+    if state["error"] is not None:
+        f.error = mflow.Error.from_state(state["error"])
+    if state["websocket"] is not None:
+        f.websocket = websocket.WebSocketData.from_state(state["websocket"])
+    f.metadata = state["metadata"]
+    f.comment = state["comment"]
+    f.marked = state["marked"]
+    f.is_replay = state["is_replay"]
+    f.intercepted = state["intercepted"]
+    f.timestamp_created = state["timestamp_created"]
+    return f
+
+
+def _snapshot(conn) -> tuple:
+    # Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy
+    # may change one in place.
+    return tuple(tuple(v) if isinstance(v, list) else v for v in vars(conn).values())
+
+
+class ConnectionTable:
+    """Connection id -> value, least recently used first, bounded. The gateway keeps snapshots
+    here and the child encoded states; both apply the same steps in the same order, so they
+    hold the same ids."""
+
+    def __init__(self, size: int = MAX_CACHED_CONNECTIONS) -> None:
+        self.size = size
+        self.entries: OrderedDict[str, object] = OrderedDict()
+
+    def use(self, conn_id: str, value: object | None) -> object | None:
+        """Store ``value`` (unless None), mark the id as just used, evict the oldest beyond the
+        bound; returns what is stored for the id (None: unknown)."""
+        if value is not None:
+            self.entries[conn_id] = value
+        stored = self.entries.get(conn_id)
+        if stored is not None:
+            self.entries.move_to_end(conn_id)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return stored
+
+
+# --- the gateway's side --------------------------------------------------------------------------
+
+
+class RecordingProcess:
+    """The gateway's handle on the child: hand a flow over, wait for its confirmation."""
+
+    def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, confirm_timeout: float = CONFIRM_TIMEOUT,
+                 python: str = sys.executable) -> None:
+        self.argv = [python, "-m", __name__, str(directory), "--max-bytes", str(max_bytes),
+                     "--fsync", repr(float(fsync_interval))] + (["--hourly"] if hourly else [])
+        self.confirm_timeout = confirm_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._seq = READY
+        self._conns = ConnectionTable()
+        self._starting: asyncio.Future | None = None
+        self._last_start = float("-inf")
+        self._stopped_why = ""
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None and self._reader is not None \
+            and not self._reader.done()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        """Start the child and wait until it has checked its files (raises OSError if it cannot)."""
+        if self._starting is not None:  # another flow is already starting it
+            await asyncio.shield(self._starting)
+            return
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._start()
+            self._starting.set_result(None)
+        except BaseException as e:
+            self._starting.set_exception(e if isinstance(e, Exception) else OSError(str(e)))
+            self._starting.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            self._starting = None
+
+    async def _start(self) -> None:
+        self._last_start = time.monotonic()
+        self._conns = ConnectionTable()  # a new child knows no connection yet
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=2**20)
+        try:
+            seq, status, detail = await asyncio.wait_for(_read_frame(proc.stdout), self.confirm_timeout)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, EOFError) as e:
+            proc.kill()
+            await proc.wait()
+            raise OSError(f"the recording process did not start (exit {proc.returncode}): {e!r}") from None
+        if (seq, status) != (READY, "ready"):
+            proc.stdin.close()
+            await proc.wait()
+            raise OSError(f"the recording process cannot write: {detail}")
+        self._proc = proc
+        self._reader = asyncio.get_running_loop().create_task(self._read_confirmations(proc))
+
+    async def _read_confirmations(self, proc: asyncio.subprocess.Process) -> None:
+        why = "its output ended"
+        try:
+            while True:
+                seq, status, detail = await _read_frame(proc.stdout)
+                future = self._pending.pop(seq, None)
+                if future is None or future.done():
+                    continue
+                if status == "ok":
+                    future.set_result(Path(detail))
+                elif status == "oserror":
+                    future.set_exception(OSError(detail))
+                else:
+                    future.set_exception(RecordingFailed(detail))
+        except (asyncio.IncompleteReadError, ValueError, EOFError, TypeError) as e:
+            if not isinstance(e, asyncio.IncompleteReadError):
+                why = f"it sent what is not a confirmation ({type(e).__name__})"
+                proc.kill()
+        finally:
+            self._stopped(proc, why)
+
+    def _stopped(self, proc: asyncio.subprocess.Process, why: str) -> None:
+        if proc is not self._proc:
+            return
+        code = proc.returncode
+        pending, self._pending = self._pending, {}
+        if proc.stdin.is_closing() and not pending:
+            logger.info("the recording process finished (exit %s)", code)
+            return
+        self._stopped_why = f"the recording process stopped ({why}" + (f", exit {code})" if code is not None else ")")
+        logger.error("%s; flows it had not confirmed are refused", self._stopped_why)
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(OSError(self._stopped_why))
+
+    async def record(self, flow: http.HTTPFlow) -> Path:
+        """Hand ``flow`` to the child; returns the file it was written to once the child confirms.
+
+        Raises OSError when it is not written (the disk, the child stopped, no confirmation in
+        time) and RecordingFailed for a bug in the child: either way the flow must be refused.
+        """
+        if not self.running:
+            if self._starting is None and time.monotonic() - self._last_start < RESTART_INTERVAL:
+                raise OSError(f"{self._stopped_why or 'the recording process is not running'}; "
+                              "it is restarted at most once a second")
+            await self.start()
+        state = marshal.dumps(flow_state(flow))  # ValueError here, before anything changed
+        try:
+            conns = marshal.dumps(tuple(self._connection(c) for c in (flow.client_conn, flow.server_conn)))
+        except Exception:
+            # The connection tables changed and the child will not hear of it: they would
+            # disagree from now on, so start over with a new child and empty tables.
+            self._restart_now()
+            raise
+        self._seq += 1
+        seq = self._seq
+        future = asyncio.get_running_loop().create_future()
+        self._pending[seq] = future
+        stdin = self._proc.stdin
+        stdin.write(_HEADER.pack(_FLOW_PREFIX.size + len(conns) + len(state)) + _FLOW_PREFIX.pack(seq, len(conns)))
+        stdin.write(conns)
+        stdin.write(state)
+        try:
+            async with asyncio.timeout(self.confirm_timeout):
+                await stdin.drain()  # a large flow: wait until the pipe takes it
+                return await future
+        except TimeoutError:
+            self._pending.pop(seq, None)
+            raise OSError(f"the recording process did not confirm within {self.confirm_timeout:g}s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            self._pending.pop(seq, None)
+            raise OSError(self._stopped_why or "the recording process stopped") from None
+
+    def _connection(self, conn) -> tuple[str, dict | None]:
+        """``(id, state)`` for a connection the child has not seen as it is now, else ``(id, None)``."""
+        snap = _snapshot(conn)
+        if self._conns.entries.get(conn.id) == snap:
+            self._conns.use(conn.id, None)
+            return conn.id, None
+        self._conns.use(conn.id, snap)
+        return conn.id, conn.get_state()
+
+    def _restart_now(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()  # the reader sees the end, fails what was pending; the next flow starts one
+        self._last_start = float("-inf")
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """End the child's input; it writes what it has, fsyncs and exits (waited for, bounded)."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+            await proc.stdin.wait_closed()
+        except (OSError, RuntimeError):
+            pass
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            logger.error("the recording process did not finish within %gs; killed", timeout)
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)  # ends at the child's exit
+        self._proc = self._reader = None
+
+
+async def _read_frame(stream: asyncio.StreamReader):
+    (size,) = _HEADER.unpack(await stream.readexactly(_HEADER.size))
+    return marshal.loads(await stream.readexactly(size))
+
+
+# --- the child's side ----------------------------------------------------------------------------
+
+
+class _Frames:
+    """Whole frames from a file descriptor, as they arrive; ``None`` when nothing came in time."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+        self.ended = False
+
+    def read(self, timeout: float | None) -> list[bytes] | None:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return None
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            self.ended = True
+        self.buffer += chunk
+        frames = []
+        view = self.buffer
+        offset = 0
+        while len(view) - offset >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(view, offset)
+            end = offset + _HEADER.size + size
+            if end > len(view):
+                break
+            frames.append(bytes(view[offset + _HEADER.size:end]))
+            offset = end
+        del self.buffer[:offset]
+        return frames
+
+
+class _Confirmations:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.gateway_gone = False
+
+    def send(self, payloads: list[object]) -> None:
+        if self.gateway_gone:
+            return
+        view = memoryview(b"".join(b"".join(frame(p)) for p in payloads))
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except BrokenPipeError:
+            # The gateway stopped (killed, say): nobody waits for confirmations, but the flows
+            # still in the pipe are written all the same.
+            self.gateway_gone = True
+
+
+def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int) -> int:
+    from mitmproxy.io import tnetstring
+
+    from .addons.guard import Health
+    from .addons.recorder import Recorder
+
+    try:
+        recorder = Recorder(directory, Health(), max_bytes=max_bytes, hourly=hourly,
+                            fsync_interval=fsync_interval)
+    except OSError as e:
+        _Confirmations(out).send([(READY, "oserror", f"{directory}: {e.strerror or e}")])
+        return 1
+    confirmations = _Confirmations(out)
+    confirmations.send([(READY, "ready", "")])
+    conns = ConnectionTable()
+    frames = _Frames(inp)
+    idle = fsync_interval if fsync_interval > 0 else None
+    try:
+        while not frames.ended:
+            batch = frames.read(idle)
+            if batch is None:  # nothing came for an interval: what was written reaches the disk
+                try:
+                    recorder.writer.sync_due()
+                except OSError as e:
+                    logger.error("cannot sync the recordings in %s: %s", directory, e)
+                continue
+            done = [_record_one(recorder, conns, raw, tnetstring) for raw in batch]
+            if done:
+                confirmations.send(done)
+    finally:
+        recorder.done()
+    return 0
+
+
+def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tuple:
+    seq = 0
+    try:
+        seq, conns_size = _FLOW_PREFIX.unpack_from(raw)
+        start = _FLOW_PREFIX.size
+        conn_states = marshal.loads(raw[start:start + conns_size])
+        state = marshal.loads(raw[start + conns_size:])
+        parts, missing = [], []
+        for key, (conn_id, conn_state) in zip(("client_conn", "server_conn"), conn_states):
+            encoded = conns.use(conn_id, None if conn_state is None
+                                else tnetstring.dumps(key) + tnetstring.dumps(conn_state))
+            if encoded is None:
+                missing.append(conn_id)
+            parts.append(encoded)
+        if missing:
+            raise LookupError(f"connections {missing} were never sent")
+        path = recorder.record_now(rebuild_flow(state), connections=tuple(parts))
+        return seq, "ok", str(path)
+    except OSError as e:
+        return seq, "oserror", f"cannot write {recorder.directory}: {e.strerror or e}"
+    except Exception as e:
+        logger.error("flow %s: recording it failed: %r", seq, e, exc_info=e)
+        return seq, "error", type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nhi_gateway.recording_process")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.add_argument("--fsync", type=float, default=DEFAULT_FSYNC_INTERVAL)
+    p.add_argument("--hourly", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="recording process: %(levelname)s %(message)s")
+    # Frames go to the gateway on the original stdout; anything else printed goes to stderr.
+    out = os.dup(1)
+    os.dup2(2, 1)
+    # Ctrl-C in the gateway's terminal, or a service manager's SIGTERM, reaches the whole process
+    # group: this process stops when its input ends (the gateway closed it, or died), not before,
+    # so every flow already handed over is written.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return serve(args.directory, args.max_bytes, args.hourly, args.fsync, 0, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
