@@ -60,6 +60,8 @@ _FLOW_PREFIX = struct.Struct("!QI")  # a flow's frame, after its length: seq, le
 READY = 0
 CONFIRM_TIMEOUT = 30.0  # seconds a flow waits for the child before it is refused (a stalled disk)
 RESTART_INTERVAL = 1.0  # at most one new child per second after one stopped
+_WATCHDOG_INTERVAL = 1.0
+_DRAIN_ABOVE = 4 * 2**20  # bytes waiting for the pipe beyond which a flow waits for them to go
 # flow.metadata keys that never cross the pipe: proxyauth holds (username, password), and the
 # password is the caller's JWT; the recording leaves it out anyway.
 _LEFT_OUT = frozenset({"proxyauth"})
@@ -74,12 +76,25 @@ def frame(payload: object) -> tuple[bytes, bytes]:
     return _HEADER.pack(len(data)), data
 
 
+_PLAIN = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
+
+
 def _plain(value: object) -> bool:
     try:
         marshal.dumps(value)
     except ValueError:
         return False
     return True
+
+
+def _encode_state(state: dict) -> bytes:
+    """``marshal`` of a flow state; a metadata value holding a live object deep inside (the type
+    check of :func:`flow_state` looks at the top only) is left out, like a live object on top."""
+    try:
+        return marshal.dumps(state)
+    except ValueError:
+        state["metadata"] = {k: v for k, v in state["metadata"].items() if _plain(v)}
+        return marshal.dumps(state)
 
 
 def flow_state(flow: http.HTTPFlow) -> dict:
@@ -91,7 +106,7 @@ def flow_state(flow: http.HTTPFlow) -> dict:
         "response": flow.response.get_state() if flow.response is not None else None,
         "error": flow.error.get_state() if flow.error is not None else None,
         "websocket": flow.websocket.get_state() if flow.websocket is not None else None,
-        "metadata": {k: v for k, v in flow.metadata.items() if k not in _LEFT_OUT and _plain(v)},
+        "metadata": {k: v for k, v in flow.metadata.items() if k not in _LEFT_OUT and type(v) in _PLAIN},
         "comment": flow.comment,
         "marked": flow.marked,
         "is_replay": flow.is_replay,
@@ -159,12 +174,15 @@ class RecordingProcess:
     def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
                  fsync_interval: float = DEFAULT_FSYNC_INTERVAL, confirm_timeout: float = CONFIRM_TIMEOUT,
                  python: str = sys.executable) -> None:
-        self.argv = [python, "-m", __name__, str(directory), "--max-bytes", str(max_bytes),
+        # -O: mitmproxy type-checks every message it builds when __debug__ is on; the child only
+        # rebuilds messages from states of messages the gateway built (and checked) already.
+        self.argv = [python, "-O", "-m", __name__, str(directory), "--max-bytes", str(max_bytes),
                      "--fsync", repr(float(fsync_interval))] + (["--hourly"] if hourly else [])
         self.confirm_timeout = confirm_timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, tuple[asyncio.Future, float]] = {}  # seq -> (future, handed over at)
+        self._watchdog: asyncio.TimerHandle | None = None
         self._seq = READY
         self._conns = ConnectionTable()
         self._starting: asyncio.Future | None = None
@@ -214,15 +232,18 @@ class RecordingProcess:
             raise OSError(f"the recording process cannot write: {detail}")
         self._proc = proc
         self._reader = asyncio.get_running_loop().create_task(self._read_confirmations(proc))
+        if self._watchdog is None:
+            self._fail_overdue()
 
     async def _read_confirmations(self, proc: asyncio.subprocess.Process) -> None:
         why = "its output ended"
         try:
             while True:
                 seq, status, detail = await _read_frame(proc.stdout)
-                future = self._pending.pop(seq, None)
-                if future is None or future.done():
+                entry = self._pending.pop(seq, None)
+                if entry is None or entry[0].done():
                     continue
+                future = entry[0]
                 if status == "ok":
                     future.set_result(Path(detail))
                 elif status == "oserror":
@@ -246,7 +267,7 @@ class RecordingProcess:
             return
         self._stopped_why = f"the recording process stopped ({why}" + (f", exit {code})" if code is not None else ")")
         logger.error("%s; flows it had not confirmed are refused", self._stopped_why)
-        for future in pending.values():
+        for future, _ in pending.values():
             if not future.done():
                 future.set_exception(OSError(self._stopped_why))
 
@@ -261,7 +282,7 @@ class RecordingProcess:
                 raise OSError(f"{self._stopped_why or 'the recording process is not running'}; "
                               "it is restarted at most once a second")
             await self.start()
-        state = marshal.dumps(flow_state(flow))  # ValueError here, before anything changed
+        state = _encode_state(flow_state(flow))  # an error here comes before anything changed
         try:
             conns = marshal.dumps(tuple(self._connection(c) for c in (flow.client_conn, flow.server_conn)))
         except Exception:
@@ -272,21 +293,33 @@ class RecordingProcess:
         self._seq += 1
         seq = self._seq
         future = asyncio.get_running_loop().create_future()
-        self._pending[seq] = future
+        self._pending[seq] = (future, time.monotonic())  # the watchdog fails it when overdue
         stdin = self._proc.stdin
-        stdin.write(_HEADER.pack(_FLOW_PREFIX.size + len(conns) + len(state)) + _FLOW_PREFIX.pack(seq, len(conns)))
-        stdin.write(conns)
-        stdin.write(state)
+        stdin.write(b"".join((_HEADER.pack(_FLOW_PREFIX.size + len(conns) + len(state)),
+                              _FLOW_PREFIX.pack(seq, len(conns)), conns, state)))
         try:
-            async with asyncio.timeout(self.confirm_timeout):
-                await stdin.drain()  # a large flow: wait until the pipe takes it
-                return await future
+            if stdin.transport.get_write_buffer_size() > _DRAIN_ABOVE:
+                # Large flows: wait until the pipe takes them, so the gateway's memory stays bounded.
+                await asyncio.wait_for(stdin.drain(), self.confirm_timeout)
+            return await future
         except TimeoutError:
             self._pending.pop(seq, None)
-            raise OSError(f"the recording process did not confirm within {self.confirm_timeout:g}s") from None
+            raise OSError(f"the recording process did not take the flow within {self.confirm_timeout:g}s") from None
         except (BrokenPipeError, ConnectionResetError):
             self._pending.pop(seq, None)
             raise OSError(self._stopped_why or "the recording process stopped") from None
+
+    def _fail_overdue(self) -> None:
+        """Fail flows the child has not confirmed in time (a stalled disk): refused, not held forever."""
+        now = time.monotonic()
+        for seq, (future, since) in list(self._pending.items()):
+            if now - since < self.confirm_timeout:
+                break  # in the order they were handed over
+            del self._pending[seq]
+            if not future.done():
+                future.set_exception(OSError(
+                    f"the recording process did not confirm the flow within {self.confirm_timeout:g}s"))
+        self._watchdog = asyncio.get_running_loop().call_later(_WATCHDOG_INTERVAL, self._fail_overdue)
 
     def _connection(self, conn) -> tuple[str, dict | None]:
         """``(id, state)`` for a connection the child has not seen as it is now, else ``(id, None)``."""
@@ -322,6 +355,9 @@ class RecordingProcess:
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)  # ends at the child's exit
         self._proc = self._reader = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 async def _read_frame(stream: asyncio.StreamReader):
@@ -381,8 +417,7 @@ class _Confirmations:
 
 
 def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int) -> int:
-    from mitmproxy.io import tnetstring
-
+    from . import flowformat
     from .addons.guard import Health
     from .addons.recorder import Recorder
 
@@ -406,7 +441,7 @@ def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, 
                 except OSError as e:
                     logger.error("cannot sync the recordings in %s: %s", directory, e)
                 continue
-            done = [_record_one(recorder, conns, raw, tnetstring) for raw in batch]
+            done = [_record_one(recorder, conns, raw, flowformat) for raw in batch]
             if done:
                 confirmations.send(done)
     finally:

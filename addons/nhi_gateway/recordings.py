@@ -40,7 +40,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mitmproxy.io import tnetstring
+from . import flowformat
 
 if TYPE_CHECKING:
     from mitmproxy.connection import Connection
@@ -249,7 +249,7 @@ def recover_recent(root: Path, days: int = 2) -> list[Path]:
 def encode_with_parts(state: dict, parts: tuple[bytes, ...]) -> bytes:
     """The record of a flow whose state, less its connections, is ``state``; ``parts`` are the
     connections' items, already encoded (``tnetstring.dumps(key) + tnetstring.dumps(state)``)."""
-    rest = tnetstring.dumps(state)
+    rest = flowformat.dumps(state)
     # A tnetstring dict is "<length>:<key><value>...}" and its items may come in any order:
     # the connections' items go after the others.
     items = b"".join((rest[rest.index(b":") + 1 : -1], *parts))
@@ -283,11 +283,11 @@ class RecordEncoder:
             self._parts.move_to_end(conn.id)
             encoded = cached[1]
         else:
-            encoded = tnetstring.dumps(conn.get_state())
+            encoded = flowformat.dumps(conn.get_state())
             self._parts[conn.id] = (snapshot, encoded)
             if len(self._parts) > self.max_connections:
                 self._parts.popitem(last=False)
-        return tnetstring.dumps(key) + encoded
+        return flowformat.dumps(key) + encoded
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -58,9 +58,10 @@ class Authorization:
             self._judge_batch(flow, principal, operation, policy)
             return
         decision = policy.decide(principal, operation)
-        who = principal.label if principal else "anonymous"
-        logger.info("flow %s: %s %s -> %s (%s)", flow.id, who, operation, decision.action,
-                    decision.rule_id or decision.reason)
+        # Every decision is in the audit trail; the log shows refusals and holds, and allows with -v.
+        logger.log(logging.DEBUG if decision.allowed else logging.INFO, "flow %s: %s %s -> %s (%s)",
+                   flow.id, principal.label if principal else "anonymous", operation, decision.action,
+                   decision.rule_id or decision.reason)
         if decision.allowed and is_token_endpoint(operation):
             grant = grant_of(flow, operation)
             decision = judge_grant(policy.identity.client_secret_grants, decision, grant)

@@ -22,13 +22,29 @@ REFUSED_KEY = "nhi.refused"  # set when the gateway wrote the response itself
 HEADER_HOOKS = ("requestheaders", "responseheaders")
 
 
+# The Decision behind flow.metadata[DECISION_KEY], kept on the flow object next to the dict it was
+# read from or written as: every stage asks for it, and parsing the dict each time cost more than
+# the policy decision itself. Only valid while that very dict is in metadata (tests and mitmproxy
+# may replace it); nothing in the gateway changes the dict in place.
+_CACHED = "_nhi_decision"
+
+
 def decision_of(flow) -> Decision | None:
     raw = flow.metadata.get(DECISION_KEY)
-    return Decision.from_dict(raw) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    cached = flow.__dict__.get(_CACHED)
+    if cached is not None and cached[0] is raw:
+        return cached[1]
+    decision = Decision.from_dict(raw)
+    flow.__dict__[_CACHED] = (raw, decision)
+    return decision
 
 
 def set_decision(flow, decision: Decision) -> None:
-    flow.metadata[DECISION_KEY] = decision.to_dict()
+    raw = decision.to_dict()
+    flow.metadata[DECISION_KEY] = raw
+    flow.__dict__[_CACHED] = (raw, decision)
 
 
 def refuse(flow: http.HTTPFlow, decision: Decision) -> None:

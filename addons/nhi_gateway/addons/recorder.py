@@ -224,12 +224,13 @@ class Recorder:
 
     def running(self):
         if self.process is not None:
-            return self._start_process()  # mitmproxy awaits it
+            # Started already by the gateway (before it listens); else now (mitmproxy awaits it).
+            return None if self.process.running else self.start_process()
         if self.writer.fsync_interval > 0:
             self._schedule_sync()
         return None
 
-    async def _start_process(self) -> None:
+    async def start_process(self) -> None:
         try:
             await self.process.start()
         except OSError as e:  # every flow is refused until a child starts and writes

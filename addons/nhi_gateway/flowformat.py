@@ -1,0 +1,104 @@
+"""A faster ``mitmproxy.io.tnetstring.dumps``, for writing recordings.
+
+Every recorded flow is written in mitmproxy's format (tnetstring). mitmproxy's ``dumps`` is a
+generic recursive function that goes through a chain of ``isinstance`` tests for every value and
+pushes each piece onto a deque; for a typical flow state it became the largest single cost of
+writing a recording. :func:`dumps` here writes the same bytes about two and a half times faster:
+it tests the exact type of each value, commonest first (bytes, str, dict, tuple), appends the
+pieces of each container to a list joined once, and takes the length prefixes of short values
+from a table.
+
+The output is byte-identical to mitmproxy's (``tests/unit/test_flowformat.py`` checks it on
+generated values and on real flow states), quirks included:
+
+* a dict's items are written in *reverse* insertion order (mitmproxy builds its output last piece
+  first, which reverses them; reading them back reverses them again);
+* keys are encoded like any other value (a str key is a ``;`` string, an int key an integer);
+* tuples are written as lists; ``True``/``False`` are ``4:true!``/``5:false!``, ``None`` is
+  ``0:~``; floats are written with ``repr`` (so ``inf``, ``nan`` and ``-0.0`` too).
+
+Only the exact built-in types are encoded here. A value of any other type (a subclass of str, int,
+dict... such as a StrEnum or IntEnum member or an OrderedDict) is encoded by mitmproxy's own
+``dumps``, so whatever mitmproxy does with it stays what happens. If anything goes wrong (an
+unsupported value, a string with a lone surrogate, an integer too long to print), the whole value
+is handed to mitmproxy's ``dumps``, so the exception raised is mitmproxy's own (``ValueError`` for
+an unsupported value).
+"""
+
+from __future__ import annotations
+
+from mitmproxy.io import tnetstring
+
+__all__ = ["dumps"]
+
+# Length prefixes (b"0:", b"1:", ...) of values shorter than this, made once.
+_SHORT = 4096
+_PREFIXES = [b"%d:" % n for n in range(_SHORT)]
+
+
+def dumps(value) -> bytes:
+    """``value`` as a tnetstring, exactly as ``mitmproxy.io.tnetstring.dumps`` writes it."""
+    parts: list[bytes] = []
+    try:
+        _write(value, parts.append)
+    except Exception:
+        # Let mitmproxy raise its own exception: which one, for a container holding several bad
+        # values, depends on the order in which it visits them.
+        return tnetstring.dumps(value)
+    return b"".join(parts)
+
+
+def _write(value, append) -> None:
+    """Append the pieces of ``value``'s tnetstring with ``append``."""
+    cls = type(value)
+    if cls is bytes:
+        n = len(value)
+        append(_PREFIXES[n] if n < _SHORT else b"%d:" % n)
+        append(value)
+        append(b",")
+    elif cls is str:
+        data = value.encode()
+        n = len(data)
+        append(_PREFIXES[n] if n < _SHORT else b"%d:" % n)
+        append(data)
+        append(b";")
+    elif cls is dict:
+        parts: list[bytes] = []
+        add = parts.append
+        for key, item in reversed(value.items()):  # mitmproxy writes the last item first
+            _write(key, add)
+            _write(item, add)
+        data = b"".join(parts)
+        n = len(data)
+        append(_PREFIXES[n] if n < _SHORT else b"%d:" % n)
+        append(data)
+        append(b"}")
+    elif cls is tuple or cls is list:
+        parts = []
+        add = parts.append
+        for item in value:
+            _write(item, add)
+        data = b"".join(parts)
+        n = len(data)
+        append(_PREFIXES[n] if n < _SHORT else b"%d:" % n)
+        append(data)
+        append(b"]")
+    elif cls is int:
+        data = b"%d" % value
+        n = len(data)
+        append(_PREFIXES[n] if n < _SHORT else b"%d:" % n)
+        append(data)
+        append(b"#")
+    elif value is None:
+        append(b"0:~")
+    elif cls is float:
+        data = repr(value).encode()
+        append(_PREFIXES[len(data)])  # at most 24 characters
+        append(data)
+        append(b"^")
+    elif cls is bool:
+        append(b"4:true!" if value else b"5:false!")
+    else:
+        # Subclasses and anything else: mitmproxy's encoding of one value does not depend on
+        # where it stands, so its dumps of this value alone is the right piece (or raises).
+        append(tnetstring.dumps(value))
