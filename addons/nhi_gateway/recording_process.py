@@ -59,6 +59,7 @@ _HEADER = struct.Struct("!I")  # frame length
 _FLOW_PREFIX = struct.Struct("!QI")  # a flow's frame, after its length: seq, length of the connections part
 READY = 0
 CONFIRM_TIMEOUT = 30.0  # seconds a flow waits for the child before it is refused (a stalled disk)
+START_TIMEOUT = 60.0  # seconds for a child to import, check the newest files for torn tails, and say so
 RESTART_INTERVAL = 1.0  # at most one new child per second after one stopped
 _WATCHDOG_INTERVAL = 1.0
 _DRAIN_ABOVE = 4 * 2**20  # bytes waiting for the pipe beyond which a flow waits for them to go
@@ -221,7 +222,7 @@ class RecordingProcess:
             *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             limit=2**20)
         try:
-            seq, status, detail = await asyncio.wait_for(_read_frame(proc.stdout), self.confirm_timeout)
+            seq, status, detail = await asyncio.wait_for(_read_frame(proc.stdout), START_TIMEOUT)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, EOFError) as e:
             proc.kill()
             await proc.wait()

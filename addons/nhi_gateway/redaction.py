@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound="http.Message")
+H = TypeVar("H", bound="http.Headers")
 
 REDACTED = "[redacted]"
 
@@ -83,6 +85,15 @@ _SECRET_JSON_FIELDS = frozenset(
         "passwordbase64",  # LAPS
     }
 )
+# The same for a substring test: a name that holds another one (newpassword holds password) is
+# found whenever it is, so the names that hold no other one are enough.
+_SECRET_JSON_FIELD_PARTS = tuple(
+    sorted(
+        name
+        for name in _SECRET_JSON_FIELDS
+        if not any(other != name and other in name for other in _SECRET_JSON_FIELDS)
+    )
+)
 # For text whose structure is unknown (wrong or missing Content-Type, truncated JSON).
 _LOOSE_PARAM = re.compile(
     r"(?i)(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, sorted(_SECRET_PARAMS))) + r")=[^&\s\"'<>]*"
@@ -119,6 +130,11 @@ _SECRET_HEADER_NAME = re.compile(
 _SECRET_LOWER_ASCII_HEADER_NAME = re.compile(_SECRET_HEADER_NAME.pattern.removeprefix("(?i)"))
 _USERINFO = re.compile(r"//[^/]*@")
 _URL_HEADERS = frozenset({"location", "content-location", "referer"})
+# Raw header name -> what _header_redactor answers for it. Names repeat from flow to flow, and the
+# answer depends on the name alone; capped, since clients choose the names.
+_HEADER_REDACTORS: dict[bytes, Callable[[str], str] | None] = {}
+_MAX_CACHED_HEADER_NAMES = 512
+_UNKNOWN = object()
 _SET_COOKIE_ATTRS = frozenset(
     {"expires", "max-age", "domain", "path", "secure", "httponly", "samesite", "partitioned"}
 )
@@ -260,22 +276,108 @@ def _names_a_secret_member(text: str) -> bool:
     # Casefolding works character by character, so a member name that casefolds to a secret one
     # leaves that name in the casefolded text.
     folded = text.casefold()
-    return any(name in folded for name in _SECRET_JSON_FIELDS)
+    for name in _SECRET_JSON_FIELD_PARTS:
+        if name in folded:
+            return True
+    return False
+
+
+class _PlainCopyUnsure(Exception):
+    """:func:`_plain_copy` met something only :func:`_redact_tree` can judge."""
+
+
+_PLAIN_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _plain_copy(obj: object) -> dict | list | None:
+    """``_redact_tree(obj, serialisable=True)[0]`` for the common metadata value that has nothing
+    to redact and nothing mitmproxy cannot write, found without its per-value work; ``None`` when
+    that is not certain (then the caller asks ``_redact_tree``).
+
+    Certain when every container is exactly a dict (with ``str`` keys), list or tuple, no deeper
+    than ``_redact_tree`` allows, and every other value exactly a ``str``, ``int``, ``float``,
+    ``bool`` or ``None`` (subclasses and bytes go the slow way); and when the text of all keys and
+    strings encodes as UTF-8, holds no ``eyJ`` or ``Q~`` (which every JWT or secret match has),
+    and names no secret member (a key that casefolds to one leaves its name in the casefolded
+    text). ``_redact_tree`` would then change no key or string and raise nothing, so its copy is
+    this one: the same keys and values in the same order, dicts as dicts, lists and tuples as lists.
+    """
+    if type(obj) is not dict and type(obj) is not list and type(obj) is not tuple:
+        return None
+    strings: list[str] = []
+    add = strings.append
+
+    def walk(src: dict | list | tuple, depth: int) -> dict | list:
+        if depth > MAX_DEPTH:
+            raise _PlainCopyUnsure
+        if type(src) is dict:
+            out: dict = {}
+            for key, value in src.items():
+                if type(key) is not str:
+                    raise _PlainCopyUnsure
+                add(key)
+                kind = type(value)
+                if kind is str:
+                    add(value)
+                    out[key] = value
+                elif kind in _PLAIN_SCALARS:
+                    out[key] = value
+                elif kind is dict or kind is list or kind is tuple:
+                    out[key] = walk(value, depth + 1)
+                else:
+                    raise _PlainCopyUnsure
+            return out
+        items: list = []
+        for value in src:
+            kind = type(value)
+            if kind is str:
+                add(value)
+                items.append(value)
+            elif kind in _PLAIN_SCALARS:
+                items.append(value)
+            elif kind is dict or kind is list or kind is tuple:
+                items.append(walk(value, depth + 1))
+            else:
+                raise _PlainCopyUnsure
+        return items
+
+    try:
+        copied = walk(obj, 1)
+    except Exception:  # _PlainCopyUnsure, RecursionError, a dict changed while read: ask _redact_tree
+        return None
+    # "\n" is in no pattern, so a match cannot start in one string and end in the next.
+    text = "\n".join(strings)
+    if "eyJ" in text:
+        return None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # lone surrogates do not
+        except UnicodeEncodeError:
+            return None
+    if _names_a_secret_member(text):
+        return None
+    return copied
+
+
+def _refuse_constant(name: str) -> object:
+    raise MaskingError(f"{name} is not JSON")
+
+
+# One decoder for every body: json.loads with an argument builds a new one per call.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _redact_json_text(text: str) -> str:
     """Raises MaskingError when the text is not JSON."""
-
-    def refuse(name: str) -> object:
-        raise MaskingError(f"{name} is not JSON")
-
     try:
-        doc = json.loads(text, parse_constant=refuse)
+        # Unlike json.loads, decode() has no test of its own for a leading BOM, but it refuses one
+        # as it refuses any text that does not start with a JSON value: a ValueError either way.
+        doc = _JSON_DECODER.decode(text)
     except MaskingError:
         raise
     except (ValueError, RecursionError) as e:
         raise MaskingError("not valid JSON") from e
-    if "\\" not in text and not _names_a_secret_member(text) and scrub_text(text) == text:
+    if "\\" not in text and scrub_text(text) == text and not _names_a_secret_member(text):
         # Without escapes every member name and string of the document is a piece of the text as
         # it stands: none names a secret member and none holds a token, so the walk would find nothing.
         return text
@@ -359,29 +461,48 @@ def _redact_set_cookie(value: str) -> str:
     return "; ".join(out)
 
 
-def _redact_header_value(name: str, value: str) -> str:
+def _redact_whole(value: str) -> str:
+    return REDACTED
+
+
+def _header_redactor(name: str) -> Callable[[str], str] | None:
+    """What a header of this name has done to its value, if anything, before :func:`scrub_text`
+    (which every header value goes through)."""
     lname = name.lower()
     if lname in ("authorization", "proxy-authorization"):
-        value = _redact_authorization(value)
-    elif lname == "cookie":
-        value = _redact_cookie(value)
-    elif lname in ("set-cookie", "set-cookie2"):
-        value = _redact_set_cookie(value)
-    elif lname in _URL_HEADERS:
-        value = redact_url(value)
-    elif (_SECRET_LOWER_ASCII_HEADER_NAME if lname.isascii() else _SECRET_HEADER_NAME).search(lname):
-        value = REDACTED
-    return scrub_text(value)
+        return _redact_authorization
+    if lname == "cookie":
+        return _redact_cookie
+    if lname in ("set-cookie", "set-cookie2"):
+        return _redact_set_cookie
+    if lname in _URL_HEADERS:
+        return redact_url
+    if (_SECRET_LOWER_ASCII_HEADER_NAME if lname.isascii() else _SECRET_HEADER_NAME).search(lname):
+        return _redact_whole
+    return None
 
 
-def _redact_headers(headers: http.Headers) -> None:
+def _redacted_headers(headers: H) -> H:
+    """A new ``Headers`` with the fields of ``headers`` redacted; ``headers`` is not changed."""
     fields = []
     for raw_name, raw_value in headers.fields:
-        name = raw_name.decode("utf-8", "surrogateescape")
+        cacheable = type(raw_name) is bytes
+        redactor = _HEADER_REDACTORS.get(raw_name, _UNKNOWN) if cacheable else _UNKNOWN
+        if redactor is _UNKNOWN:
+            redactor = _header_redactor(raw_name.decode("utf-8", "surrogateescape"))
+            if cacheable and len(_HEADER_REDACTORS) < _MAX_CACHED_HEADER_NAMES:
+                _HEADER_REDACTORS[raw_name] = redactor
         value = raw_value.decode("utf-8", "surrogateescape")
-        new = _redact_header_value(name, value)
+        if redactor is None:
+            if "eyJ" not in value and "Q~" not in value:
+                fields.append((raw_name, raw_value))  # scrub_text would keep it as it is
+                continue
+            new = scrub_text(value)
+        else:
+            new = scrub_text(redactor(value))
         fields.append((raw_name, raw_value if new == value else new.encode("utf-8", "surrogateescape")))
-    headers.fields = tuple(fields)
+    # What headers.copy() does (from_state(get_state())), with the redacted fields.
+    return type(headers).from_state(tuple(fields))
 
 
 def _metadata_for_disk(flow: http.HTTPFlow) -> dict:
@@ -390,8 +511,15 @@ def _metadata_for_disk(flow: http.HTTPFlow) -> dict:
         if key in _CREDENTIAL_METADATA:
             continue
         try:
-            _redact_tree(key, serialisable=True)  # the key is checked, and kept as it is
-            value, _ = _redact_tree(value, serialisable=True)
+            # The key is checked, and kept as it is; an ASCII str passes that check.
+            if not (type(key) is str and key.isascii()):
+                _redact_tree(key, serialisable=True)
+            if type(value) is str and value.isascii():
+                value = scrub_text(value)  # all that _redact_tree does with it
+            elif (copied := _plain_copy(value)) is not None:
+                value = copied
+            else:
+                value, _ = _redact_tree(value, serialisable=True)
         except Exception:
             # Live objects (the Principal, locks, events, clients) stay in memory.
             logger.debug("flow %s: metadata %r left out of the recording", flow.id, key)
@@ -403,15 +531,17 @@ def _metadata_for_disk(flow: http.HTTPFlow) -> dict:
 def _disk_copy(message: M) -> M:
     """A request or response that redaction may change while the live one goes upstream as it is.
 
+    Its headers and trailers are redacted already; its body is not.
+
     Shallow: the copy shares the live message's bytes (immutable) until redaction replaces them.
     ``Message.from_state`` would do the same work with a type check of every field on top, and
     ``flow.copy()`` round-trips the whole flow, connections and certificates included.
     """
     disk = copy.copy(message)
     disk.data = copy.copy(message.data)
-    disk.data.headers = message.data.headers.copy()
+    disk.data.headers = _redacted_headers(message.data.headers)
     if message.data.trailers is not None:
-        disk.data.trailers = message.data.trailers.copy()
+        disk.data.trailers = _redacted_headers(message.data.trailers)
     return disk
 
 
@@ -430,9 +560,6 @@ def redacted_state(flow: http.HTTPFlow) -> dict:
 
     withheld = {}
     request = _disk_copy(flow.request)
-    _redact_headers(request.headers)
-    if request.trailers:
-        _redact_headers(request.trailers)
     if request.method != "CONNECT":
         request.path = _redact_target(request.path)
     if "@" in request.authority:
@@ -442,9 +569,6 @@ def redacted_state(flow: http.HTTPFlow) -> dict:
     response = None
     if flow.response:
         response = _disk_copy(flow.response)
-        _redact_headers(response.headers)
-        if response.trailers:
-            _redact_headers(response.trailers)
         if why := _redact_body(response):
             withheld["response"] = why
     websocket = None

@@ -1,15 +1,24 @@
 import base64
+import collections
+import copy
+import enum
 import gzip
 import io
 import json
+import string
 import threading
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.io import FlowReader, FlowWriter
 from mitmproxy.test import tflow
 
+from nhi_gateway import redaction
 from nhi_gateway.decision import Action, Decision, Stage
+from nhi_gateway.masking import MAX_DEPTH, MaskingError
 from nhi_gateway.redaction import REDACTED, redact_flow_for_disk, redact_url, redacted_state, scrub_text
 
 JWT = (
@@ -734,3 +743,573 @@ def test_redact_url_survives_a_malformed_url():
 )
 def test_scrub_text(text, expected):
     assert scrub_text(text) == expected
+
+
+# --- the fast paths give what the code before them gave --------------------------------------------
+#
+# redacted_state runs for every recorded flow, so its common case takes shortcuts: metadata values
+# with nothing to redact are copied without the per-value walk (_plain_copy), header names are
+# classified once (_redacted_headers), the JSON decoder is built once. The code they replaced is
+# kept below, as it was, and the tests hold the new code to it, exceptions and types included.
+
+
+def _reference_redact_header_value(name: str, value: str) -> str:
+    lname = name.lower()
+    if lname in ("authorization", "proxy-authorization"):
+        value = redaction._redact_authorization(value)
+    elif lname == "cookie":
+        value = redaction._redact_cookie(value)
+    elif lname in ("set-cookie", "set-cookie2"):
+        value = redaction._redact_set_cookie(value)
+    elif lname in redaction._URL_HEADERS:
+        value = redact_url(value)
+    elif (
+        redaction._SECRET_LOWER_ASCII_HEADER_NAME if lname.isascii() else redaction._SECRET_HEADER_NAME
+    ).search(lname):
+        value = REDACTED
+    return scrub_text(value)
+
+
+def _reference_redact_headers(headers: http.Headers) -> None:
+    fields = []
+    for raw_name, raw_value in headers.fields:
+        name = raw_name.decode("utf-8", "surrogateescape")
+        value = raw_value.decode("utf-8", "surrogateescape")
+        new = _reference_redact_header_value(name, value)
+        fields.append((raw_name, raw_value if new == value else new.encode("utf-8", "surrogateescape")))
+    headers.fields = tuple(fields)
+
+
+def _reference_metadata_for_disk(metadata: dict) -> dict:
+    kept = {}
+    for key, value in metadata.items():
+        if key in redaction._CREDENTIAL_METADATA:
+            continue
+        try:
+            redaction._redact_tree(key, serialisable=True)
+            value, _ = redaction._redact_tree(value, serialisable=True)
+        except Exception:
+            continue
+        kept[key] = value
+    return kept
+
+
+def _reference_names_a_secret_member(text: str) -> bool:
+    folded = text.casefold()
+    return any(name in folded for name in redaction._SECRET_JSON_FIELDS)
+
+
+def _reference_redact_json_text(text: str) -> str:
+    def refuse(name: str) -> object:
+        raise MaskingError(f"{name} is not JSON")
+
+    try:
+        doc = json.loads(text, parse_constant=refuse)
+    except MaskingError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise MaskingError("not valid JSON") from e
+    if "\\" not in text and not _reference_names_a_secret_member(text) and scrub_text(text) == text:
+        return text
+    redacted, changes = redaction._redact_tree(doc)
+    if not changes:
+        return scrub_text(text)
+    out = json.dumps(redacted, ensure_ascii=False, separators=(",", ":"))
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        out = json.dumps(redacted, ensure_ascii=True, separators=(",", ":"))
+    return out
+
+
+def _reference_disk_copy(message):
+    disk = copy.copy(message)
+    disk.data = copy.copy(message.data)
+    disk.data.headers = message.data.headers.copy()
+    if message.data.trailers is not None:
+        disk.data.trailers = message.data.trailers.copy()
+    return disk
+
+
+def _reference_redacted_state(flow: http.HTTPFlow) -> dict:
+    from mitmproxy.version import FLOW_FORMAT_VERSION
+
+    withheld = {}
+    request = _reference_disk_copy(flow.request)
+    _reference_redact_headers(request.headers)
+    if request.trailers:
+        _reference_redact_headers(request.trailers)
+    if request.method != "CONNECT":
+        request.path = redaction._redact_target(request.path)
+    if "@" in request.authority:
+        request.authority = f"{REDACTED}@{request.authority.rpartition('@')[2]}"
+    if why := redaction._redact_body(request):
+        withheld["request"] = why
+    response = None
+    if flow.response:
+        response = _reference_disk_copy(flow.response)
+        _reference_redact_headers(response.headers)
+        if response.trailers:
+            _reference_redact_headers(response.trailers)
+        if why := redaction._redact_body(response):
+            withheld["response"] = why
+    websocket = None
+    if flow.websocket:
+        disk_websocket = type(flow.websocket).from_state(flow.websocket.get_state())
+        for message in disk_websocket.messages:
+            message.content = redaction._scrub_bytes(message.content)
+        websocket = disk_websocket.get_state()
+    error = None
+    if flow.error:
+        error = flow.error.get_state()
+        error["msg"] = scrub_text(error["msg"])
+    metadata = _reference_metadata_for_disk(flow.metadata)
+    if withheld:
+        metadata["nhi_gateway.withheld"] = withheld
+    return {
+        "version": FLOW_FORMAT_VERSION,
+        "type": flow.type,
+        "id": flow.id,
+        "error": error,
+        "intercepted": flow.intercepted,
+        "is_replay": flow.is_replay,
+        "marked": flow.marked,
+        "metadata": metadata,
+        "comment": scrub_text(flow.comment),
+        "timestamp_created": flow.timestamp_created,
+        "backup": None,
+        "request": request.get_state(),
+        "response": response.get_state() if response else None,
+        "websocket": websocket,
+    }
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, with the same types all the way down (a tuple is not a list here, True is not 1,
+    a str subclass is not a str), and a NaN the same as itself."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(
+            _same(ka, kb) and _same(a[ka], b[kb]) for ka, kb in zip(a, b, strict=True)
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a is b or a == b or (a != a and b != b)
+    return a is b or a == b
+
+
+def _containers(obj: object, seen: set[int] | None = None) -> set[int]:
+    seen = set() if seen is None else seen
+    if isinstance(obj, (dict, list, tuple)) and id(obj) not in seen:
+        seen.add(id(obj))
+        for item in obj.values() if isinstance(obj, dict) else obj:
+            _containers(item, seen)
+    return seen
+
+
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+class _Mode(enum.StrEnum):
+    ALLOW = "allow"
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Dict(dict):
+    pass
+
+
+class _List(list):
+    pass
+
+
+_Pair = collections.namedtuple("_Pair", "a b")
+
+_B64 = string.ascii_letters + string.digits + "-_"
+_SECRET_CHARS = string.ascii_letters + string.digits + "_~.-"
+
+
+def _cased(name: str, flips: list[bool]) -> str:
+    return "".join(c.upper() if flip else c for c, flip in zip(name, flips + [False] * len(name)))
+
+
+# Names that casefold (not lowercase) to a secret one: ß -> ss, ſ -> s, K (Kelvin) -> k.
+_FOLDS = [("ss", "\u00df"), ("s", "\u017f"), ("k", "\u212a")]
+
+secret_names = st.builds(
+    lambda name, flips, fold, wrap: wrap.format(
+        _cased(name, flips).replace(*fold, 1) if fold else _cased(name, flips)
+    ),
+    st.sampled_from(sorted(redaction._SECRET_JSON_FIELDS)),
+    st.lists(st.booleans(), max_size=20),
+    st.none() | st.sampled_from(_FOLDS),
+    st.sampled_from(["{}", "{}", "{}", "my_{}", "{}_hint", '"{}":"x"']),
+)
+jwts = st.builds(
+    lambda head, body, sig, pre, post: f"{pre}eyJ{head}.{body}.{sig}{post}",
+    st.text(_B64, min_size=1, max_size=12),
+    st.text(_B64, max_size=12),
+    st.text(_B64, max_size=12),
+    st.sampled_from(["", "", "Bearer ", "x="]),
+    st.sampled_from(["", "", " tail", ".x.y"]),
+)
+entra_secrets = st.builds(
+    lambda head, digit, rest, pre: f"{pre}{head}{digit}Q~{rest}",
+    st.text(_SECRET_CHARS, min_size=3, max_size=3),
+    st.sampled_from(string.digits),
+    st.text(_SECRET_CHARS, min_size=31, max_size=34),
+    st.sampled_from(["", "secret="]),
+)
+strings = st.one_of(
+    st.text(max_size=12),
+    st.text(string.ascii_letters + "_.- ", max_size=12),
+    secret_names,
+    jwts,
+    entra_secrets,
+    st.sampled_from(["eyJ", "a Q~ b", "eyJ.", "J\u00e9r\u00f4me", "\u65e5\u672c", "lone \udcff", "\ud800"]),
+)
+unserialisable = st.one_of(
+    st.builds(set, st.lists(st.integers(), max_size=3)),
+    st.builds(frozenset, st.lists(st.text(max_size=3), max_size=3)),
+    st.builds(bytearray, st.binary(max_size=4)),
+    st.builds(complex, st.integers(), st.integers()),
+    st.builds(object),
+    st.builds(threading.Lock),
+    st.just(_Color.RED),
+    st.just(_Mode.ALLOW),
+    st.builds(_Str, strings),
+    st.builds(_Int, st.integers()),
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    strings,
+    strings,
+    st.binary(max_size=12),
+    jwts.map(str.encode),
+    unserialisable,
+)
+keys = st.one_of(
+    strings,
+    strings,
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+    st.binary(max_size=6),
+    st.tuples(st.text(max_size=3), st.integers()),
+    st.builds(_Str, strings),
+)
+metadata_values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(keys, children, max_size=4),
+        st.dictionaries(keys, children, max_size=3).map(_Dict),
+        st.dictionaries(keys, children, max_size=3).map(collections.OrderedDict),
+        st.lists(children, max_size=3).map(_List),
+        st.builds(_Pair, children, children),
+    ),
+    max_leaves=25,
+)
+# Most metadata is plain: give the fast path plenty of values it may take.
+plain_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), strings),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(strings, children, max_size=4),
+    ),
+    max_leaves=25,
+)
+
+
+def _metadata_flow(metadata: dict) -> SimpleNamespace:
+    return SimpleNamespace(id="f", metadata=metadata)
+
+
+@given(
+    metadata=st.dictionaries(
+        st.one_of(st.just("proxyauth"), keys), st.one_of(metadata_values, plain_values), max_size=6
+    )
+)
+@settings(max_examples=600)
+def test_metadata_for_disk_is_what_the_walk_gave(metadata):
+    got = redaction._metadata_for_disk(_metadata_flow(metadata))
+    assert _same(got, _reference_metadata_for_disk(metadata))
+    # A copy: the recording shares no dict or list with the live flow.
+    assert not (_containers(got) - {id(got)}) & _containers(metadata)
+
+
+@given(value=st.one_of(plain_values, metadata_values))
+@settings(max_examples=600)
+def test_plain_copy_is_the_walk_whenever_it_answers(value):
+    copied = redaction._plain_copy(value)
+    try:
+        expected, changes = redaction._redact_tree(value, serialisable=True)
+    except Exception:
+        assert copied is None
+        return
+    if copied is not None:
+        assert changes == 0
+        assert _same(copied, expected)
+        assert not _containers(copied) & _containers(value)
+
+
+DECISION_METADATA = {
+    "action": "allow",
+    "stage": "policy",
+    "reason": "rule graph-read-users allows GET /users",
+    "status": 0,
+    "code": "",
+    "rule": "graph-read-users",
+    "check": "",
+    "operation": "graph:users:list",
+    "principal": {
+        "tenant_id": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "object_id": "11111111-2222-3333-4444-555555555555",
+        "app_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+        "display_name": "J\u00e9r\u00f4me's agent",
+        "roles": ["User.Read.All"],
+        "groups": ("g-readers",),
+        "app_only": True,
+        "token_id": "uti-1",
+    },
+    "mask_profile": "",
+    "extra": {"ratio": 0.5, "matched": None},
+}
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _circular() -> list:
+    value: list = [1]
+    value.append(value)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("value", "fast"),
+    [
+        pytest.param(DECISION_METADATA, True, id="decision"),
+        pytest.param([1, 2.5, None, True, "x"], True, id="list"),
+        pytest.param(("a", 1), True, id="tuple-becomes-list"),
+        pytest.param([float("nan"), float("inf"), -0.0], True, id="floats"),
+        pytest.param(_nested(MAX_DEPTH), True, id="as-deep-as-allowed"),
+        pytest.param(_nested(MAX_DEPTH + 1), False, id="too-deep"),
+        pytest.param(_circular(), False, id="circular"),
+        pytest.param({1: "a"}, False, id="int-key"),
+        pytest.param({"a": b"raw"}, False, id="bytes"),
+        pytest.param({"a": f"Bearer {JWT}"}, False, id="jwt"),
+        pytest.param({"a": ENTRA_SECRET}, False, id="entra-secret"),
+        pytest.param({"a": "Q~ alone"}, False, id="q-tilde-alone"),
+        pytest.param({"Client_Secret": "x"}, False, id="secret-member"),
+        pytest.param({"n": {"pa\u00dfword": "x"}}, False, id="secret-member-by-casefold"),
+        pytest.param({"note": "password is not a member here"}, False, id="secret-name-in-a-value"),
+        pytest.param({"a": "lone \udcff"}, False, id="surrogate"),
+        pytest.param({"a": _Mode.ALLOW}, False, id="str-enum"),
+        pytest.param({"a": _Color.RED}, False, id="int-enum"),
+        pytest.param(collections.OrderedDict(a=1), False, id="dict-subclass"),
+        pytest.param([{1, 2}], False, id="set"),
+        pytest.param("a string", False, id="not-a-container"),
+    ],
+)
+def test_plain_copy_cases(value, fast):
+    copied = redaction._plain_copy(value)
+    assert (copied is not None) is fast
+    flow = _metadata_flow({"x": value})
+    assert _same(redaction._metadata_for_disk(flow), _reference_metadata_for_disk(flow.metadata))
+
+
+def test_plain_copy_of_a_decision_is_a_copy():
+    copied = redaction._plain_copy(DECISION_METADATA)
+    assert copied == DECISION_METADATA | {"principal": DECISION_METADATA["principal"] | {"groups": ["g-readers"]}}
+    assert copied is not DECISION_METADATA and copied["principal"] is not DECISION_METADATA["principal"]
+    copied["principal"]["roles"].append("changed")
+    assert DECISION_METADATA["principal"]["roles"] == ["User.Read.All"]
+
+
+@given(text=st.one_of(st.text(), strings, st.lists(strings).map(" ".join)))
+@settings(max_examples=300)
+def test_names_a_secret_member_is_what_it_was(text):
+    assert redaction._names_a_secret_member(text) is _reference_names_a_secret_member(text)
+
+
+def _json_outcome(fn, text: str) -> tuple[str, object]:
+    try:
+        return "ok", fn(text)
+    except MaskingError as e:
+        return "refused", str(e)
+
+
+json_documents = st.builds(
+    lambda value, ensure_ascii, indent, mangle: mangle(
+        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+    ),
+    st.one_of(plain_values, st.dictionaries(strings, plain_values, max_size=4)),
+    st.booleans(),
+    st.sampled_from([None, 2]),
+    st.sampled_from(
+        [
+            lambda t: t,
+            lambda t: t,
+            lambda t: t,
+            lambda t: "\ufeff" + t,  # a BOM: json.loads refuses it
+            lambda t: t[: len(t) // 2],  # truncated
+            lambda t: t.replace("p", "\\u0070"),  # escapes (and sometimes breaks the document)
+            lambda t: t + " x",
+            lambda t: '{"password": "a", "password": "b"}' if t.startswith("{") else t,
+        ]
+    ),
+)
+
+
+@given(text=st.one_of(json_documents, st.text(max_size=30), st.sampled_from(["NaN", "[Infinity]", "{}", " [1] "])))
+@settings(max_examples=500)
+def test_redact_json_text_is_what_it_was(text):
+    assert _json_outcome(redaction._redact_json_text, text) == _json_outcome(
+        _reference_redact_json_text, text
+    )
+
+
+header_names = st.one_of(
+    st.builds(
+        lambda name, flips: _cased(name, flips).encode(),
+        st.sampled_from(
+            [
+                "authorization",
+                "proxy-authorization",
+                "cookie",
+                "set-cookie",
+                "set-cookie2",
+                "location",
+                "content-location",
+                "referer",
+                "x-api-key",
+                "x-apikey",
+                "ocp-apim-subscription-key",
+                "key",
+                "x-key",
+                "x-key\n",
+                "x-keys",
+                "x-auth-token",
+                "x-client-secret",
+                "x-passwd",
+                "x-credentials",
+                "x-signature",
+                "content-type",
+                "date",
+                "request-id",
+                "k\u00e9y-token",
+                "\u212aey",
+            ]
+        ),
+        st.lists(st.booleans(), max_size=20),
+    ),
+    st.binary(max_size=10),
+    st.sampled_from([b"x-\xff-token", b"\xe2\x84\xaaey", b"caf\xc3\xa9"]),
+)
+header_values = st.one_of(
+    strings.map(lambda s: s.encode("utf-8", "surrogatepass")),
+    st.binary(max_size=20),
+    st.sampled_from(
+        [
+            f"Bearer {JWT}".encode(),
+            b"Basic YWdlbnQ6cGFzcw==",
+            b"session=abc; theme=dark; bare",
+            b"id=1; Path=/; HttpOnly; Secure",
+            f"{TOKEN_URL}?client_secret=abc&code=1".encode(),
+            b"https://agent:pw@example.com/x",
+            JWT.encode() + b"\xff",
+            ENTRA_SECRET.encode(),
+            "J\u00e9r\u00f4me".encode(),
+        ]
+    ),
+)
+
+
+@given(fields=st.lists(st.tuples(header_names, header_values), max_size=8), again=st.booleans())
+@settings(max_examples=500)
+def test_redacted_headers_are_what_they_were(fields, again):
+    headers = http.Headers(fields)
+    before = headers.fields
+    expected = headers.copy()
+    _reference_redact_headers(expected)
+    got = redaction._redacted_headers(headers)
+    if again:  # the names are classified now: the cached answer is the same
+        got = redaction._redacted_headers(headers)
+    assert type(got) is type(expected)
+    assert got.fields == expected.fields
+    assert got is not headers and headers.fields is before
+
+
+def test_header_name_cache_is_capped(monkeypatch):
+    monkeypatch.setattr(redaction, "_HEADER_REDACTORS", {})
+    monkeypatch.setattr(redaction, "_MAX_CACHED_HEADER_NAMES", 2)
+    headers = http.Headers(
+        [(b"X-One", b"1"), (b"X-Two-Token", b"2"), (b"Authorization", f"Bearer {JWT}".encode())]
+    )
+    for _ in range(2):
+        assert redaction._redacted_headers(headers).fields == (
+            (b"X-One", b"1"),
+            (b"X-Two-Token", REDACTED.encode()),
+            (b"Authorization", b"Bearer [redacted]"),
+        )
+        assert set(redaction._HEADER_REDACTORS) == {b"X-One", b"X-Two-Token"}
+
+
+def _typical_graph_flow() -> http.HTTPFlow:
+    f = tflow.tflow(resp=True)
+    f.request.url = f"{GRAPH}/users?$top=5"
+    f.request.headers["Authorization"] = f"Bearer {JWT}"
+    f.response.headers["Content-Type"] = "application/json;odata.metadata=minimal;charset=utf-8"
+    f.response.headers["request-id"] = "5e6f7a8b-1111-2222-3333-444444444444"
+    f.response.content = json.dumps(
+        {"value": [{"id": str(i), "displayName": f"User {i}", "mail": f"u{i}@contoso.com"} for i in range(5)]}
+    ).encode()
+    f.metadata["nhi"] = DECISION_METADATA
+    f.metadata["nhi.connect"] = "admitted"
+    f.metadata["nhi.principal"] = threading.Lock()  # a live object: left out
+    return f
+
+
+def _with_trailers(f, request_trailers, response_trailers):
+    f.request.trailers = http.Headers(request_trailers)
+    f.response.trailers = http.Headers(response_trailers)
+    return f
+
+
+@pytest.mark.parametrize(
+    "build",
+    [c[1] for c in CASES]
+    + [
+        _typical_graph_flow,
+        lambda: tflow.tflow(resp=True),
+        lambda: tflow.tflow(err=True),
+        tflow.twebsocketflow,
+        lambda: _with_trailers(tflow.tflow(resp=True), [], [(b"x-token", b"t")]),
+        lambda: _with_trailers(tflow.tflow(resp=True), [(b"grpc-status", JWT.encode())], []),
+    ],
+    ids=[c[0] for c in CASES] + ["graph", "response", "error", "websocket", "trailers", "trailers-jwt"],
+)
+def test_redacted_state_is_what_it_was(build):
+    live = build()
+    assert _same(redacted_state(live), _reference_redacted_state(live))
