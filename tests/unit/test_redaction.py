@@ -1141,7 +1141,8 @@ def test_plain_copy_cases(value, fast):
 
 def test_plain_copy_of_a_decision_is_a_copy():
     copied = redaction._plain_copy(DECISION_METADATA)
-    assert copied == DECISION_METADATA | {"principal": DECISION_METADATA["principal"] | {"groups": ["g-readers"]}}
+    principal = DECISION_METADATA["principal"] | {"groups": ["g-readers"]}  # a tuple written as a list
+    assert copied == DECISION_METADATA | {"principal": principal}
     assert copied is not DECISION_METADATA and copied["principal"] is not DECISION_METADATA["principal"]
     copied["principal"]["roles"].append("changed")
     assert DECISION_METADATA["principal"]["roles"] == ["User.Read.All"]
@@ -1164,7 +1165,7 @@ json_documents = st.builds(
     lambda value, ensure_ascii, indent, mangle: mangle(
         json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
     ),
-    st.one_of(plain_values, st.dictionaries(strings, plain_values, max_size=4)),
+    st.one_of(plain_values, st.dictionaries(secret_names | strings, plain_values, max_size=4)),
     st.booleans(),
     st.sampled_from([None, 2]),
     st.sampled_from(
@@ -1174,7 +1175,9 @@ json_documents = st.builds(
             lambda t: t,
             lambda t: "\ufeff" + t,  # a BOM: json.loads refuses it
             lambda t: t[: len(t) // 2],  # truncated
-            lambda t: t.replace("p", "\\u0070"),  # escapes (and sometimes breaks the document)
+            # Escapes that hide a member name from a substring test (sometimes breaking the document)
+            lambda t: t.replace("p", "\\u0070"),
+            lambda t: t.replace("e", "\\u0065"),
             lambda t: t + " x",
             lambda t: '{"password": "a", "password": "b"}' if t.startswith("{") else t,
         ]
@@ -1182,7 +1185,11 @@ json_documents = st.builds(
 )
 
 
-@given(text=st.one_of(json_documents, st.text(max_size=30), st.sampled_from(["NaN", "[Infinity]", "{}", " [1] "])))
+@given(
+    text=st.one_of(
+        json_documents, st.text(max_size=30), st.sampled_from(["NaN", "[Infinity]", "{}", " [1] "])
+    )
+)
 @settings(max_examples=500)
 def test_redact_json_text_is_what_it_was(text):
     assert _json_outcome(redaction._redact_json_text, text) == _json_outcome(
