@@ -41,6 +41,7 @@ from .addons.routing import Routing
 from .addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from .approvals import Approvals, ApprovalStore, ApprovalStoreError
 from .audit import AuditLog
+from .dispatch import IndexedAddonManager
 from .egress import Address, EgressClient
 from .groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from .policy import PolicyStore, load_policy
@@ -217,6 +218,7 @@ async def start(config: GatewayConfig) -> Gateway:
         confdir=str(config.confdir),
     )
     m = master.Master(opts, with_termlog=True)
+    IndexedAddonManager.install(m)  # each event only to the addons that have its hook
     builtin = [
         core.Core(),
         disable_h2c.DisableH2C(),
