@@ -52,9 +52,16 @@ def is_idle(leaf: tuple[str, str]) -> bool:
             or (file.endswith("threading.py") and func in ("wait", "_wait_for_tstate_lock")))
 
 
+# The gateway's hook dispatch stands in for mitmproxy's addon manager: what it calls is not ours.
+_DISPATCH = "nhi_gateway/dispatch.py"
+
+
 def _area(frames: list[tuple[str, str]]) -> tuple[str, str | None]:
     """(area, module of ours) of one busy sample."""
-    ours = [f for f in frames if f[0].startswith("nhi_gateway/") and not f[0].startswith(_LAUNCH)]
+    if frames[-1][0] == _DISPATCH:
+        return "mitmproxy's own code (layers, HTTP/1, addon manager, flow objects)", None
+    ours = [f for f in frames if f[0].startswith("nhi_gateway/") and not f[0].startswith(_LAUNCH)
+            and f[0] != _DISPATCH]
     if ours:
         # The fail-closed decorator wraps every hook: name the module whose hook it wraps.
         inner = [f for f in ours if not f[0].endswith(_WRAPPER)]
