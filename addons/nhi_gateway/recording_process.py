@@ -80,6 +80,12 @@ def frame(payload: object) -> tuple[bytes, bytes]:
 _PLAIN = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
 
 
+def flow_frame(seq: int, conns: bytes, state: bytes) -> bytes:
+    """One flow for the child: ``conns`` and ``state`` already ``marshal``-encoded."""
+    return b"".join((_HEADER.pack(_FLOW_PREFIX.size + len(conns) + len(state)),
+                     _FLOW_PREFIX.pack(seq, len(conns)), conns, state))
+
+
 def _plain(value: object) -> bool:
     try:
         marshal.dumps(value)
@@ -296,8 +302,7 @@ class RecordingProcess:
         future = asyncio.get_running_loop().create_future()
         self._pending[seq] = (future, time.monotonic())  # the watchdog fails it when overdue
         stdin = self._proc.stdin
-        stdin.write(b"".join((_HEADER.pack(_FLOW_PREFIX.size + len(conns) + len(state)),
-                              _FLOW_PREFIX.pack(seq, len(conns)), conns, state)))
+        stdin.write(flow_frame(seq, conns, state))
         try:
             if stdin.transport.get_write_buffer_size() > _DRAIN_ABOVE:
                 # Large flows: wait until the pipe takes them, so the gateway's memory stays bounded.
@@ -432,22 +437,37 @@ def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, 
     confirmations.send([(READY, "ready", "")])
     conns = ConnectionTable()
     frames = _Frames(inp)
+    # With an interval, a flow is confirmed once it is written and the files are fsynced after the
+    # confirmations go out (at most once per interval), so no answer waits for the disk's flush,
+    # as when the gateway wrote them itself. A failed fsync fails the next flow (closed).
+    recorder.writer.sync_in_append = fsync_interval <= 0
+    sync_error: OSError | None = None
     idle = fsync_interval if fsync_interval > 0 else None
     try:
         while not frames.ended:
             batch = frames.read(idle)
-            if batch is None:  # nothing came for an interval: what was written reaches the disk
-                try:
-                    recorder.writer.sync_due()
-                except OSError as e:
-                    logger.error("cannot sync the recordings in %s: %s", directory, e)
-                continue
-            done = [_record_one(recorder, conns, raw, flowformat) for raw in batch]
-            if done:
+            if batch:
+                done = []
+                for raw in batch:
+                    if sync_error is not None:
+                        done.append(_sync_failed(raw, recorder, sync_error))
+                        sync_error = None
+                    else:
+                        done.append(_record_one(recorder, conns, raw, flowformat))
                 confirmations.send(done)
+            try:
+                recorder.writer.sync_due()
+            except OSError as e:
+                logger.error("cannot sync the recordings in %s: %s", directory, e)
+                sync_error = e
     finally:
         recorder.done()
     return 0
+
+
+def _sync_failed(raw: bytes, recorder, error: OSError) -> tuple:
+    seq, _ = _FLOW_PREFIX.unpack_from(raw)
+    return seq, "oserror", f"cannot sync {recorder.directory}: {error.strerror or error}"
 
 
 def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tuple:

@@ -314,6 +314,9 @@ class RecordingWriter:
             raise ValueError("fsync_interval must be 0 (every flow) or more seconds")
         self.max_bytes = max_bytes
         self.fsync_interval = fsync_interval
+        # False: appends never fsync; the owner calls sync_due() when it suits it (the recording
+        # process, after it has confirmed a batch of flows).
+        self.sync_in_append = True
         self.max_open = max_open
         self.clock = clock
         self._series: dict[Path, _Series] = {}
@@ -393,7 +396,7 @@ class RecordingWriter:
         series.size += len(record)
         series.dirty = True
         now = self.clock()
-        if now - series.synced >= self.fsync_interval:
+        if self.sync_in_append and now - series.synced >= self.fsync_interval:
             os.fsync(fd)
             series.synced, series.dirty = now, False
         return part_path(base, series.part)

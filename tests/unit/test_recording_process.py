@@ -235,3 +235,68 @@ async def test_a_large_flow_goes_through_the_pipe(child, tmp_path):
     await child.record(f)
     (back,) = read_all(tmp_path / "rec")
     assert back.response.content == f.response.content
+
+
+def _serve_in_thread(directory: Path, fsync_interval: float):
+    """The child's loop in this process, on pipes, so its disk can be made to fail."""
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    worker = threading.Thread(target=recording_process.serve,
+                              args=(directory, 64 * 2**20, False, fsync_interval, to_child_r, from_child_w))
+    worker.start()
+    return worker, to_child_w, os.fdopen(from_child_r, "rb")
+
+
+def _send_flow(fd: int, seq: int, f) -> None:
+    import marshal
+
+    conns = marshal.dumps(tuple((c.id, c.get_state()) for c in (f.client_conn, f.server_conn)))
+    os.write(fd, recording_process.flow_frame(seq, conns, marshal.dumps(recording_process.flow_state(f))))
+
+
+def _confirmation(reader):
+    import marshal
+
+    (size,) = recording_process._HEADER.unpack(reader.read(recording_process._HEADER.size))
+    return marshal.loads(reader.read(size))
+
+
+def test_flows_are_confirmed_before_the_fsync_and_a_failed_fsync_fails_the_next_flow(tmp_path, monkeypatch):
+    from nhi_gateway import recordings
+
+    failing, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    entered = threading.Event()
+
+    def fsync(fd):
+        if failing.is_set():
+            entered.set()
+            release.wait(30)  # a slow disk: the flow's confirmation must not wait for this
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(recordings.os, "fsync", fsync)
+    worker, to_child, from_child = _serve_in_thread(tmp_path / "rec", fsync_interval=0.01)
+    try:
+        assert _confirmation(from_child) == (0, "ready", "")
+        _send_flow(to_child, 1, flow_on())
+        assert _confirmation(from_child)[:2] == (1, "ok")
+        time.sleep(0.1)  # synced while idle; and the interval has passed again
+        failing.set()
+        _send_flow(to_child, 2, flow_on())
+        assert _confirmation(from_child)[:2] == (2, "ok")  # confirmed before (or while) its fsync runs
+        assert entered.wait(30)
+        release.set()
+        failing.clear()
+        _send_flow(to_child, 3, flow_on())
+        seq, status, detail = _confirmation(from_child)
+        assert (seq, status) == (3, "oserror") and "cannot sync" in detail and "Input/output error" in detail
+        _send_flow(to_child, 4, flow_on())
+        assert _confirmation(from_child)[:2] == (4, "ok")
+    finally:
+        release.set()
+        os.close(to_child)
+        worker.join(30)
+        from_child.close()
+    assert not worker.is_alive()
