@@ -18,6 +18,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
 
 
+def child_pids(pid: int) -> tuple[int, ...]:
+    """The processes whose parent is ``pid`` (the gateway's recording process, say)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+            found.append(int(entry))
+    return tuple(found)
+
+
+def _cpu(pids: int | tuple[int, ...]) -> float:
+    if isinstance(pids, int):
+        return cpu_seconds(pids)
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:  # a child that ended meanwhile: its CPU is no longer to be had
+            pass
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU time all processes of the machine spent busy (all cores), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -50,21 +78,21 @@ class CpuWindow:
     """CPU used by some processes between ``start()`` and ``stop()``, as % of one core, and by
     everything else on the machine (``others``: a busy neighbour skews a benchmark)."""
 
-    pids: dict[str, int]
+    pids: dict[str, int | tuple[int, ...]]  # a tuple: the processes' CPU summed
     _before: dict[str, float] | None = None
     _machine: float = 0.0
     _wall: float = 0.0
     percent: dict[str, float] | None = None
 
     def start(self) -> None:
-        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._before = {name: _cpu(pid) for name, pid in self.pids.items()}
         self._machine = machine_busy_seconds()
         self._wall = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self._wall
         machine = machine_busy_seconds() - self._machine
-        after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        after = {name: _cpu(pid) for name, pid in self.pids.items()}
         used = {name: after[name] - self._before[name] for name in self.pids}
         self.percent = {name: 100 * v / wall for name, v in used.items()}
         self.percent["others"] = max(0.0, 100 * (machine - sum(used.values())) / wall)
