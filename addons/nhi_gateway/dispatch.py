@@ -11,6 +11,8 @@ have a callable of that name, and enters only those: same order, same ``safecall
 addon (an exception in one is logged and the next still runs), same ``AddonHalt``. The hook itself
 is still looked up at call time, so replacing an addon's method takes effect as before. The index
 is dropped whenever the chain changes through the manager (``add``, ``remove``, ``clear``).
+An addon that grows children with new hooks after start (mitmproxy's script loader does) would not
+be seen; the gateway's master has no such addon and loads no scripts.
 """
 
 from __future__ import annotations
