@@ -210,6 +210,49 @@ def test_upstream_fault_answers_502_and_is_audited_and_recorded(graph_faults, lo
     assert get(gw, tokens(), marker()).status_code == 200  # and the gateway carries on
 
 
+def _impostor_pki(directory: Path, lookalike, kind: str) -> tuple[str, str]:
+    """A certificate for graph.microsoft.com from a CA nobody trusts (``untrusted``), or one from
+    the trusted CA for another name (``wrong-name``); returns (cert file, key file)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from nhi_gateway.lookalike import pki
+
+    if kind == "untrusted":
+        ca_key, ca_cert = pki.generate_ca("an impostor's CA")
+        key, cert = pki.issue_server_cert(ca_key, ca_cert, names=("graph.microsoft.com",), addresses=())
+    else:
+        state = lookalike.state_dir / "pki"
+        ca_key = serialization.load_pem_private_key((state / pki.CA_KEY_FILE).read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate((state / pki.CA_CERT_FILE).read_bytes())
+        key, cert = pki.issue_server_cert(ca_key, ca_cert, names=("graph.example.net",), addresses=())
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / f"{kind}.pem", directory / f"{kind}.key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(pki._private_key_pem(key))
+    return str(cert_file), str(key_file)
+
+
+@pytest.mark.parametrize("kind", ["untrusted", "wrong-name"])
+def test_an_upstream_whose_certificate_does_not_verify_gets_nothing(graph_faults, lookalike, tokens, tmp_path, kind):
+    """Someone who can redirect Graph's name (DNS, a proxy on the way) must not receive the request,
+    and with it the caller's token: the gateway verifies the upstream's certificate and name."""
+    gw, relay, _ = graph_faults
+    with MuteServer(*_impostor_pki(tmp_path, lookalike, kind), "silent") as impostor:
+        relay.set_mode("forward", target=("127.0.0.1", impostor.port))
+        try:
+            mark = marker()
+            r = get(gw, tokens(), mark)
+        finally:
+            relay.set_mode("forward", target=("127.0.0.1", lookalike.port))
+        assert r.status_code == 502, r.text[:300]
+        assert impostor.requests == 0  # the TLS handshake failed: no request, no token reached it
+    line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", mark), "the audit line")[-1]
+    assert line["status"] == 502 and "certificate" in (line["error"] or "").lower(), line
+    assert until(lambda: recorded(gw, mark), "the recording")[-1].error is not None
+    assert get(gw, tokens(), marker()).status_code == 200
+
+
 # --- the record cannot be written ---------------------------------------------------------------
 
 
