@@ -45,13 +45,12 @@ import signal
 import struct
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
-from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, MAX_CACHED_CONNECTIONS
+from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, ConnectionTable, connection_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -142,34 +141,6 @@ def rebuild_flow(state: dict) -> http.HTTPFlow:
     f.intercepted = state["intercepted"]
     f.timestamp_created = state["timestamp_created"]
     return f
-
-
-def _snapshot(conn) -> tuple:
-    # Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy
-    # may change one in place.
-    return tuple(tuple(v) if isinstance(v, list) else v for v in vars(conn).values())
-
-
-class ConnectionTable:
-    """Connection id -> value, least recently used first, bounded. The gateway keeps snapshots
-    here and the child encoded states; both apply the same steps in the same order, so they
-    hold the same ids."""
-
-    def __init__(self, size: int = MAX_CACHED_CONNECTIONS) -> None:
-        self.size = size
-        self.entries: OrderedDict[str, object] = OrderedDict()
-
-    def use(self, conn_id: str, value: object | None) -> object | None:
-        """Store ``value`` (unless None), mark the id as just used, evict the oldest beyond the
-        bound; returns what is stored for the id (None: unknown)."""
-        if value is not None:
-            self.entries[conn_id] = value
-        stored = self.entries.get(conn_id)
-        if stored is not None:
-            self.entries.move_to_end(conn_id)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return stored
 
 
 # --- the gateway's side --------------------------------------------------------------------------
@@ -329,7 +300,7 @@ class RecordingProcess:
 
     def _connection(self, conn) -> tuple[str, dict | None]:
         """``(id, state)`` for a connection the child has not seen as it is now, else ``(id, None)``."""
-        snap = _snapshot(conn)
+        snap = connection_snapshot(conn)
         if self._conns.entries.get(conn.id) == snap:
             self._conns.use(conn.id, None)
             return conn.id, None

@@ -256,6 +256,39 @@ def encode_with_parts(state: dict, parts: tuple[bytes, ...]) -> bytes:
     return b"%d:%s}" % (len(items), items)
 
 
+class ConnectionTable:
+    """Connection id -> value, least recently used first, bounded. The encoder keeps each
+    connection's encoded part here; with a recording process, the gateway keeps snapshots and the
+    child encoded states, and both apply the same steps in the same order, so they hold the same
+    ids."""
+
+    def __init__(self, size: int = MAX_CACHED_CONNECTIONS) -> None:
+        self.size = size
+        self.entries: OrderedDict[str, object] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def use(self, conn_id: str, value: object | None) -> object | None:
+        """Store ``value`` (unless None), mark the id as just used, evict the oldest beyond the
+        bound; returns what is stored for the id (None: unknown)."""
+        if value is not None:
+            self.entries[conn_id] = value
+        stored = self.entries.get(conn_id)
+        if stored is not None:
+            self.entries.move_to_end(conn_id)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return stored
+
+
+def connection_snapshot(conn: Connection) -> tuple:
+    """What a connection is now, to tell whether it changed since its state was last encoded.
+    Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy may
+    change one in place."""
+    return tuple(tuple(v) if isinstance(v, list) else v for v in vars(conn).values())
+
+
 class RecordEncoder:
     """Flow states to records, with each connection's part serialised once while it stays the same.
 
@@ -266,8 +299,7 @@ class RecordEncoder:
     """
 
     def __init__(self, max_connections: int = MAX_CACHED_CONNECTIONS) -> None:
-        self.max_connections = max_connections
-        self._parts: OrderedDict[str, tuple[tuple, bytes]] = OrderedDict()
+        self._parts = ConnectionTable(max_connections)  # id -> (snapshot, encoded part)
 
     def encode(self, state: dict, client_conn: Connection, server_conn: Connection) -> bytes:
         """The record of a flow whose state, less its connections, is ``state``."""
@@ -275,18 +307,13 @@ class RecordEncoder:
                                          self._part("server_conn", server_conn)))
 
     def _part(self, key: str, conn: Connection) -> bytes:
-        # Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy
-        # may change one in place.
-        snapshot = tuple(tuple(v) if isinstance(v, list) else v for v in vars(conn).values())
-        cached = self._parts.get(conn.id)
+        snapshot = connection_snapshot(conn)
+        cached = self._parts.use(conn.id, None)
         if cached is not None and cached[0] == snapshot:
-            self._parts.move_to_end(conn.id)
             encoded = cached[1]
         else:
             encoded = flowformat.dumps(conn.get_state())
-            self._parts[conn.id] = (snapshot, encoded)
-            if len(self._parts) > self.max_connections:
-                self._parts.popitem(last=False)
+            self._parts.use(conn.id, (snapshot, encoded))
         return flowformat.dumps(key) + encoded
 
 

@@ -147,13 +147,15 @@ def _close(s: socket.socket) -> None:
 class MuteServer:
     """A TLS server that completes the handshake and reads the request, then answers nothing
     (``silent``) or only the start of a response (``trickle``: headers and a few bytes of a body
-    it never finishes). The stand-in for an upstream that hangs once connected."""
+    it never finishes): the stand-in for an upstream that hangs once connected. Or it answers
+    ``200`` with a JSON body of ``size`` bytes (``huge``). ``requests`` counts the requests read."""
 
-    def __init__(self, cert: str, key: str, behaviour: str = "silent") -> None:
+    def __init__(self, cert: str, key: str, behaviour: str = "silent", size: int = 0) -> None:
         import ssl
 
-        assert behaviour in ("silent", "trickle"), behaviour
+        assert behaviour in ("silent", "trickle", "huge"), behaviour
         self.behaviour = behaviour
+        self.size = size
         self.requests = 0
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
@@ -199,7 +201,11 @@ class MuteServer:
                     return
                 data += chunk
             self.requests += 1
-            if self.behaviour == "trickle":
+            if self.behaviour == "huge":
+                body = b'{"value":"' + b"x" * (self.size - 12) + b'"}'
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            elif self.behaviour == "trickle":
                 s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
                           b'{"value": [')
             while s.recv(65536):

@@ -253,53 +253,6 @@ def test_an_upstream_whose_certificate_does_not_verify_gets_nothing(graph_faults
     assert get(gw, tokens(), marker()).status_code == 200
 
 
-class HugeAnswerServer:
-    """A TLS upstream (the look-alike's certificate) that answers every request with a JSON body
-    of ``size`` bytes, and counts the requests it got."""
-
-    def __init__(self, cert: str, key: str, size: int) -> None:
-        self.size, self.requests = size, 0
-        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._context.load_cert_chain(cert, key)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
-
-    def _serve(self, raw: socket.socket) -> None:
-        try:
-            with self._context.wrap_socket(raw, server_side=True) as s:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                self.requests += 1
-                filler = b'{"value":"' + b"x" * (self.size - 12) + b'"}'
-                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n" % len(filler) + filler)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        _close_quietly(self._listener)
-
-
-def _close_quietly(s: socket.socket) -> None:
-    try:
-        s.close()
-    except OSError:
-        pass
-
-
 BODY_LIMIT = 32 * 2**20  # gateway.BODY_SIZE_LIMIT
 
 
@@ -308,14 +261,13 @@ def test_a_response_over_the_body_limit_is_not_relayed(graph_faults, lookalike, 
     streamed to the client unmasked."""
     gw, relay, _ = graph_faults
     pki = lookalike.state_dir / "pki"
-    huge = HugeAnswerServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), BODY_LIMIT + 2**20)
-    relay.set_mode("forward", target=("127.0.0.1", huge.port))
-    try:
-        mark = marker()
-        r = get(gw, tokens(), mark, timeout=60)
-    finally:
-        relay.set_mode("forward", target=("127.0.0.1", lookalike.port))
-        huge.close()
+    with MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "huge", BODY_LIMIT + 2**20) as huge:
+        relay.set_mode("forward", target=("127.0.0.1", huge.port))
+        try:
+            mark = marker()
+            r = get(gw, tokens(), mark, timeout=60)
+        finally:
+            relay.set_mode("forward", target=("127.0.0.1", lookalike.port))
     assert huge.requests == 1  # Graph was asked (the request was allowed) ...
     assert r.status_code == 502 and len(r.content) < 10_000, (r.status_code, len(r.content))  # ... its answer withheld
     line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", mark), "the audit line")[-1]

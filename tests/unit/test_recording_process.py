@@ -170,7 +170,7 @@ async def test_a_bug_in_the_child_refuses_the_flow(tmp_path):
     f = flow_on()
     # The gateway believes the child knows this connection; it does not: the child cannot build
     # the record, says so, and the flow is refused as an internal error, not answered unrecorded.
-    r.process._conns.use(f.server_conn.id, recording_process._snapshot(f.server_conn))
+    r.process._conns.use(f.server_conn.id, recording_process.connection_snapshot(f.server_conn))
     with pytest.raises(RecordingFailed):
         await r.process.record(flow_on(f))
     await r.response(f)

@@ -54,10 +54,10 @@ from ..decision import Action, Decision, Stage
 from ..groups import GroupLookupFailed, GroupResolver, needs_lookup
 from ..policy import PolicyStore
 from ..principal import Principal, TokenSource
-from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings
+from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier
 from .failclosed import fail_closed, refuse, set_decision
 from .guard import Health
-from .identity import bearer_token, trust_of
+from .identity import PolicyTrust, bearer_token
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +123,7 @@ class ApprovalsAPI:
         self.health = health
         self.audit_log = audit_log
         self.groups = groups
-        self._trust_cache: tuple[object, TrustSettings] | None = None
-
-    def _trust(self) -> TrustSettings:
-        policy = self.policies.current
-        if self._trust_cache is None or self._trust_cache[0] is not policy:
-            self._trust_cache = (policy, trust_of(policy))
-        return self._trust_cache[1]
+        self._trust = PolicyTrust(policies)
 
     @fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:

@@ -106,6 +106,21 @@ def trust_of(policy) -> TrustSettings:
     )
 
 
+class PolicyTrust:
+    """The token trust of the policy in force (``trust()``), worked out once per policy: a reload
+    replaces the policy object, and with it the trust."""
+
+    def __init__(self, policies: PolicyStore) -> None:
+        self.policies = policies
+        self._cache: tuple[object, TrustSettings] | None = None
+
+    def __call__(self) -> TrustSettings:
+        policy = self.policies.current
+        if self._cache is None or self._cache[0] is not policy:
+            self._cache = (policy, trust_of(policy))
+        return self._cache[1]
+
+
 def _identity_refusal(status: int, check: str, reason: str) -> Decision:
     code = "InvalidAuthenticationToken"
     return Decision.deny(Stage.IDENTITY, status, code, reason, check=check)
@@ -116,13 +131,7 @@ class Identity:
         self.policies = policies
         self.verifier = verifier
         self._tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
-        self._trust_cache: tuple[object, TrustSettings] | None = None
-
-    def _trust(self) -> TrustSettings:
-        policy = self.policies.current
-        if self._trust_cache is None or self._trust_cache[0] is not policy:
-            self._trust_cache = (policy, trust_of(policy))
-        return self._trust_cache[1]
+        self._trust = PolicyTrust(policies)
 
     async def _principal(self, token: str, source: TokenSource, flow, status: int) -> Principal | None:
         """Verify, or refuse the flow (401/407 for a bad token, 503 when keys are unavailable)."""

@@ -139,6 +139,14 @@ def spawn(name: str, argv: list[str], workdir: Path, ready: Path | None = None) 
     return Process(name, popen, log)
 
 
+def make_workdir(given: Path | None, prefix: str) -> Path:
+    """``given`` (created if need be), or a new temporary directory named ``<prefix>...``."""
+    if given:
+        given.mkdir(parents=True, exist_ok=True)
+        return given.resolve()
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 async def wait_for_json(path: Path, proc: Process, timeout: float = START_TIMEOUT) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -271,12 +279,7 @@ class Bench:
 
     async def start(self) -> None:
         s = self.settings
-        if s.workdir:
-            s.workdir.mkdir(parents=True, exist_ok=True)
-            self.workdir = s.workdir.resolve()
-        else:
-            self.workdir = Path(tempfile.mkdtemp(prefix="nhi-bench-"))
-        w = self.workdir
+        self.workdir = w = make_workdir(s.workdir, "nhi-bench-")
         self.say(f"workdir: {w}")
         if s.records:
             s.records.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from . import load, procstat
-from .run import Process, spawn, wait_for_json
+from .run import Process, make_workdir, spawn, wait_for_json
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO = PACKAGE_DIR.parents[2]
@@ -167,12 +166,7 @@ class Rig:
 
     async def start(self) -> None:
         s = self.settings
-        if s.workdir:
-            s.workdir.mkdir(parents=True, exist_ok=True)
-            self.workdir = s.workdir.resolve()
-        else:
-            self.workdir = Path(tempfile.mkdtemp(prefix="nhi-soak-"))
-        w = self.workdir
+        self.workdir = w = make_workdir(s.workdir, "nhi-soak-")
         self.say(f"workdir: {w}")
         la = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli", "lookalike",
                                        "--state-dir", str(w / "lookalike"), "--port", "0"],
