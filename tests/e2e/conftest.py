@@ -92,7 +92,7 @@ def lookalike(tmp_path_factory) -> Lookalike:
     log = state / "lookalike.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nhi_gateway.cli", "lookalike", "--state-dir", str(state), "--port", "0"],
+            [sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "--state-dir", str(state), "--port", "0"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -145,7 +145,7 @@ def start_gateway(workdir: Path, lookalike: Lookalike, policy: Path = EXAMPLE_PO
                   extra_args: list[str] = (), env: dict[str, str] | None = None,
                   command: list[str] | None = None) -> RunningGateway:
     """``env`` is added to this process's environment (e.g. the gateway's NHI_GRAPH_* credential).
-    ``command`` replaces ``python -m nhi_gateway.cli`` (e.g. a test's wrapper that injects a fault)."""
+    ``command`` replaces ``python -m nhi_gateway.cli.main`` (e.g. a test's wrapper that injects a fault)."""
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / "gateway.json"
     ready.unlink(missing_ok=True)
@@ -153,7 +153,7 @@ def start_gateway(workdir: Path, lookalike: Lookalike, policy: Path = EXAMPLE_PO
     recordings = workdir / "recordings"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [*(command or [sys.executable, "-m", "nhi_gateway.cli"]), "run", "--policy", str(policy),
+            [*(command or [sys.executable, "-m", "nhi_gateway.cli.main"]), "run", "--policy", str(policy),
              "--listen", "127.0.0.1:0", "--confdir", str(workdir / "confdir"),
              "--recordings", str(recordings), "--upstream-ca", lookalike.ca_cert,
              "--ready-file", str(ready), *lookalike.resolve_args(), *extra_args],

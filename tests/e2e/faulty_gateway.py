@@ -1,7 +1,7 @@
 """Run the real gateway with one fault injected into one addon: ``python faulty_gateway.py FAULT
 run --policy ...``. Test-only: the gateway has no fault-injection path of its own, so this wrapper
 replaces one function an addon's hook calls with one that raises, then hands over to
-``nhi_gateway.cli.main`` exactly as ``nhi-gateway`` does.
+``nhi_gateway.cli.main.main`` exactly as ``nhi-gateway`` does.
 
 Each fault breaks the hook from the inside (what the hook calls), not the hook itself: the hooks
 are wrapped by ``fail_closed``, and that wrapping is what is under test.
@@ -35,7 +35,7 @@ def inject(fault: str) -> None:
         recorder,
         reload,
     )
-    from nhi_gateway import recording_process
+    from nhi_gateway.recording import process as recording_process
 
     module, name, replacement = {
         "identity": (identity, "host_header_name", boom),  # Identity.request
@@ -55,6 +55,6 @@ def inject(fault: str) -> None:
 
 if __name__ == "__main__":
     inject(sys.argv[1])
-    from nhi_gateway.cli import main
+    from nhi_gateway.cli.main import main
 
     sys.exit(main(sys.argv[2:]))

@@ -257,7 +257,7 @@ def recorded(gateway, mark: str):
 def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"])
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "approvals", *args],
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "approvals", *args],
                           env=env, capture_output=True, text=True, timeout=60)
 
 

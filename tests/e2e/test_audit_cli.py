@@ -18,7 +18,7 @@ from .test_recordings import GRAPH, REFUSING_RULE, session_for, start
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd)
 
 

@@ -11,8 +11,8 @@ import pytest
 import requests
 from mitmproxy import io
 
-from nhi_gateway.audit import verify_chain
-from nhi_gateway.batch import INNER_KEY
+from nhi_gateway.recording.audit import verify_chain
+from nhi_gateway.policy.batch import INNER_KEY
 from nhi_gateway.lookalike.directory import TENANT_DOMAIN
 
 from .test_gateway import GRAPH, error_of, get_token, marker, reached_graph

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nhi_gateway.masking import MASK
+from nhi_gateway.masking.masks import MASK
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(150)
 def demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     workdir = tmp_path_factory.mktemp("demo")
     done = subprocess.run(
-        [sys.executable, "-m", "nhi_gateway.cli", "demo", "--workdir", str(workdir)],
+        [sys.executable, "-m", "nhi_gateway.cli.main", "demo", "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=120,
     )
     return done, workdir

@@ -270,7 +270,7 @@ def test_recorded_flows_carry_comment_and_decision(gateway, lookalike, monkeypat
 
 
 def test_audit_has_one_line_per_decision_and_the_chain_verifies(gateway):
-    from nhi_gateway.audit import verify_chain
+    from nhi_gateway.recording.audit import verify_chain
 
     lines = gateway.audit()
     assert lines
@@ -285,7 +285,7 @@ def test_audit_has_one_line_per_decision_and_the_chain_verifies(gateway):
 def test_malformed_policy_stops_the_start_naming_file_line_column(tmp_path):
     policy = tmp_path / "broken.yaml"
     policy.write_text((REPO / "policies" / "example.yaml").read_text().replace("action: deny", "action: maybe", 1))
-    out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "run", "--policy", str(policy),
+    out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "run", "--policy", str(policy),
                           "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

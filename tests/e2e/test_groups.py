@@ -267,7 +267,7 @@ def test_group_rules_without_a_credential_fail_closed(tmp_path, lookalike, polic
 
 def test_a_half_configured_credential_stops_the_start(tmp_path, lookalike, policy):
     out = subprocess.run(
-        [sys.executable, "-m", "nhi_gateway.cli", "run", "--policy", str(policy), "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "nhi_gateway.cli.main", "run", "--policy", str(policy), "--listen", "127.0.0.1:0",
          "--confdir", str(tmp_path / "c"), "--graph-client-id", lookalike.app("nhi-gateway")["client_id"]],
         capture_output=True, text=True, timeout=60,
         env={k: v for k, v in os.environ.items() if not k.startswith("NHI_GRAPH_")},

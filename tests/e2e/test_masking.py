@@ -238,7 +238,7 @@ def test_the_key_is_never_in_the_log_the_audit_or_the_recordings(gw, lookalike, 
 ])
 def test_the_gateway_refuses_to_start_without_its_pseudonym_key(gw, tmp_path, env, words):
     clean = {k: v for k, v in os.environ.items() if k != KEY_ENV}
-    out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "run", "--policy", str(gw.extra["policy"]),
+    out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "run", "--policy", str(gw.extra["policy"]),
                           "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=60, env={**clean, **env})
     assert out.returncode == 2, out.stdout + out.stderr

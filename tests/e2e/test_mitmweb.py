@@ -130,7 +130,7 @@ ROWS = """[...document.querySelectorAll('.flow-table tbody tr')].filter(r => r.q
 def open_recording(recordings: Path, app: str) -> tuple[subprocess.Popen, str, list[str]]:
     """``nhi-gateway recordings open APP`` as a user runs it; returns the process and its URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nhi_gateway.cli", "recordings", "open", app, "--recordings", str(recordings)],
+        [sys.executable, "-m", "nhi_gateway.cli.main", "recordings", "open", app, "--recordings", str(recordings)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     said = []
@@ -174,10 +174,10 @@ async def test_mitmweb_shows_the_annotations_of_a_real_recording(gateway, lookal
     # that carries one, appended to the same app's file as the gateway would.
     from mitmproxy import io as mio
 
-    from nhi_gateway.addons.failclosed import set_decision
+    from nhi_gateway.policy.decision import set_decision
     from nhi_gateway.addons.guard import Health
     from nhi_gateway.addons.recorder import Recorder
-    from nhi_gateway.decision import Decision
+    from nhi_gateway.policy.decision import Decision
 
     (path,) = [p for p in gateway.recording_files() if p.name.startswith("mcp-directory--")]
     with open(path, "rb") as fh:

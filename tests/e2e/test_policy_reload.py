@@ -15,7 +15,7 @@ import uuid
 import pytest
 import requests
 
-from nhi_gateway.policy import load_policy
+from nhi_gateway.policy.model import load_policy
 
 from .conftest import EXAMPLE_POLICY, start_gateway, stop
 
@@ -122,7 +122,7 @@ def test_replay_of_the_gateway_s_own_recording_lists_what_an_edit_would_change(r
     until(lambda: len(list(gw.recordings.rglob("*.mitm"))) >= 2, "the recordings were written")
 
     def replay(new_policy):
-        return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "policy", "replay", "--policy",
+        return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "policy", "replay", "--policy",
                                str(new_policy), str(gw.recordings)], capture_output=True, text=True, timeout=60)
 
     same = replay(policy)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from nhi_gateway.recordings import scan
+from nhi_gateway.recording.files import scan
 
 from .conftest import BIN, EXAMPLE_POLICY, start_gateway, stop
 
@@ -97,7 +97,7 @@ def mitmdump_each(paths: list[Path]) -> dict[Path, subprocess.CompletedProcess]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", *args], capture_output=True, text=True,
                           timeout=120)
 
 

@@ -19,7 +19,7 @@ from mitmproxy import io
 
 from nhi_gateway.lookalike.minting import mint_client_assertion
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.token_requests import CLIENT_ASSERTION_TYPE
+from nhi_gateway.identity.token_requests import CLIENT_ASSERTION_TYPE
 
 from .conftest import EXAMPLE_POLICY, start_gateway, stop
 

@@ -17,10 +17,10 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, display_name, is_api_flow
-from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, set_decision
+from nhi_gateway.policy.decision import REFUSED_KEY, decision_of, set_decision
 from nhi_gateway.addons.guard import Health
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
-from nhi_gateway.approvals import (
+from nhi_gateway.approvals.store import (
     ApprovalError,
     Approvals,
     ApprovalSettings,
@@ -35,15 +35,15 @@ from nhi_gateway.approvals import (
     parse_duration,
     request_digest,
 )
-from nhi_gateway.audit import AuditLog, AuditWriteError, verify_chain
-from nhi_gateway.decision import Action
+from nhi_gateway.recording.audit import AuditLog, AuditWriteError, verify_chain
+from nhi_gateway.policy.decision import Action
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import PolicyStore, parse_policy
-from nhi_gateway.principal import Principal, TokenSource
-from nhi_gateway.signing_keys import KeyStore
-from nhi_gateway.tokens import TokenVerifier
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.identity.principal import Principal, TokenSource
+from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.tokens import TokenVerifier
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 BOT_APP = "a00780c4-4e70-52ba-ab0f-9b41ac40647f"
@@ -671,8 +671,8 @@ def test_the_demo_adds_its_approval_rule_to_the_example_policy(tmp_path):
 
     import nhi_gateway
     from nhi_gateway.demo.approval import policy_with_approval
-    from nhi_gateway.policy import load_policy
-    from nhi_gateway.principal import AuthMethod
+    from nhi_gateway.policy.model import load_policy
+    from nhi_gateway.identity.principal import AuthMethod
 
     example = Path(nhi_gateway.__file__).resolve().parents[2] / "policies" / "example.yaml"
     policy = load_policy(policy_with_approval(example, tmp_path / "policy.yaml"))

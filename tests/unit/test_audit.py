@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from nhi_gateway import audit
-from nhi_gateway.audit import GENESIS, AuditLog, AuditWriteError, Problem, verify_chain
+from nhi_gateway.recording import audit
+from nhi_gateway.recording.audit import GENESIS, AuditLog, AuditWriteError, Problem, verify_chain
 
 JWT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJodHRwczovL2dyYXBoIn0.c2lnbmF0dXJl"
 PRINCIPAL = {"tenant_id": "t1", "object_id": "o1", "app_id": "a1", "display_name": "mcp-directory"}
@@ -416,7 +416,7 @@ def test_new_log_is_private(tmp_path):
 def test_audit_and_masking_load_without_mitmproxy():
     # The command-line tools verify chains and mask documents without a proxy.
     code = (
-        "import sys, nhi_gateway.audit, nhi_gateway.masking; "
+        "import sys, nhi_gateway.recording.audit, nhi_gateway.masking.masks; "
         "sys.exit(any(m.split('.')[0] == 'mitmproxy' for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

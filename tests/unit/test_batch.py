@@ -2,7 +2,7 @@
 if it had been sent alone; a batch the gateway cannot read, or with any refused inner request, is
 refused whole and nothing of it reaches Graph.
 
-The first part tests :mod:`nhi_gateway.batch` on its own (no mitmproxy); the second runs the
+The first part tests :mod:`nhi_gateway.policy.batch` on its own (no mitmproxy); the second runs the
 gateway's chain as it is built (``build_chain``) with the helpers of ``test_chain``.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from mitmproxy import http, io
 from mitmproxy.test import tflow, tutils
 
-from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of
-from nhi_gateway.batch import (
+from nhi_gateway.policy.decision import REFUSED_KEY, decision_of
+from nhi_gateway.policy.batch import (
     BATCH_KEY,
     INNER_KEY,
     MAX_BATCH_BYTES,
@@ -35,11 +35,11 @@ from nhi_gateway.batch import (
     names_batch,
     parse_batch,
 )
-from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.masking import MASK
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import load_policy, parse_policy
-from nhi_gateway.principal import Principal
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.masking.masks import MASK
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import load_policy, parse_policy
+from nhi_gateway.identity.principal import Principal
 
 from .test_chain import (  # noqa: F401  (fixtures: authority, tokens, gw, no_exception_escapes_an_addon)
     GRAPH,

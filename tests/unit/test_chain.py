@@ -31,19 +31,19 @@ from nhi_gateway.addons import upstream_timeout as upstream_timeout_module
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode
 from nhi_gateway.addons.audit import Audit
 from nhi_gateway.addons.authorization import Authorization
-from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, set_decision
+from nhi_gateway.policy.decision import REFUSED_KEY, decision_of, set_decision
 from nhi_gateway.addons.guard import Guard, Health
 from nhi_gateway.addons.identity import CONNECT_KEY, Identity
 from nhi_gateway.addons.recorder import Recorder
-from nhi_gateway.audit import AuditWriteError
-from nhi_gateway.decision import Decision, Stage
-from nhi_gateway.gateway import GatewayConfig, build_chain
+from nhi_gateway.recording.audit import AuditWriteError
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.masking import MASK
-from nhi_gateway.policy import PolicyStore, parse_policy
-from nhi_gateway.signing_keys import KeyStore
-from nhi_gateway.tokens import TokenVerifier
+from nhi_gateway.masking.masks import MASK
+from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.tokens import TokenVerifier
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 READER_APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"

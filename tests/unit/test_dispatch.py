@@ -9,7 +9,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
-from nhi_gateway.dispatch import IndexedAddonManager
+from nhi_gateway.proxy.dispatch import IndexedAddonManager
 
 
 class Recorder:
@@ -122,7 +122,7 @@ async def test_the_gateway_master_enters_every_addon_that_has_a_hook(tmp_path):
     from mitmproxy import addonmanager, hooks
 
     from nhi_gateway.addons.guard import Guard
-    from nhi_gateway.gateway import GatewayConfig, start
+    from nhi_gateway.proxy.gateway import GatewayConfig, start
 
     policy = tmp_path / "policy.yaml"
     policy.write_text((Path(__file__).parents[2] / "policies" / "deny-all.yaml").read_text())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mitmproxy.test import tflow
 
-from nhi_gateway.addons.failclosed import DECISION_KEY, decision_of, set_decision
-from nhi_gateway.decision import Action, Decision, Stage
+from nhi_gateway.policy.decision import DECISION_KEY, decision_of, set_decision
+from nhi_gateway.policy.decision import Action, Decision, Stage
 
 ALLOW = Decision(Action.ALLOW, Stage.POLICY, "allowed by rule 'r'", rule_id="r", operation="GET x")
 

@@ -22,7 +22,7 @@ from mitmproxy import io as mio
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from nhi_gateway import flowformat
+from nhi_gateway.recording import flowformat
 
 
 class Color(enum.IntEnum):

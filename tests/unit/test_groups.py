@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from nhi_gateway.groups import (
+from nhi_gateway.identity.groups import (
     CLIENT_ASSERTION_TYPE,
     ENV_CERTIFICATE,
     ENV_CLIENT_ID,
@@ -30,10 +30,10 @@ from nhi_gateway.groups import (
     credential_from_settings,
 )
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import parse_policy
-from nhi_gateway.principal import Principal, TokenSource
-from nhi_gateway.tokens import principal_from_claims
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import parse_policy
+from nhi_gateway.identity.principal import Principal, TokenSource
+from nhi_gateway.identity.tokens import principal_from_claims
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OTHER_TENANT = "0f0e0d0c-0000-4000-8000-00000000000f"

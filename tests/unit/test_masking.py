@@ -7,7 +7,7 @@ what every body must be to be masked at all. Styles, paths, detectors and bodies
 test_masking_profiles.py; the policy's ``masking:`` section: test_masking_policy.py; the addon:
 test_masking_addon.py."""
 
-from nhi_gateway.masking import (
+from nhi_gateway.masking.masks import (
     MASK,
     MAX_DEPTH,
     MaskingError,

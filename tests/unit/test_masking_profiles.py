@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nhi_gateway.lookalike.directory import Directory
-from nhi_gateway.masking import (
+from nhi_gateway.masking.masks import (
     ENTROPY_MIN_LENGTH,
     MASK,
     PSEUDONYM_PREFIX,

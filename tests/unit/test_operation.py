@@ -7,7 +7,7 @@ import string
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nhi_gateway.operation import Operation, OperationError, normalize_host, parse_query
+from nhi_gateway.policy.operation import Operation, OperationError, normalize_host, parse_query
 
 GRAPH = "graph.microsoft.com"
 
@@ -249,7 +249,7 @@ def test_any_target_is_refused_or_canonical(tail, host):
 
 # --- OData options: $select, $expand and $top at every depth ------------------------------------
 
-from nhi_gateway.operation import ODataQuery, read_odata  # noqa: E402
+from nhi_gateway.policy.operation import ODataQuery, read_odata  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nhi_gateway.decision import Action, Stage
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import (
+from nhi_gateway.policy.decision import Action, Stage
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import (
     ClientSecretGrants,
     OperationMatch,
     PathPattern,
@@ -27,7 +27,7 @@ from nhi_gateway.policy import (
     load_policy,
     parse_policy,
 )
-from nhi_gateway.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
@@ -208,7 +208,7 @@ STARTERS = ["example.yaml", "deny-all.yaml", "directory-reader.yaml", "credentia
 
 @pytest.mark.parametrize("name", STARTERS)
 def test_starter_policies_load_warn_nothing_and_name_the_schema(name):
-    from nhi_gateway.policy import policy_warnings
+    from nhi_gateway.policy.model import policy_warnings
 
     text = (POLICIES / name).read_text()
     assert text.startswith("# yaml-language-server: $schema=./policy.schema.json\n")
@@ -1250,7 +1250,7 @@ def test_mask_profile_names_are_exact():
 
 
 def test_a_bug_in_the_loader_still_surfaces_as_a_policy_error(monkeypatch):
-    from nhi_gateway import policy as policy_module
+    from nhi_gateway.policy import model as policy_module
 
     def broken(self):
         raise KeyError("oops")

@@ -11,11 +11,11 @@ import pytest
 from mitmproxy import io
 from mitmproxy.test import tflow, tutils
 
-from nhi_gateway.cli import main
-from nhi_gateway.decision import Decision, Stage
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import load_policy
-from nhi_gateway.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.cli.main import main
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import load_policy
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 EXAMPLE = POLICIES / "example.yaml"
@@ -411,7 +411,7 @@ def test_replay_reads_a_truncated_recording_up_to_the_last_whole_flow(capsys, re
 
 
 def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_path):
-    from nhi_gateway.batch import judge_batch
+    from nhi_gateway.policy.batch import judge_batch
 
     example = load_policy(EXAMPLE)
     body = json.dumps({"requests": [{"id": "1", "method": "GET", "url": "/users"},

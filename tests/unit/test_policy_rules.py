@@ -14,12 +14,12 @@ import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
 from nhi_gateway.addons.authorization import Authorization
-from nhi_gateway.addons.failclosed import decision_of, set_decision
+from nhi_gateway.policy.decision import decision_of, set_decision
 from nhi_gateway.addons.guard import Guard, Health
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
-from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import (
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import (
     Approval,
     ODataLimits,
     OperationMatch,
@@ -32,7 +32,7 @@ from nhi_gateway.policy import (
     Schedule,
     parse_policy,
 )
-from nhi_gateway.principal import AuthMethod, Principal
+from nhi_gateway.identity.principal import AuthMethod, Principal
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
@@ -423,7 +423,7 @@ def test_schedules(schedule, at, in_force):
 
 
 def test_decisions_read_the_clock_only_for_scheduled_rules(monkeypatch):
-    from nhi_gateway import policy as policy_module
+    from nhi_gateway.policy import model as policy_module
 
     calls = []
 

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from nhi_gateway.masking import MASK, MAX_DEPTH, MaskingError, mask_json_bytes
+from nhi_gateway.masking.masks import MASK, MAX_DEPTH, MaskingError, mask_json_bytes
 
 FIELDS = frozenset({"mail", "secretText", "key", "userPrincipalName", "issuerAssignedId", "@odata.nextLink"})
 FOLDED = frozenset(f.casefold() for f in FIELDS)

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nhi_gateway.decision import Action
-from nhi_gateway.operation import Operation, OperationError
-from nhi_gateway.policy import parse_policy
-from nhi_gateway.principal import Principal
+from nhi_gateway.policy.decision import Action
+from nhi_gateway.policy.operation import Operation, OperationError
+from nhi_gateway.policy.model import parse_policy
+from nhi_gateway.identity.principal import Principal
 
 GRAPH = "graph.microsoft.com"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import Policy, PolicyError, load_policy, parse_policy, policy_warnings
-from nhi_gateway.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import Policy, PolicyError, load_policy, parse_policy, policy_warnings
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 EXAMPLE = (POLICIES / "example.yaml").read_text()

@@ -32,9 +32,9 @@ from mitmproxy.test import taddons, tflow
 
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.principal import Principal, TokenSource
-from nhi_gateway.signing_keys import KeysUnavailable, KeyStore
-from nhi_gateway.tokens import MAX_TOKEN_BYTES, IssuerTrust, TokenRejected, TokenVerifier, TrustSettings
+from nhi_gateway.identity.principal import Principal, TokenSource
+from nhi_gateway.identity.signing_keys import KeysUnavailable, KeyStore
+from nhi_gateway.identity.tokens import MAX_TOKEN_BYTES, IssuerTrust, TokenRejected, TokenVerifier, TrustSettings
 
 from . import test_chain as chain
 

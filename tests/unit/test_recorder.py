@@ -11,16 +11,11 @@ from mitmproxy import certs, flowfilter, http
 from mitmproxy import io as mio
 from mitmproxy.test import taddons, tflow
 
-from nhi_gateway.addons.failclosed import set_decision
+from nhi_gateway.policy.decision import set_decision
 from nhi_gateway.addons.guard import Health
-from nhi_gateway.addons.recorder import (
-    APPROVED_MARK,
-    RECORDED_KEY,
-    REFUSED_MARK,
-    Recorder,
-    flow_comment,
-)
-from nhi_gateway.decision import Action, Decision, Stage
+from nhi_gateway.recording.flows import APPROVED_MARK, REFUSED_MARK, flow_comment
+from nhi_gateway.addons.recorder import RECORDED_KEY, Recorder
+from nhi_gateway.policy.decision import Action, Decision, Stage
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OID = "0b1c2d3e-0000-4000-8000-000000000042"
@@ -174,7 +169,7 @@ def test_the_undo_backup_is_never_written(recorder):
 
 
 def test_flows_sharing_a_connection_are_each_written_whole_in_one_write(recorder, monkeypatch):
-    from nhi_gateway import recordings
+    from nhi_gateway.recording import files as recordings
 
     key, ca = certs.create_ca("nhi-gateway tests", "test CA", 2048)
     chain = [certs.dummy_cert(key, ca, "graph.microsoft.com", []), certs.Cert(ca)]
@@ -261,7 +256,7 @@ async def test_a_flow_that_cannot_be_recorded_is_refused(tmp_path):
 async def test_a_timer_syncs_flows_when_traffic_stops(tmp_path, monkeypatch):
     import asyncio
 
-    from nhi_gateway import recordings
+    from nhi_gateway.recording import files as recordings
 
     synced = asyncio.Event()
     monkeypatch.setattr(recordings.os, "fsync", lambda fd: synced.set())

@@ -17,12 +17,12 @@ import pytest
 from mitmproxy import io as mio
 from mitmproxy.test import tflow
 
-from nhi_gateway import recording_process
-from nhi_gateway.addons.failclosed import set_decision
+from nhi_gateway.recording import process as recording_process
+from nhi_gateway.policy.decision import set_decision
 from nhi_gateway.addons.guard import Health
 from nhi_gateway.addons.recorder import RECORDED_KEY, Recorder
-from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.recording_process import RecordingFailed, RecordingProcess
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.recording.process import RecordingFailed, RecordingProcess
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OID = "0b1c2d3e-0000-4000-8000-000000000042"
@@ -182,7 +182,7 @@ async def test_a_bug_in_the_child_refuses_the_flow(tmp_path):
 _DYING_GATEWAY = textwrap.dedent("""
     import asyncio, os, sys
     from mitmproxy.test import tflow
-    from nhi_gateway.recording_process import RecordingProcess
+    from nhi_gateway.recording.process import RecordingProcess
 
     async def main():
         process = RecordingProcess(sys.argv[1])
@@ -262,7 +262,7 @@ def _confirmation(reader):
 
 
 def test_flows_are_confirmed_before_the_fsync_and_a_failed_fsync_fails_the_next_flow(tmp_path, monkeypatch):
-    from nhi_gateway import recordings
+    from nhi_gateway.recording import files as recordings
 
     failing, release = threading.Event(), threading.Event()
     real_fsync = os.fsync

@@ -14,8 +14,8 @@ from mitmproxy import io as mio
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from nhi_gateway import recordings
-from nhi_gateway.recordings import (
+from nhi_gateway.recording import files as recordings
+from nhi_gateway.recording.files import (
     RecordEncoder,
     RecordingName,
     RecordingWriter,

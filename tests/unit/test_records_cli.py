@@ -8,9 +8,9 @@ from mitmproxy import io as mio
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from nhi_gateway import records_cli
-from nhi_gateway.cli import main
-from nhi_gateway.recordings import RecordingWriter, recording_base, scan
+from nhi_gateway.cli import records as records_cli
+from nhi_gateway.cli.main import main
+from nhi_gateway.recording.files import RecordingWriter, recording_base, scan
 
 PRINCIPAL = {"tenant_id": "t1", "object_id": "0b1c2d3e-0000-4000-8000-000000000042", "display_name": "mcp-directory"}
 

@@ -16,10 +16,10 @@ from mitmproxy import http
 from mitmproxy.io import FlowReader, FlowWriter
 from mitmproxy.test import tflow
 
-from nhi_gateway import redaction
-from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.masking import MAX_DEPTH, MaskingError
-from nhi_gateway.redaction import REDACTED, redact_flow_for_disk, redact_url, redacted_state, scrub_text
+from nhi_gateway.recording import redaction
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.masking.masks import MAX_DEPTH, MaskingError
+from nhi_gateway.recording.redaction import REDACTED, redact_flow_for_disk, redact_url, redacted_state, scrub_text
 
 JWT = (
     "eyJ0eXAiOiJKV1QiLCJub25jZSI6ImFiYyIsImFsZyI6IlJTMjU2In0"
@@ -605,16 +605,16 @@ def test_unserialisable_metadata_is_left_out():
     decision = Decision(Action.ALLOW, Stage.POLICY, "ok")
     live.metadata.update(
         {
-            "nhi_gateway.decision": decision.to_dict(),
+            "nhi_gateway.policy.decision": decision.to_dict(),
             "decision_object": decision,
             "lock": threading.Lock(),
             "tuple": ("a", 1),
         }
     )
     disk = redact_flow_for_disk(live)
-    assert set(disk.metadata) == {"nhi_gateway.decision", "tuple"}
+    assert set(disk.metadata) == {"nhi_gateway.policy.decision", "tuple"}
     back = read_back(on_disk(disk))
-    assert Decision.from_dict(back.metadata["nhi_gateway.decision"]) == decision
+    assert Decision.from_dict(back.metadata["nhi_gateway.policy.decision"]) == decision
     assert back.metadata["tuple"] == ["a", 1]
     assert live.metadata["decision_object"] is decision and "lock" in live.metadata
 

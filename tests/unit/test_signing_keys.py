@@ -7,7 +7,7 @@ import base64
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from nhi_gateway.signing_keys import KeysUnavailable, KeyStore, UnknownKey, parse_jwks
+from nhi_gateway.identity.signing_keys import KeysUnavailable, KeyStore, UnknownKey, parse_jwks
 
 META = "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration"
 ISSUER = "https://login.microsoftonline.com/t/v2.0"

@@ -17,13 +17,13 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from nhi_gateway.addons.authorization import Authorization
-from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of
-from nhi_gateway.decision import Action, Decision, Stage
+from nhi_gateway.policy.decision import REFUSED_KEY, decision_of
+from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.lookalike.minting import mint_client_assertion
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import ClientSecretGrants, PolicyStore, parse_policy
-from nhi_gateway.token_requests import (
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import ClientSecretGrants, PolicyStore, parse_policy
+from nhi_gateway.identity.token_requests import (
     CLIENT_ASSERTION_TYPE,
     MAX_FIELDS,
     MAX_FORM_BYTES,
@@ -256,7 +256,7 @@ def test_hostile_client_ids_do_not_reach_the_audit():
 
 
 def test_an_exception_inside_the_classifier_is_unknown(monkeypatch):
-    import nhi_gateway.token_requests as module
+    import nhi_gateway.identity.token_requests as module
 
     monkeypatch.setattr(module, "parse_qsl", lambda *a, **k: 1 / 0)
     g = grant(FORM, assertion_form())

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import serialization
 
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.principal import AuthMethod, TokenSource
-from nhi_gateway.signing_keys import KeysUnavailable, KeyStore
-from nhi_gateway.tokens import IssuerTrust, TokenRejected, TokenVerifier, TrustSettings
+from nhi_gateway.identity.principal import AuthMethod, TokenSource
+from nhi_gateway.identity.signing_keys import KeysUnavailable, KeyStore
+from nhi_gateway.identity.tokens import IssuerTrust, TokenRejected, TokenVerifier, TrustSettings
 
 TENANT = "72f988bf-0000-4000-8000-000000000001"
 OTHER_TENANT = "11111111-2222-4333-8444-555555555555"

@@ -18,10 +18,10 @@ from mitmproxy.proxy.server import ConnectionIO
 from mitmproxy.test import tflow
 
 from nhi_gateway.addons import upstream_timeout
-from nhi_gateway.addons.failclosed import decision_of, set_decision
+from nhi_gateway.policy.decision import decision_of, set_decision
 from nhi_gateway.addons.upstream_timeout import FLAG, UpstreamTimeout, cancel_upstream
-from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.gateway import answer_lost_connection_attempts
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.proxy.gateway import answer_lost_connection_attempts
 
 
 async def forever():

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, http
 
-from ..approvals import (
+from nhi_gateway.approvals.store import (
     ApprovalRequest,
     Approvals,
     ApprovalSettings,
@@ -34,13 +34,13 @@ from ..approvals import (
     request_digest,
     webhook_url,
 )
-from ..audit import AuditLog, AuditWriteError
-from ..decision import Action, Decision, Stage
-from ..policy import PolicyStore
-from ..redaction import redact_url, scrub_text
-from .failclosed import decision_of, fail_closed, refuse, set_decision
-from .guard import Health
-from .identity import PRINCIPAL_KEY
+from nhi_gateway.recording.audit import AuditLog, AuditWriteError
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.recording.redaction import redact_url, scrub_text
+from nhi_gateway.addons.failclosed import decision_of, fail_closed, refuse, set_decision
+from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.identity import PRINCIPAL_KEY
 
 logger = logging.getLogger(__name__)
 

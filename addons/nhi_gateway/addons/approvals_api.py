@@ -36,7 +36,7 @@ import jwt
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from ..approvals import (
+from nhi_gateway.approvals.store import (
     ApprovalError,
     ApprovalRequest,
     Approvals,
@@ -49,15 +49,15 @@ from ..approvals import (
     check_not_self,
     parse_duration,
 )
-from ..audit import AuditLog, AuditWriteError
-from ..decision import Action, Decision, Stage
-from ..groups import GroupLookupFailed, GroupResolver, needs_lookup
-from ..policy import PolicyStore
-from ..principal import Principal, TokenSource
-from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier
-from .failclosed import fail_closed, refuse, set_decision
-from .guard import Health
-from .identity import PolicyTrust, bearer_token
+from nhi_gateway.recording.audit import AuditLog, AuditWriteError
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.identity.groups import GroupLookupFailed, GroupResolver, needs_lookup
+from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.identity.principal import Principal, TokenSource
+from nhi_gateway.identity.tokens import KeysUnavailable, TokenRejected, TokenVerifier
+from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
+from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.identity import PolicyTrust, bearer_token
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ import logging
 
 from mitmproxy import http
 
-from ..audit import AuditLog, AuditWriteError
-from ..batch import BATCH_KEY, inner_flow_id
-from ..decision import Decision, Stage
-from .failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
-from .guard import Health
-from .recorder import approver_of
+from nhi_gateway.recording.audit import AuditLog, AuditWriteError
+from nhi_gateway.policy.batch import BATCH_KEY, inner_flow_id
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
+from nhi_gateway.addons.guard import Health
+from nhi_gateway.recording.flows import approver_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def audit_record(flow: http.HTTPFlow) -> dict:
 
 def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
     """For a ``$batch``: one line per inner request, as if it had been sent alone, with its own
-    decision and rule (:mod:`nhi_gateway.batch`). ``batch.flow_id`` is the outer flow's id; the
+    decision and rule (:mod:`nhi_gateway.policy.batch`). ``batch.flow_id`` is the outer flow's id; the
     line's own ``flow_id`` is the id of the inner request's recorded flow.
 
     ``status``: the inner response's status when Graph answered it and the client got it; else

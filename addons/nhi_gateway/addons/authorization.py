@@ -3,7 +3,7 @@ requests, for how the client authenticates (``identity.client_secret_grants``).
 
 ``POST /{version}/$batch`` needs no rule of its own: each inner request is decided as if it had
 been sent alone, and the batch goes through only when every one of them is allowed
-(:mod:`nhi_gateway.batch`)."""
+(:mod:`nhi_gateway.policy.batch`)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import logging
 
 from mitmproxy import http
 
-from ..batch import BATCH_KEY, batch_refusal_body, is_batch_endpoint, judge_batch, names_batch
-from ..decision import Decision, Stage
-from ..operation import Operation, OperationError
-from ..policy import PolicyStore
-from ..token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body
-from .failclosed import fail_closed, refuse, set_decision
-from .identity import PRINCIPAL_KEY
+from nhi_gateway.policy.batch import BATCH_KEY, batch_refusal_body, is_batch_endpoint, judge_batch, names_batch
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.policy.operation import Operation, OperationError
+from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.identity.token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body
+from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
+from nhi_gateway.addons.identity import PRINCIPAL_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -13,39 +13,19 @@ import logging
 
 from mitmproxy import http
 
-from ..decision import Decision, Stage, refusal_body
+from nhi_gateway.policy.decision import (  # noqa: F401  (the addons' one import for the flow's decision)
+    DECISION_KEY,
+    REFUSED_KEY,
+    Decision,
+    Stage,
+    decision_of,
+    refusal_body,
+    set_decision,
+)
 
 logger = logging.getLogger(__name__)
 
-DECISION_KEY = "nhi"  # flow.metadata[DECISION_KEY]: Decision.to_dict() of the flow
-REFUSED_KEY = "nhi.refused"  # set when the gateway wrote the response itself
 HEADER_HOOKS = ("requestheaders", "responseheaders")
-
-
-# The Decision behind flow.metadata[DECISION_KEY], kept on the flow object next to the dict it was
-# read from or written as: every stage asks for it, and parsing the dict each time cost more than
-# the policy decision itself. Only valid while that very dict is in metadata (tests and mitmproxy
-# may replace it) with the same action: nothing in the gateway changes the dict in place, and
-# should anything ever do, an allow turned into a deny is still seen as the deny.
-_CACHED = "_nhi_decision"
-
-
-def decision_of(flow) -> Decision | None:
-    raw = flow.metadata.get(DECISION_KEY)
-    if not isinstance(raw, dict):
-        return None
-    cached = flow.__dict__.get(_CACHED)
-    if cached is not None and cached[0] is raw and cached[1] == raw.get("action"):
-        return cached[2]
-    decision = Decision.from_dict(raw)
-    flow.__dict__[_CACHED] = (raw, raw.get("action"), decision)
-    return decision
-
-
-def set_decision(flow, decision: Decision) -> None:
-    raw = decision.to_dict()
-    flow.metadata[DECISION_KEY] = raw
-    flow.__dict__[_CACHED] = (raw, raw["action"], decision)
 
 
 def refuse(flow: http.HTTPFlow, decision: Decision) -> None:

@@ -10,9 +10,9 @@ import logging
 
 from mitmproxy import http, tcp, websocket  # noqa: F401  (hook signatures)
 
-from ..decision import Decision, Stage
-from .failclosed import decision_of, fail_closed, refuse
-from .identity import CONNECT_KEY
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.addons.failclosed import decision_of, fail_closed, refuse
+from nhi_gateway.addons.identity import CONNECT_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
-from ..decision import Decision, Stage
-from ..operation import OperationError, normalize_host
-from ..policy import PolicyStore, Upstream
-from ..principal import Principal, TokenSource
-from ..tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings, IssuerTrust
-from .failclosed import fail_closed, refuse
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.policy.operation import OperationError, normalize_host
+from nhi_gateway.policy.model import PolicyStore, Upstream
+from nhi_gateway.identity.principal import Principal, TokenSource
+from nhi_gateway.identity.tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings, IssuerTrust
+from nhi_gateway.addons.failclosed import fail_closed, refuse
 
 logger = logging.getLogger(__name__)
 

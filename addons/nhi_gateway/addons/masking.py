@@ -1,7 +1,7 @@
 """Masking: what the policy masks never reaches the caller, whatever the body's type or encoding.
 
 The body is decoded from its Content-Encoding (gzip, br, zstd, deflate) strictly, masked by the
-flow's mask profile (:func:`nhi_gateway.masking.mask_body`) and encoded again with the same
+flow's mask profile (:func:`nhi_gateway.masking.masks.mask_body`) and encoded again with the same
 Content-Encoding. A body that cannot be decoded or parsed as its declared type, or a binary body
 under a profile that refuses them, is withheld: 502, never passed on unmasked.
 """
@@ -12,11 +12,11 @@ import logging
 
 from mitmproxy import http
 
-from ..batch import BATCH_KEY, mask_batch_response
-from ..decision import Decision, Stage
-from ..masking import BodyKind, MaskingError, MaskProfile, body_kind, mask_body, mask_json_bytes, media_type
-from ..policy import PolicyStore
-from .failclosed import REFUSED_KEY, decision_of, fail_closed, refuse, set_decision
+from nhi_gateway.policy.batch import BATCH_KEY, mask_batch_response
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.masking.masks import BodyKind, MaskingError, MaskProfile, body_kind, mask_body, mask_json_bytes, media_type
+from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse, set_decision
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Sits between Identity and Authorization. App-only tokens carry no groups (and overage tokens
 carry a pointer instead of them), so when a rule with ``when: {groups: ...}`` could decide the
 request, the verified Principal is replaced by one whose groups the gateway resolved from Graph
-with its own credential (:mod:`nhi_gateway.groups`). A lookup that fails refuses such a request
+with its own credential (:mod:`nhi_gateway.identity.groups`). A lookup that fails refuses such a request
 with 503; a request that no group rule could affect never waits for Graph.
 """
 
@@ -13,13 +13,13 @@ import logging
 
 from mitmproxy import http
 
-from ..decision import Decision, Stage
-from ..groups import GroupLookupFailed, GroupResolver, GroupRules, needs_lookup
-from ..operation import OperationError
-from ..policy import PolicyStore
-from .authorization import operation_of
-from .failclosed import fail_closed, refuse
-from .identity import PRINCIPAL_KEY
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.identity.groups import GroupLookupFailed, GroupResolver, GroupRules, needs_lookup
+from nhi_gateway.policy.operation import OperationError
+from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.addons.authorization import operation_of
+from nhi_gateway.addons.failclosed import fail_closed, refuse
+from nhi_gateway.addons.identity import PRINCIPAL_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from ..egress import Address
+from nhi_gateway.proxy.egress import Address
 
 logger = logging.getLogger(__name__)
 

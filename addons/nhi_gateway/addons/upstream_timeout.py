@@ -20,7 +20,7 @@ import logging
 
 from mitmproxy import ctx, http
 
-from .failclosed import decision_of, fail_closed, set_decision
+from nhi_gateway.addons.failclosed import decision_of, fail_closed, set_decision
 
 logger = logging.getLogger(__name__)
 

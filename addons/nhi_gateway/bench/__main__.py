@@ -26,8 +26,8 @@ def _positive(kind):
 
 
 def run_main(argv: list[str]) -> int:
-    from .report import render
-    from .run import DEFAULT_POLICY, Settings, run_all
+    from nhi_gateway.bench.report import render
+    from nhi_gateway.bench.run import DEFAULT_POLICY, Settings, run_all
 
     p = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -73,7 +73,7 @@ def run_main(argv: list[str]) -> int:
         return 130
     print(render(results))
     if args.json:
-        from .report import comparisons, json_safe, targets, warnings
+        from nhi_gateway.bench.report import comparisons, json_safe, targets, warnings
 
         results["comparisons"] = comparisons(results)
         results["targets"] = [t.to_dict() for t in targets(results)]
@@ -84,7 +84,7 @@ def run_main(argv: list[str]) -> int:
 
 
 def policy_main(argv: list[str]) -> int:
-    from .policies import policy_yaml
+    from nhi_gateway.bench.policies import policy_yaml
 
     p = argparse.ArgumentParser(prog="python -m nhi_gateway.bench policy",
                                 description="Print a realistic policy of N rules for the look-alike tenant.")
@@ -95,7 +95,7 @@ def policy_main(argv: list[str]) -> int:
 
 
 def upstream_main(argv: list[str]) -> int:
-    from .upstream import CannedResponse, serve
+    from nhi_gateway.bench.upstream import CannedResponse, serve
 
     p = argparse.ArgumentParser(prog="python -m nhi_gateway.bench upstream")
     p.add_argument("--cert", type=Path, required=True)
@@ -112,7 +112,7 @@ def upstream_main(argv: list[str]) -> int:
 
 
 def proxy_main(kind: str, argv: list[str]) -> int:
-    from .launch import run_proxy
+    from nhi_gateway.bench.launch import run_proxy
 
     p = argparse.ArgumentParser(prog=f"python -m nhi_gateway.bench {kind}",
                                 description=f"run {kind} with ARGS, resolving HOST to ADDR:PORT like DNS would")

@@ -8,10 +8,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..operation import Operation
-from ..policy import Policy, parse_policy
-from ..principal import AuthMethod, Principal, TokenSource
-from .policies import BENCH_APP_ID, TENANT_ID, app_id, policy_yaml
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import Policy, parse_policy
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.bench.policies import BENCH_APP_ID, TENANT_ID, app_id, policy_yaml
 
 # (method, target): allowed, denied by a guardrail, and matched by no rule, for the callers below.
 REQUESTS = (

@@ -1,7 +1,7 @@
 """Starting the proxies under test with host names resolved to loopback ports, the way DNS would.
 
 Both proxies are started through here, bare mitmdump (``mitmproxy.tools.main.mitmdump``, what the
-``mitmdump`` command runs) and the gateway (``nhi_gateway.cli.main(["run", ...])``, what
+``mitmdump`` command runs) and the gateway (``nhi_gateway.cli.main.main(["run", ...])``, what
 ``nhi-gateway run`` runs), with the same mapping: the event loop's ``getaddrinfo`` answers
 graph.microsoft.com (and the Entra hosts) with the look-alike's loopback address and port. Nothing
 else changes, so both proxies see exactly what they would see in production: URL, Host, SNI and
@@ -21,8 +21,8 @@ import asyncio
 import socket
 from collections.abc import Mapping
 
-from ..addons.routing import install_resolver
-from ..egress import Address, parse_resolve
+from nhi_gateway.addons.routing import install_resolver
+from nhi_gateway.proxy.egress import Address, parse_resolve
 
 
 def install(loop: asyncio.AbstractEventLoop, resolve: Mapping[str, Address]) -> None:
@@ -52,7 +52,7 @@ def run_proxy(kind: str, resolve: list[str], argv: list[str]) -> int:
         mitmdump(argv)
         return 0
     if kind == "gateway":
-        from ..cli import main
+        from nhi_gateway.cli.main import main
 
         return main(argv)
     raise ValueError(kind)

@@ -35,9 +35,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import decisions, load, procstat
-from .launch import free_port
-from .upstream import CannedResponse
+from nhi_gateway.bench import decisions, load, procstat
+from nhi_gateway.bench.launch import free_port
+from nhi_gateway.bench.upstream import CannedResponse
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO = PACKAGE_DIR.parents[2]
@@ -286,7 +286,7 @@ class Bench:
             self.records = Path(tempfile.mkdtemp(prefix="nhi-bench-records-", dir=s.records))
         else:
             self.records = w / "recordings"
-        lookalike = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli", "lookalike",
+        lookalike = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli.main", "lookalike",
                                               "--state-dir", str(w / "lookalike"), "--port", "0"],
                                 w / "lookalike" / "lookalike.json")
         la = await wait_for_json(w / "lookalike" / "lookalike.json", lookalike)
@@ -360,7 +360,7 @@ class Bench:
         return proc
 
     def _mint(self, la: dict) -> str:
-        from ..lookalike.minting import EntraAuthority
+        from nhi_gateway.lookalike.minting import EntraAuthority
 
         app = la["apps"]["mcp-directory"]
         authority = EntraAuthority.open(Path(la["signing_keys_dir"]))
@@ -516,7 +516,7 @@ async def run_all(settings: Settings, say=print) -> dict:
             memory.append(await bench.memory_run(target, settings.memory_requests))
         profile = None
         if settings.profile > 0:
-            from .profile import profile_gateway
+            from nhi_gateway.bench.profile import profile_gateway
 
             say(f"  profiling the gateway with py-spy for {settings.profile:g}s under keep-alive c=10 ...")
             profile = await profile_gateway(bench, settings.profile)

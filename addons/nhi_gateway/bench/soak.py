@@ -60,8 +60,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from . import load, procstat
-from .run import Process, make_workdir, spawn, wait_for_json
+from nhi_gateway.bench import load, procstat
+from nhi_gateway.bench.run import Process, make_workdir, spawn, wait_for_json
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO = PACKAGE_DIR.parents[2]
@@ -168,7 +168,7 @@ class Rig:
         s = self.settings
         self.workdir = w = make_workdir(s.workdir, "nhi-soak-")
         self.say(f"workdir: {w}")
-        la = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli", "lookalike",
+        la = self._spawn("lookalike", [sys.executable, "-m", "nhi_gateway.cli.main", "lookalike",
                                        "--state-dir", str(w / "lookalike"), "--port", "0"],
                          w / "lookalike" / "lookalike.json")
         self.lookalike = await wait_for_json(w / "lookalike" / "lookalike.json", la)
@@ -205,7 +205,7 @@ class Rig:
 
     def tokens(self) -> tuple[str, str]:
         """A valid token of mcp-directory and a forged one (its signature altered)."""
-        from ..lookalike.minting import EntraAuthority
+        from nhi_gateway.lookalike.minting import EntraAuthority
 
         la = self.lookalike
         app = la["apps"]["mcp-directory"]
@@ -500,7 +500,7 @@ def account(report: Report, traffic: Traffic, rig: Rig, settings: Settings) -> N
             report.refused_reached_upstream += u > 0
     report.unknown_markers = len((set(audited) | set(recorded) | set(received)) - set(markers))
 
-    from ..audit import verify_chain
+    from nhi_gateway.recording.audit import verify_chain
 
     audit_path = rig.recordings / "audit.jsonl"
     report.audit_chain_problems = [str(p) for p in verify_chain(audit_path)] if audit_path.exists() else [

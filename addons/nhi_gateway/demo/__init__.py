@@ -15,11 +15,11 @@ from pathlib import Path
 
 import nhi_gateway
 
-from ..policy import PolicyError
-from . import report
-from .approval import policy_with_approval, run_approval
-from .services import Service, ServiceFailed, log_tail, start_gateway, start_lookalike
-from .workload import SESSION_TIMEOUT, Outcome, run_workload, steps
+from nhi_gateway.policy.model import PolicyError
+from nhi_gateway.demo import report
+from nhi_gateway.demo.approval import policy_with_approval, run_approval
+from nhi_gateway.demo.services import Service, ServiceFailed, log_tail, start_gateway, start_lookalike
+from nhi_gateway.demo.workload import SESSION_TIMEOUT, Outcome, run_workload, steps
 
 APP = "mcp-directory"  # the look-alike's client app that policies/example.yaml lets read the directory
 

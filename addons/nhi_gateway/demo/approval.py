@@ -22,10 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from ..lookalike.minting import EntraAuthority, mint_client_assertion
-from ..lookalike.pki import SigningKey
-from ..masking import MASK
-from .workload import JsonLinesCursor, Outcome, Step, from_workload
+from nhi_gateway.lookalike.minting import EntraAuthority, mint_client_assertion
+from nhi_gateway.lookalike.pki import SigningKey
+from nhi_gateway.masking.masks import MASK
+from nhi_gateway.demo.workload import JsonLinesCursor, Outcome, Step, from_workload
 
 BOT = "rotation-bot"
 APPROVER = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance", "AdeleV")  # named by the example policy
@@ -72,7 +72,7 @@ def policy_with_approval(example: Path, out: Path) -> Path:
     """``example`` with :data:`APPROVE_RULE` appended to its rules and its no-credential-minting
     rule narrowed to identities that hold a static secret, written to ``out``. Edited as text, so
     the copy reads like the original; checked by loading it."""
-    from ..policy import PolicyError, load_policy
+    from nhi_gateway.policy.model import PolicyError, load_policy
 
     if load_policy(example).rule("secret-rotation") is not None:
         return example  # the example policy has the rule itself: nothing to add
@@ -126,7 +126,7 @@ def approver_token(entra: dict) -> str:
 def approvals(token: str, api: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=api)
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli", "approvals", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "approvals", *args], env=env,
                           capture_output=True, text=True, timeout=WAIT)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from mitmproxy import io
 from mitmproxy.exceptions import FlowReadException
 
-from .workload import Outcome
+from nhi_gateway.demo.workload import Outcome
 
 
 def table(outcomes: list[Outcome]) -> list[str]:

@@ -78,7 +78,7 @@ def _spawn(name: str, args: list[str], log: Path) -> Service:
     with open(log, "wb") as out:
         # A session of its own: Ctrl-C reaches the demo, which then stops the services in order.
         process = subprocess.Popen(
-            [sys.executable, "-m", "nhi_gateway.cli", *args],
+            [sys.executable, "-m", "nhi_gateway.cli.main", *args],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return Service(name, process, log)

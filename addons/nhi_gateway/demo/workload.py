@@ -19,7 +19,7 @@ import anyio
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from ..masking import MASK
+from nhi_gateway.masking.masks import MASK
 
 MCP_SERVER = Path(__file__).with_name("mcp_server.py")
 CALL_TIMEOUT = 30.0  # seconds per tool call

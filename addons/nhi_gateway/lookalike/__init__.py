@@ -6,8 +6,8 @@ nonce quirk), the same JSON shapes and error codes. Start one with
 ``python -m nhi_gateway.lookalike --state-dir DIR``; it writes ``DIR/lookalike.json`` when ready.
 """
 
-from .directory import FOREIGN_TENANT_ID, MCP_DIRECTORY, NHI_GATEWAY, ROTATION_BOT, TENANT_ID, Directory
-from .minting import (
+from nhi_gateway.lookalike.directory import FOREIGN_TENANT_ID, MCP_DIRECTORY, NHI_GATEWAY, ROTATION_BOT, TENANT_ID, Directory
+from nhi_gateway.lookalike.minting import (
     GRAPH_APP_ID,
     GRAPH_AUDIENCES,
     GRAPH_RESOURCE,
@@ -16,7 +16,7 @@ from .minting import (
     mint_client_assertion,
     undo_graph_nonce,
 )
-from .pki import SigningKey, ensure_server_pki
+from nhi_gateway.lookalike.pki import SigningKey, ensure_server_pki
 
 __all__ = [
     "FOREIGN_TENANT_ID",

@@ -4,7 +4,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .server import INFO_FILE, run
+from nhi_gateway.lookalike.server import INFO_FILE, run
 
 
 def main() -> None:

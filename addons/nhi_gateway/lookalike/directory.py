@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .minting import GRAPH_APP_ID
-from .pki import SigningKey
+from nhi_gateway.lookalike.minting import GRAPH_APP_ID
+from nhi_gateway.lookalike.pki import SigningKey
 
 TENANT_ID = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 TENANT_DOMAIN = "nhilab.onmicrosoft.com"

@@ -22,7 +22,7 @@ import jwt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from .pki import SigningKey, b64url, b64url_decode
+from nhi_gateway.lookalike.pki import SigningKey, b64url, b64url_decode
 
 LOGIN_HOST = "https://login.microsoftonline.com"
 GRAPH_RESOURCE = "https://graph.microsoft.com"

@@ -32,8 +32,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Host, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .directory import Directory
-from .minting import (
+from nhi_gateway.lookalike.directory import Directory
+from nhi_gateway.lookalike.minting import (
     GRAPH_APP_ID,
     GRAPH_AUDIENCES,
     GRAPH_RESOURCE,
@@ -43,7 +43,7 @@ from .minting import (
     issuer_for,
     undo_graph_nonce,
 )
-from .pki import SigningKey, ensure_server_pki
+from nhi_gateway.lookalike.pki import SigningKey, ensure_server_pki
 
 logger = logging.getLogger(__name__)
 

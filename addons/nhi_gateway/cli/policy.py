@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from .decision import Action, Decision, Stage
-from .operation import Operation, OperationError
-from .policy import (
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.policy.operation import Operation, OperationError
+from nhi_gateway.policy.model import (
     REFUSAL_CODE,
     REFUSAL_STATUS,
     Outcome,
@@ -49,7 +49,7 @@ from .policy import (
     load_policy,
     policy_warnings,
 )
-from .principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 EXIT_ALLOW, EXIT_DENY, EXIT_USAGE, EXIT_APPROVE = 0, 1, 2, 3
 EXIT_UNCHANGED, EXIT_CHANGED = 0, 1
@@ -236,7 +236,7 @@ def principal_from_unverified_token(token: str) -> Principal:
 
 
 def _principal_from_claims(claims: object, what: str) -> Principal:
-    from .tokens import TokenRejected, principal_from_claims
+    from nhi_gateway.identity.tokens import TokenRejected, principal_from_claims
 
     if not isinstance(claims, dict):
         raise UsageError(f"--as: {what} holds no claims object")
@@ -288,7 +288,7 @@ def gate_refusal(policy: Policy, op: Operation, scheme: str, who: ExplainedPrinc
     if problem:
         return Decision.deny(Stage.POLICY, REFUSAL_STATUS, REFUSAL_CODE, problem, check="upstream",
                              operation=str(op))
-    from .addons.identity import TokenRequirement
+    from nhi_gateway.addons.identity import TokenRequirement
 
     sources = set(who.principal.token_sources) if who.principal else set()
     unmet = TokenRequirement.unmet(str(upstream.token), sources)
@@ -434,7 +434,7 @@ def read_flows(path: Path) -> Iterator[object]:
 
 def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Replayed:
     """Re-decide one recorded flow under ``policy``."""
-    from .addons.failclosed import DECISION_KEY
+    from nhi_gateway.policy.decision import DECISION_KEY
 
     r = flow.request
     what = f"{r.method} {r.host} {r.path[:120]}"
@@ -478,7 +478,7 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
     if old.check == "upstream":
         return Replayed(**base, old=old, skipped="refused as an unknown upstream; the new policy lists the "
                         "host, so the caller's identity would be checked first, which a recording cannot show")
-    from .batch import names_batch
+    from nhi_gateway.policy.batch import names_batch
 
     if names_batch(op):
         # The outer request of a batch has no rule of its own: judge the recorded batch again,
@@ -504,7 +504,7 @@ class _DecidingAt:
 
 
 def _rejudge_batch(policy: Policy, principal: Principal | None, op: Operation, flow, at: datetime) -> Decision:
-    from .batch import judge_batch
+    from nhi_gateway.policy.batch import judge_batch
 
     r = flow.request
     encoding = ",".join(r.headers.get_all("content-encoding"))
@@ -514,7 +514,7 @@ def _rejudge_batch(policy: Policy, principal: Principal | None, op: Operation, f
 
 def _rejudge_grant(policy: Policy, decision: Decision, grant: dict) -> Decision:
     """A token request: the recorded grant kind (never its credential) under the new setting."""
-    from .token_requests import GrantKind, TokenGrant, judge_grant
+    from nhi_gateway.identity.token_requests import GrantKind, TokenGrant, judge_grant
 
     try:
         kind = GrantKind(grant.get("kind"))

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from .approvals import parse_duration
+from nhi_gateway.approvals.store import parse_duration
 
 ENV_TOKEN = "NHI_APPROVER_TOKEN"
 ENV_API = "NHI_APPROVALS_API"

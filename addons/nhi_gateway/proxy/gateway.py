@@ -27,27 +27,27 @@ from mitmproxy.proxy import events as proxy_events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_layer, proxyserver, tlsconfig
 
-from .addons.approval import Approval
-from .addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
-from .addons.audit import Audit
-from .addons.authorization import Authorization
-from .addons.guard import Guard, Health
-from .addons.identity import Identity
-from .addons.masking import Masking
-from .addons.membership import Membership
-from .addons.recorder import Recorder
-from .addons.reload import PolicyReload
-from .addons.routing import Routing
-from .addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
-from .approvals import Approvals, ApprovalStore, ApprovalStoreError
-from .audit import AuditLog
-from .dispatch import IndexedAddonManager
-from .egress import Address, EgressClient
-from .groups import DEFAULT_TTL, GraphCredential, GroupResolver
-from .policy import PolicyStore, load_policy
-from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
-from .signing_keys import KeyStore
-from .tokens import TokenVerifier
+from nhi_gateway.addons.approval import Approval
+from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
+from nhi_gateway.addons.audit import Audit
+from nhi_gateway.addons.authorization import Authorization
+from nhi_gateway.addons.guard import Guard, Health
+from nhi_gateway.addons.identity import Identity
+from nhi_gateway.addons.masking import Masking
+from nhi_gateway.addons.membership import Membership
+from nhi_gateway.addons.recorder import Recorder
+from nhi_gateway.addons.reload import PolicyReload
+from nhi_gateway.addons.routing import Routing
+from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
+from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreError
+from nhi_gateway.recording.audit import AuditLog
+from nhi_gateway.proxy.dispatch import IndexedAddonManager
+from nhi_gateway.proxy.egress import Address, EgressClient
+from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
+from nhi_gateway.policy.model import PolicyStore, load_policy
+from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
+from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class GatewayConfig:
     approvals_db: Path | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
-    # Recordings are written by a child process (nhi_gateway.recording_process), off the event
+    # Recordings are written by a child process (nhi_gateway.recording.process), off the event
     # loop; False writes them in the gateway's own process (tests that reach into the recorder).
     recording_process: bool = True
 

@@ -165,7 +165,7 @@ class ApprovalSettings:
 
     @classmethod
     def of(cls, rule: object) -> ApprovalSettings | None:
-        """From a policy :class:`~nhi_gateway.policy.Rule` with ``action: approve`` (its
+        """From a policy :class:`~nhi_gateway.policy.model.Rule` with ``action: approve`` (its
         ``approval``); None for any other rule."""
         approval = getattr(rule, "approval", None)
         if approval is None or str(getattr(rule, "action", "")) != "approve":

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from nhi_gateway.masking import MAX_DEPTH, MaskingError, is_json_content_type
+from nhi_gateway.masking.masks import MAX_DEPTH, MaskingError, is_json_content_type
 
 if TYPE_CHECKING:
     from mitmproxy import http
@@ -551,7 +551,7 @@ def redacted_state(flow: http.HTTPFlow) -> dict:
     ``client_conn`` and ``server_conn``. ``flow`` is not modified.
 
     Connections carry no credential and are the same for every flow on them, so the recorder
-    serialises each once (:class:`nhi_gateway.recordings.RecordEncoder`) rather than per flow.
+    serialises each once (:class:`nhi_gateway.recording.files.RecordEncoder`) rather than per flow.
     The undo backup, which still holds the original request, is never part of it. Bodies that
     cannot be decoded, or claim JSON and do not parse, are replaced by a placeholder (noted in
     ``metadata["nhi_gateway.withheld"]``) instead of being written raw.

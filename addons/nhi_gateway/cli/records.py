@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .audit import TORN_TAIL, AuditQuery, parse_time, principal_names, read_records, verify_chain
-from .recordings import find, list_recordings, parse_day, scan
+from nhi_gateway.recording.audit import TORN_TAIL, AuditQuery, parse_time, principal_names, read_records, verify_chain
+from nhi_gateway.recording.files import find, list_recordings, parse_day, scan
 
 DEFAULT_RECORDINGS = Path("recordings")
 WEB_COLUMNS = ("icon", "method", "path", "status", "timestamp", "comment")

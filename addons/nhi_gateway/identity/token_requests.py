@@ -41,9 +41,9 @@ from urllib.parse import parse_qsl, unquote_plus
 
 import jwt
 
-from nhi_gateway.decision import Decision, Stage
-from nhi_gateway.operation import Operation
-from nhi_gateway.policy import ClientSecretGrants
+from nhi_gateway.policy.decision import Decision, Stage
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import ClientSecretGrants
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FORM_TYPE = "application/x-www-form-urlencoded"

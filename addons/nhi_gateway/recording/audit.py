@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from nhi_gateway.redaction import redact_url, scrub_text
+from nhi_gateway.recording.redaction import redact_url, scrub_text
 
 try:
     import fcntl

@@ -40,7 +40,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import flowformat
+from nhi_gateway.recording import flowformat
 
 if TYPE_CHECKING:
     from mitmproxy.connection import Connection

@@ -35,9 +35,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .operation import Operation
-from .policy import OperationMatch, Policy, PrincipalMatch
-from .principal import Principal
+from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.model import OperationMatch, Policy, PrincipalMatch
+from nhi_gateway.identity.principal import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def needs_lookup(principal: Principal) -> bool:
 
 
 class GraphTransport(Protocol):
-    """The gateway's own HTTPS client (:class:`nhi_gateway.egress.EgressClient`), or a test's."""
+    """The gateway's own HTTPS client (:class:`nhi_gateway.proxy.egress.EgressClient`), or a test's."""
 
     async def post_json(
         self,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import jwt
 
-from .principal import AuthMethod, Principal, TokenSource
-from .signing_keys import KeyStore, KeysUnavailable, UnknownKey
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.identity.signing_keys import KeyStore, KeysUnavailable, UnknownKey
 
 logger = logging.getLogger(__name__)
 

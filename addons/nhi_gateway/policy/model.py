@@ -72,7 +72,7 @@ Proxy-Authorization on CONNECT or Authorization: Bearer), ``proxy``, ``bearer``,
 ``none`` (no token is looked for: the Entra token endpoint, where callers have none yet).
 
 ``client_secret_grants`` says what happens to a token request (a POST to an Entra token
-endpoint, see :mod:`nhi_gateway.token_requests`) that authenticates the client with a static
+endpoint, see :mod:`nhi_gateway.identity.token_requests`) that authenticates the client with a static
 secret (``client_secret`` in the body or HTTP Basic): ``allow`` forwards it; ``flag`` (the default)
 forwards it and the decision carries the flag ``client_secret_grant`` (a request that cannot be
 classified carries ``unclassified_grant``); ``refuse`` answers 403 and forwards only certificate
@@ -104,7 +104,7 @@ request is first judged by the rules like any other; the grant check applies to 
 ``when`` key: token requests are anonymous (the caller has no token yet) and what is asked of
 them is said once, by ``identity.client_secret_grants``.
 
-Paths are matched against the canonical path of :mod:`nhi_gateway.operation` (decoded once,
+Paths are matched against the canonical path of :mod:`nhi_gateway.policy.operation` (decoded once,
 case-folded, ``users('x')`` read as ``users/x``, ``applications(appId='x')`` as
 ``applications/appid=x``). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
 one segment, ``**`` (last segment only) matches zero or more segments, anything else matches
@@ -153,7 +153,7 @@ Decisions (precedence deny > approve > allow, default deny):
 3. otherwise the first matching ``allow`` rule allows it (with its mask profile);
 4. otherwise the request is refused: "no rule allows <op>".
 
-Masking (:mod:`nhi_gateway.masking` has the details) hides what an allowed response holds, by
+Masking (:mod:`nhi_gateway.masking.masks` has the details) hides what an allowed response holds, by
 the profile of the rule (``mask``) or ``masking.default_profile``. A profile matches ``fields``
 (member names, case-insensitively, at any depth), ``paths`` (JSON paths: ``$``, ``.name``,
 ``['name']``, ``.*``/``[*]``, ``[0]``, ``..name``; filters, slices and unions are refused) and
@@ -170,7 +170,7 @@ parse as its declared type (JSON, form, text in its charset) is always refused (
 
 ``nhi-gateway policy lint`` reports these errors and warns about rules that can never decide;
 ``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
-recorded traffic under an edited policy (:mod:`nhi_gateway.policy_cli`).
+recorded traffic under an edited policy (:mod:`nhi_gateway.cli.policy`).
 ``policies/policy.schema.json`` describes the file for YAML language servers; this loader checks
 more than the schema can (hosts under upstreams, unique ids, known profiles and time zones).
 """
@@ -191,8 +191,8 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from nhi_gateway.decision import Action, Decision, Stage
-from nhi_gateway.masking import (
+from nhi_gateway.policy.decision import Action, Decision, Stage
+from nhi_gateway.masking.masks import (
     MIN_KEY_BYTES,
     BinaryBodies,
     Detector,
@@ -202,7 +202,7 @@ from nhi_gateway.masking import (
     Style,
     compile_path,
 )
-from nhi_gateway.operation import (
+from nhi_gateway.policy.operation import (
     GRAPH_HOSTS,
     GRAPH_VERSIONS,
     ODataQuery,
@@ -210,7 +210,7 @@ from nhi_gateway.operation import (
     OperationError,
     normalize_host,
 )
-from nhi_gateway.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 REFUSAL_STATUS = 403
 REFUSAL_CODE = "Authorization_RequestDenied"

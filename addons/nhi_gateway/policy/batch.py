@@ -5,7 +5,7 @@ A gateway that judged only the outer ``POST /$batch`` could be walked around: on
 would carry any operation inside it. So the outer request needs no rule of its own. Its decision
 is made from the inner ones:
 
-- each inner request becomes the :class:`~nhi_gateway.operation.Operation` it would be if sent
+- each inner request becomes the :class:`~nhi_gateway.policy.operation.Operation` it would be if sent
   alone (its ``url`` resolved against the batch's version: ``/v1.0/$batch`` + ``users/x`` is
   ``/v1.0/users/x``) and is decided by the policy for the caller of the outer request;
 - the batch is allowed when every inner request is allowed, and refused whole otherwise (403,
@@ -46,8 +46,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from nhi_gateway.decision import Action, Decision, Stage, refusal_body
-from nhi_gateway.masking import (
+from nhi_gateway.policy.decision import Action, Decision, Stage, refusal_body
+from nhi_gateway.masking.masks import (
     MaskingError,
     MaskProfile,
     as_profile,
@@ -58,8 +58,8 @@ from nhi_gateway.masking import (
     mask_document,
     mask_json_bytes,
 )
-from nhi_gateway.operation import GRAPH_VERSIONS, Operation, OperationError, normalize_method
-from nhi_gateway.principal import Principal
+from nhi_gateway.policy.operation import GRAPH_VERSIONS, Operation, OperationError, normalize_method
+from nhi_gateway.identity.principal import Principal
 
 MAX_REQUESTS = 20  # Graph's own limit
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # Graph refuses request bodies over 4 MB
@@ -625,7 +625,7 @@ def mask_batch_response(
 ) -> tuple[bytes, list[dict], int]:
     """Mask a ``$batch`` response: each ``responses[].body`` by its own inner request's profile.
 
-    ``profile_of(profile_name)`` gives a :class:`~nhi_gateway.masking.MaskProfile` (or, in the
+    ``profile_of(profile_name)`` gives a :class:`~nhi_gateway.masking.masks.MaskProfile` (or, in the
     older form, the member names to redact) and raises when it no longer exists. The response is
     parsed once, masked in place and serialised once. Returns the body (always re-serialised from
     the parsed document, so no repeated member the parser dropped reaches the client), the

@@ -50,7 +50,7 @@ from pathlib import Path
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
-from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, ConnectionTable, connection_snapshot
+from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, ConnectionTable, connection_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -394,13 +394,16 @@ class _Confirmations:
 
 
 def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int) -> int:
-    from . import flowformat
-    from .addons.guard import Health
-    from .addons.recorder import Recorder
+    from nhi_gateway.recording import flowformat
+    from nhi_gateway.recording.files import recover_recent
+    from nhi_gateway.recording.flows import FlowRecorder
 
     try:
-        recorder = Recorder(directory, Health(), max_bytes=max_bytes, hourly=hourly,
-                            fsync_interval=fsync_interval)
+        recover_recent(directory)
+    except OSError as e:  # the first write reports it, and refuses
+        logger.error("cannot check %s for recordings cut short by a crash: %s", directory, e)
+    try:
+        recorder = FlowRecorder(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
     except OSError as e:
         _Confirmations(out).send([(READY, "oserror", f"{directory}: {e.strerror or e}")])
         return 1
@@ -432,7 +435,7 @@ def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, 
                 logger.error("cannot sync the recordings in %s: %s", directory, e)
                 sync_error = e
     finally:
-        recorder.done()
+        recorder.close()
     return 0
 
 
@@ -467,7 +470,7 @@ def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nhi_gateway.recording_process")
+    p = argparse.ArgumentParser(prog="python -m nhi_gateway.recording.process")
     p.add_argument("directory", type=Path)
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     p.add_argument("--fsync", type=float, default=DEFAULT_FSYNC_INTERVAL)

@@ -9,13 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from . import policy_cli
-from . import approvals_cli, records_cli
-from .addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
-from .egress import parse_resolve
-from .groups import DEFAULT_TTL, CredentialError, credential_from_settings
-from .policy import PolicyError
-from .recordings import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
+from nhi_gateway.cli import policy as policy_cli
+from nhi_gateway.cli import approvals as approvals_cli
+from nhi_gateway.cli import records as records_cli
+from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
+from nhi_gateway.proxy.egress import parse_resolve
+from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
+from nhi_gateway.policy.model import PolicyError
+from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -82,7 +83,7 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from .gateway import GatewayConfig, serve
+    from nhi_gateway.proxy.gateway import GatewayConfig, serve
 
     # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
     # their directories) holds secrets or who-did-what: private to the gateway's user.
@@ -152,7 +153,7 @@ def _add_lookalike(sub) -> None:
 
 
 def cmd_lookalike(args) -> int:
-    from .lookalike.server import run
+    from nhi_gateway.lookalike.server import run
 
     run(args.state_dir, port=args.port)
     return 0
@@ -165,7 +166,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from nhi_gateway.demo import run_demo
 
     return run_demo(args.workdir)
 

@@ -1,6 +1,6 @@
 """Masking what Graph answers: mask profiles, compiled once at load, applied in one walk.
 
-A :class:`MaskProfile` (``masking.profiles.<name>`` in the policy, see :mod:`nhi_gateway.policy`)
+A :class:`MaskProfile` (``masking.profiles.<name>`` in the policy, see :mod:`nhi_gateway.policy.model`)
 says what to hide and how. What to match:
 
 - **fields**: JSON member names, matched case-insensitively (Graph's property names are
