@@ -670,3 +670,127 @@ def test_the_approval_api_is_not_reachable_through_the_proxy(gateway, adele, mon
                      proxies={"http": gateway.proxy()})
     assert r.status_code == 403, r.text
     assert "not an upstream named in the policy" in error_message(r)
+
+
+# --- stopping and reloading by signal ------------------------------------------------------------
+
+
+def test_sigterm_drains_held_requests_get_503_and_requests_in_flight_finish(tmp_path, lookalike, workload, adele,
+                                                                           monkeypatch):
+    """What an orchestrator's SIGTERM must do: no new connections, a new request on an open one
+    refused 503, a held request answered 503 naming the stop, a request already at Graph answered
+    in full, every one of them audited and recorded, and a clean exit."""
+    import signal
+    import socket
+
+    from mitmproxy import io
+
+    from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE
+
+    from .relay import MuteServer
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    pki = lookalike.state_dir / "pki"
+    with MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "slow", delay=3) as graph:
+        gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
+                           extra_args=["--resolve", f"graph.microsoft.com={graph.address}"])
+        try:
+            use_proxy(monkeypatch, gw)
+            api = API(gw, adele)
+            token = workload()
+            open_conn = requests.Session()  # a keep-alive tunnel opened before the stop
+            first = open_conn.get(f"{GRAPH}/v1.0/users/{marker()}", headers={"Authorization": f"Bearer {token}"},
+                                  timeout=WAIT)
+            assert first.status_code == 200, first.text
+            held_mark, slow_mark = marker(), marker()
+            held = add_password(lookalike, token, held_mark)
+            [pending] = api.wait_for(held_mark)
+            slow = Call("GET", f"{GRAPH}/v1.0/users/{slow_mark}", token)
+            deadline = time.monotonic() + WAIT
+            while graph.requests < 2:  # the slow request is at Graph, waiting for its answer
+                assert time.monotonic() < deadline and slow.thread.is_alive()
+                time.sleep(0.02)
+
+            gw.proc.send_signal(signal.SIGTERM)
+
+            r = held.result()
+            assert r.status_code == 503, r.text
+            assert "stopping (SIGTERM)" in error_message(r)
+            late = open_conn.get(f"{GRAPH}/v1.0/users/{marker()}", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=WAIT)
+            assert late.status_code == 503 and "stopping" in error_message(late)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", gw.port), timeout=5).close()
+            answered = slow.result()
+            assert answered.status_code == 200 and answered.json()["slow"] is True
+            assert gw.proc.wait(WAIT) == 0
+        finally:
+            stop(gw.proc)
+        assert graph.requests == 2  # the held and the late request never reached Graph
+
+    lines = gw.audit()
+    [final] = [a for a in lines if a.get("flow_id") == held_flow(gw, pending["id"]) and not a.get("event")]
+    assert final["status"] == 503 and final["decision"] == "deny" and "stopping" in final["reason"]
+    [slow_line] = [a for a in lines if slow_mark in (a.get("url") or "")]
+    assert slow_line["status"] == 200
+    assert any(a["status"] == 503 and "stopping" in a["reason"] and "/users/" in a["url"] for a in lines)
+    seen = {}
+    for path in gw.recording_files():
+        with open(path, "rb") as f:
+            for flow in io.FlowReader(f).stream():
+                seen[flow.request.path] = flow
+    [held_flow_on_disk] = [f for p, f in seen.items() if held_mark in p]
+    assert held_flow_on_disk.response.status_code == 503
+    assert any(slow_mark in p and f.response.status_code == 200 for p, f in seen.items())
+
+
+def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_last_good_one(tmp_path, lookalike, workload,
+                                                                          monkeypatch):
+    import signal
+
+    policy = tmp_path / "policy.yaml"
+    good = policy_text(lookalike)
+    policy.write_text(good)
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy)
+    try:
+        use_proxy(monkeypatch, gw)
+        token = workload()
+
+        def read_user() -> tuple[requests.Response, bool]:
+            """The answer, and whether the gateway let the request reach Graph."""
+            mark = marker()
+            r = requests.get(f"{GRAPH}/v1.0/users/{mark}", headers={"Authorization": f"Bearer {token}"},
+                             timeout=WAIT)
+            return r, reached_graph(lookalike, mark)
+
+        assert read_user()[1]
+        # The same size, inode and mtime: the file watcher cannot see this edit, only SIGHUP can.
+        before = os.stat(policy)
+        denying = good.replace("  - id: directory-read\n    action: allow\n", "  - id: directory-read\n    action: deny \n")
+        assert denying != good and len(denying) == len(good)
+        with open(policy, "r+") as f:
+            f.write(denying)
+        os.utime(policy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while (answer := read_user())[1]:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+            time.sleep(0.1)
+        assert answer[0].status_code == 403 and "directory-read" in answer[0].text
+        assert gw.proc.poll() is None
+
+        broken = denying.replace("rules:", "rulez:")
+        with open(policy, "r+") as f:
+            f.write(broken)
+        os.utime(policy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while "policy reload refused" not in gw.log.read_text():
+            assert time.monotonic() < deadline, "the bad reload was never reported"
+            time.sleep(0.1)
+        assert gw.proc.poll() is None
+        r, reached = read_user()
+        assert r.status_code == 403 and not reached  # the last good policy (the denying one) stays
+    finally:
+        stop(gw.proc)

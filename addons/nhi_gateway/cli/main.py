@@ -13,6 +13,7 @@ from nhi_gateway.cli import policy as policy_cli
 from nhi_gateway.cli import approvals as approvals_cli
 from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
+from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
 from nhi_gateway.policy.model import PolicyError
@@ -50,6 +51,9 @@ def _add_run(sub) -> None:
     p.add_argument("--recordings-fsync", type=float, default=DEFAULT_FSYNC_INTERVAL, metavar="SECONDS",
                    help="fsync each recording at most this often (default 1; 0: after every flow). "
                         "Every flow reaches the OS before its response, so a killed gateway loses none")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take to finish before the gateway "
+                        f"stops anyway (default {DEFAULT_DRAIN_TIMEOUT:g}); SIGHUP reloads the policy")
     p.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT, metavar="SECONDS",
                    help=f"how long an upstream has to answer a request before the client gets 502 "
                         f"(default {DEFAULT_UPSTREAM_TIMEOUT:g})")
@@ -109,6 +113,9 @@ def cmd_run(args) -> int:
     if args.recordings_fsync < 0:
         print("nhi-gateway: --recordings-fsync must be 0 or more seconds", file=sys.stderr)
         return 2
+    if not args.drain_timeout >= 0:
+        print("nhi-gateway: --drain-timeout must be 0 seconds or more", file=sys.stderr)
+        return 2
     if not args.upstream_timeout > 0:
         print("nhi-gateway: --upstream-timeout must be more than 0 seconds", file=sys.stderr)
         return 2
@@ -133,6 +140,7 @@ def cmd_run(args) -> int:
         recordings_hourly=args.recordings_rotate == "hourly",
         recordings_fsync=args.recordings_fsync,
         upstream_timeout=args.upstream_timeout,
+        drain_timeout=args.drain_timeout,
     )
     try:
         asyncio.run(serve(config))

@@ -36,6 +36,7 @@ from nhi_gateway.addons.identity import Identity
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.addons.recorder import Recorder
+from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
@@ -80,6 +81,8 @@ class GatewayConfig:
     # Recordings are written by a child process (nhi_gateway.recording.process), off the event
     # loop; False writes them in the gateway's own process (tests that reach into the recorder).
     recording_process: bool = True
+    # SIGTERM: how long requests in flight may take to finish before the gateway stops anyway.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 @dataclass
@@ -127,7 +130,9 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
                         fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+    stopping = Stopping()
     chain = [
+        stopping,  # first: once the gateway stops, new requests are refused (503) before any work
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         # First of the flow stages: answers every request on the approval API's own listener.
         ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
@@ -141,6 +146,7 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         UpstreamTimeout(config.upstream_timeout),  # times what goes upstream: 502 instead of a hang
         audit,
         recorder,  # after audit and guard: the recording shows what the client saw
+        stopping.settled,  # last: a flow is done once audited and handed to the recording
     ]
     return chain, recorder
 
@@ -308,11 +314,62 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)  # older generations as often as before, relative to the young
 
 
+async def drain(gateway: Gateway, why: str) -> None:
+    """Stop as an orchestrator expects on SIGTERM: close the listeners, refuse new requests on open
+    connections (503), answer held approval requests 503, let the requests in flight finish
+    within ``drain_timeout``, then stop (the recording process writes what it was handed)."""
+    try:
+        reason = f"the gateway is stopping ({why})"
+        chain = gateway.master.addons
+        stopping = chain.get("stopping")
+        stopping.begin(reason)
+        held = chain.get("approval").stop(reason)
+        try:
+            await chain.get("proxyserver").servers.update([])
+        except Exception as e:  # noqa: BLE001 - stopping must go on
+            logger.error("closing the listeners failed: %r", e)
+        grace = gateway.config.drain_timeout
+        logger.warning("%s: listeners closed, %d held approval requests answered 503, waiting up to %gs "
+                       "for %d requests in flight", reason, held, grace, len(stopping.in_flight))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while stopping.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if stopping.in_flight:
+            logger.error("%d requests were still in flight after %gs; stopping anyway", len(stopping.in_flight), grace)
+    finally:  # whatever went wrong above, the gateway stops
+        gateway.master.shutdown()
+
+
+def handle_signals(gateway: Gateway) -> None:
+    """SIGTERM and SIGINT drain (a second one stops at once); SIGHUP reloads the policy, keeping
+    the last good one when the file is bad."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def stop(name: str) -> None:
+        if any(t.get_name() == "nhi-drain" for t in tasks):
+            logger.warning("%s again: stopping now", name)
+            gateway.master.shutdown()
+            return
+        logger.warning("%s: draining", name)
+        task = loop.create_task(drain(gateway, name), name="nhi-drain")
+        tasks.add(task)
+
+    def reload() -> None:
+        logger.warning("SIGHUP: reloading the policy from %s", gateway.policies.path)
+        task = loop.create_task(gateway.master.addons.get("policyreload").check(force=True), name="nhi-sighup")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+
 async def serve(config: GatewayConfig) -> None:
     gateway = await start(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, gateway.master.shutdown)
+    handle_signals(gateway)
     run = asyncio.create_task(gateway.master.run())
     # Announce only once the listener is bound, so the printed port is the real one.
     while not run.done():
