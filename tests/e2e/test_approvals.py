@@ -386,17 +386,32 @@ def test_client_disconnecting_while_held_cancels_the_request(gateway, lookalike,
 # --- who may approve -----------------------------------------------------------------------------
 
 
-def test_no_identity_approves_its_own_request(gateway, lookalike, workload, api, monkeypatch):
-    """The workload is named as an approver of the rule, and still cannot approve itself."""
+def test_no_identity_approves_its_own_request(gateway, lookalike, authority, workload, adele, api, monkeypatch):
+    """A workload the rule names as an approver cannot approve its own request: its token is no
+    approver's token (401). A person whose own request is held (rotation-bot acting on Adele's
+    behalf, with her delegated Graph token) cannot approve it either, although the rule names her
+    and she presents her approver token (403)."""
     use_proxy(monkeypatch, gateway)
     mark = marker()
     own = workload(SELF_LISTED)
     call = add_password(lookalike, own, mark, app="rotation-bot")
     [held] = api.wait_for(mark)
     r = API(gateway, own).approve(held["id"], reason="trust me")
+    assert r.status_code == 401 and r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "approver_audience"
+    assert cli(gateway, own, "approve", held["id"]).returncode == 1
+    assert api.deny(held["id"], "self-approval attempt").status_code == 200
+    assert call.result().status_code == 403
+
+    hers = authority.mint_user_token(
+        tenant_id=lookalike.tenant_id, object_id=ADELE[0], client_id=lookalike.app("rotation-bot")["client_id"],
+        audience=GRAPH, version="1.0", scopes=["Application.ReadWrite.All"], name=ADELE[1])
+    mark = marker()
+    call = add_password(lookalike, hers, mark, app="rotation-bot")
+    [held] = api.wait_for(mark)
+    r = api.approve(held["id"], reason="trust me")
     assert r.status_code == 403
     assert "cannot approve its own request" in error_message(r)
-    assert cli(gateway, own, "approve", held["id"]).returncode == 1
+    assert cli(gateway, adele, "approve", held["id"]).returncode == 1
     assert [a["state"] for a in api.approvals("all") if a["id"] == held["id"]] == ["pending"]
     assert not call.done and not reached_graph(lookalike, mark)
     assert api.deny(held["id"], "self-approval attempt").status_code == 200
