@@ -35,6 +35,13 @@ Schema (``policies/example.yaml`` is a commented, working example)::
                                                  # detectors, pass without)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
+      client_id: <GUID>                          # the gateway's app registration: the aud of approvers'
+                                                 # v2 tokens; without it no token can approve
+      app_id_uri: api://<GUID>                   # optional, needs client_id: the aud of v1 tokens
+      scope: Approvals.Decide                    # optional, default Approvals.Decide: required in scp
+      require_auth_context: c1                   # optional: c1..c99, required in the token's acrs
+      require_mfa: true                          # optional, default false: amr must contain mfa (v1)
+      login_client_id: <GUID>                    # optional: the public client of `approvals login`
     rules:                                       # optional, default none (= deny everything)
       - id: directory-read                       # required, unique; letters, digits . _ : -
         description: ...                         # optional
