@@ -882,6 +882,8 @@ def test_tokens_that_do_not_prove_an_approver_are_refused_401_even_for_a_listed_
     assert not call.done and not reached_graph(lookalike, mark)
     refused = [a for a in gateway.audit() if a.get("check") == check and "approvals-api" in (a.get("operation") or "")]
     assert refused, "refused API calls are audited like any refusal"
+    if kind in ("app-only", "managed-identity", "without-scope", "without-auth-context"):
+        assert refused[-1]["principal"]["object_id"] in (ADELE[0], SELF_LISTED)  # who tried is on record
     assert api.deny(held["id"], "test over").status_code == 200  # Adele's approver token is accepted
     assert call.result().status_code == 403 and not reached_graph(lookalike, mark)
 

@@ -194,7 +194,8 @@ class ApprovalsAPI:
             refuse(flow, r.decision.but(operation=operation, principal=caller.to_dict() if caller else None))
             return
         except _Refusal as r:
-            refuse(flow, r.decision.but(operation=operation, principal=caller.to_dict() if caller else None))
+            refuse(flow, r.decision.but(operation=operation,
+                                        principal=caller.to_dict() if caller else r.decision.principal))
             if r.challenge and flow.response is not None:
                 flow.response.headers["WWW-Authenticate"] = r.challenge
             return
@@ -218,6 +219,7 @@ class ApprovalsAPI:
                 "the approval API needs your own Entra token: Authorization: Bearer <token> "
                 "(nhi-gateway approvals reads it from NHI_APPROVER_TOKEN)"), Stage.IDENTITY)
         needs = ApproverRequirements.of(self.policies.current.approvals)
+        principal = None
         try:
             needs.check_configured()
             try:
@@ -236,8 +238,11 @@ class ApprovalsAPI:
                                          f"token refused: {e.message}", check=e.check)) from None
         except ApproverRefused as e:
             logger.warning("approval API: token refused (%s): %s", e.check, e.message)
+            # Who presented it, when the token itself was good: the audit says which identity tried.
             raise _Refusal(Decision.deny(Stage.IDENTITY, 401, "InvalidAuthenticationToken",
-                                         f"token refused: {e.message}", check=e.check), e.claims_challenge) from None
+                                         f"token refused: {e.message}", check=e.check,
+                                         principal=principal.to_dict() if principal else None),
+                           e.claims_challenge) from None
         except KeysUnavailable:
             raise _Refusal(Decision.deny(
                 Stage.IDENTITY, 503, "ServiceUnavailable",
