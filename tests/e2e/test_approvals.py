@@ -847,6 +847,9 @@ def not_an_approvers_token(kind: str, lookalike, authority) -> str:
             tenant_id=lookalike.tenant_id, app_id=api["client_id"], object_id=SELF_LISTED, audience=api["client_id"],
             version="2.0", extra_claims={"xms_mirid": "/subscriptions/0/resourcegroups/rg/providers/"
                                          "Microsoft.ManagedIdentity/userAssignedIdentities/approver"})
+    if kind == "on-behalf-of":  # an MCP server exchanged Adele's token for one of the approval API
+        return person(lookalike, authority, ADELE, client_id=lookalike.app("mcp-directory")["client_id"],
+                      client_acr="1")
     if kind == "without-scope":
         return person(lookalike, authority, ADELE, scopes=["User.Read"])
     if kind == "without-auth-context":  # signed in without the step-up
@@ -859,6 +862,7 @@ def not_an_approvers_token(kind: str, lookalike, authority) -> str:
     ("another-api", "approver_audience"),
     ("app-only", "approver_person"),
     ("managed-identity", "approver_person"),
+    ("on-behalf-of", "approver_client"),
     ("without-scope", "approver_scope"),
     ("without-auth-context", "approver_auth_context"),
 ])
@@ -882,7 +886,7 @@ def test_tokens_that_do_not_prove_an_approver_are_refused_401_even_for_a_listed_
     assert not call.done and not reached_graph(lookalike, mark)
     refused = [a for a in gateway.audit() if a.get("check") == check and "approvals-api" in (a.get("operation") or "")]
     assert refused, "refused API calls are audited like any refusal"
-    if kind in ("app-only", "managed-identity", "without-scope", "without-auth-context"):
+    if kind in ("app-only", "managed-identity", "on-behalf-of", "without-scope", "without-auth-context"):
         assert refused[-1]["principal"]["object_id"] in (ADELE[0], SELF_LISTED)  # who tried is on record
     assert api.deny(held["id"], "test over").status_code == 200  # Adele's approver token is accepted
     assert call.result().status_code == 403 and not reached_graph(lookalike, mark)

@@ -640,6 +640,8 @@ def refused_tokens(authority: EntraAuthority) -> list:
             extra_claims={"xms_mirid": "/subscriptions/x/resourcegroups/y/providers/Microsoft.ManagedIdentity/"
                                        "userAssignedIdentities/z", "scp": "Approvals.Decide", "idtyp": "user"}),
                      "approver_person", "managed identity", id="managed-identity"),
+        pytest.param(person(authority, *adele, client_id=BOT_APP, client_acr="2"), "approver_client",
+                     "on-behalf-of", id="on-behalf-of"),
         pytest.param(person(authority, *adele, scopes=["User.Read"]), "approver_scope", "Approvals.Decide",
                      id="without-scope"),
         pytest.param(person(authority, *adele, acrs=[]), "approver_auth_context", "authentication context c1",
@@ -649,7 +651,7 @@ def refused_tokens(authority: EntraAuthority) -> list:
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 async def test_tokens_that_are_not_an_approvers_are_refused_401_naming_the_check(api, authority, index):
     token, check, message = refused_tokens(authority)[index].values
     f = held_flow(api.holding.policies)

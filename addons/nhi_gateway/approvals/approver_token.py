@@ -10,6 +10,10 @@ trusts the policy's tenants and issuers, but only for tokens
   App ID URI for v1 tokens);
 - that are delegated tokens of a person: ``scp`` present and holding ``approvals.scope``; no
   app-only token (``idtyp: app``, or no ``scp``), no managed identity (``xms_mirid``);
+- that a public client obtained (``appidacr``/``azpacr`` "0": the person signed in on their own
+  device, with ``nhi-gateway approvals login`` or the Azure CLI). On-behalf-of needs a confidential
+  client, so a service that exchanges a person's token for one of the approval API's (an MCP server
+  acting for the person) presents "1" or "2" and is refused;
 - that carry the step-up the policy asks for: ``approvals.require_auth_context`` in ``acrs`` (a
   Conditional Access authentication context, which Entra issues only after the step-up the tenant
   binds to it), ``approvals.require_mfa`` as ``mfa`` in ``amr`` (v1 tokens; v2 tokens have no ``amr``).
@@ -23,7 +27,7 @@ import base64
 import json
 from dataclasses import dataclass, replace
 
-from nhi_gateway.identity.principal import Principal
+from nhi_gateway.identity.principal import AuthMethod, Principal
 from nhi_gateway.identity.tokens import TrustSettings
 from nhi_gateway.policy.model import ApprovalsConfig
 
@@ -103,6 +107,11 @@ def check_approver_token(claims: dict, principal: Principal, needs: ApproverRequ
         raise ApproverRefused("approver_person", "a managed identity's token cannot approve")
     if idtyp is not None and idtyp != "user":
         raise ApproverRefused("approver_person", f"a token with idtyp {str(idtyp)[:20]!r} is not a person's")
+    if principal.auth_method is not AuthMethod.PUBLIC_CLIENT:
+        raise ApproverRefused(
+            "approver_client",
+            f"the token was obtained by a confidential client ({principal.auth_method}), i.e. by a service on the "
+            f"person's behalf (on-behalf-of), not by the person signing in: {LOGIN_HINT}")
     if needs.scope not in principal.scopes:
         raise ApproverRefused(
             "approver_scope",
