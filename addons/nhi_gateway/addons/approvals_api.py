@@ -216,8 +216,8 @@ class ApprovalsAPI:
         if token is None:
             raise _refusal(ApprovalError(
                 401, "InvalidAuthenticationToken",
-                "the approval API needs your own Entra token: Authorization: Bearer <token> "
-                "(nhi-gateway approvals reads it from NHI_APPROVER_TOKEN)"), Stage.IDENTITY)
+                "the approval API needs your own token for it: Authorization: Bearer <token> "
+                "(sign in with: nhi-gateway approvals login)"), Stage.IDENTITY)
         needs = ApproverRequirements.of(self.policies.current.approvals)
         principal = None
         try:
