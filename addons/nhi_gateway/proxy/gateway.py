@@ -50,6 +50,7 @@ from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
+from nhi_gateway.policy.decision import Action
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -300,6 +301,10 @@ async def start(config: GatewayConfig) -> Gateway:
                 "network in clear: give --admin-tls-cert and --admin-tls-key (or --admin-insecure, behind a "
                 "TLS-terminating proxy you trust)")
         logger.warning("the admin listener on %s speaks plain HTTP (--admin-insecure)", api_host)
+    section = policies.current.approvals
+    if any(r.action is Action.APPROVE for r in policies.current.rules) and not (section and section.client_id):
+        logger.warning("the policy holds requests for approval but names no app registration for the approval "
+                       "API (approvals.client_id): no token can approve them, so they time out")
     opts.update(
         mode=["regular", api_mode(api_host, api_port)],
         # lazy: no upstream connection is opened at CONNECT, before the request is judged.
