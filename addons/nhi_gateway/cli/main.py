@@ -15,6 +15,7 @@ from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT
 from nhi_gateway.addons.admin_tls import AdminTLSError
+from nhi_gateway.cli.startup import run_problems
 from nhi_gateway.proxy import logs
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
@@ -108,6 +109,10 @@ def cmd_run(args) -> int:
     # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
     # their directories) holds secrets or who-did-what: private to the gateway's user.
     os.umask(0o077)
+    problems = run_problems(args)
+    if problems:
+        print("nhi-gateway: cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 2
     # One handler for every line, the gateway's and mitmproxy's: ISO 8601 times, levels, scrubbed.
     logs.configure(args.log_format, "debug" if args.verbose else args.log_level)
 
@@ -211,7 +216,7 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nhi-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
@@ -220,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
     policy_cli.register(sub)  # policy lint|explain|replay: each sets its own handler
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "words", None) is not None and not any(e.startswith("-") for e in extra):
         # `audit verify --expect-head X FILE`: argparse gives a list positional only the words
