@@ -959,3 +959,39 @@ def test_approvals_login_signs_in_with_the_device_code_flow_and_no_token_reaches
             if path.is_file():
                 data = path.read_bytes()
                 assert not any(s.encode() in data for s in secrets), f"a token reached {path}"
+
+
+# --- the look-alike as a tool --------------------------------------------------------------------
+
+
+def test_a_token_minted_by_hand_with_the_lookalike_approves_and_its_calls_are_not_graph_flows(gateway, lookalike):
+    """`nhi-gateway lookalike token --user adele` gives the token `approvals login` would: the
+    approval API accepts it (and refuses the one from a sign-in without MFA), and its calls are
+    recorded in the day's approval-api.mitm, not as Graph flows of the app the token names."""
+    def minted(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "token", "--state-dir",
+                              str(lookalike.state_dir), *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert API(gateway, minted("--user", "adele")).get("/approvals").status_code == 200
+    r = API(gateway, minted("--user", "AdeleV", "--no-mfa")).get("/approvals")
+    assert r.status_code == 401 and "auth_context" in r.text
+    unknown = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "token", "--state-dir",
+                              str(lookalike.state_dir), "--user", "nobody"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "no user 'nobody'" in unknown.stderr and "adele" in unknown.stderr
+
+    from mitmproxy import io
+
+    deadline = time.monotonic() + WAIT
+    while not list(gateway.recordings.rglob("approval-api.mitm")):
+        assert time.monotonic() < deadline, "the approval API calls were not recorded"
+        time.sleep(0.05)
+    [api_file] = gateway.recordings.rglob("approval-api.mitm")
+    with open(api_file, "rb") as f:
+        paths = [flow.request.path for flow in io.FlowReader(f).stream()]
+    assert "/approvals" in paths
+    for path in gateway.recording_files():
+        if path.name != "approval-api.mitm":
+            with open(path, "rb") as f:
+                assert not any(flow.request.path.startswith("/approvals") for flow in io.FlowReader(f).stream())

@@ -192,15 +192,47 @@ def cmd_run(args) -> int:
 
 
 def _add_lookalike(sub) -> None:
-    p = sub.add_parser("lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph")
-    p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--port", type=int, default=0)
+    p = sub.add_parser(
+        "lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph, or mint a token",
+        usage="nhi-gateway lookalike [serve] --state-dir DIR [--host H] [--port N]\n"
+              "       nhi-gateway lookalike token --state-dir DIR (--user NAME [--no-mfa] | --app NAME)",
+        description="serve: one HTTPS port answering as login.microsoftonline.com (discovery, JWKS, token "
+                    "endpoint, device code sign-in) and graph.microsoft.com (a seeded tenant); point the gateway "
+                    "at it with --resolve HOST=127.0.0.1:PORT for login.microsoftonline.com, sts.windows.net and "
+                    "graph.microsoft.com, and --upstream-ca DIR/pki/ca.pem. It writes DIR/lookalike.json "
+                    "(port, tenant, apps, the approval API's registration) once it listens. token: print a token "
+                    "minted with the same keys, for trying the gateway by hand.")
+    p.add_argument("action", nargs="?", choices=("serve", "token"), default="serve",
+                   help="serve (the default) or token")
+    p.add_argument("--state-dir", type=Path, required=True,
+                   help="keys, certificates, client secrets and lookalike.json (created on first start)")
+    p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="serve: the port (default 0: a free one)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="NAME",
+                     help="token: a person's approver token for the approval API (e.g. adele, AdeleV, a UPN)")
+    who.add_argument("--app", metavar="NAME", help="token: a workload's Graph token (e.g. mcp-directory, rotation-bot)")
+    p.add_argument("--no-mfa", action="store_true",
+                   help="token --user: as after a sign-in without MFA (no authentication context)")
 
 
 def cmd_lookalike(args) -> int:
+    if args.action == "token":
+        from nhi_gateway.lookalike.handtokens import UnknownName, app_token, approver_token
+
+        if not (args.user or args.app):
+            print("nhi-gateway: lookalike token needs --user NAME or --app NAME", file=sys.stderr)
+            return 2
+        try:
+            print(approver_token(args.state_dir, args.user, mfa=not args.no_mfa) if args.user
+                  else app_token(args.state_dir, args.app))
+        except (UnknownName, OSError) as e:
+            print(f"nhi-gateway: {e}", file=sys.stderr)
+            return 2
+        return 0
     from nhi_gateway.lookalike.server import run
 
-    run(args.state_dir, port=args.port)
+    run(args.state_dir, args.host, args.port)
     return 0
 
 

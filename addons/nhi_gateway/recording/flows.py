@@ -49,8 +49,16 @@ REFUSED_MARK = ":no_entry:"
 APPROVED_MARK = ":white_check_mark:"
 
 
+APPROVAL_API_FILE = "approval-api.mitm"
+
+
 def recording_path(root: Path, decision: Decision | None, when: datetime, hourly: bool = False) -> Path:
-    """The first file of the series a flow with this decision is written to."""
+    """The first file of the series a flow with this decision is written to. Calls to the approval
+    API go to the day's ``approval-api.mitm``: they are people deciding, not Graph traffic of the
+    app their token was issued to."""
+    if decision is not None and "approvals_api" in decision.extra or (
+            decision is not None and " approvals-api " in decision.operation):
+        return root / when.astimezone(UTC).strftime("%Y-%m-%d") / APPROVAL_API_FILE
     return recording_base(root, decision.principal if decision else None, when, hourly)
 
 
