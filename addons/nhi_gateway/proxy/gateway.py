@@ -95,6 +95,9 @@ class GatewayConfig:
     admin_tls_key: Path | None = None
     admin_insecure: bool = False
     audit_copies: tuple[str, ...] = ()  # also send each audit line to: stdout, syslog[:ADDRESS]
+    # run --workers N: this process's number (1..N). Its recordings, write-ahead log and audit
+    # trail are files of its own (".w2"), and each audit line and recorded flow names it.
+    worker: int | None = None
 
 
 @dataclass
@@ -132,10 +135,10 @@ class Gateway:
 def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health,
                 groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
-    audit_path = config.audit_path or config.recordings / "audit.jsonl"
+    audit_path = audit_path_of(config)
     audit_log = AuditLog(audit_path, fsync_interval=config.recordings_fsync)
     audit_log.copies = [AuditCopy(target) for target in config.audit_copies]
-    audit = Audit(audit_log, health)
+    audit = Audit(audit_log, health, worker=config.worker)
     approvals = open_approvals(config)
     notify = None
     if egress is not None:
@@ -143,7 +146,8 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
             return await egress.post_json(url, json_body=payload)
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
-                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process,
+                        worker=config.worker)
     stopping = Stopping()
     approval = Approval(policies, approvals, health, audit.log, notify)
     metrics = GatewayMetrics()
@@ -180,6 +184,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         stopping.settled,  # last: a flow is done once audited and handed to the recording
     ]
     return chain, recorder
+
+
+def audit_path_of(config: GatewayConfig) -> Path:
+    """The audit trail of this process: one chain per writer, so each worker has its own file."""
+    path = config.audit_path or config.recordings / "audit.jsonl"
+    return path.with_name(f"{path.stem}.w{config.worker}{path.suffix}") if config.worker else path
 
 
 def rule_ids_of(policies: PolicyStore):
