@@ -670,3 +670,62 @@ def test_the_approval_api_is_not_reachable_through_the_proxy(gateway, adele, mon
                      proxies={"http": gateway.proxy()})
     assert r.status_code == 403, r.text
     assert "not an upstream named in the policy" in error_message(r)
+
+
+# --- judged again at release (issue 18, item 2) ------------------------------------------------------
+
+NO_MINTING = """
+  - id: no-minting-now
+    description: Added while a request was held.
+    action: deny
+    operations:
+      - host: graph.microsoft.com
+        methods: [POST]
+        paths: ["/applications/{id}/addPassword"]
+"""
+
+
+def test_a_deny_added_while_held_wins_at_release(tmp_path, lookalike, workload, adele, monkeypatch):
+    """A request is held; a reload adds a rule that denies it; the approver approves (with a grant).
+    The approval does not replace the policy: the client gets 403 naming the new rule, the
+    approver's answer says the request was refused, the grant covers nothing the policy denies,
+    and Graph never receives the request."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        use_proxy(monkeypatch, gw)
+        api = API(gw, adele)
+        token = workload()
+        mark = marker()
+        call = add_password(lookalike, token, mark)
+        [held] = api.wait_for(mark)
+
+        policy.write_text(policy_text(lookalike) + NO_MINTING)
+        deadline = time.monotonic() + WAIT
+        while "generation 2" not in gw.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the edited policy was not reloaded"
+            time.sleep(0.1)
+        assert not call.done  # still held: the approval decides when it ends
+
+        answer = api.approve(held["id"], reason="looks fine", **{"for": "30m"})
+        assert answer.status_code == 200, answer.text
+        release = answer.json()["release"]
+        assert release["refused"] is True and release["rule"] == "no-minting-now"
+        assert "no-minting-now" in release["reason"]
+
+        r = call.result()
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["innerError"]["nhi-gateway"]["rule"] == "no-minting-now"
+        assert "no-minting-now" in error_message(r) and "Adele Vance" in error_message(r)
+        assert not reached_graph(lookalike, mark)
+        [final] = [line for line in audit_of(gw, held_flow(gw, held["id"])) if not line.get("event")]
+        assert final["decision"] == "deny" and final["rule"] == "no-minting-now"
+
+        # The grant the approver gave covers nothing the policy in force denies.
+        again = marker()
+        r = add_password(lookalike, token, again).result()
+        assert r.status_code == 403 and r.json()["error"]["innerError"]["nhi-gateway"]["rule"] == "no-minting-now"
+        assert not reached_graph(lookalike, again)
+    finally:
+        stop(gw.proc)

@@ -34,6 +34,19 @@ def grant_of(flow: http.HTTPFlow, operation: Operation) -> TokenGrant:
     return classify_token_request(r.headers, r.raw_content or b"", path=operation.path, query=operation.query)
 
 
+def decision_in_force(policies: PolicyStore, flow: http.HTTPFlow) -> Decision:
+    """What the policy in force decides of the flow's request now, for a request whose earlier
+    decision may be stale (held for approval across a reload). Batches and token requests are
+    never held, so the plain decision is all there is to ask."""
+    principal = flow.metadata.get(PRINCIPAL_KEY)
+    try:
+        operation = operation_of(flow)
+    except OperationError as e:
+        return Decision.deny(Stage.POLICY, 400, "BadRequest", f"the request target cannot be judged safely: {e}",
+                             check="operation", principal=principal.to_dict() if principal else None)
+    return policies.current.decide(principal, operation)
+
+
 class Authorization:
     def __init__(self, policies: PolicyStore) -> None:
         self.policies = policies

@@ -127,15 +127,16 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
                         fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+    approval = Approval(policies, approvals, health, audit.log, notify)  # holds `approve` decisions
     chain = [
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         # First of the flow stages: answers every request on the approval API's own listener.
-        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
         Authorization(policies),
-        Approval(policies, approvals, health, audit.log, notify),  # holds `approve` decisions
+        approval,
         Masking(policies),
         Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
         UpstreamTimeout(config.upstream_timeout),  # times what goes upstream: 502 instead of a hang
