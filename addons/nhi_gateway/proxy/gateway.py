@@ -35,6 +35,7 @@ from nhi_gateway.addons.guard import Guard, Health
 from nhi_gateway.addons.identity import Identity
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
+from nhi_gateway.addons.objects import ObjectNames
 from nhi_gateway.addons.recorder import Recorder
 from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
@@ -45,6 +46,7 @@ from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
+from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -135,6 +137,8 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
+        # After membership (rules' `when` may name groups): resolves alternate keys of objects.
+        ObjectNames(policies, ObjectResolver(groups, ttl=config.groups_ttl) if groups is not None else None),
         Authorization(policies),
         approval,
         Masking(policies),
