@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 from urllib.parse import quote
 
@@ -181,24 +182,25 @@ def unresolved(op: Operation, key: ObjectKey, rules: Iterable[Rule], principal: 
 
 
 def decide(policy: Policy, principal: Principal | None, op: Operation,
-           resolutions: Resolutions | None = None) -> Decision:
+           resolutions: Resolutions | None = None, at: datetime | None = None) -> Decision:
     """The policy's decision on the object ``op`` names. Without a key that matters this is
     ``policy.decide``; with one, the object's resolution must be in ``resolutions``."""
     key = object_key(op)
     if key is None:
-        return policy.decide(principal, op)
+        return policy.decide(principal, op, at)
     rules = deciding_rules(policy, principal, op, key)
     if not rules:
-        return policy.decide(principal, op)
+        return policy.decide(principal, op, at)
     found = (resolutions or {}).get(key.cache_key)
     if not found or len(found) != 2:
         return unresolved(op, key, rules, principal, "it was not resolved for this request")
     entity_set, object_id = found
-    as_object = policy.decide(principal, resolved_operation(op, entity_set, object_id))
+    as_object = policy.decide(principal, resolved_operation(op, entity_set, object_id), at)
     note = {"object": {"named": key.describe(), "resolved": f"{GRAPH_SETS.get(entity_set, entity_set)}/{object_id}"}}
-    if as_object.action is not Action.DENY and any(r.action is Action.DENY for r in policy.matching_rules(principal, op)):
+    if as_object.action is not Action.DENY and any(r.action is Action.DENY
+                                                   for r in policy.matching_rules(principal, op, at)):
         # A deny rule written for the spelling as sent still wins.
-        return policy.decide(principal, op)
+        return policy.decide(principal, op, at)
     return as_object.but(extra={**as_object.extra, **note})
 
 
@@ -209,8 +211,8 @@ class ObjectDecider:
         self.policy = policy
         self.resolutions = resolutions
 
-    def decide(self, principal: Principal | None, op: Operation) -> Decision:
-        return decide(self.policy, principal, op, self.resolutions)
+    def decide(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> Decision:
+        return decide(self.policy, principal, op, self.resolutions, at)
 
 
 # --- resolving with the gateway's own Graph credential ------------------------------------------------
