@@ -218,3 +218,25 @@ def test_lint_warns_when_the_deployment_cannot_resolve_literal_objects(policy):
     assert out.returncode == 0, out.stderr
     assert "rule 'mcp-keeps-its-secrets' names an object by id" in out.stdout
     assert "rule 'adele-is-private' names an object by id" in out.stdout
+
+
+def test_a_batch_cannot_hide_an_alternate_key(gateway, lookalike, bot):
+    """Inside a $batch, the inner requests' keys are resolved too; one naming the protected
+    application by appId refuses the whole batch, and nothing of it reaches Graph."""
+    before = secrets_of(lookalike, "mcp-directory")
+    appid = lookalike.app("mcp-directory")["client_id"]
+    own = lookalike.app("rotation-bot")["client_id"]
+    mark = uuid.uuid4().hex[:12]
+    body = {"requests": [
+        {"id": "1", "method": "POST", "url": f"/applications(appId='{own}')/addPassword",
+         "body": {"passwordCredential": {"displayName": "fine"}}, "headers": {"Content-Type": "application/json"}},
+        {"id": "2", "method": "POST", "url": f"/applications(appId='{appid}')/microsoft.graph.addPassword",
+         "body": {"passwordCredential": {"displayName": "hidden"}}, "headers": {"Content-Type": "application/json"}},
+    ]}
+    r = requests.post(f"{GRAPH}/v1.0/$batch?m={mark}", json=body, headers={"Authorization": f"Bearer {bot}"},
+                      proxies={"https": gateway.proxy()}, verify=gateway.ca_cert, timeout=30)
+    assert r.status_code == 403, r.text[:300]
+    assert inner(r)["rule"] == "mcp-keeps-its-secrets"
+    assert not reached_graph(lookalike, mark)
+    assert not any(line.get("batch") and "hidden" in json.dumps(line) for line in lookalike.received())
+    assert secrets_of(lookalike, "mcp-directory") == before

@@ -51,6 +51,12 @@ rules:
       - host: graph.microsoft.com
         methods: [GET]
         paths: ["/users/{ADELE}/**"]
+  - id: alex-by-upn
+    action: allow
+    operations:
+      - host: graph.microsoft.com
+        methods: [PATCH]
+        paths: ["/users/alexw@nhilab.onmicrosoft.com"]
   - id: rotation
     action: allow
     operations:
@@ -128,7 +134,7 @@ def test_requests_no_literal_rule_could_decide_are_never_held_up(target):
 
 
 def test_lint_finds_the_rules_on_literal_objects():
-    assert {r.id for r, _ in literal_object_rules(POLICY)} == {"protected-app-keeps-its-secrets", "adele-is-private"}
+    assert {r.id for r, _ in literal_object_rules(POLICY)} == {"protected-app-keeps-its-secrets", "adele-is-private", "alex-by-upn"}
 
 
 class FakeGraph:
@@ -189,3 +195,13 @@ async def test_a_key_graph_cannot_resolve_fails_closed(answer, error):
 async def test_an_undocumented_key_is_never_guessed_at():
     with pytest.raises(ObjectNotFound):
         await ObjectResolver(FakeGraph()).resolve(ObjectKey("applications", "displayname", "x"))
+
+
+def test_a_rule_naming_the_object_by_its_alternate_key_still_applies_once_resolved():
+    target = "/v1.0/users/AlexW@nhilab.onmicrosoft.com"
+    key = object_key(op(target, "PATCH"))
+    assert verdict(target, "PATCH", {key.cache_key: ["users", ALEX]})[:2] == (Action.ALLOW, "alex-by-upn")
+    # ... and a deny rule on the object's id wins over it.
+    adele = {key.cache_key: ["users", ADELE]}
+    assert verdict(target, "PATCH", adele)[:2] == (Action.ALLOW, "alex-by-upn")  # adele-is-private is GET only
+    assert verdict("/v1.0/users/AlexW@nhilab.onmicrosoft.com", "GET", adele)[:2] == (Action.DENY, "adele-is-private")

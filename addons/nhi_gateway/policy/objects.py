@@ -196,12 +196,23 @@ def decide(policy: Policy, principal: Principal | None, op: Operation,
         return unresolved(op, key, rules, principal, "it was not resolved for this request")
     entity_set, object_id = found
     as_object = policy.decide(principal, resolved_operation(op, entity_set, object_id), at)
+    as_sent = policy.decide(principal, op, at)
+    # The rules of both spellings apply, by the usual precedence: a rule that names the object by
+    # the key the request used (a UPN, appid=...) is as much about the object as one naming its id.
+    chosen = next((d for wanted in (_DENIED_BY_RULE, Action.APPROVE, Action.ALLOW)
+                   for d in (as_object, as_sent) if _is(policy, d, wanted)), as_object)
     note = {"object": {"named": key.describe(), "resolved": f"{GRAPH_SETS.get(entity_set, entity_set)}/{object_id}"}}
-    if as_object.action is not Action.DENY and any(r.action is Action.DENY
-                                                   for r in policy.matching_rules(principal, op, at)):
-        # A deny rule written for the spelling as sent still wins.
-        return policy.decide(principal, op, at)
-    return as_object.but(extra={**as_object.extra, **note})
+    return chosen.but(extra={**chosen.extra, **note})
+
+
+_DENIED_BY_RULE = "denied by a deny rule"
+
+
+def _is(policy: Policy, d: Decision, wanted: Action | str) -> bool:
+    if wanted == _DENIED_BY_RULE:
+        rule = policy.rule(d.rule_id or "")
+        return d.action is Action.DENY and rule is not None and rule.action is Action.DENY
+    return d.action is wanted
 
 
 class ObjectDecider:
