@@ -462,3 +462,10 @@ def test_lint_warns_about_rules_on_literal_objects_the_deployment_cannot_resolve
     monkeypatch.setenv("NHI_GRAPH_CLIENT_SECRET", "not-a-real-secret")
     code, out, _ = run(capsys, "lint", str(path))
     assert "warning" not in out
+
+
+def test_explain_says_when_the_gateway_would_resolve_the_object_first(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "explain", str(path), "--as", f"app={MCP},oid={OID},tenant={TENANT}", "POST",
+                       f"https://graph.microsoft.com/v1.0/applications(appId='{MCP}')/addPassword")
+    assert "object:    applications by appid" in out and "'protected-app'" in out

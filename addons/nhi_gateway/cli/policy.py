@@ -377,6 +377,15 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         print(f"decision:  DENY before any rule ({gate.stage} stage, {gate.status} {gate.code})", file=out)
         print(f"reason:    {gate.reason}", file=out)
         return EXIT_DENY
+    from nhi_gateway.policy.objects import deciding_rules, object_key
+
+    key = object_key(op)
+    rules = deciding_rules(policy, who.principal, op, key) if key is not None else []
+    if rules:
+        # The gateway would first ask Graph which object this is; explain has no Graph to ask.
+        print(f"object:    {key.describe()}: the gateway resolves it with its Graph credential because "
+              f"rule(s) {', '.join(repr(r.id) for r in rules)} could decide it otherwise (and refuses 503 "
+              "when it cannot); below: the decision for this spelling, before that", file=out)
     decision, outcomes = policy.explain(who.principal, op, at)
     rule = policy.rule(decision.rule_id) if decision.rule_id else None
     where = f" ({policy.source}:{rule.line}:{rule.column})" if rule else ""
