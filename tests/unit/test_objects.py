@@ -205,3 +205,13 @@ def test_a_rule_naming_the_object_by_its_alternate_key_still_applies_once_resolv
     adele = {key.cache_key: ["users", ADELE]}
     assert verdict(target, "PATCH", adele)[:2] == (Action.ALLOW, "alex-by-upn")  # adele-is-private is GET only
     assert verdict("/v1.0/users/AlexW@nhilab.onmicrosoft.com", "GET", adele)[:2] == (Action.DENY, "adele-is-private")
+
+
+def test_me_is_the_signed_in_user():
+    """A delegated token's /me is that user: the rules on the user's id decide it, with no lookup."""
+    adele = Principal(tenant_id=TENANT, object_id=ADELE, app_id=BOT, scopes=("User.Read",), app_only=False)
+    alex = Principal(tenant_id=TENANT, object_id=ALEX, app_id=BOT, scopes=("User.Read",), app_only=False)
+    me = op("/v1.0/me/memberOf")
+    assert decide(POLICY, adele, me).rule_id == "adele-is-private"
+    assert (decide(POLICY, alex, me).action, decide(POLICY, alex, me).rule_id) == (Action.ALLOW, "reads")
+    assert decide(POLICY, CALLER, me).rule_id is None  # app-only: /me is nobody (Graph refuses it)

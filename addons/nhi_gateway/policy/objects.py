@@ -185,6 +185,10 @@ def decide(policy: Policy, principal: Principal | None, op: Operation,
            resolutions: Resolutions | None = None, at: datetime | None = None) -> Decision:
     """The policy's decision on the object ``op`` names. Without a key that matters this is
     ``policy.decide``; with one, the object's resolution must be in ``resolutions``."""
+    me = signed_in_user(op, principal)
+    if me is not None:
+        # /me is the signed-in user: its rules are the user's, known from the verified token.
+        return _both_spellings(policy, principal, op, me, at, {"object": {"named": "me", "resolved": me.path}})
     key = object_key(op)
     if key is None:
         return policy.decide(principal, op, at)
@@ -195,13 +199,25 @@ def decide(policy: Policy, principal: Principal | None, op: Operation,
     if not found or len(found) != 2:
         return unresolved(op, key, rules, principal, "it was not resolved for this request")
     entity_set, object_id = found
-    as_object = policy.decide(principal, resolved_operation(op, entity_set, object_id), at)
+    note = {"object": {"named": key.describe(), "resolved": f"{GRAPH_SETS.get(entity_set, entity_set)}/{object_id}"}}
+    return _both_spellings(policy, principal, op, resolved_operation(op, entity_set, object_id), at, note)
+
+
+def signed_in_user(op: Operation, principal: Principal | None) -> Operation | None:
+    """``/me/...`` of a delegated token as ``/users/{oid}/...``; None for anything else."""
+    if not op.is_graph or op.segments[:1] != ("me",) or principal is None or principal.app_only:
+        return None
+    return dataclasses.replace(op, path="/" + "/".join(["users", principal.object_id.lower(), *op.segments[1:]]))
+
+
+def _both_spellings(policy: Policy, principal: Principal | None, op: Operation, as_object_op: Operation,
+                    at: datetime | None, note: dict) -> Decision:
+    as_object = policy.decide(principal, as_object_op, at)
     as_sent = policy.decide(principal, op, at)
     # The rules of both spellings apply, by the usual precedence: a rule that names the object by
-    # the key the request used (a UPN, appid=...) is as much about the object as one naming its id.
+    # the key the request used (a UPN, appid=..., /me) is as much about it as one naming its id.
     chosen = next((d for wanted in (_DENIED_BY_RULE, Action.APPROVE, Action.ALLOW)
                    for d in (as_object, as_sent) if _is(policy, d, wanted)), as_object)
-    note = {"object": {"named": key.describe(), "resolved": f"{GRAPH_SETS.get(entity_set, entity_set)}/{object_id}"}}
     return chosen.but(extra={**chosen.extra, **note})
 
 
