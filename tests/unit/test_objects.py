@@ -215,3 +215,50 @@ def test_me_is_the_signed_in_user():
     assert decide(POLICY, adele, me).rule_id == "adele-is-private"
     assert (decide(POLICY, alex, me).action, decide(POLICY, alex, me).rule_id) == (Action.ALLOW, "reads")
     assert decide(POLICY, CALLER, me).rule_id is None  # app-only: /me is nobody (Graph refuses it)
+
+
+# --- the property: whatever names the object, the decision is the object's ----------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# The look-alike directory of this test: alternate keys -> (entity set, object id).
+DIRECTORY = {
+    ("applications", "appid", PROTECTED_APP_ID): ("applications", PROTECTED),
+    ("applications", "uniquename", "protected"): ("applications", PROTECTED),
+    ("applications", "appid", "1a2b3c4d-0000-4000-8000-0000000000a1"): ("applications", OTHER),
+    ("directoryobjects", "id", PROTECTED): ("applications", PROTECTED),
+    ("directoryobjects", "id", OTHER): ("applications", OTHER),
+}
+SPELLINGS = {
+    PROTECTED: [f"applications/{PROTECTED}", f"applications('{PROTECTED}')", f"applications(id='{PROTECTED}')",
+                f"applications(ID='{PROTECTED.upper()}')", f"applications(appId='{PROTECTED_APP_ID}')",
+                f"applications(APPID='{PROTECTED_APP_ID.upper()}')", "applications(uniqueName='Protected')",
+                f"directoryObjects/{PROTECTED}/microsoft.graph.application", f"directoryObjects/{PROTECTED}",
+                f"applications/{PROTECTED}/microsoft.graph.application",
+                f"directoryObjects/microsoft.graph.application/{PROTECTED}"],
+    OTHER: [f"applications/{OTHER}", f"applications(Id='{OTHER}')",
+            "applications(appId='1a2b3c4d-0000-4000-8000-0000000000a1')", f"directoryObjects/{OTHER}"],
+}
+ACTIONS = ["addPassword", "microsoft.graph.addPassword", "Microsoft.Graph.AddPassword"]
+
+
+def resolve(o: Operation) -> dict:
+    key = object_key(o)
+    if key is None:
+        return {}
+    found = DIRECTORY.get((key.entity_set, key.name, key.value))
+    return {key.cache_key: list(found)} if found else {}
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(sorted(SPELLINGS)), st.data())
+def test_every_spelling_of_one_object_gets_the_objects_decision(object_id, data):
+    spelling = data.draw(st.sampled_from(SPELLINGS[object_id]))
+    action = data.draw(st.sampled_from(ACTIONS))
+    version = data.draw(st.sampled_from(["v1.0", "beta", "V1.0"]))
+    o = op(f"/{version}/{spelling}/{action}", "POST")
+    canonical = op(f"/{version}/applications/{object_id}/addPassword", "POST")
+    got = decide(POLICY, CALLER, o, resolve(o))
+    want = decide(POLICY, CALLER, canonical)
+    assert (got.action, got.rule_id, got.status) == (want.action, want.rule_id, want.status), o
