@@ -80,3 +80,15 @@ async def test_proxy_credentials_never_yield_a_token_with_trailing_data(header):
 
 async def test_bearer_header_with_data_after_the_token_is_refused():
     assert (await refusal(bearer_token(f"Bearer {GOOD} X-Injected: yes"))).check == "format"
+
+
+@pytest.mark.parametrize("tail", ["\r\n", "\r\nX-Injected: yes", "!!!!", "=="])
+def test_the_installed_pyjwt_refuses_data_after_the_signature_too(tail):
+    """The floor in pyproject (pyjwt>=2.14): the library behind the form check refuses the same
+    tokens on its own, so neither layer alone carries the promise."""
+    import jwt
+
+    token = jwt.encode({"sub": "x"}, "k" * 32, algorithm="HS256")
+    assert jwt.decode(token, "k" * 32, algorithms=["HS256"]) == {"sub": "x"}
+    with pytest.raises(jwt.PyJWTError):
+        jwt.decode(token + tail, "k" * 32, algorithms=["HS256"])
