@@ -39,6 +39,7 @@ from nhi_gateway.addons.identity import Identity, trust_of
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.addons.metrics import GatewayMetrics, Metrics, state_metrics
+from nhi_gateway.addons.objects import ObjectNames
 from nhi_gateway.addons.recorder import Recorder, WriteAhead
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
@@ -51,6 +52,7 @@ from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
+from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -167,10 +169,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         admin,  # /healthz, /readyz, /metrics on the admin listener: never audited or recorded
         # First of the flow stages: answers every request on the approval API's own listener.
-        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
+        # After membership (rules' `when` may name groups): resolves alternate keys of objects.
+        ObjectNames(policies, ObjectResolver(groups, ttl=config.groups_ttl) if groups is not None else None),
         Authorization(policies),
         approval,  # holds `approve` decisions
         Masking(policies),
