@@ -210,6 +210,8 @@ def rule_ids_of(policies: PolicyStore):
 
 def open_approvals(config: GatewayConfig) -> Approvals:
     store = ApprovalStore(config.approvals_db or config.recordings / "approvals.sqlite3")
+    if config.worker and config.worker > 1:
+        return Approvals(store)  # worker 1 cleans up after the last run; the others must not cancel its requests
     try:
         stale = store.cancel_pending("the gateway restarted while the request was held", time.time())
     except ApprovalStoreError as e:  # requests that need approval are refused until it works
@@ -365,7 +367,8 @@ def announce(gateway: Gateway, out=sys.stdout) -> None:
         "Client environment:",
         *("  " + line for line in client_environment(gateway)),
     ]
-    print("\n".join(lines), file=out, flush=True)
+    if gateway.config.worker in (None, 1):  # the workers of --workers N: the first one speaks for all
+        print("\n".join(lines), file=out, flush=True)
     if gateway.config.ready_file:
         ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid(),
                  "approvals_api": gateway.approvals_api}
