@@ -31,7 +31,7 @@ import binascii
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +50,7 @@ from nhi_gateway.policy.model import (
     policy_warnings,
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.policy.observed import APPROVALS_API_HOST
 
 EXIT_ALLOW, EXIT_DENY, EXIT_USAGE, EXIT_APPROVE = 0, 1, 2, 3
 EXIT_UNCHANGED, EXIT_CHANGED = 0, 1
@@ -101,6 +102,28 @@ def register(sub) -> None:
                         help="also list unchanged flows and flows decided by another rule to the same effect")
     replay.set_defaults(handler=cmd_replay)
 
+    suggest = cmds.add_parser(
+        "suggest", help="write a least-privilege policy from recorded traffic or the audit trail",
+        description="One rule per identity, allowing what it was seen doing and nothing more. "
+                    "Check it with 'policy replay --policy SUGGESTED RECORDING...' before enforcing it.",
+    )
+    suggest.add_argument("recordings", nargs="*", type=Path, metavar="RECORDING",
+                         help=".mitm files or directories of them (or give --audit)")
+    suggest.add_argument("--audit", type=Path, metavar="FILE", help="read the audit trail instead of recordings")
+    suggest.add_argument("--base", type=Path, metavar="POLICY",
+                         help="keep this policy's identity, upstreams, masking, approvals and deny rules")
+    suggest.add_argument("--principal", metavar="NAME", help="only this identity: display name, app id or object "
+                         "id (* and ? match)")
+    suggest.add_argument("--since", metavar="TIME", help="from this time (inclusive): 2026-11-28, "
+                         "2026-11-28T09:30Z or a time ago (15m, 2h, 7d)")
+    suggest.add_argument("--until", metavar="TIME", help="to this time (exclusive)")
+    suggest.add_argument("--include-denied", action="store_true",
+                         help="also allow what was refused (off: a refused request is never suggested)")
+    suggest.add_argument("--widen", action="store_true",
+                         help="allow whole collections (/v1.0/users/**) instead of the templates seen")
+    suggest.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of stdout")
+    suggest.set_defaults(handler=cmd_suggest)
+
 
 def _instant(text: str) -> datetime:
     try:
@@ -113,6 +136,41 @@ def _instant(text: str) -> datetime:
 
 
 # --- lint -----------------------------------------------------------------------------------------
+
+
+class _LintEnviron(Mapping):
+    """The environment for checking a policy: a pseudonym key the policy names but this shell does
+    not hold is stood in for by a placeholder, so a policy can be checked (in CI, on a laptop)
+    without the deployment's secret; ``missing`` says which ones, so the output can say so."""
+
+    PLACEHOLDER = "placeholder-key-for-policy-lint-only"
+
+    def __init__(self, real: Mapping[str, str]) -> None:
+        self.real = real
+        self.missing: list[str] = []
+
+    def __getitem__(self, name: str) -> str:
+        value = self.real.get(name)
+        if value:
+            return value
+        if name not in self.missing:
+            self.missing.append(name)
+        return self.PLACEHOLDER
+
+    def get(self, name, default=None):
+        return self[name]
+
+    def __iter__(self):
+        return iter(self.real)
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+
+def _lint_environ(path: Path | None = None) -> _LintEnviron:
+    import os
+
+    return _LintEnviron(os.environ)
 
 
 def cmd_lint(args, out: TextIO | None = None) -> int:
@@ -455,12 +513,23 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
     if old.stage is Stage.IDENTITY:
         return Replayed(**base, old=old, skipped=f"refused at the identity stage ({old.check or old.code}) "
                         "before any rule")
+    if old.check == "approvals_api" or "approvals_api" in old.extra or r.host.lower() == APPROVALS_API_HOST:
+        return Replayed(**base, old=old, skipped="a call to the gateway's approval API: decided by its "
+                        "approvers and their tokens, not by the rules")
     if old.stage in (Stage.GUARD, Stage.ERROR):
         return Replayed(**base, old=old, skipped=f"refused by the gateway's {old.stage} stage, not by the policy")
     if old.stage is Stage.POLICY and old.check == "operation":
         return Replayed(**base, old=old, skipped=f"refused before the rules ({old.check}): {old.reason}")
     compare_mask = True
-    if old.stage is Stage.MASKING:
+    approval = old.extra.get("approval") if isinstance(old.extra, dict) else None
+    if isinstance(approval, dict) and "state" in approval:
+        # A person approved or refused it (or nobody answered): the rules' part was "approve".
+        # Compare that, not what the person made of it, so an unchanged policy changes nothing.
+        old = Decision(Action.APPROVE, Stage.POLICY, f"approval {approval.get('state')} "
+                       f"({approval.get('id', '?')})", rule_id=old.rule_id, operation=old.operation,
+                       principal=old.principal, mask_profile=old.mask_profile, extra=old.extra)
+        compare_mask = False
+    elif old.stage is Stage.MASKING:
         # The rules allowed it; the response was withheld afterwards. Compare the rules' part.
         old = Decision(Action.ALLOW, Stage.POLICY, "allowed, then withheld by masking", rule_id=old.rule_id,
                        operation=old.operation, principal=old.principal)
@@ -582,3 +651,67 @@ def cmd_replay(args, out: TextIO | None = None, err: TextIO | None = None) -> in
         file=out,
     )
     return EXIT_CHANGED if changed else EXIT_UNCHANGED
+
+
+# --- suggest --------------------------------------------------------------------------------------
+
+
+def cmd_suggest(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from nhi_gateway.policy.observed import ObservationFilter, from_audit_records, from_flow
+    from nhi_gateway.policy.suggest import suggest_policy
+    from nhi_gateway.recording.audit import parse_time, read_records
+
+    out, err = out or sys.stdout, err or sys.stderr
+
+    def fail(message: str) -> int:
+        print(f"nhi-gateway policy suggest: {message}", file=err)
+        return EXIT_USAGE
+
+    if bool(args.recordings) == bool(args.audit):
+        return fail("give recordings (files or directories) or --audit FILE, one of the two")
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as e:
+        return fail(str(e))
+    if args.base is not None:
+        try:
+            load_policy(args.base, environ=_lint_environ(args.base))
+        except PolicyError as e:
+            print(str(e), file=err)
+            return EXIT_USAGE
+    observations = []
+    try:
+        if args.audit:
+            records = (rec for _, _, rec in read_records(args.audit) if rec is not None)
+            observations = list(from_audit_records(records, str(args.audit)))
+            sources = str(args.audit)
+        else:
+            files = recording_files(args.recordings)
+            for path in files:
+                observations += [o for o in (from_flow(f, str(path)) for f in read_flows(path)) if o is not None]
+            sources = f"{_count(len(files), 'recording')}"
+    except UsageError as e:
+        return fail(str(e))
+    except OSError as e:
+        return fail(f"{e.filename}: {e.strerror or e}")
+    wanted = ObservationFilter(args.principal, since, until, args.include_denied)
+    kept = wanted.apply(observations)
+    if not kept:
+        return fail(f"no {'' if args.include_denied else 'allowed '}requests match in {sources} "
+                    f"({_count(len(observations), 'request')} read)")
+    header = (f"Suggested by nhi-gateway policy suggest from {sources}: {_count(len(kept), 'request')}"
+              + (" (refused ones included)" if args.include_denied else "")
+              + (f", principal {args.principal}" if args.principal else "")
+              + (f", since {since.isoformat()}" if since else "") + (f", until {until.isoformat()}" if until else "")
+              + ".\nBefore enforcing it: nhi-gateway policy lint FILE; nhi-gateway policy replay --policy FILE "
+                "RECORDING...")
+    suggestion = suggest_policy(kept, base=args.base, widen=args.widen, header=header)
+    if args.output:
+        args.output.write_text(suggestion.text)
+        print(f"wrote {args.output}: {_count(suggestion.rules, 'suggested rule')} from "
+              f"{_count(len(kept), 'request')}" + ("" if suggestion.allow_select else
+              "; $select properties seen are comments (this gateway has no odata.allow_select)"), file=err)
+    else:
+        out.write(suggestion.text)
+    return 0
