@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.observed import Observation
 
 ID = "{id}"
@@ -342,6 +343,26 @@ def suggest_policy(observations: list[Observation], *, base: Path | None = None,
         doc.update(default_sections(observations))
     with_select = allow_select_supported()
     rules = suggest_rules(collect(observations, widen=widen), known_profiles=profiles, with_select=with_select)
+    text = _dump(yaml, doc, kept_denies, rules, header)
+    # A deny rule of the base that refuses what was allowed when recorded (the base is not the
+    # policy the traffic was decided under) would make the suggestion refuse its own evidence:
+    # it is left out, and the header says so.
+    dropped = _denies_refusing(text, observations, {r["id"] for r in kept_denies})
+    if dropped:
+        kept_denies = [r for r in kept_denies if r["id"] not in dropped]
+        header += "".join(f"\nLeft out the base's deny rule '{rid}': it refuses {_count(n)} allowed when recorded."
+                          for rid, n in sorted(dropped.items()))
+        text = _dump(yaml, doc, kept_denies, rules, header)
+    return Suggestion(text, len(rules), with_select)
+
+
+def _count(n: int) -> str:
+    return f"{n} request{'s' * (n != 1)}"
+
+
+def _dump(yaml, doc, kept_denies: list, rules: list, header: str) -> str:
+    from ruamel.yaml.comments import CommentedSeq
+
     seq = CommentedSeq(kept_denies + rules)
     if kept_denies:
         seq.yaml_set_comment_before_after_key(0, before="Kept from the base policy: its deny rules.", indent=2)
@@ -355,4 +376,30 @@ def suggest_policy(observations: list[Observation], *, base: Path | None = None,
         doc.yaml_set_start_comment(header)
     buf = io.StringIO()
     yaml.dump(doc, buf)
-    return Suggestion(buf.getvalue(), len(rules), with_select)
+    return buf.getvalue()
+
+
+def _denies_refusing(text: str, observations: list[Observation], deny_ids: set[str]) -> dict[str, int]:
+    from nhi_gateway.policy.model import PolicyError, parse_policy
+
+    if not deny_ids:
+        return {}
+    try:
+        policy = parse_policy(text, "<suggestion>", environ=_AnyKey())
+    except PolicyError:
+        return {}
+    found: dict[str, int] = {}
+    for o in observations:
+        if not o.allowed:
+            continue
+        d = policy.decide(o.principal, o.op, o.at)
+        if d.action is Action.DENY and d.rule_id in deny_ids:
+            found[d.rule_id] = found.get(d.rule_id, 0) + 1
+    return found
+
+
+class _AnyKey(dict):
+    """An environment in which every pseudonym key is set: the check above decides, never masks."""
+
+    def get(self, name, default=None):
+        return "k" * 32
