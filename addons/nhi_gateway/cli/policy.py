@@ -656,10 +656,39 @@ def cmd_replay(args, out: TextIO | None = None, err: TextIO | None = None) -> in
 # --- suggest --------------------------------------------------------------------------------------
 
 
+def read_observations(recordings: list[Path], audit: Path | None) -> tuple[list, str]:
+    """What the gateway decided, from recordings (files or directories) or the audit trail, and
+    a few words naming the source. Raises :class:`UsageError`."""
+    from nhi_gateway.policy.observed import from_audit_records, from_flow
+    from nhi_gateway.recording.audit import read_records
+
+    if bool(recordings) == bool(audit):
+        raise UsageError("give recordings (files or directories) or --audit FILE, one of the two")
+    try:
+        if audit:
+            records = (rec for _, _, rec in read_records(audit) if rec is not None)
+            return list(from_audit_records(records, str(audit))), str(audit)
+        files = recording_files(recordings)
+        observations = []
+        for path in files:
+            observations += [o for o in (from_flow(f, str(path)) for f in read_flows(path)) if o is not None]
+        return observations, _count(len(files), "recording")
+    except OSError as e:
+        raise UsageError(f"{e.filename}: {e.strerror or e}") from None
+
+
+def time_window(args) -> tuple[datetime | None, datetime | None]:
+    from nhi_gateway.recording.audit import parse_time
+
+    try:
+        return (parse_time(args.since) if args.since else None, parse_time(args.until) if args.until else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_suggest(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from nhi_gateway.policy.observed import ObservationFilter, from_audit_records, from_flow
+    from nhi_gateway.policy.observed import ObservationFilter
     from nhi_gateway.policy.suggest import suggest_policy
-    from nhi_gateway.recording.audit import parse_time, read_records
 
     out, err = out or sys.stdout, err or sys.stderr
 
@@ -667,12 +696,9 @@ def cmd_suggest(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         print(f"nhi-gateway policy suggest: {message}", file=err)
         return EXIT_USAGE
 
-    if bool(args.recordings) == bool(args.audit):
-        return fail("give recordings (files or directories) or --audit FILE, one of the two")
     try:
-        since = parse_time(args.since) if args.since else None
-        until = parse_time(args.until) if args.until else None
-    except ValueError as e:
+        since, until = time_window(args)
+    except UsageError as e:
         return fail(str(e))
     if args.base is not None:
         try:
@@ -680,21 +706,10 @@ def cmd_suggest(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         except PolicyError as e:
             print(str(e), file=err)
             return EXIT_USAGE
-    observations = []
     try:
-        if args.audit:
-            records = (rec for _, _, rec in read_records(args.audit) if rec is not None)
-            observations = list(from_audit_records(records, str(args.audit)))
-            sources = str(args.audit)
-        else:
-            files = recording_files(args.recordings)
-            for path in files:
-                observations += [o for o in (from_flow(f, str(path)) for f in read_flows(path)) if o is not None]
-            sources = f"{_count(len(files), 'recording')}"
+        observations, sources = read_observations(args.recordings, args.audit)
     except UsageError as e:
         return fail(str(e))
-    except OSError as e:
-        return fail(f"{e.filename}: {e.strerror or e}")
     wanted = ObservationFilter(args.principal, since, until, args.include_denied)
     kept = wanted.apply(observations)
     if not kept:
