@@ -117,8 +117,11 @@ def test_lint_warns_about_rules_that_never_decide_without_failing(capsys, tmp_pa
             "matches every request it matches, and deny wins") in out
     assert "rule 'limited' never decides" in out  # limits narrow it, the earlier rule has none
     assert "warning: rule 'expired' expired at 2020-01-01T00:00:00+00:00" in out
-    assert "warning: rule 'read-everything'" not in out and "warning: rule 'no-deletes'" not in out
-    assert out.rstrip().endswith("6 rules (5 allow, 1 deny, 0 approve), 1 upstream, 0 mask profiles, 4 warnings")
+    assert "warning: rule 'read-everything' never" not in out and "warning: rule 'no-deletes'" not in out
+    # ... and read-everything is what it is: everything, for everyone.
+    assert (f"{path}:9:3: warning: rule 'read-everything' allows every request to graph.microsoft.com "
+            "for every verified caller") in out
+    assert out.rstrip().endswith("6 rules (5 allow, 1 deny, 0 approve), 1 upstream, 0 mask profiles, 5 warnings")
     code, _, _ = run(capsys, "lint", "--strict", str(path))
     assert code == 1
 
@@ -150,6 +153,69 @@ def test_lint_does_not_warn_when_a_rule_is_only_partly_covered(capsys, tmp_path)
 """)
     code, out, _ = run(capsys, "lint", str(path))
     assert code == 0 and "warning" not in out, out
+
+
+def test_lint_reports_every_error_in_one_run(capsys, tmp_path):
+    text = HEAD + f"""\
+- id: ok-rule
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: [/users]}}]
+- id: typo
+  acton: allow
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: [/users]}}]
+- id: bad-method
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [FETCH], paths: [/users]}}]
+- id: ok-rule
+  action: deny
+  when: {{app_ids: [not-a-guid]}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: [/users]}}]
+"""
+    path = write(tmp_path, "many.yaml", text)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 1
+    assert f"{path}:13:3: unknown key 'acton' in rule 'typo'" in out
+    assert f"{path}:17:54: rule 'bad-method': operations[0].methods[0]: unknown method 'FETCH'" in out
+    assert f"{path}:18:7: duplicate rule id 'ok-rule'" in out
+    assert f"{path}:20:20: rule 'ok-rule': when.app_ids[0]: 'not-a-guid' is not a GUID" in out
+    assert f"{path}: 4 errors" in out
+
+
+def test_lint_reports_an_error_outside_the_rules_and_a_yaml_error(capsys, tmp_path):
+    bad_section = write(tmp_path, "s.yaml", HEAD.replace("issuers:", "isuers:"))
+    code, out, _ = run(capsys, "lint", str(bad_section))
+    assert code == 1 and "unknown key 'isuers' in identity" in out and "1 error" in out
+    broken = write(tmp_path, "y.yaml", HEAD + "- id: [\n")
+    code, out, _ = run(capsys, "lint", str(broken))
+    assert code == 1 and "YAML syntax error" in out
+
+
+def test_lint_does_not_need_the_pseudonym_key(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("NHI_LINT_TEST_KEY", raising=False)
+    text = HEAD.replace("rules:\n", """masking:
+  pseudonym_key_env: NHI_LINT_TEST_KEY
+  profiles:
+    p: {fields: {mail: pseudonym}}
+rules:
+- {id: r, action: allow, mask: p, when: {app_ids: [%s]}, operations: [{host: graph.microsoft.com, methods: [GET], paths: [/users]}]}
+""" % MCP)
+    path = write(tmp_path, "pseudo.yaml", text)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0, out
+    assert "note: NHI_LINT_TEST_KEY is not set here, so the pseudonym key was not checked" in out
+    assert f"{path}: ok: 1 rule" in out
+    code, out, _ = run(capsys, "explain", str(path), "--as", f"app={MCP}", "GET", "https://graph.microsoft.com/v1.0/users")
+    assert code == 0, out
+
+
+def test_lint_shadowing_hints_follow_the_precedence(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", SHADOWED)
+    _, out, _ = run(capsys, "lint", str(path))
+    blocks = out.split(f"{path}:")
+    deny = next(b for b in blocks if "rule 'delete-users' never applies" in b)
+    assert "deny wins over allow wherever the rules are in the file, so reordering changes nothing" in deny
+    same = next(b for b in blocks if "rule 'read-users' never decides" in b)
+    assert "the first in file order decides, so moving 'read-users' above 'read-everything'" in same
 
 
 # --- explain --------------------------------------------------------------------------------------

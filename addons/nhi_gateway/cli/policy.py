@@ -31,7 +31,7 @@ import binascii
 import json
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +88,11 @@ def register(sub) -> None:
     explain.add_argument("url", metavar="URL", help="e.g. 'https://graph.microsoft.com/v1.0/users?$top=5'")
     explain.add_argument("--at", type=_instant, default=None, metavar="TIME",
                          help="decide at this ISO 8601 time (default: now), for rules with a schedule")
+    explain.add_argument("--body", type=Path, metavar="FILE",
+                         help="the request body: a $batch is then judged as the gateway judges it, "
+                              "every inner request as if sent alone ('-' reads stdin)")
+    explain.add_argument("--content-type", default="application/json", metavar="TYPE",
+                         help="the body's Content-Type (default: application/json)")
     explain.set_defaults(handler=cmd_explain)
 
     replay = cmds.add_parser(
@@ -138,61 +143,50 @@ def _instant(text: str) -> datetime:
 # --- lint -----------------------------------------------------------------------------------------
 
 
-class _LintEnviron(Mapping):
-    """The environment for checking a policy: a pseudonym key the policy names but this shell does
-    not hold is stood in for by a placeholder, so a policy can be checked (in CI, on a laptop)
-    without the deployment's secret; ``missing`` says which ones, so the output can say so."""
+def _lint_environ(path: Path | None = None):
+    """Checking a policy (lint, explain, replay, suggest's base) never needs the pseudonym key."""
+    from nhi_gateway.policy.lint import LintEnvironment
 
-    PLACEHOLDER = "placeholder-key-for-policy-lint-only"
-
-    def __init__(self, real: Mapping[str, str]) -> None:
-        self.real = real
-        self.missing: list[str] = []
-
-    def __getitem__(self, name: str) -> str:
-        value = self.real.get(name)
-        if value:
-            return value
-        if name not in self.missing:
-            self.missing.append(name)
-        return self.PLACEHOLDER
-
-    def get(self, name, default=None):
-        return self[name]
-
-    def __iter__(self):
-        return iter(self.real)
-
-    def __len__(self) -> int:
-        return len(self.real)
-
-
-def _lint_environ(path: Path | None = None) -> _LintEnviron:
-    import os
-
-    return _LintEnviron(os.environ)
+    return LintEnvironment()
 
 
 def cmd_lint(args, out: TextIO | None = None) -> int:
+    from nhi_gateway.policy.lint import all_errors, broad_rules
+
     out = out or sys.stdout
     status = 0
     for path in args.files:
-        try:
-            policy = load_policy(path)
-        except PolicyError as e:
-            print(str(e), file=out)
+        environ = _lint_environ(path)
+        errors = all_errors(path, environ)
+        if errors:
+            for e in errors:
+                print(str(e), file=out)
+            print(f"{path}: {_count(len(errors), 'error')}", file=out)
             status = 1
             continue
-        warnings = policy_warnings(policy)
+        policy = load_policy(path, environ=environ)
+        warnings = sorted(policy_warnings(policy) + broad_rules(policy), key=lambda w: (w.line, w.column))
         for w in warnings:
             print(f"{path}:{w.line}:{w.column}: warning: {w.message}", file=out)
             if w.hint:
                 print(f"  hint: {w.hint}", file=out)
+        for name in environ.missing:
+            print(f"{path}: note: {name} is not set here, so the pseudonym key was not checked (a placeholder "
+                  f"stood in); the gateway needs it, at least 16 bytes, to load this policy", file=out)
+        reporting = report_rules(policy)
+        if reporting:
+            print(f"{path}: note: {_count(len(reporting), 'rule')} only report (mode: report), enforcing "
+                  f"nothing: {', '.join(reporting)}", file=out)
         if warnings and args.strict:
             status = 1
         counted = f", {_count(len(warnings), 'warning')}" if warnings else ""
         print(f"{path}: ok: {summary(policy)}{counted}", file=out)
     return status
+
+
+def report_rules(policy: Policy) -> list[str]:
+    """Ids of the rules that only report (mode: report), once the policy knows modes."""
+    return [r.id for r in policy.rules if getattr(r, "report_only", False)]
 
 
 def _count(n: int, noun: str) -> str:
@@ -375,7 +369,7 @@ def describe_principal(p: Principal | None) -> str:
 def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        policy = load_policy(args.file)
+        policy = load_policy(args.file, environ=_lint_environ(args.file))
     except PolicyError as e:
         print(str(e), file=err)
         return EXIT_USAGE
@@ -405,6 +399,10 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         print(f"decision:  DENY before any rule ({gate.stage} stage, {gate.status} {gate.code})", file=out)
         print(f"reason:    {gate.reason}", file=out)
         return EXIT_DENY
+    from nhi_gateway.policy.batch import names_batch
+
+    if names_batch(op):
+        return _explain_batch(args, policy, who, op, at, out, err)
     decision, outcomes = policy.explain(who.principal, op, at)
     rule = policy.rule(decision.rule_id) if decision.rule_id else None
     where = f" ({policy.source}:{rule.line}:{rule.column})" if rule else ""
@@ -435,6 +433,38 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
     else:
         print("rules naming this caller and operation: none", file=out)
     return {Action.ALLOW: EXIT_ALLOW, Action.DENY: EXIT_DENY, Action.APPROVE: EXIT_APPROVE}[decision.action]
+
+
+def _explain_batch(args, policy: Policy, who: ExplainedPrincipal, op: Operation, at: datetime,
+                   out: TextIO, err: TextIO) -> int:
+    """A ``$batch`` needs no rule of its own: it is judged from its body, as the gateway does."""
+    from nhi_gateway.policy.batch import judge_batch
+
+    if args.body is None:
+        print("nhi-gateway policy explain: a $batch is judged by its inner requests: give its body with "
+              "--body FILE", file=err)
+        return EXIT_USAGE
+    try:
+        raw = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
+    except OSError as e:
+        print(f"nhi-gateway policy explain: {args.body}: {e.strerror or e}", file=err)
+        return EXIT_USAGE
+    decision = judge_batch(_DecidingAt(policy, at), who.principal, op, raw, args.content_type)
+    inner = decision.extra.get("batch") or []
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    status = "" if decision.allowed else f" ({decision.status} {decision.code})"
+    print(f"decision:  {verdict}{status}: the batch goes to Graph only when every inner request is allowed",
+          file=out)
+    print(f"reason:    {decision.reason}", file=out)
+    if inner:
+        print("inner requests, each judged as if sent alone:", file=out)
+        width = max(len(str(e.get("id", ""))) for e in inner)
+        for e in inner:
+            rule = f" rule '{e['rule']}'" if e.get("rule") else ""
+            print(f"  {str(e.get('id', '')):<{width}}  {str(e.get('decision', '?')).upper():<7}  "
+                  f"{e.get('operation') or (str(e.get('method', '')) + ' ' + str(e.get('url', '')))}{rule}: "
+                  f"{e.get('reason', '')}", file=out)
+    return EXIT_ALLOW if decision.allowed else EXIT_DENY
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -611,7 +641,7 @@ def _outcome(d: Decision | None) -> str:
 def cmd_replay(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, environ=_lint_environ(args.policy))
         files = recording_files(args.recordings)
     except PolicyError as e:
         print(str(e), file=err)

@@ -1987,24 +1987,33 @@ def policy_warnings(policy: Policy, at: datetime | None = None) -> list[PolicyWa
             if found:
                 best = (rank[a.action], i, found)
         if best is not None:
-            out.append(PolicyWarning(b.line, b.column, best[2], _SHADOW_HINT))
+            message, hint = best[2]
+            out.append(PolicyWarning(b.line, b.column, message, hint))
     return out
 
 
-_SHADOW_HINT = "narrow or remove one of the two rules, or reorder them if file order is what decides"
+# The hints follow the documented precedence (deny > approve > allow; within one action, the first
+# in file order): moving a rule helps only where file order decides, between rules of one action.
+_ORDER_HINT = ("narrow or remove one of the two rules; between rules of the same action the first in "
+               "file order decides, so moving '{b}' above '{a}' also makes it decide")
+_PRECEDENCE_HINT = ("{a_action} wins over {b_action} wherever the rules are in the file, so reordering "
+                    "changes nothing: narrow '{a}' (its when or operations) or remove '{b}'")
 
 
-def _shadowing(a: Rule, b: Rule, *, a_first: bool) -> str:
+def _shadowing(a: Rule, b: Rule, *, a_first: bool) -> tuple[str, str] | None:
     where = f"rule '{a.id}' (line {a.line})"
+    precedence = _PRECEDENCE_HINT.format(a=a.id, b=b.id, a_action=a.action, b_action=b.action)
     if a.action is Action.DENY and b.action is not Action.DENY:
-        return f"rule '{b.id}' never applies: deny {where} matches every request it matches, and deny wins"
+        return (f"rule '{b.id}' never applies: deny {where} matches every request it matches, and deny wins",
+                precedence)
     if a.action is Action.APPROVE and b.action is Action.ALLOW:
         return (f"rule '{b.id}' never allows: approve {where} matches every request it matches, and "
-                "approve wins over allow")
+                "approve wins over allow", precedence)
     if a.action is b.action and a_first:
         verb = "is never reported" if b.action is Action.DENY else "never decides"
-        return f"rule '{b.id}' {verb}: the earlier {a.action} {where} matches every request it matches"
-    return ""
+        return (f"rule '{b.id}' {verb}: the earlier {a.action} {where} matches every request it matches",
+                _ORDER_HINT.format(a=a.id, b=b.id))
+    return None
 
 
 def _possible_coverers(b: Rule, buckets: dict[tuple[str, ...], list[int]]) -> set[int]:
