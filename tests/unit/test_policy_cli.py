@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -499,3 +500,23 @@ def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_pat
     assert "CHANGED  flow" in out and "POST graph.microsoft.com /v1.0/$batch" in out
     assert "allow (batch of 2) -> deny (batch of 2; refused: 2)" in out
     assert "new reason: " in out and "2" in out.split("new reason: ", 1)[1].splitlines()[0]
+
+
+def test_explain_judges_a_batch_from_its_body_as_the_gateway_does(capsys, tmp_path):
+    body = write(tmp_path, "batch.json", json.dumps({"requests": [
+        {"id": "1", "method": "GET", "url": "/users"},
+        {"id": "2", "method": "POST", "url": "/applications/x/addPassword",
+         "headers": {"Content-Type": "application/json"}, "body": {}}]}))
+    argv = ["explain", str(EXAMPLE), "--as", f"app={MCP},auth=client_secret", "POST",
+            "https://graph.microsoft.com/v1.0/$batch"]
+    code, out, _ = run(capsys, *argv, "--body", str(body))
+    assert code == 1
+    assert "decision:  DENY (403 Authorization_RequestDenied)" in out
+    assert re.search(r"\n  1  ALLOW +GET graph.microsoft.com /v1.0/users rule 'directory-read'", out), out
+    assert re.search(r"\n  2  DENY +POST graph.microsoft.com /v1.0/applications/x/addpassword rule "
+                     r"'no-credential-minting'", out), out
+    body.write_text(json.dumps({"requests": [{"id": "1", "method": "GET", "url": "/users"}]}))
+    code, out, _ = run(capsys, *argv, "--body", str(body))
+    assert code == 0 and "decision:  ALLOW" in out
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "give its body with --body FILE" in err

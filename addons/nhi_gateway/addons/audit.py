@@ -47,6 +47,8 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "grant": (decision.extra.get("grant") if decision else None) or None,
         "operation": (decision.operation if decision else "") or None,
         "approver": approver_of(decision) if decision else None,
+        # Report mode: {"would": "deny" | "hold", "rule", "reason"} of a forwarded request.
+        "report": (decision.extra.get("report") if decision and decision.allowed else None) or None,
     }
 
 

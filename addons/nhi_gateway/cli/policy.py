@@ -175,8 +175,10 @@ def cmd_lint(args, out: TextIO | None = None) -> int:
                   f"stood in); the gateway needs it, at least 16 bytes, to load this policy", file=out)
         reporting = report_rules(policy)
         if reporting:
-            print(f"{path}: note: {_count(len(reporting), 'rule')} only report (mode: report), enforcing "
-                  f"nothing: {', '.join(reporting)}", file=out)
+            print(f"{path}: note: {_count(len(reporting), 'rule')} only report (mode: report), refusing and "
+                  f"holding nothing: {', '.join(reporting)}", file=out)
+        if policy.report_default:
+            print(f"{path}: note: mode: report: a request no rule allows is forwarded and reported", file=out)
         if warnings and args.strict:
             status = 1
         counted = f", {_count(len(warnings), 'warning')}" if warnings else ""
@@ -185,8 +187,8 @@ def cmd_lint(args, out: TextIO | None = None) -> int:
 
 
 def report_rules(policy: Policy) -> list[str]:
-    """Ids of the rules that only report (mode: report), once the policy knows modes."""
-    return [r.id for r in policy.rules if getattr(r, "report_only", False)]
+    """Ids of the rules that only report (mode: report)."""
+    return [r.id for r in policy.rules if r.report_only]
 
 
 def _count(n: int, noun: str) -> str:
@@ -534,6 +536,8 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         old = Decision.from_dict(raw)
     except (KeyError, ValueError, TypeError) as e:
         return Replayed(**base, skipped=f"the recorded decision cannot be read ({e!r})")
+    # Report mode: compare what the rules said, not whether it was forwarded.
+    old = old.verdict()
     try:
         principal = Principal.from_dict(old.principal) if old.principal else None
     except ValueError as e:
@@ -584,7 +588,7 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         # every inner request as if sent alone, as the gateway does.
         new = _rejudge_batch(policy, principal, op, flow, at)
         return Replayed(**base, old=old, new=new, compare_mask=False)
-    new = policy.decide(principal, op, at)
+    new = policy.decide(principal, op, at).verdict()
     grant = old.extra.get("grant") if isinstance(old.extra, dict) else None
     if new.allowed and isinstance(grant, dict):
         new = _rejudge_grant(policy, new, grant)
@@ -602,12 +606,20 @@ class _DecidingAt:
         return self.policy.decide(principal, op, self.at)
 
 
+@dataclass(frozen=True)
+class _VerdictAt(_DecidingAt):
+    """For replay: what the rules say of each inner request, report mode or not."""
+
+    def decide(self, principal: Principal | None, op: Operation) -> Decision:
+        return self.policy.decide(principal, op, self.at).verdict()
+
+
 def _rejudge_batch(policy: Policy, principal: Principal | None, op: Operation, flow, at: datetime) -> Decision:
     from nhi_gateway.policy.batch import judge_batch
 
     r = flow.request
     encoding = ",".join(r.headers.get_all("content-encoding"))
-    return judge_batch(_DecidingAt(policy, at), principal, op, r.raw_content or b"",
+    return judge_batch(_VerdictAt(policy, at), principal, op, r.raw_content or b"",
                        r.headers.get("content-type", ""), encoding)
 
 

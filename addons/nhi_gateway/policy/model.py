@@ -232,6 +232,7 @@ _PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _HOURS = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 MAX_TOP = 1_000_000
+MODES = ("enforce", "report")  # a rule's (or the policy's) mode: report forwards what it would refuse
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARM_ID = re.compile(r"/subscriptions/[^/\s]+/resourcegroups/[^/\s]+/providers/[^/\s]+(/[^/\s]+){2,}", re.I)
 
@@ -577,6 +578,9 @@ class Rule:
     schedule: Schedule | None = None
     approval: Approval | None = None  # approve rules only
     column: int = 0  # 1-based column of the rule's first key
+    # mode: report (deny and approve rules): what the rule would refuse or hold is forwarded and
+    # reported (Decision.extra["report"]), see Policy.decide.
+    report_only: bool = False
 
     @property
     def has_limits(self) -> bool:
@@ -698,8 +702,11 @@ class Policy:
         rules: Iterable[Rule],
         default_profile: str | None = None,
         approvals: ApprovalsConfig | None = None,
+        report_default: bool = False,
     ) -> None:
         self.source = str(source)
+        # mode: report at the top: the default "no rule allows" reports too (rules carry their own).
+        self.report_default = report_default
         self.approvals = approvals  # None: no approvals section
         self.identity = identity
         self.upstreams = tuple(upstreams)
@@ -707,6 +714,7 @@ class Policy:
         self.mask_profiles = dict(mask_profiles)
         self.default_profile = default_profile
         self.rules = tuple(rules)
+        self.reporting = report_default or any(r.report_only for r in self.rules)
         self._rules_by_id = {r.id: r for r in self.rules}
         # (principal key, host, method, version) -> trie of path segments -> rule indices.
         # A decision looks up a handful of buckets and walks one short trie in each, so its cost
@@ -725,6 +733,19 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"<Policy {self.source} rules={len(self.rules)}>"
+
+    def report_notice(self) -> str | None:
+        """What the gateway warns of at start and on reload while anything only reports."""
+        ids = [r.id for r in self.rules if r.report_only]
+        if not ids and not self.report_default:
+            return None
+        what = []
+        if self.report_default:
+            what.append("the policy is in mode: report (requests no rule allows are forwarded)")
+        if ids:
+            what.append(f"{len(ids)} rule{'s' * (len(ids) != 1)} only report: {', '.join(ids)}")
+        return ("REPORT MODE: " + "; ".join(what) + ". What they would refuse or hold is forwarded and "
+                "reported; token checks and request checks still refuse.")
 
     def upstream(self, host: str) -> Upstream | None:
         try:
@@ -756,23 +777,57 @@ class Policy:
     def decide(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> Decision:
         """The decision for ``op`` by ``principal`` at ``at`` (default: now, read only when a
         candidate rule has a schedule). See the module docstring for the precedence."""
-        return self._decide(principal, op, at, None)
+        decision = self._decide(principal, op, at, None)
+        return self._reported(principal, op, at, decision) if self.reporting else decision
 
     def explain(
         self, principal: Principal | None, op: Operation, at: datetime | None = None
     ) -> tuple[Decision, list[RuleOutcome]]:
         """The decision and what every candidate rule made of the request (for ``explain``)."""
         outcomes: list[RuleOutcome] = []
-        return self._decide(principal, op, at, outcomes), outcomes
+        decision = self._decide(principal, op, at, outcomes)
+        return (self._reported(principal, op, at, decision) if self.reporting else decision), outcomes
+
+    def _reports(self, decision: Decision) -> bool:
+        """Whether ``decision`` (a refusal or hold) was made by something that only reports."""
+        if decision.allowed or decision.stage is not Stage.POLICY:
+            return False
+        rule = self.rule(decision.rule_id) if decision.rule_id else None
+        if rule is None or decision.check == "odata":  # no rule allows it
+            return self.report_default
+        return rule.report_only
+
+    def _reported(self, principal: Principal | None, op: Operation, at: datetime | None,
+                  would: Decision) -> Decision:
+        """Report mode: a refusal or hold by a rule in ``mode: report`` (or the default refusal of a
+        policy in report mode) is forwarded as the rules that enforce decide, and says what it would
+        have been in ``extra["report"]``. A rule that enforces still refuses or holds."""
+        if not self._reports(would):
+            return would
+        enforced = self._decide(principal, op, at, None, skip_report=True)
+        if not enforced.allowed and not self._reports(enforced):
+            return enforced
+        verb = "hold" if would.action is Action.APPROVE else "deny"
+        by = f"by rule '{would.rule_id}'" if would.rule_id and would.check != "odata" else "(no rule allows it)"
+        report = {"would": verb, "rule": would.rule_id or "", "reason": would.reason}
+        if enforced.allowed:
+            return enforced.but(reason=f"{enforced.reason}; would {verb} {by} (report mode)",
+                                extra={**enforced.extra, "report": report})
+        return Decision(Action.ALLOW, Stage.POLICY, f"would {verb} {by}: {would.reason} (report mode: forwarded)",
+                        operation=would.operation, principal=would.principal,
+                        mask_profile=self.default_profile, extra={"report": report})
 
     def _decide(
-        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None
+        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None,
+        skip_report: bool = False,
     ) -> Decision:
         deny: tuple[Rule, str] | None = None
         approve: Rule | None = None
         allow: Rule | None = None
         limited: tuple[Rule, str] | None = None
         for rule in self.candidates(principal, op):
+            if skip_report and rule.report_only:
+                continue
             if rule.schedule is not None:
                 if at is None:
                     at = datetime.now(UTC)
@@ -1198,6 +1253,7 @@ class _Loader:
                 "masking": False,
                 "approvals": False,
                 "rules": False,
+                "mode": False,
             },
         )
         version = top["version"]
@@ -1211,8 +1267,10 @@ class _Loader:
         upstreams = self.upstreams(top["upstreams"])
         default_profile = self.masking(top["masking"]) if "masking" in top else None
         approvals = self.approvals(top["approvals"]) if "approvals" in top else None
-        rules = self.rules(top["rules"]) if "rules" in top else []
-        return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile, approvals)
+        report_all = "mode" in top and self.choice(top["mode"], "mode", MODES) == "report"
+        rules = self.rules(top["rules"], report_all) if "rules" in top else []
+        return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile, approvals,
+                      report_default=report_all)
 
     def approvals(self, node: _Value) -> ApprovalsConfig:
         m = self.mapping(node, "approvals", {"webhook": False})
@@ -1461,11 +1519,11 @@ class _Loader:
             self.fail(node.pos, f"{what}: unknown mask profile '{name}'", hint)
         return name
 
-    def rules(self, node: _Value) -> list[Rule]:
+    def rules(self, node: _Value, report_all: bool = False) -> list[Rule]:
         rules: list[Rule] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(self.seq(node, "rules")):
-            rule, id_pos = self.rule(item, i)
+            rule, id_pos = self.rule(item, i, report_all)
             if rule.id in seen:
                 self.fail(
                     id_pos,
@@ -1476,7 +1534,7 @@ class _Loader:
             rules.append(rule)
         return rules
 
-    def rule(self, node: _Value, index: int) -> tuple[Rule, Pos]:
+    def rule(self, node: _Value, index: int, report_all: bool = False) -> tuple[Rule, Pos]:
         keys = {
             "id": True,
             "description": False,
@@ -1487,6 +1545,7 @@ class _Loader:
             "schedule": False,
             "approval": False,
             "mask": False,
+            "mode": False,
         }
         if isinstance(node.value, dict) and isinstance(node.value.get("id"), str):
             what = f"rule '{node.value['id']}'"
@@ -1551,8 +1610,20 @@ class _Loader:
             schedule=schedule,
             approval=approval,
             column=node.pos[1] + 1,
+            report_only=self.mode(m.get("mode"), what, action, report_all),
         )
         return rule, m["id"].pos
+
+    def mode(self, node: _Value | None, what: str, action: Action, report_all: bool) -> bool:
+        """``mode: enforce | report`` of a rule; the policy's ``mode: report`` is the default of its
+        deny and approve rules. An allow rule has nothing to report."""
+        if node is None:
+            return report_all and action is not Action.ALLOW
+        mode = self.choice(node, f"{what}: mode", MODES)
+        if mode == "report" and action is Action.ALLOW:
+            self.fail(node.pos, f"{what}: mode: report applies to deny and approve rules; an allow rule "
+                                "refuses nothing", "remove it")
+        return mode == "report"
 
     def odata(self, node: _Value, what: str) -> ODataLimits:
         keys = {"forbid_select": False, "forbid_expand": False, "max_top": False}

@@ -100,7 +100,8 @@ def from_flow(flow, source: str = "") -> Observation | None:
     if not isinstance(raw, dict):
         return None
     try:
-        decision = Decision.from_dict(raw)
+        # Report mode: what the rules said (a forwarded "would deny" is a refusal), not the forwarding.
+        decision = Decision.from_dict(raw).verdict()
         principal = Principal.from_dict(decision.principal) if decision.principal else None
     except (KeyError, ValueError, TypeError):
         return None
@@ -134,6 +135,8 @@ def from_audit_record(rec: dict, source: str = "") -> Observation | None:
     if not isinstance(rec, dict) or rec.get("event") or rec.get("method") == "CONNECT":
         return None
     decision, stage = rec.get("decision"), str(rec.get("stage") or "")
+    if decision == "allow" and isinstance(rec.get("report"), dict):
+        decision = "deny"  # report mode: forwarded, but the rules would have refused or held it
     if decision not in ("allow", "deny") or _skipped_stage(stage, str(rec.get("check") or "")):
         return None
     if str(rec.get("operation", "")).split(" ")[1:2] == ["approvals-api"]:
