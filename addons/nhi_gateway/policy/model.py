@@ -8,6 +8,7 @@ requests later.
 Schema (``policies/example.yaml`` is a commented, working example)::
 
     version: 1                                   # required; the only version is 1
+    mode: enforce                                # optional; enforce | report (see "Report mode")
     identity:                                    # required: which tokens the gateway accepts at all
       tenants: [<tenant GUID>, ...]              # required, non-empty allow-list of tenant ids (tid)
       audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
@@ -62,6 +63,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
           max_grant: 1h                          # optional, 1m..7d: how long an approval may cover
                                                  # repeats; without it, the one request only
         mask: directory-pii                      # optional, allow and approve rules; a profile name
+        mode: report                             # optional, deny and approve rules; enforce | report
 
 An issuer without ``{tenantid}`` is a single-tenant issuer. ``https://sts.windows.net/{tenantid}/``
 (the v1 issuer) defaults to the v1 discovery document on login.microsoftonline.com, because
@@ -152,6 +154,18 @@ Decisions (precedence deny > approve > allow, default deny):
    request and turns it into an allow or a denial;
 3. otherwise the first matching ``allow`` rule allows it (with its mask profile);
 4. otherwise the request is refused: "no rule allows <op>".
+
+Report mode (``mode: report``): a deny or approve rule that reports does not refuse or hold. The
+request is decided as if the reporting rules were not there (rules that enforce still refuse or
+hold; an allow rule still picks the mask profile) and forwarded when that allows it; the decision
+carries ``extra["report"] = {"would": "deny" | "hold", "rule", "reason"}`` of what the full policy
+said, and its reason says "would deny by rule 'x'". ``mode: report`` at the top is the default of
+every deny and approve rule (``mode: enforce`` on a rule keeps it enforcing) and makes the default
+refusal report too: a request no rule allows is forwarded, masked by ``masking.default_profile``.
+An allow rule cannot report (it refuses nothing). Only rules report: everything the gateway
+refuses before the rules (tokens, unreadable requests, hosts not under upstreams, malformed
+batches, refused client-secret grants) is refused in every mode. ``Decision.verdict()`` gives
+back what the rules said, for tools that compare decisions (``replay``, ``suggest``).
 
 Masking (:mod:`nhi_gateway.masking.masks` has the details) hides what an allowed response holds, by
 the profile of the rule (``mask``) or ``masking.default_profile``. A profile matches ``fields``
