@@ -73,6 +73,11 @@ def test_report_mode_then_suggest_replay_and_enforce(tmp_path, lookalike):
         with open(tmp_path / "mcp.log", "w") as errlog:
             outcomes = run_workload(workload_env(gw, lookalike), steps(app["application_object_id"]), audit,
                                     lookalike.state_dir / "received.jsonl", errlog)
+        # The request checks never only report: a target the gateway cannot read is still refused.
+        mark = uuid.uuid4().hex[:12]
+        r = graph(gw, token_for(gw, lookalike), "GET", f"/v1.0/users%2F..%2Fgroups?m={mark}")
+        assert r.status_code == 400, r.text
+        assert not any(mark in line.get("path", "") for line in lookalike.received())
     finally:
         stop(gw.proc)
     assert "REPORT MODE: the policy is in mode: report" in gw.log.read_text()

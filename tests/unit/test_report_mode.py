@@ -140,3 +140,24 @@ def test_lint_lists_what_only_reports(capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"{path}: note: 3 rules only report (mode: report), refusing and holding nothing: no-deletes, " \
            "minting-report, hold-writes" in out
+
+
+def test_a_batch_is_forwarded_and_marked_as_its_reported_inner_requests(policy):
+    import json
+
+    from nhi_gateway.policy.batch import inner_decision, judge_batch
+
+    body = json.dumps({"requests": [
+        {"id": "1", "method": "GET", "url": "/users"},
+        {"id": "2", "method": "POST", "url": "/applications/x/removePassword",
+         "headers": {"Content-Type": "application/json"}, "body": {}}]}).encode()
+    d = judge_batch(policy, WHO, op("POST", "/v1.0/$batch"), body, "application/json")
+    assert d.allowed and d.reported["would"] == "deny" and d.reported["rule"] == "minting-report"
+    inner = d.extra["batch"]
+    assert "report" not in inner[0] and inner[1]["report"]["rule"] == "minting-report"
+    assert inner_decision(d, inner[1]).reported["would"] == "deny"
+    assert flow_mark(d) == REPORT_MARK
+    # An enforcing refusal inside still refuses the whole batch.
+    body = json.dumps({"requests": [{"id": "1", "method": "POST", "url": "/applications/x/addPassword",
+                                     "headers": {"Content-Type": "application/json"}, "body": {}}]}).encode()
+    assert not judge_batch(policy, WHO, op("POST", "/v1.0/$batch"), body, "application/json").allowed

@@ -80,6 +80,7 @@ def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
             "flags": [],
             "grant": None,
             "operation": e.get("operation") or None,
+            "report": e.get("report") if isinstance(e.get("report"), dict) else None,
             "batch": {"flow_id": flow.id, "id": e.get("id"), "index": e.get("index"), "sent": sent},
         })
     return out
