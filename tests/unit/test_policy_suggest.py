@@ -330,3 +330,19 @@ def test_select_becomes_allow_select_once_the_loader_accepts_it(traffic):
     selecting = [o for o in mcp["operations"] if "odata" in o]
     assert [list(o["paths"]) for o in selecting] == [["/v1.0/users"]]
     assert list(selecting[0]["odata"]["allow_select"]) == ["displayname", "id"]
+
+
+def test_answers_masked_under_different_profiles_keep_their_profiles(capsys, tmp_path, base):
+    text = base.read_text().replace("  profiles:\n", "  profiles:\n    groups-pii: {fields: [mail]}\n", 1)
+    two_masks = tmp_path / "two-masks.yaml"
+    two_masks.write_text(text)
+    path = write_flows(tmp_path / "r" / "a.mitm", [
+        allowed("GET", "/v1.0/users"),
+        allowed("GET", "/v1.0/groups", rule="groups-read", mask="groups-pii"),
+    ])
+    out, _ = suggest(capsys, tmp_path, "--base", str(two_masks), str(path))
+    policy = load_policy(out)
+    assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/users"), RECORDED_AT).mask_profile == "directory-pii"
+    assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/groups"), RECORDED_AT).mask_profile == "groups-pii"
+    code, out_text, _ = run(capsys, "replay", "--policy", str(out), str(path))
+    assert code == 0, out_text

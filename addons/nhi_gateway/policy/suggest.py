@@ -112,9 +112,8 @@ class IdentitySeen:
     tenants: set[str] = field(default_factory=set)
     app_only: set[bool] = field(default_factory=set)
     seen: Seen = field(default_factory=Seen)
-    masks: set[str] = field(default_factory=set)
-    # (host, approved?) -> template -> PathSeen
-    paths: dict[tuple[str, bool], dict[str, PathSeen]] = field(default_factory=dict)
+    # (host, approved?, mask profile) -> template -> PathSeen
+    paths: dict[tuple[str, bool, str], dict[str, PathSeen]] = field(default_factory=dict)
     approvers: set[str] = field(default_factory=set)
 
 
@@ -129,15 +128,14 @@ def collect(observations: Iterable[Observation], *, widen: bool = False) -> dict
             ident.tenants.add(o.principal.tenant_id.lower())
             ident.app_only.add(o.principal.app_only)
         ident.seen.add(o.at)
-        if o.mask_profile:
-            ident.masks.add(o.mask_profile)
         approved = bool(o.approved_by)
         if approved and o.approved_by != "unknown":
             ident.approvers.add(o.approved_by)
         path = template(o)
         if widen:
             path = widened(path, o.op.is_graph)
-        entry = ident.paths.setdefault((o.op.host, approved), {}).setdefault(path, PathSeen())
+        key = (o.op.host, approved, o.mask_profile or "")
+        entry = ident.paths.setdefault(key, {}).setdefault(path, PathSeen())
         entry.seen.add(o.at)
         entry.methods.add(o.op.method)
         for selected in o.op.odata.selects:
@@ -251,12 +249,23 @@ def suggest_rules(identities: dict[str, IdentitySeen], *, known_profiles: Iterab
     for key in sorted(identities, key=lambda k: (k != "anonymous", sorted(identities[k].names), k)):
         ident = identities[key]
         name = ", ".join(sorted(ident.names)) or ("token requests" if key == "anonymous" else key)
-        for approved in (False, True):
-            hosts = {h: t for (h, a), t in ident.paths.items() if a is approved}
-            if not hosts:
-                continue
+        # One allow rule per identity; one more for what a person approved; and, should its
+        # requests have been answered under different mask profiles, one per profile, so that
+        # every answer is masked as it was.
+        groups = sorted({(a, m if m in known else "") for (_, a, m) in ident.paths})
+        for n, (approved, mask) in enumerate(groups):
+            hosts: dict[str, dict[str, PathSeen]] = {}
+            for (h, a, m), templates in ident.paths.items():
+                if a is approved and (m if m in known else "") == mask:
+                    for path, entry in templates.items():
+                        hosts.setdefault(h, {})[path] = entry
+            if approved and not ident.approvers:
+                continue  # nobody known to name as approver: left out rather than allowed
             rule = CommentedMap()
-            rule["id"] = _rule_id(ident, used, "-approved" if approved else "")
+            suffix = "-approved" if approved else ""
+            if sum(1 for a, _ in groups if a is approved) > 1 and n > 0 and mask:
+                suffix += f"-{mask}"
+            rule["id"] = _rule_id(ident, used, suffix)
             total = Seen()
             for templates in hosts.values():
                 for entry in templates.values():
@@ -283,12 +292,9 @@ def suggest_rules(identities: dict[str, IdentitySeen], *, known_profiles: Iterab
                 operations += _operations(hosts[host], host, with_select)
             rule["operations"] = operations
             if approved:
-                if not ident.approvers:
-                    continue  # nobody known to name as approver: left out rather than allowed
                 rule["approval"] = CommentedMap(approvers=CommentedMap(users=_flow(sorted(ident.approvers))))
-            masks = [m for m in sorted(ident.masks) if m in known]
-            if len(masks) == 1:
-                rule["mask"] = masks[0]
+            if mask:
+                rule["mask"] = mask
             rules.append(rule)
     return rules
 
