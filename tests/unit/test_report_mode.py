@@ -161,3 +161,20 @@ def test_a_batch_is_forwarded_and_marked_as_its_reported_inner_requests(policy):
     body = json.dumps({"requests": [{"id": "1", "method": "POST", "url": "/applications/x/addPassword",
                                      "headers": {"Content-Type": "application/json"}, "body": {}}]}).encode()
     assert not judge_batch(policy, WHO, op("POST", "/v1.0/$batch"), body, "application/json").allowed
+
+
+def test_lint_does_not_call_a_rule_shadowed_by_one_that_only_reports(capsys, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(HEAD + f"""\
+rules:
+  - id: read
+    action: allow
+    when: {{app_ids: [{MCP}]}}
+    operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users"]}}]
+  - id: nothing
+    action: deny
+    mode: report
+    operations: [{{host: graph.microsoft.com, methods: ["*"], paths: ["/**"]}}]
+""")
+    assert main(["policy", "lint", "--strict", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out

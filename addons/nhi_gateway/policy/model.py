@@ -2068,6 +2068,8 @@ def policy_warnings(policy: Policy, at: datetime | None = None) -> list[PolicyWa
             a = rules[i]
             if i == j or (best is not None and (rank[a.action], i) >= best[:2]) or not _always_covers(a, b):
                 continue
+            if a.report_only and b.action is not a.action:
+                continue  # a rule that only reports takes nothing from a rule of another action
             found = _shadowing(a, b, a_first=i < j)
             if found:
                 best = (rank[a.action], i, found)
