@@ -175,7 +175,8 @@ def cmd_lint(args, out: TextIO | None = None) -> int:
                   f"stood in); the gateway needs it, at least 16 bytes, to load this policy", file=out)
         reporting = report_rules(policy)
         if reporting:
-            print(f"{path}: note: {_count(len(reporting), 'rule')} only report (mode: report), refusing and "
+            print(f"{path}: note: {_count(len(reporting), 'rule')} only report{'s' * (len(reporting) == 1)} "
+                  f"(mode: report), refusing and "
                   f"holding nothing: {', '.join(reporting)}", file=out)
         if policy.report_default:
             print(f"{path}: note: mode: report: a request no rule allows is forwarded and reported", file=out)
@@ -431,7 +432,8 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
             }[o.outcome].format(o.detail)
             if o.outcome is Outcome.APPLIES and o.detail:
                 note += f": {o.detail}"
-            print(f"  {mark} {o.rule.id:<{width}}  {o.rule.action:<7}  line {o.rule.line:<5} {note}", file=out)
+            action = f"{o.rule.action}{' (reports only)' if o.rule.report_only else ''}"
+            print(f"  {mark} {o.rule.id:<{width}}  {action:<7}  line {o.rule.line:<5} {note}", file=out)
     else:
         print("rules naming this caller and operation: none", file=out)
     return {Action.ALLOW: EXIT_ALLOW, Action.DENY: EXIT_DENY, Action.APPROVE: EXIT_APPROVE}[decision.action]

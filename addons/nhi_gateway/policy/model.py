@@ -757,7 +757,8 @@ class Policy:
         if self.report_default:
             what.append("the policy is in mode: report (requests no rule allows are forwarded)")
         if ids:
-            what.append(f"{len(ids)} rule{'s' * (len(ids) != 1)} only report: {', '.join(ids)}")
+            what.append(f"{len(ids)} rule{'s' * (len(ids) != 1)} only report{'s' * (len(ids) == 1)}: "
+                        f"{', '.join(ids)}")
         return ("REPORT MODE: " + "; ".join(what) + ". What they would refuse or hold is forwarded and "
                 "reported; token checks and request checks still refuse.")
 
