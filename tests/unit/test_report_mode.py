@@ -178,3 +178,12 @@ rules:
 """)
     assert main(["policy", "lint", "--strict", str(path)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_lint_warns_when_report_mode_would_forward_unmasked_answers(capsys, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(HEAD.replace("default_profile: pii, ", "") + "mode: report\nrules: []\n")
+    assert main(["policy", "lint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: mode: report forwards requests no rule allows, and with no masking.default_profile" in out
+    assert "note: mode: report: a request no rule allows is forwarded and reported" in out

@@ -151,7 +151,7 @@ def _lint_environ(path: Path | None = None):
 
 
 def cmd_lint(args, out: TextIO | None = None) -> int:
-    from nhi_gateway.policy.lint import all_errors, broad_rules
+    from nhi_gateway.policy.lint import all_errors, broad_rules, report_warnings
 
     out = out or sys.stdout
     status = 0
@@ -165,7 +165,8 @@ def cmd_lint(args, out: TextIO | None = None) -> int:
             status = 1
             continue
         policy = load_policy(path, environ=environ)
-        warnings = sorted(policy_warnings(policy) + broad_rules(policy), key=lambda w: (w.line, w.column))
+        found = policy_warnings(policy) + broad_rules(policy) + report_warnings(policy)
+        warnings = sorted(found, key=lambda w: (w.line, w.column))
         for w in warnings:
             print(f"{path}:{w.line}:{w.column}: warning: {w.message}", file=out)
             if w.hint:

@@ -77,6 +77,15 @@ def broad_rules(policy: Policy) -> list[PolicyWarning]:
     return out
 
 
+def report_warnings(policy: Policy) -> list[PolicyWarning]:
+    """A policy in report mode forwards what no rule allows, masked by the default profile only."""
+    if policy.report_default and policy.default_profile is None:
+        return [PolicyWarning(1, 1, "mode: report forwards requests no rule allows, and with no "
+                              "masking.default_profile their answers are not masked",
+                              "set masking.default_profile, or report rule by rule instead")]
+    return []
+
+
 def all_errors(path: str | Path, environ: Mapping[str, str] | None = None) -> list[PolicyError]:
     """Every error of the policy file: [] when it loads."""
     source = str(path)
