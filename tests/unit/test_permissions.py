@@ -9,7 +9,6 @@ import pytest
 
 from nhi_gateway.cli.main import main
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
-from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.permissions import DATA, PermissionReference, advise
 from tests.unit.test_policy_cli import OID, MCP, TENANT

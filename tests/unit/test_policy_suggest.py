@@ -4,13 +4,12 @@ under which a replay of the same traffic changes no allowed decision."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from mitmproxy import io
 
-from nhi_gateway.cli.main import main
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.model import load_policy, policy_warnings
