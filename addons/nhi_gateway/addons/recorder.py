@@ -3,7 +3,9 @@
 What is written and how it is annotated: :mod:`nhi_gateway.recording.flows`; where the files go:
 :mod:`nhi_gateway.recording.files`. This addon hands each flow over when its answer is known
 (``response``, ``error``, a refused CONNECT) and refuses the flow (503) when it cannot be written,
-so no client is answered for a request that left no record.
+so no client is answered for a request that left no record. Before that, ``WriteAhead`` puts the
+request half and decision of every allowed request in the write-ahead log and forwards it only
+once that is written: nothing reaches Graph unrecorded, even when the disk fails at that moment.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from pathlib import Path
 
 from mitmproxy import http
 
-from nhi_gateway.addons.failclosed import REFUSED_KEY, fail_closed, internal_error, refuse
+from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, internal_error, refuse
 from nhi_gateway.addons.guard import Health
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, recover_recent
 from nhi_gateway.recording.flows import FlowRecorder
-from nhi_gateway.recording.process import RecordingProcess
+from nhi_gateway.recording.process import WRITE_AHEAD, RecordingProcess
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +122,37 @@ class Recorder(FlowRecorder):
             self._sync_timer.cancel()
             self._sync_timer = None
         self.close()
+
+
+class WriteAhead:
+    """Right after the guard, before anything goes upstream: the request is forwarded only once
+    its request half and decision are in the write-ahead log (the recording process confirms it);
+    otherwise it is refused 503 and Graph never sees it."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        decision = decision_of(flow)
+        if decision is None or not decision.allowed:
+            return  # refused by the guard already; recorded with its answer
+        recorder = self.recorder
+        try:
+            if recorder.process is not None:
+                await recorder.process.record(flow, WRITE_AHEAD)
+            else:
+                recorder.write_ahead(flow)
+        except OSError as e:
+            recorder.health.fail("recording", str(e) if recorder.process is not None
+                                 else f"cannot write {recorder.directory}: {e.strerror or e}")
+            refuse(flow, Decision.deny(
+                Stage.GUARD, 503, "ServiceUnavailable",
+                "the gateway could not record this request before forwarding it, so it refused it",
+                check="recording", rule_id=decision.rule_id, operation=decision.operation,
+                principal=decision.principal))
+        except Exception as e:
+            logger.error("flow %s: writing it ahead failed: %r", flow.id, e, exc_info=e)
+            refuse(flow, internal_error("WriteAhead.request"))

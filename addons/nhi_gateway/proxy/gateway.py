@@ -35,7 +35,7 @@ from nhi_gateway.addons.guard import Guard, Health
 from nhi_gateway.addons.identity import Identity
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
-from nhi_gateway.addons.recorder import Recorder
+from nhi_gateway.addons.recorder import Recorder, WriteAhead
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
@@ -143,6 +143,7 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         Approval(policies, approvals, health, audit.log, notify),  # holds `approve` decisions
         Masking(policies),
         Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
+        WriteAhead(recorder),  # an allowed request goes upstream only once it is on record
         UpstreamTimeout(config.upstream_timeout),  # times what goes upstream: 502 instead of a hang
         audit,
         recorder,  # after audit and guard: the recording shows what the client saw

@@ -40,6 +40,7 @@ from nhi_gateway.recording.files import (
     RecordingWriter,
     encode_with_parts,
     recording_base,
+    write_ahead_base,
 )
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
@@ -174,6 +175,20 @@ class FlowRecorder:
             for inner, prefix in batch_inner_flows(flow):
                 self.write(inner, comment_prefix=prefix, connections=connections)
         return path
+
+    def write_ahead(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
+        """The request half and decision of a flow about to be forwarded, to the day's write-ahead
+        log: once this returns, what the gateway lets through is on record even if it dies before
+        Graph answers. The whole flow is recorded as usual once answered."""
+        decision = decision_of(flow)
+        disk = redacted_state(flow)
+        annotate(disk, decision, flow)
+        disk["comment"] = "FORWARDING · " + disk["comment"]
+        if connections is None:
+            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        else:
+            record = encode_with_parts(disk, connections)
+        return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC)), record)
 
     def close(self) -> None:
         try:
