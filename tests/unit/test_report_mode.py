@@ -187,3 +187,17 @@ def test_lint_warns_when_report_mode_would_forward_unmasked_answers(capsys, tmp_
     out = capsys.readouterr().out
     assert "warning: mode: report forwards requests no rule allows, and with no masking.default_profile" in out
     assert "note: mode: report: a request no rule allows is forwarded and reported" in out
+
+
+def test_metrics_count_what_would_have_been_refused(policy):
+    from nhi_gateway.addons.metrics import GatewayMetrics, Metrics
+
+    metrics = GatewayMetrics()
+    counter = Metrics(metrics, lambda: {r.id for r in policy.rules})
+    for target in ("/v1.0/applications/x/removePassword", "/v1.0/users"):
+        flow = tflow.tflow(resp=True)
+        set_decision(flow, policy.decide(WHO, op("POST" if "Password" in target else "GET", target)))
+        counter.response(flow)
+    text = metrics.exposition().decode()
+    assert 'nhi_reported_total{rule="minting-report",would="deny"} 1.0' in text
+    assert 'nhi_requests_total{decision="allow",rule="read",stage="policy"} 2.0' in text

@@ -119,6 +119,10 @@ class Approval:
         self._tasks: set[asyncio.Task] = set()
         self.stopping: str | None = None  # why the gateway stops, once it does
 
+    @property
+    def held_count(self) -> int:
+        return sum(len(ids) for ids in self._held.values())
+
     def stop(self, reason: str) -> int:
         """The gateway stops: nobody can answer a held request any more, so each is cancelled and
         its client answered 503 naming the stop. Returns how many were held."""

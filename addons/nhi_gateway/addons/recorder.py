@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from mitmproxy import http
 
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, internal_error, refuse
 from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.metrics import PROBE_KEY
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, recover_recent
 from nhi_gateway.recording.flows import FlowRecorder
@@ -35,6 +37,7 @@ class Recorder(FlowRecorder):
         super().__init__(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
         self.health = health
         self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
+        self.on_write = lambda kind, seconds, ok: None  # metrics
         self._sync_timer: asyncio.TimerHandle | None = None
         # With separate_process, a child process writes (see nhi_gateway.recording.process) and
         # this object only hands flows over; the child checks the files for torn tails itself.
@@ -48,14 +51,17 @@ class Recorder(FlowRecorder):
             logger.error("cannot check %s for recordings cut short by a crash: %s", self.directory, e)
 
     async def _record(self, flow, live: bool) -> None:
-        if flow.metadata.get(RECORDED_KEY):
+        if flow.metadata.get(RECORDED_KEY) or flow.metadata.get(PROBE_KEY):
             return
+        started = time.perf_counter()
         try:
             if self.process is not None:
                 self.last_path = await self.process.record(flow)
             else:
                 self.record_now(flow)
+            self.on_write("flow", time.perf_counter() - started, True)
         except OSError as e:
+            self.on_write("flow", time.perf_counter() - started, False)
             self.health.fail("recording", str(e) if self.process is not None
                              else f"cannot write {self.directory}: {e.strerror or e}")
             if live and isinstance(flow, http.HTTPFlow):
@@ -140,12 +146,15 @@ class WriteAhead:
         if decision is None or not decision.allowed:
             return  # refused by the guard already; recorded with its answer
         recorder = self.recorder
+        started = time.perf_counter()
         try:
             if recorder.process is not None:
                 await recorder.process.record(flow, WRITE_AHEAD)
             else:
                 recorder.write_ahead(flow)
+            recorder.on_write("write_ahead", time.perf_counter() - started, True)
         except OSError as e:
+            recorder.on_write("write_ahead", time.perf_counter() - started, False)
             recorder.health.fail("recording", str(e) if recorder.process is not None
                                  else f"cannot write {recorder.directory}: {e.strerror or e}")
             refuse(flow, Decision.deny(
