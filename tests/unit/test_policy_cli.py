@@ -186,6 +186,20 @@ def test_lint_reports_an_error_outside_the_rules_and_a_yaml_error(capsys, tmp_pa
     bad_section = write(tmp_path, "s.yaml", HEAD.replace("issuers:", "isuers:"))
     code, out, _ = run(capsys, "lint", str(bad_section))
     assert code == 1 and "unknown key 'isuers' in identity" in out and "1 error" in out
+    # Errors in several sections, at once, each where it is.
+    several = write(tmp_path, "several.yaml", HEAD.replace("issuers:", "isuers:").replace(
+        "  - host: graph.microsoft.com\n", "  - host: graph.microsoft.com\n    token: sometimes\n").replace(
+        "rules:\n", "masking: {profiles: {p: {fields: [mail], detectors: [psychic]}}}\nrules:\n"))
+    code, out, _ = run(capsys, "lint", str(several))
+    assert code == 1, out
+    assert f"{several}:5:3: unknown key 'isuers' in identity" in out
+    assert "upstreams[0].token must be one of any, proxy, bearer, both, none, not 'sometimes'" in out
+    assert "unknown detector 'psychic'" in out
+    assert f"{several}: 3 errors" in out
+    # ... and the rules' own errors too, in the same run.
+    with_rule = write(tmp_path, "with-rule.yaml", several.read_text() + "- id: r\n  acton: allow\n")
+    code, out, _ = run(capsys, "lint", str(with_rule))
+    assert "unknown key 'acton' in rule 'r'" in out and f"{with_rule}: 4 errors" in out, out
     broken = write(tmp_path, "y.yaml", HEAD + "- id: [\n")
     code, out, _ = run(capsys, "lint", str(broken))
     assert code == 1 and "YAML syntax error" in out

@@ -1,9 +1,12 @@
 """What ``nhi-gateway policy lint`` finds beyond what the loader refuses.
 
 - :func:`all_errors`: the loader stops at the first mistake, as the gateway must; a person fixing a
-  file wants every mistake at once. After a first error, each rule is loaded again on its own
-  (the other rules' lines blanked, so every line and column stays where it is in the file), and
-  the errors of every rule are reported, with duplicate rule ids, in file order.
+  file wants every mistake at once. After a first error, the sections are read without the rules
+  (a broken section stood in for by a valid stub on its own lines, so the next one is read too),
+  then each rule on its own (the other rules' lines blanked, so every line and
+  column stays where it is in the file), and the errors are reported, with duplicate rule ids, in
+  file order. Against a stub, a rule's references to the sections (hosts, tenants, mask profiles)
+  are not judged: they wait until the sections load.
 - :func:`broad_rules`: an ``allow`` rule that lets every verified caller do anything on a host
   (``methods: ["*"]``, ``paths: ["/**"]``, no ``when``) is legal, and almost never meant.
 - :class:`LintEnvironment`: a policy whose masks make pseudonyms needs the key to load; checking
@@ -105,36 +108,98 @@ def all_errors(path: str | Path, environ: Mapping[str, str] | None = None) -> li
     except PolicyError as e:
         first = e
     spans = _rule_spans(text)
-    if spans is None:
-        return [first]  # not even YAML with a rules list: the first error is all there is to say
+    sections = _section_spans(text)
+    if spans is None or sections is None:
+        return [first]  # not YAML, or rules that share lines: the first error is all there is to say
     lines = text.splitlines(keepends=True)
     errors: dict[tuple[int, int, str], PolicyError] = {}
-    blank_all = _blank(lines, spans, keep=None)
-    try:
-        parse_policy(blank_all, source, environ=environ)
-    except PolicyError as e:  # the sections outside the rules
-        errors[(e.line, e.column, e.message)] = e
-    if not errors:
-        for i in range(min(len(spans), MAX_RULE_ERRORS)):
-            try:
-                parse_policy(_blank(lines, spans, keep=i), source, environ=environ)
-            except PolicyError as e:
-                errors.setdefault((e.line, e.column, e.message), e)
-        errors.update({(e.line, e.column, e.message): e for e in _duplicate_ids(text, source)})
+    # The sections outside the rules, with the rules blanked: a broken section is stood in for by
+    # a valid stub on its own lines (positions stay), and the next one is read.
+    section_errors, sections_text = _section_errors(_blank(lines, spans, keep=None), sections, source, environ)
+    errors.update({(e.line, e.column, e.message): e for e in section_errors})
+    # Each rule on its own. Against stubs (when a section is broken), only what a rule says of
+    # itself counts: what it says of the sections it names (hosts, tenants, profiles) waits.
+    base = sections_text.splitlines(keepends=True)
+    rule_lines = [line if any(a <= n < b for a, b in spans) else base[n] for n, line in enumerate(lines)]
+    for i in range(min(len(spans), MAX_RULE_ERRORS)):
+        try:
+            parse_policy(_blank(rule_lines, spans, keep=i), source, environ=environ)
+        except PolicyError as e:
+            if section_errors and any(x in e.message for x in _CROSS_REFERENCES):
+                continue
+            errors.setdefault((e.line, e.column, e.message), e)
+    errors.update({(e.line, e.column, e.message): e for e in _duplicate_ids(text, source)})
     if (first.line, first.column, first.message) not in errors:
         errors[(first.line, first.column, first.message)] = first
     return [errors[k] for k in sorted(errors)]
 
 
-def _rule_spans(text: str) -> list[tuple[int, int]] | None:
-    """0-based [start, end) line ranges of each item under ``rules``, or None."""
+# Valid stand-ins for a broken required section, one line each (the others are left out).
+_STUBS = {
+    "version": "version: 1\n",
+    "identity": 'identity: {tenants: ["00000000-0000-0000-0000-000000000000"], audiences: [stub], '
+                'issuers: ["https://stub.invalid/{tenantid}"]}\n',
+    "upstreams": "upstreams: []\n",
+}
+
+
+_CROSS_REFERENCES = ("is not listed under upstreams", "is not in identity.tenants", "unknown mask profile")
+
+
+def _section_errors(text: str, sections: dict[str, tuple[int, int]], source: str,
+                    environ: Mapping[str, str] | None) -> tuple[list[PolicyError], str]:
+    """The errors of the sections (rules blanked), and the text with each broken one stubbed."""
+    found: list[PolicyError] = []
+    lines = text.splitlines(keepends=True)
+    stubbed: set[str] = set()
+    for _ in range(len(sections) + 1):
+        try:
+            parse_policy("".join(lines), source, environ=environ)
+            return found, "".join(lines)
+        except PolicyError as e:
+            if e.line and any(f.line == e.line and f.message == e.message for f in found):
+                return found, "".join(lines)
+            key = next((k for k, (start, end) in sections.items() if start <= e.line - 1 < end), None)
+            if key is None or key in stubbed or key == "rules":
+                found.append(e)  # nothing more to stand in for: this one is the last
+                return found, "".join(lines)
+            found.append(e)
+            stubbed.add(key)
+            start, end = sections[key]
+            for n in range(start, min(end, len(lines))):
+                lines[n] = "\n"
+            if key in _STUBS and start < len(lines):
+                lines[start] = _STUBS[key]
+    return found, "".join(lines)
+
+
+def _section_spans(text: str) -> dict[str, tuple[int, int]] | None:
+    """0-based [start, end) line ranges of each top-level key, or None when it is not YAML."""
     from ruamel.yaml import YAML
 
     try:
         doc = YAML(typ="rt").load(text)
-        rules = doc.get("rules") if isinstance(doc, dict) else None
-        if not isinstance(rules, list) or not rules:
+        if not isinstance(doc, dict):
             return None
+        starts = sorted((doc.lc.key(k)[0], str(k)) for k in doc)
+    except Exception:  # noqa: BLE001 - any reading problem: fall back to the loader's one error
+        return None
+    total = len(text.splitlines())
+    return {k: (line, starts[i + 1][0] if i + 1 < len(starts) else total) for i, (line, k) in enumerate(starts)}
+
+
+def _rule_spans(text: str) -> list[tuple[int, int]] | None:
+    """0-based [start, end) line ranges of each item under ``rules`` ([] without rules), or None
+    when they cannot be told apart by lines."""
+    from ruamel.yaml import YAML
+
+    try:
+        doc = YAML(typ="rt").load(text)
+        if not isinstance(doc, dict):
+            return None
+        rules = doc.get("rules")
+        if not isinstance(rules, list) or not rules:
+            return []
         starts = [rules.lc.item(i)[0] for i in range(len(rules))]
         rules_line = doc.lc.key("rules")[0]
         after = [doc.lc.key(k)[0] for k in doc if doc.lc.key(k)[0] > rules_line]
