@@ -1,26 +1,40 @@
-"""``nhi-gateway policy lint|explain|replay``: the policy engine, used exactly as the gateway uses it.
+"""``nhi-gateway policy lint|explain|replay|suggest``: the policy engine, used exactly as the gateway uses it.
+
+None of them needs the pseudonym key a policy's masks name: a missing key is stood in for (and
+lint says so); only the gateway itself refuses to load without it.
 
 lint FILE...
-    Loads each file as the gateway would. Valid: one summary line per file, exit 0. Invalid:
-    ``file:line:column: message`` and a hint, exit 1. Rules that can never decide (shadowed by
-    another rule) and expired rules are warnings: they do not change the exit code unless
-    ``--strict``.
+    Loads each file as the gateway would. Valid: one summary line per file, exit 0. Invalid: every
+    ``file:line:column: message`` and its hint, in one run (:mod:`nhi_gateway.policy.lint`), exit 1.
+    Rules that can never decide (shadowed by another rule, with a hint that follows the
+    precedence), expired rules and allow rules for everything and everyone are warnings: they do
+    not change the exit code unless ``--strict``. Rules that only report (``mode: report``) are
+    listed.
 
-explain FILE --as PRINCIPAL METHOD URL [--at TIME]
+explain FILE --as PRINCIPAL METHOD URL [--at TIME] [--body FILE]
     Prints the decision the gateway would take, the rule that made it and what every other rule
     naming this caller and operation made of the request. PRINCIPAL is ``anonymous``, an inline
     spec ``app=<appid>,oid=<oid>,tenant=<tid>,groups=g1;g2,roles=r1;r2,auth=certificate,
     sources=proxy;bearer,mi=<xms_mirid>,app_only=false``, a JSON file (a recorded principal, or token
-    claims), or a JWT, which is decoded WITHOUT verification, for explaining only.
+    claims), or a JWT, which is decoded WITHOUT verification, for explaining only. A ``$batch`` is
+    judged from its body (``--body``), every inner request as if sent alone, as the gateway does.
     Exit status: 0 allow, 1 deny, 3 approve (a person must approve first), 2 usage or input errors.
 
 replay --policy NEW RECORDING...
     Re-decides every recorded flow under NEW, at the time it was recorded, and lists each flow whose
     decision would change (old -> new, rule ids); a ``$batch`` is judged again from its recorded
-    body, every inner request as if sent alone. Flows refused before the rules (identity
-    failures, unreadable requests) are listed as skipped, not as changes. Exit status: 0 nothing
-    changes, 1 something would, 2 usage or input errors. RECORDING is a ``.mitm`` file or a
-    directory of them (the gateway's ``--recordings`` directory).
+    body, every inner request as if sent alone. What the rules said is compared: a request a person
+    approved was "approve", one forwarded in report mode "would deny". Flows refused before the
+    rules (identity failures, unreadable requests) and calls to the approval API are listed as
+    skipped, not as changes. Exit status: 0 nothing changes, 1 something would, 2 usage or input
+    errors. RECORDING is a ``.mitm`` file or a directory of them (the gateway's ``--recordings``
+    directory).
+
+suggest [--base POLICY] (RECORDING... | --audit FILE) [-o FILE]
+    Writes a least-privilege policy from what identities were seen doing
+    (:mod:`nhi_gateway.policy.suggest`): one rule per identity, keys as ``{id}``, the methods seen,
+    counts and first/last seen. ``--principal``, ``--since``, ``--until`` narrow what is read;
+    ``--include-denied`` also allows what was refused; ``--widen`` allows whole collections.
 """
 
 from __future__ import annotations
@@ -66,7 +80,7 @@ class UsageError(Exception):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("policy", help="check, explain and regression-test policy files")
+    p = sub.add_parser("policy", help="check, explain, regression-test and suggest policy files")
     cmds = p.add_subparsers(dest="policy_command", required=True)
 
     lint = cmds.add_parser("lint", help="check policy files as the gateway loads them")
