@@ -345,3 +345,17 @@ def test_answers_masked_under_different_profiles_keep_their_profiles(capsys, tmp
     assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/groups"), RECORDED_AT).mask_profile == "groups-pii"
     code, out_text, _ = run(capsys, "replay", "--policy", str(out), str(path))
     assert code == 0, out_text
+
+
+def test_where_several_tenants_are_trusted_the_rule_names_the_one_seen(capsys, tmp_path, traffic, base):
+    other = "99999999-8888-4777-8666-555555555555"
+    several = tmp_path / "several.yaml"
+    several.write_text(base.read_text().replace(f"    - {TENANT}\n", f"    - {TENANT}\n    - {other}\n", 1))
+    assert load_policy(several).identity.tenants == frozenset({TENANT, other})
+    path, _ = suggest(capsys, tmp_path, "--base", str(several), str(traffic))
+    policy = load_policy(path)
+    assert policy.rule("suggested-mcp-directory").when.tenants == frozenset({TENANT})
+    elsewhere = Principal(other, MCP_PRINCIPAL.object_id, MCP, "mcp-directory")
+    assert not policy.decide(elsewhere, op("GET", "/v1.0/users"), RECORDED_AT).allowed
+    code, out, _ = run(capsys, "replay", "--policy", str(path), str(traffic))
+    assert code == 0, out

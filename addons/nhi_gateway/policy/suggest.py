@@ -238,12 +238,15 @@ def _flow(items: list) -> Any:
 
 
 def suggest_rules(identities: dict[str, IdentitySeen], *, known_profiles: Iterable[str] = (),
-                  with_select: bool | None = None) -> list[Any]:
+                  with_select: bool | None = None, trusted_tenants: Iterable[str] = ()) -> list[Any]:
     """The suggested rules, as ruamel round-trip mappings with their comments."""
     from ruamel.yaml.comments import CommentedMap
 
     with_select = allow_select_supported() if with_select is None else with_select
     known = set(known_profiles)
+    # An app id is the same in every tenant: where the policy trusts several, the rule names the
+    # tenants the identity was seen in, and no other.
+    tenants = {t.lower() for t in trusted_tenants}
     used: set[str] = set()
     rules: list[Any] = []
     for key in sorted(identities, key=lambda k: (k != "anonymous", sorted(identities[k].names), k)):
@@ -284,6 +287,8 @@ def suggest_rules(identities: dict[str, IdentitySeen], *, known_profiles: Iterab
                 rule["when"] = CommentedMap(anonymous=True)
             else:
                 when = CommentedMap(app_ids=_flow([key]))
+                if len(tenants) > 1 and ident.tenants & tenants:
+                    when["tenants"] = _flow(sorted(ident.tenants & tenants))
                 if len(ident.app_only) == 1:
                     when["app_only"] = next(iter(ident.app_only))
                 rule["when"] = when
@@ -348,7 +353,9 @@ def suggest_policy(observations: list[Observation], *, base: Path | None = None,
     else:
         doc.update(default_sections(observations))
     with_select = allow_select_supported()
-    rules = suggest_rules(collect(observations, widen=widen), known_profiles=profiles, with_select=with_select)
+    trusted = [str(t) for t in ((doc.get("identity") or {}).get("tenants") or [])]
+    rules = suggest_rules(collect(observations, widen=widen), known_profiles=profiles, with_select=with_select,
+                          trusted_tenants=trusted)
     text = _dump(yaml, doc, kept_denies, rules, header)
     # A deny rule of the base that refuses what was allowed when recorded (the base is not the
     # policy the traffic was decided under) would make the suggestion refuse its own evidence:
