@@ -89,15 +89,18 @@ def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
 
 
 class Audit:
-    def __init__(self, log: AuditLog, health: Health) -> None:
+    def __init__(self, log: AuditLog, health: Health, worker: int | None = None) -> None:
         self.log = log
         self.health = health
+        self.worker = worker  # run --workers N: named in every line
         self.on_write = lambda seconds, ok: None  # metrics
 
     def _audit(self, flow, live: bool, amends: bool = False) -> None:
         if flow.metadata.get(AUDITED_KEY) or flow.metadata.get(PROBE_KEY):
             return
         record = audit_record(flow)
+        if self.worker:
+            record["worker"] = self.worker
         if amends:
             record["amends"] = "an earlier line of this flow_id: the client got this answer instead"
         started = time.perf_counter()

@@ -16,6 +16,7 @@ from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT
 from nhi_gateway.addons.admin_tls import AdminTLSError
+from nhi_gateway.cli.startup import run_problems
 from nhi_gateway.proxy import logs
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
@@ -109,6 +110,10 @@ def cmd_run(args) -> int:
     # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
     # their directories) holds secrets or who-did-what: private to the gateway's user.
     os.umask(0o077)
+    problems = run_problems(args)
+    if problems:
+        print("nhi-gateway: cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 2
     # One handler for every line, the gateway's and mitmproxy's: ISO 8601 times, levels, scrubbed.
     logs.configure(args.log_format, "debug" if args.verbose else args.log_level)
 
@@ -188,15 +193,47 @@ def cmd_run(args) -> int:
 
 
 def _add_lookalike(sub) -> None:
-    p = sub.add_parser("lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph")
-    p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--port", type=int, default=0)
+    p = sub.add_parser(
+        "lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph, or mint a token",
+        usage="nhi-gateway lookalike [serve] --state-dir DIR [--host H] [--port N]\n"
+              "       nhi-gateway lookalike token --state-dir DIR (--user NAME [--no-mfa] | --app NAME)",
+        description="serve: one HTTPS port answering as login.microsoftonline.com (discovery, JWKS, token "
+                    "endpoint, device code sign-in) and graph.microsoft.com (a seeded tenant); point the gateway "
+                    "at it with --resolve HOST=127.0.0.1:PORT for login.microsoftonline.com, sts.windows.net and "
+                    "graph.microsoft.com, and --upstream-ca DIR/pki/ca.pem. It writes DIR/lookalike.json "
+                    "(port, tenant, apps, the approval API's registration) once it listens. token: print a token "
+                    "minted with the same keys, for trying the gateway by hand.")
+    p.add_argument("action", nargs="?", choices=("serve", "token"), default="serve",
+                   help="serve (the default) or token")
+    p.add_argument("--state-dir", type=Path, required=True,
+                   help="keys, certificates, client secrets and lookalike.json (created on first start)")
+    p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="serve: the port (default 0: a free one)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="NAME",
+                     help="token: a person's approver token for the approval API (e.g. adele, AdeleV, a UPN)")
+    who.add_argument("--app", metavar="NAME", help="token: a workload's Graph token (e.g. mcp-directory, rotation-bot)")
+    p.add_argument("--no-mfa", action="store_true",
+                   help="token --user: as after a sign-in without MFA (no authentication context)")
 
 
 def cmd_lookalike(args) -> int:
+    if args.action == "token":
+        from nhi_gateway.lookalike.handtokens import UnknownName, app_token, approver_token
+
+        if not (args.user or args.app):
+            print("nhi-gateway: lookalike token needs --user NAME or --app NAME", file=sys.stderr)
+            return 2
+        try:
+            print(approver_token(args.state_dir, args.user, mfa=not args.no_mfa) if args.user
+                  else app_token(args.state_dir, args.app))
+        except (UnknownName, OSError) as e:
+            print(f"nhi-gateway: {e}", file=sys.stderr)
+            return 2
+        return 0
     from nhi_gateway.lookalike.server import run
 
-    run(args.state_dir, port=args.port)
+    run(args.state_dir, args.host, args.port)
     return 0
 
 
@@ -212,7 +249,7 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nhi-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
@@ -222,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
     policy_cli.register(sub)  # policy lint|explain|replay|suggest: each sets its own handler
     permissions_cli.register(sub)  # permissions: held, needed and excess Graph permissions
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "words", None) is not None and not any(e.startswith("-") for e in extra):
         # `audit verify --expect-head X FILE`: argparse gives a list positional only the words

@@ -39,6 +39,7 @@ from nhi_gateway.addons.identity import Identity, trust_of
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.addons.metrics import GatewayMetrics, Metrics, state_metrics
+from nhi_gateway.addons.objects import ObjectNames
 from nhi_gateway.addons.recorder import Recorder, WriteAhead
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
@@ -51,6 +52,7 @@ from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
+from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -95,6 +97,9 @@ class GatewayConfig:
     admin_tls_key: Path | None = None
     admin_insecure: bool = False
     audit_copies: tuple[str, ...] = ()  # also send each audit line to: stdout, syslog[:ADDRESS]
+    # run --workers N: this process's number (1..N). Its recordings, write-ahead log and audit
+    # trail are files of its own (".w2"), and each audit line and recorded flow names it.
+    worker: int | None = None
 
 
 @dataclass
@@ -132,10 +137,10 @@ class Gateway:
 def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health,
                 groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
-    audit_path = config.audit_path or config.recordings / "audit.jsonl"
+    audit_path = audit_path_of(config)
     audit_log = AuditLog(audit_path, fsync_interval=config.recordings_fsync)
     audit_log.copies = [AuditCopy(target) for target in config.audit_copies]
-    audit = Audit(audit_log, health)
+    audit = Audit(audit_log, health, worker=config.worker)
     approvals = open_approvals(config)
     notify = None
     if egress is not None:
@@ -143,7 +148,8 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
             return await egress.post_json(url, json_body=payload)
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
-                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process,
+                        worker=config.worker)
     stopping = Stopping()
     approval = Approval(policies, approvals, health, audit.log, notify)
     metrics = GatewayMetrics()
@@ -163,10 +169,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         admin,  # /healthz, /readyz, /metrics on the admin listener: never audited or recorded
         # First of the flow stages: answers every request on the approval API's own listener.
-        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
+        # After membership (rules' `when` may name groups): resolves alternate keys of objects.
+        ObjectNames(policies, ObjectResolver(groups, ttl=config.groups_ttl) if groups is not None else None),
         Authorization(policies),
         approval,  # holds `approve` decisions
         Masking(policies),
@@ -180,6 +188,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         stopping.settled,  # last: a flow is done once audited and handed to the recording
     ]
     return chain, recorder
+
+
+def audit_path_of(config: GatewayConfig) -> Path:
+    """The audit trail of this process: one chain per writer, so each worker has its own file."""
+    path = config.audit_path or config.recordings / "audit.jsonl"
+    return path.with_name(f"{path.stem}.w{config.worker}{path.suffix}") if config.worker else path
 
 
 def rule_ids_of(policies: PolicyStore):

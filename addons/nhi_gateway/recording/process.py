@@ -153,11 +153,12 @@ class RecordingProcess:
 
     def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
                  fsync_interval: float = DEFAULT_FSYNC_INTERVAL, confirm_timeout: float = CONFIRM_TIMEOUT,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, worker: int | None = None) -> None:
         # -O: mitmproxy type-checks every message it builds when __debug__ is on; the child only
         # rebuilds messages from states of messages the gateway built (and checked) already.
         self.argv = [python, "-O", "-m", __name__, str(directory), "--max-bytes", str(max_bytes),
-                     "--fsync", repr(float(fsync_interval))] + (["--hourly"] if hourly else [])
+                     "--fsync", repr(float(fsync_interval))] + (["--hourly"] if hourly else []) \
+            + (["--worker", str(worker)] if worker else [])
         self.confirm_timeout = confirm_timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
@@ -396,17 +397,19 @@ class _Confirmations:
             self.gateway_gone = True
 
 
-def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int) -> int:
+def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int,
+          worker: int | None = None) -> int:
     from nhi_gateway.recording import flowformat
     from nhi_gateway.recording.files import recover_recent
     from nhi_gateway.recording.flows import FlowRecorder
 
     try:
-        recover_recent(directory)
+        recover_recent(directory, worker=worker)
     except OSError as e:  # the first write reports it, and refuses
         logger.error("cannot check %s for recordings cut short by a crash: %s", directory, e)
     try:
-        recorder = FlowRecorder(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
+        recorder = FlowRecorder(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval,
+                                worker=worker)
     except OSError as e:
         _Confirmations(out).send([(READY, "oserror", f"{directory}: {e.strerror or e}")])
         return 1
@@ -482,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     p.add_argument("--fsync", type=float, default=DEFAULT_FSYNC_INTERVAL)
     p.add_argument("--hourly", action="store_true")
+    p.add_argument("--worker", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="recording process: %(levelname)s %(message)s")
@@ -493,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     # so every flow already handed over is written.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return serve(args.directory, args.max_bytes, args.hourly, args.fsync, 0, out)
+    return serve(args.directory, args.max_bytes, args.hourly, args.fsync, 0, out, args.worker)
 
 
 if __name__ == "__main__":
