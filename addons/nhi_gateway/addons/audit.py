@@ -49,6 +49,8 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "grant": (decision.extra.get("grant") if decision else None) or None,
         "operation": (decision.operation if decision else "") or None,
         "approver": approver_of(decision) if decision else None,
+        # Report mode: {"would": "deny" | "hold", "rule", "reason"} of a forwarded request.
+        "report": (decision.extra.get("report") if decision and decision.allowed else None) or None,
     }
 
 
@@ -80,6 +82,7 @@ def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
             "flags": [],
             "grant": None,
             "operation": e.get("operation") or None,
+            "report": e.get("report") if isinstance(e.get("report"), dict) else None,
             "batch": {"flow_id": flow.id, "id": e.get("id"), "index": e.get("index"), "sent": sent},
         })
     return out

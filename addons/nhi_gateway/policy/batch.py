@@ -480,7 +480,7 @@ def entry(r: InnerRequest, d: Decision) -> dict:
     """What the outer decision (``extra["batch"]``) and ``flow.metadata[BATCH_KEY]`` keep of one
     inner request. tnetstring-safe. The masking step adds ``sent``, ``response_status`` and
     ``masked_fields`` once Graph has answered."""
-    return {
+    out = {
         "index": r.index,
         "id": r.id,
         "method": r.method,
@@ -497,6 +497,9 @@ def entry(r: InnerRequest, d: Decision) -> dict:
         "mask_profile": d.mask_profile,
         "sent": False,
     }
+    if d.reported:  # report mode: forwarded, but a rule would have refused or held it
+        out["report"] = dict(d.reported)
+    return out
 
 
 def _unreadable(r: InnerRequest) -> Decision:
@@ -537,10 +540,20 @@ def decide_batch(policy: Decider, principal: Principal | None, outer: Operation,
             check=CHECK, rule_id=first.rule_id, operation=str(outer), principal=who,
             extra={"batch": entries},
         )
+    reported = [(r, d) for r, d in judged if d.reported]
+    extra: dict = {"batch": entries}
+    reason = f"every inner request of the batch ({len(judged)}) is allowed on its own"
+    if reported:
+        # Report mode: the batch is marked as its inner requests are, and says which would not go.
+        r, d = reported[0]
+        would = "deny" if any(x.reported.get("would") == "deny" for _, x in reported) else "hold"
+        parts = "; ".join(f"{x.label}: would {y.reported.get('would')} ({y.reported.get('reason')})"
+                          for x, y in reported)
+        extra["report"] = {"would": would, "rule": d.reported.get("rule", ""), "reason": parts}
+        reason += f"; {parts} (report mode)"
     return Decision(
-        action=Action.ALLOW, stage=Stage.POLICY,
-        reason=f"every inner request of the batch ({len(judged)}) is allowed on its own",
-        operation=str(outer), principal=who, extra={"batch": entries},
+        action=Action.ALLOW, stage=Stage.POLICY, reason=reason,
+        operation=str(outer), principal=who, extra=extra,
     )
 
 
@@ -594,6 +607,8 @@ def inner_decision(outer: Decision | None, e: Mapping) -> Decision:
     extra: dict = {}
     if e.get("masked_fields"):
         extra["masked_fields"] = e["masked_fields"]
+    if isinstance(e.get("report"), dict):
+        extra["report"] = dict(e["report"])
     return Decision(
         action=action, stage=stage, reason=str(e.get("reason") or ""), status=int(e.get("status") or 0),
         code=str(e.get("code") or ""), rule_id=e.get("rule") or None, check=str(e.get("check") or ""),

@@ -275,6 +275,8 @@ async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
     answer_lost_connection_attempts()
     policies = PolicyStore(load_policy(config.policy_path))
+    if notice := policies.current.report_notice():
+        logger.warning("%s: %s", config.policy_path, notice)
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)
     opts = options.Options(

@@ -4,7 +4,8 @@ What is written is a redacted copy: credentials never reach disk, and the live f
 upstream) is untouched. The copy carries:
 
 - ``comment``: decision, principal, operation, rule (or the failed check), approver, reason;
-- ``marked``: ``:no_entry:`` on refused flows, ``:white_check_mark:`` on approved ones;
+- ``marked``: ``:no_entry:`` on refused flows, ``:white_check_mark:`` on approved ones,
+  ``:warning:`` on flows a rule in report mode would have refused or held (forwarded);
 - ``metadata["nhi"]``: the structured decision, plus flat ``nhi.*`` keys for ``~meta`` searches
   (mitmproxy matches ``~meta`` against ``key: value`` lines), e.g. ``~meta "nhi.rule: no-credential"``.
 
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 REFUSED_MARK = ":no_entry:"
 APPROVED_MARK = ":white_check_mark:"
+REPORT_MARK = ":warning:"  # forwarded, but a rule in report mode would have refused or held it
 
 
 APPROVAL_API_FILE = "approval-api.mitm"
@@ -86,6 +88,11 @@ def flow_comment(decision: Decision | None, flow: http.HTTPFlow | None = None) -
     if decision is None:
         return "DENY · no decision was recorded for this flow"
     parts = [str(decision.action).upper()]
+    report = decision.extra.get("report") if decision.allowed else None
+    if isinstance(report, dict):
+        would = f"WOULD {str(report.get('would', 'deny')).upper()}"
+        parts = [would + (f" by rule {report['rule']}" if report.get("rule") else " (no rule allows it)"),
+                 "forwarded (report mode)"]
     if decision.rule_id:
         parts.append(f"rule {decision.rule_id}")
     elif not decision.allowed:
@@ -105,6 +112,8 @@ def flow_comment(decision: Decision | None, flow: http.HTTPFlow | None = None) -
 def flow_mark(decision: Decision | None) -> str:
     if decision is None or not decision.allowed:
         return REFUSED_MARK
+    if decision.extra.get("report"):
+        return REPORT_MARK
     if decision.extra.get("approval"):
         return APPROVED_MARK
     return ""
@@ -127,6 +136,9 @@ def search_keys(decision: Decision | None) -> dict[str, str]:
         "nhi.app_id": str(p.get("app_id") or ""),
         "nhi.approver": approver_of(decision) or "",
     }
+    report = decision.extra.get("report") if decision.allowed else None
+    if isinstance(report, dict):
+        keys["nhi.would"] = f"{report.get('would', 'deny')} {report.get('rule') or ''}".strip()
     return {k: v for k, v in keys.items() if v}
 
 
