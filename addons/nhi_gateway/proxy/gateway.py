@@ -27,6 +27,7 @@ from mitmproxy.proxy import events as proxy_events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_layer, proxyserver, tlsconfig
 
+from nhi_gateway.addons.admission import Admission
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from nhi_gateway.addons.audit import Audit
@@ -132,6 +133,9 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         # First of the flow stages: answers every request on the approval API's own listener.
         ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
         Routing(config.resolve),
+        # Before identity and every rule: a request of a shape the gateway will not judge (method
+        # overrides, oversized target or headers, transfer codings) is refused as it came.
+        Admission(),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
         Authorization(policies),
