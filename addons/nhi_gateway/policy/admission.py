@@ -163,6 +163,33 @@ def method_override_refusal(method: str, found: str) -> Refusal:
 
 # --- answers mitmproxy itself gives -------------------------------------------------------------
 
+# flow.metadata: what mitmproxy answered a flow it ended itself: {"from": "client" | "upstream",
+# "code": its ErrorCode's name, "status": the status the client got, 0 for none (a reset)}
+PROTOCOL_ERROR_KEY = "nhi.protocol_error"
+# The flow made for a request head mitmproxy could not parse at all (no method, no target).
+UNREADABLE_METHOD = "UNREADABLE"
+UNREADABLE_HOST = "unreadable.invalid"  # RFC 2606: never a real host, never an upstream
+
+
+def answered_status(error: str, protocol_error: dict | None, judged: bool) -> int:
+    """The status the client saw for a flow that ended in an error (0: none, the stream or
+    connection was reset). ``judged``: whether the gateway's request hooks decided it."""
+    if protocol_error is not None:
+        return int(protocol_error.get("status") or 0)
+    if error.startswith("Request body exceeds"):
+        return 413  # mitmproxy's body_size_limit, before the body was read
+    if not judged:
+        return 400  # refused by mitmproxy's own checks (framing, smuggling) before any hook judged it
+    return 502
+
+
+def proxy_refusal(status: int, error: str) -> Decision:
+    """The decision of a request that mitmproxy refused itself, before the gateway judged it."""
+    code, check, message = PROTOCOL_ERRORS.get(status, (
+        "ClientClosedRequest", "client", "the client ended the request before it was answered"))
+    return Decision.deny(Stage.PROXY, status, code, f"{message} ({error[:200]})", check=check)
+
+
 PROTOCOL_ERRORS = {
     # status: (code, check, message). mitmproxy's own text is never shown: it can name an internal
     # address ("Cannot connect to 10.0.0.7:443") or echo the client's bytes.

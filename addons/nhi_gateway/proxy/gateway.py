@@ -44,6 +44,7 @@ from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreE
 from nhi_gateway.recording.audit import AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
+from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
@@ -213,6 +214,7 @@ def _is_loopback(host: str) -> bool:
 async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
     answer_lost_connection_attempts()
+    answer_protocol_errors_as_graph()
     policies = PolicyStore(load_policy(config.policy_path))
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)

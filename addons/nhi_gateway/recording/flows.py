@@ -40,6 +40,7 @@ from nhi_gateway.recording.files import (
     encode_with_parts,
     recording_base,
 )
+from nhi_gateway.recording.flowformat import escape_unencodable
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
 logger = logging.getLogger(__name__)
@@ -146,14 +147,22 @@ class FlowRecorder:
         if comment_prefix:
             disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            # Text that is not UTF-8 (a host, a header name): recorded escaped, and said so.
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
         base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
+
+    def _encode(self, disk: dict, flow, connections: tuple[bytes, bytes] | None) -> bytes:
+        if connections is None:
+            return self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        return encode_with_parts(disk, connections)
 
     def record_now(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
         """The flow and, for a ``$batch``, each of its inner requests; returns the flow's file."""
