@@ -44,7 +44,7 @@ from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreE
 from nhi_gateway.recording.audit import AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
-from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph
+from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
@@ -245,6 +245,7 @@ async def start(config: GatewayConfig) -> Gateway:
     chain, recorder = build_chain(config, policies, verifier, health, groups, egress)
     m.addons.add(*chain)
     approval = next(a for a in chain if isinstance(a, Approval))
+    tell_when_clients_leave_a_held_request(approval.request_cancelled)
     api_host, api_port = approvals_listen(config)
     if not _is_loopback(api_host):
         logger.warning("the approval API listens on %s, not loopback: approvers' tokens cross the network "

@@ -19,7 +19,9 @@ answer_lost_connection_attempts` does for another gap):
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 import h2.events
 from mitmproxy import http, version
@@ -40,6 +42,8 @@ from nhi_gateway.policy.admission import (
     UNREADABLE_METHOD,
     protocol_error_body,
 )
+
+logger = logging.getLogger(__name__)
 
 _PATCHED = "nhi_graph_shaped"
 _SERVER = version.MITMPROXY.encode()
@@ -140,3 +144,29 @@ def answer_protocol_errors_as_graph() -> None:
     server.read_headers = _reading_unparseable_heads(server.read_headers)
     h2_server = _http2.Http2Server
     h2_server.handle_h2_event = _reading_unparseable_h2_heads(h2_server.handle_h2_event)
+
+
+def tell_when_clients_leave_a_held_request(on_gone: Callable[[http.HTTPFlow], None]) -> None:
+    """Call ``on_gone(flow)`` when the client cancels a request (an HTTP/2 RST_STREAM, or any
+    protocol error on the client's side) while one of the flow's hooks is still running.
+
+    mitmproxy queues the events of a stream while a hook of its flow runs (an approval may hold
+    one for minutes) and looks at them only once the hook returns; for a whole connection it says
+    so (``client_disconnected``), for one HTTP/2 stream it says nothing. A held request whose
+    client has gone must not stay pending: approving it would issue a grant for nobody's request.
+    """
+    stream = http_layer.HttpStream
+    original = getattr(stream.handle_event, "nhi_original", stream.handle_event)
+
+    def handle_event(self, event):
+        if self._paused is not None and isinstance(event, RequestProtocolError):
+            flow = getattr(self, "flow", None)
+            if flow is not None:
+                try:
+                    on_gone(flow)
+                except Exception as e:  # noqa: BLE001 - the held hook then ends by its timeout
+                    logger.error("flow %s: cancelling its held work failed: %r", flow.id, e, exc_info=e)
+        return (yield from original(self, event))
+
+    handle_event.nhi_original = original
+    stream.handle_event = handle_event
