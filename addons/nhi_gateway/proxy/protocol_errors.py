@@ -12,9 +12,11 @@ answer_lost_connection_attempts` does for another gap):
   over HTTP/1 and HTTP/2, naming no address;
 - the status the client is answered with is written into the flow (``PROTOCOL_ERROR_KEY``) before
   its ``error`` hook runs, so the audit line and the recording carry it;
-- a request head mitmproxy cannot parse at all (no flow would ever exist) becomes a flow that
-  holds the first bytes of its request line and reaches the ``error`` hook: audited and recorded
-  like every other refusal.
+- a request head mitmproxy cannot parse at all (HTTP/1, or HTTP/2 pseudo-headers it refuses; no
+  flow would ever exist) becomes a flow that holds the first bytes of its request line and reaches
+  the ``error`` hook: audited and recorded like every other refusal;
+- a client that resets a request's stream while a hook of its flow still runs (a request held
+  for approval) is reported to the gateway (:func:`tell_when_clients_leave_a_held_request`).
 """
 
 from __future__ import annotations
