@@ -45,7 +45,7 @@ def test_an_http2_stream_reset_while_held_cancels_the_request(gateway, lookalike
         conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
         tls.sendall(conn.data_to_send())
         [cancelled] = api.wait_for(mark, state="cancelled")
-        assert cancelled["id"] == held["id"] and "stream reset" in cancelled["reason"]
+        assert cancelled["id"] == held["id"] and "reset the request's stream" in cancelled["reason"]
         assert api.approve(cancelled["id"], **{"for": "1h"}).status_code == 409  # nothing left to approve
     finally:
         tls.close()

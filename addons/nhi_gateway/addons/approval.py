@@ -237,13 +237,12 @@ class Approval:
         except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
             logger.error("cancelling the approvals of client %s failed: %r", client.id, e)
 
-    def request_cancelled(self, flow: http.HTTPFlow) -> None:
-        """The client cancelled this one request (an HTTP/2 stream reset) while it was held: as
-        for a disconnect, nobody waits for it any more, so nobody may approve it."""
+    def request_cancelled(self, flow: http.HTTPFlow, why: str) -> None:
+        """The client gave up this one request (an HTTP/2 stream reset) while it was held: as for
+        a disconnect, nobody waits for it any more, so nobody may approve it."""
         approval_id = self._held_flows.get(flow.id)
-        if approval_id is not None and self.approvals.cancel(
-                approval_id, "the client cancelled the request (stream reset) while it was held"):
-            logger.info("approval %s cancelled: the client reset the stream", approval_id)
+        if approval_id is not None and self.approvals.cancel(approval_id, why):
+            logger.info("approval %s cancelled: %s", approval_id, why)
 
     def done(self) -> None:
         for task in self._tasks:

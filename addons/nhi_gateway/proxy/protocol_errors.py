@@ -148,8 +148,8 @@ def answer_protocol_errors_as_graph() -> None:
     h2_server.handle_h2_event = _reading_unparseable_h2_heads(h2_server.handle_h2_event)
 
 
-def tell_when_clients_leave_a_held_request(on_gone: Callable[[http.HTTPFlow], None]) -> None:
-    """Call ``on_gone(flow)`` when the client cancels a request (an HTTP/2 RST_STREAM, or any
+def tell_when_clients_leave_a_held_request(on_gone: Callable[[http.HTTPFlow, str], None]) -> None:
+    """Call ``on_gone(flow, why)`` when the client cancels a request (an HTTP/2 RST_STREAM, or any
     protocol error on the client's side) while one of the flow's hooks is still running.
 
     mitmproxy queues the events of a stream while a hook of its flow runs (an approval may hold
@@ -164,8 +164,10 @@ def tell_when_clients_leave_a_held_request(on_gone: Callable[[http.HTTPFlow], No
         if self._paused is not None and isinstance(event, RequestProtocolError):
             flow = getattr(self, "flow", None)
             if flow is not None:
+                why = ("the client reset the request's stream while it was held" if event.code is ErrorCode.CANCEL
+                       else "the client disconnected while the request was held")
                 try:
-                    on_gone(flow)
+                    on_gone(flow, why)
                 except Exception as e:  # noqa: BLE001 - the held hook then ends by its timeout
                     logger.error("flow %s: cancelling its held work failed: %r", flow.id, e, exc_info=e)
         return (yield from original(self, event))
