@@ -13,6 +13,7 @@ from mitmproxy import http
 
 from nhi_gateway.addons.failclosed import fail_closed, refuse
 from nhi_gateway.policy.admission import (
+    METHOD_OVERRIDE_HEADERS,
     Refusal,
     method_override,
     method_override_refusal,
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 READABLE_MEDIA = ("application/x-www-form-urlencoded", "application/json")
 BODY_LIMIT = 32 * 2**20  # as mitmproxy's body_size_limit: inflating never goes further
+OVERRIDE_HEADER_NAMES = frozenset(n.encode() for n in METHOD_OVERRIDE_HEADERS)
 
 
 def _target(request: http.Request) -> bytes:
@@ -36,14 +38,11 @@ def _operation(request: http.Request) -> str:
     return f"{request.method[:20]} {request.host[:100]} {request.path[:200]}"
 
 
-def _body_as_read(request: http.Request) -> bytes | Refusal:
+def _body_as_read(raw: bytes, media: str, encoding: str) -> bytes | Refusal:
     """The body as the upstream reads it, for bodies that can carry parameters; inflated within
     :data:`BODY_LIMIT` (never mitmproxy's unbounded decoder: nobody is verified yet)."""
-    raw = request.raw_content or b""
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if not raw or not (media in READABLE_MEDIA or media.endswith("+json")):
         return raw
-    encoding = ",".join(request.headers.get_all("content-encoding"))
     try:
         return decode_body(raw, encoding, limit=BODY_LIMIT)
     except BatchError as e:
@@ -53,19 +52,31 @@ def _body_as_read(request: http.Request) -> bytes | Refusal:
 
 
 def admission_refusal(request: http.Request) -> Refusal | None:
-    refusal = size_refusal(_target(request), request.headers.fields)
-    if refusal is None and request.method != "CONNECT":
-        refusal = transfer_encoding_refusal(request.headers.get_all("transfer-encoding"))
-    if refusal is None and request.method != "CONNECT":
-        body = _body_as_read(request)
-        if isinstance(body, Refusal):
-            return body
-        query = request.data.path.partition(b"?")[2]
-        found = method_override(((k.decode("latin-1"), "") for k, _ in request.headers.fields), query,
-                                body, request.headers.get("content-type", ""))
-        if found is not None:
-            refusal = method_override_refusal(request.method, found)
-    return refusal
+    fields = request.headers.fields
+    refusal = size_refusal(_target(request), fields)
+    if refusal is not None or request.method == "CONNECT":
+        return refusal
+    # One pass over the header fields (this runs for every request).
+    transfer, content_encoding, content_type, overrides = [], [], "", []
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            transfer.append(value.decode("latin-1"))
+        elif lowered == b"content-encoding":
+            content_encoding.append(value.decode("latin-1"))
+        elif lowered == b"content-type":
+            content_type = content_type or value.decode("latin-1")
+        elif lowered.strip() in OVERRIDE_HEADER_NAMES:
+            overrides.append((name.decode("latin-1"), ""))
+    refusal = transfer_encoding_refusal(transfer)
+    if refusal is not None:
+        return refusal
+    media = content_type.split(";", 1)[0].strip().lower()
+    body = _body_as_read(request.raw_content or b"", media, ",".join(content_encoding))
+    if isinstance(body, Refusal):
+        return body
+    found = method_override(overrides, request.data.path.partition(b"?")[2], body, content_type)
+    return None if found is None else method_override_refusal(request.method, found)
 
 
 class Admission:

@@ -76,7 +76,7 @@ def _as_bytes(value: str | bytes) -> bytes:
 def size_refusal(target: str | bytes, fields: Iterable[tuple[str | bytes, str | bytes]],
                  limits: Limits = LIMITS) -> Refusal | None:
     """414 for a target longer than the limit, 431 for too many, too large or too much header."""
-    length = len(_as_bytes(target))
+    length = len(target) if type(target) is bytes else len(_as_bytes(target))
     if length > limits.target:
         return Refusal(414, "RequestUriTooLong", CHECK_SIZE,
                        f"the request target is {length} bytes long; the gateway accepts at most "
@@ -84,7 +84,8 @@ def size_refusal(target: str | bytes, fields: Iterable[tuple[str | bytes, str | 
     count = total = 0
     for name, value in fields:
         count += 1
-        size = len(_as_bytes(name)) + len(_as_bytes(value))
+        size = (len(name) + len(value) if type(name) is bytes and type(value) is bytes
+                else len(_as_bytes(name)) + len(_as_bytes(value)))
         total += size
         if size > limits.header_field:
             shown = _as_bytes(name)[:64].decode("ascii", "replace")
@@ -123,6 +124,11 @@ def _parameter_names(query: bytes) -> Iterable[bytes]:
         yield unquote_to_bytes(name.replace(b"+", b" ")).strip().lower()
 
 
+def _may_name_method(data: bytes) -> bool:
+    # Only text that has "method" in it, or a percent-escape that could spell it, is parsed.
+    return b"%" in data or b"method" in data.lower()
+
+
 def _json_top_level_names(body: bytes) -> Iterable[str]:
     try:
         doc = json.loads(body)
@@ -140,9 +146,10 @@ def method_override(headers: Iterable[tuple[str, str]], query: str | bytes = b""
     for name, _ in headers:
         if name.strip().lower() in METHOD_OVERRIDE_HEADERS:
             return f"the header {name.strip()[:40]!r}"
-    if any(n == METHOD_OVERRIDE_PARAMETER for n in _parameter_names(_as_bytes(query))):
+    query = _as_bytes(query)
+    if _may_name_method(query) and any(n == METHOD_OVERRIDE_PARAMETER for n in _parameter_names(query)):
         return "the query parameter '_method'"
-    if not body or b"method" not in body.lower():  # cheap: most bodies never mention it
+    if not body or not _may_name_method(body):  # cheap: most bodies never mention it
         return None
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/x-www-form-urlencoded":
