@@ -162,3 +162,32 @@ def test_a_token_request_with_another_transfer_coding_is_refused_and_never_reach
     flows = recorded(gateway, mark)
     assert len(flows) == 1
     assert app["secret"] not in json.dumps(line)
+
+
+@pytest.mark.parametrize("where", ["inside the tunnel", "on the proxy connection"])
+def test_a_head_that_never_ends_is_refused_431_and_not_buffered_on(gateway, lookalike, where):
+    """mitmproxy would buffer header bytes without end; the gateway stops at MAX_HEAD."""
+    import socket
+
+    from nhi_gateway.policy.admission import MAX_HEAD
+
+    from .test_protocol_edges import read_response, tunnel
+
+    mark = marker()
+    head = (f"GET https://graph.microsoft.com/v1.0/users?m={mark} HTTP/1.1\r\nHost: graph.microsoft.com\r\n"
+            f"X-Endless: ").encode() + b"a" * (MAX_HEAD + 1024)
+    if where == "inside the tunnel":
+        s = tunnel(gateway)
+    else:
+        s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    try:
+        s.sendall(head)
+        data = read_response(s, wait=10)
+    finally:
+        s.close()
+    assert statuses(data) == [431], data[:300]
+    assert json_bodies(data)[0]["error"]["innerError"]["nhi-gateway"]["check"] == "size"
+    assert not reached_graph(lookalike, mark)
+    line = [a for a in gateway.audit() if mark in (a["url"] or "")][-1]
+    assert (line["status"], line["stage"], line["check"]) == (431, "proxy", "size")
+    assert len(recorded(gateway, mark)) == 1

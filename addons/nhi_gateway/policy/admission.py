@@ -181,6 +181,8 @@ UNREADABLE_HOST = "unreadable.invalid"  # RFC 2606: never a real host, never an 
 def answered_status(error: str, protocol_error: dict | None, judged: bool) -> int:
     """The status the client saw for a flow that ended in an error (0: none, the stream or
     connection was reset). ``judged``: whether the gateway's request hooks decided it."""
+    if error == HEAD_TOO_LARGE:
+        return 431
     if protocol_error is not None:
         return int(protocol_error.get("status") or 0)
     if error.startswith("Request body exceeds"):
@@ -197,6 +199,12 @@ def proxy_refusal(status: int, error: str) -> Decision:
     return Decision.deny(Stage.PROXY, status, code, f"{message} ({error[:200]})", check=check)
 
 
+# A request head (request line and header fields) longer than this is never buffered further:
+# mitmproxy bounds neither (its own note: "protect against header size DoS"), so a client could
+# send header bytes without end. Above the limits of `size_refusal`, which judges a whole head.
+MAX_HEAD = LIMITS.target + LIMITS.headers_total + 8 * 1024
+HEAD_TOO_LARGE = f"the request head is longer than {MAX_HEAD} bytes; it was not read further"
+
 PROTOCOL_ERRORS = {
     # status: (code, check, message). mitmproxy's own text is never shown: it can name an internal
     # address ("Cannot connect to 10.0.0.7:443") or echo the client's bytes.
@@ -205,6 +213,8 @@ PROTOCOL_ERRORS = {
           "it was not forwarded"),
     413: ("RequestEntityTooLarge", "body_size",
           "the request body is larger than the gateway accepts; it was not forwarded"),
+    431: ("RequestHeaderFieldsTooLarge", "size",
+          f"the request head is longer than the gateway reads ({MAX_HEAD} bytes); it was not forwarded"),
     502: ("BadGateway", "upstream",
           "the upstream could not be reached or did not answer properly; the gateway's audit trail "
           "holds the details"),

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import h2.events
 from mitmproxy import http, version
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import events
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 from mitmproxy.proxy.layers.http._events import (
@@ -39,6 +39,8 @@ from mitmproxy.proxy.layers.http._events import (
 )
 
 from nhi_gateway.policy.admission import (
+    HEAD_TOO_LARGE,
+    MAX_HEAD,
     PROTOCOL_ERROR_KEY,
     UNREADABLE_HOST,
     UNREADABLE_METHOD,
@@ -74,7 +76,7 @@ def _graph_shaped_h2_headers(original):
 
 def _noting_the_status(original):
     def handle_protocol_error(self, event):
-        status = event.code.http_status_code() or 0
+        status = 431 if event.message == HEAD_TOO_LARGE else event.code.http_status_code() or 0
         if isinstance(event, ResponseProtocolError) and event.code is ErrorCode.KILL:
             status = 0
         self.flow.metadata[PROTOCOL_ERROR_KEY] = {
@@ -96,20 +98,28 @@ def _unreadable_request(context, first_line: bytes) -> http.Request:
         content=b"", trailers=None, timestamp_start=time.time(), timestamp_end=None)
 
 
-def _refusal_events(stream_id: int, request: http.Request):
+def _refusal_events(stream_id: int, request: http.Request, why: str = "the request head could not be parsed"):
     yield http_layer.ReceiveHttp(RequestHeaders(stream_id, request, False))
-    yield http_layer.ReceiveHttp(RequestProtocolError(
-        stream_id, "the request head could not be parsed", ErrorCode.GENERIC_CLIENT_ERROR))
+    yield http_layer.ReceiveHttp(RequestProtocolError(stream_id, why, ErrorCode.GENERIC_CLIENT_ERROR))
 
 
 def _reading_unparseable_heads(original):
     def read_headers(self, event):
         head = bytes(self.buf)
         yield from original(self, event)
-        if self.request is None and self.state == self.done and isinstance(event, events.DataReceived):
+        if not isinstance(event, events.DataReceived):
+            return
+        if self.request is None and self.state == self.done:
             # mitmproxy answered 400 and closed without a flow: make one, so that the refusal is
             # audited and recorded.
             yield from _refusal_events(self.stream_id, _unreadable_request(self.context, head.split(b"\n", 1)[0]))
+        elif self.state == self.read_headers and len(self.buf) > MAX_HEAD:
+            # Still no end of the head: answer 431 and stop reading, instead of buffering on.
+            line = bytes(self.buf)[:512].split(b"\n", 1)[0]
+            yield commands.SendData(self.conn, _make_error_response(431))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+            yield from _refusal_events(self.stream_id, _unreadable_request(self.context, line), HEAD_TOO_LARGE)
 
     return read_headers
 
