@@ -72,6 +72,8 @@ def test_only_chunked_transfer_coding_is_accepted(values, refused):
     ([], "", b"%5Fmethod=DELETE", "application/x-www-form-urlencoded"),
     ([], "", b'{"_method": "DELETE", "displayName": "x"}', "application/json"),
     ([], "", b'{"_Method": "DELETE"}', "application/json; charset=utf-8"),
+    ([], "", b'{"\\u005f\\u006dethod": "DELETE"}', "application/json"),
+    ([], "", b'{"_method": "DELETE"}', "application/merge-patch+json"),
 ])
 def test_method_overrides_are_found_wherever_they_are_spelled(headers, query, body, content_type):
     assert method_override(headers, query, body, content_type) is not None

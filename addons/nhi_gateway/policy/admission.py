@@ -125,7 +125,7 @@ def _parameter_names(query: bytes) -> Iterable[bytes]:
 
 
 def _may_name_method(data: bytes) -> bool:
-    # Only text that has "method" in it, or a percent-escape that could spell it, is parsed.
+    # Only a query or form that has "method" in it, or a percent-escape that could spell it, is parsed.
     return b"%" in data or b"method" in data.lower()
 
 
@@ -149,14 +149,16 @@ def method_override(headers: Iterable[tuple[str, str]], query: str | bytes = b""
     query = _as_bytes(query)
     if _may_name_method(query) and any(n == METHOD_OVERRIDE_PARAMETER for n in _parameter_names(query)):
         return "the query parameter '_method'"
-    if not body or not _may_name_method(body):  # cheap: most bodies never mention it
+    if not body:
         return None
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/x-www-form-urlencoded":
-        if any(n == METHOD_OVERRIDE_PARAMETER for n in _parameter_names(body)):
+        if _may_name_method(body) and any(n == METHOD_OVERRIDE_PARAMETER for n in _parameter_names(body)):
             return "the form parameter '_method'"
     elif media == "application/json" or media.endswith("+json"):
-        if any(isinstance(k, str) and k.strip().lower() == "_method" for k in _json_top_level_names(body)):
+        # Parsed only when it may name it: "method" in it, or a \u escape that could spell it.
+        if (b"\\u" in body or b"method" in body.lower()) and any(
+                isinstance(k, str) and k.strip().lower() == "_method" for k in _json_top_level_names(body)):
             return "the JSON member '_method'"
     return None
 
