@@ -1,9 +1,12 @@
-"""A held request whose HTTP/2 stream the client resets is cancelled, as a disconnect cancels it:
-the connection stays open (other streams go on), so no ``client_disconnected`` says so, and
-without the cancellation the request stayed pending and could still be approved, with a grant."""
+"""Edges of holding a request for approval, through the real gateway: a held request whose
+HTTP/2 stream the client resets is cancelled, as a disconnect cancels it (the connection stays
+open, so no ``client_disconnected`` says so; without the cancellation the request stayed pending
+and could still be approved, with a grant); an approval whose decision cannot be stored leaves
+no grant behind."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import h2.config
@@ -13,6 +16,7 @@ import h2.errors
 from .test_approvals import (  # noqa: F401  (fixtures)
     GRAPH,
     WAIT,
+    add_password,
     adele,
     api,
     audit_of,
@@ -21,6 +25,7 @@ from .test_approvals import (  # noqa: F401  (fixtures)
     held_flow,
     marker,
     reached_graph,
+    use_proxy,
     workload,
 )
 from .test_protocol_edges import tunnel
@@ -56,3 +61,26 @@ def test_an_http2_stream_reset_while_held_cancels_the_request(gateway, lookalike
         time.sleep(0.05)
     [final] = [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]
     assert final["decision"] == "deny" and "cancelled" in final["reason"]
+
+
+def test_an_approval_that_cannot_be_stored_leaves_no_grant(gateway, lookalike, workload, api, monkeypatch):
+    """The database refuses the approval's update (as a failing disk would) after the grant could
+    have been written: the approver is told (503), no grant exists, the request stays held."""
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    db = sqlite3.connect(gateway.recordings / "approvals.sqlite3", isolation_level=None)
+    db.execute("CREATE TRIGGER broken BEFORE UPDATE ON approvals BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    try:
+        r = api.approve(held["id"], **{"for": "1h", "reason": "window"})
+        assert r.status_code == 503, r.text
+    finally:
+        db.execute("DROP TRIGGER broken")
+        db.close()
+    assert [g for g in api.grants("all") if g.get("approval_id") == held["id"]] == []
+    assert [a["state"] for a in api.approvals("all") if a["id"] == held["id"]] == ["pending"]
+    assert not call.done and not reached_graph(lookalike, mark)
+    assert api.deny(held["id"], "not now").status_code == 200
+    assert call.result().status_code == 403
+    assert not reached_graph(lookalike, mark)
