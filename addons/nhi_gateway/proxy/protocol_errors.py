@@ -79,9 +79,11 @@ def _noting_the_status(original):
         status = 431 if event.message == HEAD_TOO_LARGE else event.code.http_status_code() or 0
         if isinstance(event, ResponseProtocolError) and event.code is ErrorCode.KILL:
             status = 0
-        self.flow.metadata[PROTOCOL_ERROR_KEY] = {
-            "from": "client" if isinstance(event, RequestProtocolError) else "upstream",
-            "code": event.code.name.lower(), "status": status}
+        flow = getattr(self, "flow", None)
+        if flow is not None:
+            flow.metadata[PROTOCOL_ERROR_KEY] = {
+                "from": "client" if isinstance(event, RequestProtocolError) else "upstream",
+                "code": event.code.name.lower(), "status": status}
         return (yield from original(self, event))
 
     return handle_protocol_error
