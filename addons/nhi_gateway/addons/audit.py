@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.batch import BATCH_KEY, inner_flow_id
+from nhi_gateway.policy.admission import PROTOCOL_ERROR_KEY, answered_status
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
 from nhi_gateway.addons.guard import Health
@@ -25,9 +26,10 @@ def audit_record(flow: http.HTTPFlow) -> dict:
     r = flow.request
     url = f"{r.host}:{r.port}" if r.method == "CONNECT" else r.pretty_url
     if flow.error is not None:
-        # The client never got flow.response (at most its headers came from upstream before the
-        # connection failed): mitmproxy answered 502, or closed the connection.
-        status = 502
+        # The client never got flow.response: mitmproxy answered (400, 413, 502), or reset the
+        # stream or connection (0).
+        judged = decision is not None and decision.stage is not Stage.PROXY
+        status = answered_status(flow.error.msg, flow.metadata.get(PROTOCOL_ERROR_KEY), judged)
     elif flow.response is not None:
         status = flow.response.status_code
     else:

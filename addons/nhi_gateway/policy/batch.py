@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from nhi_gateway.policy.admission import method_override
 from nhi_gateway.policy.decision import Action, Decision, Stage, refusal_body
 from nhi_gateway.masking.masks import (
     MaskingError,
@@ -320,6 +321,10 @@ def _read_request(index: int, item: object, outer: Operation) -> InnerRequest:
     has_body = members.get("body") is not None
     if has_body:
         problems += _body_problems(members["body"], headers)
+    if (override := _method_override(url, headers, members.get("body"))) is not None:
+        # Judged as its 'method' alone, so one asking for another is refused (policy/admission.py).
+        problems.append(f"{override} asks for another method than {method or 'its own'}; "
+                        "inner requests may not override their method")
     depends_on = members.get("dependson")
     deps: tuple[str, ...] = ()
     if depends_on is not None:
@@ -397,6 +402,20 @@ def header(headers: Iterable[tuple[str, str]] | Mapping[str, object], name: str)
     items = headers.items() if isinstance(headers, Mapping) else headers
     name = name.lower()
     return next((v for k, v in items if isinstance(k, str) and k.lower() == name and isinstance(v, str)), "")
+
+
+def _method_override(url: str, headers: tuple[tuple[str, str], ...], body: object) -> str | None:
+    content_type = header(headers, "content-type")
+    if isinstance(body, (dict, list)):
+        data = json.dumps(body).encode()
+    elif isinstance(body, str):
+        try:  # Graph's form for bodies that are not JSON
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            data = body.encode("utf-8", "replace")
+    else:
+        data = b""
+    return method_override(headers, url.partition("?")[2], data, content_type)
 
 
 def _body_problems(body: object, headers: tuple[tuple[str, str], ...]) -> list[str]:

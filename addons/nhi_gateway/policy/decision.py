@@ -20,11 +20,13 @@ class Action(StrEnum):
 class Stage(StrEnum):
     """Which part of the gateway made (or refused) the decision."""
 
+    REQUEST = "request"  # the request's shape and size, before identity (policy/admission.py)
     IDENTITY = "identity"
     POLICY = "policy"
     MASKING = "masking"
     GUARD = "guard"
     ERROR = "error"  # an exception inside the gateway: always a denial
+    PROXY = "proxy"  # an answer mitmproxy itself wrote (unreadable framing, body over the limit)
 
 
 @dataclass(frozen=True)

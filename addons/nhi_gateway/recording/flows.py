@@ -42,6 +42,7 @@ from nhi_gateway.recording.files import (
     recording_base,
     write_ahead_base,
 )
+from nhi_gateway.recording.flowformat import escape_unencodable
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
 logger = logging.getLogger(__name__)
@@ -172,14 +173,22 @@ class FlowRecorder:
         if comment_prefix:
             disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            # Text that is not UTF-8 (a host, a header name): recorded escaped, and said so.
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
         base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly, self.worker)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
+
+    def _encode(self, disk: dict, flow, connections: tuple[bytes, bytes] | None) -> bytes:
+        if connections is None:
+            return self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        return encode_with_parts(disk, connections)
 
     def record_now(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
         """The flow and, for a ``$batch``, each of its inner requests; returns the flow's file."""
@@ -199,10 +208,12 @@ class FlowRecorder:
         disk["comment"] = "FORWARDING · " + disk["comment"]
         if self.worker:
             disk["metadata"]["nhi.worker"] = str(self.worker)
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
         return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC), self.worker), record)
 
     def close(self) -> None:
