@@ -38,7 +38,7 @@ def parse_state(text: str) -> StateBackend:
 def _shown(value: str) -> str:
     """A value for an error message, with anything that looks like a password cut off."""
     head, at, tail = value.partition("@")
-    return f"{head.split(':', 2)[0]}:…@{tail}" if at and "://" in head else value[:200]
+    return f"{head.split('://', 1)[0]}://…@{tail[:200]}" if at and "://" in head else value[:200]
 
 
 def sqlite_path(backend: StateBackend | None, default: Path) -> Path:
