@@ -87,7 +87,7 @@ def _private_cluster():
         subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                         "--no-sync"], check=True, capture_output=True)
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"], check=True,
+                        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off", "start"], check=True,
                        capture_output=True)
     except (subprocess.CalledProcessError, OSError) as e:
         shutil.rmtree(root, ignore_errors=True)
