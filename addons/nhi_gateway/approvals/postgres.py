@@ -353,6 +353,19 @@ class PostgresApprovalStore:
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
         return changed == 1
 
+    def approve_with_grant(self, request_id: str, grant: Grant, *, approver: Approver, reason: str,
+                           now: float) -> bool:
+        """Approve and grant in one transaction; False (and no grant) when no longer pending."""
+        with self._conn() as conn, conn.transaction():
+            changed = conn.execute(
+                "UPDATE approvals SET state = 'approved', approver = %s, reason = %s, decided_at = %s, grant_id = %s"
+                " WHERE id = %s AND state = 'pending'",
+                (_json(approver.to_dict()), reason, now, grant.id, request_id)).rowcount
+            if changed:
+                self._insert_grant(conn, grant)
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+        return changed == 1
+
     def cancel_pending(self, reason: str, now: float) -> int:
         """At start and stop: the requests this replica held (other replicas' are theirs; those
         of replicas that are gone are cancelled by the heartbeat)."""
@@ -368,7 +381,12 @@ class PostgresApprovalStore:
     # -- grants ----------------------------------------------------------------------------
 
     def add_grant(self, g: Grant) -> None:
-        self._write(
+        with self._conn() as conn:
+            self._insert_grant(conn, g)
+
+    @staticmethod
+    def _insert_grant(conn: psycopg.Connection, g: Grant) -> None:
+        conn.execute(
             "INSERT INTO grants (id, approval_id, rule_id, tenant_id, object_id, principal, operation, approver,"
             " reason, created_at, expires_at, revoked_at, revoked_by) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
             (g.id, g.approval_id, g.rule_id, *g.principal_key, _json(g.principal), g.operation,

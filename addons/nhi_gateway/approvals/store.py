@@ -671,6 +671,14 @@ class Approvals:
                 operation=request.operation, approver=approver, reason=_reason(reason), created_at=now,
                 expires_at=now + grant_seconds,
             )
+        together = getattr(self.store, "approve_with_grant", None)
+        if grant is not None and together is not None:
+            # A shared store decides and grants in one transaction: a grant of a decision that lost
+            # a race through another replica never exists, not even for a moment.
+            if not together(request.id, grant, approver=approver, reason=_reason(reason), now=now):
+                raise ApprovalError(409, "Conflict", f"approval request {request.id} was decided meanwhile")
+            return self._settle(request.id), grant
+        if grant is not None:
             self.store.add_grant(grant)
         if not self.store.finish(request.id, ApprovalState.APPROVED, approver=approver, reason=_reason(reason),
                                  now=now, grant_id=grant.id if grant else None):
