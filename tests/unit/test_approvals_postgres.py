@@ -241,3 +241,15 @@ async def test_a_decision_missed_while_disconnected_wakes_the_request_on_reconne
         assert (await asyncio.wait_for(waiting, 5.0)).state is ApprovalState.APPROVED
     finally:
         relay.set_mode("down")
+
+
+def test_a_server_that_is_not_there_at_start_refuses_and_does_not_stop_the_start():
+    store = PostgresApprovalStore("postgresql://postgres@127.0.0.1:1/nhi")  # nothing listens on port 1
+    store.start()
+    try:
+        with pytest.raises(ApprovalStoreError, match="cannot be used"):
+            store.active_grant((TENANT, BOT), OPERATION, "secret-rotation", time.time())
+        with pytest.raises(ApprovalStoreError):
+            Approvals(store).pending("apr-x")
+    finally:
+        store.close()
