@@ -82,7 +82,12 @@ def _private_cluster():
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as Debian's postgres user
         as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
+        try:
+            shutil.chown(root, "postgres")
+        except (LookupError, OSError):
+            shutil.rmtree(root, ignore_errors=True)
+            raise RuntimeError("PostgreSQL's binaries are installed but there is no 'postgres' user to run "
+                               "a private cluster as (initdb refuses root)") from None
     try:
         subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                         "--no-sync"], check=True, capture_output=True)

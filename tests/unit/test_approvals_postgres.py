@@ -253,3 +253,17 @@ def test_a_server_that_is_not_there_at_start_refuses_and_does_not_stop_the_start
             Approvals(store).pending("apr-x")
     finally:
         store.close()
+
+
+def test_the_password_in_a_state_url_is_never_logged_nor_in_an_error(caplog):
+    caplog.set_level("DEBUG")
+    store = PostgresApprovalStore("postgresql://gw:s3cr3t-pw@127.0.0.1:1/nhi")
+    store.start()
+    try:
+        with pytest.raises(ApprovalStoreError) as e:
+            store.get("apr-x")
+        time.sleep(0.5)  # the listener's own attempt is logged too
+    finally:
+        store.close()
+    assert "s3cr3t-pw" not in str(e.value) and "127.0.0.1:1/nhi" in str(e.value)
+    assert caplog.records and not any("s3cr3t-pw" in r.getMessage() for r in caplog.records)

@@ -296,6 +296,8 @@ class PostgresApprovalStore:
         conn.execute(
             "INSERT INTO replicas (id, host) VALUES (%s, %s)"
             " ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()", (self.replica_id, self.host))
+        # Replicas gone for a day are history: their held requests were cancelled long ago.
+        conn.execute("DELETE FROM replicas WHERE heartbeat_at < clock_timestamp() - interval '1 day'")
         with conn.transaction():
             rows = conn.execute(
                 "UPDATE approvals SET state = 'cancelled', decided_at = %s, reason = 'replica ' || replica_id ||"
