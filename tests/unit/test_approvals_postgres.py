@@ -267,3 +267,25 @@ def test_the_password_in_a_state_url_is_never_logged_nor_in_an_error(caplog):
         store.close()
     assert "s3cr3t-pw" not in str(e.value) and "127.0.0.1:1/nhi" in str(e.value)
     assert caplog.records and not any("s3cr3t-pw" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_server_that_hangs_holds_no_caller_longer_than_the_call_timeout(postgres_url, replicas):
+    from nhi_gateway.approvals.postgres import CALL_TIMEOUT
+
+    approvals = Approvals(replicas())
+    approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id)  # connected and migrated
+    with psycopg.connect(postgres_url) as blocker:  # a transaction that holds every grant lookup up
+        blocker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(ApprovalStoreError, match="no answer within"):
+            approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id)
+        assert time.monotonic() - started < CALL_TIMEOUT + 0.5
+        blocker.rollback()
+    deadline = time.monotonic() + 5
+    while True:  # back once the listener's next heartbeat succeeds
+        try:
+            assert approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id) is None
+            break
+        except ApprovalStoreError:
+            assert time.monotonic() < deadline, "the store did not recover"
+            await asyncio.sleep(0.1)

@@ -17,9 +17,11 @@
   caller refuses what needs approval or a grant with 503, never guesses), and the listener
   thread reconnects in the background, so the gateway recovers when the server returns.
 
-The calls are synchronous (psycopg 3 with a psycopg-pool connection pool), like the SQLite
-store's: a lookup on a reachable server takes a fraction of a millisecond, and while the server
-is known to be down nothing waits for it.
+The calls are synchronous, like the SQLite store's (psycopg 3 with a psycopg-pool connection
+pool): a lookup on a reachable server takes a fraction of a millisecond. Each runs in a worker
+thread that the caller waits for at most :data:`CALL_TIMEOUT`, so a server that hangs (a lock held,
+a host that stopped answering) stalls the gateway's event loop for at most that, once: the server
+then counts as down and later calls fail at once until the listener reaches it again.
 
 Plain Python: no mitmproxy import.
 """
@@ -30,7 +32,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
@@ -49,12 +53,14 @@ from nhi_gateway.approvals.store import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHANNEL = "nhi_gateway_approvals"
 HEARTBEAT = 1.0  # seconds between a replica's heartbeats
 STALE_AFTER = 5.0  # seconds without a heartbeat after which a replica counts as gone
 CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout takes whole seconds)
-POOL_TIMEOUT = 2.0  # seconds a call waits for a connection from the pool
+POOL_TIMEOUT = 1.5  # seconds a call waits for a connection from the pool
+CALL_TIMEOUT = 2.0  # seconds a caller waits for any call, whatever the server does
 STATEMENT_TIMEOUT_MS = 5000  # no single statement may hang a caller longer
 
 # Each entry moves the schema one version up; applied in order at start, under an advisory lock
@@ -171,6 +177,7 @@ class PostgresApprovalStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"approvals-{self.replica_id}")
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -199,6 +206,7 @@ class PostgresApprovalStore:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close(timeout=1)
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     def on_change(self, callback: Callable[[str | None], None]) -> None:
         self._callbacks.append(callback)
@@ -210,7 +218,10 @@ class PostgresApprovalStore:
     # -- connections -----------------------------------------------------------------------
 
     def _connect_kwargs(self) -> dict:
-        return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT,
+        # Keepalives and tcp_user_timeout: a server that vanishes from the network (no FIN, no RST)
+        # is noticed in seconds, not after the kernel's two hours.
+        return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
+                "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 10000,
                 "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
                 "application_name": f"nhi-gateway {self.replica_id}"}
 
@@ -234,30 +245,37 @@ class PostgresApprovalStore:
                 self._pool.open(wait=False)
             return self._pool
 
-    @contextmanager
-    def _conn(self):
+    def _call(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run ``work`` on a pooled connection, in a worker thread, waiting at most
+        :data:`CALL_TIMEOUT`: a server that hangs (a lock, a wedged host) never holds the
+        caller, the gateway's event loop, longer than that."""
         if self._down is not None:
             # Known down: answer at once; the listener thread says when it is back.
             raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {self._down}")
+        future = self._workers.submit(self._run, work)
+        try:
+            return future.result(timeout=CALL_TIMEOUT)
+        except FutureTimeout:
+            raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s")) from None
+
+    def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
         try:
             with self._ready_pool().connection() as conn:
                 if not self._migrated:
                     migrate(conn)
                     self._migrated = True
                 conn.row_factory = dict_row
-                yield conn
+                return work(conn)
         except ApprovalStoreError:
             raise
         except (psycopg.Error, PoolTimeout, OSError) as e:
             raise self._failed(e) from e
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
-        with self._conn() as conn:
-            return conn.execute(sql, args).fetchall()
+        return self._call(lambda conn: conn.execute(sql, args).fetchall())
 
     def _write(self, sql: str, args: tuple = ()) -> int:
-        with self._conn() as conn:
-            return conn.execute(sql, args).rowcount
+        return self._call(lambda conn: conn.execute(sql, args).rowcount)
 
     # -- the listener: notifications, heartbeat, cancelling for replicas that are gone -------
 
@@ -345,46 +363,55 @@ class PostgresApprovalStore:
                reason: str = "", now: float, grant_id: str | None = None) -> bool:
         """Move a pending request to its final state; False when it was no longer pending. The
         notification goes out with the commit, so whoever holds the request wakes at once."""
-        with self._conn() as conn, conn.transaction():
-            changed = conn.execute(
-                "UPDATE approvals SET state = %s, approver = %s, reason = %s, decided_at = %s, grant_id = %s"
-                " WHERE id = %s AND state = 'pending'",
-                (str(state), _json(approver.to_dict() if approver else None), reason, now, grant_id, request_id),
-            ).rowcount
-            if changed:
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
-        return changed == 1
+        def work(conn: psycopg.Connection) -> int:
+            with conn.transaction():
+                changed = conn.execute(
+                    "UPDATE approvals SET state = %s, approver = %s, reason = %s, decided_at = %s, grant_id = %s"
+                    " WHERE id = %s AND state = 'pending'",
+                    (str(state), _json(approver.to_dict() if approver else None), reason, now, grant_id,
+                     request_id),
+                ).rowcount
+                if changed:
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+            return changed
+
+        return self._call(work) == 1
 
     def approve_with_grant(self, request_id: str, grant: Grant, *, approver: Approver, reason: str,
                            now: float) -> bool:
         """Approve and grant in one transaction; False (and no grant) when no longer pending."""
-        with self._conn() as conn, conn.transaction():
-            changed = conn.execute(
-                "UPDATE approvals SET state = 'approved', approver = %s, reason = %s, decided_at = %s, grant_id = %s"
-                " WHERE id = %s AND state = 'pending'",
-                (_json(approver.to_dict()), reason, now, grant.id, request_id)).rowcount
-            if changed:
-                self._insert_grant(conn, grant)
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
-        return changed == 1
+        def work(conn: psycopg.Connection) -> int:
+            with conn.transaction():
+                changed = conn.execute(
+                    "UPDATE approvals SET state = 'approved', approver = %s, reason = %s, decided_at = %s,"
+                    " grant_id = %s WHERE id = %s AND state = 'pending'",
+                    (_json(approver.to_dict()), reason, now, grant.id, request_id)).rowcount
+                if changed:
+                    self._insert_grant(conn, grant)
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+            return changed
+
+        return self._call(work) == 1
 
     def cancel_pending(self, reason: str, now: float) -> int:
         """At start and stop: the requests this replica held (other replicas' are theirs; those
         of replicas that are gone are cancelled by the heartbeat)."""
-        with self._conn() as conn, conn.transaction():
-            rows = conn.execute(
-                "UPDATE approvals SET state = 'cancelled', reason = %s, decided_at = %s"
-                " WHERE state = 'pending' AND replica_id = %s RETURNING id",
-                (reason, now, self.replica_id)).fetchall()
-            for row in rows:
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, row["id"]))
-        return len(rows)
+        def work(conn: psycopg.Connection) -> int:
+            with conn.transaction():
+                rows = conn.execute(
+                    "UPDATE approvals SET state = 'cancelled', reason = %s, decided_at = %s"
+                    " WHERE state = 'pending' AND replica_id = %s RETURNING id",
+                    (reason, now, self.replica_id)).fetchall()
+                for row in rows:
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, row["id"]))
+            return len(rows)
+
+        return self._call(work)
 
     # -- grants ----------------------------------------------------------------------------
 
     def add_grant(self, g: Grant) -> None:
-        with self._conn() as conn:
-            self._insert_grant(conn, g)
+        self._call(lambda conn: self._insert_grant(conn, g))
 
     @staticmethod
     def _insert_grant(conn: psycopg.Connection, g: Grant) -> None:
