@@ -131,6 +131,8 @@ class Identity:
         self.policies = policies
         self.verifier = verifier
         self._tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # CONNECTs this stage admitted that are not answered yet (flow -> its tunnel)
+        self._admitting: weakref.WeakKeyDictionary[http.HTTPFlow, Tunnel] = weakref.WeakKeyDictionary()
         self._trust = PolicyTrust(policies)
 
     async def _principal(self, token: str, source: TokenSource, flow, status: int) -> Principal | None:
@@ -216,10 +218,26 @@ class Identity:
                 407, "missing", f"{host} requires a token in the proxy credentials "
                 "(HTTPS_PROXY=http://<name>:<token>@host:port)"))
             return
-        self._tunnels[flow.client_conn] = Tunnel(host, principal, token)
+        # Bound to the connection only once the CONNECT is answered 2xx (http_connected): a later
+        # stage (the guard) may still refuse it, and then nothing of it may vouch for the next
+        # request on that connection.
+        self._admitting[flow] = Tunnel(host, principal, token)
         flow.metadata[CONNECT_KEY] = "admitted"
         if principal is not None:
             flow.metadata[PRINCIPAL_KEY] = principal
+
+    @fail_closed
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy calls this only for a CONNECT answered 2xx.
+        tunnel = self._admitting.pop(flow, None)
+        if tunnel is not None:
+            self._tunnels[flow.client_conn] = tunnel
+        else:
+            self._tunnels.pop(flow.client_conn, None)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._admitting.pop(flow, None)
+        self._tunnels.pop(flow.client_conn, None)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -275,6 +293,7 @@ class Identity:
             principals.append(verified[0])
             proxy_tokens.append(verified[1])
         auth = flow.request.headers.get("Authorization")
+        bearer: str | None = None  # the verified bearer token, once verified
         if auth is not None and upstream.token != "none" and auth.strip().split(" ", 1)[0].lower() != "bearer":
             # A credential of another scheme would reach the upstream unverified, riding on the
             # proxy identity's decision. (Token endpoints, token: none, keep HTTP Basic client auth.)
@@ -290,6 +309,7 @@ class Identity:
             if p is None:
                 return
             principals.append(p)
+            bearer = token
 
         sources = {s for p in principals for s in p.token_sources}
         unmet = TokenRequirement.unmet(upstream.token, sources)
@@ -301,9 +321,14 @@ class Identity:
             refuse(flow, _identity_refusal(
                 401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
             return
-        if auth is None and proxy_tokens and upstream.token != "none":
+        if bearer is not None:
+            # Upstream gets the token that was verified, never the header as the client wrote it.
+            flow.request.headers["Authorization"] = f"Bearer {bearer}"
+        elif auth is None and proxy_tokens and upstream.token != "none":
             # A client that can only set HTTPS_PROXY still needs Graph to see its token: present
-            # the verified proxy token upstream as the bearer (redacted in every recording).
+            # the verified proxy token upstream as the bearer (redacted in every recording). The
+            # verifier accepted it only in the compact form (identity/token_form.py), so it holds
+            # nothing a header could be split at.
             flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))

@@ -33,8 +33,10 @@ RECORDED_KEY = "nhi.recorded"
 class Recorder(FlowRecorder):
     def __init__(self, directory: Path, health: Health, on_refusal=None, *,
                  max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
-                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, separate_process: bool = False) -> None:
-        super().__init__(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, separate_process: bool = False,
+                 worker: int | None = None) -> None:
+        super().__init__(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval,
+                         worker=worker)
         self.health = health
         self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
         self.on_write = lambda kind, seconds, ok: None  # metrics
@@ -42,11 +44,11 @@ class Recorder(FlowRecorder):
         # With separate_process, a child process writes (see nhi_gateway.recording.process) and
         # this object only hands flows over; the child checks the files for torn tails itself.
         self.process = RecordingProcess(self.directory, max_bytes=max_bytes, hourly=hourly,
-                                        fsync_interval=fsync_interval) if separate_process else None
+                                        fsync_interval=fsync_interval, worker=worker) if separate_process else None
         if self.process is not None:
             return
         try:
-            recover_recent(self.directory)
+            recover_recent(self.directory, worker=worker)
         except OSError as e:  # the first write reports it, and refuses
             logger.error("cannot check %s for recordings cut short by a crash: %s", self.directory, e)
 

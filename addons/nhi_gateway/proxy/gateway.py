@@ -29,6 +29,7 @@ from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_l
 
 from nhi_gateway.addons.admin import Admin, gateway_checks
 from nhi_gateway.addons.admin_tls import AdminTLS, AdminTLSError, server_context
+from nhi_gateway.addons.admission import Admission
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from nhi_gateway.addons.audit import Audit
@@ -39,6 +40,7 @@ from nhi_gateway.addons.identity import Identity, trust_of
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.addons.metrics import GatewayMetrics, Metrics, state_metrics
+from nhi_gateway.addons.objects import ObjectNames
 from nhi_gateway.addons.recorder import Recorder, WriteAhead
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
@@ -50,9 +52,11 @@ from nhi_gateway.approvals.state import StateBackend, sqlite_path
 from nhi_gateway.recording.audit import AuditCopy, AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
+from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
+from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -100,6 +104,9 @@ class GatewayConfig:
     admin_tls_key: Path | None = None
     admin_insecure: bool = False
     audit_copies: tuple[str, ...] = ()  # also send each audit line to: stdout, syslog[:ADDRESS]
+    # run --workers N: this process's number (1..N). Its recordings, write-ahead log and audit
+    # trail are files of its own (".w2"), and each audit line and recorded flow names it.
+    worker: int | None = None
 
 
 @dataclass
@@ -137,10 +144,10 @@ class Gateway:
 def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health,
                 groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
-    audit_path = config.audit_path or config.recordings / "audit.jsonl"
+    audit_path = audit_path_of(config)
     audit_log = AuditLog(audit_path, fsync_interval=config.recordings_fsync)
     audit_log.copies = [AuditCopy(target) for target in config.audit_copies]
-    audit = Audit(audit_log, health)
+    audit = Audit(audit_log, health, worker=config.worker)
     approvals = open_approvals(config)
     notify = None
     if egress is not None:
@@ -148,7 +155,8 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
             return await egress.post_json(url, json_body=payload)
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
-                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process,
+                        worker=config.worker)
     stopping = Stopping()
     approval = Approval(policies, approvals, health, audit.log, notify)
     metrics = GatewayMetrics()
@@ -168,10 +176,15 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         admin,  # /healthz, /readyz, /metrics on the admin listener: never audited or recorded
         # First of the flow stages: answers every request on the approval API's own listener.
-        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
+        # Before identity and every rule: a request of a shape the gateway will not judge (method
+        # overrides, oversized target or headers, transfer codings) is refused as it came.
+        Admission(),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
+        # After membership (rules' `when` may name groups): resolves alternate keys of objects.
+        ObjectNames(policies, ObjectResolver(groups, ttl=config.groups_ttl) if groups is not None else None),
         Authorization(policies),
         approval,  # holds `approve` decisions
         Masking(policies),
@@ -185,6 +198,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         stopping.settled,  # last: a flow is done once audited and handed to the recording
     ]
     return chain, recorder
+
+
+def audit_path_of(config: GatewayConfig) -> Path:
+    """The audit trail of this process: one chain per writer, so each worker has its own file."""
+    path = config.audit_path or config.recordings / "audit.jsonl"
+    return path.with_name(f"{path.stem}.w{config.worker}{path.suffix}") if config.worker else path
 
 
 def rule_ids_of(policies: PolicyStore):
@@ -207,6 +226,8 @@ def open_approvals(config: GatewayConfig) -> Approvals:
         logger.info("approvals and grants in %s (replica %s)", shared.path, shared.replica_id)
         return Approvals(shared)
     store = ApprovalStore(sqlite_path(config.state, config.approvals_db or config.recordings / "approvals.sqlite3"))
+    if config.worker and config.worker > 1:
+        return Approvals(store)  # worker 1 cleans up after the last run; the others must not cancel its requests
     try:
         stale = store.cancel_pending("the gateway restarted while the request was held", time.time())
     except ApprovalStoreError as e:  # requests that need approval are refused until it works
@@ -269,7 +290,10 @@ def _is_loopback(host: str) -> bool:
 async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
     answer_lost_connection_attempts()
+    answer_protocol_errors_as_graph()
     policies = PolicyStore(load_policy(config.policy_path))
+    if notice := policies.current.report_notice():
+        logger.warning("%s: %s", config.policy_path, notice)
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)
     opts = options.Options(
@@ -304,6 +328,7 @@ async def start(config: GatewayConfig) -> Gateway:
     chain, recorder = build_chain(config, policies, verifier, health, groups, egress)
     m.addons.add(*chain)
     approval = next(a for a in chain if isinstance(a, Approval))
+    tell_when_clients_leave_a_held_request(approval.request_cancelled)
     api_host, api_port = approvals_listen(config)
     if config.admin_tls_cert is None and not _is_loopback(api_host):
         if not config.admin_insecure:
@@ -362,7 +387,8 @@ def announce(gateway: Gateway, out=sys.stdout) -> None:
         "Client environment:",
         *("  " + line for line in client_environment(gateway)),
     ]
-    print("\n".join(lines), file=out, flush=True)
+    if gateway.config.worker in (None, 1):  # the workers of --workers N: the first one speaks for all
+        print("\n".join(lines), file=out, flush=True)
     if gateway.config.ready_file:
         ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid(),
                  "approvals_api": gateway.approvals_api}
