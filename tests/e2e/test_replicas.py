@@ -251,3 +251,29 @@ def test_postgres_unreachable_what_needs_approval_is_refused_503_the_rest_flows_
     finally:
         stop(gw.proc)
         relay.set_mode("down")
+
+
+def test_two_workers_on_postgresql_release_requests_held_on_either_through_either(tmp_path, lookalike, adele,
+                                                                                  authority, postgres_url):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    policy = workdir / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    gw = start_gateway(workdir, lookalike, policy=policy, extra_args=["--workers", "2", "--state", postgres_url])
+    try:
+        assert sorted(gw.info["workers"]) == ["1", "2"]
+        bot = authority.mint_app_token(
+            tenant_id=lookalike.tenant_id, app_id=lookalike.app("rotation-bot")["client_id"],
+            object_id=str(uuid.uuid4()), display_name="rotation-bot", roles=("Application.ReadWrite.All",))
+        # Each call is a new connection, which the kernel hashes to either worker; so are the API calls.
+        marks = [marker() for _ in range(8)]
+        calls = [add_password(gw, lookalike, bot, m) for m in marks]
+        for mark in marks:
+            [held] = wait_for(API(gw, adele), mark)
+            assert API(gw, adele).approve(held["id"], reason="batch").status_code == 200
+        assert all(c.result(timeout=10).status_code == 200 for c in calls)
+        holders = {w for w in (1, 2) if (gw.recordings / f"audit.w{w}.jsonl").exists()
+                   and '"approval_requested"' in (gw.recordings / f"audit.w{w}.jsonl").read_text()}
+        assert holders == {1, 2}  # 8 connections over two workers: both held some (odds 2 in 256 otherwise)
+    finally:
+        stop(gw.proc)

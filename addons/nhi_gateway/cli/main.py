@@ -230,10 +230,11 @@ def run_workers(args) -> int:
     except PolicyError as e:
         print(f"nhi-gateway: the policy cannot be loaded, so the gateway does not start:\n  {e}", file=sys.stderr)
         return 2
-    if any(rule.action is Action.APPROVE for rule in policy.rules):
+    shared = args.state is not None and args.state.shared  # PostgreSQL wakes a held request on any worker
+    if any(rule.action is Action.APPROVE for rule in policy.rules) and not shared:
         print("nhi-gateway: --workers: the policy holds requests for approval, and the embedded SQLite state "
               "cannot wake a request held by one worker when the decision comes through another; run one "
-              "worker (--workers 1)", file=sys.stderr)
+              "worker (--workers 1), or keep approvals in PostgreSQL (--state postgresql://...)", file=sys.stderr)
         return 2
     argv = list(args.argv)
     for i, word in enumerate(argv):
