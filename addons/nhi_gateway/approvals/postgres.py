@@ -310,10 +310,13 @@ class PostgresApprovalStore:
                 logger.error("%s", e)
                 self._stop.wait(5)
 
-    def _beat(self, conn: psycopg.Connection) -> None:
+    def _heartbeat_row(self, conn: psycopg.Connection) -> None:
         conn.execute(
             "INSERT INTO replicas (id, host) VALUES (%s, %s)"
             " ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()", (self.replica_id, self.host))
+
+    def _beat(self, conn: psycopg.Connection) -> None:
+        self._heartbeat_row(conn)
         # Replicas gone for a day are history: their held requests were cancelled long ago.
         conn.execute("DELETE FROM replicas WHERE heartbeat_at < clock_timestamp() - interval '1 day'")
         with conn.transaction():
@@ -338,7 +341,14 @@ class PostgresApprovalStore:
     # -- requests --------------------------------------------------------------------------
 
     def add(self, r: ApprovalRequest) -> None:
-        self._write(
+        def work(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                # This replica's heartbeat first: the others never take a request just held here
+                # for one of a replica that is gone (the listener may not have beaten yet).
+                self._heartbeat_row(conn)
+                conn.execute(*insert)
+
+        insert = (
             "INSERT INTO approvals (id, rule_id, tenant_id, object_id, principal, operation, method, url, digest,"
             " created_at, expires_at, max_grant, body_size, body_preview, flow_id, state, approver, reason,"
             " decided_at, grant_id, replica_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
@@ -347,6 +357,7 @@ class PostgresApprovalStore:
              _json(r.approver.to_dict() if r.approver else None), r.reason, r.decided_at, r.grant_id,
              self.replica_id),
         )
+        self._call(work)
 
     def get(self, request_id: str) -> ApprovalRequest | None:
         rows = self._rows("SELECT * FROM approvals WHERE id = %s", (request_id,))
