@@ -139,9 +139,12 @@ def postgres_url(postgres_server):
         with psycopg.connect(postgres_server, autocommit=True, connect_timeout=5) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as e:
+        from nhi_gateway.approvals.postgres import describe  # the server, never a password
+
+        message = f"PostgreSQL at {describe(postgres_server)} refused a test database: {e}"
         if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {postgres_server} refused a test database: {e}")
-        pytest.skip(f"PostgreSQL at {postgres_server} refused a test database: {e}")
+            pytest.fail(message)
+        pytest.skip(message)
     try:
         if "://" in postgres_server:  # a URL, as the gateway's --state takes it
             yield urlsplit(postgres_server)._replace(path="/" + name).geturl()
