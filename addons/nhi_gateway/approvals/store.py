@@ -581,6 +581,31 @@ class Approvals:
     clock: Callable[[], float] = time.time
     _waiting: dict[str, asyncio.Future] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A shared store (PostgreSQL) tells us when another replica decided a request held here.
+        on_change = getattr(self.store, "on_change", None)
+        if on_change is not None:
+            on_change(self._changed)
+
+    def _changed(self, request_id: str | None) -> None:
+        """From the store's listener thread: ``request_id`` was decided (None: any may have been)."""
+        ids = list(self._waiting) if request_id is None else [request_id]
+        for rid in ids:
+            future = self._waiting.get(rid)
+            if future is not None and not future.done():
+                future.get_loop().call_soon_threadsafe(self._wake, rid)
+
+    def _wake(self, request_id: str) -> None:
+        future = self._waiting.get(request_id)
+        if future is None or future.done():
+            return
+        try:
+            final = self.store.get(request_id)
+        except ApprovalStoreError:
+            return  # the listener tells us again once the store is back
+        if final is not None and final.state is not ApprovalState.PENDING:
+            future.set_result(final)
+
     # -- the data path ---------------------------------------------------------------------
 
     def open(self, *, settings: ApprovalSettings, principal: dict, operation: str, method: str, url: str,

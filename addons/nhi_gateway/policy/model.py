@@ -67,7 +67,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
         approval:                                # required on approve rules, refused on others
           approvers: {users: [<oid>], groups: [<group id>]}  # at least one
           timeout: 5m                            # optional, default 5m, 1s..1h: how long a request waits
-          max_grant: 1h                          # optional, 1m..7d: how long an approval may cover
+          max_grant: 1h                          # optional, 1s..7d: how long an approval may cover
                                                  # repeats; without it, the one request only
         mask: directory-pii                      # optional, allow and approve rules; a profile name
         mode: report                             # optional, deny and approve rules; enforce | report
@@ -600,7 +600,7 @@ class ApprovalsConfig:
 
 DEFAULT_APPROVAL_TIMEOUT = 300
 MAX_APPROVAL_TIMEOUT = 3600
-MIN_GRANT = 60
+MIN_GRANT = 1  # any grant from 1s: a shorter grant is never less safe (and expiry is quick to test)
 MAX_GRANT = 7 * 24 * 3600
 
 

@@ -47,6 +47,8 @@ from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreError
+from nhi_gateway.approvals.postgres import PostgresApprovalStore
+from nhi_gateway.approvals.state import StateBackend, sqlite_path
 from nhi_gateway.recording.audit import AuditCopy, AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
@@ -85,6 +87,9 @@ class GatewayConfig:
     # Approvals: requests and grants (default <recordings>/approvals.sqlite3), and where the
     # approval API listens (default: 127.0.0.1, the proxy's port + 1, or a free port with port 0).
     approvals_db: Path | None = None
+    # --state: None or sqlite:///PATH keeps the SQLite file above; postgresql://... shares
+    # approvals and grants with every replica that names the same database.
+    state: StateBackend | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
     # Recordings are written by a child process (nhi_gateway.recording.process), off the event
@@ -214,7 +219,13 @@ def rule_ids_of(policies: PolicyStore):
 
 
 def open_approvals(config: GatewayConfig) -> Approvals:
-    store = ApprovalStore(config.approvals_db or config.recordings / "approvals.sqlite3")
+    if config.state is not None and config.state.shared:
+        # The server need not be up: until it is, what needs approval or a grant is refused 503.
+        shared = PostgresApprovalStore(config.state.location, host=socket.gethostname())
+        shared.start()
+        logger.info("approvals and grants in %s (replica %s)", shared.path, shared.replica_id)
+        return Approvals(shared)
+    store = ApprovalStore(sqlite_path(config.state, config.approvals_db or config.recordings / "approvals.sqlite3"))
     if config.worker and config.worker > 1:
         return Approvals(store)  # worker 1 cleans up after the last run; the others must not cancel its requests
     try:

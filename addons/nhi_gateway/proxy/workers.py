@@ -10,7 +10,8 @@ one ready file once every worker is ready.
 
 Workers share no memory: what must be shared (held approvals, grants) lives in the state backend.
 The embedded SQLite state cannot wake a request held by one worker when another takes the decision,
-so a policy with approve rules is refused with several workers on it.
+so a policy with approve rules is refused with several workers on it unless the state is
+PostgreSQL (``--state postgresql://...``), which wakes a held request on whichever worker holds it.
 """
 
 from __future__ import annotations
