@@ -39,12 +39,14 @@ from nhi_gateway.approvals.store import (
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError, verify_chain
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.lookalike.minting import EntraAuthority
-from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.model import PolicyStore, parse_policy
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
+
+from ..support.entra import LOGIN, entra_fetcher
+from ..support.policies import V1_ISSUER, V2_ISSUER, policy_head
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 BOT_APP = "a00780c4-4e70-52ba-ab0f-9b41ac40647f"
@@ -53,18 +55,10 @@ ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
 ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
 FINANCE = "fa763154-4fe2-5fa2-9700-3c383daf712a"
 AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"
-LOGIN = "https://login.microsoftonline.com"
 GATEWAY_API = "7aebfec0-9a46-5038-80cb-18b0fabd868c"  # the gateway's own app registration
 TARGET = "/v1.0/applications/b34e6fbe-e558-5361-ab5e-1089c54df4e8/addPassword"
 
-POLICY = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/", "https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-upstreams:
-  - host: graph.microsoft.com
+POLICY = policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER)) + f"""\
 approvals:
   client_id: {GATEWAY_API}
   app_id_uri: api://{GATEWAY_API}
@@ -545,27 +539,6 @@ async def test_other_decisions_pass_untouched(holding):
 # --- the approval API ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def authority() -> EntraAuthority:
-    return EntraAuthority([SigningKey.generate()])
-
-
-def fetcher(authority: EntraAuthority):
-    async def fetch(url: str) -> dict:
-        tenant, _, rest = url.removeprefix(LOGIN + "/").partition("/")
-        if rest == ".well-known/openid-configuration":
-            return authority.discovery(tenant, "1.0")
-        if rest == "v2.0/.well-known/openid-configuration":
-            return authority.discovery(tenant, "2.0")
-        if "discovery/v2.0/keys" in rest:
-            return authority.jwks("2.0")
-        if "discovery/keys" in rest:
-            return authority.jwks("1.0")
-        raise AssertionError(url)
-
-    return fetch
-
-
 def person(authority: EntraAuthority, oid: str, name: str, groups=None, **changes) -> str:
     """An approver's token as `nhi-gateway approvals login` gets it: v2, for the gateway's API,
     with its scope and the authentication context the policy asks for."""
@@ -598,7 +571,7 @@ def api_flow(method: str, path: str, token: str | None = None, body: dict | None
 
 @pytest.fixture
 def api(holding, authority):
-    verifier = TokenVerifier(KeyStore(fetcher(authority)))
+    verifier = TokenVerifier(KeyStore(entra_fetcher(authority)))
     addon = ApprovalsAPI(holding.policies, holding.approvals, verifier, holding.addon.health, holding.log)
     return SimpleNamespace(addon=addon, holding=holding,
                            adele=person(authority, ADELE, "Adele Vance"),

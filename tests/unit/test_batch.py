@@ -3,7 +3,7 @@ if it had been sent alone; a batch the gateway cannot read, or with any refused 
 refused whole and nothing of it reaches Graph.
 
 The first part tests :mod:`nhi_gateway.policy.batch` on its own (no mitmproxy); the second runs the
-gateway's chain as it is built (``build_chain``) with the helpers of ``test_chain``.
+gateway's chain as it is built (``build_chain``) with ``tests/support/chain.py``.
 """
 
 from __future__ import annotations
@@ -41,34 +41,26 @@ from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.model import load_policy, parse_policy
 from nhi_gateway.identity.principal import Principal
 
-from .test_chain import (  # noqa: F401  (fixtures: authority, tokens, gw, no_exception_escapes_an_addon)
+from ..support.chain import (
     GRAPH,
     READER_APP,
     READER_OID,
     SECRET_MAIL,
     TENANT,
     UPSTREAM_SECRET,
-    authority,
     exchange,
     graph_json,
-    gw,
-    no_exception_escapes_an_addon,
     refusal,
-    tokens,
     tunnel,
 )
+from ..support.policies import V1_ISSUER, policy_head
+
+pytestmark = pytest.mark.usefixtures("no_exception_escapes_an_addon")
 
 REPO = Path(__file__).resolve().parents[2]
 APP_ID = "0c8f7e6d-1111-4222-8333-944445555666"
 
-POLICY = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
-upstreams:
-  - host: graph.microsoft.com
+POLICY = policy_head(TENANT, issuers=(V1_ISSUER,)) + f"""\
 masking:
   profiles:
     pii: {{fields: [mail]}}

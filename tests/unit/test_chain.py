@@ -6,22 +6,18 @@ hooks of each flow in the order mitmproxy 12 runs them (``exchange`` mirrors
 ``mitmproxy/proxy/layers/http``: an addon's exception is logged and the next addon still runs, a
 response set in the ``request`` hooks means the upstream is never contacted, a kill stops the flow
 and fires ``error``). Tokens are minted by the look-alike Entra authority and really verified.
+The harness is ``tests/support/chain.py``; its fixtures are in ``tests/unit/conftest.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import gzip
-import inspect
 import json
-import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from mitmproxy import connection, flow, http
+from mitmproxy import flow, http
 from mitmproxy.proxy.mode_specs import ProxyMode
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import taddons, tflow
 
 from nhi_gateway.addons import approval as approval_module
 from nhi_gateway.addons import guard as guard_module
@@ -31,292 +27,43 @@ from nhi_gateway.addons import upstream_timeout as upstream_timeout_module
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode
 from nhi_gateway.addons.audit import Audit
 from nhi_gateway.addons.authorization import Authorization
-from nhi_gateway.policy.decision import REFUSED_KEY, decision_of, set_decision
-from nhi_gateway.addons.guard import Guard, Health
+from nhi_gateway.policy.decision import decision_of, set_decision
+from nhi_gateway.addons.guard import Guard
 from nhi_gateway.addons.identity import CONNECT_KEY, Identity
-from nhi_gateway.addons.recorder import Recorder
 from nhi_gateway.recording.audit import AuditWriteError
 from nhi_gateway.policy.decision import Decision, Stage
-from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
-from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.masking.masks import MASK
-from nhi_gateway.policy.model import PolicyStore, parse_policy
-from nhi_gateway.identity.signing_keys import KeyStore
-from nhi_gateway.identity.tokens import TokenVerifier
 
-TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
-READER_APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
-READER_OID = "0b1c2d3e-0000-4000-8000-000000000042"
-SECOND_OID = "0b1c2d3e-0000-4000-8000-000000000043"  # another service principal of the same app
-STRANGER_APP = "11111111-2222-4333-8444-555555555555"
-STRANGER_OID = "0b1c2d3e-0000-4000-8000-000000000044"
-GRAPH = "graph.microsoft.com"
-LOGIN = "https://login.microsoftonline.com"
+from ..support.chain import (
+    Gateway,
+    POLICY,
+    READER_APP,
+    READER_OID,
+    SECRET_MAIL,
+    STRANGER_OID,
+    TENANT,
+    UPSTREAM_SECRET,
+    USERS,
+    boom,
+    build_gateway,
+    connect,
+    exchange,
+    graph_json,
+    graph_request,
+    killed,
+    refusal,
+    run_hook,
+    tunnel,
+)
 
-SECRET_MAIL = "alice@contoso.example"
-UPSTREAM_SECRET = b"upstream-only: must never reach the client"
-
-POLICY = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
-upstreams:
-  - host: graph.microsoft.com
-    token: any
-masking:
-  profiles:
-    pii: {{fields: [mail]}}
-rules:
-  - id: directory-read
-    action: allow
-    when: {{app_ids: [{READER_APP}]}}
-    operations:
-      - host: graph.microsoft.com
-        methods: [GET]
-        paths: ["/users", "/users/{{id}}"]
-    mask: pii
-  - id: no-user-deletes
-    action: deny
-    operations:
-      - host: graph.microsoft.com
-        methods: [DELETE]
-        paths: ["/users/{{id}}"]
-"""
+pytestmark = pytest.mark.usefixtures("no_exception_escapes_an_addon")
 
 # The same policy reloaded without its mask profile (the allow rule no longer names one).
 POLICY_WITHOUT_PROFILE = POLICY.replace("    pii: {fields: [mail]}\n", "    other: {fields: [mobilePhone]}\n").replace(
     "    mask: pii\n", ""
 )
 
-
-# --- the look-alike Entra authority ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def authority() -> EntraAuthority:
-    return EntraAuthority([SigningKey.generate()])
-
-
-def entra_fetcher(authority: EntraAuthority):
-    """Answers discovery and JWKS requests from the authority, like login.microsoftonline.com."""
-
-    async def fetch(url: str) -> dict:
-        tenant, _, rest = url.removeprefix(LOGIN + "/").partition("/")
-        if rest == "v2.0/.well-known/openid-configuration":
-            return authority.discovery(tenant, "2.0")
-        if rest == ".well-known/openid-configuration":
-            return authority.discovery(tenant, "1.0")
-        if "discovery/v2.0/keys" in rest:
-            return authority.jwks("2.0")
-        if "discovery/keys" in rest:
-            return authority.jwks("1.0")
-        raise AssertionError(f"unexpected key fetch {url}")
-
-    return fetch
-
-
-@pytest.fixture(scope="module")
-def tokens(authority) -> dict[str, str]:
-    def mint(app, oid, name):
-        return authority.mint_app_token(tenant_id=TENANT, app_id=app, object_id=oid, display_name=name,
-                                        roles=("User.Read.All",))
-
-    return {
-        "reader": mint(READER_APP, READER_OID, "mcp-directory"),
-        "reader-2": mint(READER_APP, SECOND_OID, "mcp-directory-2"),
-        "stranger": mint(STRANGER_APP, STRANGER_OID, "stranger"),
-    }
-
-
-# --- the chain, built as the gateway builds it -------------------------------------------------
-
-
-@dataclass
-class Gateway:
-    chain: list
-    policies: PolicyStore
-    verifier: TokenVerifier
-    health: Health
-    recorder: Recorder
-    policy_path: Path
-
-    def addon(self, cls):
-        return next(a for a in self.chain if isinstance(a, cls))
-
-
-def build_gateway(tmp_path: Path, authority, *, recordings: Path | None = None,
-                  audit_path: Path | None = None, fetch=None) -> Gateway:
-    policy_path = tmp_path / "policy.yaml"
-    policy_path.write_text(POLICY)
-    if recordings is None:
-        recordings = tmp_path / "recordings"
-        recordings.mkdir()
-    policies = PolicyStore(parse_policy(POLICY, str(policy_path)))
-    verifier = TokenVerifier(KeyStore(fetch or entra_fetcher(authority)))
-    health = Health()
-    # In-process recording: these tests drive the hooks themselves and reach into the recorder.
-    config = GatewayConfig(policy_path=policy_path, recordings=recordings, audit_path=audit_path,
-                           recording_process=False)
-    chain, recorder = build_chain(config, policies, verifier, health)
-    return Gateway(chain, policies, verifier, health, recorder, policy_path)
-
-
-@pytest.fixture
-async def gw(tmp_path, authority):
-    gateway = build_gateway(tmp_path, authority)
-    with taddons.context(*gateway.chain):
-        yield gateway
-    gateway.recorder.done()
-
-
-# --- running hooks as mitmproxy does -------------------------------------------------------------
-
-escaped: list[BaseException] = []  # exceptions that got past an addon: mitmproxy would forward anyway
-
-
-@pytest.fixture(autouse=True)
-def no_exception_escapes_an_addon():
-    escaped.clear()
-    yield
-    assert not escaped, f"an addon hook raised (mitmproxy logs it and fails open): {escaped!r}"
-
-
-async def run_hook(chain, name: str, f) -> None:
-    """Call ``name`` on every addon of the chain that has it, in order, as AddonManager does: an
-    exception is logged and the next addon still runs (mitmproxy's ``safecall``)."""
-    for addon in chain:
-        hook = getattr(addon, name, None)
-        if hook is None:
-            continue
-        try:
-            result = hook(f)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as e:  # pragma: no cover - only reached when an addon fails open
-            logging.getLogger(__name__).error("Addon error in %s.%s: %r", type(addon).__name__, name, e)
-            escaped.append(e)
-
-
-def killed(f) -> bool:
-    return f.error is not None and f.error.msg == flow.Error.KILLED_MESSAGE
-
-
-async def exchange(chain, f: http.HTTPFlow, upstream: http.Response | None = None,
-                   before_response=None) -> http.Request | None:
-    """One request through the chain, in mitmproxy 12's order (proxy/layers/http/__init__.py).
-
-    Returns a copy of the request as it would have left for the upstream, or None when the
-    gateway answered (or killed the flow) before any upstream connection was made.
-    """
-    await run_hook(chain, "requestheaders", f)
-    if killed(f):
-        await run_hook(chain, "error", f)
-        return None
-    await run_hook(chain, "request", f)
-    if killed(f):
-        await run_hook(chain, "error", f)
-        return None
-    sent = None
-    if f.response is None:
-        # Only now would mitmproxy open the upstream connection and send the request.
-        sent = f.request.copy()
-        f.response = upstream if upstream is not None else graph_json({"value": []})
-    if before_response is not None:
-        before_response()
-    await run_hook(chain, "responseheaders", f)
-    if killed(f):
-        await run_hook(chain, "error", f)
-        return sent
-    await run_hook(chain, "response", f)
-    return sent
-
-
-async def connect(chain, client: connection.Client, host: str = GRAPH, token: str | None = None,
-                  proxy_header: str | None = None, port: int = 443) -> http.HTTPFlow:
-    """A CONNECT from ``client`` (HTTPS_PROXY=http://name:<token>@gateway when ``token``)."""
-    headers = http.Headers(host=f"{host}:{port}")
-    if token is not None:
-        headers["Proxy-Authorization"] = basic("mcp-directory", token)
-    if proxy_header is not None:
-        headers["Proxy-Authorization"] = proxy_header
-    req = tutils.treq(method=b"CONNECT", scheme=b"", host=host, port=port, authority=f"{host}:{port}".encode(),
-                      path=b"", headers=headers, content=b"")
-    f = tflow.tflow(client_conn=client, req=req)
-    await run_hook(chain, "http_connect", f)
-    if f.response is not None and not 200 <= f.response.status_code < 300:
-        await run_hook(chain, "http_connect_error", f)
-    else:
-        await run_hook(chain, "http_connected", f)
-    return f
-
-
-def graph_request(client: connection.Client, method: str = "GET", path: str = "/v1.0/users",
-                  host: str = GRAPH, scheme: str = "https", bearer: str | None = None,
-                  proxy_token: str | None = None, port: int | None = None) -> http.HTTPFlow:
-    headers = http.Headers(host=host, accept="application/json")
-    if bearer is not None:
-        headers["Authorization"] = f"Bearer {bearer}"
-    if proxy_token is not None:
-        headers["Proxy-Authorization"] = basic("mcp-directory", proxy_token)
-    port = port or (443 if scheme == "https" else 80)
-    req = tutils.treq(method=method.encode(), scheme=scheme.encode(), host=host, port=port,
-                      authority=b"" if scheme == "https" else f"{host}:{port}".encode(),
-                      path=path.encode(), headers=headers, content=b"")
-    return tflow.tflow(client_conn=client, req=req)
-
-
-async def tunnel(gw: Gateway, token: str | None = None) -> connection.Client:
-    """A client connection with an admitted CONNECT to Graph."""
-    client = tflow.tclient_conn()
-    f = await connect(gw.chain, client, token=token)
-    assert f.response is None and f.metadata.get(CONNECT_KEY) == "admitted"
-    return client
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def graph_json(doc, status: int = 200, encoding: str | None = None,
-               content_type: str = "application/json;odata.metadata=minimal;odata.streaming=true") -> http.Response:
-    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    r = http.Response.make(status, b"", {"Content-Type": content_type})
-    if encoding:
-        r.headers["Content-Encoding"] = encoding
-    r.content = raw  # encoded with the Content-Encoding, as Graph sends it
-    return r
-
-
-USERS = {
-    "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users",
-    "value": [
-        {"id": "1", "displayName": "Alice", "mail": SECRET_MAIL, "manager": {"mail": "boss@contoso.example"}},
-        {"id": "2", "displayName": "Bob", "mail": None},
-    ],
-}
-
-
-def refusal(f: http.HTTPFlow, status: int) -> dict:
-    """The client-facing refusal: status, Graph-style error JSON, and the flow marked refused."""
-    assert f.response is not None, "the gateway did not answer"
-    assert f.response.status_code == status, f.response.get_text(strict=False)
-    assert f.response.headers["Content-Type"] == "application/json"
-    body = json.loads(f.response.content)
-    assert UPSTREAM_SECRET not in f.response.content and SECRET_MAIL.encode() not in f.response.content
-    inner = body["error"]["innerError"]["nhi-gateway"]
-    assert f.metadata.get(REFUSED_KEY) is True
-    decision = decision_of(f)
-    assert decision is not None and not decision.allowed
-    return {"code": body["error"]["code"], "message": body["error"]["message"], **inner}
-
-
-def boom(*args, **kwargs):
-    raise RuntimeError("injected failure")
 
 
 # --- the path that works (the baseline every refusal below differs from) -------------------------

@@ -17,21 +17,17 @@ from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.masking.masks import MASK
 from nhi_gateway.policy.model import PolicyStore, parse_policy
 
+from ..support.policies import policy_head
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 KEY = "addon-test-pseudonym-key-0123456789"
-POLICY = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-upstreams: [{{host: graph.microsoft.com}}]
+POLICY = policy_head(TENANT) + """\
 masking:
   pseudonym_key_env: NHI_MASK_KEY
   profiles:
     pii:
-      fields: {{mail: redact, userPrincipalName: pseudonym}}
-      detectors: {{email: partial, phone: redact}}
+      fields: {mail: redact, userPrincipalName: pseudonym}
+      detectors: {email: partial, phone: redact}
     fields-only:
       fields: [mail]
     photos:

@@ -12,19 +12,14 @@ import pytest
 from nhi_gateway.masking.masks import MASK, BinaryBodies, Detector, Style, mask_document
 from nhi_gateway.policy.model import PolicyError, PolicyStore, load_policy, parse_policy
 
+from ..support.policies import policy_head
+
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 KEY = "a-long-random-pseudonym-key-for-tests"
 ENV = {"NHI_MASK_KEY": KEY}
 
-HEAD = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-upstreams: [{{host: graph.microsoft.com}}]
-"""
+HEAD = policy_head(TENANT)
 
 FULL = HEAD + """\
 masking:

@@ -15,23 +15,16 @@ from nhi_gateway.addons.authorization import Authorization
 from nhi_gateway.policy.decision import decision_of
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
 from nhi_gateway.addons.membership import Membership
-from nhi_gateway.identity.groups import GraphCredential, GroupResolver
+from nhi_gateway.identity.groups import GroupResolver
 from nhi_gateway.policy.model import PolicyStore, parse_policy
 from nhi_gateway.identity.principal import Principal
 
-from .test_groups import CALLER_APP, GATEWAY_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph
+from ..support.groups import CALLER_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph, app_principal, credential
+from ..support.policies import policy_head
 
 USER = "0b1c2d3e-0000-4000-8000-0000000000f1"
 
-POLICY = textwrap.dedent(f"""\
-    version: 1
-    identity:
-      tenants: [{TENANT}]
-      audiences: [https://graph.microsoft.com]
-      issuers:
-        - https://login.microsoftonline.com/{{tenantid}}/v2.0
-    upstreams:
-      - host: graph.microsoft.com
+POLICY = policy_head(TENANT) + textwrap.dedent(f"""\
     rules:
       - id: readers-read-groups
         action: allow
@@ -48,10 +41,6 @@ POLICY = textwrap.dedent(f"""\
     """)
 
 
-def app(**kw) -> Principal:
-    return Principal(tenant_id=TENANT, object_id=SP, app_id=CALLER_APP, display_name="mcp-directory", **kw)
-
-
 def graph_flow(path: str, principal: Principal | None, method: str = "GET"):
     f = tflow.tflow(req=tutils.treq(method=method.encode(), scheme=b"https", host="graph.microsoft.com", port=443,
                                     path=path.encode(), authority=b"graph.microsoft.com",
@@ -65,7 +54,7 @@ def chain(graph: FakeGraph | None):
     policies = PolicyStore(parse_policy(POLICY))
     resolver = None
     if graph is not None:
-        resolver = GroupResolver(GraphCredential(tenant_id=TENANT, client_id=GATEWAY_APP, client_secret=SECRET), graph)
+        resolver = GroupResolver(credential(), graph)
     return Membership(policies, resolver), Authorization(policies)
 
 
@@ -84,7 +73,7 @@ def refusal(f) -> dict:
 
 async def test_a_service_principal_in_the_group_is_allowed_by_the_group_rule():
     graph = FakeGraph({SP: [GROUP_A]})
-    f = graph_flow("/v1.0/groups", app())
+    f = graph_flow("/v1.0/groups", app_principal())
     await run(chain(graph), f)
     assert f.response is None
     assert decision_of(f).rule_id == "readers-read-groups"
@@ -94,7 +83,7 @@ async def test_a_service_principal_in_the_group_is_allowed_by_the_group_rule():
 
 async def test_not_in_the_group_means_no_rule_allows():
     graph = FakeGraph({SP: [GROUP_A]})
-    f = graph_flow("/v1.0/applications", app())
+    f = graph_flow("/v1.0/applications", app_principal())
     await run(chain(graph), f)
     assert f.response.status_code == 403
     assert decision_of(f).rule_id is None
@@ -104,7 +93,7 @@ async def test_not_in_the_group_means_no_rule_allows():
 async def test_graph_down_refuses_requests_a_group_rule_could_decide(path):
     graph = FakeGraph()
     graph.raise_on = "graph"
-    f = graph_flow(path, app(), method="POST" if "$batch" in path else "GET")
+    f = graph_flow(path, app_principal(), method="POST" if "$batch" in path else "GET")
     await run(chain(graph), f)
     assert f.response.status_code == 503
     error = refusal(f)
@@ -116,19 +105,19 @@ async def test_graph_down_refuses_requests_a_group_rule_could_decide(path):
 async def test_graph_down_does_not_block_requests_no_group_rule_could_decide():
     graph = FakeGraph()
     graph.raise_on = "graph"
-    f = graph_flow("/v1.0/users", app())
+    f = graph_flow("/v1.0/users", app_principal())
     await run(chain(graph), f)
     assert f.response is None and decision_of(f).rule_id == "users-by-app"
     assert graph.calls == []
 
 
 async def test_without_a_graph_credential_group_decisions_fail_closed():
-    f = graph_flow("/v1.0/groups", app())
+    f = graph_flow("/v1.0/groups", app_principal())
     await run(chain(None), f)
     assert f.response.status_code == 503
     assert "no Graph credential" in refusal(f)["message"]
 
-    other = graph_flow("/v1.0/users", app())
+    other = graph_flow("/v1.0/users", app_principal())
     await run(chain(None), other)
     assert other.response is None
 
@@ -154,7 +143,7 @@ async def test_an_anonymous_request_is_left_to_the_rules():
 async def test_an_exception_in_the_lookup_refuses_the_flow():
     membership, _ = chain(FakeGraph())
     membership.resolver.with_groups = None  # TypeError when called: a bug, not a lookup failure
-    f = graph_flow("/v1.0/groups", app())
+    f = graph_flow("/v1.0/groups", app_principal())
     with taddons.context(membership):
         await membership.request(f)
     assert f.response.status_code == 500  # fail_closed: refused, never forwarded

@@ -18,6 +18,8 @@ from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.model import load_policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
+from ..support.policies import policy_head
+
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 EXAMPLE = POLICIES / "example.yaml"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
@@ -40,16 +42,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-HEAD = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-upstreams:
-  - host: graph.microsoft.com
-rules:
-"""
+HEAD = policy_head(TENANT) + "rules:\n"
 
 
 # --- lint -----------------------------------------------------------------------------------------

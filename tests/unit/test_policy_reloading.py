@@ -14,17 +14,10 @@ from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.model import PolicyStore
 from nhi_gateway.identity.principal import Principal
 
+from ..support.policies import policy_head
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
-HEAD = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-upstreams:
-  - host: graph.microsoft.com
-rules:
-"""
+HEAD = policy_head(TENANT) + "rules:\n"
 ALLOW = HEAD + "- {id: users, action: allow, operations: [{host: graph.microsoft.com, methods: [GET], paths: [/users]}]}\n"
 DENY = ALLOW + "- {id: no-users, action: deny, operations: [{host: graph.microsoft.com, methods: [GET], paths: [/users]}]}\n"
 BROKEN = HEAD + "- id: users\n  action: alow\n  operations: []\n"

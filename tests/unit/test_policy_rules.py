@@ -34,6 +34,8 @@ from nhi_gateway.policy.model import (
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal
 
+from ..support.policies import LOGIN_UPSTREAM, policy_head
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
 APP_B = "11111111-2222-4333-8444-555555555555"
@@ -41,19 +43,10 @@ GROUP = "aaaaaaaa-0000-4000-8000-00000000000a"
 APPROVER = "cccccccc-0000-4000-8000-00000000000c"
 GRAPH = "graph.microsoft.com"
 
-HEAD = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-upstreams:
-  - host: graph.microsoft.com
-  - host: login.microsoftonline.com
-    token: none
+HEAD = policy_head(TENANT, upstreams=(GRAPH, LOGIN_UPSTREAM)) + """\
 masking:
   profiles:
-    pii: {{fields: [mail]}}
+    pii: {fields: [mail]}
 rules:
 """
 

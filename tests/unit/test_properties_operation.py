@@ -24,20 +24,15 @@ from nhi_gateway.policy.operation import Operation, OperationError
 from nhi_gateway.policy.model import parse_policy
 from nhi_gateway.identity.principal import Principal
 
+from ..support.policies import V1_ISSUER, policy_head
+
 GRAPH = "graph.microsoft.com"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 READER = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
 STRANGER = "11111111-2222-4333-8444-555555555555"
 
 POLICY = parse_policy(
-    f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
-upstreams:
-  - host: graph.microsoft.com
+    policy_head(TENANT, issuers=(V1_ISSUER,)) + f"""\
 rules:
   - id: no-credential-minting
     action: deny

@@ -18,7 +18,6 @@ and a request that is refused never reaches the upstream.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import time
@@ -34,31 +33,24 @@ from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.signing_keys import KeysUnavailable, KeyStore
-from nhi_gateway.identity.tokens import MAX_TOKEN_BYTES, IssuerTrust, TokenRejected, TokenVerifier, TrustSettings
+from nhi_gateway.identity.tokens import MAX_TOKEN_BYTES, TokenRejected, TokenVerifier, TrustSettings
+from nhi_gateway.addons.identity import Identity
 
-from . import test_chain as chain
+from ..support import chain
+from ..support.entra import ENTRA_ISSUERS, basic
+from ..support.entra import Entra as EntraStandIn
+from ..support.entra import b64url as b64
+from ..support.entra import unb64url as unb64
 
 TENANT = chain.TENANT
 APP, OID = chain.READER_APP, chain.READER_OID
-LOGIN = chain.LOGIN
 TRUST = TrustSettings(
-    issuers=(
-        IssuerTrust(f"{LOGIN}/{{tenantid}}/v2.0", f"{LOGIN}/{{tenantid}}/v2.0/.well-known/openid-configuration"),
-        IssuerTrust("https://sts.windows.net/{tenantid}/", f"{LOGIN}/{{tenantid}}/.well-known/openid-configuration"),
-    ),
+    issuers=ENTRA_ISSUERS,
     tenants=frozenset({TENANT}),
     audiences=frozenset({"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"}),
     leeway_seconds=60,
 )
 AUTHORITY = EntraAuthority([SigningKey.generate()])
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def mint(**kw) -> str:
@@ -95,30 +87,10 @@ def sign(header: dict, claims: dict) -> str:
     return f"{b64(wire)}.{b64(payload)}.{b64(signature)}"
 
 
-class Entra:
-    """login.microsoftonline.com: discovery and JWKS from the authority, or down, or hostile."""
-
-    def __init__(self, mode: str = "up", garbage: object = None) -> None:
-        self.mode = mode
-        self.garbage = garbage
-
-    async def fetch(self, url: str) -> dict:
-        if self.mode == "down":
-            raise ConnectionError("login.microsoftonline.com is down")
-        tenant, _, rest = url.removeprefix(LOGIN + "/").partition("/")
-        if self.mode == "garbage-keys" and "keys" in rest:
-            return self.garbage
-        if self.mode == "garbage-discovery" and "openid-configuration" in rest:
-            return self.garbage
-        if rest == "v2.0/.well-known/openid-configuration":
-            return AUTHORITY.discovery(tenant, "2.0")
-        if rest == ".well-known/openid-configuration":
-            return AUTHORITY.discovery(tenant, "1.0")
-        if "discovery/v2.0/keys" in rest:
-            return AUTHORITY.jwks("2.0")
-        if "discovery/keys" in rest:
-            return AUTHORITY.jwks("1.0")
-        raise ConnectionError(f"nothing is served at {url}")
+def Entra(mode: str = "up", garbage: object = None) -> EntraStandIn:  # noqa: N802  (reads as the class)
+    """login.microsoftonline.com serving AUTHORITY's keys, or down, or hostile; any other URL is not
+    served (a connection error, as the verifier may meet)."""
+    return EntraStandIn(AUTHORITY, mode, garbage, unknown=ConnectionError)
 
 
 async def judge(token, entra: Entra | None = None, source: TokenSource = TokenSource.BEARER) -> Principal | None:
@@ -302,7 +274,7 @@ async def test_a_valid_token_still_verifies():
 # --- through the addon chain ---------------------------------------------------------------------
 
 PROXY_HEADERS = st.one_of(
-    st.builds(lambda user, token: chain.basic(user, token), st.text(alphabet=B64_CHARS + ":", max_size=8),
+    st.builds(lambda user, token: basic(user, token), st.text(alphabet=B64_CHARS + ":", max_size=8),
               st.one_of(st.builds(mint), signed_edits(), bit_flips().map(lambda p: p[1]), st.text(max_size=40))),
     st.sampled_from(["Basic", "Basic ", "Basic !!!", "Basic " + b64(b"no-colon"), "Basic " + b64(b"\xff\xfe:\xff"),
                      "Bearer x", "basic " + b64(b"a:b"), "Basic " + "A" * 20000, "Negotiate abc", ""]),
@@ -325,7 +297,7 @@ async def gw(tmp_path):
 @given(mode=st.sampled_from(["up", "up", "down"]), proxy=st.one_of(st.none(), PROXY_HEADERS), bearer=BEARERS)
 async def test_no_token_makes_the_gateway_answer_5xx(gw, mode, proxy, bearer):
     # A fresh verifier per example: "down" is then a cold start (no keys cached yet).
-    gw.addon(chain.Identity).verifier = TokenVerifier(KeyStore(Entra(mode).fetch))
+    gw.addon(Identity).verifier = TokenVerifier(KeyStore(Entra(mode).fetch))
     chain.escaped.clear()
     client = tflow.tclient_conn()
     connect = await chain.connect(gw.chain, client, proxy_header=proxy)
@@ -354,7 +326,7 @@ def test_the_chain_properties_start_from_a_request_that_passes(tmp_path):
     async def run():
         gw = chain.build_gateway(tmp_path, AUTHORITY, fetch=Entra().fetch)
         with taddons.context(*gw.chain):
-            for proxy, bearer in ((chain.basic("a", mint()), None), (None, mint())):
+            for proxy, bearer in ((basic("a", mint()), None), (None, mint())):
                 client = tflow.tclient_conn()
                 c = await chain.connect(gw.chain, client, proxy_header=proxy)
                 assert c.response is None

@@ -35,6 +35,8 @@ from nhi_gateway.identity.token_requests import (
     refusal_body,
 )
 
+from ..support.policies import GRAPH_HOST, LOGIN_UPSTREAM, policy_head
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 CLIENT = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
 OTHER_CLIENT = "11111111-2222-4333-8444-555555555555"
@@ -383,24 +385,14 @@ def test_the_refusal_says_what_to_do_in_oauth_terms():
 
 # --- the addon: a token request through Authorization -----------------------------------------------
 
-POLICY = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
-  client_secret_grants: SETTING
-upstreams:
-  - host: graph.microsoft.com
-  - host: login.microsoftonline.com
-    token: none
+POLICY = policy_head(TENANT, upstreams=(GRAPH_HOST, LOGIN_UPSTREAM), client_secret_grants="SETTING") + """\
 rules:
   - id: token-endpoint
     action: allow
-    when: {{anonymous: true}}
+    when: {anonymous: true}
     operations:
-      - {{host: login.microsoftonline.com, methods: [POST], paths: ["/{{tenant}}/oauth2/v2.0/token"]}}
-      - {{host: login.microsoftonline.com, methods: [GET], paths: ["/{{tenant}}/v2.0/.well-known/openid-configuration"]}}
+      - {host: login.microsoftonline.com, methods: [POST], paths: ["/{tenant}/oauth2/v2.0/token"]}
+      - {host: login.microsoftonline.com, methods: [GET], paths: ["/{tenant}/v2.0/.well-known/openid-configuration"]}
 """
 
 

@@ -14,52 +14,23 @@ from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.identity.principal import AuthMethod, TokenSource
 from nhi_gateway.identity.signing_keys import KeysUnavailable, KeyStore
-from nhi_gateway.identity.tokens import IssuerTrust, TokenRejected, TokenVerifier, TrustSettings
+from nhi_gateway.identity.tokens import TokenRejected, TokenVerifier, TrustSettings
+
+from ..support.entra import ENTRA_ISSUERS, LOGIN, Entra
+from ..support.entra import b64url as b64
 
 TENANT = "72f988bf-0000-4000-8000-000000000001"
 OTHER_TENANT = "11111111-2222-4333-8444-555555555555"
 APP = "5a8f3c2e-1b4d-4e6f-9a7b-0c1d2e3f4a5b"
 OID = "0b7c1d2e-3f40-4152-8364-758697a8b9ca"
-LOGIN = "https://login.microsoftonline.com"
 
 TRUST = TrustSettings(
-    issuers=(
-        IssuerTrust(f"{LOGIN}/{{tenantid}}/v2.0", f"{LOGIN}/{{tenantid}}/v2.0/.well-known/openid-configuration"),
-        IssuerTrust("https://sts.windows.net/{tenantid}/", f"{LOGIN}/{{tenantid}}/.well-known/openid-configuration"),
-    ),
+    issuers=ENTRA_ISSUERS,
     tenants=frozenset({TENANT, OTHER_TENANT}),
     audiences=frozenset({"https://graph.microsoft.com", "https://graph.microsoft.com/",
                          "00000003-0000-0000-c000-000000000000", "api://nhi-test"}),
     leeway_seconds=60,
 )
-
-
-@pytest.fixture(scope="module")
-def authority():
-    return EntraAuthority([SigningKey.generate()])
-
-
-class Entra:
-    """Answers metadata and JWKS requests from the authority, like login.microsoftonline.com."""
-
-    def __init__(self, authority):
-        self.authority = authority
-        self.down = False
-
-    async def fetch(self, url: str) -> dict:
-        if self.down:
-            raise ConnectionError("down")
-        path = url.removeprefix(LOGIN + "/")
-        tenant, _, rest = path.partition("/")
-        if rest == "v2.0/.well-known/openid-configuration":
-            return self.authority.discovery(tenant, "2.0")
-        if rest == ".well-known/openid-configuration":
-            return self.authority.discovery(tenant, "1.0")
-        if "discovery/v2.0/keys" in rest:
-            return self.authority.jwks("2.0")
-        if "discovery/keys" in rest:
-            return self.authority.jwks("1.0")
-        raise AssertionError(url)
 
 
 @pytest.fixture
@@ -77,10 +48,6 @@ def mint(authority, **kw):
                 roles=("User.Read.All",))
     args.update(kw)
     return authority.mint_app_token(**args)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def reassemble(header: dict, payload: dict, signature: str = "") -> str:

@@ -1,0 +1,64 @@
+"""The head of a policy document, as tests write it before their own masking profiles and rules.
+
+``policy_head(TENANT)`` gives::
+
+    version: 1
+    identity:
+      tenants: [<TENANT>]
+      audiences: [https://graph.microsoft.com]
+      issuers: ["https://login.microsoftonline.com/{tenantid}/v2.0"]
+    upstreams:
+      - host: graph.microsoft.com
+
+Lint and loader messages name ``file:line:column``, and tests assert those positions: the head's
+lines are therefore fixed (one issuer on one line, several as a block list, one line per upstream
+key), so a module that switches to it keeps the line numbers it asserts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+GRAPH_HOST = "graph.microsoft.com"
+LOGIN_HOST = "login.microsoftonline.com"
+
+# The two issuer forms Entra signs with: v1.0 tokens (sts.windows.net) and v2.0 tokens.
+V1_ISSUER = "https://sts.windows.net/{tenantid}/"
+V2_ISSUER = "https://login.microsoftonline.com/{tenantid}/v2.0"
+
+GRAPH_AUDIENCE = "https://graph.microsoft.com"
+# Every spelling of Graph's audience a real Entra token carries (v1, v2 with a slash, the app id).
+ALL_GRAPH_AUDIENCES = (GRAPH_AUDIENCE, "https://graph.microsoft.com/", "00000003-0000-0000-c000-000000000000")
+
+# The token endpoint as an upstream: the gateway lets it through without a bearer token.
+LOGIN_UPSTREAM = {"host": LOGIN_HOST, "token": "none"}
+
+
+def policy_head(*tenants: str, issuers: Iterable[str] = (V2_ISSUER,),
+                audiences: Iterable[str] = (GRAPH_AUDIENCE,),
+                upstreams: Iterable[str | Mapping[str, str]] = (GRAPH_HOST,),
+                **identity: str) -> str:
+    """``version``, ``identity`` and ``upstreams`` of a policy, ending with a newline.
+
+    ``identity`` adds keys to the identity section after the issuers (``client_secret_grants="deny"``);
+    an upstream is a host or a mapping with ``host`` first (``{"host": GRAPH_HOST, "token": "any"}``).
+    """
+    issuers = list(issuers)
+    lines = [
+        "version: 1",
+        "identity:",
+        f"  tenants: [{', '.join(tenants)}]",
+        f"  audiences: [{', '.join(audiences)}]",
+    ]
+    if len(issuers) == 1:
+        lines.append(f'  issuers: ["{issuers[0]}"]')
+    else:
+        lines += ["  issuers:", *(f"    - {issuer}" for issuer in issuers)]
+    lines += [f"  {key}: {value}" for key, value in identity.items()]
+    lines.append("upstreams:")
+    for upstream in upstreams:
+        fields = {"host": upstream} if isinstance(upstream, str) else dict(upstream)
+        first, *rest = fields.items()
+        lines.append(f"  - {first[0]}: {first[1]}")
+        lines += [f"    {key}: {value}" for key, value in rest]
+    return "\n".join(lines) + "\n"
