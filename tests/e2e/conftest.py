@@ -1,6 +1,7 @@
 """End-to-end harness: the real look-alike servers and the real gateway process, on loopback.
 
-Clients are configured the way users configure them: HTTPS_PROXY and a CA bundle.
+Clients are configured the way users configure them: HTTPS_PROXY and a CA bundle (see
+``tests/support/e2e.py`` for what a test does as a client and reads back).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +45,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@dataclass
-class Lookalike:
-    state_dir: Path
+class ReadyFile:
+    """What a started process wrote to its ready file (``info``): its port and its CA."""
+
     info: dict
-    proc: subprocess.Popen
 
     @property
     def port(self) -> int:
@@ -55,6 +57,13 @@ class Lookalike:
     @property
     def ca_cert(self) -> str:
         return self.info["ca_cert"]
+
+
+@dataclass
+class Lookalike(ReadyFile):
+    state_dir: Path
+    info: dict
+    proc: subprocess.Popen
 
     @property
     def tenant_id(self) -> str:
@@ -103,21 +112,13 @@ def lookalike(tmp_path_factory) -> Lookalike:
 
 
 @dataclass
-class RunningGateway:
+class RunningGateway(ReadyFile):
     workdir: Path
     info: dict
     proc: subprocess.Popen
     log: Path
     recordings: Path
     extra: dict = field(default_factory=dict)
-
-    @property
-    def port(self) -> int:
-        return self.info["port"]
-
-    @property
-    def ca_cert(self) -> str:
-        return self.info["ca_cert"]
 
     def proxy(self, token: str | None = None, name: str = "agent") -> str:
         if token:
@@ -163,13 +164,21 @@ def start_gateway(workdir: Path, lookalike: Lookalike, policy: Path = EXAMPLE_PO
     return RunningGateway(workdir, info, proc, log, recordings)
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, lookalike) -> RunningGateway:
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"), lookalike)
+@contextmanager
+def gateway_running(workdir: Path, lookalike: Lookalike, **kwargs) -> Iterator[RunningGateway]:
+    """``start_gateway(workdir, lookalike, **kwargs)``, stopped when the block ends: a fixture's
+    ``with gateway_running(...) as gw: yield gw``."""
+    gw = start_gateway(workdir, lookalike, **kwargs)
     try:
         yield gw
     finally:
         stop(gw.proc)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, lookalike) -> RunningGateway:
+    with gateway_running(tmp_path_factory.mktemp("gateway"), lookalike) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ import threading
 import time
 from collections import Counter
 
+from ..support.e2e import read_head
+
 
 class Relay:
     def __init__(self, target: tuple[str, int] | None, mode: str = "forward") -> None:
@@ -197,12 +199,8 @@ class MuteServer:
         try:
             s = self._context.wrap_socket(raw, server_side=True)
             self._held.append(s)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            if b"\r\n\r\n" not in read_head(s):
+                return
             self.requests += 1
             if self.behaviour == "huge":
                 body = b'{"value":"' + b"x" * (self.size - 12) + b'"}'

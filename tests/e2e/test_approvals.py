@@ -26,9 +26,12 @@ import httpx
 import pytest
 import requests
 
-from .conftest import start_gateway, stop
+from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
+from ..support.e2e import cli as nhi_gateway
+from ..support.e2e import recorded_flow as recorded
+from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
+from .conftest import gateway_running, start_gateway, stop
 
-GRAPH = "https://graph.microsoft.com"
 AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the public client people sign in with
 # Users of the look-alike tenant (lookalike/directory.py: stable ids).
 ADELE = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance")  # named in the rules
@@ -46,16 +49,8 @@ def policy_text(lookalike, webhook: str | None = None) -> str:
     approvals = (f"approvals:\n  client_id: {api['client_id']}\n  app_id_uri: {api['app_id_uri']}\n"
                  f"  scope: {api['scope']}\n  require_auth_context: {api['auth_context']}\n")
     approvals += f"  webhook: {webhook}\n" if webhook else ""
-    return f"""\
-version: 1
-identity:
-  tenants: [{lookalike.tenant_id}]
-  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
-upstreams:
-  - host: graph.microsoft.com
+    head = policy_head(lookalike.tenant_id, issuers=(V1_ISSUER, V2_ISSUER), audiences=ALL_GRAPH_AUDIENCES)
+    return head + f"""\
 {approvals}masking:
   profiles:
     secrets: {{fields: [secretText, hint]}}
@@ -150,11 +145,8 @@ def gateway(tmp_path_factory, lookalike):
     workdir = tmp_path_factory.mktemp("approvals")
     policy = workdir / "policy.yaml"
     policy.write_text(policy_text(lookalike))
-    gw = start_gateway(workdir, lookalike, policy=policy)
-    try:
+    with gateway_running(workdir, lookalike, policy=policy) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
 
 
 class API:
@@ -202,12 +194,6 @@ def api(gateway, adele) -> API:
     return API(gateway, adele)
 
 
-def use_proxy(monkeypatch, gateway) -> None:
-    for k, v in gateway.client_env().items():
-        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-            monkeypatch.setenv(k, v)
-
-
 class Call:
     """One client request in a thread of its own: held requests block their caller, not the test."""
 
@@ -237,18 +223,10 @@ class Call:
         return self.response
 
 
-def marker() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 def add_password(lookalike, token: str, mark: str, app: str = "mcp-directory", name: str = "rotated") -> Call:
     app_id = lookalike.app(app)["application_object_id"]
     return Call("POST", f"{GRAPH}/v1.0/applications/{app_id}/addPassword?m={mark}", token,
                 {"passwordCredential": {"displayName": name}})
-
-
-def reached_graph(lookalike, mark: str) -> bool:
-    return any(mark in line.get("path", "") for line in lookalike.received())
 
 
 def error_message(response) -> str:
@@ -259,23 +237,12 @@ def audit_of(gateway, flow_id: str) -> list[dict]:
     return [a for a in gateway.audit() if a.get("flow_id") == flow_id]
 
 
-def recorded(gateway, mark: str):
-    from mitmproxy import io
-
-    for path in gateway.recording_files():
-        with open(path, "rb") as f:
-            for flow in io.FlowReader(f).stream():
-                if mark in flow.request.path:
-                    return flow
-    return None
-
-
 def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
+    """``nhi-gateway approvals ARGS`` as an approver runs it: their token and the API in the environment."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"],
                PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")  # never the tester's own keyring
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "approvals", *args],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return nhi_gateway("approvals", *args, env=env, timeout=60)
 
 
 # --- outcomes ------------------------------------------------------------------------------------
@@ -969,16 +936,14 @@ def test_a_token_minted_by_hand_with_the_lookalike_approves_and_its_calls_are_no
     approval API accepts it (and refuses the one from a sign-in without MFA), and its calls are
     recorded in the day's approval-api.mitm, not as Graph flows of the app the token names."""
     def minted(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "token", "--state-dir",
-                              str(lookalike.state_dir), *args], capture_output=True, text=True, timeout=60)
+        out = nhi_gateway("lookalike", "token", "--state-dir", str(lookalike.state_dir), *args, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
     assert API(gateway, minted("--user", "adele")).get("/approvals").status_code == 200
     r = API(gateway, minted("--user", "AdeleV", "--no-mfa")).get("/approvals")
     assert r.status_code == 401 and "auth_context" in r.text
-    unknown = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "token", "--state-dir",
-                              str(lookalike.state_dir), "--user", "nobody"], capture_output=True, text=True, timeout=60)
+    unknown = nhi_gateway("lookalike", "token", "--state-dir", str(lookalike.state_dir), "--user", "nobody", timeout=60)
     assert unknown.returncode == 2 and "no user 'nobody'" in unknown.stderr and "adele" in unknown.stderr
 
     from mitmproxy import io

@@ -7,19 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from ..support.e2e import GRAPH, cli
 from .conftest import stop
-from .test_recordings import GRAPH, REFUSING_RULE, session_for, start
-
-
-def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+from .test_recordings import REFUSING_RULE, session_for, start
 
 
 @pytest.fixture(scope="module")

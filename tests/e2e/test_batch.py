@@ -15,7 +15,7 @@ from nhi_gateway.recording.audit import verify_chain
 from nhi_gateway.policy.batch import INNER_KEY
 from nhi_gateway.lookalike.directory import TENANT_DOMAIN
 
-from .test_gateway import GRAPH, error_of, get_token, marker, reached_graph
+from ..support.e2e import GRAPH, error_of, get_token, marker, reached_graph
 
 ADELE = f"AdeleV@{TENANT_DOMAIN}"
 

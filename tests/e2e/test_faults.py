@@ -23,26 +23,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from mitmproxy import io
 
 from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE, SigningKey
 
+from ..support.e2e import GRAPH, marker, nhi, reached, recorded, until
 from .conftest import start_gateway, stop
 from .relay import MuteServer, Relay
 
-GRAPH = "https://graph.microsoft.com"
 LOGIN = "login.microsoftonline.com"
 FAULTY_GATEWAY = Path(__file__).with_name("faulty_gateway.py")
 UPSTREAM_TIMEOUT = 2  # seconds, for the gateways of this module that meet a hanging upstream
-
-
-def marker() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def get(gw, token: str | None, mark: str, path: str = "/v1.0/users", timeout: float = 30) -> requests.Response:
@@ -51,38 +45,11 @@ def get(gw, token: str | None, mark: str, path: str = "/v1.0/users", timeout: fl
                         verify=gw.ca_cert, timeout=timeout)
 
 
-def nhi(r: requests.Response) -> dict:
-    """The gateway's own part of a refusal body."""
-    return r.json()["error"]["innerError"]["nhi-gateway"]
-
-
-def reached(lookalike, mark: str) -> bool:
-    return any(mark in line.get("path", "") for line in lookalike.received())
-
-
 def audit_lines(path: Path, mark: str) -> list[dict]:
     if not path.exists():
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [line for line in lines if mark in (line.get("url") or "")]
-
-
-def recorded(gw, mark: str) -> list:
-    flows = []
-    for path in gw.recording_files():
-        with open(path, "rb") as fh:
-            flows += [f for f in io.FlowReader(fh).stream() if mark in f.request.path]
-    return flows
-
-
-def until(predicate, what: str, deadline: float = 15.0):
-    end = time.monotonic() + deadline
-    while True:
-        if value := predicate():
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"not within {deadline}s: {what}")
-        time.sleep(0.1)
 
 
 def log_of(gw) -> str:

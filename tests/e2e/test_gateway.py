@@ -10,48 +10,20 @@ import socket
 import ssl
 import subprocess
 import sys
-import uuid
 
 import pytest
 import requests
 
+from ..support.e2e import (
+    GRAPH,
+    error_of,
+    get_token,
+    marker,
+    raw_connect,
+    reached_graph,
+    use_proxy,
+)
 from .conftest import BIN, REPO, start_gateway, stop
-
-GRAPH = "https://graph.microsoft.com"
-
-
-def get_token(gateway, lookalike, monkeypatch, app="mcp-directory") -> str:
-    """client_credentials through the gateway, exactly as an app does it."""
-    use_proxy(monkeypatch, gateway)
-    a = lookalike.app(app)
-    r = requests.post(
-        f"https://login.microsoftonline.com/{lookalike.tenant_id}/oauth2/v2.0/token",
-        data={"grant_type": "client_credentials", "client_id": a["client_id"],
-              "client_secret": a["secret"], "scope": "https://graph.microsoft.com/.default"},
-        timeout=20,
-    )
-    assert r.status_code == 200, r.text
-    return r.json()["access_token"]
-
-
-def use_proxy(monkeypatch, gateway, token: str | None = None) -> None:
-    for k, v in gateway.client_env(token).items():
-        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-            monkeypatch.setenv(k, v)
-
-
-def marker() -> str:
-    """A unique query marker so each test finds its own request in the upstream's log."""
-    return uuid.uuid4().hex[:12]
-
-
-def reached_graph(lookalike, mark: str) -> bool:
-    return any(mark in line.get("path", "") for line in lookalike.received())
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    return body["error"]
 
 
 # --- allowed ------------------------------------------------------------------------------------
@@ -146,30 +118,6 @@ def test_bad_tokens_get_401_naming_the_check(gateway, lookalike, monkeypatch, to
     assert err["code"] == "InvalidAuthenticationToken"
     assert err["innerError"]["nhi-gateway"]["check"] == expected_check
     assert not reached_graph(lookalike, mark)
-
-
-def raw_connect(gateway, host: str, proxy_auth: str | None) -> tuple[int, bytes, socket.socket]:
-    """Send a CONNECT by hand: most clients hide a refused CONNECT's body, tests must not."""
-    s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    lines = [f"CONNECT {host}:443 HTTP/1.1", f"Host: {host}:443"]
-    if proxy_auth:
-        lines.append(f"Proxy-Authorization: {proxy_auth}")
-    s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0)
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, body, s
 
 
 def basic(token: str) -> str:

@@ -18,26 +18,19 @@ import uuid
 import pytest
 import requests
 
-from .conftest import start_gateway, stop
+from ..support.e2e import GRAPH, audit_line, marker, reached_graph, use_proxy
+from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
+from .conftest import gateway_running, start_gateway, stop
 
-GRAPH = "https://graph.microsoft.com"
 ATTACKER_HOST = "claims.attacker.example"
 
 
 def policy_text(lookalike) -> str:
     groups = lookalike.info["groups"]
     mcp = lookalike.app("mcp-directory")["client_id"]
-    return f"""\
-version: 1
-identity:
-  tenants: [{lookalike.tenant_id}]
-  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
-upstreams:
-  - host: graph.microsoft.com
-    token: any
+    head = policy_head(lookalike.tenant_id, issuers=(V1_ISSUER, V2_ISSUER), audiences=ALL_GRAPH_AUDIENCES,
+                       upstreams=[{"host": "graph.microsoft.com", "token": "any"}])
+    return head + f"""\
 rules:
   - id: automation-reads-groups
     action: allow
@@ -114,38 +107,22 @@ def gateway(tmp_path_factory, lookalike, policy, attacker):
     args, env = secret_credential(lookalike)
     # Were the gateway to follow an endpoint written in a token, this is where it would arrive.
     args += ["--resolve", f"{ATTACKER_HOST}=127.0.0.1:{attacker.port}"]
-    gw = start_gateway(tmp_path_factory.mktemp("groups-gateway"), lookalike, policy, extra_args=args, env=env)
-    try:
+    with gateway_running(tmp_path_factory.mktemp("groups-gateway"), lookalike, policy=policy, extra_args=args,
+                         env=env) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
-
-
-def use_proxy(monkeypatch, gateway) -> None:
-    for k, v in gateway.client_env().items():
-        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-            monkeypatch.setenv(k, v)
 
 
 def get(gateway, monkeypatch, path: str, token: str) -> tuple[requests.Response, str]:
     use_proxy(monkeypatch, gateway)
-    mark = uuid.uuid4().hex[:12]
+    mark = marker()
     sep = "&" if "?" in path else "?"
     r = requests.get(f"{GRAPH}{path}{sep}m={mark}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     return r, mark
 
 
-def reached_graph(lookalike, mark: str) -> bool:
-    return any(mark in line.get("path", "") for line in lookalike.received())
-
-
 def member_group_lookups(lookalike, object_id: str) -> list[dict]:
     return [line for line in lookalike.received()
             if line["method"] == "POST" and line["path"].lower() == f"/v1.0/serviceprincipals/{object_id}/getmembergroups"]
-
-
-def audit_line(gateway, mark: str) -> dict:
-    return next(a for a in gateway.audit() if mark in a["url"])
 
 
 # --- decisions on groups -------------------------------------------------------------------------

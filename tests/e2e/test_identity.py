@@ -4,7 +4,6 @@ signing key rotated at Entra works without a restart."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -16,16 +15,15 @@ from cryptography.hazmat.primitives import serialization
 
 from nhi_gateway.lookalike.pki import SigningKey
 
+from ..support.e2e import GRAPH, marker, raw_connect, reached_graph, use_proxy
+from ..support.entra import b64url as b64
+from ..support.entra import unb64url
 from .conftest import start_gateway, stop
-from .test_gateway import GRAPH, basic, marker, raw_connect, reached_graph, use_proxy
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+from .test_gateway import basic
 
 
 def decode(segment: str) -> dict:
-    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    return json.loads(unb64url(segment))
 
 
 def with_header(token: str, **changes) -> str:

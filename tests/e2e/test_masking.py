@@ -18,8 +18,8 @@ from mitmproxy.net import encoding
 
 from nhi_gateway.lookalike.directory import TENANT_DOMAIN
 
-from .conftest import EXAMPLE_POLICY, start_gateway, stop
-from .test_gateway import GRAPH, marker, reached_graph, use_proxy
+from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
+from .conftest import EXAMPLE_POLICY, gateway_running
 
 KEY_ENV = "NHI_E2E_MASK_KEY"
 KEY = "e2e-pseudonym-key-do-not-log-0123456789abcdef"
@@ -80,12 +80,9 @@ def gw(tmp_path_factory, lookalike):
     policy = work / "masking.yaml"
     policy.write_text(masking_policy().replace("{mcp}", lookalike.app("mcp-directory")["client_id"])
                       .replace("{bot}", lookalike.app("rotation-bot")["client_id"]))
-    gateway = start_gateway(work, lookalike, policy=policy, env={KEY_ENV: KEY})
-    gateway.extra["policy"] = policy
-    try:
+    with gateway_running(work, lookalike, policy=policy, env={KEY_ENV: KEY}) as gateway:
+        gateway.extra["policy"] = policy
         yield gateway
-    finally:
-        stop(gateway.proc)
 
 
 @pytest.fixture

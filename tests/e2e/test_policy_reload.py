@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -17,9 +16,10 @@ import requests
 
 from nhi_gateway.policy.model import load_policy
 
-from .conftest import EXAMPLE_POLICY, start_gateway, stop
+from ..support import e2e
+from ..support.e2e import GRAPH
+from .conftest import EXAMPLE_POLICY, gateway_running
 
-GRAPH = "https://graph.microsoft.com"
 DEADLINE = 6.0  # seconds: the gateway polls the file every second
 
 NO_USERS = """
@@ -38,11 +38,8 @@ def running(tmp_path, lookalike):
     policy = tmp_path / "policy.yaml"
     policy.write_text(EXAMPLE_POLICY.read_text())
     # Unbuffered: the test reads the gateway's log while it runs.
-    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy, env={"PYTHONUNBUFFERED": "1"})
-    try:
+    with gateway_running(tmp_path / "gw", lookalike, policy=policy, env={"PYTHONUNBUFFERED": "1"}) as gw:
         yield gw, policy
-    finally:
-        stop(gw.proc)
 
 
 def get(gw, token: str, path: str) -> requests.Response:
@@ -54,14 +51,7 @@ def get(gw, token: str, path: str) -> requests.Response:
 
 def until(predicate, what: str, deadline: float = DEADLINE):
     """Poll ``predicate`` until it holds; fail naming ``what`` after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"not within {deadline}s: {what}")
-        time.sleep(0.2)
+    return e2e.until(predicate, what, deadline, interval=0.2)
 
 
 def log_has(gw, text: str) -> bool:

@@ -18,7 +18,6 @@ import json
 import socket
 import ssl
 import subprocess
-import uuid
 
 import h2.config
 import h2.connection
@@ -26,7 +25,8 @@ import h2.events
 import httpx
 import pytest
 
-from .conftest import EXAMPLE_POLICY, start_gateway, stop
+from ..support.e2e import marker, raw_connect, reached, received
+from .conftest import EXAMPLE_POLICY, gateway_running
 from .relay import Relay
 
 GRAPH = "graph.microsoft.com"
@@ -59,21 +59,10 @@ def edges(tmp_path_factory, lookalike):
     assert "\nupstreams:\n" in text
     policy.write_text(text.replace("\nupstreams:\n", "\nupstreams:\n" + IDN_UPSTREAM, 1) + IDN_RULE)
     with Relay(("127.0.0.1", lookalike.port)) as relay:
-        gw = start_gateway(work / "gw", lookalike, policy=policy,
-                           extra_args=["--resolve", f"{GRAPH}={relay.address}",
-                                       "--resolve", f"{IDN_ASCII}=127.0.0.1:{lookalike.port}"])
-        try:
+        with gateway_running(work / "gw", lookalike, policy=policy,
+                             extra_args=["--resolve", f"{GRAPH}={relay.address}",
+                                         "--resolve", f"{IDN_ASCII}=127.0.0.1:{lookalike.port}"]) as gw:
             yield gw, relay
-        finally:
-            stop(gw.proc)
-
-
-def marker() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def reached(lookalike, mark: str) -> list[dict]:
-    return [line for line in lookalike.received() if mark in line.get("path", "")]
 
 
 def audit_for(gw, mark: str) -> list[dict]:
@@ -102,24 +91,8 @@ def read_response(s, wait: float = 10.0, settle: float = 1.0, limit: int = 1 << 
     return data
 
 
-def connect(gw, host: str, port: int = 443) -> tuple[int, bytes, socket.socket]:
-    """A CONNECT sent by hand (``host`` as raw bytes if need be); the status, the refusal's body
-    and the socket."""
-    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    target = host.encode() if isinstance(host, str) else host
-    s.sendall(b"CONNECT " + target + b":%d HTTP/1.1\r\nHost: " % port + target + b":%d\r\n\r\n" % port)
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")), 0)
-    while len(body) < length and (chunk := s.recv(65536)):
-        body += chunk
-    return int(head.split()[1]), body, s
-
-
 def tunnel(gw, host: str = GRAPH, sni: str | None = None, alpn: list[str] | None = None) -> ssl.SSLSocket:
-    status, body, s = connect(gw, host)
+    status, body, s = raw_connect(gw, host)
     assert status == 200, body
     ctx = ssl.create_default_context(cafile=gw.ca_cert)
     if alpn:
@@ -351,7 +324,7 @@ def test_non_http_that_never_ends_its_head_is_never_relayed(edges, payload):
 def test_connect_to_an_address_or_a_look_alike_name_is_refused(edges, host):
     gw, relay = edges
     before = upstream_connections(relay)
-    status, body, s = connect(gw, host if ":" not in host or host.startswith("[") else f"[{host}]")
+    status, body, s = raw_connect(gw, host if ":" not in host or host.startswith("[") else f"[{host}]")
     s.close()
     assert status == 403, body
     doc = json.loads(body)
@@ -365,7 +338,7 @@ def test_connect_to_a_name_that_is_not_ascii_or_encoded_is_refused(edges, host):
     an authority is no valid name, refused by the HTTP parser itself."""
     gw, relay = edges
     before = upstream_connections(relay)
-    status, _, s = connect(gw, host.encode("utf-8"))
+    status, _, s = raw_connect(gw, host.encode("utf-8"))
     s.close()
     assert status == 400
     assert upstream_connections(relay) == before
@@ -509,7 +482,7 @@ def test_request_smuggling_shapes_are_refused_or_normalised(edges, lookalike, to
         assert answered == [400], answered  # refused, nothing read after it
     assert not reached(lookalike, f"{mark}-smuggled")
     audited = {line["url"].split("graph.microsoft.com", 1)[-1] for line in audit_for(gw, mark)}
-    for line in reached(lookalike, mark):
+    for line in received(lookalike, mark):
         assert line["path"] in audited, (line["path"], audited)  # judged before it went on
 
 

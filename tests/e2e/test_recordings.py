@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -20,9 +18,9 @@ import requests
 
 from nhi_gateway.recording.files import scan
 
-from .conftest import BIN, EXAMPLE_POLICY, start_gateway, stop
+from ..support.e2e import GRAPH, cli, marker
+from .conftest import BIN, EXAMPLE_POLICY, gateway_running, start_gateway, stop
 
-GRAPH = "https://graph.microsoft.com"
 REFUSING_RULE = "recordings-refuse-user-deletes"
 
 
@@ -51,15 +49,9 @@ def start(workdir: Path, lookalike, extra_args=()):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, lookalike):
-    gw = start(tmp_path_factory.mktemp("recordings-gateway"), lookalike)
-    try:
+    workdir = tmp_path_factory.mktemp("recordings-gateway")
+    with gateway_running(workdir, lookalike, policy=policy_with_a_deny_rule(workdir)) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
-
-
-def marker() -> str:
-    return uuid.uuid4().hex
 
 
 def session_for(gw) -> requests.Session:
@@ -94,11 +86,6 @@ def mitmdump(path: Path, *args: str) -> subprocess.CompletedProcess:
 def mitmdump_each(paths: list[Path]) -> dict[Path, subprocess.CompletedProcess]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(paths, pool.map(mitmdump, paths)))
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def audit_lines(path: Path) -> list[dict]:

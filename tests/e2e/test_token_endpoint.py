@@ -9,22 +9,19 @@ refusal is checked at the client and at the look-alike: a refused request never 
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import jwt
 import pytest
 import requests
-from mitmproxy import io
 
 from nhi_gateway.lookalike.minting import mint_client_assertion
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.identity.token_requests import CLIENT_ASSERTION_TYPE
 
-from .conftest import EXAMPLE_POLICY, start_gateway, stop
-
-GRAPH = "https://graph.microsoft.com"
-LOGIN = "https://login.microsoftonline.com"
+from ..support.e2e import GRAPH, LOGIN, audit_line, marker, reached, use_proxy
+from ..support.e2e import recorded_flow as recorded
+from .conftest import EXAMPLE_POLICY, gateway_running
 SCOPE = "https://graph.microsoft.com/.default"
 MCP_DIRECTORY_RULE = "      app_ids: [5e0b1683-de22-5eac-9334-fb85a741f6ff]   # mcp-directory\n"
 
@@ -40,30 +37,13 @@ def strict(tmp_path_factory, lookalike):
     workdir = tmp_path_factory.mktemp("strict-gateway")
     policy = workdir / "policy.yaml"
     policy.write_text(text)
-    gw = start_gateway(workdir, lookalike, policy=policy)
-    try:
+    with gateway_running(workdir, lookalike, policy=policy) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
-
-
-def use_proxy(monkeypatch, gateway) -> None:
-    for k, v in gateway.client_env().items():
-        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
-            monkeypatch.setenv(k, v)
-
-
-def marker() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def token_url(lookalike, mark: str) -> str:
     # The marker rides in the query: Entra's token endpoint ignores it, the look-alike logs it.
     return f"{LOGIN}/{lookalike.tenant_id}/oauth2/v2.0/token?m={mark}"
-
-
-def reached(lookalike, mark: str) -> bool:
-    return any(mark in line.get("path", "") for line in lookalike.received())
 
 
 def request_token(lookalike, mark: str, how: str, app: str = "mcp-directory") -> requests.Response:
@@ -94,21 +74,6 @@ def request_token(lookalike, mark: str, how: str, app: str = "mcp-directory") ->
 
 def acr_of(access_token: str) -> str:
     return jwt.decode(access_token, options={"verify_signature": False})["appidacr"]
-
-
-def audit_line(gateway, mark: str) -> dict:
-    lines = [a for a in gateway.audit() if mark in a["url"]]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def recorded(gateway, mark: str):
-    for path in gateway.recording_files():
-        with open(path, "rb") as fh:
-            for flow in io.FlowReader(fh).stream():
-                if mark in flow.request.path:
-                    return flow
-    raise AssertionError(f"no recorded flow for {mark}")
 
 
 def everything_kept(gateway) -> bytes:
