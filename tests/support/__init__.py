@@ -1,17 +1,23 @@
 """Builders shared by the test modules: import them, do not write them again.
 
-- ``policies``: the head of a policy document (``version``, ``identity``, ``upstreams``) in the
-  shapes the tests use; a module appends its own ``masking`` and ``rules``.
-- ``entra``: a stand-in for login.microsoftonline.com that serves discovery and signing keys from a
-  look-alike ``EntraAuthority``, and the ``Basic``/base64url encodings clients use.
-- ``chain``: the addon chain built as the gateway builds it, with mitmproxy 12's hook order, flow
-  builders for CONNECTs and Graph requests, Graph-shaped answers and the refusal a client reads.
-  Its fixtures (``authority``, ``tokens``, ``gw``) live in ``tests/unit/conftest.py``.
-- ``e2e``: what a client of a running gateway does (``use_proxy``, a request ``marker``), and what a
-  test reads back from the gateway and the look-alike Graph (``reached_graph``, ``recorded``,
-  ``audit_line``, ``until``). The gateway process itself is started by ``tests/e2e/conftest.py``.
-- ``schema``: walking a parsed document (every path to a leaf).
+Plain functions, classes and constants; the pytest fixtures built on them are in the ``conftest.py``
+files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2e/conftest.py``:
+``lookalike``, ``gateway``, ``tokens``), so that pytest finds them without an import.
 
-Plain functions and constants only; pytest fixtures are in the ``conftest.py`` files so that pytest
-finds them without an import.
+- ``policies``: the head of a policy document (``policy_head``: version, identity, upstreams) in
+  the shapes the tests use, the issuer and audience spellings, and ``op`` (the operation a
+  request is judged as). A module appends its own ``masking`` and ``rules``.
+- ``entra``: a stand-in for login.microsoftonline.com (``Entra``, ``entra_fetcher``) serving the
+  discovery documents and keys of a look-alike ``EntraAuthority``, Entra's issuers for
+  ``TrustSettings``, and the base64url and ``Basic`` encodings clients use.
+- ``chain``: the gateway's addon chain without sockets (``build_gateway``), hooks run in
+  mitmproxy 12's order (``exchange``), CONNECT and Graph request builders, Graph-shaped answers and
+  the refusal a client reads (``refusal``).
+- ``groups``: a fake Graph for the gateway's own group lookups (``FakeGraph``), its credential and
+  the calling app's principal.
+- ``recordings``: flows as the recorder writes them (``record``), rotated parts, reading them back.
+- ``documents``: every place in a parsed policy document, and hypothesis edits of a policy's text.
+- ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,
+  ``marker``, ``raw_connect``) and reads back (``reached_graph``, ``recorded``, ``audit_line``,
+  ``until``).
 """

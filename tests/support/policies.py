@@ -1,4 +1,5 @@
-"""The head of a policy document, as tests write it before their own masking profiles and rules.
+"""The head of a policy document, as tests write it before their own masking profiles and rules;
+and ``op``, the operation a request is judged as.
 
 ``policy_head(TENANT)`` gives::
 
@@ -18,6 +19,8 @@ key), so a module that switches to it keeps the line numbers it asserts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
+from nhi_gateway.policy.operation import Operation
 
 GRAPH_HOST = "graph.microsoft.com"
 LOGIN_HOST = "login.microsoftonline.com"
@@ -62,3 +65,8 @@ def policy_head(*tenants: str, issuers: Iterable[str] = (V2_ISSUER,),
         lines.append(f"  - {first[0]}: {first[1]}")
         lines += [f"    {key}: {value}" for key, value in rest]
     return "\n".join(lines) + "\n"
+
+
+def op(method: str, target: str, host: str = GRAPH_HOST) -> Operation:
+    """The operation of an HTTPS request for ``target`` on ``host``, as the gateway reads it."""
+    return Operation.from_request(method, "https", host, 443, target)

@@ -29,7 +29,6 @@ from nhi_gateway.identity.groups import (
     credential_from_settings,
 )
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.model import parse_policy
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import principal_from_claims
@@ -46,7 +45,7 @@ from ..support.groups import (
     app_principal,
     credential,
 )
-from ..support.policies import policy_head
+from ..support.policies import op, policy_head
 
 OTHER_TENANT = "0f0e0d0c-0000-4000-8000-00000000000f"
 SP2 = "0b1c2d3e-0000-4000-8000-000000000043"
@@ -345,10 +344,6 @@ POLICY = policy_head(TENANT) + textwrap.dedent(f"""\
         when: {{app_ids: [{CALLER_APP}]}}
         operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/**"]}}]
     """)
-
-
-def op(method: str, path: str) -> Operation:
-    return Operation.from_request(method, "https", "graph.microsoft.com", 443, path)
 
 
 @pytest.mark.parametrize("method, path, principal, expected", [

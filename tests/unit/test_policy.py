@@ -29,6 +29,9 @@ from nhi_gateway.policy.model import (
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
+from ..support.documents import text_mutations
+from ..support.policies import op
+
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OTHER_TENANT = "0f0e0d0c-0000-4000-8000-00000000000f"
@@ -78,10 +81,6 @@ def principal(app=MCP_DIRECTORY, oid="0b1c2d3e-0000-4000-8000-000000000042", tid
 CERT = AuthMethod.CERTIFICATE
 SECRET = AuthMethod.CLIENT_SECRET
 PROXY, BEARER = TokenSource.PROXY, TokenSource.BEARER
-
-
-def op(method: str, target: str, host: str = GRAPH) -> Operation:
-    return Operation.from_request(method, "https", host, 443, target)
 
 
 @pytest.fixture(scope="module")
@@ -1127,16 +1126,7 @@ def _mutations(text: str) -> st.SearchStrategy[str]:
         ]
     )
 
-    @st.composite
-    def mutate(draw):
-        out = text
-        for _ in range(draw(st.integers(1, 4))):
-            i = draw(st.integers(0, len(out)))
-            j = min(len(out), i + draw(st.integers(0, 8)))
-            out = out[:i] + draw(pieces) + out[j:]
-        return out
-
-    return mutate()
+    return text_mutations(text, pieces, longest_cut=8)
 
 
 @settings(max_examples=300, deadline=None)

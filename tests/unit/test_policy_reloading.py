@@ -118,27 +118,28 @@ async def test_a_file_still_being_written_is_read_again_on_the_next_poll(setup):
     assert await reload.check() is False
 
 
+async def generation(store: PolicyStore, n: int) -> None:
+    """Wait (two seconds at most) until the store holds its ``n``-th policy."""
+    for _ in range(200):
+        if store.generation == n:
+            break
+        await asyncio.sleep(0.01)
+    assert store.generation == n
+
+
 async def test_the_watcher_runs_in_the_background_and_stops_with_the_proxy(setup, caplog):
     path, store, reload = setup
     reload.interval = 0.02
     reload.running()
     try:
         edit(path, DENY)
-        for _ in range(200):
-            if store.generation == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert store.generation == 2
+        await generation(store, 2)
         # an unexpected failure in one poll does not end the watcher
         reload.stat = lambda p: 1 / 0
         await asyncio.sleep(0.1)
         reload.stat = signature
         edit(path, ALLOW)
-        for _ in range(200):
-            if store.generation == 3:
-                break
-            await asyncio.sleep(0.01)
-        assert store.generation == 3
+        await generation(store, 3)
         assert any("unexpected error" in r.getMessage() for r in caplog.records)
     finally:
         task = reload._task

@@ -34,7 +34,7 @@ from nhi_gateway.policy.model import (
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal
 
-from ..support.policies import LOGIN_UPSTREAM, policy_head
+from ..support.policies import LOGIN_UPSTREAM, op, policy_head
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
@@ -57,10 +57,6 @@ def policy(rules: str) -> Policy:
 
 def who(app: str = APP, **more) -> Principal:
     return Principal(tenant_id=TENANT, object_id="0b1c2d3e-0000-4000-8000-000000000042", app_id=app, **more)
-
-
-def op(method: str, target: str, host: str = GRAPH) -> Operation:
-    return Operation.from_request(method, "https", host, 443, target)
 
 
 # A Monday in summer (CEST, UTC+2) and one in winter (CET, UTC+1).

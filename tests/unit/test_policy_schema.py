@@ -20,6 +20,8 @@ from ruamel.yaml import YAML
 
 from nhi_gateway.policy.model import PolicyError, parse_policy
 
+from ..support.documents import places
+
 jsonschema = pytest.importorskip("jsonschema")
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -265,17 +267,7 @@ REPLACEMENTS = [None, 0, 7, -1, True, "", " ", "x", "GET", "*", "/x", "mon", "5m
                 {}, {"x": 1}, {"users": [TENANT]}]
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
-PATHS = [p for p in _paths(STARTER) if p]
+PATHS = [p for p, _ in places(STARTER) if p]
 
 
 @st.composite

@@ -29,6 +29,8 @@ from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.model import Policy, PolicyError, load_policy, parse_policy, policy_warnings
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
+from ..support.documents import places, text_mutations
+
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 EXAMPLE = (POLICIES / "example.yaml").read_text()
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
@@ -179,18 +181,7 @@ def _example_data():
     return copy.deepcopy(_EXAMPLE_DATA)
 
 
-def _paths(node, prefix=()):
-    """Every place in the document: (path, value)."""
-    yield prefix, node
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
-EXAMPLE_PLACES = [p for p, _ in _paths(_example_data()) if p]
+EXAMPLE_PLACES = [p for p, _ in places(_example_data()) if p]
 
 
 def _parent(doc, path):
@@ -208,10 +199,10 @@ STRING_EDITS = ["", "{", "}", "*", "**", "..", "%2F", "/", "\\", "'", "\n", "\t"
 def example_mutations(draw):
     doc = _example_data()
     for _ in range(draw(st.integers(1, 3))):
-        places = [p for p, _ in _paths(doc) if p]
-        if not places:
+        spots = [p for p, _ in places(doc) if p]
+        if not spots:
             break
-        path = draw(st.sampled_from(places))
+        path = draw(st.sampled_from(spots))
         parent, last = _parent(doc, path), path[-1]
         value = parent[last]
         kind = draw(st.sampled_from(["replace", "delete", "add-key", "repeat", "edit-string", "wrap"]))
@@ -254,24 +245,18 @@ TEXT_PIECES = ["", " ", "  ", "\t", "\n", "\n  ", "-", "- ", ":", ": ", "[", "]"
                "2025-13-45", "24:00", "-1"]
 
 
-@st.composite
-def text_mutations(draw):
-    text = EXAMPLE
-    for _ in range(draw(st.integers(1, 4))):
-        i = draw(st.integers(0, len(text)))
-        j = min(len(text), i + draw(st.integers(0, 12)))
-        text = text[:i] + draw(st.sampled_from(TEXT_PIECES)) + text[j:]
-    return text
+def example_text_mutations() -> st.SearchStrategy[str]:
+    return text_mutations(EXAMPLE, st.sampled_from(TEXT_PIECES), longest_cut=12)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(text_mutations())
+@given(example_text_mutations())
 def test_textual_mutations_of_the_example_are_a_policy_or_a_clear_error(text):
     check(text)
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
-@given(text_mutations())
+@given(example_text_mutations())
 def test_mutations_as_bytes_are_a_policy_or_a_clear_error(text):
     data = text.encode("utf-8", "surrogatepass")
     try:

@@ -4,11 +4,9 @@ searchable with its filters."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from mitmproxy import certs, flowfilter, http
-from mitmproxy import io as mio
 from mitmproxy.test import taddons, tflow
 
 from nhi_gateway.policy.decision import set_decision
@@ -16,6 +14,8 @@ from nhi_gateway.addons.guard import Health
 from nhi_gateway.recording.flows import APPROVED_MARK, REFUSED_MARK, flow_comment
 from nhi_gateway.addons.recorder import RECORDED_KEY, Recorder
 from nhi_gateway.policy.decision import Action, Decision, Stage
+
+from ..support.recordings import flows_in
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OID = "0b1c2d3e-0000-4000-8000-000000000042"
@@ -54,11 +54,6 @@ def recorder(tmp_path):
     r.done()
 
 
-def read_back(path: Path) -> list[http.HTTPFlow]:
-    with open(path, "rb") as fh:
-        return list(mio.FlowReader(fh).stream())
-
-
 # --- annotations ---------------------------------------------------------------------------------
 
 
@@ -77,7 +72,7 @@ def read_back(path: Path) -> list[http.HTTPFlow]:
 )
 def test_each_recorded_flow_says_who_what_verdict_rule_and_approver(recorder, decision, mark, in_comment):
     path = recorder.write(flow_with(decision))
-    (flow,) = read_back(path)
+    (flow,) = flows_in(path)
     for text in in_comment:
         assert text in flow.comment
     assert flow.comment.startswith("DENY" if mark == REFUSED_MARK else "ALLOW")
@@ -92,12 +87,12 @@ def test_approver_may_come_only_inside_the_approval():
 def test_an_error_after_the_decision_is_in_the_comment(recorder):
     f = flow_with(ALLOWED)
     f.error = tflow.terr("Connection killed.")
-    (flow,) = read_back(recorder.write(f))
+    (flow,) = flows_in(recorder.write(f))
     assert "error: Connection killed." in flow.comment
 
 
 def test_structured_decision_is_in_metadata(recorder):
-    (flow,) = read_back(recorder.write(flow_with(APPROVED)))
+    (flow,) = flows_in(recorder.write(flow_with(APPROVED)))
     assert Decision.from_dict(flow.metadata["nhi"]) == APPROVED
     assert flow.metadata["nhi.decision"] == "allow"
     assert flow.metadata["nhi.rule"] == "user-writes-need-approval"
@@ -136,7 +131,7 @@ def test_recorded_flows_are_searchable_with_mitmproxy_filters(recorder, expressi
         f = flow_with(decision)
         ids[f.id] = name
         recorder.write(f)
-    recorded = [f for p in sorted(recorder.directory.rglob("*.mitm")) for f in read_back(p)]
+    recorded = [f for p in sorted(recorder.directory.rglob("*.mitm")) for f in flows_in(p)]
     assert len(recorded) == 4
     match = flowfilter.parse(expression)
     assert sorted(ids[f.id] for f in recorded if match(f)) == sorted(matching)
@@ -149,7 +144,7 @@ def test_credentials_are_redacted_on_disk_and_the_live_flow_is_untouched(recorde
     live = flow_with(DENIED.but(reason=f"refused; the caller sent {JWT}"), Authorization=f"Bearer {JWT}")
     path = recorder.write(live)
     assert JWT.encode() not in path.read_bytes()
-    (flow,) = read_back(path)
+    (flow,) = flows_in(path)
     assert flow.request.headers["Authorization"] == "Bearer [redacted]"
     assert "[redacted]" in flow.comment
     assert live.request.headers["Authorization"] == f"Bearer {JWT}"
@@ -163,7 +158,7 @@ def test_the_undo_backup_is_never_written(recorder):
     live.request.headers["Authorization"] = "Bearer edited"
     path = recorder.write(live)
     assert JWT.encode() not in path.read_bytes()
-    (flow,) = read_back(path)
+    (flow,) = flows_in(path)
     assert flow._backup is None
     assert live._backup is not None
 
@@ -191,7 +186,7 @@ def test_flows_sharing_a_connection_are_each_written_whole_in_one_write(recorder
     path = recorder.write(flows[2])
 
     assert len(writes) == 3
-    back = read_back(path)
+    back = flows_in(path)
     assert [f.id for f in back] == [f.id for f in flows]
     assert all(f.server_conn.certificate_list == chain for f in back)
     assert all(f.server_conn.id == first.server_conn.id for f in back)
@@ -234,7 +229,7 @@ async def test_every_flow_is_recorded_once_through_the_hooks(tmp_path):
         g.error = tflow.terr("client disconnected")
         await r.error(g)
     r.done()
-    recorded = [x for p in tmp_path.rglob("*.mitm") for x in read_back(p)]
+    recorded = [x for p in tmp_path.rglob("*.mitm") for x in flows_in(p)]
     assert sorted(x.id for x in recorded) == sorted([f.id, g.id])
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from mitmproxy import io as mio
 from mitmproxy.test import tflow
 
 from nhi_gateway.recording import process as recording_process
@@ -23,6 +22,8 @@ from nhi_gateway.addons.guard import Health
 from nhi_gateway.addons.recorder import RECORDED_KEY, Recorder
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.recording.process import RecordingFailed, RecordingProcess
+
+from ..support.recordings import flows_under
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OID = "0b1c2d3e-0000-4000-8000-000000000042"
@@ -42,10 +43,6 @@ def flow_on(base=None):
     f.response.content = b'{"value":[{"id":"1","displayName":"Ada","secretText":"x"}]}'
     set_decision(f, ALLOWED)
     return f
-
-
-def read_all(root: Path):
-    return [x for p in sorted(root.rglob("*.mitm")) for x in mio.FlowReader(p.open("rb")).stream()]
 
 
 @pytest.fixture
@@ -70,7 +67,7 @@ async def test_the_child_writes_what_in_process_recording_writes(tmp_path):
         await child.response(f)
     await child.done()
 
-    a, b = read_all(tmp_path / "in"), read_all(tmp_path / "child")
+    a, b = flows_under(tmp_path / "in"), flows_under(tmp_path / "child")
     assert [x.id for x in b] == [f.id for f in flows]
     for x, y in zip(a, b):
         sx, sy = x.get_state(), y.get_state()
@@ -94,7 +91,7 @@ async def test_a_connection_is_sent_once_and_again_when_it_changes(child, tmp_pa
     third = flow_on(base)
     for f in (second, third):
         await child.record(f)
-    back = read_all(tmp_path / "rec")
+    back = flows_under(tmp_path / "rec")
     assert [f.server_conn.timestamp_end for f in back] == [first_end, 1234.5, 1234.5]
     assert len({f.server_conn.id for f in back}) == 1
 
@@ -106,7 +103,7 @@ async def test_live_objects_in_metadata_stay_behind(child, tmp_path):
     f.metadata["plain"] = {"kept": [1, "two", b"three"]}
     f.metadata["proxyauth"] = ("mcp", JWT)  # mitmproxy's own: the password is the token
     await child.record(f)
-    (back,) = read_all(tmp_path / "rec")
+    (back,) = flows_under(tmp_path / "rec")
     assert back.metadata["plain"] == {"kept": [1, "two", b"three"]}
     assert not {"live", "nested", "proxyauth"} & set(back.metadata)
 
@@ -124,7 +121,7 @@ async def test_a_killed_child_fails_what_it_had_not_confirmed_and_the_next_flow_
         await asyncio.wait_for(pending, 30)
     await child.record(flow_on())  # a new child
     assert child.pid != first_pid
-    assert len(read_all(tmp_path / "rec")) == 2
+    assert len(flows_under(tmp_path / "rec")) == 2
 
 
 async def test_a_child_is_restarted_at_most_once_a_second(child):
@@ -215,7 +212,7 @@ def test_flows_handed_over_are_written_when_the_gateway_dies(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the recording process outlived the gateway")
-    assert len(read_all(tmp_path / "rec")) == 10
+    assert len(flows_under(tmp_path / "rec")) == 10
 
 
 async def test_closing_waits_for_every_flow_and_the_child_exits(child, tmp_path):
@@ -225,7 +222,7 @@ async def test_closing_waits_for_every_flow_and_the_child_exits(child, tmp_path)
     await child.close()
     assert proc.returncode == 0
     assert len(set(results)) == 1
-    assert [f.id for f in read_all(tmp_path / "rec")] == [f.id for f in flows]
+    assert [f.id for f in flows_under(tmp_path / "rec")] == [f.id for f in flows]
 
 
 async def test_a_large_flow_goes_through_the_pipe(child, tmp_path):
@@ -233,7 +230,7 @@ async def test_a_large_flow_goes_through_the_pipe(child, tmp_path):
     f.response.headers["content-type"] = "application/octet-stream"
     f.response.content = os.urandom(6 * 2**20)  # more than the pipe and the drain threshold
     await child.record(f)
-    (back,) = read_all(tmp_path / "rec")
+    (back,) = flows_under(tmp_path / "rec")
     assert back.response.content == f.response.content
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import certs
-from mitmproxy import io as mio
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
@@ -31,6 +30,8 @@ from nhi_gateway.recording.files import (
     scan,
 )
 
+from ..support.recordings import flows_in, record, write_rotated
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 OID = "0b1c2d3e-0000-4000-8000-000000000042"
 APP_ID = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
@@ -40,20 +41,6 @@ MITMDUMP = Path(sys.executable).parent / "mitmdump"
 
 def principal(**kw) -> dict:
     return {"tenant_id": TENANT, "object_id": OID, "app_id": APP_ID, "display_name": "mcp-directory", **kw}
-
-
-def record(n: int = 0, body: bytes = b"") -> bytes:
-    f = tflow.tflow(resp=True)
-    f.comment = f"flow {n}"
-    if body:
-        f.response.content = body
-    return tnetstring.dumps(f.get_state())
-
-
-def read_all(path: Path) -> list:
-    """Raises when the file is not whole: FlowReader stops at the first bad record."""
-    with open(path, "rb") as fh:
-        return list(mio.FlowReader(fh).stream())
 
 
 # --- layout --------------------------------------------------------------------------------------
@@ -140,7 +127,7 @@ def test_each_record_is_in_the_file_as_soon_as_append_returns(tmp_path):
     path = writer.append(base, data)
     # Not closed, not flushed by anyone: another reader already sees the whole flow.
     assert path.read_bytes() == data
-    assert [f.comment for f in read_all(path)] == ["flow 1"]
+    assert [f.comment for f in flows_in(path)] == ["flow 1"]
     writer.close()
 
 
@@ -170,7 +157,7 @@ def test_rotates_by_size_without_renaming(tmp_path):
     comments = []
     for part in sorted(base.parent.glob("*.mitm"), key=recordings.sort_key):
         assert part.stat().st_size <= one * 3 + 10
-        comments += [f.comment for f in read_all(part)]
+        comments += [f.comment for f in flows_in(part)]
     assert comments == [f"flow {n}" for n in range(10)]  # in order, each once
 
 
@@ -242,7 +229,7 @@ def test_only_max_open_files_stay_open(tmp_path):
     assert len(writer._open) == 2
     writer.close()
     for b in bases:
-        assert len(read_all(b)) == 2
+        assert len(flows_in(b)) == 2
 
 
 # --- crash recovery ------------------------------------------------------------------------------
@@ -269,7 +256,7 @@ def test_a_torn_tail_is_moved_aside_and_the_file_reads_again(tmp_path, cut):
     assert recover_torn_tail(path) == keep
     assert scan(path).whole and scan(path).records == 2
     assert path.with_name(path.name + ".torn").read_bytes() == last[:keep]  # kept as evidence
-    assert [f.comment for f in read_all(path)] == ["flow 0", "flow 1"]
+    assert [f.comment for f in flows_in(path)] == ["flow 0", "flow 1"]
 
 
 def test_the_next_start_recovers_torn_files_of_the_newest_days(tmp_path):
@@ -291,7 +278,7 @@ def test_the_writer_recovers_a_torn_file_before_appending(tmp_path):
     writer = RecordingWriter()
     assert writer.append(path, record(9)) == path
     writer.close()
-    assert [f.comment for f in read_all(path)] == ["flow 0", "flow 9"]
+    assert [f.comment for f in flows_in(path)] == ["flow 0", "flow 9"]
 
 
 def test_a_corrupt_file_is_left_alone_and_new_flows_go_to_the_next_part(tmp_path):
@@ -323,7 +310,7 @@ def test_a_failed_write_leaves_no_half_flow_behind_the_next_one(tmp_path, monkey
     monkeypatch.setattr(recordings.os, "write", real_write)
     writer.append(path, record(2))
     writer.close()
-    assert [f.comment for f in read_all(path)] == ["flow 0", "flow 2"]
+    assert [f.comment for f in flows_in(path)] == ["flow 0", "flow 2"]
 
 
 def mitmdump_reads(path: Path) -> bool:
@@ -332,11 +319,7 @@ def mitmdump_reads(path: Path) -> bool:
 
 
 def test_stock_mitmdump_reads_every_rotated_file(tmp_path):
-    writer = RecordingWriter(max_bytes=len(record(0)) * 2)
-    base = tmp_path / "app--oid.mitm"
-    for n in range(5):
-        writer.append(base, record(n))
-    writer.close()
+    write_rotated(tmp_path)
     files = sorted(tmp_path.glob("*.mitm"))
     assert len(files) == 3
     assert all(mitmdump_reads(f) for f in files)
@@ -393,7 +376,7 @@ def test_a_record_holds_the_whole_flow_connections_included(tmp_path, chain):
         assert tnetstring.loads(data) == as_written(f.get_state())
     path = tmp_path / "a--b.mitm"
     path.write_bytes(encoded(encoder, first) + encoded(encoder, second))
-    back = read_all(path)
+    back = flows_in(path)
     assert [f.comment for f in back] == ["flow 1", "flow 2"]
     assert all(f.server_conn.certificate_list == chain for f in back)
     assert mitmdump_reads(path)

@@ -5,28 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from mitmproxy import io as mio
-from mitmproxy.io import tnetstring
-from mitmproxy.test import tflow
 
 from nhi_gateway.cli import records as records_cli
 from nhi_gateway.cli.main import main
 from nhi_gateway.recording.files import RecordingWriter, recording_base, scan
 
+from ..support.recordings import record, write_rotated
+
 PRINCIPAL = {"tenant_id": "t1", "object_id": "0b1c2d3e-0000-4000-8000-000000000042", "display_name": "mcp-directory"}
 
 
-def record(n: int) -> bytes:
-    f = tflow.tflow(resp=True)
-    f.comment = f"flow {n}"
-    return tnetstring.dumps(f.get_state())
-
-
 def test_several_parts_and_a_torn_tail_become_one_readable_file(tmp_path):
-    writer = RecordingWriter(max_bytes=len(record(0)) * 2)
-    base = tmp_path / "app--oid.mitm"
-    for n in range(5):
-        writer.append(base, record(n))
-    writer.close()
+    write_rotated(tmp_path)
     last = tmp_path / "app--oid.2.mitm"
     last.write_bytes(last.read_bytes() + record(5)[:40])  # cut short by a crash
     files = sorted(tmp_path.glob("*.mitm"), key=lambda p: (len(p.name), p.name))
