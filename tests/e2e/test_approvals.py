@@ -30,6 +30,7 @@ from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
 from ..support.e2e import cli as nhi_gateway
 from ..support.e2e import recorded_flow as recorded
 from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
+from ..support.recordings import flows_under
 from .conftest import gateway_running, start_gateway, stop
 
 AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the public client people sign in with
@@ -682,8 +683,6 @@ def test_sigterm_drains_held_requests_get_503_and_requests_in_flight_finish(tmp_
     import signal
     import socket
 
-    from mitmproxy import io
-
     from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE
 
     from .relay import MuteServer
@@ -734,11 +733,7 @@ def test_sigterm_drains_held_requests_get_503_and_requests_in_flight_finish(tmp_
     [slow_line] = [a for a in lines if slow_mark in (a.get("url") or "")]
     assert slow_line["status"] == 200
     assert any(a["status"] == 503 and "stopping" in a["reason"] and "/users/" in a["url"] for a in lines)
-    seen = {}
-    for path in gw.recording_files():
-        with open(path, "rb") as f:
-            for flow in io.FlowReader(f).stream():
-                seen[flow.request.path] = flow
+    seen = {flow.request.path: flow for flow in flows_under(gw.recordings)}
     [held_flow_on_disk] = [f for p, f in seen.items() if held_mark in p]
     assert held_flow_on_disk.response.status_code == 503
     assert any(slow_mark in p and f.response.status_code == 200 for p, f in seen.items())

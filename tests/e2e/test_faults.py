@@ -31,6 +31,7 @@ import requests
 from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE, SigningKey
 
 from ..support.e2e import GRAPH, marker, nhi, reached, recorded, until
+from ..support.recordings import flows_under
 from .conftest import start_gateway, stop
 from .relay import MuteServer, Relay
 
@@ -301,12 +302,7 @@ def refused_for(check: str):
 
 def write_ahead_flows(recordings: Path) -> list:
     """Every flow in the write-ahead logs (request halves, as they were forwarded)."""
-
-    flows = []
-    for path in sorted(recordings.rglob("*.wal")):
-        with open(path, "rb") as f:
-            flows += list(io.FlowReader(f).stream())
-    return flows
+    return flows_under(recordings, "*.wal")
 
 
 def first_refusal(gw, tokens, check: str, tries: int = 20) -> tuple[requests.Response, str]:

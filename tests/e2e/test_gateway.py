@@ -4,7 +4,6 @@ upstream: a refused request must never have reached Graph."""
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import ssl
@@ -14,6 +13,7 @@ import sys
 import pytest
 import requests
 
+from ..support import entra
 from ..support.e2e import (
     GRAPH,
     error_of,
@@ -121,7 +121,8 @@ def test_bad_tokens_get_401_naming_the_check(gateway, lookalike, monkeypatch, to
 
 
 def basic(token: str) -> str:
-    return "Basic " + base64.b64encode(f"agent:{token}".encode()).decode()
+    """The proxy credentials of ``HTTPS_PROXY=http://agent:<token>@gateway``."""
+    return entra.basic("agent", token)
 
 
 def test_bad_proxy_token_gets_407_with_json(gateway, tokens):

@@ -8,11 +8,14 @@ in as ``GATEWAY_APP`` with the client secret ``SECRET``.
 from __future__ import annotations
 
 import asyncio
+import textwrap
 
 import httpx
 
 from nhi_gateway.identity.groups import GraphCredential
 from nhi_gateway.identity.principal import Principal
+
+from .policies import policy_head
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 GATEWAY_APP = "9d7c1f00-0000-4000-8000-0000000000aa"
@@ -21,6 +24,16 @@ SP = "0b1c2d3e-0000-4000-8000-000000000042"
 GROUP_A = "aaaaaaaa-0000-4000-8000-00000000000a"
 GROUP_B = "bbbbbbbb-0000-4000-8000-00000000000b"
 SECRET = "abc8Q~not-a-real-secret-but-shaped-like-1"
+
+# The start of a policy with group rules: members of GROUP_A read groups. A module appends its
+# further rules (each ``  - id: ...``).
+GROUP_RULES_HEAD = policy_head(TENANT) + textwrap.dedent(f"""\
+    rules:
+      - id: readers-read-groups
+        action: allow
+        when: {{groups: [{GROUP_A}]}}
+        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups/**"]}}]
+    """)
 
 
 class FakeGraph:

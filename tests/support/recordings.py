@@ -37,6 +37,7 @@ def flows_in(path: Path) -> list:
         return list(io.FlowReader(fh).stream())
 
 
-def flows_under(root: Path) -> list:
-    """Every flow of every recording below ``root``, files in the order of their paths."""
-    return [flow for path in sorted(root.rglob("*.mitm")) for flow in flows_in(path)]
+def flows_under(root: Path, pattern: str = "*.mitm") -> list:
+    """Every flow of every recording below ``root`` (or of the files matching ``pattern``: the
+    write-ahead logs are ``*.wal``), files in the order of their paths."""
+    return [flow for path in sorted(root.rglob(pattern)) for flow in flows_in(path)]

@@ -30,6 +30,7 @@ from nhi_gateway.addons.authorization import Authorization
 from nhi_gateway.policy.decision import decision_of, set_decision
 from nhi_gateway.addons.guard import Guard
 from nhi_gateway.addons.identity import CONNECT_KEY, Identity
+from nhi_gateway.addons.recorder import Recorder
 from nhi_gateway.recording.audit import AuditWriteError
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.lookalike.pki import SigningKey

@@ -8,7 +8,6 @@ so a test can show that nothing else (an endpoint written in a token) is ever ca
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from pathlib import Path
 
 import jwt
@@ -34,6 +33,7 @@ from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import principal_from_claims
 
 from ..support.groups import (
+    GROUP_RULES_HEAD,
     CALLER_APP,
     GATEWAY_APP,
     GROUP_A,
@@ -45,7 +45,7 @@ from ..support.groups import (
     app_principal,
     credential,
 )
-from ..support.policies import op, policy_head
+from ..support.policies import op
 
 OTHER_TENANT = "0f0e0d0c-0000-4000-8000-00000000000f"
 SP2 = "0b1c2d3e-0000-4000-8000-000000000043"
@@ -329,21 +329,16 @@ def test_command_line_values_win_over_the_environment():
 
 # --- which requests depend on groups ---------------------------------------------------------
 
-POLICY = policy_head(TENANT) + textwrap.dedent(f"""\
-    rules:
-      - id: readers-read-groups
-        action: allow
-        when: {{groups: [{GROUP_A}]}}
-        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups/**"]}}]
-      - id: caller-in-b-no-apps
-        action: deny
-        when: {{app_ids: [{CALLER_APP}], groups: [{GROUP_B}]}}
-        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/applications/**"]}}]
-      - id: users-by-app
-        action: allow
-        when: {{app_ids: [{CALLER_APP}]}}
-        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/**"]}}]
-    """)
+POLICY = GROUP_RULES_HEAD + f"""\
+  - id: caller-in-b-no-apps
+    action: deny
+    when: {{app_ids: [{CALLER_APP}], groups: [{GROUP_B}]}}
+    operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/applications/**"]}}]
+  - id: users-by-app
+    action: allow
+    when: {{app_ids: [{CALLER_APP}]}}
+    operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/**"]}}]
+"""
 
 
 @pytest.mark.parametrize("method, path, principal, expected", [

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import textwrap
 
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
@@ -19,26 +18,20 @@ from nhi_gateway.identity.groups import GroupResolver
 from nhi_gateway.policy.model import PolicyStore, parse_policy
 from nhi_gateway.identity.principal import Principal
 
-from ..support.groups import CALLER_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph, app_principal, credential
-from ..support.policies import policy_head
+from ..support.groups import GROUP_RULES_HEAD, CALLER_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph, app_principal, credential
 
 USER = "0b1c2d3e-0000-4000-8000-0000000000f1"
 
-POLICY = policy_head(TENANT) + textwrap.dedent(f"""\
-    rules:
-      - id: readers-read-groups
-        action: allow
-        when: {{groups: [{GROUP_A}]}}
-        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/groups/**"]}}]
-      - id: finance-reads-applications
-        action: allow
-        when: {{groups: [{GROUP_B}]}}
-        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/applications/**"]}}]
-      - id: users-by-app
-        action: allow
-        when: {{app_ids: [{CALLER_APP}]}}
-        operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/**"]}}]
-    """)
+POLICY = GROUP_RULES_HEAD + f"""\
+  - id: finance-reads-applications
+    action: allow
+    when: {{groups: [{GROUP_B}]}}
+    operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/applications/**"]}}]
+  - id: users-by-app
+    action: allow
+    when: {{app_ids: [{CALLER_APP}]}}
+    operations: [{{host: graph.microsoft.com, methods: [GET], paths: ["/users/**"]}}]
+"""
 
 
 def graph_flow(path: str, principal: Principal | None, method: str = "GET"):
