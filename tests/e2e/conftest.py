@@ -35,6 +35,13 @@ def wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float 
     raise RuntimeError(f"timed out waiting for {path}:\n{log.read_text()[-3000:]}")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The lines of a JSON-lines file a process writes (none before it has written one)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -78,10 +85,7 @@ class Lookalike(ReadyFile):
         raise KeyError(name)
 
     def received(self) -> list[dict]:
-        path = self.state_dir / "received.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.state_dir / "received.jsonl")
 
     def resolve_args(self) -> list[str]:
         out = []
@@ -126,10 +130,7 @@ class RunningGateway(ReadyFile):
         return f"http://127.0.0.1:{self.port}"
 
     def audit(self) -> list[dict]:
-        path = self.recordings / "audit.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.recordings / "audit.jsonl")
 
     def recording_files(self) -> list[Path]:
         return sorted(self.recordings.rglob("*.mitm"))

@@ -48,7 +48,8 @@ SECRET_MAIL = "alice@contoso.example"
 UPSTREAM_SECRET = b"upstream-only: must never reach the client"
 
 # The gateway's policy in these tests: readers read users (masked), nobody deletes one.
-POLICY = policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER), upstreams=[{"host": GRAPH, "token": "any"}]) + f"""\
+POLICY = policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER),
+                     upstreams=[{"host": GRAPH, "token": "any"}]) + f"""\
 masking:
   profiles:
     pii: {{fields: [mail]}}
@@ -120,6 +121,7 @@ def build_gateway(tmp_path: Path, authority, *, recordings: Path | None = None,
 # --- running hooks as mitmproxy does -------------------------------------------------------------
 
 escaped: list[BaseException] = []  # exceptions that got past an addon: mitmproxy would forward anyway
+
 
 async def run_hook(chain, name: str, f) -> None:
     """Call ``name`` on every addon of the chain that has it, in order, as AddonManager does: an

@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from mitmproxy import http, io
+from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from nhi_gateway.policy.decision import REFUSED_KEY, decision_of
@@ -54,6 +54,7 @@ from ..support.chain import (
     tunnel,
 )
 from ..support.policies import V1_ISSUER, policy_head
+from ..support.recordings import flows_under
 
 pytestmark = pytest.mark.usefixtures("no_exception_escapes_an_addon")
 
@@ -612,11 +613,7 @@ def audit_lines(gw) -> list[dict]:
 
 
 def recorded(gw) -> list[http.HTTPFlow]:
-    flows = []
-    for path in sorted(gw.recorder.directory.rglob("*.mitm")):
-        with open(path, "rb") as f:
-            flows += list(io.FlowReader(f).stream())
-    return flows
+    return flows_under(gw.recorder.directory)
 
 
 READS = {"requests": [get("1", "users"), get("Two", "/users/1?$select=id,mail")]}
