@@ -18,7 +18,7 @@ import uuid
 import pytest
 import requests
 
-from ..support.e2e import GRAPH, audit_line, marker, reached_graph, use_proxy
+from ..support.e2e import GRAPH, audit_line, graph_credential, marker, reached_graph, use_proxy
 from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
 from .conftest import gateway_running, start_gateway, stop
 
@@ -95,16 +95,9 @@ def policy(tmp_path_factory, lookalike):
     return path
 
 
-def secret_credential(lookalike, secret: str | None = None) -> tuple[list[str], dict[str, str]]:
-    gw_app = lookalike.app("nhi-gateway")
-    args = ["--graph-client-id", gw_app["client_id"]]
-    env = {"NHI_GRAPH_TENANT_ID": lookalike.tenant_id, "NHI_GRAPH_CLIENT_SECRET": secret or gw_app["secret"]}
-    return args, env
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, lookalike, policy, attacker):
-    args, env = secret_credential(lookalike)
+    args, env = graph_credential(lookalike)
     # Were the gateway to follow an endpoint written in a token, this is where it would arrive.
     args += ["--resolve", f"{ATTACKER_HOST}=127.0.0.1:{attacker.port}"]
     with gateway_running(tmp_path_factory.mktemp("groups-gateway"), lookalike, policy=policy, extra_args=args,
@@ -212,7 +205,7 @@ def test_certificate_credential_from_the_command_line(tmp_path, lookalike, polic
 
 def test_refused_credential_fails_closed_only_where_groups_decide(tmp_path, lookalike, policy, tokens, monkeypatch):
     wrong = "bad8Q~" + uuid.uuid4().hex
-    args, env = secret_credential(lookalike, secret=wrong)
+    args, env = graph_credential(lookalike, secret=wrong)
     gw = start_gateway(tmp_path / "gw", lookalike, policy, extra_args=args, env=env)
     try:
         r, mark = get(gw, monkeypatch, "/v1.0/groups", tokens())

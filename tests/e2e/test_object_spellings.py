@@ -19,9 +19,10 @@ import uuid
 import pytest
 import requests
 
-from .conftest import start_gateway, stop
+from ..support.e2e import GRAPH, graph_credential, marker, nhi, reached_graph
+from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
+from .conftest import gateway_running
 
-GRAPH = "https://graph.microsoft.com"
 ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
 ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
 UPN_ADELE = "AdeleV@nhilab.onmicrosoft.com"
@@ -29,16 +30,8 @@ UPN_ADELE = "AdeleV@nhilab.onmicrosoft.com"
 
 def policy_text(lookalike) -> str:
     mcp, bot = lookalike.app("mcp-directory"), lookalike.app("rotation-bot")
-    return f"""\
-version: 1
-identity:
-  tenants: [{lookalike.tenant_id}]
-  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
-upstreams:
-  - host: graph.microsoft.com
+    head = policy_head(lookalike.tenant_id, issuers=(V1_ISSUER, V2_ISSUER), audiences=ALL_GRAPH_AUDIENCES)
+    return head + f"""\
 rules:
   - id: mcp-keeps-its-secrets
     action: deny
@@ -76,29 +69,18 @@ def policy(tmp_path_factory, lookalike):
     return path
 
 
-def credential(lookalike) -> tuple[list[str], dict[str, str]]:
-    gw_app = lookalike.app("nhi-gateway")
-    return (["--graph-client-id", gw_app["client_id"]],
-            {"NHI_GRAPH_TENANT_ID": lookalike.tenant_id, "NHI_GRAPH_CLIENT_SECRET": gw_app["secret"]})
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, lookalike, policy):
-    args, env = credential(lookalike)
-    gw = start_gateway(tmp_path_factory.mktemp("objects-gateway"), lookalike, policy, extra_args=args, env=env)
-    try:
+    args, env = graph_credential(lookalike)
+    with gateway_running(tmp_path_factory.mktemp("objects-gateway"), lookalike, policy=policy, extra_args=args,
+                         env=env) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
 
 
 @pytest.fixture(scope="module")
 def uncredentialled(tmp_path_factory, lookalike, policy):
-    gw = start_gateway(tmp_path_factory.mktemp("objects-no-credential"), lookalike, policy)
-    try:
+    with gateway_running(tmp_path_factory.mktemp("objects-no-credential"), lookalike, policy=policy) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +91,7 @@ def bot(tokens, lookalike) -> str:
 
 
 def send(gateway, method: str, path: str, token: str) -> tuple[requests.Response, str]:
-    mark = uuid.uuid4().hex[:12]
+    mark = marker()
     sep = "&" if "?" in path else "?"
     body = {"passwordCredential": {"displayName": "spelling"}} if method == "POST" else None
     r = requests.request(method, f"{GRAPH}{path}{sep}m={mark}", json=body, headers={"Authorization": f"Bearer {token}"},
@@ -117,18 +99,10 @@ def send(gateway, method: str, path: str, token: str) -> tuple[requests.Response
     return r, mark
 
 
-def reached_graph(lookalike, mark: str) -> bool:
-    return any(mark in line.get("path", "") for line in lookalike.received())
-
-
 def secrets_of(lookalike, app: str) -> int:
     """How many secrets the look-alike's application holds: it grows only if addPassword ran."""
     clients = json.loads((lookalike.state_dir / "directory" / "clients.json").read_text())
     return len(clients[app]["passwords"])
-
-
-def inner(r: requests.Response) -> dict:
-    return r.json()["error"]["innerError"]["nhi-gateway"]
 
 
 def add_password_spellings(lookalike) -> list[str]:
@@ -153,7 +127,7 @@ def test_every_spelling_of_add_password_on_the_protected_application_is_refused(
     for path in add_password_spellings(lookalike):
         r, mark = send(gateway, "POST", path, bot)
         assert r.status_code == 403, (path, r.text[:300])
-        assert inner(r)["rule"] == "mcp-keeps-its-secrets", (path, r.text[:300])
+        assert nhi(r)["rule"] == "mcp-keeps-its-secrets", (path, r.text[:300])
         assert not reached_graph(lookalike, mark), path
     assert secrets_of(lookalike, "mcp-directory") == before
     # The gateway asked Graph which object the alternate keys name, with its own credential.
@@ -180,7 +154,7 @@ def test_an_alternate_key_of_another_object_is_judged_as_that_object(gateway, lo
 def test_every_spelling_of_the_private_user_is_refused(gateway, lookalike, tokens, path):
     r, mark = send(gateway, "GET", path, tokens())
     assert r.status_code == 403, r.text[:300]
-    assert inner(r)["rule"] == "adele-is-private"
+    assert nhi(r)["rule"] == "adele-is-private"
     assert not reached_graph(lookalike, mark)
 
 
@@ -200,14 +174,14 @@ def test_without_a_graph_credential_alternate_keys_are_refused_not_guessed(uncre
         method = "POST" if "addPassword" in path else "GET"
         r, mark = send(uncredentialled, method, path, token)
         assert r.status_code == 503, (path, r.text[:300])
-        assert inner(r)["check"] == "object_unresolved"
+        assert nhi(r)["check"] == "object_unresolved"
         assert "no Graph credential" in r.json()["error"]["message"]
         assert not reached_graph(lookalike, mark)
     assert secrets_of(lookalike, "mcp-directory") == before
     # Spellings by id need no lookup: the rule decides them as ever.
     oid = lookalike.app("mcp-directory")["application_object_id"]
     r, mark = send(uncredentialled, "POST", f"/v1.0/applications(Id='{oid}')/microsoft.graph.addPassword", bot)
-    assert r.status_code == 403 and inner(r)["rule"] == "mcp-keeps-its-secrets"
+    assert r.status_code == 403 and nhi(r)["rule"] == "mcp-keeps-its-secrets"
     assert not reached_graph(lookalike, mark)
 
 
@@ -236,7 +210,7 @@ def test_a_batch_cannot_hide_an_alternate_key(gateway, lookalike, bot):
     r = requests.post(f"{GRAPH}/v1.0/$batch?m={mark}", json=body, headers={"Authorization": f"Bearer {bot}"},
                       proxies={"https": gateway.proxy()}, verify=gateway.ca_cert, timeout=30)
     assert r.status_code == 403, r.text[:300]
-    assert inner(r)["rule"] == "mcp-keeps-its-secrets"
+    assert nhi(r)["rule"] == "mcp-keeps-its-secrets"
     assert not reached_graph(lookalike, mark)
     assert not any(line.get("batch") and "hidden" in json.dumps(line) for line in lookalike.received())
     assert secrets_of(lookalike, "mcp-directory") == before

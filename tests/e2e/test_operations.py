@@ -12,19 +12,16 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import EXAMPLE_POLICY, start_gateway, stop
+from ..support.e2e import GRAPH
+from .conftest import EXAMPLE_POLICY, gateway_running, start_gateway, stop
 
-GRAPH = "https://graph.microsoft.com"
 WAIT = 30.0
 
 
 @pytest.fixture
 def gw(tmp_path, lookalike):
-    gw = start_gateway(tmp_path / "gw", lookalike)
-    try:
+    with gateway_running(tmp_path / "gw", lookalike) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
 
 
 def admin(gw) -> httpx.Client:

@@ -91,6 +91,15 @@ def cli(*args: str, cwd=None, env: dict[str, str] | None = None, timeout: float 
                           timeout=timeout, cwd=cwd, env=env)
 
 
+def graph_credential(lookalike, secret: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The gateway's own Graph credential (the look-alike's nhi-gateway app, a client secret, or
+    ``secret`` instead), given as an operator gives it: (command-line arguments, environment)."""
+    gw_app = lookalike.app("nhi-gateway")
+    args = ["--graph-client-id", gw_app["client_id"]]
+    env = {"NHI_GRAPH_TENANT_ID": lookalike.tenant_id, "NHI_GRAPH_CLIENT_SECRET": secret or gw_app["secret"]}
+    return args, env
+
+
 def error_of(response) -> dict:
     """The Graph-style ``error`` of a refusal."""
     return response.json()["error"]

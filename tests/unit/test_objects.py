@@ -22,6 +22,9 @@ from nhi_gateway.policy.objects import (
 )
 from nhi_gateway.policy.operation import Operation
 
+from ..support import policies
+from ..support.policies import V1_ISSUER, policy_head
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 BOT = "7d3e2c1b-0000-4000-8000-00000000b07a"
 PROTECTED = "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f"  # an application object no one may add secrets to
@@ -30,14 +33,7 @@ OTHER = "0a0b0c0d-0000-4000-8000-0000000000aa"
 ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
 ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
 
-POLICY = parse_policy(f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
-upstreams:
-  - host: graph.microsoft.com
+POLICY = parse_policy(policy_head(TENANT, issuers=(V1_ISSUER,)) + f"""\
 rules:
   - id: protected-app-keeps-its-secrets
     action: deny
@@ -75,7 +71,7 @@ CALLER = Principal(tenant_id=TENANT, object_id=BOT, app_id=BOT)
 
 
 def op(target: str, method: str = "GET") -> Operation:
-    return Operation.from_request(method, "https", "graph.microsoft.com", 443, target)
+    return policies.op(method, target)
 
 
 def verdict(target: str, method: str = "GET", resolutions=None):
