@@ -10,25 +10,16 @@ import json
 
 import pytest
 import requests
-from mitmproxy import io
 
 from nhi_gateway.policy.admission import LIMITS
 
-from .test_gateway import GRAPH, get_token, marker, reached_graph
+from ..support.e2e import GRAPH, get_token, marker, reached_graph, recorded
 from .test_protocol_edges import exchange, json_bodies, statuses
 
 
 @pytest.fixture
 def token(gateway, lookalike, monkeypatch) -> str:
     return get_token(gateway, lookalike, monkeypatch)
-
-
-def recorded(gateway, mark: str) -> list:
-    flows = []
-    for path in gateway.recording_files():
-        with open(path, "rb") as fh:
-            flows += [f for f in io.FlowReader(fh).stream() if mark in f.request.path]
-    return flows
 
 
 def assert_refused_before_any_rule(gateway, lookalike, r: requests.Response, mark: str, status: int, check: str):

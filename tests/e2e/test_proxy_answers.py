@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 import requests
-from mitmproxy import io
 
 from .conftest import start_gateway, stop
-from .test_gateway import GRAPH, get_token, marker, reached_graph
+from ..support.e2e import GRAPH, get_token, marker, reached_graph, until
+from ..support.recordings import flows_under
 from .test_protocol_edges import exchange, json_bodies, statuses
 
 
@@ -23,22 +22,8 @@ def token(gateway, lookalike, monkeypatch) -> str:
     return get_token(gateway, lookalike, monkeypatch)
 
 
-def until(predicate, what: str, deadline: float = 15.0):
-    end = time.monotonic() + deadline
-    while True:
-        if value := predicate():
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"not within {deadline}s: {what}")
-        time.sleep(0.1)
-
-
 def flows_of(gw) -> list:
-    flows = []
-    for path in gw.recording_files():
-        with open(path, "rb") as fh:
-            flows += list(io.FlowReader(fh).stream())
-    return flows
+    return flows_under(gw.recordings)
 
 
 def lines_with(gw, needle: str) -> list[dict]:

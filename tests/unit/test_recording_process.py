@@ -321,7 +321,7 @@ async def test_text_that_is_not_utf8_is_recorded_escaped_in_and_out_of_process(c
     recorder.record_now(g)
     recorder.close()
     for root in (tmp_path / "rec", tmp_path / "inproc"):
-        written = read_all(root)
+        written = flows_under(root)
         assert len(written) == 1
         if where in ("host", "sni"):
             assert "gr\\xffaph" in (written[0].request.host + str(written[0].client_conn.sni))
