@@ -31,6 +31,15 @@ ALGORITHMS = ["RS256"]  # Entra signs access tokens with RS256 only; never deriv
 KEY_CARRYING_HEADERS = ("jku", "x5u", "jwk", "x5c")
 REQUIRED_TIME_CLAIMS = ("exp", "nbf", "iat")
 CACHE_MARGIN_SECONDS = 5  # a cached verdict ends this long before the token's own expiry
+# Limits on the JSON of the header and the payload, checked on the bytes before any parsing, so
+# that the answer never depends on the json module or the recursion limit of one Python version.
+# Entra's deepest claim (_claim_sources.src1.endpoint) sits three levels down; 200 group ids (the
+# most Entra puts in a token) are about 7.8 KiB; no single string it writes comes near 4 KiB.
+MAX_JSON_DEPTH = 8
+MAX_CLAIM_BYTES = 8 * 1024  # one top-level member's value, as written
+MAX_STRING_BYTES = 4 * 1024  # one JSON string, as written (escapes counted as written)
+# Group overage markers: Entra writes them for users only; on an app-only token they are forged.
+OVERAGE_CLAIMS = ("_claim_names", "_claim_sources", "hasgroups")
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -38,6 +47,9 @@ _KID = re.compile(r"^[A-Za-z0-9_\-+/=.]{1,128}$")
 # The nonce is matched as the exact JSON member Entra writes; escapes would make the byte-level
 # replacement ambiguous, so a nonce that needs them is refused.
 _NONCE_MEMBER = re.compile(rb'"nonce"\s*:\s*"([^"\\]*)"')
+# The lexemes that shape a JSON text: whole strings (so brackets inside them are text) and the
+# structural characters. Everything else (numbers, literals, blanks) cannot nest.
+_JSON_LEXEME = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]', re.DOTALL)
 
 
 class TokenRejected(Exception):
@@ -84,9 +96,57 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def check_json_shape(data: bytes, what: str) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH, a top-level member larger than MAX_CLAIM_BYTES
+    and a string larger than MAX_STRING_BYTES, reading the bytes only (before any parser)."""
+    depth = 0
+    value_start: int | None = None  # where the value of the current top-level member begins
+
+    def claim_ends(end: int) -> None:
+        if value_start is not None and end - value_start > MAX_CLAIM_BYTES:
+            name = data[:value_start].rsplit(b'"', 2)[-2][:40].decode("ascii", "replace")
+            raise TokenRejected("claim_size", f"token {what} member {name!r} is larger than "
+                                              f"{MAX_CLAIM_BYTES} bytes")
+
+    for m in _JSON_LEXEME.finditer(data):
+        c = data[m.start()]
+        if c == 0x22:  # '"'
+            if m.end() - m.start() - 2 > MAX_STRING_BYTES:
+                raise TokenRejected("claim_size", f"token {what} holds a string larger than {MAX_STRING_BYTES} bytes")
+        elif c in b"[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise TokenRejected("nesting", f"token {what} nests deeper than {MAX_JSON_DEPTH} levels")
+        elif c in b"]}":
+            if depth == 1:
+                claim_ends(m.start())
+                value_start = None
+            depth -= 1
+        elif depth == 1:
+            if c == 0x3A:  # ':'
+                value_start = m.end()
+            else:  # ','
+                claim_ends(m.start())
+                value_start = None
+
+
+def _no_duplicate_members(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal names; another parser may keep the first. A token
+    # that says two things about one claim (or one header member) is refused, never read.
+    out: dict = {}
+    for name, value in pairs:
+        if name in out:
+            raise TokenRejected("duplicate_member", f"token names member {name[:40]!r} more than once")
+        out[name] = value
+    return out
+
+
 def _json_object(data: bytes, what: str) -> dict:
+    check_json_shape(data, what)
     try:
-        value = json.loads(data)
+        value = json.loads(data, object_pairs_hook=_no_duplicate_members)
+    except TokenRejected as e:
+        raise TokenRejected(e.check, e.message.replace("token names", f"token {what} names")) from None
     except (ValueError, RecursionError) as e:
         raise TokenRejected("format", f"token {what} is not JSON") from e
     if not isinstance(value, dict):
@@ -144,6 +204,30 @@ def _check_claim_types(claims: dict) -> None:
             raise TokenRejected("claims", f"claim '{name}' must be a string")
     if not _GUID.match(claims["oid"]):
         raise TokenRejected("claims", "claim 'oid' must be a GUID")
+    idtyp = claims.get("idtyp")
+    if idtyp is not None and not isinstance(idtyp, str):
+        raise TokenRejected("claims", "claim 'idtyp' must be a string")
+    if "scp" in claims and not isinstance(claims["scp"], str):
+        raise TokenRejected("claims", "claim 'scp' must be a string")
+
+
+def _check_consistency(claims: dict) -> None:
+    """Refuse tokens whose claims contradict each other, whoever signed them: an app-only token
+    carries no delegated scopes and no group overage markers (Entra writes those for users only,
+    and an overage pointer is never followed)."""
+    idtyp = claims.get("idtyp")
+    if idtyp == "app" and "scp" in claims:
+        raise TokenRejected("contradiction", "token says it is app-only (idtyp: app) and carries delegated scopes (scp)")
+    if _is_app_only(claims):
+        found = [name for name in OVERAGE_CLAIMS if name in claims]
+        if found:
+            raise TokenRejected("contradiction", f"app-only token carries group overage markers "
+                                                 f"({', '.join(found)}), which Entra writes for users only")
+
+
+def _is_app_only(claims: dict) -> bool:
+    idtyp = claims.get("idtyp")
+    return idtyp == "app" if isinstance(idtyp, str) else not claims.get("scp")
 
 
 class TokenVerifier:
@@ -194,6 +278,7 @@ class TokenVerifier:
             raise TokenRejected("format", "token is not signed")
         claims = _json_object(_b64decode(parts[1]), "payload")
         _check_claim_types(claims)
+        _check_consistency(claims)
 
         tenant_id = claims["tid"].lower()
         if not _GUID.match(tenant_id) or tenant_id not in trust.tenants:
@@ -255,8 +340,7 @@ def principal_from_claims(claims: dict, source: TokenSource, issuer: str) -> Pri
     scopes = claims.get("scp", "")
     if not isinstance(scopes, str):
         raise TokenRejected("claims", "claim 'scp' must be a string")
-    idtyp = claims.get("idtyp")
-    app_only = idtyp == "app" if isinstance(idtyp, str) else not scopes
+    app_only = _is_app_only(claims)
     display = claims.get("app_displayname")
     mirid = claims.get("xms_mirid")
     return Principal(
@@ -285,6 +369,7 @@ __all__ = [
     "TokenRejected",
     "TokenVerifier",
     "TrustSettings",
+    "check_json_shape",
     "graph_signing_input_header",
     "principal_from_claims",
 ]
