@@ -391,3 +391,78 @@ def test_nesting_is_judged_before_json_parsing_so_every_python_agrees():
         assert e.value.check == "nesting"
     # Brackets inside strings are text, not nesting.
     check_json_shape(json.dumps({"a": "[[[[[[[[[[[[[[[[[[{{{{{{{{{{{{"}).encode(), "payload")
+
+
+# --- removing a key revokes (issue 13, item 4) ----------------------------------------------------
+
+
+class Rollover:
+    """An authority of its own (the module's is shared), with a key store whose clock the test moves."""
+
+    def __init__(self, **store):
+        self.authority = EntraAuthority([SigningKey.generate()])
+        self.entra = Entra(self.authority)
+        self.now = [1000.0]
+        self.keys = KeyStore(self.entra.fetch, clock=lambda: self.now[0], **store)
+        self.verifier = TokenVerifier(self.keys)
+
+    def mint(self, **kw):
+        return mint(self.authority, **kw)
+
+    async def verify(self, token):
+        return await self.verifier.verify(token, TokenSource.BEARER, TRUST)
+
+
+async def test_a_key_removed_by_an_unknown_kid_refresh_revokes_its_cached_tokens():
+    r = Rollover(unknown_kid_interval=0)
+    doomed = r.authority.add_key()
+    token = r.mint(key=doomed)
+    await r.verify(token)
+    await r.verify(token)
+    assert r.verifier.signature_checks == 1  # cached
+    r.authority.retire_key(doomed.kid)  # Microsoft's emergency rollover: the kid is gone
+    # Until the gateway's set is refreshed, it cannot know; a token with a new kid makes it look.
+    await r.verify(r.mint())
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(r.mint(key=SigningKey.generate()))
+    assert e.value.check == "kid"
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(token)  # cached before, refused now
+    assert e.value.check == "kid"
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(r.mint(key=doomed))  # and never cached: refused too
+    assert e.value.check == "kid"
+
+
+async def test_a_key_removed_by_the_scheduled_refresh_revokes_its_cached_tokens():
+    r = Rollover(refresh_after=3600, max_age=24 * 3600)
+    doomed = r.authority.add_key()
+    token = r.mint(key=doomed)
+    await r.verify(token)
+    r.authority.retire_key(doomed.kid)
+    r.now[0] += 25 * 3600  # past max_age: the set is refreshed before use, even for a cached verdict
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(token)
+    assert e.value.check == "kid"
+
+
+async def test_a_kid_republished_with_other_key_material_does_not_keep_its_cached_verdict():
+    r = Rollover(unknown_kid_interval=0)
+    token = r.mint()
+    await r.verify(token)
+    kid = r.authority.signing_key.kid
+    impostor = SigningKey.generate().jwk(None)
+    fetch = r.entra.fetch
+
+    async def republished(url):  # the same kid now names other key material
+        doc = await fetch(url)
+        if "keys" in doc:
+            doc = {"keys": [{**impostor, "kid": kid, "x5t": kid}]}
+        return doc
+
+    r.keys._fetch_json = republished
+    with pytest.raises(TokenRejected):
+        await r.verify(r.mint(key=SigningKey.generate()))  # an unknown kid: the set is refreshed
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(token)
+    assert e.value.check == "signature"

@@ -264,7 +264,12 @@ class Identity:
                 refuse(flow, _identity_refusal(
                     407, "lifetime", "the proxy token of this connection has expired; reconnect with a fresh one"))
                 return
-            principals.append(tunnel.principal)
+            # Judged again on every request (a cache hit when nothing changed): a verdict holds no
+            # longer than the key that signed the token and the policy that trusted it.
+            current = await self._principal(tunnel.token, TokenSource.PROXY, flow, 407)
+            if current is None:
+                return
+            principals.append(current)
             proxy_tokens.append(tunnel.token)
         # Plain-HTTP proxy requests carry Proxy-Authorization on every request.
         proxy_header = flow.request.headers.pop("Proxy-Authorization", None)

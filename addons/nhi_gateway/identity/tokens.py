@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import jwt
 
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
-from nhi_gateway.identity.signing_keys import KeyStore, KeysUnavailable, UnknownKey
+from nhi_gateway.identity.signing_keys import KeyStore, KeysUnavailable, SigningKey, UnknownKey
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,16 @@ def _is_app_only(claims: dict) -> bool:
     return idtyp == "app" if isinstance(idtyp, str) else not claims.get("scp")
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    """A verified token's principal and the key that verified it (a verdict lives no longer)."""
+
+    principal: Principal
+    metadata_url: str
+    issuer: str
+    key: SigningKey
+
+
 class TokenVerifier:
     def __init__(
         self,
@@ -240,7 +250,7 @@ class TokenVerifier:
     ) -> None:
         self.keys = keys
         self._clock = clock
-        self._cache: OrderedDict[tuple, Principal] = OrderedDict()
+        self._cache: OrderedDict[tuple, _Verdict] = OrderedDict()
         self.cache_size = cache_size
         self.signature_checks = 0  # how many tokens were checked cryptographically (for tests and bench)
 
@@ -252,20 +262,31 @@ class TokenVerifier:
         now = self._clock()
         cached = self._cache.get(cache_key)
         if cached is not None:
-            if cached.expires_at - CACHE_MARGIN_SECONDS > now:
+            if cached.principal.expires_at - CACHE_MARGIN_SECONDS > now and await self._key_still_published(cached):
                 self._cache.move_to_end(cache_key)
-                return cached.with_sources((source,))
+                return cached.principal.with_sources((source,))
             del self._cache[cache_key]
 
-        principal = await self._verify_uncached(token, source, trust, now)
-        self._cache[cache_key] = principal
+        principal, verified_by = await self._verify_uncached(token, source, trust, now)
+        self._cache[cache_key] = _Verdict(principal, *verified_by)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return principal
 
+    async def _key_still_published(self, verdict: _Verdict) -> bool:
+        """A cached verdict lasts only as long as the key that verified it: the key store's lookup
+        (which refreshes the set on its schedule) must still hand out that very key. A kid that a
+        refresh dropped (an emergency rollover) or republished with other material sends the token
+        back to a full verification, which refuses it."""
+        try:
+            key = await self.keys.key(verdict.metadata_url, verdict.issuer, verdict.key.kid)
+        except UnknownKey:
+            return False
+        return key is verdict.key
+
     async def _verify_uncached(
         self, token: str, source: TokenSource, trust: TrustSettings, now: float
-    ) -> Principal:
+    ) -> tuple[Principal, tuple[str, str, SigningKey]]:
         if not token.isascii():
             raise TokenRejected("format", "token is not ASCII")
         parts = token.split(".")
@@ -288,8 +309,9 @@ class TokenVerifier:
             raise TokenRejected("issuer", "token issuer is not trusted for its tenant")
         expected_issuer = issuer.issuer_for(tenant_id)
 
+        metadata_url = issuer.metadata_for(tenant_id)
         try:
-            key = await self.keys.key(issuer.metadata_for(tenant_id), expected_issuer, kid)
+            key = await self.keys.key(metadata_url, expected_issuer, kid)
         except UnknownKey as e:
             raise TokenRejected("kid", str(e)) from e
         # KeysUnavailable propagates: the caller answers 503 (fail closed, and says why).
@@ -326,7 +348,7 @@ class TokenVerifier:
         except Exception as e:  # never let a token turn into a 5xx
             raise TokenRejected("token", "token could not be verified") from e
 
-        return principal_from_claims(claims, source, expected_issuer)
+        return principal_from_claims(claims, source, expected_issuer), (metadata_url, expected_issuer, key)
 
 
 def principal_from_claims(claims: dict, source: TokenSource, issuer: str) -> Principal:

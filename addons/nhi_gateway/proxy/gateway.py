@@ -46,7 +46,7 @@ from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
-from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL, KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class GatewayConfig:
     approvals_db: Path | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
+    # At most one refetch of an issuer's keys per this many seconds for tokens with an unknown kid.
+    unknown_kid_refresh: float = DEFAULT_UNKNOWN_KID_INTERVAL
     # Recordings are written by a child process (nhi_gateway.recording.process), off the event
     # loop; False writes them in the gateway's own process (tests that reach into the recorder).
     recording_process: bool = True
@@ -231,7 +233,7 @@ async def start(config: GatewayConfig) -> Gateway:
     m.addons.add(*builtin)
     health = Health()
     egress = EgressClient(config.resolve, str(config.upstream_ca) if config.upstream_ca else None)
-    verifier = TokenVerifier(KeyStore(egress.get_json))
+    verifier = TokenVerifier(KeyStore(egress.get_json, unknown_kid_interval=config.unknown_kid_refresh))
     groups = None
     if config.graph_credential is not None:
         groups = GroupResolver(config.graph_credential, egress, ttl=config.groups_ttl)
