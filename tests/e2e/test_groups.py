@@ -31,10 +31,17 @@ def policy_text(lookalike) -> str:
 version: 1
 identity:
   tenants: [{lookalike.tenant_id}]
-  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  bearer:
+    audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
 upstreams:
   - host: graph.microsoft.com
     token: any

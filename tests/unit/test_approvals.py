@@ -59,8 +59,13 @@ POLICY = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/"]
 upstreams:
   - host: graph.microsoft.com
 rules:

@@ -8,7 +8,8 @@ identity stage refuses it as an unknown upstream should anything let one through
 the proxy listener are never answered here, whatever their Host or path.
 
 Approvers authenticate with their own Entra token (``Authorization: Bearer``), verified exactly
-as callers' tokens are (same verifier, the policy's trusted tenants, issuers and audiences). The
+as callers' bearer tokens are (same verifier, the policy's trusted tenants and the audiences and
+issuers of ``identity.bearer``). The
 rule of each request names who may decide it (object ids or groups; groups come from the
 token's ``groups`` claim, or from Graph when the token has none and the gateway has a Graph
 credential). No identity may approve its own request.
@@ -57,7 +58,7 @@ from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import KeysUnavailable, TokenRejected, TokenVerifier
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
 from nhi_gateway.addons.guard import Health
-from nhi_gateway.addons.identity import PolicyTrust, bearer_token
+from nhi_gateway.addons.identity import PolicyTrust, bearer_token, verify_in
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class ApprovalsAPI:
                 "the approval API needs your own Entra token: Authorization: Bearer <token> "
                 "(nhi-gateway approvals reads it from NHI_APPROVER_TOKEN)"), Stage.IDENTITY)
         try:
-            principal = await self.verifier.verify(token, TokenSource.BEARER, self._trust())
+            principal = await verify_in(self.verifier, self._trust, token, TokenSource.BEARER)
         except TokenRejected as e:
             logger.info("approval API: token refused (%s): %s", e.check, e.message)
             raise _Refusal(Decision.deny(Stage.IDENTITY, 401, "InvalidAuthenticationToken",

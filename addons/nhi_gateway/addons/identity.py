@@ -13,6 +13,7 @@ import binascii
 import logging
 import time
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
@@ -27,6 +28,7 @@ from nhi_gateway.addons.failclosed import fail_closed, refuse
 logger = logging.getLogger(__name__)
 
 PRINCIPAL_KEY = "nhi.principal"  # flow.metadata: the live Principal object (not written to disk)
+SOURCE_NAMES = {TokenSource.PROXY: "the proxy credentials", TokenSource.BEARER: "Authorization: Bearer"}
 CONNECT_KEY = "nhi.connect"  # flow.metadata on CONNECT flows: "admitted" once identity and host pass
 
 
@@ -96,29 +98,45 @@ def bearer_token(header: str) -> str | None:
     return value.strip() or None
 
 
-def trust_of(policy) -> TrustSettings:
+def trust_of(policy) -> dict[TokenSource, TrustSettings]:
+    """The trust of each token source the policy names; a source it does not name accepts nothing."""
     ident = policy.identity
-    return TrustSettings(
-        issuers=tuple(IssuerTrust(i.template, i.discovery_template) for i in ident.issuers),
-        tenants=frozenset(t.lower() for t in ident.tenants),
-        audiences=frozenset(ident.audiences),
-        leeway_seconds=ident.leeway_seconds,
-    )
+    out = {}
+    for source in TokenSource:
+        trust = ident.trust_for(source)
+        if trust is not None:
+            out[source] = TrustSettings(
+                issuers=tuple(IssuerTrust(i.template, i.discovery_template) for i in trust.issuers),
+                tenants=frozenset(t.lower() for t in ident.tenants),
+                audiences=frozenset(trust.audiences),
+                leeway_seconds=ident.leeway_seconds,
+            )
+    return out
 
 
 class PolicyTrust:
-    """The token trust of the policy in force (``trust()``), worked out once per policy: a reload
-    replaces the policy object, and with it the trust."""
+    """The token trust of each source under the policy in force (``trust(source)``, None for a
+    source the policy does not name), worked out once per policy: a reload replaces the policy
+    object, and with it the trust."""
 
     def __init__(self, policies: PolicyStore) -> None:
         self.policies = policies
-        self._cache: tuple[object, TrustSettings] | None = None
+        self._cache: tuple[object, dict[TokenSource, TrustSettings]] | None = None
 
-    def __call__(self) -> TrustSettings:
+    def __call__(self, source: TokenSource) -> TrustSettings | None:
         policy = self.policies.current
         if self._cache is None or self._cache[0] is not policy:
             self._cache = (policy, trust_of(policy))
-        return self._cache[1]
+        return self._cache[1].get(source)
+
+
+def verify_in(verifier: TokenVerifier, trust: PolicyTrust, token: str, source: TokenSource) -> Awaitable[Principal]:
+    """Verify ``token`` against the trust of the source it was presented in."""
+    settings = trust(source)
+    if settings is None:
+        raise TokenRejected("source", f"this gateway accepts no token in {SOURCE_NAMES[source]}: "
+                                      f"the policy names no identity.{source}")
+    return verifier.verify(token, source, settings)
 
 
 def _identity_refusal(status: int, check: str, reason: str) -> Decision:
@@ -136,7 +154,7 @@ class Identity:
     async def _principal(self, token: str, source: TokenSource, flow, status: int) -> Principal | None:
         """Verify, or refuse the flow (401/407 for a bad token, 503 when keys are unavailable)."""
         try:
-            return await self.verifier.verify(token, source, self._trust())
+            return await verify_in(self.verifier, self._trust, token, source)
         except TokenRejected as e:
             logger.info("flow %s: %s token refused (%s): %s", flow.id, source, e.check, e.message)
             refuse(flow, _identity_refusal(status, e.check, f"{source} token refused: {e.message}"))
@@ -306,9 +324,12 @@ class Identity:
             refuse(flow, _identity_refusal(
                 401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
             return
-        if auth is None and proxy_tokens and upstream.token != "none":
-            # A client that can only set HTTPS_PROXY still needs Graph to see its token: present
-            # the verified proxy token upstream as the bearer (redacted in every recording).
+        proxy_trust = self.policies.current.identity.proxy
+        if auth is None and proxy_tokens and upstream.token != "none" and proxy_trust and proxy_trust.graph_token:
+            # A client that can only set HTTPS_PROXY still needs Graph to see its token: when the
+            # policy says the proxy credentials carry the Graph token itself (graph_token: true),
+            # present it upstream as the bearer (redacted in every recording). A token for the
+            # gateway's own API never leaves the gateway.
             flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))

@@ -10,11 +10,20 @@ Schema (``policies/example.yaml`` is a commented, working example)::
     version: 1                                   # required; the only version is 1
     identity:                                    # required: which tokens the gateway accepts at all
       tenants: [<tenant GUID>, ...]              # required, non-empty allow-list of tenant ids (tid)
-      audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
-      issuers:                                   # required, non-empty; {tenantid} becomes the token's tid
-        - https://login.microsoftonline.com/{tenantid}/v2.0  # discovery: <issuer>/.well-known/...
-        - issuer: https://sts.windows.net/{tenantid}/          # or a mapping with an explicit discovery URL
-          discovery: https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration
+      bearer:                                    # tokens in Authorization: Bearer (at least one of
+                                                 # bearer and proxy is required; a source not given
+                                                 # accepts no token at all)
+        audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
+        issuers:                                 # required, non-empty; {tenantid} becomes the token's tid
+          - https://sts.windows.net/{tenantid}/  # discovery: <issuer>/.well-known/... (v1: see below)
+          - issuer: https://login.microsoftonline.com/{tenantid}/v2.0   # or a mapping with an
+            discovery: https://login.microsoftonline.com/{tenantid}/v2.0/.well-known/openid-configuration
+      proxy:                                     # tokens in the proxy credentials
+                                                 # (HTTPS_PROXY=http://name:<token>@host:port)
+        audiences: [api://nhi-gateway, <gateway client id>]  # as under bearer
+        issuers: [https://login.microsoftonline.com/{tenantid}/v2.0]
+        graph_token: false                       # optional, default false; true: this source carries
+                                                 # the Graph token itself (see below)
       leeway_seconds: 60                         # optional, default 60, 0..300 (clock skew for exp/nbf)
       client_secret_grants: flag                 # optional, default flag; allow | flag | refuse (see below)
     upstreams:                                   # required (may be empty): the only hosts reachable at all
@@ -62,6 +71,18 @@ Schema (``policies/example.yaml`` is a commented, working example)::
           max_grant: 1h                          # optional, 1m..7d: how long an approval may cover
                                                  # repeats; without it, the one request only
         mask: directory-pii                      # optional, allow and approve rules; a profile name
+
+Each token source has its own trust: a token is checked against the audiences and issuers of
+the source it was presented in, so a token minted for one source is refused (401/407 naming the
+check) in the other. The usual pair: the proxy credentials carry a token for the gateway's own API
+(v2 issuer, ``aud`` = the gateway's client id or App ID URI), and ``Authorization: Bearer`` carries
+the Graph token (v1 issuer ``sts.windows.net``, Graph's audience spellings). Only when the proxy
+source says ``graph_token: true`` is its token Graph's own, and presented upstream as
+``Authorization: Bearer`` for a request that has none; a proxy source that lists a Graph audience
+must say so, and one that says so must list one. An upstream's ``token: proxy``/``bearer``/``both``
+needs the sources it names. The approval API reads approvers' tokens with the ``bearer`` trust.
+Policies written before this (``audiences`` and ``issuers`` directly under ``identity``) do not
+load: the error says how to write them.
 
 An issuer without ``{tenantid}`` is a single-tenant issuer. ``https://sts.windows.net/{tenantid}/``
 (the v1 issuer) defaults to the v1 discovery document on login.microsoftonline.com, because
@@ -226,6 +247,22 @@ _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BAD_LITERAL = re.compile(r"[{}*%\\\s\x00-\x1f\x7f?#]")
 _STS_V1 = "https://sts.windows.net/{tenantid}/"
 _STS_V1_DISCOVERY = "https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration"
+# Microsoft Graph's audience spellings (compared without case and trailing slash).
+_GRAPH_AUDIENCES = frozenset({"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"})
+_OLD_IDENTITY_KEYS = ("audiences", "issuers")
+_SOURCE_NAMES = {TokenSource.PROXY: "the proxy credentials (HTTPS_PROXY=http://name:<token>@host:port)",
+                 TokenSource.BEARER: "Authorization: Bearer"}
+_PER_SOURCE_HINT = """write them per token source, e.g.
+    identity:
+      tenants: [...]
+      bearer:                   # Authorization: Bearer, usually the Graph token
+        audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+        issuers: [https://sts.windows.net/{tenantid}/]
+      proxy:                    # proxy credentials, usually a token for the gateway's own API
+        audiences: [api://<gateway app>, <gateway client id>]
+        issuers: [https://login.microsoftonline.com/{tenantid}/v2.0]
+  (a proxy source that carries the Graph token itself lists Graph's audiences and says graph_token: true);
+  see policies/example.yaml"""
 # xms_mirid: /subscriptions/<sub>/resourcegroups/<rg>/providers/<namespace>/<type>/<name>[/...]
 # An OData property or navigation property name (a type-cast segment has dots).
 _PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -299,12 +336,25 @@ class ClientSecretGrants(StrEnum):
 
 
 @dataclass(frozen=True)
-class IdentityConfig:
-    tenants: frozenset[str]  # lower-case GUIDs
+class SourceTrust:
+    """What one token source (``identity.proxy`` or ``identity.bearer``) accepts."""
+
     audiences: frozenset[str]
     issuers: tuple[IssuerConfig, ...]
+    # proxy only: the token is Graph's own, and is presented upstream as the bearer
+    graph_token: bool = False
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    tenants: frozenset[str]  # lower-case GUIDs
+    proxy: SourceTrust | None  # None: no token is accepted in the proxy credentials
+    bearer: SourceTrust | None  # None: no token is accepted in Authorization: Bearer
     leeway_seconds: int = DEFAULT_LEEWAY
     client_secret_grants: ClientSecretGrants = ClientSecretGrants.FLAG
+
+    def trust_for(self, source: TokenSource) -> SourceTrust | None:
+        return self.proxy if source is TokenSource.PROXY else self.bearer
 
 
 @dataclass(frozen=True)
@@ -1022,6 +1072,7 @@ class _Loader:
         self.profiles: dict[str, MaskProfile] = {}
         self.upstream_hosts: set[str] = set()
         self.tenants: frozenset[str] = frozenset()
+        self.token_sources: frozenset[TokenSource] = frozenset()
 
     def fail(self, pos: Pos, message: str, hint: str = "") -> NoReturn:
         raise PolicyError(self.source, pos[0] + 1, pos[1] + 1, message, hint)
@@ -1230,23 +1281,28 @@ class _Loader:
         return ApprovalsConfig(webhook)
 
     def identity(self, node: _Value) -> IdentityConfig:
+        for key, kpos, _ in self.entries(node, "identity"):
+            if key in _OLD_IDENTITY_KEYS:
+                self.fail(kpos, f"identity.{key}: audiences and issuers are now given per token source "
+                                "(identity.bearer, identity.proxy), so that a token minted for one source "
+                                "is refused in the other", _PER_SOURCE_HINT)
         m = self.mapping(
             node,
             "identity",
             {
                 "tenants": True,
-                "audiences": True,
-                "issuers": True,
+                "bearer": False,
+                "proxy": False,
                 "leeway_seconds": False,
                 "client_secret_grants": False,
             },
         )
         self.tenants = frozenset(t for t, _ in self.guids(m["tenants"], "identity.tenants"))
-        audiences = frozenset(a.strip() for a, _ in self.strings(m["audiences"], "identity.audiences"))
-        issuers = tuple(
-            self.issuer(item, f"identity.issuers[{i}]")
-            for i, item in enumerate(self.seq(m["issuers"], "identity.issuers", non_empty=True))
-        )
+        sources = {source: self.token_source(m[str(source)], source) for source in TokenSource if str(source) in m}
+        if not sources:
+            self.fail(node.key_pos or node.pos, "identity accepts no token: it names no token source",
+                      _PER_SOURCE_HINT)
+        self.token_sources = frozenset(sources)
         leeway = DEFAULT_LEEWAY
         if "leeway_seconds" in m:
             leeway = self.integer(m["leeway_seconds"], "identity.leeway_seconds", 0, MAX_LEEWAY)
@@ -1259,7 +1315,34 @@ class _Loader:
                     [c.value for c in ClientSecretGrants],
                 )
             )
-        return IdentityConfig(self.tenants, audiences, issuers, leeway, secret_grants)
+        return IdentityConfig(self.tenants, sources.get(TokenSource.PROXY), sources.get(TokenSource.BEARER),
+                              leeway, secret_grants)
+
+    def token_source(self, node: _Value, source: TokenSource) -> SourceTrust:
+        what = f"identity.{source}"
+        keys = {"audiences": True, "issuers": True}
+        if source is TokenSource.PROXY:
+            keys["graph_token"] = False
+        m = self.mapping(node, what, keys)
+        audiences = [(a.strip(), pos) for a, pos in self.strings(m["audiences"], f"{what}.audiences")]
+        issuers = tuple(
+            self.issuer(item, f"{what}.issuers[{i}]")
+            for i, item in enumerate(self.seq(m["issuers"], f"{what}.issuers", non_empty=True))
+        )
+        graph_token = self.boolean(m["graph_token"], f"{what}.graph_token") if "graph_token" in m else False
+        graph = [(a, pos) for a, pos in audiences if a.lower().rstrip("/") in _GRAPH_AUDIENCES]
+        if source is TokenSource.PROXY and graph and not graph_token:
+            self.fail(graph[0][1], f"{what}.audiences: '{graph[0][0]}' is Microsoft Graph's audience: a Graph "
+                                   "token in the proxy credentials is presented to Graph on the caller's behalf",
+                      "if this deployment's clients put the Graph token itself in HTTPS_PROXY, say so with "
+                      "'graph_token: true' under identity.proxy; otherwise list the gateway's own API here "
+                      "(its client id or App ID URI) and keep Graph's audiences under identity.bearer")
+        if graph_token and not graph:
+            self.fail(m["graph_token"].pos, f"{what}.graph_token is true, but {what}.audiences lists none of "
+                                            "Microsoft Graph's audiences",
+                      "a proxy source that carries the Graph token lists https://graph.microsoft.com (and its "
+                      "other spellings); remove graph_token otherwise")
+        return SourceTrust(frozenset(a for a, _ in audiences), issuers, graph_token)
 
     def issuer(self, node: _Value, what: str) -> IssuerConfig:
         if isinstance(node.value, dict):
@@ -1309,6 +1392,14 @@ class _Loader:
                 token = TokenRequirement(
                     self.choice(m["token"], f"{what}.token", [t.value for t in TokenRequirement])
                 )
+                needed = {TokenRequirement.PROXY: {TokenSource.PROXY}, TokenRequirement.BEARER: {TokenSource.BEARER},
+                          TokenRequirement.BOTH: {TokenSource.PROXY, TokenSource.BEARER}}.get(token, set())
+                missing = sorted(needed - self.token_sources)
+                if missing:
+                    self.fail(m["token"].pos, f"{what}.token: '{token}' needs a token in "
+                                              f"{' and '.join(_SOURCE_NAMES[s] for s in missing)}, but "
+                                              f"identity.{missing[0]} is not in the policy, so none is accepted there",
+                              f"add identity.{missing[0]} (its audiences and issuers), or choose another token")
             out.append(Upstream(host, token))
         return out
 
