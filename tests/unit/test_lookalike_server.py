@@ -341,3 +341,23 @@ def test_received_log_holds_no_secret_values(client, lookalike, tokens):
     assert any(e["authorization"] for e in entries)
     for secret in (mcp["secret"], tokens["mcp-directory"], tokens["mcp-directory"].split(".")[2]):
         assert secret not in text
+
+
+@pytest.mark.parametrize("scope", ["api://nhi-gateway/.default", "{gateway}/.default"])
+def test_a_workload_gets_a_token_for_the_gateway_s_own_api(client, lookalike, scope):
+    """The usual pair's other half: a v2 token whose aud is the gateway's client id (no nonce, no
+    Graph audience), for the proxy credentials."""
+    gateway = lookalike["apps"]["nhi-gateway"]["client_id"]
+    r = get_token(client, lookalike, scope=scope.format(gateway=gateway), client_assertion_type=ASSERTION_TYPE,
+                  client_assertion=assertion_for(lookalike))
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert "nonce" not in header
+    assert claims["aud"] == gateway and claims["ver"] == "2.0"
+    assert claims["iss"] == f"{LOGIN}/{lookalike['tenant_id']}/v2.0"
+    assert claims["azp"] == lookalike["apps"]["mcp-directory"]["client_id"] and claims["azpacr"] == "2"
+    assert claims["oid"] == lookalike["apps"]["mcp-directory"]["object_id"]
+    # Graph refuses it: it is not a Graph token.
+    assert client.get(f"{GRAPH}/v1.0/users", headers=bearer(token)).status_code == 401

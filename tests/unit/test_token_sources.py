@@ -166,3 +166,125 @@ async def test_a_proxy_source_that_says_it_carries_the_graph_token_presents_it(t
             assert refusal(c, 407)["check"] == "issuer"
     finally:
         recorder.done()
+
+
+# --- every presented token is judged in full (issue 13, item 2) -----------------------------------
+
+STRICT = f"""\
+version: 1
+identity:
+  tenants: [{TENANT}]
+  proxy:
+    audiences: [api://nhi-gateway, {GATEWAY_APP}]
+    issuers: [{V2}]
+  bearer:
+    audiences: {GRAPH_AUDIENCES}
+    issuers: [{V1}, {V2}]
+upstreams:
+  - host: graph.microsoft.com
+    token: any
+masking:
+  profiles:
+    pii: {{fields: [mail]}}
+    other: {{fields: [displayName]}}
+rules:
+  - id: certificates-only
+    action: allow
+    when: {{app_ids: [{READER_APP}], auth_methods: [certificate], app_only: true}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/users"]
+    mask: pii
+  - id: no-managed-identity-deletes
+    action: deny
+    when: {{managed_identities: ["/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bad"]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: ["*"]
+        paths: ["/**"]
+  - id: groups-by-role
+    action: allow
+    when: {{roles: [Group.Read.All]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/groups"]
+    mask: other
+  - id: groups-by-app
+    action: allow
+    when: {{app_ids: [{READER_APP}]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/groups"]
+    mask: pii
+"""
+
+MI_BAD = "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bad"
+
+
+@pytest.fixture
+async def strict(tmp_path, authority):
+    chain, recorder = build(tmp_path, authority, STRICT)
+    with taddons.context(*chain):
+        yield chain
+    recorder.done()
+
+
+async def both(chain, proxy_token: str, bearer_token: str, path: str = "/v1.0/users"):
+    client = tflow.tclient_conn()
+    c = await connect(chain, client, token=proxy_token)
+    assert c.response is None, c.response and c.response.content
+    f = graph_request(client, bearer=bearer_token, path=path)
+    sent = await exchange(chain, f, graph_json(USERS))
+    return f, sent
+
+
+@pytest.mark.parametrize("weak_proxy,weak_bearer", [
+    ({"acr": "1"}, {}), ({}, {"acr": "1"}),  # a client secret next to a certificate
+    ({"acr": "0"}, {}), ({}, {"acr": "0"}),  # a public client
+    ({"extra_claims": {"scp": "User.Read", "idtyp": "user"}}, {}),  # delegated next to app-only
+    ({}, {"extra_claims": {"scp": "User.Read", "idtyp": "user"}}),
+], ids=["secret proxy", "secret bearer", "public proxy", "public bearer", "delegated proxy", "delegated bearer"])
+async def test_a_weak_token_next_to_a_strong_one_is_refused(strict, mint, weak_proxy, weak_bearer):
+    f, sent = await both(strict, mint("gateway", **weak_proxy), mint("graph", **weak_bearer))
+    assert sent is None, "a weak token must not ride on a strong one"
+    err = refusal(f, 403)
+    weak = "proxy" if weak_proxy else "bearer"
+    assert err["message"].startswith(f"the {weak} token"), err["message"]
+
+
+async def test_two_strong_tokens_pass_and_the_decision_names_both(strict, mint):
+    f, sent = await both(strict, mint("gateway"), mint("graph"))
+    assert sent is not None and f.response.status_code == 200
+    from nhi_gateway.policy.decision import decision_of
+
+    who = decision_of(f).principal
+    assert [(t["source"], t["auth_method"]) for t in who["tokens"]] == [("proxy", "certificate"),
+                                                                        ("bearer", "certificate")]
+    assert {t["object_id"] for t in who["tokens"]} == {READER_OID}
+
+
+async def test_a_deny_rule_that_matches_either_token_refuses(strict, mint):
+    f, sent = await both(strict, mint("gateway", extra_claims={"xms_mirid": MI_BAD}), mint("graph"))
+    assert sent is None
+    assert refusal(f, 403)["rule"] == "no-managed-identity-deletes"
+
+
+async def test_a_role_only_one_token_holds_does_not_count_for_both(strict, mint):
+    """groups-by-role allows the bearer (Graph roles), not the proxy token (the gateway's API has
+    none); groups-by-app allows both. Both tokens must be allowed: by groups-by-app, the one rule
+    that covers both, so its mask applies; two rules that mask differently would be refused."""
+    f, sent = await both(strict, mint("gateway", roles=()), mint("graph", roles=("Group.Read.All",)), "/v1.0/groups")
+    assert sent is None
+    err = refusal(f, 403)
+    assert err["check"] == "tokens" and "mask" in err["message"]
+
+
+async def test_one_token_keeps_its_single_decision(strict, mint):
+    client = tflow.tclient_conn()
+    await connect(strict, client)
+    f = graph_request(client, bearer=mint("graph", acr="1"))
+    assert await exchange(strict, f) is None
+    assert refusal(f, 403)["message"].startswith("no rule allows")

@@ -15,6 +15,7 @@ from nhi_gateway.policy.batch import BATCH_KEY, batch_refusal_body, is_batch_end
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
 from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.presented import decider_for
 from nhi_gateway.identity.token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
@@ -57,7 +58,7 @@ class Authorization:
         if names_batch(operation):
             self._judge_batch(flow, principal, operation, policy)
             return
-        decision = policy.decide(principal, operation)
+        decision = decider_for(policy, principal).decide(principal, operation)
         # Every decision is in the audit trail; the log shows refusals and holds, and allows with -v.
         logger.log(logging.DEBUG if decision.allowed else logging.INFO, "flow %s: %s %s -> %s (%s)",
                    flow.id, principal.label if principal else "anonymous", operation, decision.action,
@@ -93,7 +94,7 @@ class Authorization:
             return
         # Every Content-Encoding header: a second one would be applied by Graph but not by us.
         encoding = ",".join(r.headers.get_all("content-encoding"))
-        decision = judge_batch(policy, principal, operation, r.raw_content or b"",
+        decision = judge_batch(decider_for(policy, principal), principal, operation, r.raw_content or b"",
                                r.headers.get("content-type", ""), encoding)
         # Kept apart from the decision: a later refusal replaces the decision, not this list.
         flow.metadata[BATCH_KEY] = list(decision.extra.get("batch") or ())

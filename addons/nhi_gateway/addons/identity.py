@@ -14,7 +14,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mitmproxy import connection, http
 
@@ -333,4 +333,8 @@ class Identity:
             flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))
+            if len(principals) > 1:
+                # Each token stays judged on its own (authorization decides the request for every
+                # one of them): a weak token next to a strong one is never averaged away.
+                merged = replace(merged, presented=tuple(principals))
             flow.metadata[PRINCIPAL_KEY] = merged

@@ -51,6 +51,28 @@ class Principal:
     managed_identity: str = ""  # xms_mirid, when the caller is a managed identity
     expires_at: int = 0
     token_id: str = field(default="", compare=False)  # uti: lets an audit line name the token without holding it
+    # Every token the request presented, each verified on its own with its own source (empty: this
+    # one only). The policy must allow the request for each of them; audit lines name them all.
+    presented: tuple[Principal, ...] = field(default=(), compare=False, repr=False)
+
+    def every_token(self) -> tuple[Principal, ...]:
+        return self.presented or (self,)
+
+    def token_summary(self) -> dict:
+        """One presented token, for audit lines: whose it is and how it was obtained."""
+        return {
+            "source": str(self.token_sources[0]) if self.token_sources else "",
+            "object_id": self.object_id,
+            "app_id": self.app_id,
+            "display_name": self.display_name,
+            "auth_method": str(self.auth_method),
+            "app_only": self.app_only,
+            "managed_identity": self.managed_identity,
+            "roles": list(self.roles),
+            "issuer": self.issuer,
+            "token_version": self.token_version,
+            "token_id": self.token_id,
+        }
 
     @property
     def key(self) -> tuple[str, str]:
@@ -79,6 +101,7 @@ class Principal:
             "token_version": self.token_version,
             "managed_identity": self.managed_identity,
             "token_id": self.token_id,
+            **({"tokens": [p.token_summary() for p in self.presented]} if self.presented else {}),
         }
 
     @classmethod

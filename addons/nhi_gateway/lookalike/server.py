@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Host, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nhi_gateway.lookalike.directory import Directory
+from nhi_gateway.lookalike.directory import GATEWAY_API_URI, NHI_GATEWAY, Directory
 from nhi_gateway.lookalike.minting import (
     GRAPH_APP_ID,
     GRAPH_AUDIENCES,
@@ -231,7 +231,9 @@ def issue_token(lookalike: LookAlike, tenant: str, form: Mapping[str, str], auth
             "(application ID URI).",
         )
     resource = scopes[0].removesuffix("/.default")
-    if resource not in GRAPH_AUDIENCES:
+    gateway_api = lookalike.directory.client_by_name(NHI_GATEWAY)
+    gateway_ids = {GATEWAY_API_URI, gateway_api.app_id}
+    if resource not in GRAPH_AUDIENCES and resource not in gateway_ids:
         return aadsts_error(
             400, "invalid_resource", 500011, f"The resource principal named {resource} was not found in the "
             f"tenant named {tenant}. This can happen if the application has not been installed by the "
@@ -274,19 +276,30 @@ def issue_token(lookalike: LookAlike, tenant: str, form: Mapping[str, str], auth
             "'client_assertion' or 'client_secret'.",
         )
 
-    # Graph's tokens are v1 whichever endpoint issued them: the resource picks the version.
-    access_token = lookalike.authority.mint_app_token(
-        tenant_id=tenant_id,
-        app_id=client.app_id,
-        object_id=client.sp_object_id,
-        audience=GRAPH_APP_ID if resource == GRAPH_APP_ID else GRAPH_RESOURCE,
-        version="1.0",
-        roles=client.roles,
-        display_name=client.name,
-        acr=acr,
-        lifetime=TOKEN_LIFETIME,
-    )
-    logger.info("issued a Graph token to %s (%s), appidacr=%s", client.name, client.sp_object_id, acr)
+    if resource in gateway_ids:
+        # The gateway's own API asks for v2 tokens (requestedAccessTokenVersion 2): aud is its
+        # client id, whichever spelling the scope used; it defines no app roles.
+        access_token = lookalike.authority.mint_app_token(
+            tenant_id=tenant_id, app_id=client.app_id, object_id=client.sp_object_id,
+            audience=gateway_api.app_id, version="2.0", display_name=client.name, acr=acr,
+            lifetime=TOKEN_LIFETIME,
+        )
+        what = "a token for the gateway's API"
+    else:
+        # Graph's tokens are v1 whichever endpoint issued them: the resource picks the version.
+        access_token = lookalike.authority.mint_app_token(
+            tenant_id=tenant_id,
+            app_id=client.app_id,
+            object_id=client.sp_object_id,
+            audience=GRAPH_APP_ID if resource == GRAPH_APP_ID else GRAPH_RESOURCE,
+            version="1.0",
+            roles=client.roles,
+            display_name=client.name,
+            acr=acr,
+            lifetime=TOKEN_LIFETIME,
+        )
+        what = "a Graph token"
+    logger.info("issued %s to %s (%s), appidacr=%s", what, client.name, client.sp_object_id, acr)
     return JSONResponse(
         {"token_type": "Bearer", "expires_in": TOKEN_LIFETIME - 1, "ext_expires_in": TOKEN_LIFETIME - 1,
          "access_token": access_token},
