@@ -433,3 +433,27 @@ def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_pat
     assert "CHANGED  flow" in out and "POST graph.microsoft.com /v1.0/$batch" in out
     assert "allow (batch of 2) -> deny (batch of 2; refused: 2)" in out
     assert "new reason: " in out and "2" in out.split("new reason: ", 1)[1].splitlines()[0]
+
+
+def test_replay_judges_every_token_a_recorded_request_presented(capsys, tmp_path):
+    """A request that carried two tokens is re-decided for each (issue 13, item 2): a policy that
+    keeps client secrets out refuses it when either token came from a secret."""
+    from dataclasses import replace
+
+    proxy = replace(MCP_PRINCIPAL, token_sources=(TokenSource.PROXY,), auth_method=AuthMethod.CLIENT_SECRET)
+    both = replace(MCP_PRINCIPAL, token_sources=(TokenSource.BEARER, TokenSource.PROXY),
+                   presented=(proxy, MCP_PRINCIPAL))
+    assert Principal.from_dict(both.to_dict()).every_token() == (proxy, MCP_PRINCIPAL)
+    example = load_policy(EXAMPLE)
+    decision = decided(example, "GET", "/v1.0/users").but(principal=both.to_dict())
+    day = tmp_path / "recordings" / "2025-07-07" / TENANT
+    day.mkdir(parents=True)
+    with open(day / f"mcp-directory--{OID}.mitm", "wb") as f:
+        io.FlowWriter(f).add(recorded("GET", "/v1.0/users", decision))
+    strict = write(tmp_path, "strict.yaml", EXAMPLE.read_text().replace(
+        "  - id: directory-read\n", "  - id: no-secrets\n    action: deny\n    when: {auth_methods: [client_secret]}\n"
+        "    operations:\n      - host: graph.microsoft.com\n        methods: [\"*\"]\n        paths: [\"/**\"]\n"
+        "  - id: directory-read\n", 1))
+    code, out, _ = run(capsys, "replay", "--policy", str(strict), str(tmp_path / "recordings"))
+    assert code == 1, out
+    assert "deny (no-secrets)" in out and "the proxy token (client_secret)" in out

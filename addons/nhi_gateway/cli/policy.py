@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
+from nhi_gateway.policy.presented import decider_for
 from nhi_gateway.policy.model import (
     REFUSAL_CODE,
     REFUSAL_STATUS,
@@ -485,7 +486,7 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         # every inner request as if sent alone, as the gateway does.
         new = _rejudge_batch(policy, principal, op, flow, at)
         return Replayed(**base, old=old, new=new, compare_mask=False)
-    new = policy.decide(principal, op, at)
+    new = decider_for(policy, principal).decide(principal, op, at)
     grant = old.extra.get("grant") if isinstance(old.extra, dict) else None
     if new.allowed and isinstance(grant, dict):
         new = _rejudge_grant(policy, new, grant)
@@ -508,7 +509,7 @@ def _rejudge_batch(policy: Policy, principal: Principal | None, op: Operation, f
 
     r = flow.request
     encoding = ",".join(r.headers.get_all("content-encoding"))
-    return judge_batch(_DecidingAt(policy, at), principal, op, r.raw_content or b"",
+    return judge_batch(_DecidingAt(decider_for(policy, principal), at), principal, op, r.raw_content or b"",
                        r.headers.get("content-type", ""), encoding)
 
 

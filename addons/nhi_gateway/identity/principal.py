@@ -69,6 +69,7 @@ class Principal:
             "app_only": self.app_only,
             "managed_identity": self.managed_identity,
             "roles": list(self.roles),
+            "scopes": list(self.scopes),
             "issuer": self.issuer,
             "token_version": self.token_version,
             "token_id": self.token_id,
@@ -137,6 +138,13 @@ class Principal:
         expires_at = d.get("expires_at", 0)
         if isinstance(expires_at, bool) or not isinstance(expires_at, int):
             raise ValueError("principal 'expires_at' must be a whole number")
+        tokens = d.get("tokens") or []
+        if not isinstance(tokens, list) or not all(isinstance(t, dict) for t in tokens):
+            raise ValueError("principal 'tokens' must be a list of mappings")
+        # Each presented token, as token_summary() wrote it: the tenant and groups are the
+        # request's (the tokens name one principal, and groups are resolved for it).
+        presented = tuple(cls.from_dict({**t, "tenant_id": d.get("tenant_id"), "groups": d.get("groups") or [],
+                                         "token_sources": [t.get("source")], "tokens": []}) for t in tokens)
         return cls(
             tenant_id=text("tenant_id", required=True),
             object_id=text("object_id", required=True),
@@ -153,6 +161,7 @@ class Principal:
             managed_identity=text("managed_identity"),
             expires_at=expires_at,
             token_id=text("token_id"),
+            presented=presented,
         )
 
     def with_sources(self, sources: tuple[TokenSource, ...]) -> Principal:
