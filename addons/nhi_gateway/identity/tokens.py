@@ -264,7 +264,8 @@ class TokenVerifier:
         if cached is not None:
             if cached.principal.expires_at - CACHE_MARGIN_SECONDS > now and await self._key_still_published(cached):
                 self._cache.move_to_end(cache_key)
-                return cached.principal.with_sources((source,))
+                p = cached.principal
+                return p if p.token_sources == (source,) else p.with_sources((source,))
             del self._cache[cache_key]
 
         principal, verified_by = await self._verify_uncached(token, source, trust, now)
