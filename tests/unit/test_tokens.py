@@ -389,8 +389,14 @@ def test_nesting_is_judged_before_json_parsing_so_every_python_agrees():
         with pytest.raises(TokenRejected) as e:
             check_json_shape(b"[" * depth + b"]" * depth, "payload")
         assert e.value.check == "nesting"
-    # Brackets inside strings are text, not nesting.
+    # Brackets inside strings are text, not nesting, escaped quotes included.
     check_json_shape(json.dumps({"a": "[[[[[[[[[[[[[[[[[[{{{{{{{{{{{{"}).encode(), "payload")
+    check_json_shape(json.dumps({"a": '\\"[[[[[[[[[[[[[[[[["'}).encode(), "payload")
+    # An unterminated string hides nothing either: what follows its quote is text (json refuses it).
+    check_json_shape(b'{"a":"' + b"[" * 100, "payload")
+    with pytest.raises(TokenRejected) as e:
+        check_json_shape(b'{"a":"\\\\"' + b"[" * 100, "payload")  # the string ended: these nest
+    assert e.value.check == "nesting"
 
 
 # --- removing a key revokes (issue 13, item 4) ----------------------------------------------------

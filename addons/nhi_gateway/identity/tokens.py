@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ CACHE_MARGIN_SECONDS = 5  # a cached verdict ends this long before the token's o
 # Entra's deepest claim (_claim_sources.src1.endpoint) sits three levels down; 200 group ids (the
 # most Entra puts in a token) are about 7.8 KiB; no single string it writes comes near 4 KiB.
 MAX_JSON_DEPTH = 8
-MAX_CLAIM_BYTES = 8 * 1024  # one top-level member's value, as written
+MAX_CLAIM_BYTES = 8 * 1024  # one top-level member's value, as compact ASCII JSON
 MAX_STRING_BYTES = 4 * 1024  # one JSON string, as written (escapes counted as written)
 # Group overage markers: Entra writes them for users only; on an app-only token they are forged.
 OVERAGE_CLAIMS = ("_claim_names", "_claim_sources", "hasgroups")
@@ -47,9 +48,16 @@ _KID = re.compile(r"^[A-Za-z0-9_\-+/=.]{1,128}$")
 # The nonce is matched as the exact JSON member Entra writes; escapes would make the byte-level
 # replacement ambiguous, so a nonce that needs them is refused.
 _NONCE_MEMBER = re.compile(rb'"nonce"\s*:\s*"([^"\\]*)"')
-# The lexemes that shape a JSON text: whole strings (so brackets inside them are text) and the
-# structural characters. Everything else (numbers, literals, blanks) cannot nest.
-_JSON_LEXEME = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]', re.DOTALL)
+# A JSON string as written: to its closing quote or, unterminated, to the end (json.loads refuses
+# it later). The possessive quantifier never backtracks, so hostile quotes and escapes cost linear
+# time. With the strings set aside, what is left cannot hide a bracket.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = [0] * 256
+for _b in b"[{":
+    _BRACKET_STEP[_b] = 1
+for _b in b"]}":
+    _BRACKET_STEP[_b] = -1
 
 
 class TokenRejected(Exception):
@@ -97,37 +105,27 @@ def _b64encode(data: bytes) -> str:
 
 
 def check_json_shape(data: bytes, what: str) -> None:
-    """Refuse nesting deeper than MAX_JSON_DEPTH, a top-level member larger than MAX_CLAIM_BYTES
-    and a string larger than MAX_STRING_BYTES, reading the bytes only (before any parser)."""
-    depth = 0
-    value_start: int | None = None  # where the value of the current top-level member begins
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings larger than MAX_STRING_BYTES, reading
+    the bytes only, before any parser runs (every step runs in C: a hostile token costs linear
+    time). Top-level claims larger than MAX_CLAIM_BYTES are refused by :func:`_check_claim_sizes`."""
+    strings = _JSON_STRING.findall(data)
+    if strings and max(map(len, strings)) - 2 > MAX_STRING_BYTES:
+        raise TokenRejected("claim_size", f"token {what} holds a string larger than {MAX_STRING_BYTES} bytes")
+    brackets = _JSON_STRING.sub(b'""', data).translate(None, _NOT_A_BRACKET)
+    if brackets and max(accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
+        raise TokenRejected("nesting", f"token {what} nests deeper than {MAX_JSON_DEPTH} levels")
 
-    def claim_ends(end: int) -> None:
-        if value_start is not None and end - value_start > MAX_CLAIM_BYTES:
-            name = data[:value_start].rsplit(b'"', 2)[-2][:40].decode("ascii", "replace")
-            raise TokenRejected("claim_size", f"token {what} member {name!r} is larger than "
-                                              f"{MAX_CLAIM_BYTES} bytes")
 
-    for m in _JSON_LEXEME.finditer(data):
-        c = data[m.start()]
-        if c == 0x22:  # '"'
-            if m.end() - m.start() - 2 > MAX_STRING_BYTES:
-                raise TokenRejected("claim_size", f"token {what} holds a string larger than {MAX_STRING_BYTES} bytes")
-        elif c in b"[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise TokenRejected("nesting", f"token {what} nests deeper than {MAX_JSON_DEPTH} levels")
-        elif c in b"]}":
-            if depth == 1:
-                claim_ends(m.start())
-                value_start = None
-            depth -= 1
-        elif depth == 1:
-            if c == 0x3A:  # ':'
-                value_start = m.end()
-            else:  # ','
-                claim_ends(m.start())
-                value_start = None
+def _check_claim_sizes(members: dict, what: str) -> None:
+    """Once the nesting is known to be shallow, json.loads gives the same members on every Python:
+    each is measured as compact JSON."""
+    for name, value in members.items():
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            # ASCII-escaped: a lone surrogate (valid JSON, not UTF-8) is measured, not raised on.
+            size = len(json.dumps(value, separators=(",", ":")))
+            if size > MAX_CLAIM_BYTES:
+                raise TokenRejected("claim_size", f"token {what} member {name[:40]!r} is larger than "
+                                                  f"{MAX_CLAIM_BYTES} bytes")
 
 
 def _no_duplicate_members(pairs: list[tuple[str, object]]) -> dict:
@@ -151,6 +149,7 @@ def _json_object(data: bytes, what: str) -> dict:
         raise TokenRejected("format", f"token {what} is not JSON") from e
     if not isinstance(value, dict):
         raise TokenRejected("format", f"token {what} is not a JSON object")
+    _check_claim_sizes(value, what)
     return value
 
 
