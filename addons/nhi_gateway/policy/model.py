@@ -17,7 +17,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
         issuers:                                 # required, non-empty; {tenantid} becomes the token's tid
           - https://sts.windows.net/{tenantid}/  # discovery: <issuer>/.well-known/... (v1: see below)
           - issuer: https://login.microsoftonline.com/{tenantid}/v2.0   # or a mapping with an
-            discovery: https://login.microsoftonline.com/{tenantid}/v2.0/.well-known/openid-configuration
+            discovery: https://.../v2.0/.well-known/openid-configuration  # explicit discovery URL
       proxy:                                     # tokens in the proxy credentials
                                                  # (HTTPS_PROXY=http://name:<token>@host:port)
         audiences: [api://nhi-gateway, <gateway client id>]  # as under bearer
