@@ -121,13 +121,26 @@ class PolicyTrust:
 
     def __init__(self, policies: PolicyStore) -> None:
         self.policies = policies
-        self._cache: tuple[object, dict[TokenSource, TrustSettings]] | None = None
+        self._cache: tuple[object, dict[TokenSource | None, TrustSettings]] | None = None
 
     def __call__(self, source: TokenSource) -> TrustSettings | None:
+        return self._of_policy().get(source)
+
+    def every_source(self) -> TrustSettings:
+        """The tenants, and the issuers of every source (audiences: none), for tokens that are
+        neither source's, such as approvers' (the approval API puts its own audiences in)."""
+        return self._of_policy()[None]
+
+    def _of_policy(self) -> dict:
         policy = self.policies.current
         if self._cache is None or self._cache[0] is not policy:
-            self._cache = (policy, trust_of(policy))
-        return self._cache[1].get(source)
+            trust = trust_of(policy)
+            issuers = tuple(dict.fromkeys(i for s in trust.values() for i in s.issuers))
+            ident = policy.identity
+            trust[None] = TrustSettings(issuers=issuers, tenants=frozenset(t.lower() for t in ident.tenants),
+                                        audiences=frozenset(), leeway_seconds=ident.leeway_seconds)
+            self._cache = (policy, trust)
+        return self._cache[1]
 
 
 def verify_in(verifier: TokenVerifier, trust: PolicyTrust, token: str, source: TokenSource) -> Awaitable[Principal]:
