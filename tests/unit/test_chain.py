@@ -782,6 +782,16 @@ async def test_proxy_token_is_presented_upstream_as_the_bearer(gw, tokens):
     assert decision_of(f).principal["object_id"] == READER_OID
 
 
+@pytest.mark.parametrize("written", ["bearer {}", "BEARER   {}", "Bearer {}  "])
+async def test_the_upstream_authorization_is_rebuilt_from_the_verified_token(gw, tokens, written):
+    """Whatever the client wrote around its token, Graph gets ``Bearer <the verified token>``."""
+    client = await tunnel(gw)
+    f = graph_request(client)
+    f.request.headers["Authorization"] = written.format(tokens["reader"])
+    sent = await exchange(gw.chain, f, graph_json(USERS))
+    assert sent is not None and sent.headers["Authorization"] == f"Bearer {tokens['reader']}"
+
+
 async def test_request_without_a_token_is_refused_401(gw):
     client = await tunnel(gw)
     f = graph_request(client)

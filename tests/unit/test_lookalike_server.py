@@ -404,3 +404,44 @@ def test_the_device_code_flow_refuses_what_entra_refuses(client, lookalike, form
     data = {"client_id": api["client_id"], "scope": f"{api['app_id_uri']}/{api['scope']} openid", **form}
     r = client.post(f"{LOGIN}/{lookalike['tenant_id']}/oauth2/v2.0/devicecode", data=data)
     assert r.status_code == 400 and r.json()["error"] == error, r.text
+# --- every spelling Graph accepts for one object (issue 18, item 1) ----------------------------------
+
+def test_an_application_is_found_by_every_key_graph_accepts(client, lookalike, tokens):
+    """The look-alike answers the alternate-key forms as Graph does, so the gateway's end-to-end
+    tests show a refused spelling would really have been performed."""
+    h = bearer(tokens["nhi-gateway"])
+    app = lookalike["apps"]["mcp-directory"]
+    oid, appid = app["application_object_id"], app["client_id"]
+    for path in (f"applications/{oid}", f"applications('{oid}')", f"applications(id='{oid}')",
+                 f"applications(Id='{oid}')", f"applications(appId='{appid}')",
+                 "applications(uniqueName='MCP-Directory')", f"applications/{oid}/microsoft.graph.application",
+                 f"directoryObjects/{oid}/microsoft.graph.application"):
+        r = client.get(f"{GRAPH}/v1.0/{path}", headers=h, params={"$select": "id"})
+        assert r.status_code == 200 and r.json()["id"] == oid, (path, r.text)
+    typed = client.get(f"{GRAPH}/v1.0/directoryObjects/{oid}", headers=h, params={"$select": "id"}).json()
+    assert typed["@odata.type"] == "#microsoft.graph.application"
+    assert client.get(f"{GRAPH}/v1.0/directoryObjects/{oid}/microsoft.graph.user", headers=h).status_code == 404
+    assert client.get(f"{GRAPH}/v1.0/applications(displayName='x')", headers=h).status_code == 400
+
+
+def test_add_password_is_performed_under_every_spelling(client, lookalike, tokens):
+    app = lookalike["apps"]["mcp-directory"]
+    oid, appid = app["application_object_id"], app["client_id"]
+    body = {"passwordCredential": {"displayName": "spelling"}}
+    for path in (f"applications(appId='{appid}')/addPassword", "applications(uniqueName='mcp-directory')/addPassword",
+                 f"applications(Id='{oid}')/microsoft.graph.addPassword",
+                 f"directoryObjects/{oid}/microsoft.graph.application/addPassword",
+                 f"applications/{oid}/microsoft.graph.application/addPassword"):
+        r = client.post(f"{GRAPH}/v1.0/{path}", json=body, headers=bearer(tokens["rotation-bot"]))
+        assert r.status_code == 200 and r.json()["secretText"], (path, r.text)
+
+
+def test_a_user_is_found_by_upn_key_and_as_a_directory_object(client, tokens):
+    h = bearer(tokens["nhi-gateway"])
+    adele = client.get(f"{GRAPH}/v1.0/users/AdeleV@nhilab.onmicrosoft.com", headers=h).json()
+    for path in ("users(userPrincipalName='adelev@nhilab.onmicrosoft.com')", f"users(Id='{adele['id']}')",
+                 f"directoryObjects/{adele['id']}/microsoft.graph.user"):
+        r = client.get(f"{GRAPH}/v1.0/{path}", headers=h)
+        assert r.status_code == 200 and r.json()["id"] == adele["id"], (path, r.text)
+    r = client.get(f"{GRAPH}/v1.0/directoryObjects/{adele['id']}", headers=h)
+    assert r.json()["@odata.type"] == "#microsoft.graph.user"

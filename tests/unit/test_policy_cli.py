@@ -497,3 +497,39 @@ def test_replay_judges_every_token_a_recorded_request_presented(capsys, tmp_path
     code, out, _ = run(capsys, "replay", "--policy", str(strict), str(tmp_path / "recordings"))
     assert code == 1, out
     assert "deny (no-secrets)" in out and "the proxy token (client_secret)" in out
+
+
+LITERAL_OBJECT = HEAD + f"""\
+- id: protected-app
+  action: deny
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{OTHER}/addPassword"]}}]
+- id: any-app
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{{id}}/addPassword"]}}]
+"""
+
+
+def test_lint_warns_about_rules_on_literal_objects_the_deployment_cannot_resolve(capsys, tmp_path, monkeypatch):
+    """Without the gateway's Graph credential, a request naming that application by appId or
+    uniqueName cannot be related to the id the rule names: lint says so (issue 18, item 1)."""
+    for name in ("NHI_GRAPH_CLIENT_ID", "NHI_GRAPH_TENANT_ID", "NHI_GRAPH_CLIENT_SECRET", "NHI_GRAPH_CERTIFICATE",
+                 "NHI_GRAPH_CERTIFICATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0
+    assert f"{path}:9:3: warning: rule 'protected-app' names an object by id" in out
+    assert "no Graph credential is configured" in out and "refused (503)" in out
+    assert "rule 'any-app'" not in out
+    monkeypatch.setenv("NHI_GRAPH_CLIENT_ID", OTHER)
+    monkeypatch.setenv("NHI_GRAPH_TENANT_ID", TENANT)
+    monkeypatch.setenv("NHI_GRAPH_CLIENT_SECRET", "not-a-real-secret")
+    code, out, _ = run(capsys, "lint", str(path))
+    assert "warning" not in out
+
+
+def test_explain_says_when_the_gateway_would_resolve_the_object_first(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "explain", str(path), "--as", f"app={MCP},oid={OID},tenant={TENANT}", "POST",
+                       f"https://graph.microsoft.com/v1.0/applications(appId='{MCP}')/addPassword")
+    assert "object:    applications by appid" in out and "'protected-app'" in out

@@ -311,6 +311,7 @@ class Identity:
             principals.append(verified[0])
             proxy_tokens.append(verified[1])
         auth = flow.request.headers.get("Authorization")
+        bearer: str | None = None  # the verified bearer token, once verified
         if auth is not None and upstream.token != "none" and auth.strip().split(" ", 1)[0].lower() != "bearer":
             # A credential of another scheme would reach the upstream unverified, riding on the
             # proxy identity's decision. (Token endpoints, token: none, keep HTTP Basic client auth.)
@@ -326,6 +327,7 @@ class Identity:
             if p is None:
                 return
             principals.append(p)
+            bearer = token
 
         sources = {s for p in principals for s in p.token_sources}
         unmet = TokenRequirement.unmet(upstream.token, sources)
@@ -338,11 +340,15 @@ class Identity:
                 401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
             return
         proxy_trust = self.policies.current.identity.proxy
-        if auth is None and proxy_tokens and upstream.token != "none" and proxy_trust and proxy_trust.graph_token:
+        if bearer is not None:
+            # Upstream gets the token that was verified, never the header as the client wrote it.
+            flow.request.headers["Authorization"] = f"Bearer {bearer}"
+        elif auth is None and proxy_tokens and upstream.token != "none" and proxy_trust and proxy_trust.graph_token:
             # A client that can only set HTTPS_PROXY still needs Graph to see its token: when the
             # policy says the proxy credentials carry the Graph token itself (graph_token: true),
             # present it upstream as the bearer (redacted in every recording). A token for the
-            # gateway's own API never leaves the gateway.
+            # gateway's own API never leaves the gateway. The verifier accepted it only in the
+            # compact form (identity/token_form.py), so it holds nothing a header could be split at.
             flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))

@@ -63,6 +63,10 @@ def _add_run(sub) -> None:
                    help="text (default) or json: one object per line, for log shippers")
     p.add_argument("--log-level", choices=logs.LEVELS, default="info",
                    help="info (default) logs refusals and changes; debug adds one line per allowed request")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N gateway processes sharing the listening ports (SO_REUSEPORT), each with its own "
+                        "recording process, recordings (.wN) and audit chain (audit.wN.jsonl); default 1")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --workers for each child
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish before the gateway "
                         f"stops anyway (default {DEFAULT_DRAIN_TIMEOUT:g}); SIGHUP reloads the policy")
@@ -115,6 +119,9 @@ def cmd_run(args) -> int:
     # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
     # their directories) holds secrets or who-did-what: private to the gateway's user.
     os.umask(0o077)
+    if args.workers < 1:
+        print("nhi-gateway: --workers must be 1 or more", file=sys.stderr)
+        return 2
     problems = run_problems(args)
     if problems:
         print("nhi-gateway: cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
@@ -151,6 +158,12 @@ def cmd_run(args) -> int:
     if args.groups_ttl < 0:
         print("nhi-gateway: --groups-ttl must be 0 or more seconds", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return run_workers(args)
+    if args.worker is not None:
+        from nhi_gateway.proxy.workers import share_listening_ports
+
+        share_listening_ports()
     config = GatewayConfig(
         policy_path=args.policy,
         listen_host=args.listen[0],
@@ -176,6 +189,7 @@ def cmd_run(args) -> int:
         admin_tls_key=args.admin_tls_key,
         admin_insecure=args.admin_insecure,
         audit_copies=tuple(args.audit_copy),
+        worker=args.worker,
     )
     for target in args.audit_copy:
         try:
@@ -199,6 +213,33 @@ def cmd_run(args) -> int:
         print(f"nhi-gateway: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_workers(args) -> int:
+    """``--workers N``: this process supervises N gateway processes (see proxy/workers.py)."""
+    from nhi_gateway.policy.decision import Action
+    from nhi_gateway.policy.model import load_policy
+    from nhi_gateway.proxy.workers import Supervisor
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        print(f"nhi-gateway: the policy cannot be loaded, so the gateway does not start:\n  {e}", file=sys.stderr)
+        return 2
+    if any(rule.action is Action.APPROVE for rule in policy.rules):
+        print("nhi-gateway: --workers: the policy holds requests for approval, and the embedded SQLite state "
+              "cannot wake a request held by one worker when the decision comes through another; run one "
+              "worker (--workers 1)", file=sys.stderr)
+        return 2
+    argv = list(args.argv)
+    for i, word in enumerate(argv):
+        if word == "--workers":
+            del argv[i:i + 2]
+            break
+        if word.startswith("--workers="):
+            del argv[i]
+            break
+    return Supervisor(argv, args.workers, args.listen, args.approvals_listen, args.ready_file).run()
 
 
 def _add_lookalike(sub) -> None:
@@ -273,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra and getattr(args, "words", None) is not None and not any(e.startswith("-") for e in extra):
         # `audit verify --expect-head X FILE`: argparse gives a list positional only the words
         # before the first option; the FILE after it belongs to it too.

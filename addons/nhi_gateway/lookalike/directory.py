@@ -351,6 +351,7 @@ class Directory:
         return {
             "id": client.object_id,
             "appId": client.app_id,
+            "uniqueName": client.name,  # an alternate key: applications(uniqueName='...')
             "displayName": client.name,
             "createdDateTime": _CREATED,
             "signInAudience": "AzureADMyOrg",
@@ -372,6 +373,7 @@ class Directory:
                 "appDisplayName": c.name,
                 "appId": c.app_id,
                 "appOwnerOrganizationId": self.tenant_id,
+                "uniqueName": c.name,
                 "displayName": c.name,
                 "servicePrincipalNames": [c.app_id],
                 "servicePrincipalType": "Application",

@@ -670,17 +670,76 @@ def _collection(call: GraphCall, entity_set: str, type_name: str, items: list[di
 _KEY_SEGMENT = re.compile(r"^(?P<name>[A-Za-z.]+)\((?:(?P<prop>\w+)=)?'(?P<key>[^']*)'\)$")
 
 
+_NAMESPACE = "microsoft.graph."
+# Casts Graph serves on directory objects, and the entity set of each type.
+_CAST_SETS = {"microsoft.graph.user": "users", "microsoft.graph.group": "groups",
+              "microsoft.graph.application": "applications", "microsoft.graph.serviceprincipal": "servicePrincipals"}
+_BASE_TYPE = "microsoft.graph.directoryobject"
+
+
 def _split_path(path: str) -> tuple[list[str], str | None]:
-    """Path segments with key-in-parentheses spellings unfolded, and the alternate key named (if any)."""
+    """Path segments with key-in-parentheses spellings unfolded, and the alternate key named (if any).
+    Namespace-qualified actions and functions (``microsoft.graph.addPassword``) are served as their
+    unqualified names, as Graph does; casts keep their namespace."""
     segments: list[str] = []
     alternate: str | None = None
     for segment in path.strip("/").split("/"):
         if match := _KEY_SEGMENT.match(segment):
             segments += [match["name"], match["key"]]
             alternate = match["prop"].lower() if match["prop"] else None
+        elif segment.lower().startswith(_NAMESPACE) and segment.lower() not in (*_CAST_SETS, _BASE_TYPE):
+            segments.append(segment[len(_NAMESPACE):])
         else:
             segments.append(segment)
     return segments, alternate
+
+
+# How each key named in parentheses is looked up: (id='x') is the id, appId and uniqueName are
+# the alternate keys Graph documents for applications and service principals.
+_KEY_FIELDS = {None: "id", "id": "id", "appid": "appId", "uniquename": "uniqueName"}
+
+
+def _find_by_key(objects: list[dict], alternate: str | None, key: str) -> dict | None:
+    field = _KEY_FIELDS.get(alternate)
+    if field is None:
+        raise GraphError(400, "BadRequest", f"'{alternate}' is not a key property of this entity set.")
+    return next((o for o in objects if str(o.get(field) or "").lower() == key.lower()), None)
+
+
+def _without_own_cast(rest: list[str], type_name: str) -> list[str]:
+    """``{id}/microsoft.graph.application/addPassword`` is ``{id}/addPassword`` on an application."""
+    if len(rest) >= 2 and rest[1].lower() in (f"{_NAMESPACE}{type_name.lower()}", _BASE_TYPE):
+        return [rest[0], *rest[2:]]
+    return rest
+
+
+def _directory_object(lookalike: LookAlike, call: GraphCall, rest: list[str]) -> tuple[int, dict | None]:
+    """``/directoryObjects/{id}``: the object whatever its type (with ``@odata.type``), and its casts
+    (``/directoryObjects/{id}/microsoft.graph.application/addPassword``) served as the typed path."""
+    d = lookalike.directory
+    typed = [("users", "user", u) for u in d.users] + [("groups", "group", g) for g in d.groups] + \
+            [("applications", "application", a) for a in d.applications()] + \
+            [("servicePrincipals", "servicePrincipal", s) for s in d.service_principals()]
+    if not rest:
+        raise _method_not_allowed()
+    found = next(((es, tn, o) for es, tn, o in typed if o["id"] == rest[0].lower()), None)
+    if found is None:
+        raise _not_found(rest[0])
+    entity_set, type_name, obj = found
+    if len(rest) >= 2 and rest[1].lower() in _CAST_SETS:
+        if _CAST_SETS[rest[1].lower()] != entity_set:
+            raise _not_found(rest[0])
+        inner = GraphCall(call.method, call.version, "/".join([entity_set, rest[0], *rest[2:]]), call.query,
+                          call.body, call.claims)
+        return answer_graph(lookalike, inner)
+    rest = _without_own_cast(rest, "directoryObject")
+    if len(rest) == 1:
+        if call.method != "GET":
+            raise _method_not_allowed()
+        _require(call, READ_USERS | READ_GROUPS | READ_APPS)
+        return 200, {"@odata.context": _context(call, "directoryObjects", entity=True),
+                     "@odata.type": f"#microsoft.graph.{type_name}", **_project(obj, call, type_name, None)}
+    raise GraphError(400, "BadRequest", f"Resource not found for the segment '{rest[1]}'.")
 
 
 def _not_found(key: str) -> GraphError:
@@ -702,15 +761,22 @@ def answer_graph(lookalike: LookAlike, call: GraphCall) -> tuple[int, dict | Non
     rest = segments[1:]
     get = call.method == "GET"
 
+    if head == "directoryobjects":
+        return _directory_object(lookalike, call, rest)
+
     if head == "users":
         _require(call, READ_USERS)
         if not rest:
             if not get:
                 raise _method_not_allowed()
             return 200, _collection(call, "users", "user", d.users, USER_DEFAULT_V1)
+        # users/{id}, users/{userPrincipalName}, users(id='...'), users(userPrincipalName='...')
+        if alternate not in (None, "id", "userprincipalname"):
+            raise GraphError(400, "BadRequest", f"'{alternate}' is not a key property of users.")
         user = d.find_user(rest[0])
         if user is None:
             raise _not_found(rest[0])
+        rest = _without_own_cast(rest, "user")
         return _member_of_or_entity(lookalike, call, "users", "user", user, rest, USER_DEFAULT_V1)
 
     if head == "groups":
@@ -733,10 +799,10 @@ def answer_graph(lookalike: LookAlike, call: GraphCall) -> tuple[int, dict | Non
         # keyCredentials[].key is returned only to $select=keyCredentials on a single object.
         with_keys = any(s.lower() == "keycredentials" for s in call.select or [])
         apps = d.applications(with_keys=with_keys)
-        field = "appId" if alternate == "appid" else "id"
-        app = next((a for a in apps if a[field] == rest[0].lower()), None)
+        app = _find_by_key(apps, alternate, rest[0])
         if app is None:
             raise _not_found(rest[0])
+        rest = _without_own_cast(rest, "application")
         if len(rest) == 1:
             if not get:
                 raise _method_not_allowed()
@@ -766,10 +832,10 @@ def answer_graph(lookalike: LookAlike, call: GraphCall) -> tuple[int, dict | Non
             if not get:
                 raise _method_not_allowed()
             return 200, _collection(call, "servicePrincipals", "servicePrincipal", sps)
-        field = "appId" if alternate == "appid" else "id"
-        sp = next((s for s in sps if s[field] == rest[0].lower()), None)
+        sp = _find_by_key(sps, alternate, rest[0])
         if sp is None:
             raise _not_found(rest[0])
+        rest = _without_own_cast(rest, "servicePrincipal")
         return _member_of_or_entity(lookalike, call, "servicePrincipals", "servicePrincipal", sp, rest)
 
     raise GraphError(400, "BadRequest", f"Resource not found for the segment '{segments[0]}'.")

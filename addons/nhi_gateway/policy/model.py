@@ -134,8 +134,13 @@ request is first judged by the rules like any other; the grant check applies to 
 them is said once, by ``identity.client_secret_grants``.
 
 Paths are matched against the canonical path of :mod:`nhi_gateway.policy.operation` (decoded once,
-case-folded, ``users('x')`` read as ``users/x``, ``applications(appId='x')`` as
-``applications/appid=x``). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
+case-folded, ``users('x')`` and ``users(id='x')`` read as ``users/x``, ``applications(appId='x')``
+as ``applications/appid=x``, ``microsoft.graph.addPassword`` as ``addPassword``,
+``/directoryObjects/{id}/microsoft.graph.user`` as ``/users/{id}``). A pattern that names an object
+by its id (``/applications/6f1c.../addPassword``) also decides requests that name that object by an
+alternate key (``applications(appId='...')``, ``applications(uniqueName='...')``, a user's UPN,
+``/directoryObjects/{id}`` without a cast): the gateway resolves the key with its own Graph
+credential, and refuses such requests (503) when it cannot (:mod:`nhi_gateway.policy.objects`). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
 one segment, ``**`` (last segment only) matches zero or more segments, anything else matches
 literally and case-insensitively. On Graph hosts a pattern may start with a version
 (``/v1.0/users``); without one it matches ``/v1.0`` and ``/beta`` unless ``versions`` narrows it.
@@ -237,6 +242,7 @@ from nhi_gateway.policy.operation import (
     ODataQuery,
     Operation,
     OperationError,
+    canonical_segments,
     normalize_host,
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
@@ -2065,6 +2071,9 @@ class _Loader:
             if problem:
                 self.fail(node.pos, f"{what}: bad path pattern '{text}': {problem}", hint)
             segments.append("*" if _PARAM.fullmatch(seg) else seg.casefold())
+        if graph:
+            # Written like requests are read: /directoryObjects/{id}/microsoft.graph.user is /users/{id}.
+            segments = canonical_segments(segments)
         if pattern_version is not None:
             pattern_versions = frozenset({pattern_version})
         elif graph:

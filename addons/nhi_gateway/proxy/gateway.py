@@ -39,6 +39,7 @@ from nhi_gateway.addons.identity import Identity, trust_of
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.addons.metrics import GatewayMetrics, Metrics, state_metrics
+from nhi_gateway.addons.objects import ObjectNames
 from nhi_gateway.addons.recorder import Recorder, WriteAhead
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
@@ -51,6 +52,7 @@ from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
+from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL, KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -169,10 +171,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         admin,  # /healthz, /readyz, /metrics on the admin listener: never audited or recorded
         # First of the flow stages: answers every request on the approval API's own listener.
-        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
+        # After membership (rules' `when` may name groups): resolves alternate keys of objects.
+        ObjectNames(policies, ObjectResolver(groups, ttl=config.groups_ttl) if groups is not None else None),
         Authorization(policies),
         approval,  # holds `approve` decisions
         Masking(policies),
@@ -208,6 +212,8 @@ def rule_ids_of(policies: PolicyStore):
 
 def open_approvals(config: GatewayConfig) -> Approvals:
     store = ApprovalStore(config.approvals_db or config.recordings / "approvals.sqlite3")
+    if config.worker and config.worker > 1:
+        return Approvals(store)  # worker 1 cleans up after the last run; the others must not cancel its requests
     try:
         stale = store.cancel_pending("the gateway restarted while the request was held", time.time())
     except ApprovalStoreError as e:  # requests that need approval are refused until it works
@@ -363,7 +369,8 @@ def announce(gateway: Gateway, out=sys.stdout) -> None:
         "Client environment:",
         *("  " + line for line in client_environment(gateway)),
     ]
-    print("\n".join(lines), file=out, flush=True)
+    if gateway.config.worker in (None, 1):  # the workers of --workers N: the first one speaks for all
+        print("\n".join(lines), file=out, flush=True)
     if gateway.config.ready_file:
         ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid(),
                  "approvals_api": gateway.approvals_api}
