@@ -160,9 +160,11 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     metrics.watch(state_metrics(approval, approvals, verifier.keys, groups))
 
     def trusted_issuers():
-        trust = trust_of(policies.current)
-        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in sorted(trust.tenants)
-                for i in trust.issuers]
+        # Every issuer of every token source, once (a source left out of the policy has none).
+        by_source = trust_of(policies.current).values()
+        tenants = sorted({t for trust in by_source for t in trust.tenants})
+        issuers = dict.fromkeys(i for trust in by_source for i in trust.issuers)
+        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in tenants for i in issuers]
 
     admin = Admin(metrics, gateway_checks(policies, verifier.keys, trusted_issuers, recorder, health, approvals,
                                           stopping), require_tls=config.admin_tls_cert is not None)
