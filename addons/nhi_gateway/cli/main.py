@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from nhi_gateway.cli import policy as policy_cli
+from nhi_gateway.cli import permissions as permissions_cli
 from nhi_gateway.cli import approvals as approvals_cli
 from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
@@ -23,6 +24,14 @@ from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL
 from nhi_gateway.policy.model import PolicyError
 from nhi_gateway.recording.audit import AuditCopy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
+from nhi_gateway.approvals.state import StateBackend, parse_state
+
+
+def _state(value: str) -> StateBackend:
+    try:
+        return parse_state(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -93,6 +102,10 @@ def _add_run(sub) -> None:
                         "a free port when --listen has port 0). Keep it on loopback: it speaks plain HTTP")
     p.add_argument("--approvals-db", type=Path, default=None, metavar="PATH",
                    help="approval requests and grants, kept across restarts (default RECORDINGS/approvals.sqlite3)")
+    p.add_argument("--state", type=_state, default=None, metavar="URL",
+                   help="where approvals, grants and their history live: sqlite:///PATH (embedded, the default: "
+                        "--approvals-db) or postgresql://USER@HOST:PORT/DATABASE, shared by every replica that "
+                        "names it (keep the password out of the URL: use PGPASSWORD or ~/.pgpass)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write listen address and CA path here as JSON once listening")
     g = p.add_argument_group(
@@ -176,6 +189,7 @@ def cmd_run(args) -> int:
         ready_file=args.ready_file,
         approvals_listen=args.approvals_listen,
         approvals_db=args.approvals_db,
+        state=args.state,
         graph_credential=graph_credential,
         groups_ttl=args.groups_ttl,
         recordings_max_bytes=args.recordings_max_bytes,
@@ -226,10 +240,11 @@ def run_workers(args) -> int:
     except PolicyError as e:
         print(f"nhi-gateway: the policy cannot be loaded, so the gateway does not start:\n  {e}", file=sys.stderr)
         return 2
-    if any(rule.action is Action.APPROVE for rule in policy.rules):
+    shared = args.state is not None and args.state.shared  # PostgreSQL wakes a held request on any worker
+    if any(rule.action is Action.APPROVE for rule in policy.rules) and not shared:
         print("nhi-gateway: --workers: the policy holds requests for approval, and the embedded SQLite state "
               "cannot wake a request held by one worker when the decision comes through another; run one "
-              "worker (--workers 1)", file=sys.stderr)
+              "worker (--workers 1), or keep approvals in PostgreSQL (--state postgresql://...)", file=sys.stderr)
         return 2
     argv = list(args.argv)
     for i, word in enumerate(argv):
@@ -307,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookalike(sub)
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
-    policy_cli.register(sub)  # policy lint|explain|replay: each sets its own handler
+    policy_cli.register(sub)  # policy lint|explain|replay|suggest: each sets its own handler
+    permissions_cli.register(sub)  # permissions: held, needed and excess Graph permissions
     return parser
 
 

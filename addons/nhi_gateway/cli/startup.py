@@ -94,6 +94,11 @@ def run_problems(args) -> list[str]:
         checks.append(file_in_writable_directory("--audit", args.audit))
     if args.approvals_db is not None:
         checks.append(file_in_writable_directory("--approvals-db", args.approvals_db))
+    state = getattr(args, "state", None)
+    if state is not None and args.approvals_db is not None:
+        checks.append("--state and --approvals-db both say where approvals live: give one of them")
+    elif state is not None and state.kind == "sqlite":
+        checks.append(file_in_writable_directory("--state", Path(state.location)))
     if args.ready_file is not None:
         checks.append(file_in_writable_directory("--ready-file", args.ready_file))
     if args.upstream_ca is not None:

@@ -10,7 +10,8 @@ every rule condition: the request is decided for each token on its own, and
 - an approval needed for either token is needed for the request;
 - otherwise every token is allowed, and the request gets the one decision they share. Rules that
   mask differently cannot both apply to one answer: such a request is refused (``check: tokens``)
-  rather than masked by the weaker profile.
+  rather than masked by the weaker profile. In report mode, the report of a token that a rule
+  would refuse or hold is the one the decision carries.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ class EveryPresentedToken:
                 f"the request's tokens are allowed by rules that mask the answer differently ({why}); "
                 "one answer gets one mask: let one rule cover every token of the request",
                 check="tokens", rule_id=judged[0][1].rule_id, operation=str(op), principal=self.who)
+        # Report mode: a token a reporting rule would refuse or hold is forwarded, and its report
+        # (not the other token's clean allow) is what the decision and the audit line carry.
+        reported = [(p, d) for p, d in judged if d.reported]
+        if reported:
+            p, d = reported[0]
+            report = {**d.reported, "reason": f"the {_source(p)} token ({p.auth_method}): {d.reported.get('reason', '')}"}
+            return d.but(principal=self.who, extra={**d.extra, "report": report})
         return judged[-1][1].but(principal=self.who)
 
 

@@ -29,6 +29,7 @@ from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_l
 
 from nhi_gateway.addons.admin import Admin, gateway_checks
 from nhi_gateway.addons.admin_tls import AdminTLS, AdminTLSError, server_context
+from nhi_gateway.addons.admission import Admission
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from nhi_gateway.addons.audit import Audit
@@ -46,9 +47,12 @@ from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreError
+from nhi_gateway.approvals.postgres import PostgresApprovalStore
+from nhi_gateway.approvals.state import StateBackend, sqlite_path
 from nhi_gateway.recording.audit import AuditCopy, AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
+from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
@@ -83,6 +87,9 @@ class GatewayConfig:
     # Approvals: requests and grants (default <recordings>/approvals.sqlite3), and where the
     # approval API listens (default: 127.0.0.1, the proxy's port + 1, or a free port with port 0).
     approvals_db: Path | None = None
+    # --state: None or sqlite:///PATH keeps the SQLite file above; postgresql://... shares
+    # approvals and grants with every replica that names the same database.
+    state: StateBackend | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
     # At most one refetch of an issuer's keys per this many seconds for tokens with an unknown kid.
@@ -175,6 +182,9 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         # First of the flow stages: answers every request on the approval API's own listener.
         ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
+        # Before identity and every rule: a request of a shape the gateway will not judge (method
+        # overrides, oversized target or headers, transfer codings) is refused as it came.
+        Admission(),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
         # After membership (rules' `when` may name groups): resolves alternate keys of objects.
@@ -213,7 +223,13 @@ def rule_ids_of(policies: PolicyStore):
 
 
 def open_approvals(config: GatewayConfig) -> Approvals:
-    store = ApprovalStore(config.approvals_db or config.recordings / "approvals.sqlite3")
+    if config.state is not None and config.state.shared:
+        # The server need not be up: until it is, what needs approval or a grant is refused 503.
+        shared = PostgresApprovalStore(config.state.location, host=socket.gethostname())
+        shared.start()
+        logger.info("approvals and grants in %s (replica %s)", shared.path, shared.replica_id)
+        return Approvals(shared)
+    store = ApprovalStore(sqlite_path(config.state, config.approvals_db or config.recordings / "approvals.sqlite3"))
     if config.worker and config.worker > 1:
         return Approvals(store)  # worker 1 cleans up after the last run; the others must not cancel its requests
     try:
@@ -278,7 +294,10 @@ def _is_loopback(host: str) -> bool:
 async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
     answer_lost_connection_attempts()
+    answer_protocol_errors_as_graph()
     policies = PolicyStore(load_policy(config.policy_path))
+    if notice := policies.current.report_notice():
+        logger.warning("%s: %s", config.policy_path, notice)
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)
     opts = options.Options(
@@ -313,6 +332,7 @@ async def start(config: GatewayConfig) -> Gateway:
     chain, recorder = build_chain(config, policies, verifier, health, groups, egress)
     m.addons.add(*chain)
     approval = next(a for a in chain if isinstance(a, Approval))
+    tell_when_clients_leave_a_held_request(approval.request_cancelled)
     api_host, api_port = approvals_listen(config)
     if config.admin_tls_cert is None and not _is_loopback(api_host):
         if not config.admin_insecure:

@@ -10,7 +10,8 @@ one ready file once every worker is ready.
 
 Workers share no memory: what must be shared (held approvals, grants) lives in the state backend.
 The embedded SQLite state cannot wake a request held by one worker when another takes the decision,
-so a policy with approve rules is refused with several workers on it.
+so a policy with approve rules is refused with several workers on it unless the state is
+PostgreSQL (``--state postgresql://...``), which wakes a held request on whichever worker holds it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# How a worker is started: `nhi-gateway` itself, unless the environment names another command
+# prefix (the benchmark's launcher, which maps host names to loopback ports like DNS would).
+WORKER_COMMAND_ENV = "NHI_WORKER_COMMAND"
 READY_TIMEOUT = 90.0  # seconds for a worker to load the policy, start its recording process and listen
 RESTART_INTERVAL = 1.0
 
@@ -76,7 +80,9 @@ class Supervisor:
         self.stopping = False
 
     def _command(self, worker: int) -> list[str]:
-        return [sys.executable, "-m", "nhi_gateway.cli.main", *self.argv, "--worker", str(worker),
+        prefix = json.loads(os.environ[WORKER_COMMAND_ENV]) if os.environ.get(WORKER_COMMAND_ENV) \
+            else [sys.executable, "-m", "nhi_gateway.cli.main"]
+        return [*prefix, *self.argv, "--worker", str(worker),
                 "--listen", _address(*self.listen), "--approvals-listen", _address(*self.approvals_listen),
                 "--ready-file", str(self._ready_of(worker))]
 
