@@ -32,6 +32,9 @@ SOURCE_NAMES = {TokenSource.PROXY: "the proxy credentials", TokenSource.BEARER: 
 CONNECT_KEY = "nhi.connect"  # flow.metadata on CONNECT flows: "admitted" once identity and host pass
 
 
+IGNORED_CREDENTIAL_KEY = "nhi.ignored_credential"  # flow.metadata: credentials left aside, and why
+
+
 @dataclass(frozen=True)
 class Tunnel:
     """What a CONNECT established for its client connection."""
@@ -39,6 +42,7 @@ class Tunnel:
     host: str
     principal: Principal | None
     token: str | None = None  # kept in memory only, to present upstream on the caller's behalf
+    ignored: str = ""  # why the CONNECT's proxy credentials were left aside (flagged on each request)
 
 
 class TokenRequirement:
@@ -218,6 +222,21 @@ class Identity:
             return None
         return upstream
 
+    async def _expired(self, header: str) -> str:
+        """Why proxy credentials may be left aside at an upstream that needs no token: only an
+        expired token ("" otherwise: a forged or malformed one is refused as anywhere)."""
+        token = proxy_token(header)
+        if token is None:
+            return ""
+        try:
+            await verify_in(self.verifier, self._trust, token, TokenSource.PROXY)
+        except TokenRejected as e:
+            if e.check == "lifetime":
+                return f"expired proxy credentials ignored (this upstream needs no token): {e.message}"
+        except KeysUnavailable:
+            pass
+        return ""
+
     async def _proxy_principal(self, flow, header: str) -> tuple[Principal, str] | None:
         """The verified identity in a Proxy-Authorization header and its token, or a 407."""
         token = proxy_token(header)
@@ -238,8 +257,14 @@ class Identity:
         if upstream is None:
             return
         principal = token = None
+        ignored = ""
         header = flow.request.headers.pop("Proxy-Authorization", None)
-        if header is not None:
+        if header is not None and upstream.token == "none" and (ignored := await self._expired(header)):
+            # The token endpoint needs no token: a client whose proxy credentials hold an expired
+            # token must still reach it to renew (the SDKs renew before they reconnect). Its expired
+            # credential vouches for nothing here, and each request says it was left aside.
+            logger.info("flow %s: %s", flow.id, ignored)
+        elif header is not None:
             verified = await self._proxy_principal(flow, header)
             if verified is None:
                 return
@@ -252,7 +277,7 @@ class Identity:
         # Bound to the connection only once the CONNECT is answered 2xx (http_connected): a later
         # stage (the guard) may still refuse it, and then nothing of it may vouch for the next
         # request on that connection.
-        self._admitting[flow] = Tunnel(host, principal, token)
+        self._admitting[flow] = Tunnel(host, principal, token, ignored)
         flow.metadata[CONNECT_KEY] = "admitted"
         if principal is not None:
             flow.metadata[PRINCIPAL_KEY] = principal
@@ -307,6 +332,8 @@ class Identity:
 
         principals: list[Principal] = []
         proxy_tokens: list[str] = []
+        if tunnel is not None and tunnel.ignored:
+            flow.metadata[IGNORED_CREDENTIAL_KEY] = tunnel.ignored
         if tunnel is not None and tunnel.principal is not None:
             if tunnel.principal.expires_at <= time.time():
                 # The binding lives as long as the connection; the token it rests on does not.
