@@ -25,6 +25,7 @@ from nhi_gateway.lookalike.directory import Directory
 from nhi_gateway.masking.masks import (
     ENTROPY_MIN_LENGTH,
     MASK,
+    MAX_DEPTH,
     PSEUDONYM_PREFIX,
     BinaryBodies,
     Detector,
@@ -334,16 +335,39 @@ def test_pseudonym_without_a_key_is_refused_when_the_profile_is_built():
 
 
 @pytest.mark.parametrize(("style", "expected"), [
-    ("redact", {"mail": MASK, "otherMails": MASK, "mobilePhone": MASK, "manager": MASK, "employeeId": MASK}),
-    ("partial", {"mail": "a***@contoso.com", "otherMails": ["a***@example.com", MASK], "mobilePhone": MASK,
-                 "manager": MASK, "employeeId": MASK}),
+    ("redact", {"mail": MASK, "otherMails": [MASK, {"x": None}], "mobilePhone": None,
+                "manager": {"mail": MASK, "officeLocation": None}, "employeeId": None, "businessPhones": [],
+                "accountEnabled": None}),
+    ("partial", {"mail": "a***@contoso.com", "otherMails": ["a***@example.com", {"x": None}], "mobilePhone": None,
+                 "manager": {"mail": "m***@contoso.com", "officeLocation": None}, "employeeId": None,
+                 "businessPhones": [], "accountEnabled": None}),
 ])
-def test_each_style_on_every_kind_of_value(style, expected):
+def test_each_style_keeps_the_json_type_of_every_kind_of_value(style, expected):
+    """Typed clients (msgraph-sdk) deserialise masked answers: a string stays a string without the
+    original, a list stays a list with each item masked, an object keeps its keys with masked
+    values, null stays null, and a number or a boolean becomes null."""
     doc = {"mail": "adele@contoso.com", "otherMails": ["adele@example.com", {"x": 1}], "mobilePhone": 4255550109,
-           "manager": {"mail": "m@contoso.com"}, "employeeId": None}
+           "manager": {"mail": "m@contoso.com", "officeLocation": 12.5}, "employeeId": None, "businessPhones": [],
+           "accountEnabled": True}
     profile = MaskProfile("p", dict.fromkeys(expected, style))
     masked, n = mask_document(doc, profile)
-    assert masked == expected and n == 5
+    assert masked == expected and n == 7
+    assert "adele" not in json.dumps(masked) and "4255550109" not in json.dumps(masked)
+
+
+def test_pseudonyms_keep_the_json_type_too():
+    profile = MaskProfile("p", {"otherMails": "pseudonym", "n": "pseudonym"}, pseudonym_key=PseudonymKey(b"k" * 16, "$K"))
+    masked, _ = mask_document({"otherMails": ["A@x.co", "a@x.co", None], "n": 5}, profile)
+    assert masked["otherMails"][0] == masked["otherMails"][1] and masked["otherMails"][0].startswith("pseudonym:")
+    assert masked["otherMails"][2] is None and masked["n"] is None
+
+
+def test_masked_values_nested_beyond_the_depth_limit_are_refused():
+    deep: object = "x"
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(MaskingError, match="deeper"):
+        mask_document({"mail": deep}, MaskProfile("p", ["mail"]))
 
 
 def test_the_strongest_style_wins():
@@ -401,12 +425,33 @@ def test_json_paths(path, masked_at):
     doc = json.loads(json.dumps(USERS))
     masked, n = mask_document(doc, MaskProfile("p", paths=[path]))
     assert n == len(masked_at)
+    expected = json.loads(json.dumps(USERS))
     for where in masked_at:
-        node = masked
+        node = expected
         for step in where[:-1]:
             node = node[step]
-        assert node[where[-1]] == MASK, where
-    assert json.dumps(masked).count(MASK) == len(masked_at)
+        node[where[-1]] = redacted(node[where[-1]])
+    assert masked == expected
+
+
+def redacted(value):
+    """The model of ``redact`` on a matched value: same JSON type, no original left."""
+    if isinstance(value, str):
+        return MASK
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    return None
+
+
+def leaves(value):
+    """Every scalar below a value."""
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in leaves(v)]
+    return [value]
 
 
 @pytest.mark.parametrize(("path", "offset", "words"), [
@@ -605,9 +650,8 @@ def test_a_listed_field_never_leaves_unmasked_and_the_output_is_json(doc, profil
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for k, v in items:
             if isinstance(k, str) and k.casefold() in {n.casefold() for n in LISTED}:
-                forms = [v] if not isinstance(v, list) else v
-                assert all(f == MASK or (isinstance(f, str) and ("***" in f or f.startswith(PSEUDONYM_PREFIX)))
-                           for f in forms), (k, v)
+                assert all(f is None or f == MASK or (isinstance(f, str) and ("***" in f or f.startswith(PSEUDONYM_PREFIX)))
+                           for f in leaves(v)), (k, v)
             elif isinstance(v, (dict, list)):
                 stack.append(v)
 

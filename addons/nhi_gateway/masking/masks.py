@@ -23,9 +23,11 @@ reverse or confirm a guess. E-mail addresses are case-folded first (``Adele@X`` 
 are one address). The key comes from the environment (:class:`PseudonymKey`), never from the
 policy file, and no repr, log line or error message shows it.
 
-A member matched by a field or a path is replaced whole, whatever its value: ``redact`` gives
-``"[masked]"`` for a string, number, boolean, null, list or object; ``partial`` and
-``pseudonym`` apply to each string of a string or a list of strings and redact anything else.
+A member matched by a field or a path keeps its JSON type, so that typed clients (msgraph-sdk's
+models, which expect ``businessPhones`` to be a list of strings) still read the answer: a string
+becomes the masked string (``redact``: ``"[masked]"``; ``partial``; ``pseudonym``), a list keeps
+its length with each item masked, an object keeps its keys with each value masked, ``null`` stays
+``null``, and a number or a boolean becomes ``null``. Nothing of the original value is left.
 A member matched by both, or by several paths, gets the strongest style
 (redact > pseudonym > partial).
 
@@ -564,8 +566,12 @@ class MaskProfile:
         """A text (a body, a form value) with the profile's detectors applied."""
         return self._scanner.scan(text) if self._scanner is not None else (text, 0)
 
-    def replace(self, value: object, style: Style) -> object:
-        """The masked form of a value matched by a field or path."""
+    def replace(self, value: object, style: Style, depth: int = 1) -> object:
+        """The masked form of a value matched by a field or path, of the same JSON type, so that
+        typed clients (msgraph-sdk's models) still read the answer: a string becomes a string
+        without the original, a list a list of masked items, an object the same keys with masked
+        values; ``null`` stays ``null`` and a number or a boolean becomes ``null`` (no string
+        could stand in for it, and ``0`` or ``false`` would be a lie a client might act on)."""
         if isinstance(value, str):
             if style is Style.PARTIAL:
                 return partial(value)
@@ -574,9 +580,13 @@ class MaskProfile:
                 key = value.casefold() if _EMAIL_FULL.fullmatch(value) else value
                 return self.pseudonym_key.pseudonym(key)
             return MASK
-        if isinstance(value, list) and style is not Style.REDACT:
-            return [self.replace(v, style) if isinstance(v, str) else MASK for v in value]
-        return MASK
+        if depth > MAX_DEPTH:
+            raise MaskingError(f"document nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, list):
+            return [self.replace(v, style, depth + 1) for v in value]
+        if isinstance(value, dict):
+            return {k: self.replace(v, style, depth + 1) for k, v in value.items()}
+        return None
 
 
 def _as_path(name: str) -> str:
@@ -665,7 +675,7 @@ def mask_document(
                     if path_style is not None:
                         style = _strongest(style, path_style)
                 if style is not None:
-                    node[key] = profile.replace(value, style)
+                    node[key] = profile.replace(value, style, depth)
                     count += 1
                 elif isinstance(value, str):
                     if scanner is not None and not _is_annotation(folded):
@@ -686,7 +696,7 @@ def mask_document(
                         step = steps[memo] = _advance(paths, states, None, index)
                     child_states, path_style = step
                     if path_style is not None:
-                        node[index] = profile.replace(value, path_style)
+                        node[index] = profile.replace(value, path_style, depth)
                         count += 1
                         continue
                 if isinstance(value, str):
