@@ -341,3 +341,41 @@ def test_received_log_holds_no_secret_values(client, lookalike, tokens):
     assert any(e["authorization"] for e in entries)
     for secret in (mcp["secret"], tokens["mcp-directory"], tokens["mcp-directory"].split(".")[2]):
         assert secret not in text
+
+
+def test_property_paths_and_their_raw_values(client, tokens):
+    h = bearer(tokens["mcp-directory"])
+    adele = "adelev@nhilab.onmicrosoft.com"
+    r = client.get(f"{GRAPH}/v1.0/users/{adele}/mobilePhone", headers=h)
+    assert r.status_code == 200 and r.json()["value"] == "+1 425 555 0109"
+    assert r.json()["@odata.context"].endswith("/mobilePhone")
+    assert client.get(f"{GRAPH}/v1.0/users/{adele}/businessPhones", headers=h).json()["value"] == ["+1 425 555 0101"]
+    raw = client.get(f"{GRAPH}/v1.0/users/{adele}/mobilePhone/$value", headers=h)
+    assert raw.status_code == 200 and raw.text == "+1 425 555 0109"
+    assert raw.headers["content-type"].startswith("text/plain")
+
+
+def test_users_filter_orderby_and_search_answer_as_an_oracle_would(client, tokens):
+    h = bearer(tokens["mcp-directory"])
+
+    def names(**params):
+        r = client.get(f"{GRAPH}/v1.0/users", headers=h, params={"$select": "displayName", **params})
+        assert r.status_code == 200, r.text
+        return [u["displayName"] for u in r.json()["value"]]
+
+    assert names(**{"$filter": "startswith(mail,'adel')"}) == ["Adele Vance"]
+    assert names(**{"$filter": "mail eq 'AlexW@nhilab.onmicrosoft.com'"}) == ["Alex Wilber"]
+    assert names(**{"$filter": "startswith(mobilePhone,'+1 4') and startswith(displayName,'M')"}) == ["Megan Bowen"]
+    assert names(**{"$orderby": "mobilePhone desc"})[0] == "Lee Gu"  # +1 913 sorts last, first descending
+    assert names(**{"$search": '"mail:megan"'}) == ["Megan Bowen"]
+
+
+def test_answers_misbehave_on_request(client, tokens):
+    h = {**bearer(tokens["mcp-directory"]), "X-LookAlike-Header": "X-Owner: someone@example.com"}
+    r = client.get(f"{GRAPH}/v1.0/users", headers=[*h.items(), ("X-LookAlike-Content-Type", "text/plain"),
+                                                 ("X-LookAlike-Content-Type", "application/json")])
+    assert r.headers.get_list("content-type") == ["text/plain", "application/json"]
+    assert r.headers["x-owner"] == "someone@example.com" and r.json()["value"]
+    latin = client.get(f"{GRAPH}/v1.0/users", headers={**bearer(tokens["mcp-directory"]),
+                                                       "X-LookAlike-Charset": "utf-16"})
+    assert "charset=utf-16" in latin.headers["content-type"] and json.loads(latin.content.decode("utf-16"))["value"]

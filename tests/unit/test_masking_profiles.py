@@ -39,6 +39,7 @@ from nhi_gateway.masking.masks import (
     compile_path,
     is_high_entropy,
     mask_body,
+    property_of,
     mask_document,
     mask_json_bytes,
     partial,
@@ -538,17 +539,22 @@ def test_bodies_that_are_not_what_they_claim_are_refused(body, content_type, wor
     assert words in str(e.value)
 
 
-def test_binary_bodies_pass_when_the_profile_cannot_read_them_anyway_or_says_so():
+def test_bodies_a_profile_cannot_read_pass_only_when_it_says_so():
     photo = b"\xff\xd8\xff\xe0 jpeg adele@contoso.com"
-    assert mask_body(photo, "image/jpeg", FIELDS_ONLY)[0] is photo  # no detectors: nothing to look for
-    assert FIELDS_ONLY.binary is BinaryBodies.PASS and PII.binary is BinaryBodies.REFUSE
+    assert FIELDS_ONLY.binary is BinaryBodies.REFUSE and PII.binary is BinaryBodies.REFUSE
+    with pytest.raises(MaskingError, match="binary: pass"):  # no field can be shown absent from a photo
+        mask_body(photo, "image/jpeg", FIELDS_ONLY)
     passing = MaskProfile("p", detectors=["email"], binary="pass")
     assert mask_body(photo, "image/jpeg", passing)[0] is photo
+    fields_passing = MaskProfile("p", ["mail"], binary="pass")
+    assert mask_body(photo, "image/jpeg", fields_passing)[0] is photo
 
 
-def test_text_without_detectors_is_left_alone():
+def test_text_without_detectors_is_refused_unless_the_profile_lets_it_pass():
     body = b"adele@contoso.com \xff"
-    assert mask_body(body, "text/plain", FIELDS_ONLY)[0] is body
+    with pytest.raises(MaskingError, match="has no detectors"):
+        mask_body(body, "text/plain", FIELDS_ONLY)
+    assert mask_body(body, "text/plain", MaskProfile("p", ["mail"], binary="pass"))[0] is body
 
 
 def test_untyped_bodies_are_looked_at():
@@ -677,3 +683,30 @@ def test_text_scanning_never_raises_and_is_idempotent(text):
 def test_style_and_detector_names_are_the_documented_ones():
     assert [s.value for s in Style] == ["redact", "partial", "pseudonym"]
     assert [d.value for d in Detector] == ["email", "phone", "jwt", "bearer", "graph_secret", "high_entropy"]
+
+
+@pytest.mark.parametrize(("path", "asked"), [
+    ("/v1.0/users/x/mobilephone", ("mobilephone", False)),
+    ("/beta/users/x/mobilephone/$value", ("mobilephone", True)),
+    ("/v1.0/me/mail", ("mail", False)),
+    ("/v1.0/users", None),
+    ("/v1.0/users/$count", None),
+    ("/v1.0/users/x/photo/$value", ("photo", True)),
+])
+def test_the_property_a_path_asks_for(path, asked):
+    assert property_of(path) == asked
+
+
+def test_a_property_path_is_masked_by_the_propertys_name():
+    profile = MaskProfile("p", {"mobilePhone": "partial", "businessPhones": "redact"},
+                          paths={"$..employeeId": "redact"})
+    answer = json.dumps({"@odata.context": "https://graph/$metadata#users('x')/mobilePhone",
+                         "value": "+1 425 555 0109"}).encode()
+    out, n = mask_body(answer, "application/json", profile, path="/v1.0/users/x/mobilephone")
+    assert json.loads(out) == {"@odata.context": "https://graph/$metadata#users('x')/mobilePhone", "value": "***09"}
+    out, _ = mask_body(b'{"value": ["+1 425 555 0101"]}', "application/json", profile,
+                       path="/v1.0/users/x/BusinessPhones")
+    assert json.loads(out) == {"value": [MASK]}
+    out, _ = mask_body(b"E10492", "text/plain", profile, path="/v1.0/users/x/employeeid/$value")
+    assert out == MASK.encode()  # a path ending on the name masks it too
+    assert mask_body(b'{"value": "Adele"}', "application/json", profile, path="/v1.0/users/x/displayname")[1] == 0

@@ -31,8 +31,8 @@ Schema (``policies/example.yaml`` is a commented, working example)::
           paths: {"$.value[*].identities[*].issuerAssignedId": redact}  # or a list
           detectors: {email: partial, phone: redact}   # or a list: email phone jwt bearer
                                                  # graph_secret high_entropy
-          binary: refuse                         # optional; pass | refuse (default: refuse with
-                                                 # detectors, pass without)
+          binary: refuse                         # optional; pass | refuse (default: refuse): bodies
+                                                 # it cannot read (binary; text without detectors)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
     rules:                                       # optional, default none (= deny everything)
@@ -164,9 +164,13 @@ becomes ``"[masked]"``), ``partial`` (a hint: ``a***@contoso.com``, ``abc***``) 
 variable ``pseudonym_key_env`` names, at least 16 bytes; the same value gives the same token
 within a deployment). A policy whose profiles make pseudonyms does not load while that variable
 is unset or short: the gateway refuses to start, and a reload keeps the last good policy.
-``binary`` says whether a body the detectors cannot read (images, PDFs, octet streams) is passed
-or refused (502); it defaults to refuse when the profile has detectors. A body that does not
-parse as its declared type (JSON, form, text in its charset) is always refused (502).
+``binary`` says whether a body the profile cannot read (a binary body that is not JSON: images,
+PDFs, octet streams; a text body under a profile without detectors) is passed or refused (502);
+it defaults to refuse. A body that parses as JSON is masked as JSON whatever its Content-Type
+says; an answer with two Content-Type headers, and a body that does not parse as what it must be
+(JSON, form, text in its charset) is always refused (502). Response headers are masked too
+(detectors, and the values masked in the body wherever a header repeats them), and a property
+asked for by its own path (``/users/{id}/mobilePhone``, ``.../$value``) is masked by its name.
 
 ``nhi-gateway policy lint`` reports these errors and warns about rules that can never decide;
 ``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
