@@ -143,6 +143,16 @@ GRAPH_SECRET_FIELDS = (
 )
 
 
+# Graph properties that hold what a detector exists to hide. A profile with the detector masks
+# their values wherever they appear, so a filter, sort or search on them would test what it masks
+# (startswith(otherMails,'a')): they count as hidden by name too (see MaskProfile.hidden).
+DETECTED_PROPERTIES = {
+    Detector.EMAIL: ("mail", "otherMails", "proxyAddresses", "userPrincipalName", "imAddresses",
+                     "issuerAssignedId"),
+    Detector.PHONE: ("mobilePhone", "businessPhones", "faxNumber"),
+}
+
+
 # --- the pseudonym key ----------------------------------------------------------------------------
 
 
@@ -510,7 +520,7 @@ class MaskProfile:
     """
 
     __slots__ = ("name", "fields", "paths", "detectors", "binary", "pseudonym_key",
-                 "_names", "_paths", "_scanner", "_root_states", "_indexed")
+                 "_names", "_paths", "_scanner", "_root_states", "_indexed", "_hidden")
 
     def __init__(
         self,
@@ -552,6 +562,7 @@ class MaskProfile:
         self._root_states = tuple((i, 0) for i in range(len(self._paths)))
         self._indexed = any(s.kind == _INDEX for path, _ in self._paths for s in path.steps)
         self._scanner = _Scanner(self.detectors, pseudonym_key) if self.detectors else None
+        self._hidden: Mapping[str, str] | None = None
 
     def __repr__(self) -> str:
         parts = [f"fields={len(self.fields)}", f"paths={len(self.paths)}",
@@ -571,14 +582,37 @@ class MaskProfile:
         """A text (a body, a form value) with the profile's detectors applied."""
         return self._scanner.scan(text) if self._scanner is not None else (text, 0)
 
+    @property
+    def hidden(self) -> Mapping[str, str]:
+        """The properties this profile hides, by case-folded name, with the name to show: its
+        fields, the names its paths end on, the members its graph_secret detector masks by name,
+        and :data:`DETECTED_PROPERTIES` of its other detectors. A caller under this profile may
+        not filter, sort or search on them (the policy refuses such requests)."""
+        cached = getattr(self, "_hidden", None)
+        if cached is not None:
+            return cached
+        out: dict[str, str] = {}
+        for name in self.fields:
+            out.setdefault(name.casefold(), name)
+        for path, _ in self._paths:
+            name = _path_property(path)
+            if name is not None:
+                at = path.text.casefold().find(name)
+                out.setdefault(name, path.text[at:at + len(name)] if at >= 0 else name)
+        for detector in self.detectors:
+            names = GRAPH_SECRET_FIELDS if detector is Detector.GRAPH_SECRET else DETECTED_PROPERTIES.get(detector, ())
+            for name in names:
+                out.setdefault(name.casefold(), name)
+        self._hidden = MappingProxyType(out)
+        return self._hidden
+
     def property_style(self, name: str) -> Style | None:
         """How this profile masks a property asked for by its own path (``/users/{id}/mobilePhone``):
         the style of the field of that name, or of a path that ends on that name, the strongest."""
         folded = name.casefold()
         style = self._names.get(folded)
         for path, path_style in self._paths:
-            last = path.steps[-1]
-            if last.kind in (_CHILD, _DESCENDANT) and last.name == folded:
+            if _path_property(path) == folded:
                 style = _strongest(style, path_style)
         return style
 
@@ -612,6 +646,18 @@ class MaskProfile:
         if isinstance(value, dict):
             return {k: self.replace(v, style, depth + 1, collect) for k, v in value.items()}
         return None
+
+
+def _path_property(path: JSONPath) -> str | None:
+    """The entity property a path masks (all of it or a part): its first name, past a collection's
+    ``value[*]``; ``$.value[*].identities[*].issuerAssignedId`` -> ``identities``,
+    ``$..passwordCredentials[*].displayName`` -> ``passwordcredentials``, ``$..mobilePhone`` ->
+    ``mobilephone``. Case-folded; ``None`` for a path that names none."""
+    steps = path.steps
+    if len(steps) > 2 and steps[0].kind == _CHILD and steps[0].name == "value" and steps[1].kind in (_ANY, _INDEX):
+        steps = steps[2:]
+    first = steps[0] if steps else None
+    return first.name if first is not None and first.kind in (_CHILD, _DESCENDANT) else None
 
 
 def _as_path(name: str) -> str:
