@@ -20,6 +20,7 @@ from mitmproxy.test import tflow, tutils
 
 from nhi_gateway.policy.decision import REFUSED_KEY, decision_of
 from nhi_gateway.policy.batch import (
+    json_numbers_problem,
     BATCH_KEY,
     INNER_KEY,
     MAX_BATCH_BYTES,
@@ -756,3 +757,26 @@ def test_an_inner_property_path_is_masked_by_the_propertys_name():
     assert out["1"] == {"@odata.context": "x", "value": MASK}
     assert base64.b64decode(out["2"]) == MASK.encode() and count == 2
     assert SECRET_MAIL.encode() not in masked
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1E+999", "9" * 5000])
+def test_numbers_python_cannot_hold_refuse_the_batch_before_anything_is_sent(number):
+    body = ('{"requests": [{"id": "1", "method": "GET", "url": "/users"}, {"id": "2", "method": "PATCH", '
+            '"url": "/users/u1", "headers": {"Content-Type": "application/json"}, '
+            '"body": {"extension": {"n": ' + number + '}}}]}').encode()
+    d = judge(body)
+    assert d.action is Action.DENY and d.status == 400 and d.check == "batch", d.reason
+    assert "number" in d.reason and "nothing of it was sent" in d.reason
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    (b'{"a": 1e400}', "out of range"),
+    (b'[1, {"b": [-1e999]}]', "out of range"),
+    (b'{"a": ' + b"1" * 5000 + b"}", "digits"),
+    (b'{"a": 1e308, "b": 12345678901234567890}', None),  # large, but held
+    (b"not json at all 1e400", None),  # not JSON: not this check's business
+    (b"", None),
+])
+def test_json_numbers_problem(body, problem):
+    found = json_numbers_problem(body)
+    assert (found is None) if problem is None else (problem in found)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import uuid
 import zlib
@@ -152,6 +153,42 @@ def _refuse_constant(name: str) -> object:
     raise BatchError(f"the batch is not valid JSON: {name} is not a JSON value")
 
 
+# Python's int() refuses to read more digits than this (sys.get_int_max_str_digits()).
+MAX_INT_DIGITS = 4300
+
+
+class NumberOutOfRange(ValueError):
+    """A JSON number that Python cannot hold: a float beyond its range (1e400 reads as infinity,
+    which cannot be written back as JSON), or an integer of more digits than int() reads."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise NumberOutOfRange(f"the number {text[:40]} is out of range (it would read as infinity)")
+    return value
+
+
+def _held_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise NumberOutOfRange(f"a number of {len(text.lstrip('-'))} digits is more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def json_numbers_problem(data: bytes) -> str | None:
+    """Why a JSON body holds a number the gateway could not hold (so it could neither judge nor
+    record it as it is), or None; a body that is not JSON is none of this check's business."""
+    if data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        json.loads(data, parse_float=_finite_float, parse_int=_held_int)
+    except NumberOutOfRange as e:
+        return str(e)
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     # JSON parsers disagree on which copy of a repeated member wins: Graph could read the copy the
     # gateway did not judge. Legitimate clients never repeat a member.
@@ -171,9 +208,13 @@ def parse_json(data: bytes) -> object:
         raise BatchError(f"the batch is not UTF-8 ({e.reason} at byte {e.start})") from e
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+                          parse_float=_finite_float, parse_int=_held_int)
     except BatchError:
         raise
+    except NumberOutOfRange as e:
+        # Graph would act on it, but the gateway could neither judge nor record it as it is.
+        raise BatchError(f"the batch holds a number the gateway cannot hold: {e}") from e
     except RecursionError as e:
         raise BatchError("the batch is nested too deeply to read") from e
     except ValueError as e:
@@ -819,7 +860,12 @@ def _content_of(body: object, headers: Iterable[tuple[str, str]]) -> bytes:
     if isinstance(body, str) and not is_json_content_type(header(headers, "content-type")):
         decoded, _ = _b64decode(body)
         return decoded if decoded is not None else body.encode("utf-8", "surrogatepass")
-    return _dump(body)
+    try:
+        return _dump(body)
+    except MaskingError:
+        # For the record only (it never raises): a number beyond a float's range is written as
+        # JSON's readers would print it rather than the record of what reached Graph being lost.
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _str_headers(raw: object) -> tuple[tuple[str, str], ...]:
