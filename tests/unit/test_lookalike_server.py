@@ -379,3 +379,30 @@ def test_answers_misbehave_on_request(client, tokens):
     latin = client.get(f"{GRAPH}/v1.0/users", headers={**bearer(tokens["mcp-directory"]),
                                                        "X-LookAlike-Charset": "utf-16"})
     assert "charset=utf-16" in latin.headers["content-type"] and json.loads(latin.content.decode("utf-16"))["value"]
+
+
+@pytest.mark.parametrize(("headers", "algorithm"), [
+    (lambda k: {"x5t#S256": k.x5t_s256 + "=" * (-len(k.x5t_s256) % 4)}, "PS256"),  # MSAL async: padded
+    (lambda k: {"x5t": k.x5t + "=" * (-len(k.x5t) % 4)}, "RS256"),  # MSAL sync: padded x5t
+])
+def test_msal_client_assertions_are_accepted_as_entra_accepts_them(client, lookalike, headers, algorithm):
+    import uuid as _uuid
+
+    a = lookalike["apps"]["mcp-directory"]
+    key = SigningKey.load(Path(a["key_path"]), Path(a["cert_path"]))
+    now = int(time.time())
+    claims = {"aud": lookalike["token_endpoint"], "iss": a["client_id"], "sub": a["client_id"],
+              "jti": str(_uuid.uuid4()), "nbf": now, "iat": now, "exp": now + 600}
+    assertion = jwt.encode(claims, key.private_key, algorithm=algorithm, headers=headers(key))
+    r = get_token(client, lookalike, client_assertion_type=ASSERTION_TYPE, client_assertion=assertion)
+    assert r.status_code == 200, r.text
+
+
+def test_instance_discovery_is_served(client, lookalike):
+    r = client.get("https://login.microsoftonline.com/common/discovery/instance",
+                   params={"api-version": "1.1", "authorization_endpoint":
+                           f"https://login.microsoftonline.com/{lookalike['tenant_id']}/oauth2/v2.0/authorize"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tenant_discovery_endpoint"].endswith("/v2.0/.well-known/openid-configuration")
+    assert any("login.microsoftonline.com" in m["aliases"] for m in body["metadata"])

@@ -189,7 +189,24 @@ def build_login_app(lookalike: LookAlike) -> Starlette:
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         return issue_token(lookalike, request.path_params["tenant"], fields, request.headers.get("authorization"))
 
+    async def instance_discovery(request: Request) -> Response:
+        # What MSAL asks of an authority it does not know by name (login.microsoftonline.com it
+        # knows, and skips this): where the tenant's metadata is, and the cloud's host aliases.
+        endpoint = request.query_params.get("authorization_endpoint", "")
+        tenant = urllib.parse.urlsplit(endpoint).path.strip("/").split("/")[0] or "common"
+        return JSONResponse({
+            "tenant_discovery_endpoint": f"{LOGIN_HOST}/{tenant}/v2.0/.well-known/openid-configuration",
+            "api-version": "1.1",
+            "metadata": [{
+                "preferred_network": "login.microsoftonline.com",
+                "preferred_cache": "login.windows.net",
+                "aliases": ["login.microsoftonline.com", "login.windows.net", "login.microsoft.com",
+                            "sts.windows.net"],
+            }],
+        })
+
     return Starlette(routes=[
+        Route("/common/discovery/instance", instance_discovery),
         Route("/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration),
         Route("/{tenant}/.well-known/openid-configuration", openid_configuration),
         Route("/{tenant}/discovery/v2.0/keys", keys),
@@ -309,7 +326,13 @@ def _check_client_assertion(
         header = jwt.get_unverified_header(assertion)
     except jwt.PyJWTError:
         return 50027, "JWT token is invalid or malformed."
-    if header.get("x5t#S256") != certificate.x5t_s256 and header.get("x5t") != certificate.x5t:
+    # MSAL writes the thumbprints base64url *with* "=" padding (x5t#S256 from the async
+    # credentials, x5t from the sync ones); Entra accepts either spelling.
+    def thumbprint(name: str) -> str:
+        value = header.get(name)
+        return value.rstrip("=") if isinstance(value, str) else ""
+
+    if thumbprint("x5t#S256") != certificate.x5t_s256 and thumbprint("x5t") != certificate.x5t:
         return 700027, (
             "The certificate with identifier used to sign the client assertion is not registered on application."
         )
