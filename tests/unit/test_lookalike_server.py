@@ -406,3 +406,87 @@ def test_instance_discovery_is_served(client, lookalike):
     body = r.json()
     assert body["tenant_discovery_endpoint"].endswith("/v2.0/.well-known/openid-configuration")
     assert any("login.microsoftonline.com" in m["aliases"] for m in body["metadata"])
+
+
+# --- the device code flow of the approval API (issue 17) -----------------------------------------
+
+
+def test_the_device_code_flow_issues_an_approver_token_once_the_person_signed_in(client, lookalike):
+    api, tenant = lookalike["approvals_api"], lookalike["tenant_id"]
+    scope = f"{api['app_id_uri']}/{api['scope']}"
+    claims = json.dumps({"access_token": {"acrs": {"essential": True, "value": api["auth_context"]}}})
+    start = client.post(f"{LOGIN}/{tenant}/oauth2/v2.0/devicecode",
+                        data={"client_id": api["client_id"], "scope": f"{scope} openid profile offline_access",
+                              "claims": claims})
+    assert start.status_code == 200, start.text
+    flow = start.json()
+    assert flow["verification_uri"] == "https://microsoft.com/devicelogin" and flow["user_code"] in flow["message"]
+    grant = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "client_id": api["client_id"],
+             "device_code": flow["device_code"]}
+    pending = client.post(lookalike["token_endpoint"], data=grant)
+    assert pending.status_code == 400 and pending.json()["error"] == "authorization_pending"
+
+    signed = client.post(f"{LOGIN}/{tenant}/oauth2/deviceauth",
+                         data={"otc": flow["user_code"], "user": f"AdeleV@{lookalike['tenant_domain']}", "mfa": "true"})
+    assert signed.status_code == 200, signed.text
+    answer = client.post(lookalike["token_endpoint"], data=grant)
+    assert answer.status_code == 200, answer.text
+    claims = jwt.decode(answer.json()["access_token"], options={"verify_signature": False})
+    assert claims["aud"] == api["client_id"] and claims["scp"] == api["scope"] and claims["ver"] == "2.0"
+    assert claims["acrs"] == [api["auth_context"]] and claims["idtyp"] == "user" and claims["azpacr"] == "0"
+    assert claims["name"] == "Adele Vance" and claims["sub"] != claims["oid"]
+    again = client.post(lookalike["token_endpoint"], data=grant)  # a device code is spent once
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize("form, error", [
+    ({"client_id": "04b07795-8ddb-461a-bbee-02f9e1bf7b46"}, "unauthorized_client"),  # not the API's client
+    ({"scope": "https://graph.microsoft.com/.default"}, "invalid_scope"),
+    ({"claims": "{not json"}, "invalid_request"),
+])
+def test_the_device_code_flow_refuses_what_entra_refuses(client, lookalike, form, error):
+    api = lookalike["approvals_api"]
+    data = {"client_id": api["client_id"], "scope": f"{api['app_id_uri']}/{api['scope']} openid", **form}
+    r = client.post(f"{LOGIN}/{lookalike['tenant_id']}/oauth2/v2.0/devicecode", data=data)
+    assert r.status_code == 400 and r.json()["error"] == error, r.text
+# --- every spelling Graph accepts for one object (issue 18, item 1) ----------------------------------
+
+def test_an_application_is_found_by_every_key_graph_accepts(client, lookalike, tokens):
+    """The look-alike answers the alternate-key forms as Graph does, so the gateway's end-to-end
+    tests show a refused spelling would really have been performed."""
+    h = bearer(tokens["nhi-gateway"])
+    app = lookalike["apps"]["mcp-directory"]
+    oid, appid = app["application_object_id"], app["client_id"]
+    for path in (f"applications/{oid}", f"applications('{oid}')", f"applications(id='{oid}')",
+                 f"applications(Id='{oid}')", f"applications(appId='{appid}')",
+                 "applications(uniqueName='MCP-Directory')", f"applications/{oid}/microsoft.graph.application",
+                 f"directoryObjects/{oid}/microsoft.graph.application"):
+        r = client.get(f"{GRAPH}/v1.0/{path}", headers=h, params={"$select": "id"})
+        assert r.status_code == 200 and r.json()["id"] == oid, (path, r.text)
+    typed = client.get(f"{GRAPH}/v1.0/directoryObjects/{oid}", headers=h, params={"$select": "id"}).json()
+    assert typed["@odata.type"] == "#microsoft.graph.application"
+    assert client.get(f"{GRAPH}/v1.0/directoryObjects/{oid}/microsoft.graph.user", headers=h).status_code == 404
+    assert client.get(f"{GRAPH}/v1.0/applications(displayName='x')", headers=h).status_code == 400
+
+
+def test_add_password_is_performed_under_every_spelling(client, lookalike, tokens):
+    app = lookalike["apps"]["mcp-directory"]
+    oid, appid = app["application_object_id"], app["client_id"]
+    body = {"passwordCredential": {"displayName": "spelling"}}
+    for path in (f"applications(appId='{appid}')/addPassword", "applications(uniqueName='mcp-directory')/addPassword",
+                 f"applications(Id='{oid}')/microsoft.graph.addPassword",
+                 f"directoryObjects/{oid}/microsoft.graph.application/addPassword",
+                 f"applications/{oid}/microsoft.graph.application/addPassword"):
+        r = client.post(f"{GRAPH}/v1.0/{path}", json=body, headers=bearer(tokens["rotation-bot"]))
+        assert r.status_code == 200 and r.json()["secretText"], (path, r.text)
+
+
+def test_a_user_is_found_by_upn_key_and_as_a_directory_object(client, tokens):
+    h = bearer(tokens["nhi-gateway"])
+    adele = client.get(f"{GRAPH}/v1.0/users/AdeleV@nhilab.onmicrosoft.com", headers=h).json()
+    for path in ("users(userPrincipalName='adelev@nhilab.onmicrosoft.com')", f"users(Id='{adele['id']}')",
+                 f"directoryObjects/{adele['id']}/microsoft.graph.user"):
+        r = client.get(f"{GRAPH}/v1.0/{path}", headers=h)
+        assert r.status_code == 200 and r.json()["id"] == adele["id"], (path, r.text)
+    r = client.get(f"{GRAPH}/v1.0/directoryObjects/{adele['id']}", headers=h)
+    assert r.json()["@odata.type"] == "#microsoft.graph.user"

@@ -152,6 +152,46 @@ def test_lint_does_not_warn_when_a_rule_is_only_partly_covered(capsys, tmp_path)
     assert code == 0 and "warning" not in out, out
 
 
+APPROVE_RULE = f"""\
+- id: rotate
+  action: approve
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{{id}}/addPassword"]}}]
+  approval: {{approvers: {{users: [{OID}]}}}}
+"""
+API = "7aebfec0-9a46-5038-80cb-18b0fabd868c"
+
+
+@pytest.mark.parametrize("approvals, warning", [
+    ("", "nobody can approve them: approvals.client_id is not set"),
+    (f"approvals: {{client_id: {API}, scope: Approvals.Decide}}\n",
+     "approved with a plain sign-in: approvals sets neither require_auth_context nor require_mfa"),
+    (f"approvals: {{client_id: {API}, require_auth_context: c1}}\n", None),
+    (f"approvals: {{client_id: {API}, app_id_uri: 'api://{API}', require_mfa: true}}\n", None),
+])
+def test_lint_warns_when_approvers_cannot_sign_in_or_need_no_step_up(capsys, tmp_path, approvals, warning):
+    path = write(tmp_path, "p.yaml", HEAD.replace("rules:\n", approvals + "rules:\n") + APPROVE_RULE)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0, out
+    if warning is None:
+        assert "warning" not in out, out
+    else:
+        line = 9 + approvals.count("\n")
+        assert f"{path}:{line}:3: warning: rule 'rotate' " in out and warning in out, out
+
+
+@pytest.mark.parametrize("approvals, message", [
+    ("{client_id: not-a-guid}", "approvals.client_id: 'not-a-guid' is not a GUID"),
+    (f"{{client_id: {API}, require_auth_context: mfa}}", "is not an authentication context id"),
+    (f"{{client_id: {API}, scope: 'Approvals Decide'}}", "is not a scope name"),
+    ("{app_id_uri: 'api://x'}", "approvals.app_id_uri needs approvals.client_id"),
+    (f"{{client_id: {API}, require_mfa: yes-please}}", "require_mfa"),
+])
+def test_lint_refuses_an_approvals_section_it_cannot_use(capsys, tmp_path, approvals, message):
+    path = write(tmp_path, "p.yaml", HEAD.replace("rules:\n", f"approvals: {approvals}\nrules:\n") + APPROVE_RULE)
+    code, out, err = run(capsys, "lint", str(path))
+    assert code == 1 and message in out + err, out + err
+
+
 # --- explain --------------------------------------------------------------------------------------
 
 AS_MCP = f"app={MCP},oid={OID},tenant={TENANT}"
@@ -433,3 +473,39 @@ def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_pat
     assert "CHANGED  flow" in out and "POST graph.microsoft.com /v1.0/$batch" in out
     assert "allow (batch of 2) -> deny (batch of 2; refused: 2)" in out
     assert "new reason: " in out and "2" in out.split("new reason: ", 1)[1].splitlines()[0]
+
+
+LITERAL_OBJECT = HEAD + f"""\
+- id: protected-app
+  action: deny
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{OTHER}/addPassword"]}}]
+- id: any-app
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{{id}}/addPassword"]}}]
+"""
+
+
+def test_lint_warns_about_rules_on_literal_objects_the_deployment_cannot_resolve(capsys, tmp_path, monkeypatch):
+    """Without the gateway's Graph credential, a request naming that application by appId or
+    uniqueName cannot be related to the id the rule names: lint says so (issue 18, item 1)."""
+    for name in ("NHI_GRAPH_CLIENT_ID", "NHI_GRAPH_TENANT_ID", "NHI_GRAPH_CLIENT_SECRET", "NHI_GRAPH_CERTIFICATE",
+                 "NHI_GRAPH_CERTIFICATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0
+    assert f"{path}:9:3: warning: rule 'protected-app' names an object by id" in out
+    assert "no Graph credential is configured" in out and "refused (503)" in out
+    assert "rule 'any-app'" not in out
+    monkeypatch.setenv("NHI_GRAPH_CLIENT_ID", OTHER)
+    monkeypatch.setenv("NHI_GRAPH_TENANT_ID", TENANT)
+    monkeypatch.setenv("NHI_GRAPH_CLIENT_SECRET", "not-a-real-secret")
+    code, out, _ = run(capsys, "lint", str(path))
+    assert "warning" not in out
+
+
+def test_explain_says_when_the_gateway_would_resolve_the_object_first(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "explain", str(path), "--as", f"app={MCP},oid={OID},tenant={TENANT}", "POST",
+                       f"https://graph.microsoft.com/v1.0/applications(appId='{MCP}')/addPassword")
+    assert "object:    applications by appid" in out and "'protected-app'" in out

@@ -24,6 +24,7 @@ from nhi_gateway.policy.batch import (
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
 from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.objects import OBJECTS_KEY, ObjectDecider, decide
 from nhi_gateway.identity.token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
@@ -53,6 +54,19 @@ def grant_of(flow: http.HTTPFlow, operation: Operation) -> TokenGrant:
     # caller cannot make the gateway inflate a compression bomb (a compressed body is "unknown").
     r = flow.request
     return classify_token_request(r.headers, r.raw_content or b"", path=operation.path, query=operation.query)
+
+
+def decision_in_force(policies: PolicyStore, flow: http.HTTPFlow) -> Decision:
+    """What the policy in force decides of the flow's request now, for a request whose earlier
+    decision may be stale (held for approval across a reload). Batches and token requests are
+    never held, so the plain decision is all there is to ask."""
+    principal = flow.metadata.get(PRINCIPAL_KEY)
+    try:
+        operation = operation_of(flow)
+    except OperationError as e:
+        return Decision.deny(Stage.POLICY, 400, "BadRequest", f"the request target cannot be judged safely: {e}",
+                             check="operation", principal=principal.to_dict() if principal else None)
+    return decide(policies.current, principal, operation, flow.metadata.get(OBJECTS_KEY))
 
 
 class Authorization:
@@ -88,7 +102,8 @@ class Authorization:
         if names_batch(operation):
             self._judge_batch(flow, principal, operation, policy)
             return
-        decision = policy.decide(principal, operation)
+        # The object the request names, whatever names it (policy/objects.py, addons/objects.py).
+        decision = decide(policy, principal, operation, flow.metadata.get(OBJECTS_KEY))
         # Every decision is in the audit trail; the log shows refusals and holds, and allows with -v.
         logger.log(logging.DEBUG if decision.allowed else logging.INFO, "flow %s: %s %s -> %s (%s)",
                    flow.id, principal.label if principal else "anonymous", operation, decision.action,
@@ -124,7 +139,8 @@ class Authorization:
             return
         # Every Content-Encoding header: a second one would be applied by Graph but not by us.
         encoding = ",".join(r.headers.get_all("content-encoding"))
-        decision = judge_batch(policy, principal, operation, r.raw_content or b"",
+        decision = judge_batch(ObjectDecider(policy, flow.metadata.get(OBJECTS_KEY)), principal, operation,
+                               r.raw_content or b"",
                                r.headers.get("content-type", ""), encoding)
         # Kept apart from the decision: a later refusal replaces the decision, not this list.
         flow.metadata[BATCH_KEY] = list(decision.extra.get("batch") or ())

@@ -275,6 +275,7 @@ class Identity:
             principals.append(verified[0])
             proxy_tokens.append(verified[1])
         auth = flow.request.headers.get("Authorization")
+        bearer: str | None = None  # the verified bearer token, once verified
         if auth is not None and upstream.token != "none" and auth.strip().split(" ", 1)[0].lower() != "bearer":
             # A credential of another scheme would reach the upstream unverified, riding on the
             # proxy identity's decision. (Token endpoints, token: none, keep HTTP Basic client auth.)
@@ -290,6 +291,7 @@ class Identity:
             if p is None:
                 return
             principals.append(p)
+            bearer = token
 
         sources = {s for p in principals for s in p.token_sources}
         unmet = TokenRequirement.unmet(upstream.token, sources)
@@ -301,9 +303,14 @@ class Identity:
             refuse(flow, _identity_refusal(
                 401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
             return
-        if auth is None and proxy_tokens and upstream.token != "none":
+        if bearer is not None:
+            # Upstream gets the token that was verified, never the header as the client wrote it.
+            flow.request.headers["Authorization"] = f"Bearer {bearer}"
+        elif auth is None and proxy_tokens and upstream.token != "none":
             # A client that can only set HTTPS_PROXY still needs Graph to see its token: present
-            # the verified proxy token upstream as the bearer (redacted in every recording).
+            # the verified proxy token upstream as the bearer (redacted in every recording). The
+            # verifier accepted it only in the compact form (identity/token_form.py), so it holds
+            # nothing a header could be split at.
             flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))

@@ -29,6 +29,7 @@ import argparse
 import base64
 import binascii
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from nhi_gateway.policy.model import (
     Policy,
     PolicyError,
     load_policy,
+    PolicyWarning,
     policy_warnings,
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
@@ -125,7 +127,7 @@ def cmd_lint(args, out: TextIO | None = None) -> int:
             print(str(e), file=out)
             status = 1
             continue
-        warnings = policy_warnings(policy)
+        warnings = policy_warnings(policy) + unresolvable_object_warnings(policy)
         for w in warnings:
             print(f"{path}:{w.line}:{w.column}: warning: {w.message}", file=out)
             if w.hint:
@@ -135,6 +137,34 @@ def cmd_lint(args, out: TextIO | None = None) -> int:
         counted = f", {_count(len(warnings), 'warning')}" if warnings else ""
         print(f"{path}: ok: {summary(policy)}{counted}", file=out)
     return status
+
+
+def unresolvable_object_warnings(policy: Policy, environ=None) -> list[PolicyWarning]:
+    """Rules that name objects by id, when this deployment has no Graph credential to learn which
+    object an alternate key (appId, uniqueName, a UPN, directoryObjects) names: such requests are
+    refused (503). The credential is read as ``nhi-gateway run`` reads it, from the environment."""
+    from nhi_gateway.identity.groups import CredentialError, credential_from_settings
+    from nhi_gateway.policy.objects import literal_object_rules
+
+    try:
+        configured = credential_from_settings(environ=os.environ if environ is None else environ) is not None
+    except CredentialError:
+        configured = False
+    if configured:
+        return []
+    out, seen = [], set()
+    for rule, pattern in literal_object_rules(policy):
+        if rule.id in seen:
+            continue
+        seen.add(rule.id)
+        out.append(PolicyWarning(
+            rule.line, rule.column,
+            f"rule '{rule.id}' names an object by id ({pattern}), and no Graph credential is configured: "
+            "requests that name that object by an alternate key (appId, uniqueName, a UPN, "
+            "/directoryObjects/{id}) cannot be resolved and are refused (503)",
+            "configure the gateway's Graph credential (NHI_GRAPH_CLIENT_ID, NHI_GRAPH_TENANT_ID and "
+            "NHI_GRAPH_CERTIFICATE), or name objects with {id} and narrow the rule by `when`"))
+    return out
 
 
 def _count(n: int, noun: str) -> str:
@@ -347,6 +377,15 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         print(f"decision:  DENY before any rule ({gate.stage} stage, {gate.status} {gate.code})", file=out)
         print(f"reason:    {gate.reason}", file=out)
         return EXIT_DENY
+    from nhi_gateway.policy.objects import deciding_rules, object_key
+
+    key = object_key(op)
+    rules = deciding_rules(policy, who.principal, op, key) if key is not None else []
+    if rules:
+        # The gateway would first ask Graph which object this is; explain has no Graph to ask.
+        print(f"object:    {key.describe()}: the gateway resolves it with its Graph credential because "
+              f"rule(s) {', '.join(repr(r.id) for r in rules)} could decide it otherwise (and refuses 503 "
+              "when it cannot); below: the decision for this spelling, before that", file=out)
     decision, outcomes = policy.explain(who.principal, op, at)
     rule = policy.rule(decision.rule_id) if decision.rule_id else None
     where = f" ({policy.source}:{rule.line}:{rule.column})" if rule else ""
@@ -485,7 +524,10 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         # every inner request as if sent alone, as the gateway does.
         new = _rejudge_batch(policy, principal, op, flow, at)
         return Replayed(**base, old=old, new=new, compare_mask=False)
-    new = policy.decide(principal, op, at)
+    from nhi_gateway.policy.objects import OBJECTS_KEY, decide
+
+    # The objects the gateway resolved for this request (alternate keys), as it judged them.
+    new = decide(policy, principal, op, flow.metadata.get(OBJECTS_KEY), at)
     grant = old.extra.get("grant") if isinstance(old.extra, dict) else None
     if new.allowed and isinstance(grant, dict):
         new = _rejudge_grant(policy, new, grant)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jwt
 
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.identity.token_form import NOT_COMPACT, is_compact_jws
 from nhi_gateway.identity.signing_keys import KeyStore, KeysUnavailable, UnknownKey
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class TokenVerifier:
         """A Principal for ``token``, or TokenRejected / KeysUnavailable."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
             raise TokenRejected("size", f"token is larger than {MAX_TOKEN_BYTES} bytes")
+        if not is_compact_jws(token):  # before the cache and any library: see identity/token_form.py
+            raise TokenRejected("format", NOT_COMPACT)
         cache_key = (hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest(), trust)
         now = self._clock()
         cached = self._cache.get(cache_key)

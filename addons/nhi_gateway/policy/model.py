@@ -35,6 +35,13 @@ Schema (``policies/example.yaml`` is a commented, working example)::
                                                  # it cannot read (binary; text without detectors)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
+      client_id: <GUID>                          # the gateway's app registration: the aud of approvers'
+                                                 # v2 tokens; without it no token can approve
+      app_id_uri: api://<GUID>                   # optional, needs client_id: the aud of v1 tokens
+      scope: Approvals.Decide                    # optional, default Approvals.Decide: required in scp
+      require_auth_context: c1                   # optional: c1..c99, required in the token's acrs
+      require_mfa: true                          # optional, default false: amr must contain mfa (v1)
+      login_client_id: <GUID>                    # optional: the public client of `approvals login`
     rules:                                       # optional, default none (= deny everything)
       - id: directory-read                       # required, unique; letters, digits . _ : -
         description: ...                         # optional
@@ -106,8 +113,13 @@ request is first judged by the rules like any other; the grant check applies to 
 them is said once, by ``identity.client_secret_grants``.
 
 Paths are matched against the canonical path of :mod:`nhi_gateway.policy.operation` (decoded once,
-case-folded, ``users('x')`` read as ``users/x``, ``applications(appId='x')`` as
-``applications/appid=x``). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
+case-folded, ``users('x')`` and ``users(id='x')`` read as ``users/x``, ``applications(appId='x')``
+as ``applications/appid=x``, ``microsoft.graph.addPassword`` as ``addPassword``,
+``/directoryObjects/{id}/microsoft.graph.user`` as ``/users/{id}``). A pattern that names an object
+by its id (``/applications/6f1c.../addPassword``) also decides requests that name that object by an
+alternate key (``applications(appId='...')``, ``applications(uniqueName='...')``, a user's UPN,
+``/directoryObjects/{id}`` without a cast): the gateway resolves the key with its own Graph
+credential, and refuses such requests (503) when it cannot (:mod:`nhi_gateway.policy.objects`). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
 one segment, ``**`` (last segment only) matches zero or more segments, anything else matches
 literally and case-insensitively. On Graph hosts a pattern may start with a version
 (``/v1.0/users``); without one it matches ``/v1.0`` and ``/beta`` unless ``versions`` narrows it.
@@ -229,6 +241,7 @@ from nhi_gateway.policy.operation import (
     ODataQuery,
     Operation,
     OperationError,
+    canonical_segments,
     normalize_host,
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
@@ -600,9 +613,39 @@ class Approval:
 
 @dataclass(frozen=True)
 class ApprovalsConfig:
-    """The policy's ``approvals:`` section: how approvers are told a request waits for them."""
+    """The policy's ``approvals:`` section: how approvers are told a request waits for them, and
+    what token proves an approver to the approval API.
+
+    The approval API accepts only delegated tokens of people issued for the gateway's own app
+    registration (``client_id``, ``app_id_uri``) with ``scope``: a person's Graph token, or a token
+    for any other API, is no key to it (an agent acting on a person's behalf holds exactly such
+    tokens). ``require_auth_context`` asks for a Conditional Access authentication context in the
+    token's ``acrs``; ``require_mfa`` for ``mfa`` in ``amr`` (v1 tokens only: v2 tokens carry no
+    ``amr``). Without ``client_id`` the approval API refuses every token (401).
+    """
 
     webhook: str | None = None  # an https URL that receives a chat-style message per held request
+    client_id: str | None = None  # the gateway's app registration: aud of v2 tokens (lower-case GUID)
+    app_id_uri: str | None = None  # its App ID URI: aud of v1 tokens (with or without a trailing slash)
+    scope: str = "Approvals.Decide"  # the delegated scope an approver's token must carry in scp
+    require_auth_context: str | None = None  # e.g. c1: must be in the token's acrs
+    require_mfa: bool = False  # amr must contain mfa (refuses v2 tokens, which carry no amr)
+    login_client_id: str | None = None  # the public client `approvals login` signs in with (default client_id)
+
+    @property
+    def audiences(self) -> frozenset[str]:
+        """The ``aud`` values an approver's token may carry."""
+        out = set()
+        if self.client_id:
+            out.add(self.client_id)
+        if self.app_id_uri:
+            uri = self.app_id_uri.rstrip("/")
+            out |= {uri, uri + "/"}
+        return frozenset(out)
+
+    @property
+    def step_up(self) -> bool:
+        return bool(self.require_auth_context or self.require_mfa)
 
 
 DEFAULT_APPROVAL_TIMEOUT = 300
@@ -1313,7 +1356,10 @@ class _Loader:
         return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile, approvals)
 
     def approvals(self, node: _Value) -> ApprovalsConfig:
-        m = self.mapping(node, "approvals", {"webhook": False})
+        m = self.mapping(node, "approvals", {
+            "webhook": False, "client_id": False, "app_id_uri": False, "scope": False,
+            "require_auth_context": False, "require_mfa": False, "login_client_id": False,
+        })
         webhook = None
         if "webhook" in m:
             hint = "e.g. https://hooks.slack.com/services/... (the message names the request and how to approve it)"
@@ -1325,7 +1371,39 @@ class _Loader:
                 ok = False
             if not ok:
                 self.fail(m["webhook"].pos, f"approvals.webhook: '{webhook}' is not an https URL", hint)
-        return ApprovalsConfig(webhook)
+        ids = {}
+        for key in ("client_id", "login_client_id"):
+            if key in m:
+                value = self.string(m[key], f"approvals.{key}").strip()
+                if not _GUID.fullmatch(value):
+                    self.fail(m[key].pos, f"approvals.{key}: '{value}' is not a GUID",
+                              "the Application (client) ID of the gateway's app registration")
+                ids[key] = value.lower()
+        app_id_uri = None
+        if "app_id_uri" in m:
+            app_id_uri = self.string(m["app_id_uri"], "approvals.app_id_uri").strip()
+            if any(c.isspace() for c in app_id_uri) or ":" not in app_id_uri:
+                self.fail(m["app_id_uri"].pos, f"approvals.app_id_uri: '{app_id_uri}' is not a URI",
+                          "the Application ID URI of the gateway's app registration, e.g. api://nhi-gateway")
+        if app_id_uri and "client_id" not in ids:
+            self.fail(m["app_id_uri"].key_pos or m["app_id_uri"].pos, "approvals.app_id_uri needs approvals.client_id",
+                      "name the app registration by its client id too (v2 tokens carry it in aud)")
+        scope = "Approvals.Decide"
+        if "scope" in m:
+            scope = self.string(m["scope"], "approvals.scope").strip()
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,120}", scope):
+                self.fail(m["scope"].pos, f"approvals.scope: '{scope}' is not a scope name",
+                          "the scope's value as exposed by the app registration, e.g. Approvals.Decide")
+        context = None
+        if "require_auth_context" in m:
+            context = self.string(m["require_auth_context"], "approvals.require_auth_context").strip()
+            if not re.fullmatch(r"c([1-9]|[1-9][0-9])", context):
+                self.fail(m["require_auth_context"].pos,
+                          f"approvals.require_auth_context: '{context}' is not an authentication context id",
+                          "Entra's ids are c1 to c99 (Conditional Access > Authentication contexts)")
+        mfa = self.boolean(m["require_mfa"], "approvals.require_mfa") if "require_mfa" in m else False
+        return ApprovalsConfig(webhook, ids.get("client_id"), app_id_uri, scope, context, mfa,
+                               ids.get("login_client_id"))
 
     def identity(self, node: _Value) -> IdentityConfig:
         m = self.mapping(
@@ -2004,6 +2082,9 @@ class _Loader:
             if problem:
                 self.fail(node.pos, f"{what}: bad path pattern '{text}': {problem}", hint)
             segments.append("*" if _PARAM.fullmatch(seg) else seg.casefold())
+        if graph:
+            # Written like requests are read: /directoryObjects/{id}/microsoft.graph.user is /users/{id}.
+            segments = canonical_segments(segments)
         if pattern_version is not None:
             pattern_versions = frozenset({pattern_version})
         elif graph:
@@ -2091,6 +2172,33 @@ def policy_warnings(policy: Policy, at: datetime | None = None) -> list[PolicyWa
                 best = (rank[a.action], i, found)
         if best is not None:
             out.append(PolicyWarning(b.line, b.column, best[2], _SHADOW_HINT))
+    out += _approver_warnings(policy)
+    return out
+
+
+def _approver_warnings(policy: Policy) -> list[PolicyWarning]:
+    """Approve rules whose approvers cannot sign in, or sign in without a step-up."""
+    section = policy.approvals or ApprovalsConfig()
+    out = []
+    for rule in policy.rules:
+        if rule.action is not Action.APPROVE:
+            continue
+        if not section.client_id:
+            out.append(PolicyWarning(
+                rule.line, rule.column,
+                f"rule '{rule.id}' holds requests, but nobody can approve them: approvals.client_id is not set, "
+                "so the approval API refuses every token",
+                "name the gateway's app registration: approvals: {client_id: <GUID>, app_id_uri: api://..., "
+                "scope: Approvals.Decide}",
+            ))
+        elif not section.step_up:
+            out.append(PolicyWarning(
+                rule.line, rule.column,
+                f"rule '{rule.id}' is approved with a plain sign-in: approvals sets neither require_auth_context "
+                "nor require_mfa",
+                "add approvals.require_auth_context: c1 (a Conditional Access authentication context that "
+                "requires MFA) or, for v1 tokens, approvals.require_mfa: true",
+            ))
     return out
 
 

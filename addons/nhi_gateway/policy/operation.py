@@ -23,13 +23,19 @@ The canonical path, in the order the steps run:
        users('o''neil@b.com')            -> users/o'neil@b.com     (OData '' escape)
        groups(6f1c...)                   -> groups/6f1c...
        applications(appId='5a8f...')     -> applications/appid=5a8f...
+       applications(id='x'), (Id='x')    -> applications/x             (the key named by its name)
+       users(userPrincipalName='a@b')    -> users/a@b
        getSchedule()                     -> getschedule
        range(address='A1',sheet='S')     -> range/address=a1,sheet=s   (named args sorted)
 
    so ``/applications/{id}/addPassword`` in a rule matches the object-id and the appId spelling
    alike. A segment holding ``(`` or ``)`` that does not parse as ``identifier(args)`` is refused.
    Type-cast segments (``microsoft.graph.group``) and ``$count``/``$ref``/``$value`` stay segments.
-6. The whole path is case-folded: Graph routing and key lookups are case-insensitive, so
+6. On Graph hosts, every path to one object becomes one path (:func:`canonical_segments`):
+   ``microsoft.graph.addPassword`` is ``addpassword``, ``/directoryObjects/{id}/microsoft.graph.user``
+   is ``/users/{id}``, a cast to the object's own type is dropped. Casts that narrow a collection
+   (``memberOf/microsoft.graph.group``) keep their namespace.
+7. The whole path is case-folded: Graph routing and key lookups are case-insensitive, so
    ``/Users/ABC`` and ``/users/abc`` must get the same decision. Non-Graph hosts (the Entra token
    endpoint) are case-folded too; every upstream this gateway fronts routes case-insensitively.
 
@@ -140,6 +146,7 @@ class Operation:
             version = segments.pop(0).casefold()
         if graph:
             segments = [part for segment in segments for part in _canonical_segment(segment)]
+            segments = canonical_segments([segment.casefold() for segment in segments])
         path = "/" + "/".join(segments).casefold()
         return cls(
             method=method_n,
@@ -304,7 +311,74 @@ def _canonical_segment(segment: str) -> list[str]:
     names = [a[0].casefold() for a in named]  # type: ignore[union-attr]
     if len(set(names)) != len(names):
         raise OperationError(f"repeated key name in {segment!r}")
+    if len(named) == 1 and _is_primary_key(name, names[0]):
+        # (id='x'), (Id='x') and users(userPrincipalName='x') are the key itself: /users/x
+        return [name, named[0][1]]
     return [name, ",".join(f"{k}={v}" for k, v in sorted(zip(names, (a[1] for a in named), strict=True)))]
+
+
+def _is_primary_key(entity_set: str, key_name: str) -> bool:
+    # Graph reads /users/{id} and /users/{userPrincipalName} alike, so the named UPN key is the
+    # plain segment too; which object a UPN names is resolved later (policy/objects.py).
+    return key_name == "id" or (entity_set.casefold() == "users" and key_name == "userprincipalname")
+
+
+# --- one object, one path ------------------------------------------------------------------------
+
+NAMESPACE = "microsoft.graph."
+# Entity sets of directory objects addressed by key (``/users/{id}``), and the type of their members.
+ENTITY_TYPES = {
+    "users": "user",
+    "groups": "group",
+    "applications": "application",
+    "serviceprincipals": "serviceprincipal",
+    "devices": "device",
+    "contacts": "orgcontact",
+    "directoryroles": "directoryrole",
+    "directoryroletemplates": "directoryroletemplate",
+    "administrativeunits": "administrativeunit",
+}
+TYPE_SETS = {NAMESPACE + t: entity_set for entity_set, t in ENTITY_TYPES.items()}
+DIRECTORY_OBJECTS = "directoryobjects"
+BASE_TYPE = NAMESPACE + "directoryobject"
+# Type casts keep their namespace, so a cast (``memberOf/microsoft.graph.group``) is never read
+# as an action or navigation property of the same name; every other qualified name is an action
+# or a function, which Graph also serves unqualified (``microsoft.graph.addPassword``).
+CAST_TYPES = frozenset(TYPE_SETS) | {BASE_TYPE}
+
+
+def canonical_segments(segments: list[str]) -> list[str]:
+    """Case-folded segments of a Graph path (or a policy pattern) rewritten so that every path to
+    one object is one path:
+
+    - namespace-qualified actions and functions lose the namespace:
+      ``applications/x/microsoft.graph.addpassword`` is ``applications/x/addpassword``;
+    - ``directoryobjects`` cast to a type is that type's entity set:
+      ``directoryobjects/x/microsoft.graph.user/...`` and ``directoryobjects/microsoft.graph.user/x``
+      are ``users/x/...``;
+    - a cast of an object to its own type or to ``directoryObject`` changes nothing and is dropped:
+      ``applications/x/microsoft.graph.application/addpassword`` is ``applications/x/addpassword``.
+
+    ``directoryobjects/x`` without a cast and alternate keys (``applications/appid=x``) name an
+    object whose entity set or id only Graph knows: :mod:`nhi_gateway.policy.objects` resolves them.
+    """
+    out = [s[len(NAMESPACE):] if s.startswith(NAMESPACE) and s not in CAST_TYPES and len(s) > len(NAMESPACE)
+           else s for s in segments]
+    while True:
+        before = list(out)
+        if out and out[0] == DIRECTORY_OBJECTS:
+            if len(out) >= 2 and out[1] in TYPE_SETS:  # directoryObjects/microsoft.graph.user[/x...]
+                out = [TYPE_SETS[out[1]], *out[2:]]
+            elif len(out) >= 3 and out[2] in TYPE_SETS:  # directoryObjects/x/microsoft.graph.user[...]
+                out = [TYPE_SETS[out[2]], out[1], *out[3:]]
+        if out and out[0] in ENTITY_TYPES or out and out[0] == DIRECTORY_OBJECTS:
+            own = {BASE_TYPE, NAMESPACE + ENTITY_TYPES.get(out[0], "directoryobject")}
+            if len(out) >= 2 and out[1] in own:  # users/microsoft.graph.user[/x]
+                out = [out[0], *out[2:]]
+            elif len(out) >= 3 and out[2] in own:  # users/x/microsoft.graph.user[/...]
+                out = [out[0], out[1], *out[3:]]
+        if out == before:
+            return out
 
 
 def _parse_args(text: str, segment: str) -> list[tuple[str | None, str]]:

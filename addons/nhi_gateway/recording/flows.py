@@ -39,6 +39,7 @@ from nhi_gateway.recording.files import (
     RecordingWriter,
     encode_with_parts,
     recording_base,
+    write_ahead_base,
 )
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
@@ -48,9 +49,19 @@ REFUSED_MARK = ":no_entry:"
 APPROVED_MARK = ":white_check_mark:"
 
 
-def recording_path(root: Path, decision: Decision | None, when: datetime, hourly: bool = False) -> Path:
-    """The first file of the series a flow with this decision is written to."""
-    return recording_base(root, decision.principal if decision else None, when, hourly)
+APPROVAL_API_FILE = "approval-api.mitm"
+
+
+def recording_path(root: Path, decision: Decision | None, when: datetime, hourly: bool = False,
+                   worker: int | None = None) -> Path:
+    """The first file of the series a flow with this decision is written to. Calls to the approval
+    API go to the day's ``approval-api.mitm``: they are people deciding, not Graph traffic of the
+    app their token was issued to."""
+    if decision is not None and "approvals_api" in decision.extra or (
+            decision is not None and " approvals-api " in decision.operation):
+        name = APPROVAL_API_FILE if not worker else APPROVAL_API_FILE.replace(".mitm", f".w{worker}.mitm")
+        return root / when.astimezone(UTC).strftime("%Y-%m-%d") / name
+    return recording_base(root, decision.principal if decision else None, when, hourly, worker)
 
 
 def approver_of(decision: Decision) -> str | None:
@@ -130,9 +141,10 @@ class FlowRecorder:
     """Writes flows, in this process, to the series of files under ``directory``."""
 
     def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
-                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL) -> None:
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, worker: int | None = None) -> None:
         self.directory = Path(directory)
         self.hourly = hourly
+        self.worker = worker  # run --workers N: this process's number, in file names and each flow
         self.writer = RecordingWriter(max_bytes=max_bytes, fsync_interval=fsync_interval)
         self.encoder = RecordEncoder()
         self.last_path: Path | None = None
@@ -143,6 +155,8 @@ class FlowRecorder:
         decision = decision_of(flow)
         disk = redacted_state(flow)
         annotate(disk, decision, flow)
+        if self.worker:
+            disk["metadata"]["nhi.worker"] = str(self.worker)
         if comment_prefix:
             disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
@@ -150,7 +164,7 @@ class FlowRecorder:
             record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
         else:
             record = encode_with_parts(disk, connections)
-        base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly)
+        base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly, self.worker)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
@@ -167,6 +181,22 @@ class FlowRecorder:
         """The flow without its bodies (and without its batch's inner records), its comment
         saying why: what reached Graph is recorded, in part when it cannot be in full."""
         return self.write(in_part(flow, why), connections=connections)
+
+    def write_ahead(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
+        """The request half and decision of a flow about to be forwarded, to the day's write-ahead
+        log: once this returns, what the gateway lets through is on record even if it dies before
+        Graph answers. The whole flow is recorded as usual once answered."""
+        decision = decision_of(flow)
+        disk = redacted_state(flow)
+        annotate(disk, decision, flow)
+        disk["comment"] = "FORWARDING · " + disk["comment"]
+        if self.worker:
+            disk["metadata"]["nhi.worker"] = str(self.worker)
+        if connections is None:
+            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        else:
+            record = encode_with_parts(disk, connections)
+        return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC), self.worker), record)
 
     def close(self) -> None:
         try:
