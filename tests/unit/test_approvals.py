@@ -26,6 +26,7 @@ from nhi_gateway.approvals.store import (
     ApprovalSettings,
     ApprovalState,
     ApprovalStore,
+    ApprovalStoreError,
     Approver,
     ApproverList,
     approval_rules,
@@ -282,6 +283,23 @@ async def test_a_grant_covers_the_principal_operation_and_rule_until_it_expires(
     with pytest.raises(ApprovalError) as e:
         approvals.revoke(grant.id, ME)
     assert e.value.status == 409
+
+
+async def test_a_grant_is_never_left_active_when_storing_the_decision_fails(store):
+    """The grant and the approval are one write: when the approval cannot be stored (here the
+    database refuses the update, as a full disk or an I/O error would), no grant stays behind."""
+    approvals = Approvals(store)
+    request = open_request(approvals)
+    store._connect().execute("CREATE TRIGGER broken BEFORE UPDATE ON approvals "
+                             "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(ApprovalStoreError):
+        approvals.approve(request.id, ME, reason="window", grant_seconds=600)
+    assert approvals.grant_for((TENANT, BOT), OPERATION, "secret-rotation") is None
+    assert store.grants(now=time.time(), active_only=False) == []
+    store._connect().execute("DROP TRIGGER broken")
+    assert store.get(request.id).state is ApprovalState.PENDING  # still there to be decided
+    _, grant = approvals.approve(request.id, ME, grant_seconds=600)
+    assert approvals.grant_for((TENANT, BOT), OPERATION, "secret-rotation") == grant
 
 
 async def test_a_revoked_grant_covers_nothing(store):

@@ -250,6 +250,8 @@ async def connect(chain, client: connection.Client, host: str = GRAPH, token: st
     await run_hook(chain, "http_connect", f)
     if f.response is not None and not 200 <= f.response.status_code < 300:
         await run_hook(chain, "http_connect_error", f)
+    else:
+        await run_hook(chain, "http_connected", f)
     return f
 
 
@@ -890,6 +892,20 @@ async def test_bad_proxy_token_refuses_the_connect_407(gw, tokens):
     assert (r["stage"], r["check"]) == ("identity", "signature")
     assert f.metadata.get(CONNECT_KEY) != "admitted"
     assert "Proxy-Authenticate" in f.response.headers
+
+
+async def test_a_refused_connect_leaves_no_identity_on_its_connection(gw, tokens):
+    """Identity verified the proxy token, then a later stage refused the CONNECT (here: the
+    records are failing). Nothing of that CONNECT may vouch for a later request on the connection."""
+    client = tflow.tclient_conn()
+    gw.health.fail("recording", "injected: disk full")
+    f = await connect(gw.chain, client, token=tokens["reader"])
+    assert refusal(f, 503)["check"] == "health"
+    gw.health.recover("recording")
+    g = graph_request(client)  # no token of its own
+    assert await exchange(gw.chain, g) is None
+    r = refusal(g, 421)
+    assert (r["stage"], r["check"]) == ("identity", "tunnel")
 
 
 async def test_proxy_credentials_without_a_token_refuse_the_connect_407(gw):

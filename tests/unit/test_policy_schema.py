@@ -126,6 +126,12 @@ APPROVAL = {"approvers": {"groups": [APPROVER]}, "timeout": "5m", "max_grant": "
 AGREE = [
     # (case, accepted by both)
     ("base", lambda d: None, True),
+    ("policy mode report", lambda d: d.update(mode="report"), True),
+    ("policy mode enforce", lambda d: d.update(mode="enforce"), True),
+    ("policy mode watch", lambda d: d.update(mode="watch"), False),
+    ("deny rule mode report", rule(action="deny", mode="report"), True),
+    ("allow rule mode enforce", rule(mode="enforce"), True),
+    ("allow rule mode report", rule(mode="report"), False),
     ("no rules", drop("rules"), True),
     ("rules: null (all commented out)", lambda d: d.update(rules=None), True),
     ("empty upstreams", lambda d: d.update(upstreams=[], rules=[]), True),

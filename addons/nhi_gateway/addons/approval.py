@@ -6,7 +6,8 @@ The ``request`` hook is ``async``: mitmproxy runs each flow's hooks in a task of
 request waits on its own future while every other request keeps flowing. The answer becomes an
 allow (approved, or covered by an active grant) or a refusal: 403 naming the approver and reason
 (denied), 403 "approval timed out", or cancelled when the client disconnects while held
-(``client_disconnected``; mitmproxy does not cancel the hook itself). Each outcome is written
+(``client_disconnected``; mitmproxy does not cancel the hook itself) or resets the request's
+HTTP/2 stream (``request_cancelled``, called by the master: mitmproxy has no hook for it). Each outcome is written
 into the decision (``extra["approval"]``, ``extra["approver"]``), which the audit trail and the
 recording carry; opening a request also writes its own audit line, a log line and, when the
 policy names one, a webhook message.
@@ -130,6 +131,7 @@ class Approval:
         self.api_url = api_url
         self._held: dict[str, set[str]] = {}  # client connection id -> approval ids held for it
         self._flows: dict[str, http.HTTPFlow] = {}  # approval id -> the flow it holds
+        self._held_flows: dict[str, str] = {}  # flow id -> the approval id it is held for
         self._tasks: set[asyncio.Task] = set()
         self.stopping: str | None = None  # why the gateway stops, once it does
 
@@ -200,10 +202,12 @@ class Approval:
         client = flow.client_conn.id
         self._held.setdefault(client, set()).add(held.id)
         self._flows[held.id] = flow
+        self._held_flows[flow.id] = held.id
         try:
             final = await self.approvals.outcome(held)
         finally:
             self._flows.pop(held.id, None)
+            self._held_flows.pop(flow.id, None)
             ids = self._held.get(client)
             if ids is not None:
                 ids.discard(held.id)
@@ -297,6 +301,13 @@ class Approval:
                     logger.info("approval %s cancelled: the client disconnected", approval_id)
         except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
             logger.error("cancelling the approvals of client %s failed: %r", client.id, e)
+
+    def request_cancelled(self, flow: http.HTTPFlow, why: str) -> None:
+        """The client gave up this one request (an HTTP/2 stream reset) while it was held: as for
+        a disconnect, nobody waits for it any more, so nobody may approve it."""
+        approval_id = self._held_flows.get(flow.id)
+        if approval_id is not None and self.approvals.cancel(approval_id, why):
+            logger.info("approval %s cancelled: %s", approval_id, why)
 
     def done(self) -> None:
         for task in self._tasks:

@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.batch import BATCH_KEY, inner_flow_id
+from nhi_gateway.policy.admission import PROTOCOL_ERROR_KEY, answered_status
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
 from nhi_gateway.addons.guard import Health
@@ -25,9 +26,10 @@ def audit_record(flow: http.HTTPFlow) -> dict:
     r = flow.request
     url = f"{r.host}:{r.port}" if r.method == "CONNECT" else r.pretty_url
     if flow.error is not None:
-        # The client never got flow.response (at most its headers came from upstream before the
-        # connection failed): mitmproxy answered 502, or closed the connection.
-        status = 502
+        # The client never got flow.response: mitmproxy answered (400, 413, 502), or reset the
+        # stream or connection (0).
+        judged = decision is not None and decision.stage is not Stage.PROXY
+        status = answered_status(flow.error.msg, flow.metadata.get(PROTOCOL_ERROR_KEY), judged)
     elif flow.response is not None:
         status = flow.response.status_code
     else:
@@ -49,6 +51,8 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "grant": (decision.extra.get("grant") if decision else None) or None,
         "operation": (decision.operation if decision else "") or None,
         "approver": approver_of(decision) if decision else None,
+        # Report mode: {"would": "deny" | "hold", "rule", "reason"} of a forwarded request.
+        "report": (decision.extra.get("report") if decision and decision.allowed else None) or None,
     }
 
 
@@ -80,6 +84,7 @@ def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
             "flags": [],
             "grant": None,
             "operation": e.get("operation") or None,
+            "report": e.get("report") if isinstance(e.get("report"), dict) else None,
             "batch": {"flow_id": flow.id, "id": e.get("id"), "index": e.get("index"), "sent": sent},
         })
     return out

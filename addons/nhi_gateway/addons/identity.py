@@ -131,6 +131,8 @@ class Identity:
         self.policies = policies
         self.verifier = verifier
         self._tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # CONNECTs this stage admitted that are not answered yet (flow -> its tunnel)
+        self._admitting: weakref.WeakKeyDictionary[http.HTTPFlow, Tunnel] = weakref.WeakKeyDictionary()
         self._trust = PolicyTrust(policies)
 
     async def _principal(self, token: str, source: TokenSource, flow, status: int) -> Principal | None:
@@ -216,10 +218,26 @@ class Identity:
                 407, "missing", f"{host} requires a token in the proxy credentials "
                 "(HTTPS_PROXY=http://<name>:<token>@host:port)"))
             return
-        self._tunnels[flow.client_conn] = Tunnel(host, principal, token)
+        # Bound to the connection only once the CONNECT is answered 2xx (http_connected): a later
+        # stage (the guard) may still refuse it, and then nothing of it may vouch for the next
+        # request on that connection.
+        self._admitting[flow] = Tunnel(host, principal, token)
         flow.metadata[CONNECT_KEY] = "admitted"
         if principal is not None:
             flow.metadata[PRINCIPAL_KEY] = principal
+
+    @fail_closed
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy calls this only for a CONNECT answered 2xx.
+        tunnel = self._admitting.pop(flow, None)
+        if tunnel is not None:
+            self._tunnels[flow.client_conn] = tunnel
+        else:
+            self._tunnels.pop(flow.client_conn, None)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._admitting.pop(flow, None)
+        self._tunnels.pop(flow.client_conn, None)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from nhi_gateway.cli import policy as policy_cli
+from nhi_gateway.cli import permissions as permissions_cli
 from nhi_gateway.cli import approvals as approvals_cli
 from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
@@ -297,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookalike(sub)
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
-    policy_cli.register(sub)  # policy lint|explain|replay: each sets its own handler
+    policy_cli.register(sub)  # policy lint|explain|replay|suggest: each sets its own handler
+    permissions_cli.register(sub)  # permissions: held, needed and excess Graph permissions
     return parser
 
 

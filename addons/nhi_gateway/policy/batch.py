@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from nhi_gateway.policy.admission import method_override
 from nhi_gateway.policy.decision import Action, Decision, Stage, refusal_body
 from nhi_gateway.masking.masks import (
     MaskingError,
@@ -363,6 +364,10 @@ def _read_request(index: int, item: object, outer: Operation) -> InnerRequest:
     has_body = members.get("body") is not None
     if has_body:
         problems += _body_problems(members["body"], headers)
+    if (override := _method_override(url, headers, members.get("body"))) is not None:
+        # Judged as its 'method' alone, so one asking for another is refused (policy/admission.py).
+        problems.append(f"{override} asks for another method than {method or 'its own'}; "
+                        "inner requests may not override their method")
     depends_on = members.get("dependson")
     deps: tuple[str, ...] = ()
     if depends_on is not None:
@@ -440,6 +445,20 @@ def header(headers: Iterable[tuple[str, str]] | Mapping[str, object], name: str)
     items = headers.items() if isinstance(headers, Mapping) else headers
     name = name.lower()
     return next((v for k, v in items if isinstance(k, str) and k.lower() == name and isinstance(v, str)), "")
+
+
+def _method_override(url: str, headers: tuple[tuple[str, str], ...], body: object) -> str | None:
+    content_type = header(headers, "content-type")
+    if isinstance(body, (dict, list)):
+        data = json.dumps(body).encode()
+    elif isinstance(body, str):
+        try:  # Graph's form for bodies that are not JSON
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            data = body.encode("utf-8", "replace")
+    else:
+        data = b""
+    return method_override(headers, url.partition("?")[2], data, content_type)
 
 
 def _body_problems(body: object, headers: tuple[tuple[str, str], ...]) -> list[str]:
@@ -523,7 +542,7 @@ def entry(r: InnerRequest, d: Decision) -> dict:
     """What the outer decision (``extra["batch"]``) and ``flow.metadata[BATCH_KEY]`` keep of one
     inner request. tnetstring-safe. The masking step adds ``sent``, ``response_status`` and
     ``masked_fields`` once Graph has answered."""
-    return {
+    out = {
         "index": r.index,
         "id": r.id,
         "method": r.method,
@@ -540,6 +559,9 @@ def entry(r: InnerRequest, d: Decision) -> dict:
         "mask_profile": d.mask_profile,
         "sent": False,
     }
+    if d.reported:  # report mode: forwarded, but a rule would have refused or held it
+        out["report"] = dict(d.reported)
+    return out
 
 
 def _unreadable(r: InnerRequest) -> Decision:
@@ -580,10 +602,20 @@ def decide_batch(policy: Decider, principal: Principal | None, outer: Operation,
             check=CHECK, rule_id=first.rule_id, operation=str(outer), principal=who,
             extra={"batch": entries},
         )
+    reported = [(r, d) for r, d in judged if d.reported]
+    extra: dict = {"batch": entries}
+    reason = f"every inner request of the batch ({len(judged)}) is allowed on its own"
+    if reported:
+        # Report mode: the batch is marked as its inner requests are, and says which would not go.
+        r, d = reported[0]
+        would = "deny" if any(x.reported.get("would") == "deny" for _, x in reported) else "hold"
+        parts = "; ".join(f"{x.label}: would {y.reported.get('would')} ({y.reported.get('reason')})"
+                          for x, y in reported)
+        extra["report"] = {"would": would, "rule": d.reported.get("rule", ""), "reason": parts}
+        reason += f"; {parts} (report mode)"
     return Decision(
-        action=Action.ALLOW, stage=Stage.POLICY,
-        reason=f"every inner request of the batch ({len(judged)}) is allowed on its own",
-        operation=str(outer), principal=who, extra={"batch": entries},
+        action=Action.ALLOW, stage=Stage.POLICY, reason=reason,
+        operation=str(outer), principal=who, extra=extra,
     )
 
 
@@ -637,6 +669,8 @@ def inner_decision(outer: Decision | None, e: Mapping) -> Decision:
     extra: dict = {}
     if e.get("masked_fields"):
         extra["masked_fields"] = e["masked_fields"]
+    if isinstance(e.get("report"), dict):
+        extra["report"] = dict(e["report"])
     return Decision(
         action=action, stage=stage, reason=str(e.get("reason") or ""), status=int(e.get("status") or 0),
         code=str(e.get("code") or ""), rule_id=e.get("rule") or None, check=str(e.get("check") or ""),

@@ -8,6 +8,7 @@ requests later.
 Schema (``policies/example.yaml`` is a commented, working example)::
 
     version: 1                                   # required; the only version is 1
+    mode: enforce                                # optional; enforce | report (see "Report mode")
     identity:                                    # required: which tokens the gateway accepts at all
       tenants: [<tenant GUID>, ...]              # required, non-empty allow-list of tenant ids (tid)
       audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
@@ -70,6 +71,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
           max_grant: 1h                          # optional, 1m..7d: how long an approval may cover
                                                  # repeats; without it, the one request only
         mask: directory-pii                      # optional, allow and approve rules; a profile name
+        mode: report                             # optional, deny and approve rules; enforce | report
 
 An issuer without ``{tenantid}`` is a single-tenant issuer. ``https://sts.windows.net/{tenantid}/``
 (the v1 issuer) defaults to the v1 discovery document on login.microsoftonline.com, because
@@ -182,6 +184,18 @@ Decisions (precedence deny > approve > allow, default deny):
 3. otherwise the first matching ``allow`` rule allows it (with its mask profile);
 4. otherwise the request is refused: "no rule allows <op>".
 
+Report mode (``mode: report``): a deny or approve rule that reports does not refuse or hold. The
+request is decided as if the reporting rules were not there (rules that enforce still refuse or
+hold; an allow rule still picks the mask profile) and forwarded when that allows it; the decision
+carries ``extra["report"] = {"would": "deny" | "hold", "rule", "reason"}`` of what the full policy
+said, and its reason says "would deny by rule 'x'". ``mode: report`` at the top is the default of
+every deny and approve rule (``mode: enforce`` on a rule keeps it enforcing) and makes the default
+refusal report too: a request no rule allows is forwarded, masked by ``masking.default_profile``.
+An allow rule cannot report (it refuses nothing). Only rules report: everything the gateway
+refuses before the rules (tokens, unreadable requests, hosts not under upstreams, malformed
+batches, refused client-secret grants) is refused in every mode. ``Decision.verdict()`` gives
+back what the rules said, for tools that compare decisions (``replay``, ``suggest``).
+
 Masking (:mod:`nhi_gateway.masking.masks` has the details) hides what an allowed response holds, by
 the profile of the rule (``mask``) or ``masking.default_profile``. A profile matches ``fields``
 (member names, case-insensitively, at any depth), ``paths`` (JSON paths: ``$``, ``.name``,
@@ -266,6 +280,7 @@ _PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _HOURS = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 MAX_TOP = 1_000_000
+MODES = ("enforce", "report")  # a rule's (or the policy's) mode: report forwards what it would refuse
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARM_ID = re.compile(r"/subscriptions/[^/\s]+/resourcegroups/[^/\s]+/providers/[^/\s]+(/[^/\s]+){2,}", re.I)
 
@@ -685,6 +700,9 @@ class Rule:
     schedule: Schedule | None = None
     approval: Approval | None = None  # approve rules only
     column: int = 0  # 1-based column of the rule's first key
+    # mode: report (deny and approve rules): what the rule would refuse or hold is forwarded and
+    # reported (Decision.extra["report"]), see Policy.decide.
+    report_only: bool = False
 
     @property
     def has_limits(self) -> bool:
@@ -806,8 +824,11 @@ class Policy:
         rules: Iterable[Rule],
         default_profile: str | None = None,
         approvals: ApprovalsConfig | None = None,
+        report_default: bool = False,
     ) -> None:
         self.source = str(source)
+        # mode: report at the top: the default "no rule allows" reports too (rules carry their own).
+        self.report_default = report_default
         self.approvals = approvals  # None: no approvals section
         self.identity = identity
         self.upstreams = tuple(upstreams)
@@ -815,6 +836,7 @@ class Policy:
         self.mask_profiles = dict(mask_profiles)
         self.default_profile = default_profile
         self.rules = tuple(rules)
+        self.reporting = report_default or any(r.report_only for r in self.rules)
         self._rules_by_id = {r.id: r for r in self.rules}
         # (principal key, host, method, version) -> trie of path segments -> rule indices.
         # A decision looks up a handful of buckets and walks one short trie in each, so its cost
@@ -833,6 +855,20 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"<Policy {self.source} rules={len(self.rules)}>"
+
+    def report_notice(self) -> str | None:
+        """What the gateway warns of at start and on reload while anything only reports."""
+        ids = [r.id for r in self.rules if r.report_only]
+        if not ids and not self.report_default:
+            return None
+        what = []
+        if self.report_default:
+            what.append("the policy is in mode: report (requests no rule allows are forwarded)")
+        if ids:
+            what.append(f"{len(ids)} rule{'s' * (len(ids) != 1)} only report{'s' * (len(ids) == 1)}: "
+                        f"{', '.join(ids)}")
+        return ("REPORT MODE: " + "; ".join(what) + ". What they would refuse or hold is forwarded and "
+                "reported; token checks and request checks still refuse.")
 
     def upstream(self, host: str) -> Upstream | None:
         try:
@@ -864,7 +900,8 @@ class Policy:
     def decide(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> Decision:
         """The decision for ``op`` by ``principal`` at ``at`` (default: now, read only when a
         candidate rule has a schedule). See the module docstring for the precedence."""
-        return self._decide(principal, op, at, None)
+        decision = self._decide(principal, op, at, None)
+        return self._reported(principal, op, at, decision) if self.reporting else decision
 
     def _oracle(self, op: Operation, profile_name: str | None) -> str | None:
         profile = self.mask_profiles.get(profile_name) if profile_name else None
@@ -875,16 +912,49 @@ class Policy:
     ) -> tuple[Decision, list[RuleOutcome]]:
         """The decision and what every candidate rule made of the request (for ``explain``)."""
         outcomes: list[RuleOutcome] = []
-        return self._decide(principal, op, at, outcomes), outcomes
+        decision = self._decide(principal, op, at, outcomes)
+        return (self._reported(principal, op, at, decision) if self.reporting else decision), outcomes
+
+    def _reports(self, decision: Decision) -> bool:
+        """Whether ``decision`` (a refusal or hold) was made by something that only reports."""
+        if decision.allowed or decision.stage is not Stage.POLICY:
+            return False
+        rule = self.rule(decision.rule_id) if decision.rule_id else None
+        if rule is None or decision.check == "odata":  # no rule allows it
+            return self.report_default
+        return rule.report_only
+
+    def _reported(self, principal: Principal | None, op: Operation, at: datetime | None,
+                  would: Decision) -> Decision:
+        """Report mode: a refusal or hold by a rule in ``mode: report`` (or the default refusal of a
+        policy in report mode) is forwarded as the rules that enforce decide, and says what it would
+        have been in ``extra["report"]``. A rule that enforces still refuses or holds."""
+        if not self._reports(would):
+            return would
+        enforced = self._decide(principal, op, at, None, skip_report=True)
+        if not enforced.allowed and not self._reports(enforced):
+            return enforced
+        verb = "hold" if would.action is Action.APPROVE else "deny"
+        by = f"by rule '{would.rule_id}'" if would.rule_id and would.check != "odata" else "(no rule allows it)"
+        report = {"would": verb, "rule": would.rule_id or "", "reason": would.reason}
+        if enforced.allowed:
+            return enforced.but(reason=f"{enforced.reason}; would {verb} {by} (report mode)",
+                                extra={**enforced.extra, "report": report})
+        return Decision(Action.ALLOW, Stage.POLICY, f"would {verb} {by}: {would.reason} (report mode: forwarded)",
+                        operation=would.operation, principal=would.principal,
+                        mask_profile=self.default_profile, extra={"report": report})
 
     def _decide(
-        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None
+        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None,
+        skip_report: bool = False,
     ) -> Decision:
         deny: tuple[Rule, str] | None = None
         approve: Rule | None = None
         allow: Rule | None = None
         limited: tuple[Rule, str] | None = None
         for rule in self.candidates(principal, op):
+            if skip_report and rule.report_only:
+                continue
             if rule.schedule is not None:
                 if at is None:
                     at = datetime.now(UTC)
@@ -1339,6 +1409,7 @@ class _Loader:
                 "masking": False,
                 "approvals": False,
                 "rules": False,
+                "mode": False,
             },
         )
         version = top["version"]
@@ -1352,8 +1423,10 @@ class _Loader:
         upstreams = self.upstreams(top["upstreams"])
         default_profile = self.masking(top["masking"]) if "masking" in top else None
         approvals = self.approvals(top["approvals"]) if "approvals" in top else None
-        rules = self.rules(top["rules"]) if "rules" in top else []
-        return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile, approvals)
+        report_all = "mode" in top and self.choice(top["mode"], "mode", MODES) == "report"
+        rules = self.rules(top["rules"], report_all) if "rules" in top else []
+        return Policy(self.source, identity, upstreams, self.profiles, rules, default_profile, approvals,
+                      report_default=report_all)
 
     def approvals(self, node: _Value) -> ApprovalsConfig:
         m = self.mapping(node, "approvals", {
@@ -1637,11 +1710,11 @@ class _Loader:
             self.fail(node.pos, f"{what}: unknown mask profile '{name}'", hint)
         return name
 
-    def rules(self, node: _Value) -> list[Rule]:
+    def rules(self, node: _Value, report_all: bool = False) -> list[Rule]:
         rules: list[Rule] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(self.seq(node, "rules")):
-            rule, id_pos = self.rule(item, i)
+            rule, id_pos = self.rule(item, i, report_all)
             if rule.id in seen:
                 self.fail(
                     id_pos,
@@ -1652,7 +1725,7 @@ class _Loader:
             rules.append(rule)
         return rules
 
-    def rule(self, node: _Value, index: int) -> tuple[Rule, Pos]:
+    def rule(self, node: _Value, index: int, report_all: bool = False) -> tuple[Rule, Pos]:
         keys = {
             "id": True,
             "description": False,
@@ -1663,6 +1736,7 @@ class _Loader:
             "schedule": False,
             "approval": False,
             "mask": False,
+            "mode": False,
         }
         if isinstance(node.value, dict) and isinstance(node.value.get("id"), str):
             what = f"rule '{node.value['id']}'"
@@ -1727,8 +1801,20 @@ class _Loader:
             schedule=schedule,
             approval=approval,
             column=node.pos[1] + 1,
+            report_only=self.mode(m.get("mode"), what, action, report_all),
         )
         return rule, m["id"].pos
+
+    def mode(self, node: _Value | None, what: str, action: Action, report_all: bool) -> bool:
+        """``mode: enforce | report`` of a rule; the policy's ``mode: report`` is the default of its
+        deny and approve rules. An allow rule has nothing to report."""
+        if node is None:
+            return report_all and action is not Action.ALLOW
+        mode = self.choice(node, f"{what}: mode", MODES)
+        if mode == "report" and action is Action.ALLOW:
+            self.fail(node.pos, f"{what}: mode: report applies to deny and approve rules; an allow rule "
+                                "refuses nothing", "remove it")
+        return mode == "report"
 
     def odata(self, node: _Value, what: str) -> ODataLimits:
         keys = {"forbid_select": False, "forbid_expand": False, "max_top": False, "allow_select": False}
@@ -2167,11 +2253,14 @@ def policy_warnings(policy: Policy, at: datetime | None = None) -> list[PolicyWa
             a = rules[i]
             if i == j or (best is not None and (rank[a.action], i) >= best[:2]) or not _always_covers(a, b):
                 continue
+            if a.report_only and b.action is not a.action:
+                continue  # a rule that only reports takes nothing from a rule of another action
             found = _shadowing(a, b, a_first=i < j)
             if found:
                 best = (rank[a.action], i, found)
         if best is not None:
-            out.append(PolicyWarning(b.line, b.column, best[2], _SHADOW_HINT))
+            message, hint = best[2]
+            out.append(PolicyWarning(b.line, b.column, message, hint))
     out += _approver_warnings(policy)
     return out
 
@@ -2202,20 +2291,28 @@ def _approver_warnings(policy: Policy) -> list[PolicyWarning]:
     return out
 
 
-_SHADOW_HINT = "narrow or remove one of the two rules, or reorder them if file order is what decides"
+# The hints follow the documented precedence (deny > approve > allow; within one action, the first
+# in file order): moving a rule helps only where file order decides, between rules of one action.
+_ORDER_HINT = ("narrow or remove one of the two rules; between rules of the same action the first in "
+               "file order decides, so moving '{b}' above '{a}' also makes it decide")
+_PRECEDENCE_HINT = ("{a_action} wins over {b_action} wherever the rules are in the file, so reordering "
+                    "changes nothing: narrow '{a}' (its when or operations) or remove '{b}'")
 
 
-def _shadowing(a: Rule, b: Rule, *, a_first: bool) -> str:
+def _shadowing(a: Rule, b: Rule, *, a_first: bool) -> tuple[str, str] | None:
     where = f"rule '{a.id}' (line {a.line})"
+    precedence = _PRECEDENCE_HINT.format(a=a.id, b=b.id, a_action=a.action, b_action=b.action)
     if a.action is Action.DENY and b.action is not Action.DENY:
-        return f"rule '{b.id}' never applies: deny {where} matches every request it matches, and deny wins"
+        return (f"rule '{b.id}' never applies: deny {where} matches every request it matches, and deny wins",
+                precedence)
     if a.action is Action.APPROVE and b.action is Action.ALLOW:
         return (f"rule '{b.id}' never allows: approve {where} matches every request it matches, and "
-                "approve wins over allow")
+                "approve wins over allow", precedence)
     if a.action is b.action and a_first:
         verb = "is never reported" if b.action is Action.DENY else "never decides"
-        return f"rule '{b.id}' {verb}: the earlier {a.action} {where} matches every request it matches"
-    return ""
+        return (f"rule '{b.id}' {verb}: the earlier {a.action} {where} matches every request it matches",
+                _ORDER_HINT.format(a=a.id, b=b.id))
+    return None
 
 
 def _possible_coverers(b: Rule, buckets: dict[tuple[str, ...], list[int]]) -> set[int]:

@@ -29,6 +29,7 @@ from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_l
 
 from nhi_gateway.addons.admin import Admin, gateway_checks
 from nhi_gateway.addons.admin_tls import AdminTLS, AdminTLSError, server_context
+from nhi_gateway.addons.admission import Admission
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from nhi_gateway.addons.audit import Audit
@@ -49,6 +50,7 @@ from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreE
 from nhi_gateway.recording.audit import AuditCopy, AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
+from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
@@ -171,6 +173,9 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         # First of the flow stages: answers every request on the approval API's own listener.
         ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
+        # Before identity and every rule: a request of a shape the gateway will not judge (method
+        # overrides, oversized target or headers, transfer codings) is refused as it came.
+        Admission(),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
         # After membership (rules' `when` may name groups): resolves alternate keys of objects.
@@ -274,7 +279,10 @@ def _is_loopback(host: str) -> bool:
 async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
     answer_lost_connection_attempts()
+    answer_protocol_errors_as_graph()
     policies = PolicyStore(load_policy(config.policy_path))
+    if notice := policies.current.report_notice():
+        logger.warning("%s: %s", config.policy_path, notice)
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)
     opts = options.Options(
@@ -309,6 +317,7 @@ async def start(config: GatewayConfig) -> Gateway:
     chain, recorder = build_chain(config, policies, verifier, health, groups, egress)
     m.addons.add(*chain)
     approval = next(a for a in chain if isinstance(a, Approval))
+    tell_when_clients_leave_a_held_request(approval.request_cancelled)
     api_host, api_port = approvals_listen(config)
     if config.admin_tls_cert is None and not _is_loopback(api_host):
         if not config.admin_insecure:

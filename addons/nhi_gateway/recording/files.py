@@ -351,7 +351,11 @@ class RecordEncoder:
         if cached is not None and cached[0] == snapshot:
             encoded = cached[1]
         else:
-            encoded = flowformat.dumps(conn.get_state())
+            state = conn.get_state()
+            try:
+                encoded = flowformat.dumps(state)
+            except UnicodeEncodeError:  # an SNI or address that is not UTF-8: written escaped
+                encoded = flowformat.dumps(flowformat.escape_unencodable(state))
             self._parts.use(conn.id, (snapshot, encoded))
         return flowformat.dumps(key) + encoded
 

@@ -4,7 +4,8 @@ What is written is a redacted copy: credentials never reach disk, and the live f
 upstream) is untouched. The copy carries:
 
 - ``comment``: decision, principal, operation, rule (or the failed check), approver, reason;
-- ``marked``: ``:no_entry:`` on refused flows, ``:white_check_mark:`` on approved ones;
+- ``marked``: ``:no_entry:`` on refused flows, ``:white_check_mark:`` on approved ones,
+  ``:warning:`` on flows a rule in report mode would have refused or held (forwarded);
 - ``metadata["nhi"]``: the structured decision, plus flat ``nhi.*`` keys for ``~meta`` searches
   (mitmproxy matches ``~meta`` against ``key: value`` lines), e.g. ``~meta "nhi.rule: no-credential"``.
 
@@ -41,12 +42,14 @@ from nhi_gateway.recording.files import (
     recording_base,
     write_ahead_base,
 )
+from nhi_gateway.recording.flowformat import escape_unencodable
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
 logger = logging.getLogger(__name__)
 
 REFUSED_MARK = ":no_entry:"
 APPROVED_MARK = ":white_check_mark:"
+REPORT_MARK = ":warning:"  # forwarded, but a rule in report mode would have refused or held it
 
 
 APPROVAL_API_FILE = "approval-api.mitm"
@@ -86,6 +89,11 @@ def flow_comment(decision: Decision | None, flow: http.HTTPFlow | None = None) -
     if decision is None:
         return "DENY · no decision was recorded for this flow"
     parts = [str(decision.action).upper()]
+    report = decision.extra.get("report") if decision.allowed else None
+    if isinstance(report, dict):
+        would = f"WOULD {str(report.get('would', 'deny')).upper()}"
+        parts = [would + (f" by rule {report['rule']}" if report.get("rule") else " (no rule allows it)"),
+                 "forwarded (report mode)"]
     if decision.rule_id:
         parts.append(f"rule {decision.rule_id}")
     elif not decision.allowed:
@@ -105,6 +113,8 @@ def flow_comment(decision: Decision | None, flow: http.HTTPFlow | None = None) -
 def flow_mark(decision: Decision | None) -> str:
     if decision is None or not decision.allowed:
         return REFUSED_MARK
+    if decision.extra.get("report"):
+        return REPORT_MARK
     if decision.extra.get("approval"):
         return APPROVED_MARK
     return ""
@@ -127,6 +137,9 @@ def search_keys(decision: Decision | None) -> dict[str, str]:
         "nhi.app_id": str(p.get("app_id") or ""),
         "nhi.approver": approver_of(decision) or "",
     }
+    report = decision.extra.get("report") if decision.allowed else None
+    if isinstance(report, dict):
+        keys["nhi.would"] = f"{report.get('would', 'deny')} {report.get('rule') or ''}".strip()
     return {k: v for k, v in keys.items() if v}
 
 
@@ -160,14 +173,22 @@ class FlowRecorder:
         if comment_prefix:
             disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            # Text that is not UTF-8 (a host, a header name): recorded escaped, and said so.
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
         base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly, self.worker)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
+
+    def _encode(self, disk: dict, flow, connections: tuple[bytes, bytes] | None) -> bytes:
+        if connections is None:
+            return self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        return encode_with_parts(disk, connections)
 
     def record_now(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
         """The flow and, for a ``$batch``, each of its inner requests; returns the flow's file."""
@@ -192,10 +213,12 @@ class FlowRecorder:
         disk["comment"] = "FORWARDING · " + disk["comment"]
         if self.worker:
             disk["metadata"]["nhi.worker"] = str(self.worker)
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
         return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC), self.worker), record)
 
     def close(self) -> None:

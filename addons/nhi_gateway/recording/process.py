@@ -51,6 +51,7 @@ from pathlib import Path
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
+from nhi_gateway.recording.flowformat import escape_unencodable
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, ConnectionTable, connection_snapshot
 
 logger = logging.getLogger(__name__)
@@ -459,8 +460,12 @@ def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tup
         state = marshal.loads(raw[start + conns_size:])
         parts, missing = [], []
         for key, (conn_id, conn_state) in zip(("client_conn", "server_conn"), conn_states):
-            encoded = conns.use(conn_id, None if conn_state is None
-                                else tnetstring.dumps(key) + tnetstring.dumps(conn_state))
+            if conn_state is not None:
+                try:
+                    conn_state = tnetstring.dumps(key) + tnetstring.dumps(conn_state)
+                except UnicodeEncodeError:  # an SNI or address that is not UTF-8: written escaped
+                    conn_state = tnetstring.dumps(key) + tnetstring.dumps(escape_unencodable(conn_state))
+            encoded = conns.use(conn_id, conn_state)
             if encoded is None:
                 missing.append(conn_id)
             parts.append(encoded)
