@@ -11,7 +11,16 @@ import logging
 
 from mitmproxy import http
 
-from nhi_gateway.policy.batch import BATCH_KEY, batch_refusal_body, is_batch_endpoint, judge_batch, names_batch
+from nhi_gateway.policy.batch import (
+    BATCH_KEY,
+    BatchError,
+    batch_refusal_body,
+    decode_body,
+    is_batch_endpoint,
+    json_numbers_problem,
+    judge_batch,
+    names_batch,
+)
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
 from nhi_gateway.policy.model import PolicyStore
@@ -27,6 +36,18 @@ logger = logging.getLogger(__name__)
 def operation_of(flow: http.HTTPFlow) -> Operation:
     r = flow.request
     return Operation.from_request(r.method, r.scheme, r.host, r.port, r.path)
+
+
+def numbers_problem(request: http.Request) -> str | None:
+    """Why a JSON request body holds a number Python cannot hold, or None (no body, not JSON, or
+    an encoding the gateway does not read: Graph judges those bodies itself)."""
+    if not request.raw_content:
+        return None
+    try:
+        data = decode_body(request.raw_content, ",".join(request.headers.get_all("content-encoding")))
+    except BatchError:
+        return None
+    return json_numbers_problem(data)
 
 
 def grant_of(flow: http.HTTPFlow, operation: Operation) -> TokenGrant:
@@ -70,6 +91,16 @@ class Authorization:
             ))
             return
         policy = self.policies.current
+        problem = numbers_problem(flow.request) if operation.is_graph and not names_batch(operation) else None
+        if problem is not None:
+            # Before any rule: Graph would act on a number that the gateway could neither judge,
+            # mask nor record as it is (1e400 reads as infinity, which is not JSON).
+            refuse(flow, Decision.deny(
+                Stage.POLICY, 400, "BadRequest",
+                f"the request body holds a number the gateway cannot hold, so it was not sent: {problem}",
+                check="body", principal=principal.to_dict() if principal else None, operation=str(operation),
+            ))
+            return
         if names_batch(operation):
             self._judge_batch(flow, principal, operation, policy)
             return
