@@ -576,6 +576,25 @@ def test_client_disconnecting_mid_request_sends_nothing_upstream(gateway, lookal
                         proxies={"https": gateway.proxy()}, verify=gateway.ca_cert, timeout=20).status_code == 200
 
 
+def test_a_flow_that_reached_graph_is_recorded_in_part_when_it_cannot_be_in_full(tmp_path, lookalike, tokens):
+    """Recording an already-forwarded flow cannot fail silently: what reached Graph is on record
+    (without its bodies, the comment saying why) and audited as it was; the client gets its answer."""
+    gw = start_gateway(tmp_path / "gw", lookalike, command=[sys.executable, str(FAULTY_GATEWAY), "recorder-bodies"])
+    try:
+        mark = marker()
+        r = get(gw, tokens(), mark)
+        assert r.status_code == 200, r.text[:300]
+        assert reached(lookalike, mark)
+        flow = until(lambda: recorded(gw, mark), "the recording")[-1]
+        assert "recorded in part" in flow.comment and "injected fault" in flow.comment
+        assert flow.response.status_code == 200 and not flow.response.raw_content
+        line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", mark), "the audit line")[-1]
+        assert line["status"] == 200 and line["decision"] == "allow"
+        assert "recorded in part" in log_of(gw)
+    finally:
+        stop(gw.proc)
+
+
 def test_a_connect_refused_after_its_token_was_verified_leaves_no_identity_on_the_connection(
         tmp_path, lookalike, tokens):
     """The proxy token of a CONNECT is verified, then the guard refuses the CONNECT (the records

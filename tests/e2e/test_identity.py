@@ -179,6 +179,47 @@ def test_other_authorization_schemes_never_ride_on_the_proxy_identity(gateway, l
     assert not reached_graph(lookalike, mark)
 
 
+def test_a_key_withdrawn_at_entra_revokes_every_token_it_signed_cached_or_not(request, tmp_path, lookalike, tokens):
+    """Microsoft's emergency rollover: once a refresh of the JWKS no longer lists a kid, every token
+    that kid signed is refused, in either source, whether its verdict was cached or not, and even
+    inside a tunnel opened while the key was good. Nothing reaches Graph."""
+    gateway = start_gateway(tmp_path / "gw", lookalike, extra_args=["--unknown-kid-refresh", "0"])
+    request.addfinalizer(lambda: stop(gateway.proc))
+    authority = lookalike.authority()
+    doomed = authority.add_key(current=False)  # published, not the look-alike's signing key
+    request.addfinalizer(lambda: doomed.kid in {k.kid for k in authority.keys} and authority.retire_key(doomed.kid))
+    token = tokens(key=doomed)
+    proxies = {"https": gateway.proxy()}
+    in_tunnel = requests.Session()
+    in_tunnel.proxies = {"https": gateway.proxy(token)}
+    for _ in range(2):  # verified, then answered from the cache
+        r = requests.get(f"{GRAPH}/v1.0/groups", headers={"Authorization": f"Bearer {token}"},
+                         proxies=proxies, verify=gateway.ca_cert, timeout=30)
+        assert r.status_code == 200, r.text[:300]
+        assert in_tunnel.get(f"{GRAPH}/v1.0/groups", verify=gateway.ca_cert, timeout=30).status_code == 200
+
+    authority.retire_key(doomed.kid)
+    # The gateway learns of it at its next refresh: here, the one a token with an unknown kid causes.
+    r = requests.get(f"{GRAPH}/v1.0/groups", headers={"Authorization": f"Bearer {tokens(key=SigningKey.generate())}"},
+                     proxies=proxies, verify=gateway.ca_cert, timeout=30)
+    assert r.status_code == 401
+
+    marks = [marker() for _ in range(4)]
+    for mark, presented in zip(marks[:2], (token, tokens(key=doomed)), strict=True):  # cached, and fresh
+        r = requests.get(f"{GRAPH}/v1.0/groups?m={mark}", headers={"Authorization": f"Bearer {presented}"},
+                         proxies=proxies, verify=gateway.ca_cert, timeout=30)
+        assert r.status_code == 401, r.text[:300]
+        assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
+    r = in_tunnel.get(f"{GRAPH}/v1.0/groups?m={marks[2]}", verify=gateway.ca_cert, timeout=30)  # the tunnel opened with it
+    assert r.status_code == 407, r.text[:300]
+    assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(token))  # a new tunnel
+    s.close()
+    assert status == 407 and json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
+    assert not any(reached_graph(lookalike, m) for m in marks)
+    assert "signing keys withdrawn" in gateway.log.read_text()
+
+
 # --- credentials cannot become headers (issue 18, item 3) ------------------------------------------
 
 SMUGGLED = "\r\nX-Injected: yes\r\n\r\nDELETE /v1.0/users/AdeleV@nhilab.onmicrosoft.com HTTP/1.1\r\nHost: graph.microsoft.com"

@@ -6,10 +6,19 @@ and ``op``, the operation a request is judged as.
     version: 1
     identity:
       tenants: [<TENANT>]
-      audiences: [https://graph.microsoft.com]
-      issuers: ["https://login.microsoftonline.com/{tenantid}/v2.0"]
+      bearer:
+        audiences: [https://graph.microsoft.com]
+        issuers: ["https://login.microsoftonline.com/{tenantid}/v2.0"]
+      proxy:
+        graph_token: true
+        audiences: [https://graph.microsoft.com]
+        issuers: ["https://login.microsoftonline.com/{tenantid}/v2.0"]
     upstreams:
       - host: graph.microsoft.com
+
+The identity section is in the per-token-source form: both sources (``bearer``, a token the
+caller sends; ``proxy``, a token in the proxy credentials, also good as the Graph token) trust
+the same audiences and issuers.
 
 Lint and loader messages name ``file:line:column``, and tests assert those positions: the head's
 lines are therefore fixed (one issuer on one line, several as a block list, one line per upstream
@@ -43,20 +52,26 @@ def policy_head(*tenants: str, issuers: Iterable[str] = (V2_ISSUER,),
                 **identity: str) -> str:
     """``version``, ``identity`` and ``upstreams`` of a policy, ending with a newline.
 
-    ``identity`` adds keys to the identity section after the issuers (``client_secret_grants="deny"``);
+    ``identity`` adds keys to the identity section after the ``proxy`` source
+    (``client_secret_grants="deny"``); ``audiences`` and ``issuers`` are those of both sources;
     an upstream is a host or a mapping with ``host`` first (``{"host": GRAPH_HOST, "token": "any"}``).
     """
     issuers = list(issuers)
+    trust = [f"    audiences: [{', '.join(audiences)}]"]
+    if len(issuers) == 1:
+        trust.append(f'    issuers: ["{issuers[0]}"]')
+    else:
+        trust += ["    issuers:", *(f"      - {issuer}" for issuer in issuers)]
     lines = [
         "version: 1",
         "identity:",
         f"  tenants: [{', '.join(tenants)}]",
-        f"  audiences: [{', '.join(audiences)}]",
+        "  bearer:",
+        *trust,
+        "  proxy:",
+        "    graph_token: true",
+        *trust,
     ]
-    if len(issuers) == 1:
-        lines.append(f'  issuers: ["{issuers[0]}"]')
-    else:
-        lines += ["  issuers:", *(f"    - {issuer}" for issuer in issuers)]
     lines += [f"  {key}: {value}" for key, value in identity.items()]
     lines.append("upstreams:")
     for upstream in upstreams:

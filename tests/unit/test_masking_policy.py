@@ -173,8 +173,8 @@ jsonschema = pytest.importorskip("jsonschema")
 VALIDATOR = jsonschema.Draft202012Validator(json.loads((POLICIES / "policy.schema.json").read_text()))
 BASE = {
     "version": 1,
-    "identity": {"tenants": [TENANT], "audiences": ["https://graph.microsoft.com"],
-                 "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]},
+    "identity": {"tenants": [TENANT], "bearer": {"audiences": ["https://graph.microsoft.com"],
+                 "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]}},
     "upstreams": [{"host": "graph.microsoft.com"}],
 }
 

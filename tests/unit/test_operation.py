@@ -312,7 +312,7 @@ def test_odata_options_that_cannot_be_read_are_not_guessed_at(query, problem):
 
 
 def test_odata_is_read_from_the_canonical_query():
-    assert read_odata((("$select", "a"),)) == ODataQuery(selects=(("a",),))
+    assert read_odata((("$select", "a"),)) == ODataQuery(selects=(("a",),), selected=True)
     # non-Graph hosts keep option names as written: "select" is not OData there
     login = op("/t/oauth2/v2.0/token?select=x", host="login.microsoftonline.com")
     assert login.odata == ODataQuery()

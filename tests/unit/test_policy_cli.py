@@ -66,7 +66,7 @@ def test_lint_reports_file_line_column_and_hint_and_exits_1(capsys, tmp_path):
     code, out, _ = run(capsys, "lint", str(good), str(bad))
     assert code == 1
     assert f"{good}: ok: 1 rule (1 allow, 0 deny, 0 approve), 1 upstream, 0 mask profiles" in out
-    assert f"{bad}:10:3: unknown key 'acton' in rule 'r'" in out
+    assert f"{bad}:15:3: unknown key 'acton' in rule 'r'" in out
     assert "  hint: did you mean 'action'?" in out
 
 
@@ -105,15 +105,15 @@ def test_lint_warns_about_rules_that_never_decide_without_failing(capsys, tmp_pa
     path = write(tmp_path, "p.yaml", SHADOWED)
     code, out, _ = run(capsys, "lint", str(path))
     assert code == 0
-    assert (f"{path}:12:3: warning: rule 'read-users' never decides: the earlier allow rule "
-            "'read-everything' (line 9) matches every request it matches") in out
-    assert (f"{path}:19:3: warning: rule 'delete-users' never applies: deny rule 'no-deletes' (line 16) "
+    assert (f"{path}:17:3: warning: rule 'read-users' never decides: the earlier allow rule "
+            "'read-everything' (line 14) matches every request it matches") in out
+    assert (f"{path}:24:3: warning: rule 'delete-users' never applies: deny rule 'no-deletes' (line 21) "
             "matches every request it matches, and deny wins") in out
     assert "rule 'limited' never decides" in out  # limits narrow it, the earlier rule has none
     assert "warning: rule 'expired' expired at 2020-01-01T00:00:00+00:00" in out
     assert "warning: rule 'read-everything' never" not in out and "warning: rule 'no-deletes'" not in out
     # ... and read-everything is what it is: everything, for everyone.
-    assert (f"{path}:9:3: warning: rule 'read-everything' allows every request to graph.microsoft.com "
+    assert (f"{path}:14:3: warning: rule 'read-everything' allows every request to graph.microsoft.com "
             "for every verified caller") in out
     assert out.rstrip().endswith("6 rules (5 allow, 1 deny, 0 approve), 1 upstream, 0 mask profiles, 5 warnings")
     code, _, _ = run(capsys, "lint", "--strict", str(path))
@@ -168,24 +168,24 @@ def test_lint_reports_every_error_in_one_run(capsys, tmp_path):
     path = write(tmp_path, "many.yaml", text)
     code, out, _ = run(capsys, "lint", str(path))
     assert code == 1
-    assert f"{path}:13:3: unknown key 'acton' in rule 'typo'" in out
-    assert f"{path}:17:54: rule 'bad-method': operations[0].methods[0]: unknown method 'FETCH'" in out
-    assert f"{path}:18:7: duplicate rule id 'ok-rule'" in out
-    assert f"{path}:20:20: rule 'ok-rule': when.app_ids[0]: 'not-a-guid' is not a GUID" in out
+    assert f"{path}:18:3: unknown key 'acton' in rule 'typo'" in out
+    assert f"{path}:22:54: rule 'bad-method': operations[0].methods[0]: unknown method 'FETCH'" in out
+    assert f"{path}:23:7: duplicate rule id 'ok-rule'" in out
+    assert f"{path}:25:20: rule 'ok-rule': when.app_ids[0]: 'not-a-guid' is not a GUID" in out
     assert f"{path}: 4 errors" in out
 
 
 def test_lint_reports_an_error_outside_the_rules_and_a_yaml_error(capsys, tmp_path):
     bad_section = write(tmp_path, "s.yaml", HEAD.replace("issuers:", "isuers:"))
     code, out, _ = run(capsys, "lint", str(bad_section))
-    assert code == 1 and "unknown key 'isuers' in identity" in out and "1 error" in out
+    assert code == 1 and "unknown key 'isuers' in identity.proxy" in out and "1 error" in out
     # Errors in several sections, at once, each where it is.
     several = write(tmp_path, "several.yaml", HEAD.replace("issuers:", "isuers:").replace(
         "  - host: graph.microsoft.com\n", "  - host: graph.microsoft.com\n    token: sometimes\n").replace(
         "rules:\n", "masking: {profiles: {p: {fields: [mail], detectors: [psychic]}}}\nrules:\n"))
     code, out, _ = run(capsys, "lint", str(several))
     assert code == 1, out
-    assert f"{several}:5:3: unknown key 'isuers' in identity" in out
+    assert f"{several}:10:5: unknown key 'isuers' in identity.proxy" in out
     assert "upstreams[0].token must be one of any, proxy, bearer, both, none, not 'sometimes'" in out
     assert "unknown detector 'psychic'" in out
     assert f"{several}: 3 errors" in out
@@ -249,7 +249,7 @@ def test_lint_warns_when_approvers_cannot_sign_in_or_need_no_step_up(capsys, tmp
     if warning is None:
         assert "warning" not in out, out
     else:
-        line = 9 + approvals.count("\n")
+        line = 14 + approvals.count("\n")
         assert f"{path}:{line}:3: warning: rule 'rotate' " in out and warning in out, out
 
 
@@ -386,7 +386,7 @@ def test_explain_usage_errors_exit_2(capsys, argv, message):
 def test_explain_a_broken_policy_exits_2_with_its_position(capsys, tmp_path):
     path = write(tmp_path, "p.yaml", HEAD + "- id: r\n  action: permit\n  operations: []\n")
     code, _, err = run(capsys, "explain", str(path), "--as", "anonymous", "GET", "https://graph.microsoft.com/")
-    assert code == 2 and f"{path}:10:11:" in err
+    assert code == 2 and f"{path}:15:11:" in err
 
 
 def test_explain_time_needs_an_offset():
@@ -549,6 +549,30 @@ def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_pat
     assert "new reason: " in out and "2" in out.split("new reason: ", 1)[1].splitlines()[0]
 
 
+def test_replay_judges_every_token_a_recorded_request_presented(capsys, tmp_path):
+    """A request that carried two tokens is re-decided for each (issue 13, item 2): a policy that
+    keeps client secrets out refuses it when either token came from a secret."""
+    from dataclasses import replace
+
+    proxy = replace(MCP_PRINCIPAL, token_sources=(TokenSource.PROXY,), auth_method=AuthMethod.CLIENT_SECRET)
+    both = replace(MCP_PRINCIPAL, token_sources=(TokenSource.BEARER, TokenSource.PROXY),
+                   presented=(proxy, MCP_PRINCIPAL))
+    assert Principal.from_dict(both.to_dict()).every_token() == (proxy, MCP_PRINCIPAL)
+    example = load_policy(EXAMPLE)
+    decision = decided(example, "GET", "/v1.0/users").but(principal=both.to_dict())
+    day = tmp_path / "recordings" / "2025-07-07" / TENANT
+    day.mkdir(parents=True)
+    with open(day / f"mcp-directory--{OID}.mitm", "wb") as f:
+        io.FlowWriter(f).add(recorded("GET", "/v1.0/users", decision))
+    strict = write(tmp_path, "strict.yaml", EXAMPLE.read_text().replace(
+        "  - id: directory-read\n", "  - id: no-secrets\n    action: deny\n    when: {auth_methods: [client_secret]}\n"
+        "    operations:\n      - host: graph.microsoft.com\n        methods: [\"*\"]\n        paths: [\"/**\"]\n"
+        "  - id: directory-read\n", 1))
+    code, out, _ = run(capsys, "replay", "--policy", str(strict), str(tmp_path / "recordings"))
+    assert code == 1, out
+    assert "deny (no-secrets)" in out and "the proxy token (client_secret)" in out
+
+
 def test_explain_judges_a_batch_from_its_body_as_the_gateway_does(capsys, tmp_path):
     body = write(tmp_path, "batch.json", json.dumps({"requests": [
         {"id": "1", "method": "GET", "url": "/users"},
@@ -588,7 +612,7 @@ def test_lint_warns_about_rules_on_literal_objects_the_deployment_cannot_resolve
     path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
     code, out, _ = run(capsys, "lint", str(path))
     assert code == 0
-    assert f"{path}:9:3: warning: rule 'protected-app' names an object by id" in out
+    assert f"{path}:14:3: warning: rule 'protected-app' names an object by id" in out
     assert "no Graph credential is configured" in out and "refused (503)" in out
     assert "rule 'any-app'" not in out
     monkeypatch.setenv("NHI_GRAPH_CLIENT_ID", OTHER)

@@ -74,7 +74,7 @@ async def test_an_invalid_edit_keeps_the_last_good_policy_and_says_where(setup, 
     assert store.current is good and store.generation == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
-    assert f"{path}:10:11: rule 'users': action must be one of allow, deny, approve, not 'alow'" in errors[0].getMessage()
+    assert f"{path}:15:11: rule 'users': action must be one of allow, deny, approve, not 'alow'" in errors[0].getMessage()
     assert "last good policy (generation 1) stays in force" in errors[0].getMessage()
     assert "did you mean 'allow'?" in errors[0].getMessage()
     assert await reload.check() is False  # the same broken file is not reported every second

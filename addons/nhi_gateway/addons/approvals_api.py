@@ -228,7 +228,7 @@ class ApprovalsAPI:
         try:
             needs.check_configured()
             try:
-                principal = await self.verifier.verify(token, TokenSource.BEARER, needs.trust(self._trust()))
+                principal = await self.verifier.verify(token, TokenSource.BEARER, needs.trust(self._trust.every_source()))
             except TokenRejected as e:
                 if e.check != "audience":
                     raise
@@ -334,7 +334,9 @@ class ApprovalsAPI:
                                        operation=operation))
             return
         policy = self.policies.current
-        body = protected_resource_metadata(policy.approvals, [i.template for i in policy.identity.issuers],
+        # Approvers' tokens are judged with the issuers of every token source (PolicyTrust.every_source).
+        issuers = [i.template for i in self._trust.every_source().issuers]
+        body = protected_resource_metadata(policy.approvals, issuers,
                                            sorted(policy.identity.tenants))
         set_decision(flow, Decision(action=Action.ALLOW, stage=Stage.POLICY, reason="approval API: sign-in metadata",
                                     operation=operation, extra={"approvals_api": "metadata"}))

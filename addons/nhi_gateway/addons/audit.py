@@ -13,6 +13,7 @@ from nhi_gateway.policy.admission import PROTOCOL_ERROR_KEY, answered_status
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
 from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.identity import IGNORED_CREDENTIAL_KEY
 from nhi_gateway.addons.metrics import PROBE_KEY
 from nhi_gateway.recording.flows import approver_of
 
@@ -47,7 +48,8 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "status": status,
         "error": flow.error.msg if flow.error else None,
         "masked_fields": (decision.extra.get("masked_fields", 0) if decision else 0),
-        "flags": list(decision.extra.get("flags", ())) if decision else [],
+        "flags": (list(decision.extra.get("flags", ())) if decision else [])
+        + (["expired_proxy_credential_ignored"] if flow.metadata.get(IGNORED_CREDENTIAL_KEY) else []),
         "grant": (decision.extra.get("grant") if decision else None) or None,
         "operation": (decision.operation if decision else "") or None,
         "approver": approver_of(decision) if decision else None,

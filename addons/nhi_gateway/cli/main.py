@@ -20,6 +20,7 @@ from nhi_gateway.cli.startup import run_problems
 from nhi_gateway.proxy import logs
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
+from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL
 from nhi_gateway.policy.model import PolicyError
 from nhi_gateway.recording.audit import AuditCopy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
@@ -81,6 +82,11 @@ def _add_run(sub) -> None:
     p.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT, metavar="SECONDS",
                    help=f"how long an upstream has to answer a request before the client gets 502 "
                         f"(default {DEFAULT_UPSTREAM_TIMEOUT:g})")
+    p.add_argument("--unknown-kid-refresh", type=float, default=DEFAULT_UNKNOWN_KID_INTERVAL, metavar="SECONDS",
+                   help="when a token names a signing key (kid) the cached set lacks, refetch the issuer's "
+                        "keys at most this often (default %(default)g: Microsoft's 5 minutes, so a flood of "
+                        "made-up kids cannot turn the gateway against Entra). Lower it to pick up an "
+                        "emergency rollover sooner; 0 refetches for every unknown kid")
     p.add_argument("--resolve", action="append", default=[], metavar="HOST=ADDR:PORT",
                    help="send HOST to ADDR:PORT, keeping URL, Host and SNI (like curl --resolve)")
     p.add_argument("--upstream-ca", type=Path, default=None,
@@ -159,6 +165,9 @@ def cmd_run(args) -> int:
     if not args.upstream_timeout > 0:
         print("nhi-gateway: --upstream-timeout must be more than 0 seconds", file=sys.stderr)
         return 2
+    if not args.unknown_kid_refresh >= 0:
+        print("nhi-gateway: --unknown-kid-refresh must be 0 or more seconds", file=sys.stderr)
+        return 2
     if args.groups_ttl < 0:
         print("nhi-gateway: --groups-ttl must be 0 or more seconds", file=sys.stderr)
         return 2
@@ -187,6 +196,7 @@ def cmd_run(args) -> int:
         recordings_hourly=args.recordings_rotate == "hourly",
         recordings_fsync=args.recordings_fsync,
         upstream_timeout=args.upstream_timeout,
+        unknown_kid_refresh=args.unknown_kid_refresh,
         drain_timeout=args.drain_timeout,
         own_log_handler=True,
         admin_tls_cert=args.admin_tls_cert,

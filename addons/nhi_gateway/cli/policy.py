@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
+from nhi_gateway.policy.presented import decider_for
 from nhi_gateway.policy.model import (
     REFUSAL_CODE,
     REFUSAL_STATUS,
@@ -646,10 +647,11 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         # every inner request as if sent alone, as the gateway does.
         new = _rejudge_batch(policy, principal, op, flow, at)
         return Replayed(**base, old=old, new=new, compare_mask=False)
-    from nhi_gateway.policy.objects import OBJECTS_KEY, decide
+    from nhi_gateway.policy.objects import OBJECTS_KEY, ObjectDecider
 
-    # The objects the gateway resolved for this request (alternate keys), as it judged them.
-    new = decide(policy, principal, op, flow.metadata.get(OBJECTS_KEY), at).verdict()
+    # The objects the gateway resolved for this request (alternate keys), as it judged them, for
+    # every token the request presented.
+    new = decider_for(ObjectDecider(policy, flow.metadata.get(OBJECTS_KEY)), principal).decide(principal, op, at).verdict()
     grant = old.extra.get("grant") if isinstance(old.extra, dict) else None
     if new.allowed and isinstance(grant, dict):
         new = _rejudge_grant(policy, new, grant)
@@ -680,7 +682,7 @@ def _rejudge_batch(policy: Policy, principal: Principal | None, op: Operation, f
 
     r = flow.request
     encoding = ",".join(r.headers.get_all("content-encoding"))
-    return judge_batch(_VerdictAt(policy, at), principal, op, r.raw_content or b"",
+    return judge_batch(_VerdictAt(decider_for(policy, principal), at), principal, op, r.raw_content or b"",
                        r.headers.get("content-type", ""), encoding)
 
 

@@ -137,8 +137,9 @@ def all_errors(path: str | Path, environ: Mapping[str, str] | None = None) -> li
 # Valid stand-ins for a broken required section, one line each (the others are left out).
 _STUBS = {
     "version": "version: 1\n",
-    "identity": 'identity: {tenants: ["00000000-0000-0000-0000-000000000000"], audiences: [stub], '
-                'issuers: ["https://stub.invalid/{tenantid}"]}\n',
+    "identity": 'identity: {tenants: ["00000000-0000-0000-0000-000000000000"], '
+                'bearer: {audiences: [stub], issuers: ["https://stub.invalid/{tenantid}"]}, '
+                'proxy: {audiences: [stub], issuers: ["https://stub.invalid/{tenantid}"]}}\n',
     "upstreams": "upstreams: []\n",
 }
 

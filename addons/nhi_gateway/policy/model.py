@@ -11,11 +11,20 @@ Schema (``policies/example.yaml`` is a commented, working example)::
     mode: enforce                                # optional; enforce | report (see "Report mode")
     identity:                                    # required: which tokens the gateway accepts at all
       tenants: [<tenant GUID>, ...]              # required, non-empty allow-list of tenant ids (tid)
-      audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
-      issuers:                                   # required, non-empty; {tenantid} becomes the token's tid
-        - https://login.microsoftonline.com/{tenantid}/v2.0  # discovery: <issuer>/.well-known/...
-        - issuer: https://sts.windows.net/{tenantid}/          # or a mapping with an explicit discovery URL
-          discovery: https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration
+      bearer:                                    # tokens in Authorization: Bearer (at least one of
+                                                 # bearer and proxy is required; a source not given
+                                                 # accepts no token at all)
+        audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
+        issuers:                                 # required, non-empty; {tenantid} becomes the token's tid
+          - https://sts.windows.net/{tenantid}/  # discovery: <issuer>/.well-known/... (v1: see below)
+          - issuer: https://login.microsoftonline.com/{tenantid}/v2.0   # or a mapping with an
+            discovery: https://.../v2.0/.well-known/openid-configuration  # explicit discovery URL
+      proxy:                                     # tokens in the proxy credentials
+                                                 # (HTTPS_PROXY=http://name:<token>@host:port)
+        audiences: [api://nhi-gateway, <gateway client id>]  # as under bearer
+        issuers: [https://login.microsoftonline.com/{tenantid}/v2.0]
+        graph_token: false                       # optional, default false; true: this source carries
+                                                 # the Graph token itself (see below)
       leeway_seconds: 60                         # optional, default 60, 0..300 (clock skew for exp/nbf)
       client_secret_grants: flag                 # optional, default flag; allow | flag | refuse (see below)
     upstreams:                                   # required (may be empty): the only hosts reachable at all
@@ -32,8 +41,8 @@ Schema (``policies/example.yaml`` is a commented, working example)::
           paths: {"$.value[*].identities[*].issuerAssignedId": redact}  # or a list
           detectors: {email: partial, phone: redact}   # or a list: email phone jwt bearer
                                                  # graph_secret high_entropy
-          binary: refuse                         # optional; pass | refuse (default: refuse with
-                                                 # detectors, pass without)
+          binary: refuse                         # optional; pass | refuse (default: refuse): bodies
+                                                 # it cannot read (binary; text without detectors)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
       client_id: <GUID>                          # the gateway's app registration: the aud of approvers'
@@ -57,6 +66,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
         odata:                                   # optional, Graph operations only: limits of every one
           forbid_select: [keyCredentials]        # properties a request must not $select
           forbid_expand: [owners]                # navigation properties it must not $expand
+          allow_select: [id, displayName]        # optional: the only properties it may ask for
           max_top: 100                           # the largest $top, 1..1000000
         schedule:                                # optional: when the rule is in force
           days: [mon-fri]                        # mon..sun and ranges (fri-mon wraps); local to timezone
@@ -71,6 +81,19 @@ Schema (``policies/example.yaml`` is a commented, working example)::
                                                  # repeats; without it, the one request only
         mask: directory-pii                      # optional, allow and approve rules; a profile name
         mode: report                             # optional, deny and approve rules; enforce | report
+
+Each token source has its own trust: a token is checked against the audiences and issuers of
+the source it was presented in, so a token minted for one source is refused (401/407 naming the
+check) in the other. The usual pair: the proxy credentials carry a token for the gateway's own API
+(v2 issuer, ``aud`` = the gateway's client id or App ID URI), and ``Authorization: Bearer`` carries
+the Graph token (v1 issuer ``sts.windows.net``, Graph's audience spellings). Only when the proxy
+source says ``graph_token: true`` is its token Graph's own, and presented upstream as
+``Authorization: Bearer`` for a request that has none; a proxy source that lists a Graph audience
+must say so, and one that says so must list one. An upstream's ``token: proxy``/``bearer``/``both``
+needs the sources it names. Approvers' tokens (the approval API) are neither source's: they are
+judged with the tenants, the issuers of every source and the audiences of ``approvals``.
+Policies written before this (``audiences`` and ``issuers`` directly under ``identity``) do not
+load: the error says how to write them.
 
 An issuer without ``{tenantid}`` is a single-tenant issuer. ``https://sts.windows.net/{tenantid}/``
 (the v1 issuer) defaults to the v1 discovery document on login.microsoftonline.com, because
@@ -144,8 +167,24 @@ forbidden":
   (``denied by rule 'no-key-material': $select asks for 'keyCredentials' ...``), so one deny rule
   keeps a property away from every caller.
 
+A property a request may not ``$select`` (``forbid_select``) it may not ``$filter``, ``$orderby``
+or ``$search`` on either, at any depth: each can test its value without returning it
+(``$filter=startswith(keyCredentials/...)``). ``allow_select`` is the allow-list form: the only
+properties a request may ``$select``, ``$expand``, filter, sort or search on; such a request must
+``$select`` (Graph's default properties are on nobody's list), and so must each ``$expand``.
+
 ``$select`` limits what Graph is asked to return, not what it returns by default: mask a field
 that must never leave, whatever the request asks.
+
+No query oracles: a request allowed (or held for approval) under a mask profile is refused (403,
+``check`` ``masking``, naming the property) when a ``$filter``, ``$orderby`` or ``$search`` at any
+depth, a parameter alias (``@p``), or a ``$batch`` item's, tests a property the profile hides: its
+fields, the names its paths end on, and the Graph properties its detectors exist for
+(:data:`~nhi_gateway.masking.masks.DETECTED_PROPERTIES`; ``email``: ``mail``, ``otherMails``,
+``proxyAddresses``, ``userPrincipalName`` ...; ``phone``: ``mobilePhone``, ``businessPhones``,
+``faxNumber``). ``$filter=startswith(mail,'a')`` would otherwise tell a caller every address it
+only ever sees masked. A ``$search`` term that names no property (it searches the default
+properties) and options that cannot be read unambiguously are refused too under such a profile.
 
 ``schedule`` says when a rule is in force; outside it the rule does not match at all (a deny rule
 out of its schedule denies nothing). ``days`` and ``hours`` are read on the local date and time in
@@ -190,9 +229,13 @@ becomes ``"[masked]"``), ``partial`` (a hint: ``a***@contoso.com``, ``abc***``) 
 variable ``pseudonym_key_env`` names, at least 16 bytes; the same value gives the same token
 within a deployment). A policy whose profiles make pseudonyms does not load while that variable
 is unset or short: the gateway refuses to start, and a reload keeps the last good policy.
-``binary`` says whether a body the detectors cannot read (images, PDFs, octet streams) is passed
-or refused (502); it defaults to refuse when the profile has detectors. A body that does not
-parse as its declared type (JSON, form, text in its charset) is always refused (502).
+``binary`` says whether a body the profile cannot read (a binary body that is not JSON: images,
+PDFs, octet streams; a text body under a profile without detectors) is passed or refused (502);
+it defaults to refuse. A body that parses as JSON is masked as JSON whatever its Content-Type
+says; an answer with two Content-Type headers, and a body that does not parse as what it must be
+(JSON, form, text in its charset) is always refused (502). Response headers are masked too
+(detectors, and the values masked in the body wherever a header repeats them), and a property
+asked for by its own path (``/users/{id}/mobilePhone``, ``.../$value``) is masked by its name.
 
 ``nhi-gateway policy lint`` reports these errors and warns about rules that can never decide;
 ``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
@@ -253,6 +296,22 @@ _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _BAD_LITERAL = re.compile(r"[{}*%\\\s\x00-\x1f\x7f?#]")
 _STS_V1 = "https://sts.windows.net/{tenantid}/"
 _STS_V1_DISCOVERY = "https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration"
+# Microsoft Graph's audience spellings (compared without case and trailing slash).
+_GRAPH_AUDIENCES = frozenset({"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"})
+_OLD_IDENTITY_KEYS = ("audiences", "issuers")
+_SOURCE_NAMES = {TokenSource.PROXY: "the proxy credentials (HTTPS_PROXY=http://name:<token>@host:port)",
+                 TokenSource.BEARER: "Authorization: Bearer"}
+_PER_SOURCE_HINT = """write them per token source, e.g.
+    identity:
+      tenants: [...]
+      bearer:                   # Authorization: Bearer, usually the Graph token
+        audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+        issuers: [https://sts.windows.net/{tenantid}/]
+      proxy:                    # proxy credentials, usually a token for the gateway's own API
+        audiences: [api://<gateway app>, <gateway client id>]
+        issuers: [https://login.microsoftonline.com/{tenantid}/v2.0]
+  (a proxy source that carries the Graph token itself lists Graph's audiences and says graph_token: true);
+  see policies/example.yaml"""
 # xms_mirid: /subscriptions/<sub>/resourcegroups/<rg>/providers/<namespace>/<type>/<name>[/...]
 # An OData property or navigation property name (a type-cast segment has dots).
 _PROPERTY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -327,12 +386,25 @@ class ClientSecretGrants(StrEnum):
 
 
 @dataclass(frozen=True)
-class IdentityConfig:
-    tenants: frozenset[str]  # lower-case GUIDs
+class SourceTrust:
+    """What one token source (``identity.proxy`` or ``identity.bearer``) accepts."""
+
     audiences: frozenset[str]
     issuers: tuple[IssuerConfig, ...]
+    # proxy only: the token is Graph's own, and is presented upstream as the bearer
+    graph_token: bool = False
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    tenants: frozenset[str]  # lower-case GUIDs
+    proxy: SourceTrust | None  # None: no token is accepted in the proxy credentials
+    bearer: SourceTrust | None  # None: no token is accepted in Authorization: Bearer
     leeway_seconds: int = DEFAULT_LEEWAY
     client_secret_grants: ClientSecretGrants = ClientSecretGrants.FLAG
+
+    def trust_for(self, source: TokenSource) -> SourceTrust | None:
+        return self.proxy if source is TokenSource.PROXY else self.bearer
 
 
 @dataclass(frozen=True)
@@ -434,28 +506,44 @@ class PathPattern:
 @dataclass(frozen=True)
 class ODataLimits:
     """What a rule lets a request ask of OData (``odata:``). Names as written in the policy;
-    compared case-insensitively, as Graph compares property names."""
+    compared case-insensitively, as Graph compares property names.
+
+    A property a request may not ``$select`` it may not filter, sort or search on either
+    (``$filter``, ``$orderby``, ``$search``, at any depth): each can test its value without
+    returning it. ``allow_select`` (``None``: no allow-list) lists the only properties a request
+    may ask for, filter, sort or search on; such a request must ``$select``, and so must each of
+    its expansions (Graph's default properties are not on anyone's list)."""
 
     forbid_select: tuple[str, ...] = ()
     forbid_expand: tuple[str, ...] = ()
     max_top: int | None = None
+    allow_select: tuple[str, ...] | None = None
     _select: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
     _expand: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _allow: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_select", {n.casefold(): n for n in self.forbid_select})
         object.__setattr__(self, "_expand", {n.casefold(): n for n in self.forbid_expand})
+        if self.allow_select is not None:
+            object.__setattr__(self, "_allow", {n.casefold(): n for n in self.allow_select})
 
     def __hash__(self) -> int:
-        return hash((self.forbid_select, self.forbid_expand, self.max_top))
+        return hash((self.forbid_select, self.forbid_expand, self.max_top, self.allow_select))
 
     def merged(self, other: ODataLimits) -> ODataLimits:
         """Both sets of limits at once (a rule's and one of its operations')."""
         tops = [t for t in (self.max_top, other.max_top) if t is not None]
+        allows = [a for a in (self.allow_select, other.allow_select) if a is not None]
+        allow = None
+        if allows:
+            allow = allows[0] if len(allows) == 1 else tuple(
+                n for n in allows[0] if n.casefold() in {m.casefold() for m in allows[1]})
         return ODataLimits(
             tuple(dict.fromkeys(self.forbid_select + other.forbid_select)),
             tuple(dict.fromkeys(self.forbid_expand + other.forbid_expand)),
             min(tops) if tops else None,
+            allow,
         )
 
     def violation(self, q: ODataQuery) -> str | None:
@@ -475,12 +563,40 @@ class ODataLimits:
                 for seg in path:
                     if seg in names:
                         return f"{option} asks for '{names[seg]}' ({key})"
+        if self._select:
+            for option, name in q.tested:
+                if name in self._select:
+                    return f"{option} tests '{self._select[name]}', which no request may ask for (odata.forbid_select)"
+        if self._allow is not None:
+            broken = self._allow_violation(q, self._allow)
+            if broken:
+                return f"{broken} (odata.allow_select: {_names(self._allow.values())})"
         if self.max_top is not None:
             for top in q.tops:
                 if not (top.isascii() and top.isdigit()):
                     return f"$top={top!r} is not a whole number (odata.max_top)"
                 if int(top) > self.max_top:
                     return f"$top={int(top)} is more than {self.max_top} (odata.max_top)"
+        return None
+
+    @staticmethod
+    def _allow_violation(q: ODataQuery, allow: dict[str, str]) -> str | None:
+        if not q.selected:
+            return "$select is required: without it Graph answers its default properties"
+        for option, paths in (("$select", q.selects), ("$expand", q.expands)):
+            for path in paths:
+                if "*" in path:
+                    return f"{option}=* asks for every property"
+                for seg in path:
+                    if "." not in seg and seg not in allow:  # a cast (microsoft.graph.user) is no property
+                        return f"{option} asks for '{seg}', which is not listed"
+        if q.bare_expands:
+            return f"$expand of '{'/'.join(q.bare_expands[0])}' has no $select of its own"
+        for option, name in q.tested:
+            if name == "*":
+                return f"{option} names no property, so it searches the default properties"
+            if name not in allow:
+                return f"{option} tests '{name}', which is not listed"
         return None
 
 
@@ -838,6 +954,10 @@ class Policy:
         decision = self._decide(principal, op, at, None)
         return self._reported(principal, op, at, decision) if self.reporting else decision
 
+    def _oracle(self, op: Operation, profile_name: str | None) -> str | None:
+        profile = self.mask_profiles.get(profile_name) if profile_name else None
+        return _oracle_reason(op, profile) if profile is not None else None
+
     def explain(
         self, principal: Principal | None, op: Operation, at: datetime | None = None
     ) -> tuple[Decision, list[RuleOutcome]]:
@@ -914,6 +1034,15 @@ class Policy:
             else:
                 allow = allow or rule
         who = principal.to_dict() if principal is not None else None
+        if deny is None and (approve or allow) is not None:
+            chosen = approve or allow
+            oracle = self._oracle(op, chosen.mask or self.default_profile)
+            if oracle is not None:
+                return Decision.deny(
+                    Stage.POLICY, REFUSAL_STATUS, REFUSAL_CODE,
+                    f"{oracle} (rule '{chosen.id}')",
+                    rule_id=chosen.id, check="masking", operation=str(op), principal=who,
+                )
         if deny is not None:
             rule, detail = deny
             return Decision.deny(
@@ -971,6 +1100,26 @@ class Policy:
             operation=str(op),
             principal=who,
         )
+
+
+def _oracle_reason(op: Operation, profile: MaskProfile) -> str | None:
+    """Why ``op`` would let a caller under ``profile`` learn what the profile hides without
+    reading it (a filter, sort or search that tests a hidden property), or None."""
+    hidden = profile.hidden
+    if not op.is_graph or not hidden:
+        return None
+    q = op.odata
+    if q.problem:
+        return (f"its OData options cannot be judged ({q.problem}), and mask profile '{profile.name}' hides "
+                "properties that a filter, sort or search could test")
+    for option, name in q.tested:
+        if name == "*":
+            return (f"{option} names no property, so it searches the default properties, which may include "
+                    f"what mask profile '{profile.name}' hides; search on named properties (\"displayName:...\")")
+        if name in hidden:
+            return (f"{option} tests '{hidden[name]}', which mask profile '{profile.name}' hides: a filter, sort or "
+                    "search on a masked property would reveal its values")
+    return None
 
 
 class PolicyStore:
@@ -1135,6 +1284,7 @@ class _Loader:
         self.profiles: dict[str, MaskProfile] = {}
         self.upstream_hosts: set[str] = set()
         self.tenants: frozenset[str] = frozenset()
+        self.token_sources: frozenset[TokenSource] = frozenset()
 
     def fail(self, pos: Pos, message: str, hint: str = "") -> NoReturn:
         raise PolicyError(self.source, pos[0] + 1, pos[1] + 1, message, hint)
@@ -1381,23 +1531,28 @@ class _Loader:
                                ids.get("login_client_id"))
 
     def identity(self, node: _Value) -> IdentityConfig:
+        for key, kpos, _ in self.entries(node, "identity"):
+            if key in _OLD_IDENTITY_KEYS:
+                self.fail(kpos, f"identity.{key}: audiences and issuers are now given per token source "
+                                "(identity.bearer, identity.proxy), so that a token minted for one source "
+                                "is refused in the other", _PER_SOURCE_HINT)
         m = self.mapping(
             node,
             "identity",
             {
                 "tenants": True,
-                "audiences": True,
-                "issuers": True,
+                "bearer": False,
+                "proxy": False,
                 "leeway_seconds": False,
                 "client_secret_grants": False,
             },
         )
         self.tenants = frozenset(t for t, _ in self.guids(m["tenants"], "identity.tenants"))
-        audiences = frozenset(a.strip() for a, _ in self.strings(m["audiences"], "identity.audiences"))
-        issuers = tuple(
-            self.issuer(item, f"identity.issuers[{i}]")
-            for i, item in enumerate(self.seq(m["issuers"], "identity.issuers", non_empty=True))
-        )
+        sources = {source: self.token_source(m[str(source)], source) for source in TokenSource if str(source) in m}
+        if not sources:
+            self.fail(node.key_pos or node.pos, "identity accepts no token: it names no token source",
+                      _PER_SOURCE_HINT)
+        self.token_sources = frozenset(sources)
         leeway = DEFAULT_LEEWAY
         if "leeway_seconds" in m:
             leeway = self.integer(m["leeway_seconds"], "identity.leeway_seconds", 0, MAX_LEEWAY)
@@ -1410,7 +1565,34 @@ class _Loader:
                     [c.value for c in ClientSecretGrants],
                 )
             )
-        return IdentityConfig(self.tenants, audiences, issuers, leeway, secret_grants)
+        return IdentityConfig(self.tenants, sources.get(TokenSource.PROXY), sources.get(TokenSource.BEARER),
+                              leeway, secret_grants)
+
+    def token_source(self, node: _Value, source: TokenSource) -> SourceTrust:
+        what = f"identity.{source}"
+        keys = {"audiences": True, "issuers": True}
+        if source is TokenSource.PROXY:
+            keys["graph_token"] = False
+        m = self.mapping(node, what, keys)
+        audiences = [(a.strip(), pos) for a, pos in self.strings(m["audiences"], f"{what}.audiences")]
+        issuers = tuple(
+            self.issuer(item, f"{what}.issuers[{i}]")
+            for i, item in enumerate(self.seq(m["issuers"], f"{what}.issuers", non_empty=True))
+        )
+        graph_token = self.boolean(m["graph_token"], f"{what}.graph_token") if "graph_token" in m else False
+        graph = [(a, pos) for a, pos in audiences if a.lower().rstrip("/") in _GRAPH_AUDIENCES]
+        if source is TokenSource.PROXY and graph and not graph_token:
+            self.fail(graph[0][1], f"{what}.audiences: '{graph[0][0]}' is Microsoft Graph's audience: a Graph "
+                                   "token in the proxy credentials is presented to Graph on the caller's behalf",
+                      "if this deployment's clients put the Graph token itself in HTTPS_PROXY, say so with "
+                      "'graph_token: true' under identity.proxy; otherwise list the gateway's own API here "
+                      "(its client id or App ID URI) and keep Graph's audiences under identity.bearer")
+        if graph_token and not graph:
+            self.fail(m["graph_token"].pos, f"{what}.graph_token is true, but {what}.audiences lists none of "
+                                            "Microsoft Graph's audiences",
+                      "a proxy source that carries the Graph token lists https://graph.microsoft.com (and its "
+                      "other spellings); remove graph_token otherwise")
+        return SourceTrust(frozenset(a for a, _ in audiences), issuers, graph_token)
 
     def issuer(self, node: _Value, what: str) -> IssuerConfig:
         if isinstance(node.value, dict):
@@ -1460,6 +1642,14 @@ class _Loader:
                 token = TokenRequirement(
                     self.choice(m["token"], f"{what}.token", [t.value for t in TokenRequirement])
                 )
+                needed = {TokenRequirement.PROXY: {TokenSource.PROXY}, TokenRequirement.BEARER: {TokenSource.BEARER},
+                          TokenRequirement.BOTH: {TokenSource.PROXY, TokenSource.BEARER}}.get(token, set())
+                missing = sorted(needed - self.token_sources)
+                if missing:
+                    self.fail(m["token"].pos, f"{what}.token: '{token}' needs a token in "
+                                              f"{' and '.join(_SOURCE_NAMES[s] for s in missing)}, but "
+                                              f"identity.{missing[0]} is not in the policy, so none is accepted there",
+                              f"add identity.{missing[0]} (its audiences and issuers), or choose another token")
             out.append(Upstream(host, token))
         return out
 
@@ -1719,19 +1909,23 @@ class _Loader:
         return mode == "report"
 
     def odata(self, node: _Value, what: str) -> ODataLimits:
-        keys = {"forbid_select": False, "forbid_expand": False, "max_top": False}
+        keys = {"forbid_select": False, "forbid_expand": False, "max_top": False, "allow_select": False}
         m = self.mapping(node, what, keys)
         if not m:
             self.fail(
                 node.key_pos or node.pos,
                 f"{what} limits nothing",
-                "give forbid_select, forbid_expand or max_top, or remove it",
+                "give forbid_select, forbid_expand, allow_select or max_top, or remove it",
             )
         names = {}
-        for key in ("forbid_select", "forbid_expand"):
+        for key in ("forbid_select", "forbid_expand", "allow_select"):
             if key not in m:
                 continue
             out = []
+            if key == "allow_select" and isinstance(m[key].value, list) and not m[key].value:
+                self.fail(m[key].pos, f"{what}.allow_select must not be empty",
+                          "list the properties a request may ask for, e.g. [id, displayName]; "
+                          "to refuse every request, use a deny rule")
             for i, (name, pos) in enumerate(self.strings(m[key], f"{what}.{key}", "e.g. [keyCredentials]")):
                 name = name.strip()
                 if not _PROPERTY.fullmatch(name):
@@ -1744,7 +1938,8 @@ class _Loader:
                 out.append(name)
             names[key] = tuple(dict.fromkeys(out))
         max_top = self.integer(m["max_top"], f"{what}.max_top", 1, MAX_TOP) if "max_top" in m else None
-        return ODataLimits(names.get("forbid_select", ()), names.get("forbid_expand", ()), max_top)
+        return ODataLimits(names.get("forbid_select", ()), names.get("forbid_expand", ()), max_top,
+                           names.get("allow_select"))
 
     def schedule(self, node: _Value, what: str) -> Schedule:
         keys = {"days": False, "hours": False, "timezone": False, "valid_from": False, "valid_until": False}

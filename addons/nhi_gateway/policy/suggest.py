@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nhi_gateway.identity.principal import TokenSource
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.observed import Observation
 
@@ -167,8 +168,8 @@ def allow_select_supported() -> bool:
 
     probe = """
 version: 1
-identity: {tenants: [00000000-0000-0000-0000-000000000001], audiences: [https://graph.microsoft.com],
-           issuers: ["https://sts.windows.net/{tenantid}/"]}
+identity: {tenants: [00000000-0000-0000-0000-000000000001],
+           bearer: {audiences: [https://graph.microsoft.com], issuers: ["https://sts.windows.net/{tenantid}/"]}}
 upstreams: [{host: graph.microsoft.com}]
 rules:
   - id: probe
@@ -315,8 +316,13 @@ def default_sections(observations: list[Observation]) -> dict[str, Any]:
             issuers.add(o.principal.issuer.replace(o.principal.tenant_id, "{tenantid}"))
     issuers = issuers or {"https://sts.windows.net/{tenantid}/"}
     hosts = sorted({o.op.host for o in observations})
-    identity = CommentedMap(tenants=tenants or ["00000000-0000-0000-0000-000000000000"],
-                            audiences=GRAPH_AUDIENCES, issuers=sorted(issuers))
+    # Each token source has its own trust: the recorded tokens are Graph's, so the bearer trusts
+    # Graph's audiences; when callers were seen carrying them in the proxy credentials, the proxy
+    # source says so (graph_token: true). A token for the gateway's own API is not in recordings.
+    identity = CommentedMap(tenants=tenants or ["00000000-0000-0000-0000-000000000000"])
+    identity["bearer"] = CommentedMap(audiences=GRAPH_AUDIENCES, issuers=sorted(issuers))
+    if any(o.principal and TokenSource.PROXY in o.principal.token_sources for o in observations):
+        identity["proxy"] = CommentedMap(graph_token=True, audiences=GRAPH_AUDIENCES, issuers=sorted(issuers))
     # The token endpoint is where callers come without a token; every other host needs one.
     upstreams = [CommentedMap(host=h, token="none" if h == TOKEN_HOST else "any") for h in hosts]
     return {"identity": identity, "upstreams": upstreams}

@@ -58,7 +58,7 @@ from nhi_gateway.policy.model import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
-from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL, KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class GatewayConfig:
     state: StateBackend | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
+    # At most one refetch of an issuer's keys per this many seconds for tokens with an unknown kid.
+    unknown_kid_refresh: float = DEFAULT_UNKNOWN_KID_INTERVAL
     # Recordings are written by a child process (nhi_gateway.recording.process), off the event
     # loop; False writes them in the gateway's own process (tests that reach into the recorder).
     recording_process: bool = True
@@ -165,9 +167,11 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     metrics.watch(state_metrics(approval, approvals, verifier.keys, groups))
 
     def trusted_issuers():
-        trust = trust_of(policies.current)
-        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in sorted(trust.tenants)
-                for i in trust.issuers]
+        # Every issuer of every token source, once (a source left out of the policy has none).
+        by_source = trust_of(policies.current).values()
+        tenants = sorted({t for trust in by_source for t in trust.tenants})
+        issuers = dict.fromkeys(i for trust in by_source for i in trust.issuers)
+        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in tenants for i in issuers]
 
     admin = Admin(metrics, gateway_checks(policies, verifier.keys, trusted_issuers, recorder, health, approvals,
                                           stopping), require_tls=config.admin_tls_cert is not None)
@@ -320,7 +324,7 @@ async def start(config: GatewayConfig) -> Gateway:
     m.addons.add(*builtin)
     health = Health()
     egress = EgressClient(config.resolve, str(config.upstream_ca) if config.upstream_ca else None)
-    verifier = TokenVerifier(KeyStore(egress.get_json))
+    verifier = TokenVerifier(KeyStore(egress.get_json, unknown_kid_interval=config.unknown_kid_refresh))
     groups = None
     if config.graph_credential is not None:
         groups = GroupResolver(config.graph_credential, egress, ttl=config.groups_ttl)

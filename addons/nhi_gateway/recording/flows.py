@@ -32,7 +32,7 @@ from nhi_gateway.policy.batch import (
     inner_requests_of,
     inner_responses_of,
 )
-from nhi_gateway.policy.decision import DECISION_KEY, Decision, decision_of
+from nhi_gateway.policy.decision import DECISION_KEY, Decision, decision_of, set_decision
 from nhi_gateway.recording.files import (
     DEFAULT_FSYNC_INTERVAL,
     DEFAULT_MAX_BYTES,
@@ -198,6 +198,11 @@ class FlowRecorder:
                 self.write(inner, comment_prefix=prefix, connections=connections)
         return path
 
+    def record_in_part(self, flow, why: str, connections: tuple[bytes, bytes] | None = None) -> Path:
+        """The flow without its bodies (and without its batch's inner records), its comment
+        saying why: what reached Graph is recorded, in part when it cannot be in full."""
+        return self.write(in_part(flow, why), connections=connections)
+
     def write_ahead(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
         """The request half and decision of a flow about to be forwarded, to the day's write-ahead
         log: once this returns, what the gateway lets through is on record even if it dies before
@@ -223,6 +228,23 @@ class FlowRecorder:
             logger.error("closing the recordings in %s: %s", self.directory, e)
 
 
+def in_part(flow, why: str):
+    """A copy of ``flow`` for a record in part: bodies left out, the reason in its decision (and so
+    in the comment mitmweb shows)."""
+    part = flow.copy()
+    part.id = flow.id
+    if isinstance(part, http.HTTPFlow):
+        part.request.raw_content = b""  # raw: an encoded empty body (gzip) is not empty
+        if part.response is not None:
+            part.response.raw_content = b""
+    part.metadata.pop(BATCH_KEY, None)
+    decision = decision_of(flow)
+    note = f"recorded in part ({why}): the bodies are left out"
+    if decision is not None:
+        set_decision(part, decision.but(reason=f"{decision.reason} · {note}" if decision.reason else note))
+    return part
+
+
 # --- $batch: each inner request recorded as if it had been sent alone -----------------------------
 
 # Request targets are written as sent, percent-encoding included; only what a URL cannot hold is encoded.
@@ -243,45 +265,60 @@ def batch_inner_flows(outer: http.HTTPFlow) -> list[tuple[http.HTTPFlow, str]]:
         request_data = decode_body(r.raw_content or b"", ",".join(r.headers.get_all("content-encoding")))
     except BatchError:
         request_data = None
-    requests = inner_requests_of(request_data)
+    try:
+        requests = inner_requests_of(request_data)
+    except Exception as exc:  # noqa: BLE001 - the inner records are still written, without bodies
+        logger.error("flow %s: the inner requests of the batch could not be read back: %r", outer.id, exc)
+        requests = {}
     responses = {}
     if outer.response is not None and outer.response.raw_content:
         try:
             responses = inner_responses_of(outer.response.get_content(strict=True))
-        except ValueError:
+        except Exception:  # noqa: BLE001 - as above: recorded without their answers' bodies
             responses = {}
     outer_decision = decision_of(outer)
     flows = []
     for e in outer.metadata.get(BATCH_KEY) or ():
-        key = str(e.get("id") or "").casefold()
-        sent = bool(e.get("sent"))
-        part = requests.get(key) if key else None
-        target = quote(str(e.get("target") or "/"), safe=_TARGET_SAFE)
-        request = http.Request.make(
-            str(e.get("method") or "GET"), f"https://{r.host}:{r.port}{target}",
-            part.content if part else b"", [(k.encode(), v.encode()) for k, v in (part.headers if part else ())],
-        )
-        request.http_version = r.http_version
-        request.timestamp_start, request.timestamp_end = r.timestamp_start, r.timestamp_end
-        inner = http.HTTPFlow(outer.client_conn, outer.server_conn)
-        inner.id = inner_flow_id(outer.id, e)
-        inner.timestamp_created = outer.timestamp_created
-        inner.request = request
-        answer = responses.get(key) if key and sent else None
-        if answer is not None:
-            inner.response = http.Response.make(answer.status, answer.content,
-                                                [(k.encode(), v.encode()) for k, v in answer.headers])
-            inner.response.http_version = outer.response.http_version
-            inner.response.timestamp_start = outer.response.timestamp_start
-            inner.response.timestamp_end = outer.response.timestamp_end
-        inner.metadata[DECISION_KEY] = inner_decision(outer_decision, e).to_dict()
-        inner.metadata[INNER_KEY] = {"flow_id": outer.id, "id": e.get("id"), "index": e.get("index"), "sent": sent}
-        label = e.get("id") or f"#{int(e.get('index') or 0) + 1}"
-        if sent:
-            note = ""
-        elif outer_decision is not None and outer_decision.allowed:
-            note = "(no answer from Graph) "
-        else:
-            note = "(not sent: the batch was refused) "
-        flows.append((inner, f"batch {outer.id}/{label}: {note}"))
+        try:
+            flows.append(_inner_flow(outer, e, requests, responses, outer_decision))
+        except Exception as exc:  # noqa: BLE001 - one inner record must not cost the others
+            logger.error("flow %s: the record of inner request %r could not be built in full: %r",
+                         outer.id, e.get("id"), exc)
+            inner, prefix = _inner_flow(outer, e, {}, {}, outer_decision)
+            flows.append((in_part(inner, f"it could not be rebuilt: {type(exc).__name__}"), prefix))
     return flows
+
+
+def _inner_flow(outer: http.HTTPFlow, e, requests, responses, outer_decision) -> tuple[http.HTTPFlow, str]:
+    r = outer.request
+    key = str(e.get("id") or "").casefold()
+    sent = bool(e.get("sent"))
+    part = requests.get(key) if key else None
+    target = quote(str(e.get("target") or "/"), safe=_TARGET_SAFE)
+    request = http.Request.make(
+        str(e.get("method") or "GET"), f"https://{r.host}:{r.port}{target}",
+        part.content if part else b"", [(k.encode(), v.encode()) for k, v in (part.headers if part else ())],
+    )
+    request.http_version = r.http_version
+    request.timestamp_start, request.timestamp_end = r.timestamp_start, r.timestamp_end
+    inner = http.HTTPFlow(outer.client_conn, outer.server_conn)
+    inner.id = inner_flow_id(outer.id, e)
+    inner.timestamp_created = outer.timestamp_created
+    inner.request = request
+    answer = responses.get(key) if key and sent else None
+    if answer is not None:
+        inner.response = http.Response.make(answer.status, answer.content,
+                                            [(k.encode(), v.encode()) for k, v in answer.headers])
+        inner.response.http_version = outer.response.http_version
+        inner.response.timestamp_start = outer.response.timestamp_start
+        inner.response.timestamp_end = outer.response.timestamp_end
+    inner.metadata[DECISION_KEY] = inner_decision(outer_decision, e).to_dict()
+    inner.metadata[INNER_KEY] = {"flow_id": outer.id, "id": e.get("id"), "index": e.get("index"), "sent": sent}
+    label = e.get("id") or f"#{int(e.get('index') or 0) + 1}"
+    if sent:
+        note = ""
+    elif outer_decision is not None and outer_decision.allowed:
+        note = "(no answer from Graph) "
+    else:
+        note = "(not sent: the batch was refused) "
+    return inner, f"batch {outer.id}/{label}: {note}"
