@@ -172,9 +172,11 @@ def test_one_rule_per_identity_with_what_it_was_seen_doing(capsys, tmp_path, tra
         "/v1.0/groups/{id}/members", "/v1.0/users", "/v1.0/users/{id}"]
     assert {m for o in mcp.operations for m in o.methods} == {"GET"}
     assert re.search(r"- /v1.0/users/\{id\} +# 2 requests, first 2025-07-07T09:30:00Z, last 2025-07-07T11:30:00Z\n", text)
-    # This gateway has no odata.allow_select (yet): the properties are a comment, names as Graph
-    # compares them (case-insensitively).
-    assert re.search(r"- /v1.0/users +# 1 request, first 2025-07-07T09:30:00Z; \$select seen: displayname, id\n", text)
+    # The $select properties seen become allow_select (names as Graph compares them, case-insensitively).
+    assert re.search(r"- /v1.0/users +# 1 request, first 2025-07-07T09:30:00Z\n +odata:\n +allow_select: "
+                     r"\[displayname, id\]\n", text)
+    users = next(o for o in mcp.operations if any(p.text == "/v1.0/users" for p in o.paths))
+    assert users.odata is not None
     # The person-approved operation stays behind a person, the one who approved it.
     bot = policy.rule("suggested-rotation-bot-approved")
     assert bot is not None and bot.action is Action.APPROVE and bot.approval.users == frozenset({ADELE})
@@ -230,7 +232,7 @@ def test_without_a_base_the_identity_and_upstreams_come_from_what_was_seen(capsy
     policy = load_policy(path)
     assert policy.identity.tenants == frozenset({TENANT})
     assert {u.host: str(u.token) for u in policy.upstreams} == {GRAPH: "any", LOGIN: "none"}
-    assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/users"), RECORDED_AT).allowed
+    assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/users?$select=displayName,id"), RECORDED_AT).allowed
 
 
 def test_suggest_from_the_audit_trail(capsys, tmp_path, base):
@@ -255,7 +257,7 @@ def test_suggest_from_the_audit_trail(capsys, tmp_path, base):
     assert from_audit_record(lines[2]) is None and from_audit_record(lines[3]) is None
     path, _ = suggest(capsys, tmp_path, "--base", str(base), "--audit", str(audit))
     policy = load_policy(path)
-    assert policy.decide(MCP_PRINCIPAL, op("GET", f"/v1.0/users/{USER}"), RECORDED_AT).allowed
+    assert policy.decide(MCP_PRINCIPAL, op("GET", f"/v1.0/users/{USER}?$select=mail"), RECORDED_AT).allowed
     assert not policy.decide(MCP_PRINCIPAL, op("DELETE", f"/v1.0/users/{USER}"), RECORDED_AT).allowed
     held = policy.decide(BOT, op("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword"), RECORDED_AT)
     assert held.action is Action.APPROVE and policy.rule(held.rule_id).approval.users == frozenset({ADELE})
@@ -317,12 +319,11 @@ def test_a_base_deny_rule_that_refuses_what_was_allowed_is_left_out_and_said(cap
 
 
 def test_select_becomes_allow_select_once_the_loader_accepts_it(traffic):
-    """Written for the loader that has ``odata.allow_select``: the suggestion then names the
-    properties seen per operation (until then, allow_select_supported() is False and they are
-    comments, as tested above)."""
+    """The loader has ``odata.allow_select``: the suggestion names the properties seen per operation
+    (with a loader without it, allow_select_supported() is False and they would be comments)."""
     from nhi_gateway.policy.suggest import allow_select_supported, collect, suggest_rules
 
-    assert allow_select_supported() is False  # this branch's loader: update this test when it lands
+    assert allow_select_supported() is True
     seen = [o for p in traffic.rglob("*.mitm") for o in map(from_flow, io.FlowReader(p.open("rb")).stream()) if o]
     rules = suggest_rules(collect([o for o in seen if o.allowed]), with_select=True)
     mcp = next(r for r in rules if r["id"] == "suggested-mcp-directory")

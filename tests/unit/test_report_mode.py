@@ -22,8 +22,8 @@ WHO = Principal(TENANT, "0b1c2d3e-0000-4000-8000-000000000042", MCP, "mcp-direct
 
 HEAD = f"""\
 version: 1
-identity: {{tenants: [{TENANT}], audiences: [https://graph.microsoft.com],
-           issuers: ["https://sts.windows.net/{{tenantid}}/"]}}
+identity: {{tenants: [{TENANT}], bearer: {{audiences: [https://graph.microsoft.com],
+           issuers: ["https://sts.windows.net/{{tenantid}}/"]}}}}
 upstreams: [{{host: graph.microsoft.com}}]
 masking: {{default_profile: pii, profiles: {{pii: {{fields: [mail]}}}}}}
 """
