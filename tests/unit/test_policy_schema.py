@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from nhi_gateway.policy.model import PolicyError, parse_policy
+from nhi_gateway.policy.loader import PolicyError, parse_policy
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -14,7 +14,7 @@ from mitmproxy import http
 from nhi_gateway.policy.batch import BATCH_KEY, batch_refusal_body, is_batch_endpoint, judge_batch, names_batch
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.identity.token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
 from nhi_gateway.addons.identity import PRINCIPAL_KEY

@@ -15,7 +15,7 @@ from mitmproxy import http
 from nhi_gateway.policy.batch import BATCH_KEY, mask_batch_response
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.masking.masks import BodyKind, MaskingError, MaskProfile, body_kind, mask_body, mask_json_bytes, media_type
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse, set_decision
 
 logger = logging.getLogger(__name__)

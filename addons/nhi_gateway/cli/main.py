@@ -15,7 +15,7 @@ from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
-from nhi_gateway.policy.model import PolicyError
+from nhi_gateway.policy.loader import PolicyError
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
 
 

@@ -40,15 +40,9 @@ from urllib.parse import urlsplit
 
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
-from nhi_gateway.policy.model import (
-    REFUSAL_CODE,
-    REFUSAL_STATUS,
-    Outcome,
-    Policy,
-    PolicyError,
-    load_policy,
-    policy_warnings,
-)
+from nhi_gateway.policy.lint import policy_warnings
+from nhi_gateway.policy.loader import PolicyError, load_policy
+from nhi_gateway.policy.model import REFUSAL_CODE, REFUSAL_STATUS, Outcome, Policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 EXIT_ALLOW, EXIT_DENY, EXIT_USAGE, EXIT_APPROVE = 0, 1, 2, 3

@@ -44,7 +44,7 @@ from nhi_gateway.recording.audit import AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
-from nhi_gateway.policy.model import PolicyStore, load_policy
+from nhi_gateway.policy.loader import PolicyStore, load_policy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
