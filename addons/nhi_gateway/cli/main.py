@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_lookalike(sub)
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
-    policy_cli.register(sub)  # policy lint|explain|replay: each sets its own handler
+    policy_cli.register(sub)  # policy lint|explain|replay|schema: each sets its own handler
     args = parser.parse_args(argv)
     if args.command != "run":  # mitmproxy installs its own log handler for the proxy
         logging.basicConfig(

@@ -95,6 +95,12 @@ def register(sub) -> None:
                         help="also list unchanged flows and flows decided by another rule to the same effect")
     replay.set_defaults(handler=cmd_replay)
 
+    schema = cmds.add_parser(
+        "schema", help="print the policy's JSON Schema (policies/policy.schema.json), generated from the loader's models",
+    )
+    schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write it to FILE instead")
+    schema.set_defaults(handler=cmd_schema)
+
 
 def _instant(text: str) -> datetime:
     try:
@@ -104,6 +110,22 @@ def _instant(text: str) -> datetime:
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no offset: add Z or +01:00")
     return value.astimezone(UTC)
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def cmd_schema(args, out: TextIO | None = None) -> int:
+    """The schema editors use is generated from the models the loader validates with, so the two
+    cannot drift apart; tests/unit/test_policy_schema.py fails when the committed file is stale."""
+    from nhi_gateway.policy.shape import schema_text
+
+    text = schema_text()
+    if args.output is not None:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        (out or sys.stdout).write(text)
+    return 0
 
 
 # --- lint -----------------------------------------------------------------------------------------
