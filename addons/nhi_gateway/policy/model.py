@@ -171,8 +171,10 @@ parse as its declared type (JSON, form, text in its charset) is always refused (
 ``nhi-gateway policy lint`` reports the loader's errors (:mod:`nhi_gateway.policy.loader`) and warns about rules that can never decide;
 ``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
 recorded traffic under an edited policy (:mod:`nhi_gateway.cli.policy`).
-``policies/policy.schema.json`` describes the file for YAML language servers; this loader checks
-more than the schema can (hosts under upstreams, unique ids, known profiles and time zones).
+The shape of the file is described once, by the models of :mod:`nhi_gateway.policy.shape`: the
+loader (:mod:`nhi_gateway.policy.loader`) validates with them, and ``policies/policy.schema.json``
+(for YAML language servers) is generated from them; the loader checks more than the schema can
+(hosts under upstreams, unique ids, known profiles and time zones).
 """
 
 

@@ -25,7 +25,17 @@ from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -230,8 +240,6 @@ def _listed(v: Any, hint: str = "", non_empty: bool = True) -> list:
 
 def list_of(item, hint: str = "", non_empty: bool = True, **field):
     """A list of ``item``; ``[x]`` is what a lone value is told to become."""
-    from pydantic import BeforeValidator
-
     return Annotated[list[item], BeforeValidator(lambda v: _listed(v, hint, non_empty)),
                      Field(min_length=1 if non_empty else 0, **field)]
 
@@ -253,8 +261,6 @@ def texts(description: str, hint: str = ""):
 
 
 def _list_checks(hint: str, non_empty: bool = True):
-    from pydantic import BeforeValidator
-
     return [BeforeValidator(lambda v: _listed(v, hint, non_empty))]
 
 
@@ -308,7 +314,7 @@ class Shape(BaseModel):
     """A mapping of the policy: only its own keys, each once; a key whose value is null is absent
     (a commented-out list), unless it is required."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, defer_build=False)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     _keys: ClassVar[dict[str, bool]]  # key -> required, in the order the class declares them
 
     @classmethod
@@ -378,7 +384,9 @@ class IdentityDoc(Shape):
         list[Issuer], *_list_checks(""), Field(min_length=1,
             description="Issuer templates; {tenantid} becomes the token's tid and must then equal iss.")
     ]
-    leeway_seconds: Annotated[int | None, *integer_between(0, MAX_LEEWAY, "Tolerated clock skew on exp/nbf, 0..300 (default 60).")] = None
+    leeway_seconds: Annotated[
+        int | None, *integer_between(0, MAX_LEEWAY, "Tolerated clock skew on exp/nbf, 0..300 (default 60).")
+    ] = None
     client_secret_grants: Annotated[
         str | None,
         *choice_of(ClientSecretGrants, "Token requests that authenticate with a static client secret: allow, "
@@ -557,8 +565,6 @@ def _profiles(v: Any, info: ValidationInfo) -> dict[str, MaskProfileDoc]:
 
 def _validate_in(model: type[Shape], value: Any, info: ValidationInfo, at: tuple):
     """``model`` validated as the value at ``at`` below the current place (errors keep their place)."""
-    from pydantic import ValidationError
-
     try:
         return model.model_validate(value, context=_ctx(info))
     except ValidationError as e:
@@ -661,7 +667,8 @@ def _arm_id(v: Any) -> str:
     return value.lower()
 
 
-AuthMethodName = Annotated[str, *leaf(_auth_method, {"type": "string", "pattern": r"^\s*(certificate|client_secret|public_client|unknown)\s*$"})]
+AuthMethodName = Annotated[str, *leaf(_auth_method, {
+    "type": "string", "pattern": r"^\s*(certificate|client_secret|public_client|unknown)\s*$"})]
 TokenSourceName = Annotated[str, *choice_of([t.value for t in TokenSource])]
 ArmId = Annotated[str, *leaf(_arm_id, {"type": "string", "pattern": r"^\s*/"})]
 _WHO = ("app_ids", "object_ids", "groups", "roles", "tenants", "auth_methods", "app_only", "token_sources",
@@ -705,18 +712,21 @@ class WhenDoc(Shape):
         return self
 
 
+PropertyName = Annotated[str, *leaf(lambda v: _property(v), {"type": "string", "pattern": rf"^\s*{PROPERTY}\s*$"})]
+
+
 class ODataDoc(Shape):
     """OData limits (Graph only). On allow/approve rules: a request that breaks them is not covered. On deny
     rules: only requests that break them are denied."""
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
-    forbid_select: optional(list_of(Annotated[str, *leaf(lambda v: _property(v), {"type": "string", "pattern": rf"^\s*{PROPERTY}\s*$"})],
-                                    "e.g. [keyCredentials]"),
-                            "Properties a request must not $select, at any depth of $expand; $select=* asks for all of them.") = None
-    forbid_expand: optional(list_of(Annotated[str, *leaf(lambda v: _property(v), {"type": "string", "pattern": rf"^\s*{PROPERTY}\s*$"})],
-                                    "e.g. [keyCredentials]"),
-                            "Navigation properties a request must not $expand, at any depth; $expand=* asks for all of them.") = None
+    forbid_select: optional(list_of(PropertyName, "e.g. [keyCredentials]"),
+                            "Properties a request must not $select, at any depth of $expand; $select=* asks for "
+                            "all of them.") = None
+    forbid_expand: optional(list_of(PropertyName, "e.g. [keyCredentials]"),
+                            "Navigation properties a request must not $expand, at any depth; $expand=* asks for "
+                            "all of them.") = None
     max_top: Annotated[int | None, *integer_between(1, MAX_TOP, "The largest $top allowed, at any depth (a request "
                                                     "without $top gets Graph's default page size).")] = None
 
