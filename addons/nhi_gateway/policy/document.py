@@ -7,10 +7,15 @@ parser, about 0.4 s for the same file) with YAML 1.2 scalar resolution taken fro
 so ``yes`` stays a string and ``0o17`` an octal as the round-trip reader reads them.
 
 The fast reader takes only what it reads exactly as ruamel.yaml would: plain mappings with unique
-string keys, lists, strings, whole numbers, booleans, nulls and timestamps. Anything else (a syntax
-error, a duplicate key, a merge key ``<<``, an explicit or unknown tag it cannot construct, a float)
+string keys, lists, strings, whole numbers, booleans, nulls and timestamps, all without explicit
+tags. Anything else (a syntax error, a duplicate key, a merge key ``<<``, any tag written in the
+file, a float, a tab anywhere)
 is read again by ruamel.yaml's round-trip reader, whose errors and values are the reference, so
 every message keeps its wording and position.
+
+One difference is kept on purpose: an empty value (``key:`` or ``-`` with nothing after it) is
+placed right after its key or dash, where libyaml places it; ruamel.yaml places it at the next
+token, which may be lines further down after comments.
 
 Both readers return dicts and lists whose ``.lc`` answers ``line``/``col`` (the container's first
 position), ``key(k)``, ``value(k)`` and ``item(i)`` as ruamel.yaml's ``CommentedMap`` and
@@ -43,10 +48,25 @@ class Unusual(Exception):
     """The fast reader met something only the round-trip reader reads exactly."""
 
 
+class _Implicit(str):
+    """A tag the resolver chose, not one written in the file (``!!str x``, ``!foo``): explicit tags
+    are left to the round-trip reader, whose positions and values for them are the reference."""
+
+
+_IMPLICIT: dict[str, _Implicit] = {}
+
+
 class _Loader(yaml.CSafeLoader):
     """libyaml's parser with ruamel.yaml's YAML 1.2 implicit tags (PyYAML's are YAML 1.1)."""
 
     yaml_implicit_resolvers: dict = {}
+
+    def resolve(self, kind, value, implicit):  # noqa: ANN001, ANN201 - PyYAML's signature
+        tag = super().resolve(kind, value, implicit)
+        found = _IMPLICIT.get(tag)
+        if found is None:
+            found = _IMPLICIT[tag] = _Implicit(tag)
+        return found
 
 
 for _versions, _tag, _regexp, _first in implicit_resolvers:
@@ -97,6 +117,10 @@ _TIMESTAMPS = SafeConstructor()
 
 def read_fast(text: str) -> Any:
     """The document, or :class:`Unusual` when the round-trip reader must read it."""
+    if "\t" in text:
+        # YAML forbids tabs in indentation, and the two readers disagree about them elsewhere
+        # (libyaml takes "a\tb" as a plain scalar, ruamel.yaml refuses it): ruamel.yaml decides.
+        raise Unusual("a tab")
     try:
         root = yaml.compose(text, Loader=_Loader)
         return None if root is None else _Builder().build(root)
@@ -114,6 +138,8 @@ class _Builder:
         done = self.done.get(id(node))
         if done is not None:
             return done[0]
+        if type(node.tag) is not _Implicit:
+            raise Unusual(f"explicit tag {node.tag}")
         if isinstance(node, yaml.ScalarNode):
             value = self.scalar(node)
         elif isinstance(node, yaml.MappingNode):
@@ -123,7 +149,7 @@ class _Builder:
             value = PlacedMap()
             lc = value.lc = MapLC(mark.line, mark.column)
             for knode, vnode in node.value:
-                if not isinstance(knode, yaml.ScalarNode) or knode.tag != _STR:
+                if not isinstance(knode, yaml.ScalarNode) or knode.tag != _STR or type(knode.tag) is not _Implicit:
                     raise Unusual("a key that is not a plain string")
                 key = knode.value
                 if key in value:
