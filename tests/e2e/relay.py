@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 
 
@@ -148,14 +149,16 @@ class MuteServer:
     """A TLS server that completes the handshake and reads the request, then answers nothing
     (``silent``) or only the start of a response (``trickle``: headers and a few bytes of a body
     it never finishes): the stand-in for an upstream that hangs once connected. Or it answers
-    ``200`` with a JSON body of ``size`` bytes (``huge``). ``requests`` counts the requests read."""
+    ``200`` with a JSON body of ``size`` bytes (``huge``), or a small one after ``delay`` seconds
+    (``slow``: a request still in flight). ``requests`` counts the requests read."""
 
-    def __init__(self, cert: str, key: str, behaviour: str = "silent", size: int = 0) -> None:
+    def __init__(self, cert: str, key: str, behaviour: str = "silent", size: int = 0, delay: float = 0) -> None:
         import ssl
 
-        assert behaviour in ("silent", "trickle", "huge"), behaviour
+        assert behaviour in ("silent", "trickle", "huge", "slow"), behaviour
         self.behaviour = behaviour
         self.size = size
+        self.delay = delay
         self.requests = 0
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
@@ -203,6 +206,11 @@ class MuteServer:
             self.requests += 1
             if self.behaviour == "huge":
                 body = b'{"value":"' + b"x" * (self.size - 12) + b'"}'
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            elif self.behaviour == "slow":
+                time.sleep(self.delay)
+                body = b'{"value": [], "slow": true}'
                 s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
             elif self.behaviour == "trickle":

@@ -42,7 +42,10 @@ WAIT = 30.0  # the longest any test waits for the gateway to reach a state (neve
 def policy_text(lookalike, webhook: str | None = None) -> str:
     bot = lookalike.app("rotation-bot")["client_id"]
     finance = lookalike.info["groups"]["Finance"]
-    approvals = f"approvals:\n  webhook: {webhook}\n" if webhook else ""
+    api = lookalike.info["approvals_api"]  # the gateway's app registration in the look-alike tenant
+    approvals = (f"approvals:\n  client_id: {api['client_id']}\n  app_id_uri: {api['app_id_uri']}\n"
+                 f"  scope: {api['scope']}\n  require_auth_context: {api['auth_context']}\n")
+    approvals += f"  webhook: {webhook}\n" if webhook else ""
     return f"""\
 version: 1
 identity:
@@ -111,14 +114,27 @@ def workload(lookalike, authority) -> Callable[..., str]:
     return mint
 
 
-def person(lookalike, authority, who: tuple[str, str], groups: list[str] | None = None) -> str:
-    """A person's delegated Graph token, as `az account get-access-token` gets it."""
+def person(lookalike, authority, who: tuple[str, str], groups: list[str] | None = None, **changes) -> str:
+    """A person's approver token, as `nhi-gateway approvals login` gets it after an MFA sign-in:
+    v2, for the gateway's app registration, with its scope and authentication context."""
     oid, name = who
     alias = name.split()[0] + name.split()[1][0]
-    return authority.mint_app_token(
-        tenant_id=lookalike.tenant_id, app_id=AZURE_CLI, object_id=oid, display_name="Azure CLI", acr="0",
-        groups=groups, extra_claims={"idtyp": "user", "scp": "User.Read Directory.AccessAsUser.All", "name": name,
-                                     "upn": f"{alias}@{lookalike.info['tenant_domain']}"})
+    api = lookalike.info["approvals_api"]
+    args = dict(tenant_id=lookalike.tenant_id, object_id=oid, client_id=api["client_id"],
+                audience=api["client_id"], scopes=[api["scope"]], name=name,
+                upn=f"{alias}@{lookalike.info['tenant_domain']}", amr=["pwd", "mfa"], acrs=[api["auth_context"]],
+                groups=groups)
+    return authority.mint_user_token(**(args | changes))
+
+
+def graph_token_of(lookalike, authority, who: tuple[str, str]) -> str:
+    """The same person's delegated Graph token, as `az account get-access-token` gets it (and as
+    any app acting on the person's behalf holds one)."""
+    oid, name = who
+    return authority.mint_user_token(
+        tenant_id=lookalike.tenant_id, object_id=oid, client_id=AZURE_CLI, audience=GRAPH, version="1.0",
+        scopes=["User.Read", "Directory.AccessAsUser.All"], name=name, amr=["pwd", "mfa"],
+        acrs=[lookalike.info["approvals_api"]["auth_context"]])
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +272,8 @@ def recorded(gateway, mark: str):
 
 def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"])
+    env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"],
+               PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")  # never the tester's own keyring
     return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "approvals", *args],
                           env=env, capture_output=True, text=True, timeout=60)
 
@@ -369,17 +386,32 @@ def test_client_disconnecting_while_held_cancels_the_request(gateway, lookalike,
 # --- who may approve -----------------------------------------------------------------------------
 
 
-def test_no_identity_approves_its_own_request(gateway, lookalike, workload, api, monkeypatch):
-    """The workload is named as an approver of the rule, and still cannot approve itself."""
+def test_no_identity_approves_its_own_request(gateway, lookalike, authority, workload, adele, api, monkeypatch):
+    """A workload the rule names as an approver cannot approve its own request: its token is no
+    approver's token (401). A person whose own request is held (rotation-bot acting on Adele's
+    behalf, with her delegated Graph token) cannot approve it either, although the rule names her
+    and she presents her approver token (403)."""
     use_proxy(monkeypatch, gateway)
     mark = marker()
     own = workload(SELF_LISTED)
     call = add_password(lookalike, own, mark, app="rotation-bot")
     [held] = api.wait_for(mark)
     r = API(gateway, own).approve(held["id"], reason="trust me")
+    assert r.status_code == 401 and r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "approver_audience"
+    assert cli(gateway, own, "approve", held["id"]).returncode == 1
+    assert api.deny(held["id"], "self-approval attempt").status_code == 200
+    assert call.result().status_code == 403
+
+    hers = authority.mint_user_token(
+        tenant_id=lookalike.tenant_id, object_id=ADELE[0], client_id=lookalike.app("rotation-bot")["client_id"],
+        audience=GRAPH, version="1.0", scopes=["Application.ReadWrite.All"], name=ADELE[1])
+    mark = marker()
+    call = add_password(lookalike, hers, mark, app="rotation-bot")
+    [held] = api.wait_for(mark)
+    r = api.approve(held["id"], reason="trust me")
     assert r.status_code == 403
     assert "cannot approve its own request" in error_message(r)
-    assert cli(gateway, own, "approve", held["id"]).returncode == 1
+    assert cli(gateway, adele, "approve", held["id"]).returncode == 1
     assert [a["state"] for a in api.approvals("all") if a["id"] == held["id"]] == ["pending"]
     assert not call.done and not reached_graph(lookalike, mark)
     assert api.deny(held["id"], "self-approval attempt").status_code == 200
@@ -670,3 +702,296 @@ def test_the_approval_api_is_not_reachable_through_the_proxy(gateway, adele, mon
                      proxies={"http": gateway.proxy()})
     assert r.status_code == 403, r.text
     assert "not an upstream named in the policy" in error_message(r)
+
+
+# --- stopping and reloading by signal ------------------------------------------------------------
+
+
+def test_sigterm_drains_held_requests_get_503_and_requests_in_flight_finish(tmp_path, lookalike, workload, adele,
+                                                                           monkeypatch):
+    """What an orchestrator's SIGTERM must do: no new connections, a new request on an open one
+    refused 503, a held request answered 503 naming the stop, a request already at Graph answered
+    in full, every one of them audited and recorded, and a clean exit."""
+    import signal
+    import socket
+
+    from mitmproxy import io
+
+    from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE
+
+    from .relay import MuteServer
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    pki = lookalike.state_dir / "pki"
+    with MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "slow", delay=3) as graph:
+        gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
+                           extra_args=["--resolve", f"graph.microsoft.com={graph.address}"])
+        try:
+            use_proxy(monkeypatch, gw)
+            api = API(gw, adele)
+            token = workload()
+            open_conn = requests.Session()  # a keep-alive tunnel opened before the stop
+            first = open_conn.get(f"{GRAPH}/v1.0/users/{marker()}", headers={"Authorization": f"Bearer {token}"},
+                                  timeout=WAIT)
+            assert first.status_code == 200, first.text
+            held_mark, slow_mark = marker(), marker()
+            held = add_password(lookalike, token, held_mark)
+            [pending] = api.wait_for(held_mark)
+            slow = Call("GET", f"{GRAPH}/v1.0/users/{slow_mark}", token)
+            deadline = time.monotonic() + WAIT
+            while graph.requests < 2:  # the slow request is at Graph, waiting for its answer
+                assert time.monotonic() < deadline and slow.thread.is_alive()
+                time.sleep(0.02)
+
+            gw.proc.send_signal(signal.SIGTERM)
+
+            r = held.result()
+            assert r.status_code == 503, r.text
+            assert "stopping (SIGTERM)" in error_message(r)
+            late = open_conn.get(f"{GRAPH}/v1.0/users/{marker()}", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=WAIT)
+            assert late.status_code == 503 and "stopping" in error_message(late)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", gw.port), timeout=5).close()
+            answered = slow.result()
+            assert answered.status_code == 200 and answered.json()["slow"] is True
+            assert gw.proc.wait(WAIT) == 0
+        finally:
+            stop(gw.proc)
+        assert graph.requests == 2  # the held and the late request never reached Graph
+
+    lines = gw.audit()
+    [final] = [a for a in lines if a.get("flow_id") == held_flow(gw, pending["id"]) and not a.get("event")]
+    assert final["status"] == 503 and final["decision"] == "deny" and "stopping" in final["reason"]
+    [slow_line] = [a for a in lines if slow_mark in (a.get("url") or "")]
+    assert slow_line["status"] == 200
+    assert any(a["status"] == 503 and "stopping" in a["reason"] and "/users/" in a["url"] for a in lines)
+    seen = {}
+    for path in gw.recording_files():
+        with open(path, "rb") as f:
+            for flow in io.FlowReader(f).stream():
+                seen[flow.request.path] = flow
+    [held_flow_on_disk] = [f for p, f in seen.items() if held_mark in p]
+    assert held_flow_on_disk.response.status_code == 503
+    assert any(slow_mark in p and f.response.status_code == 200 for p, f in seen.items())
+
+
+def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_last_good_one(tmp_path, lookalike, workload,
+                                                                          monkeypatch):
+    import signal
+
+    policy = tmp_path / "policy.yaml"
+    good = policy_text(lookalike)
+    policy.write_text(good)
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy)
+    try:
+        use_proxy(monkeypatch, gw)
+        token = workload()
+
+        def read_user() -> tuple[requests.Response, bool]:
+            """The answer, and whether the gateway let the request reach Graph."""
+            mark = marker()
+            r = requests.get(f"{GRAPH}/v1.0/users/{mark}", headers={"Authorization": f"Bearer {token}"},
+                             timeout=WAIT)
+            return r, reached_graph(lookalike, mark)
+
+        assert read_user()[1]
+        # The same size, inode and mtime: the file watcher cannot see this edit, only SIGHUP can.
+        before = os.stat(policy)
+        denying = good.replace("  - id: directory-read\n    action: allow\n", "  - id: directory-read\n    action: deny \n")
+        assert denying != good and len(denying) == len(good)
+        with open(policy, "r+") as f:
+            f.write(denying)
+        os.utime(policy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while (answer := read_user())[1]:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+            time.sleep(0.1)
+        assert answer[0].status_code == 403 and "directory-read" in answer[0].text
+        assert gw.proc.poll() is None
+
+        broken = denying.replace("rules:", "rulez:")
+        with open(policy, "r+") as f:
+            f.write(broken)
+        os.utime(policy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while "policy reload refused" not in gw.log.read_text():
+            assert time.monotonic() < deadline, "the bad reload was never reported"
+            time.sleep(0.1)
+        assert gw.proc.poll() is None
+        r, reached = read_user()
+        assert r.status_code == 403 and not reached  # the last good policy (the denying one) stays
+    finally:
+        stop(gw.proc)
+
+
+# --- what proves an approver (issue 17) --------------------------------------------------------------
+
+
+def not_an_approvers_token(kind: str, lookalike, authority) -> str:
+    """Tokens Entra really issues, right tenant, issuer, signature and lifetime, each of which must
+    not prove an approver to the approval API, although each names a listed approver."""
+    api = lookalike.info["approvals_api"]
+    if kind == "graph-token":  # Adele's own Graph token: any app acting on her behalf holds one
+        return graph_token_of(lookalike, authority, ADELE)
+    if kind == "another-api":
+        return person(lookalike, authority, ADELE, audience="api://2b1f4c62-0000-4000-8000-0000000000aa")
+    if kind == "app-only":  # a listed workload, with an application permission named like the scope
+        return authority.mint_app_token(tenant_id=lookalike.tenant_id, app_id=api["client_id"], object_id=SELF_LISTED,
+                                        audience=api["client_id"], version="2.0", roles=(api["scope"],))
+    if kind == "managed-identity":
+        return authority.mint_app_token(
+            tenant_id=lookalike.tenant_id, app_id=api["client_id"], object_id=SELF_LISTED, audience=api["client_id"],
+            version="2.0", extra_claims={"xms_mirid": "/subscriptions/0/resourcegroups/rg/providers/"
+                                         "Microsoft.ManagedIdentity/userAssignedIdentities/approver"})
+    if kind == "on-behalf-of":  # an MCP server exchanged Adele's token for one of the approval API
+        return person(lookalike, authority, ADELE, client_id=lookalike.app("mcp-directory")["client_id"],
+                      client_acr="1")
+    if kind == "without-scope":
+        return person(lookalike, authority, ADELE, scopes=["User.Read"])
+    if kind == "without-auth-context":  # signed in without the step-up
+        return person(lookalike, authority, ADELE, acrs=[], amr=["pwd"])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, check", [
+    ("graph-token", "approver_audience"),
+    ("another-api", "approver_audience"),
+    ("app-only", "approver_person"),
+    ("managed-identity", "approver_person"),
+    ("on-behalf-of", "approver_client"),
+    ("without-scope", "approver_scope"),
+    ("without-auth-context", "approver_auth_context"),
+])
+def test_tokens_that_do_not_prove_an_approver_are_refused_401_even_for_a_listed_approver(
+        kind, check, gateway, lookalike, authority, workload, api, monkeypatch):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    token = not_an_approvers_token(kind, lookalike, authority)
+    impostor = API(gateway, token)
+    for r in (impostor.get("/approvals"), impostor.approve(held["id"], reason="self-approved"),
+              impostor.get("/grants")):
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == check
+    if kind == "without-auth-context":  # MSAL clients answer this challenge with a step-up
+        assert 'error="insufficient_claims"' in r.headers["WWW-Authenticate"]
+    done = cli(gateway, token, "approve", held["id"], "--reason", "self-approved")
+    assert done.returncode == 1 and "401" in done.stderr and "approve" not in done.stdout
+    assert api.get(f"/approvals/{held['id']}").json()["approval"]["state"] == "pending"
+    assert not call.done and not reached_graph(lookalike, mark)
+    refused = [a for a in gateway.audit() if a.get("check") == check and "approvals-api" in (a.get("operation") or "")]
+    assert refused, "refused API calls are audited like any refusal"
+    if kind in ("app-only", "managed-identity", "on-behalf-of", "without-scope", "without-auth-context"):
+        assert refused[-1]["principal"]["object_id"] in (ADELE[0], SELF_LISTED)  # who tried is on record
+    assert api.deny(held["id"], "test over").status_code == 200  # Adele's approver token is accepted
+    assert call.result().status_code == 403 and not reached_graph(lookalike, mark)
+
+
+def device_login(lookalike, home, api_url: str, *, mfa: bool) -> tuple[str, str]:
+    """``nhi-gateway approvals login`` as an approver runs it, without an OS keyring; Adele enters
+    the code at the look-alike's device login. Returns (stdout, stderr)."""
+    import re
+
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "NHI_APPROVER_TOKEN"}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local"),
+               XDG_CACHE_HOME=str(home / ".cache"), NHI_APPROVALS_API=api_url,
+               REQUESTS_CA_BUNDLE=lookalike.ca_cert, PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nhi_gateway.cli.main", "approvals", "login",
+         "--authority", lookalike.info["local_authority"]],
+        cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = []
+        while not (found := re.search(r"enter the code (\S+)", "".join(said))):
+            line = proc.stderr.readline()
+            assert line, f"login ended before asking for a code: {''.join(said)}"
+            said.append(line)
+        r = httpx.post(f"{lookalike.info['local_authority']}/{lookalike.tenant_id}/oauth2/deviceauth",
+                       data={"otc": found.group(1), "user": f"AdeleV@{lookalike.info['tenant_domain']}",
+                             "mfa": str(mfa).lower()},
+                       verify=ssl.create_default_context(cafile=lookalike.ca_cert), trust_env=False)
+        assert r.status_code == 200, r.text
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    return out, "".join(said) + err
+
+
+def test_approvals_login_signs_in_with_the_device_code_flow_and_no_token_reaches_a_file(
+        tmp_path, gateway, lookalike, workload, api, monkeypatch):
+    import shlex
+
+    home = tmp_path / "home"
+    home.mkdir()
+    url = gateway.info["approvals_api"]
+    out, err = device_login(lookalike, home, url, mfa=True)
+    assert "no OS keyring is available" in err and "Adele Vance" in err
+    [export] = out.splitlines()
+    assert export.startswith("export NHI_APPROVER_TOKEN=")
+    token = shlex.split(export.removeprefix("export "))[0].split("=", 1)[1]
+
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    call = add_password(lookalike, workload(), mark)
+    [held] = api.wait_for(mark)
+    done = cli(gateway, token, "approve", held["id"], "--reason", "signed in with the device code flow")
+    assert done.returncode == 0, done.stderr
+    assert call.result().status_code == 200 and reached_graph(lookalike, mark)
+
+    # Without the step-up the same sign-in gives a token the API refuses.
+    out, _ = device_login(lookalike, home, url, mfa=False)
+    weak = shlex.split(out.strip().removeprefix("export "))[0].split("=", 1)[1]
+    r = API(gateway, weak).get("/approvals")
+    assert r.status_code == 401 and r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "approver_auth_context"
+
+    # Nothing of either token, nor of the tokens the API was shown, is in any file.
+    secrets = [t.rsplit(".", 1)[1] for t in (token, weak)] + [t.split(".")[1][:40] for t in (token, weak)]
+    for root in (tmp_path, gateway.workdir, lookalike.state_dir):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert not any(s.encode() in data for s in secrets), f"a token reached {path}"
+
+
+# --- the look-alike as a tool --------------------------------------------------------------------
+
+
+def test_a_token_minted_by_hand_with_the_lookalike_approves_and_its_calls_are_not_graph_flows(gateway, lookalike):
+    """`nhi-gateway lookalike token --user adele` gives the token `approvals login` would: the
+    approval API accepts it (and refuses the one from a sign-in without MFA), and its calls are
+    recorded in the day's approval-api.mitm, not as Graph flows of the app the token names."""
+    def minted(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "token", "--state-dir",
+                              str(lookalike.state_dir), *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert API(gateway, minted("--user", "adele")).get("/approvals").status_code == 200
+    r = API(gateway, minted("--user", "AdeleV", "--no-mfa")).get("/approvals")
+    assert r.status_code == 401 and "auth_context" in r.text
+    unknown = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "lookalike", "token", "--state-dir",
+                              str(lookalike.state_dir), "--user", "nobody"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "no user 'nobody'" in unknown.stderr and "adele" in unknown.stderr
+
+    from mitmproxy import io
+
+    deadline = time.monotonic() + WAIT
+    while not list(gateway.recordings.rglob("approval-api.mitm")):
+        assert time.monotonic() < deadline, "the approval API calls were not recorded"
+        time.sleep(0.05)
+    [api_file] = gateway.recordings.rglob("approval-api.mitm")
+    with open(api_file, "rb") as f:
+        paths = [flow.request.path for flow in io.FlowReader(f).stream()]
+    assert "/approvals" in paths
+    for path in gateway.recording_files():
+        if path.name != "approval-api.mitm":
+            with open(path, "rb") as f:
+                assert not any(flow.request.path.startswith("/approvals") for flow in io.FlowReader(f).stream())

@@ -65,6 +65,27 @@ def test_verify_an_intact_trail(trail):
     assert f"{len(lines_of(path))} lines, chain intact" in out.stdout
 
 
+def test_verify_prints_the_head_and_an_anchored_head_detects_a_cut_tail(trail, tmp_path):
+    """A chain verifies from its start whatever was cut off its end: the head printed earlier and
+    kept elsewhere is what shows the truncation, or a rewrite from some line on."""
+    path, _, _ = trail
+    out = cli("audit", "verify", str(path))
+    head = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("head "))
+    seq, digest = head.split(":")
+    assert int(seq) == len(lines_of(path)) and len(digest) == 64
+
+    assert cli("audit", "verify", "--expect-head", head, str(path)).returncode == 0
+    cut = tampered(tmp_path, path, lambda lines: lines.pop())  # the last line deleted: still a valid chain
+    assert cli("audit", "verify", cut).returncode == 0
+    out = cli("audit", "verify", "--expect-head", head, cut)
+    assert out.returncode == 1 and "cut off its end" in out.stdout
+    earlier = f"{int(seq) - 1}:{digest}"  # an anchor whose line says something else now
+    out = cli("audit", "verify", "--expect-head", earlier, str(path))
+    assert out.returncode == 1 and "rewritten" in out.stdout
+    out = cli("audit", "verify", "--expect-head", "12:not-a-hash", str(path))
+    assert out.returncode != 0 and "SEQ:SHA256" in out.stderr
+
+
 def test_verify_finds_the_default_file_under_recordings(trail):
     path, _, _ = trail
     out = cli("audit", "verify", "--recordings", str(path.parent))

@@ -332,6 +332,16 @@ def refused_for(check: str):
     return predicate
 
 
+def write_ahead_flows(recordings: Path) -> list:
+    """Every flow in the write-ahead logs (request halves, as they were forwarded)."""
+
+    flows = []
+    for path in sorted(recordings.rglob("*.wal")):
+        with open(path, "rb") as f:
+            flows += list(io.FlowReader(f).stream())
+    return flows
+
+
 def first_refusal(gw, tokens, check: str, tries: int = 20) -> tuple[requests.Response, str]:
     """Send allowed requests until one is refused for ``check`` (a full tmpfs still takes what fits
     in the pages a file already has); every one before it was answered normally."""
@@ -404,14 +414,53 @@ def test_recordings_disk_full_refuses_new_requests_503(tmp_path, lookalike, toke
         assert "could not record" in r.json()["error"]["message"]
         log = log_of(gw)
         assert "recording is failing" in log and "All new requests are refused until it recovers" in log
-        # The trail says what the client got: the allow, amended by the 503.
         lines = audit_lines(tmp_path / "audit.jsonl", mark)
-        assert [line["status"] for line in lines] == [200, 503] and "amends" in lines[-1]
+        if reached(lookalike, mark):
+            # Its request half still fitted in the write-ahead log (a full tmpfs takes what fits in
+            # pages a file already has): the allow, amended by the 503 once the answer could not be.
+            assert [line["status"] for line in lines] == [200, 503] and "amends" in lines[-1]
+            assert any(mark in f.request.path for f in write_ahead_flows(recordings))
+        else:
+            assert [line["status"] for line in lines] == [503]  # refused before it was forwarded
 
         assert_refuses_until_recovered(gw, lookalike, tokens, "recording", disk.free)
     finally:
         stop(gw.proc)
         disk.unmount()
+
+
+def test_a_request_at_graph_is_on_record_even_if_the_gateway_dies_before_the_answer(tmp_path, lookalike, tokens):
+    """The write-ahead log: what the gateway forwarded is on disk before Graph sees it, so a
+    gateway killed (SIGKILL: no chance to write anything) while Graph works leaves its record,
+    with the decision and without the caller's token."""
+    import signal
+
+    pki = lookalike.state_dir / "pki"
+    with MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "slow", delay=30) as graph:
+        gw = start_gateway(tmp_path / "gw", lookalike, extra_args=["--resolve", f"graph.microsoft.com={graph.address}"])
+        token = tokens()
+        mark = marker()
+        try:
+            call = threading.Thread(target=lambda: _ignore_errors(lambda: get(gw, token, mark, timeout=60)), daemon=True)
+            call.start()
+            until(lambda: graph.requests == 1, "the request reached Graph")
+            gw.proc.send_signal(signal.SIGKILL)
+            gw.proc.wait(30)
+        finally:
+            stop(gw.proc)
+    [ahead] = [f for f in write_ahead_flows(gw.recordings) if mark in f.request.path]
+    assert ahead.response is None  # the request half: Graph had not answered
+    assert ahead.metadata["nhi"]["action"] == "allow" and ahead.metadata["nhi"]["rule"]
+    assert ahead.comment.startswith("FORWARDING")
+    on_disk = b"".join(p.read_bytes() for p in gw.recordings.rglob("*.wal"))
+    assert token.encode() not in on_disk and token.split(".")[2].encode() not in on_disk
+
+
+def _ignore_errors(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the gateway is killed under this request
+        pass
 
 
 def test_recordings_directory_not_writable_refuses_new_requests_503(tmp_path, lookalike, tokens):
@@ -427,6 +476,8 @@ def test_recordings_directory_not_writable_refuses_new_requests_503(tmp_path, lo
         mark = marker()
         r = get(gw, tokens(), mark)
         assert r.status_code == 503 and nhi(r)["check"] == "recording", r.text
+        assert "before forwarding" in r.json()["error"]["message"]
+        assert not reached(lookalike, mark)  # the first request after the failure never left the gateway
         assert "recording is failing" in log_of(gw)
 
         def recover():
@@ -469,7 +520,7 @@ ADDON_FAULTS = {
     "guard": (500, False),
     "masking": (500, True),  # response side: Graph answered, the answer is withheld
     "audit": (500, True),
-    "recorder": (500, True),
+    "recorder": (500, False),  # its write-ahead fails first: refused before Graph sees it
 }
 
 

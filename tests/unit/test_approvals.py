@@ -53,6 +53,7 @@ ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
 FINANCE = "fa763154-4fe2-5fa2-9700-3c383daf712a"
 AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"
 LOGIN = "https://login.microsoftonline.com"
+GATEWAY_API = "7aebfec0-9a46-5038-80cb-18b0fabd868c"  # the gateway's own app registration
 TARGET = "/v1.0/applications/b34e6fbe-e558-5361-ab5e-1089c54df4e8/addPassword"
 
 POLICY = f"""\
@@ -60,9 +61,14 @@ version: 1
 identity:
   tenants: [{TENANT}]
   audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  issuers: ["https://sts.windows.net/{{tenantid}}/", "https://login.microsoftonline.com/{{tenantid}}/v2.0"]
 upstreams:
   - host: graph.microsoft.com
+approvals:
+  client_id: {GATEWAY_API}
+  app_id_uri: api://{GATEWAY_API}
+  scope: Approvals.Decide
+  require_auth_context: c1
 rules:
   - id: secret-rotation
     action: approve
@@ -451,7 +457,7 @@ async def test_a_grant_lets_the_flow_through_without_asking(holding):
 
 async def test_the_webhook_gets_the_text_and_a_failing_one_changes_nothing(holding):
     holding.addon.policies = PolicyStore(parse_policy(
-        POLICY.replace("upstreams:", "approvals:\n  webhook: https://hooks.example.test/x\nupstreams:", 1)))
+        POLICY.replace("approvals:", "approvals:\n  webhook: https://hooks.example.test/x", 1)))
     holding.webhook.fail = True
     f = held_flow(holding.policies)
     hook = asyncio.ensure_future(holding.addon.request(f))
@@ -531,6 +537,10 @@ def fetcher(authority: EntraAuthority):
         tenant, _, rest = url.removeprefix(LOGIN + "/").partition("/")
         if rest == ".well-known/openid-configuration":
             return authority.discovery(tenant, "1.0")
+        if rest == "v2.0/.well-known/openid-configuration":
+            return authority.discovery(tenant, "2.0")
+        if "discovery/v2.0/keys" in rest:
+            return authority.jwks("2.0")
         if "discovery/keys" in rest:
             return authority.jwks("1.0")
         raise AssertionError(url)
@@ -538,10 +548,19 @@ def fetcher(authority: EntraAuthority):
     return fetch
 
 
-def person(authority: EntraAuthority, oid: str, name: str, groups=None) -> str:
+def person(authority: EntraAuthority, oid: str, name: str, groups=None, **changes) -> str:
+    """An approver's token as `nhi-gateway approvals login` gets it: v2, for the gateway's API,
+    with its scope and the authentication context the policy asks for."""
+    args = dict(tenant_id=TENANT, object_id=oid, client_id=GATEWAY_API, audience=GATEWAY_API,
+                scopes=["Approvals.Decide"], name=name, upn=f"{name.split()[0]}@nhilab.onmicrosoft.com",
+                acrs=["c1"], groups=groups)
+    return authority.mint_user_token(**(args | changes))
+
+
+def graph_token_of_a_person(authority: EntraAuthority, oid: str, name: str) -> str:
+    """The same person's delegated Graph token, as `az account get-access-token` gets it."""
     return authority.mint_app_token(tenant_id=TENANT, app_id=AZURE_CLI, object_id=oid, display_name="Azure CLI",
-                                    acr="0", groups=groups,
-                                    extra_claims={"idtyp": "user", "scp": "User.Read", "name": name})
+                                    acr="0", extra_claims={"idtyp": "user", "scp": "User.Read", "name": name})
 
 
 API_MODE = ProxyMode.parse(api_mode("127.0.0.1", 8081))
@@ -567,6 +586,12 @@ def api(holding, authority):
                            adele=person(authority, ADELE, "Adele Vance"),
                            alex=person(authority, ALEX, "Alex Wilber"),
                            megan=person(authority, ALEX, "Megan in Finance", groups=[FINANCE]))
+
+
+def use_policy(api, text: str) -> None:
+    """The API, serving under another policy."""
+    a = api.addon
+    api.addon = ApprovalsAPI(PolicyStore(parse_policy(text, "p.yaml")), a.approvals, a.verifier, a.health, a.audit_log)
 
 
 async def call(api, method: str, path: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
@@ -596,6 +621,92 @@ async def test_the_api_needs_a_verified_token(api, token, status, check):
     code, body = await call(api, "GET", "/approvals", token)
     assert code == status
     assert body["error"]["innerError"]["nhi-gateway"]["check"] == check
+
+
+def refused_tokens(authority: EntraAuthority) -> list:
+    """Valid Entra tokens (right tenant, issuer, signature, lifetime) that must not prove an
+    approver, each with the check that refuses it."""
+    adele = ADELE, "Adele Vance"
+    return [
+        pytest.param(graph_token_of_a_person(authority, *adele), "approver_audience", "not for this gateway's approval API",
+                     id="graph-token"),
+        pytest.param(person(authority, *adele, audience="api://another-api", scopes=["Approvals.Decide"]),
+                     "approver_audience", "api://another-api", id="another-api"),
+        pytest.param(authority.mint_app_token(tenant_id=TENANT, app_id=BOT_APP, object_id=ADELE, audience=GATEWAY_API,
+                                              version="2.0", roles=("Approvals.Decide",)),
+                     "approver_person", "app-only", id="app-only"),
+        pytest.param(authority.mint_app_token(
+            tenant_id=TENANT, app_id=BOT_APP, object_id=ADELE, audience=f"api://{GATEWAY_API}",
+            extra_claims={"xms_mirid": "/subscriptions/x/resourcegroups/y/providers/Microsoft.ManagedIdentity/"
+                                       "userAssignedIdentities/z", "scp": "Approvals.Decide", "idtyp": "user"}),
+                     "approver_person", "managed identity", id="managed-identity"),
+        pytest.param(person(authority, *adele, client_id=BOT_APP, client_acr="2"), "approver_client",
+                     "on-behalf-of", id="on-behalf-of"),
+        pytest.param(person(authority, *adele, scopes=["User.Read"]), "approver_scope", "Approvals.Decide",
+                     id="without-scope"),
+        pytest.param(person(authority, *adele, acrs=[]), "approver_auth_context", "authentication context c1",
+                     id="without-auth-context"),
+        pytest.param(person(authority, *adele, acrs=["c2"]), "approver_auth_context", "authentication context c1",
+                     id="another-auth-context"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+async def test_tokens_that_are_not_an_approvers_are_refused_401_naming_the_check(api, authority, index):
+    token, check, message = refused_tokens(authority)[index].values
+    f = held_flow(api.holding.policies)
+    hook = asyncio.ensure_future(api.holding.addon.request(f))
+    [request] = await pending_of(api.holding.approvals)
+    for method, path in (("GET", "/approvals"), ("POST", f"/approvals/{request.id}/approve")):
+        code, body = await call(api, method, path, token)
+        assert code == 401, body
+        assert body["error"]["innerError"]["nhi-gateway"]["check"] == check
+        assert message in body["error"]["message"]
+    assert api.holding.approvals.store.get(request.id).state is ApprovalState.PENDING
+    api.holding.approvals.deny(request.id, ME)
+    await hook
+
+
+async def test_a_missing_auth_context_gets_a_claims_challenge(api, authority):
+    import base64
+
+    f = api_flow("GET", "/approvals", person(authority, ADELE, "Adele Vance", acrs=[]))
+    await api.addon.request(f)
+    challenge = f.response.headers["WWW-Authenticate"]
+    assert 'error="insufficient_claims"' in challenge
+    claims = json.loads(base64.b64decode(challenge.split('claims="')[1].rstrip('"')))
+    assert claims == {"access_token": {"acrs": {"essential": True, "value": "c1"}}}
+
+
+async def test_v1_approver_tokens_carry_the_app_id_uri_and_mfa_is_read_from_amr(api, authority):
+    use_policy(api, POLICY.replace("require_auth_context: c1", "require_mfa: true"))
+    v1 = dict(version="1.0", audience=f"api://{GATEWAY_API}/", acrs=[])
+    code, body = await call(api, "GET", "/approvals", person(authority, ADELE, "Adele Vance", amr=["pwd", "mfa"], **v1))
+    assert code == 200, body
+    code, body = await call(api, "GET", "/approvals", person(authority, ADELE, "Adele Vance", amr=["pwd"], **v1))
+    assert code == 401 and body["error"]["innerError"]["nhi-gateway"]["check"] == "approver_mfa"
+    code, body = await call(api, "GET", "/approvals", person(authority, ADELE, "Adele Vance"))  # v2: no amr
+    assert code == 401 and body["error"]["innerError"]["nhi-gateway"]["check"] == "approver_mfa"
+
+
+async def test_without_an_app_registration_in_the_policy_no_token_approves(api):
+    section = "approvals:\n  client_id: " + GATEWAY_API + "\n  app_id_uri: api://" + GATEWAY_API + \
+        "\n  scope: Approvals.Decide\n  require_auth_context: c1\n"
+    assert section in POLICY
+    use_policy(api, POLICY.replace(section, ""))
+    code, body = await call(api, "GET", "/approvals", api.adele)
+    assert code == 401 and body["error"]["innerError"]["nhi-gateway"]["check"] == "approver_audience"
+    assert "approvals.client_id" in body["error"]["message"]
+
+
+async def test_the_api_says_how_to_sign_in_without_a_token(api):
+    code, body = await call(api, "GET", "/.well-known/oauth-protected-resource", None)
+    assert code == 200
+    assert body["resource"] == f"api://{GATEWAY_API}"
+    assert body["scopes_supported"] == [f"api://{GATEWAY_API}/Approvals.Decide"]
+    assert body["authorization_servers"] == [f"{LOGIN}/{TENANT}/v2.0"]
+    assert body["nhi_gateway"]["require_auth_context"] == "c1"
+    assert body["nhi_gateway"]["login_client_id"] == GATEWAY_API
 
 
 async def test_approving_through_the_api_releases_the_flow(api):

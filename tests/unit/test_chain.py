@@ -595,9 +595,10 @@ async def test_unwritable_recording_refuses_and_stops_the_gateway_until_it_recov
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
         upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
-        assert await exchange(gw.chain, f, upstream) is not None
+        assert await exchange(gw.chain, f, upstream) is None  # its write-ahead failed: never forwarded
         r = refusal(f, 503)
         assert (r["code"], r["stage"], r["check"]) == ("ServiceUnavailable", "guard", "recording")
+        assert "before forwarding" in r["message"]
         assert "recording" in gw.health.problems
 
         # Every later request is refused before it goes upstream.
@@ -622,15 +623,19 @@ async def test_unwritable_recording_refuses_and_stops_the_gateway_until_it_recov
     gw.recorder.done()
 
 
-async def test_audit_line_says_what_the_client_got_when_recording_fails(tmp_path, authority, tokens):
-    recordings = tmp_path / "recordings"
-    recordings.write_text("a file where the recordings directory should be")
+async def test_audit_line_says_what_the_client_got_when_recording_fails(tmp_path, authority, tokens, monkeypatch):
     audit_path = tmp_path / "audit.jsonl"
-    gw = build_gateway(tmp_path, authority, recordings=recordings, audit_path=audit_path)
+    gw = build_gateway(tmp_path, authority, audit_path=audit_path)
+
+    def disk_full(self, flow, connections=None):
+        raise OSError(28, "No space left on device")
+
+    # The request half is written ahead (and forwarded); the disk fills before the answer is written.
+    monkeypatch.setattr(Recorder, "record_now", disk_full)
     with taddons.context(*gw.chain):
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
-        await exchange(gw.chain, f, graph_json(USERS))
+        assert await exchange(gw.chain, f, graph_json(USERS)) is not None
     assert f.response.status_code == 503
     lines = [json.loads(raw) for raw in audit_path.read_text().splitlines()
              if json.loads(raw)["flow_id"] == f.id]

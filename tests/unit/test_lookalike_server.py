@@ -341,3 +341,46 @@ def test_received_log_holds_no_secret_values(client, lookalike, tokens):
     assert any(e["authorization"] for e in entries)
     for secret in (mcp["secret"], tokens["mcp-directory"], tokens["mcp-directory"].split(".")[2]):
         assert secret not in text
+
+
+# --- the device code flow of the approval API (issue 17) -----------------------------------------
+
+
+def test_the_device_code_flow_issues_an_approver_token_once_the_person_signed_in(client, lookalike):
+    api, tenant = lookalike["approvals_api"], lookalike["tenant_id"]
+    scope = f"{api['app_id_uri']}/{api['scope']}"
+    claims = json.dumps({"access_token": {"acrs": {"essential": True, "value": api["auth_context"]}}})
+    start = client.post(f"{LOGIN}/{tenant}/oauth2/v2.0/devicecode",
+                        data={"client_id": api["client_id"], "scope": f"{scope} openid profile offline_access",
+                              "claims": claims})
+    assert start.status_code == 200, start.text
+    flow = start.json()
+    assert flow["verification_uri"] == "https://microsoft.com/devicelogin" and flow["user_code"] in flow["message"]
+    grant = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "client_id": api["client_id"],
+             "device_code": flow["device_code"]}
+    pending = client.post(lookalike["token_endpoint"], data=grant)
+    assert pending.status_code == 400 and pending.json()["error"] == "authorization_pending"
+
+    signed = client.post(f"{LOGIN}/{tenant}/oauth2/deviceauth",
+                         data={"otc": flow["user_code"], "user": f"AdeleV@{lookalike['tenant_domain']}", "mfa": "true"})
+    assert signed.status_code == 200, signed.text
+    answer = client.post(lookalike["token_endpoint"], data=grant)
+    assert answer.status_code == 200, answer.text
+    claims = jwt.decode(answer.json()["access_token"], options={"verify_signature": False})
+    assert claims["aud"] == api["client_id"] and claims["scp"] == api["scope"] and claims["ver"] == "2.0"
+    assert claims["acrs"] == [api["auth_context"]] and claims["idtyp"] == "user" and claims["azpacr"] == "0"
+    assert claims["name"] == "Adele Vance" and claims["sub"] != claims["oid"]
+    again = client.post(lookalike["token_endpoint"], data=grant)  # a device code is spent once
+    assert again.status_code == 400 and again.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize("form, error", [
+    ({"client_id": "04b07795-8ddb-461a-bbee-02f9e1bf7b46"}, "unauthorized_client"),  # not the API's client
+    ({"scope": "https://graph.microsoft.com/.default"}, "invalid_scope"),
+    ({"claims": "{not json"}, "invalid_request"),
+])
+def test_the_device_code_flow_refuses_what_entra_refuses(client, lookalike, form, error):
+    api = lookalike["approvals_api"]
+    data = {"client_id": api["client_id"], "scope": f"{api['app_id_uri']}/{api['scope']} openid", **form}
+    r = client.post(f"{LOGIN}/{lookalike['tenant_id']}/oauth2/v2.0/devicecode", data=data)
+    assert r.status_code == 400 and r.json()["error"] == error, r.text

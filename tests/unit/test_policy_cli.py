@@ -152,6 +152,46 @@ def test_lint_does_not_warn_when_a_rule_is_only_partly_covered(capsys, tmp_path)
     assert code == 0 and "warning" not in out, out
 
 
+APPROVE_RULE = f"""\
+- id: rotate
+  action: approve
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{{id}}/addPassword"]}}]
+  approval: {{approvers: {{users: [{OID}]}}}}
+"""
+API = "7aebfec0-9a46-5038-80cb-18b0fabd868c"
+
+
+@pytest.mark.parametrize("approvals, warning", [
+    ("", "nobody can approve them: approvals.client_id is not set"),
+    (f"approvals: {{client_id: {API}, scope: Approvals.Decide}}\n",
+     "approved with a plain sign-in: approvals sets neither require_auth_context nor require_mfa"),
+    (f"approvals: {{client_id: {API}, require_auth_context: c1}}\n", None),
+    (f"approvals: {{client_id: {API}, app_id_uri: 'api://{API}', require_mfa: true}}\n", None),
+])
+def test_lint_warns_when_approvers_cannot_sign_in_or_need_no_step_up(capsys, tmp_path, approvals, warning):
+    path = write(tmp_path, "p.yaml", HEAD.replace("rules:\n", approvals + "rules:\n") + APPROVE_RULE)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0, out
+    if warning is None:
+        assert "warning" not in out, out
+    else:
+        line = 9 + approvals.count("\n")
+        assert f"{path}:{line}:3: warning: rule 'rotate' " in out and warning in out, out
+
+
+@pytest.mark.parametrize("approvals, message", [
+    ("{client_id: not-a-guid}", "approvals.client_id: 'not-a-guid' is not a GUID"),
+    (f"{{client_id: {API}, require_auth_context: mfa}}", "is not an authentication context id"),
+    (f"{{client_id: {API}, scope: 'Approvals Decide'}}", "is not a scope name"),
+    ("{app_id_uri: 'api://x'}", "approvals.app_id_uri needs approvals.client_id"),
+    (f"{{client_id: {API}, require_mfa: yes-please}}", "require_mfa"),
+])
+def test_lint_refuses_an_approvals_section_it_cannot_use(capsys, tmp_path, approvals, message):
+    path = write(tmp_path, "p.yaml", HEAD.replace("rules:\n", f"approvals: {approvals}\nrules:\n") + APPROVE_RULE)
+    code, out, err = run(capsys, "lint", str(path))
+    assert code == 1 and message in out + err, out + err
+
+
 # --- explain --------------------------------------------------------------------------------------
 
 AS_MCP = f"app={MCP},oid={OID},tenant={TENANT}"

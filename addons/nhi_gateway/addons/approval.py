@@ -117,6 +117,30 @@ class Approval:
         self.api_url = api_url
         self._held: dict[str, set[str]] = {}  # client connection id -> approval ids held for it
         self._tasks: set[asyncio.Task] = set()
+        self.stopping: str | None = None  # why the gateway stops, once it does
+
+    @property
+    def held_count(self) -> int:
+        return sum(len(ids) for ids in self._held.values())
+
+    def stop(self, reason: str) -> int:
+        """The gateway stops: nobody can answer a held request any more, so each is cancelled and
+        its client answered 503 naming the stop. Returns how many were held."""
+        self.stopping = reason
+        held = [approval_id for ids in self._held.values() for approval_id in ids]
+        for approval_id in held:
+            try:
+                self.approvals.cancel(approval_id, reason)
+            except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
+                logger.error("cancelling approval %s at stop failed: %r", approval_id, e)
+        return len(held)
+
+    def _stopping_refusal(self, decision: Decision) -> Decision:
+        return Decision.deny(
+            Stage.GUARD, 503, "ServiceUnavailable",
+            f"the request needed approval and {self.stopping}; retry later", check="stopping",
+            rule_id=decision.rule_id, operation=decision.operation, principal=decision.principal,
+            extra={k: v for k, v in decision.extra.items() if k != "approver"})
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -124,6 +148,9 @@ class Approval:
             return
         decision = decision_of(flow)
         if decision is None or decision.action is not Action.APPROVE:
+            return
+        if self.stopping is not None:
+            refuse(flow, self._stopping_refusal(decision))
             return
         principal = flow.metadata.get(PRINCIPAL_KEY)
         rule = self.policies.current.rule(decision.rule_id or "")
@@ -170,6 +197,8 @@ class Approval:
         if final.state is ApprovalState.APPROVED:
             grant = self.approvals.store.grant(final.grant_id) if final.grant_id else None
             set_decision(flow, approved(decision, final, grant))
+        elif final.state is ApprovalState.CANCELLED and self.stopping is not None:
+            refuse(flow, self._stopping_refusal(decision.but(extra={**decision.extra, "approval": final.outcome()})))
         else:
             refuse(flow, refused(decision, final))
 

@@ -7,12 +7,16 @@ and this addon, first in the chain, answers every request that arrives on that l
 identity stage refuses it as an unknown upstream should anything let one through). Requests on
 the proxy listener are never answered here, whatever their Host or path.
 
-Approvers authenticate with their own Entra token (``Authorization: Bearer``), verified exactly
-as callers' tokens are (same verifier, the policy's trusted tenants, issuers and audiences). The
+Approvers authenticate with their own Entra token (``Authorization: Bearer``), verified with the
+same verifier and the policy's trusted tenants and issuers, but for the approval API's own
+audience: a person's delegated token for the gateway's app registration with the policy's scope
+and step-up (:mod:`nhi_gateway.approvals.approver_token`). A Graph token, an app-only token or a
+token for any other API is refused 401 naming the check, even for a listed approver. The
 rule of each request names who may decide it (object ids or groups; groups come from the
 token's ``groups`` claim, or from Graph when the token has none and the gateway has a Graph
 credential). No identity may approve its own request.
 
+    GET    /.well-known/oauth-protected-resource   how to sign in (RFC 9728; no token needed)
     GET    /approvals[?state=all]         requests the caller may decide (pending, or the latest)
     GET    /approvals/{id}
     POST   /approvals/{id}/approve        {"for": "30m", "reason": "..."}  ("for" is optional)
@@ -36,6 +40,7 @@ import jwt
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from nhi_gateway.approvals.approver_token import ApproverRefused, ApproverRequirements, check_approver_token
 from nhi_gateway.approvals.store import (
     ApprovalError,
     ApprovalRequest,
@@ -53,6 +58,7 @@ from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.identity.groups import GroupLookupFailed, GroupResolver, needs_lookup
 from nhi_gateway.policy.loader import PolicyStore
+from nhi_gateway.policy.model import ApprovalsConfig
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import KeysUnavailable, TokenRejected, TokenVerifier
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
@@ -65,6 +71,7 @@ logger = logging.getLogger(__name__)
 # the flows this addon answers.
 API_TARGET = "http://approvals.nhi-gateway.invalid:1"
 MAX_BODY = 16 * 1024
+METADATA_PATH = "/.well-known/oauth-protected-resource"
 
 _APPROVAL = re.compile(r"/approvals/([A-Za-z0-9_-]{1,64})")
 _ACTION = re.compile(r"/approvals/([A-Za-z0-9_-]{1,64})/(approve|deny)")
@@ -86,6 +93,43 @@ def is_api_flow(flow: http.HTTPFlow) -> bool:
     return is_api_target(getattr(flow.client_conn, "proxy_mode", None))
 
 
+def _claims(token: str) -> dict:
+    """The payload of a token the verifier has already accepted."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return claims if isinstance(claims, dict) else {}
+
+
+def _audience(token: str) -> str:
+    """The ``aud`` of a token refused for its audience, to say what it is for (display only)."""
+    try:
+        aud = _claims(token).get("aud")
+    except jwt.PyJWTError:
+        return "?"
+    return aud[:100] if isinstance(aud, str) else "?"
+
+
+def protected_resource_metadata(section: ApprovalsConfig | None, policy_issuers: list[str],
+                                tenants: list[str]) -> dict:
+    """What ``nhi-gateway approvals login`` needs to sign in (RFC 9728 protected resource
+    metadata, plus the gateway's own members). All of it is public: no token is needed."""
+    section = section or ApprovalsConfig()
+    resource = section.app_id_uri or section.client_id
+    v2 = [i for i in policy_issuers if i.endswith("/v2.0")]
+    servers = [i.replace("{tenantid}", t) for i in v2 for t in tenants]
+    return {
+        "resource": resource,
+        "authorization_servers": servers,
+        "scopes_supported": [f"{resource.rstrip('/')}/{section.scope}"] if resource else [],
+        "bearer_methods_supported": ["header"],
+        "resource_name": "nhi-gateway approval API",
+        "nhi_gateway": {
+            "client_id": section.client_id, "app_id_uri": section.app_id_uri, "scope": section.scope,
+            "login_client_id": section.login_client_id or section.client_id, "tenants": tenants,
+            "require_auth_context": section.require_auth_context, "require_mfa": section.require_mfa,
+        },
+    }
+
+
 def display_name(token: str, principal: Principal) -> str:
     """A person's name from their (already verified) token, for reading only: delegated tokens
     name the app in ``app_displayname`` and the person in ``name``/``upn``."""
@@ -101,9 +145,10 @@ def display_name(token: str, principal: Principal) -> str:
 
 
 class _Refusal(Exception):
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, challenge: str | None = None) -> None:
         super().__init__(decision.reason)
         self.decision = decision
+        self.challenge = challenge  # a WWW-Authenticate value of its own (claims challenge)
 
 
 def _refusal(e: ApprovalError, stage: Stage = Stage.POLICY) -> _Refusal:
@@ -138,6 +183,9 @@ class ApprovalsAPI:
         path = urlsplit(flow.request.path).path.rstrip("/") or "/"
         operation = f"{flow.request.method} approvals-api {path[:200]}"
         caller: Principal | None = None
+        if path == METADATA_PATH:
+            self._answer_metadata(flow, operation)
+            return
         try:
             caller, approver, token_groups = await self._caller(flow)
             status, body, what = await self._route(flow, path, caller, approver, token_groups)
@@ -147,7 +195,10 @@ class ApprovalsAPI:
             refuse(flow, r.decision.but(operation=operation, principal=caller.to_dict() if caller else None))
             return
         except _Refusal as r:
-            refuse(flow, r.decision.but(operation=operation, principal=caller.to_dict() if caller else None))
+            refuse(flow, r.decision.but(operation=operation,
+                                        principal=caller.to_dict() if caller else r.decision.principal))
+            if r.challenge and flow.response is not None:
+                flow.response.headers["WWW-Authenticate"] = r.challenge
             return
         set_decision(flow, Decision(
             action=Action.ALLOW, stage=Stage.POLICY, reason=f"approval API: {what}", operation=operation,
@@ -166,14 +217,33 @@ class ApprovalsAPI:
         if token is None:
             raise _refusal(ApprovalError(
                 401, "InvalidAuthenticationToken",
-                "the approval API needs your own Entra token: Authorization: Bearer <token> "
-                "(nhi-gateway approvals reads it from NHI_APPROVER_TOKEN)"), Stage.IDENTITY)
+                "the approval API needs your own token for it: Authorization: Bearer <token> "
+                "(sign in with: nhi-gateway approvals login)"), Stage.IDENTITY)
+        needs = ApproverRequirements.of(self.policies.current.approvals)
+        principal = None
         try:
-            principal = await self.verifier.verify(token, TokenSource.BEARER, self._trust())
+            needs.check_configured()
+            try:
+                principal = await self.verifier.verify(token, TokenSource.BEARER, needs.trust(self._trust()))
+            except TokenRejected as e:
+                if e.check != "audience":
+                    raise
+                raise ApproverRefused("approver_audience", (
+                    f"the token is for {_audience(token)!r}, not for this gateway's approval API "
+                    f"({' or '.join(sorted(needs.audiences))}): a Graph token, or one for any other API, "
+                    "cannot approve; sign in with: nhi-gateway approvals login")) from None
+            check_approver_token(_claims(token), principal, needs)
         except TokenRejected as e:
             logger.info("approval API: token refused (%s): %s", e.check, e.message)
             raise _Refusal(Decision.deny(Stage.IDENTITY, 401, "InvalidAuthenticationToken",
                                          f"token refused: {e.message}", check=e.check)) from None
+        except ApproverRefused as e:
+            logger.warning("approval API: token refused (%s): %s", e.check, e.message)
+            # Who presented it, when the token itself was good: the audit says which identity tried.
+            raise _Refusal(Decision.deny(Stage.IDENTITY, 401, "InvalidAuthenticationToken",
+                                         f"token refused: {e.message}", check=e.check,
+                                         principal=principal.to_dict() if principal else None),
+                           e.claims_challenge) from None
         except KeysUnavailable:
             raise _Refusal(Decision.deny(
                 Stage.IDENTITY, 503, "ServiceUnavailable",
@@ -253,6 +323,19 @@ class ApprovalsAPI:
         raise _refusal(ApprovalError(
             404, "NotFound", f"no such endpoint {path!r}: use /approvals, /approvals/ID/approve, "
             "/approvals/ID/deny, /grants or /grants/ID"))
+
+    def _answer_metadata(self, flow: http.HTTPFlow, operation: str) -> None:
+        if flow.request.method.upper() != "GET":
+            refuse(flow, Decision.deny(Stage.POLICY, 405, "BadRequest", "use GET here", check="approvals_api",
+                                       operation=operation))
+            return
+        policy = self.policies.current
+        body = protected_resource_metadata(policy.approvals, [i.template for i in policy.identity.issuers],
+                                           sorted(policy.identity.tenants))
+        set_decision(flow, Decision(action=Action.ALLOW, stage=Stage.POLICY, reason="approval API: sign-in metadata",
+                                    operation=operation, extra={"approvals_api": "metadata"}))
+        flow.response = http.Response.make(200, json.dumps(body, indent=2).encode() + b"\n",
+                                           {"Content-Type": "application/json", "Cache-Control": "no-store"})
 
     @staticmethod
     def _method(method: str, expected: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from mitmproxy import http
 
@@ -11,6 +12,7 @@ from nhi_gateway.policy.batch import BATCH_KEY, inner_flow_id
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
 from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.metrics import PROBE_KEY
 from nhi_gateway.recording.flows import approver_of
 
 logger = logging.getLogger(__name__)
@@ -87,19 +89,22 @@ class Audit:
     def __init__(self, log: AuditLog, health: Health) -> None:
         self.log = log
         self.health = health
+        self.on_write = lambda seconds, ok: None  # metrics
 
     def _audit(self, flow, live: bool, amends: bool = False) -> None:
-        if flow.metadata.get(AUDITED_KEY):
+        if flow.metadata.get(AUDITED_KEY) or flow.metadata.get(PROBE_KEY):
             return
         record = audit_record(flow)
         if amends:
             record["amends"] = "an earlier line of this flow_id: the client got this answer instead"
+        started = time.perf_counter()
         try:
             if not amends:  # the inner lines of a batch stand; an amendment concerns the outer answer
                 for inner in batch_inner_records(flow, record):
                     self.log.append(inner)
             self.log.append(record)
         except AuditWriteError as e:
+            self.on_write(time.perf_counter() - started, False)
             self.health.fail("audit", str(e))
             if live:
                 refuse(flow, Decision.deny(
@@ -107,6 +112,7 @@ class Audit:
                     "the gateway could not write the audit trail, so it refused the request",
                     check="audit"))
             return
+        self.on_write(time.perf_counter() - started, True)
         flow.metadata[AUDITED_KEY] = True
         self.health.recover("audit")
 

@@ -3,23 +3,27 @@
 What is written and how it is annotated: :mod:`nhi_gateway.recording.flows`; where the files go:
 :mod:`nhi_gateway.recording.files`. This addon hands each flow over when its answer is known
 (``response``, ``error``, a refused CONNECT) and refuses the flow (503) when it cannot be written,
-so no client is answered for a request that left no record.
+so no client is answered for a request that left no record. Before that, ``WriteAhead`` puts the
+request half and decision of every allowed request in the write-ahead log and forwards it only
+once that is written: nothing reaches Graph unrecorded, even when the disk fails at that moment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from mitmproxy import http
 
-from nhi_gateway.addons.failclosed import REFUSED_KEY, fail_closed, internal_error, refuse
+from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, internal_error, refuse
 from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.metrics import PROBE_KEY
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, recover_recent
 from nhi_gateway.recording.flows import FlowRecorder
-from nhi_gateway.recording.process import RecordingProcess
+from nhi_gateway.recording.process import WRITE_AHEAD, RecordingProcess
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class Recorder(FlowRecorder):
         super().__init__(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
         self.health = health
         self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
+        self.on_write = lambda kind, seconds, ok: None  # metrics
         self._sync_timer: asyncio.TimerHandle | None = None
         # With separate_process, a child process writes (see nhi_gateway.recording.process) and
         # this object only hands flows over; the child checks the files for torn tails itself.
@@ -46,14 +51,17 @@ class Recorder(FlowRecorder):
             logger.error("cannot check %s for recordings cut short by a crash: %s", self.directory, e)
 
     async def _record(self, flow, live: bool) -> None:
-        if flow.metadata.get(RECORDED_KEY):
+        if flow.metadata.get(RECORDED_KEY) or flow.metadata.get(PROBE_KEY):
             return
+        started = time.perf_counter()
         try:
             if self.process is not None:
                 self.last_path = await self.process.record(flow)
             else:
                 self.record_now(flow)
+            self.on_write("flow", time.perf_counter() - started, True)
         except OSError as e:
+            self.on_write("flow", time.perf_counter() - started, False)
             self.health.fail("recording", str(e) if self.process is not None
                              else f"cannot write {self.directory}: {e.strerror or e}")
             if live and isinstance(flow, http.HTTPFlow):
@@ -120,3 +128,40 @@ class Recorder(FlowRecorder):
             self._sync_timer.cancel()
             self._sync_timer = None
         self.close()
+
+
+class WriteAhead:
+    """Right after the guard, before anything goes upstream: the request is forwarded only once
+    its request half and decision are in the write-ahead log (the recording process confirms it);
+    otherwise it is refused 503 and Graph never sees it."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        decision = decision_of(flow)
+        if decision is None or not decision.allowed:
+            return  # refused by the guard already; recorded with its answer
+        recorder = self.recorder
+        started = time.perf_counter()
+        try:
+            if recorder.process is not None:
+                await recorder.process.record(flow, WRITE_AHEAD)
+            else:
+                recorder.write_ahead(flow)
+            recorder.on_write("write_ahead", time.perf_counter() - started, True)
+        except OSError as e:
+            recorder.on_write("write_ahead", time.perf_counter() - started, False)
+            recorder.health.fail("recording", str(e) if recorder.process is not None
+                                 else f"cannot write {recorder.directory}: {e.strerror or e}")
+            refuse(flow, Decision.deny(
+                Stage.GUARD, 503, "ServiceUnavailable",
+                "the gateway could not record this request before forwarding it, so it refused it",
+                check="recording", rule_id=decision.rule_id, operation=decision.operation,
+                principal=decision.principal))
+        except Exception as e:
+            logger.error("flow %s: writing it ahead failed: %r", flow.id, e, exc_info=e)
+            refuse(flow, internal_error("WriteAhead.request"))

@@ -65,8 +65,9 @@ class PolicyReload:
             except Exception:  # noqa: BLE001 - the watcher must outlive any surprise
                 logger.exception("policy reload: unexpected error; the current policy stays in force")
 
-    async def check(self) -> bool:
-        """One poll: reload if the file changed. True when a new policy was installed."""
+    async def check(self, force: bool = False) -> bool:
+        """One poll: reload if the file changed (or ``force``: SIGHUP). True when a new policy
+        was installed."""
         path = self.store.path
         before = self.stat(path)
         if before is None:
@@ -77,7 +78,7 @@ class PolicyReload:
                              len(self.store.current.rules))
             self._seen = None
             return False
-        if before == self._seen:
+        if before == self._seen and not force:
             return False
         if self._missing:
             self._missing = False
@@ -94,6 +95,6 @@ class PolicyReload:
         self._seen = before if after == before else None
         if policy is None:
             return False
-        logger.info("policy reloaded from %s: generation %d, %d rules", path, self.store.generation,
-                    len(policy.rules))
+        logger.info("policy reloaded from %s%s: generation %d, %d rules", path, " (SIGHUP)" if force else "",
+                    self.store.generation, len(policy.rules))
         return True

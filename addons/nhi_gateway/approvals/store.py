@@ -716,7 +716,8 @@ def notification_text(request: ApprovalRequest, api_url: str) -> str:
         f"nhi-gateway: {request.who} asks to {request.operation} (rule {request.rule_id}). "
         f"The request is held until {iso(request.expires_at)} ({minutes}); approval {request.id}. "
         f"Approve: nhi-gateway approvals approve {request.id}{api} --reason TEXT.{grant} "
-        f"Deny: nhi-gateway approvals deny {request.id}{api} --reason TEXT."
+        f"Deny: nhi-gateway approvals deny {request.id}{api} --reason TEXT. "
+        f"Sign in first (a Graph token does not count): nhi-gateway approvals login{api}."
     )
 
 

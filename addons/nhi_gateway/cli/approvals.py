@@ -1,15 +1,19 @@
 """``nhi-gateway approvals``: what an approver does, through the running gateway's approval API.
 
+    nhi-gateway approvals login [--tenant T] [--authority URL]   sign in (device code flow)
+    nhi-gateway approvals logout
     nhi-gateway approvals list [--all]
     nhi-gateway approvals approve ID [--for DURATION] [--reason TEXT]
     nhi-gateway approvals deny ID [--reason TEXT]
     nhi-gateway approvals revoke GRANT_ID
 
-The approver's own Entra access token (the same kind of token callers present, e.g.
-``az account get-access-token --resource https://graph.microsoft.com``) is read from
-``NHI_APPROVER_TOKEN`` (or ``--token``, which other users of the machine can see in the process
-list). The API address is ``--api``, ``NHI_APPROVALS_API`` or http://127.0.0.1:8081 (the gateway
-prints it at start).
+The approval API accepts only the approver's own token for the gateway's app registration (a
+Graph token is refused): ``approvals login`` gets one and keeps it in the OS keyring, or, without
+one, prints ``export NHI_APPROVER_TOKEN=...`` (``eval "$(nhi-gateway approvals login)"``). The
+token is read from ``--token`` (other users of the machine can see it in the process list),
+``NHI_APPROVER_TOKEN``, or the keyring, in that order; ``az account get-access-token --scope
+<App ID URI>/Approvals.Decide`` gets one too. The API address is ``--api``, ``NHI_APPROVALS_API``
+or http://127.0.0.1:8081 (the gateway prints it at start).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from datetime import UTC, datetime
 import httpx
 
 from nhi_gateway.approvals.store import parse_duration
+from nhi_gateway.cli import approver_signin
 
 ENV_TOKEN = "NHI_APPROVER_TOKEN"
 ENV_API = "NHI_APPROVALS_API"
@@ -53,6 +58,16 @@ def register(sub) -> None:
     p = sub.add_parser("approvals", help="list, approve or deny held requests; list and revoke grants",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="approvals_command", required=True)
+    a = actions.add_parser("login", parents=[common], help="sign in for the approval API (device code flow)")
+    a.add_argument("--tenant", metavar="TENANT_ID", help="your tenant, when the gateway trusts several")
+    a.add_argument("--client-id", metavar="GUID", help="the public client to sign in with (default: the policy's)")
+    a.add_argument("--scope", metavar="SCOPE", help="the full scope (default: the policy's, e.g. api://.../Approvals.Decide)")
+    a.add_argument("--authority", default=approver_signin.DEFAULT_AUTHORITY, metavar="URL",
+                   help=f"the Entra sign-in host (default {approver_signin.DEFAULT_AUTHORITY}; a sovereign cloud's, "
+                        "or the look-alike's)")
+    a.add_argument("--no-keyring", action="store_true",
+                   help="do not use the OS keyring: print the export line for this shell instead")
+    actions.add_parser("logout", parents=[common], help="remove the token kept in the OS keyring")
     a = actions.add_parser("list", parents=[common], help="pending requests you may decide, and active grants")
     a.add_argument("--all", action="store_true", help="also decided requests and expired or revoked grants")
     a = actions.add_parser("approve", parents=[common], help="let a held request go on")
@@ -72,9 +87,13 @@ def register(sub) -> None:
 def main(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call would bury the answer
     try:
-        token = args.token or os.environ.get(ENV_TOKEN, "")
+        if args.approvals_command in SESSION:
+            return SESSION[args.approvals_command](args)
+        token = args.token or os.environ.get(ENV_TOKEN, "") or approver_signin.stored(args.api) or ""
         if not token.strip():
-            raise CommandFailed(f"no approver token: set {ENV_TOKEN} to your own Entra access token")
+            raise CommandFailed(f"no approver token: run nhi-gateway approvals login (or set {ENV_TOKEN})")
+        if approver_signin.expired(token.strip()):
+            raise CommandFailed("your approver token has expired: run nhi-gateway approvals login again")
         with httpx.Client(base_url=args.api.rstrip("/"), timeout=TIMEOUT, trust_env=False,
                           headers={"Authorization": f"Bearer {token.strip()}"}) as client:
             return COMMANDS[args.approvals_command](client, args)
@@ -189,5 +208,34 @@ def cmd_revoke(client: httpx.Client, args) -> int:
     print(f"revoked {g['id']}: {_who(g['principal'])} {g['operation']} needs approval again")
     return 0
 
+
+def cmd_login(args) -> int:
+    try:
+        settings = approver_signin.SignInSettings.discover(args.api, tenant=args.tenant, client_id=args.client_id,
+                                                           scope=args.scope)
+        token = approver_signin.sign_in(settings, args.authority)
+    except approver_signin.SignInFailed as e:
+        raise CommandFailed(str(e)) from None
+    who = approver_signin.describe(token)
+    if not args.no_keyring and approver_signin.store(args.api, token):
+        print(f"signed in as {who}; the token is kept in the OS keyring for nhi-gateway approvals", file=sys.stderr)
+        return 0
+    reason = "as asked (--no-keyring)" if args.no_keyring else "no OS keyring is available here"
+    print(f"signed in as {who}; {reason}, so the token is not stored anywhere. Keep it in this shell's "
+          f"memory with: eval \"$(nhi-gateway approvals login)\" (the export line follows)", file=sys.stderr)
+    print(approver_signin.export_line(token), flush=True)
+    return 0
+
+
+def cmd_logout(args) -> int:
+    removed = approver_signin.forget(args.api)
+    print("the token was removed from the OS keyring" if removed else "no token was kept in the OS keyring",
+          file=sys.stderr)
+    if os.environ.get(ENV_TOKEN):
+        print(f"{ENV_TOKEN} is still set in this shell: unset {ENV_TOKEN}", file=sys.stderr)
+    return 0
+
+
+SESSION = {"login": cmd_login, "logout": cmd_logout}
 
 COMMANDS = {"list": cmd_list, "approve": cmd_approve, "deny": cmd_deny, "revoke": cmd_revoke}

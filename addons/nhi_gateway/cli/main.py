@@ -13,9 +13,14 @@ from nhi_gateway.cli import policy as policy_cli
 from nhi_gateway.cli import approvals as approvals_cli
 from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
+from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT
+from nhi_gateway.addons.admin_tls import AdminTLSError
+from nhi_gateway.cli.startup import run_problems
+from nhi_gateway.proxy import logs
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
 from nhi_gateway.policy.loader import PolicyError
+from nhi_gateway.recording.audit import AuditCopy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
 
 
@@ -43,6 +48,9 @@ def _add_run(sub) -> None:
     p.add_argument("--recordings", type=Path, default=Path("recordings"),
                    help="directory for flow recordings and the audit trail")
     p.add_argument("--audit", type=Path, default=None, help="audit file (default RECORDINGS/audit.jsonl)")
+    p.add_argument("--audit-copy", action="append", default=[], metavar="stdout|syslog[:ADDRESS]",
+                   help="also send each audit line, as written, to standard output or syslog (a path, or "
+                        "HOST:PORT over UDP) for a SIEM; repeatable. The audit file stays the record")
     p.add_argument("--recordings-max-bytes", type=_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
                    help="start APP--OID.N.mitm when a recording would grow past this (default 64m)")
     p.add_argument("--recordings-rotate", choices=("daily", "hourly"), default="daily",
@@ -50,6 +58,13 @@ def _add_run(sub) -> None:
     p.add_argument("--recordings-fsync", type=float, default=DEFAULT_FSYNC_INTERVAL, metavar="SECONDS",
                    help="fsync each recording at most this often (default 1; 0: after every flow). "
                         "Every flow reaches the OS before its response, so a killed gateway loses none")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                   help="text (default) or json: one object per line, for log shippers")
+    p.add_argument("--log-level", choices=logs.LEVELS, default="info",
+                   help="info (default) logs refusals and changes; debug adds one line per allowed request")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take to finish before the gateway "
+                        f"stops anyway (default {DEFAULT_DRAIN_TIMEOUT:g}); SIGHUP reloads the policy")
     p.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT, metavar="SECONDS",
                    help=f"how long an upstream has to answer a request before the client gets 502 "
                         f"(default {DEFAULT_UPSTREAM_TIMEOUT:g})")
@@ -57,6 +72,12 @@ def _add_run(sub) -> None:
                    help="send HOST to ADDR:PORT, keeping URL, Host and SNI (like curl --resolve)")
     p.add_argument("--upstream-ca", type=Path, default=None,
                    help="CA bundle for upstream TLS and key fetches (default: the system's)")
+    p.add_argument("--admin-tls-cert", type=Path, default=None, metavar="PEM",
+                   help="certificate (chain) the admin listener (approval API, /healthz, /readyz, /metrics) "
+                        "serves over TLS; plain HTTP is then refused there")
+    p.add_argument("--admin-tls-key", type=Path, default=None, metavar="PEM", help="its private key")
+    p.add_argument("--admin-insecure", action="store_true",
+                   help="allow a non-loopback --approvals-listen without TLS (behind a TLS-terminating proxy)")
     p.add_argument("--approvals-listen", type=_listen, default=None, metavar="HOST:PORT",
                    help="where the approval API listens (default: 127.0.0.1 at the proxy's port + 1; "
                         "a free port when --listen has port 0). Keep it on loopback: it speaks plain HTTP")
@@ -88,9 +109,12 @@ def cmd_run(args) -> int:
     # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
     # their directories) holds secrets or who-did-what: private to the gateway's user.
     os.umask(0o077)
-    # mitmproxy's log handler prints what reaches the root logger; ours speaks at INFO
-    # (one line per decision, with the identity and the flow id).
-    logging.getLogger("nhi_gateway").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    problems = run_problems(args)
+    if problems:
+        print("nhi-gateway: cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 2
+    # One handler for every line, the gateway's and mitmproxy's: ISO 8601 times, levels, scrubbed.
+    logs.configure(args.log_format, "debug" if args.verbose else args.log_level)
 
     try:
         resolve = parse_resolve(args.resolve)
@@ -108,6 +132,9 @@ def cmd_run(args) -> int:
         return 2
     if args.recordings_fsync < 0:
         print("nhi-gateway: --recordings-fsync must be 0 or more seconds", file=sys.stderr)
+        return 2
+    if not args.drain_timeout >= 0:
+        print("nhi-gateway: --drain-timeout must be 0 seconds or more", file=sys.stderr)
         return 2
     if not args.upstream_timeout > 0:
         print("nhi-gateway: --upstream-timeout must be more than 0 seconds", file=sys.stderr)
@@ -133,9 +160,27 @@ def cmd_run(args) -> int:
         recordings_hourly=args.recordings_rotate == "hourly",
         recordings_fsync=args.recordings_fsync,
         upstream_timeout=args.upstream_timeout,
+        drain_timeout=args.drain_timeout,
+        own_log_handler=True,
+        admin_tls_cert=args.admin_tls_cert,
+        admin_tls_key=args.admin_tls_key,
+        admin_insecure=args.admin_insecure,
+        audit_copies=tuple(args.audit_copy),
     )
+    for target in args.audit_copy:
+        try:
+            AuditCopy(target)
+        except (ValueError, OSError) as e:
+            print(f"nhi-gateway: {e}", file=sys.stderr)
+            return 2
+    if (args.admin_tls_cert is None) != (args.admin_tls_key is None):
+        print("nhi-gateway: --admin-tls-cert and --admin-tls-key go together", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(config))
+    except AdminTLSError as e:
+        print(f"nhi-gateway: {e}", file=sys.stderr)
+        return 2
     except PolicyError as e:
         print(f"nhi-gateway: the policy cannot be loaded, so the gateway does not start:\n  {e}",
               file=sys.stderr)
@@ -147,15 +192,47 @@ def cmd_run(args) -> int:
 
 
 def _add_lookalike(sub) -> None:
-    p = sub.add_parser("lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph")
-    p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--port", type=int, default=0)
+    p = sub.add_parser(
+        "lookalike", help="serve the loopback look-alikes of Entra ID and Microsoft Graph, or mint a token",
+        usage="nhi-gateway lookalike [serve] --state-dir DIR [--host H] [--port N]\n"
+              "       nhi-gateway lookalike token --state-dir DIR (--user NAME [--no-mfa] | --app NAME)",
+        description="serve: one HTTPS port answering as login.microsoftonline.com (discovery, JWKS, token "
+                    "endpoint, device code sign-in) and graph.microsoft.com (a seeded tenant); point the gateway "
+                    "at it with --resolve HOST=127.0.0.1:PORT for login.microsoftonline.com, sts.windows.net and "
+                    "graph.microsoft.com, and --upstream-ca DIR/pki/ca.pem. It writes DIR/lookalike.json "
+                    "(port, tenant, apps, the approval API's registration) once it listens. token: print a token "
+                    "minted with the same keys, for trying the gateway by hand.")
+    p.add_argument("action", nargs="?", choices=("serve", "token"), default="serve",
+                   help="serve (the default) or token")
+    p.add_argument("--state-dir", type=Path, required=True,
+                   help="keys, certificates, client secrets and lookalike.json (created on first start)")
+    p.add_argument("--host", default="127.0.0.1", help="serve: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="serve: the port (default 0: a free one)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="NAME",
+                     help="token: a person's approver token for the approval API (e.g. adele, AdeleV, a UPN)")
+    who.add_argument("--app", metavar="NAME", help="token: a workload's Graph token (e.g. mcp-directory, rotation-bot)")
+    p.add_argument("--no-mfa", action="store_true",
+                   help="token --user: as after a sign-in without MFA (no authentication context)")
 
 
 def cmd_lookalike(args) -> int:
+    if args.action == "token":
+        from nhi_gateway.lookalike.handtokens import UnknownName, app_token, approver_token
+
+        if not (args.user or args.app):
+            print("nhi-gateway: lookalike token needs --user NAME or --app NAME", file=sys.stderr)
+            return 2
+        try:
+            print(approver_token(args.state_dir, args.user, mfa=not args.no_mfa) if args.user
+                  else app_token(args.state_dir, args.app))
+        except (UnknownName, OSError) as e:
+            print(f"nhi-gateway: {e}", file=sys.stderr)
+            return 2
+        return 0
     from nhi_gateway.lookalike.server import run
 
-    run(args.state_dir, port=args.port)
+    run(args.state_dir, args.host, args.port)
     return 0
 
 
@@ -171,7 +248,7 @@ def cmd_demo(args) -> int:
     return run_demo(args.workdir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nhi-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
@@ -180,7 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
     policy_cli.register(sub)  # policy lint|explain|replay|schema: each sets its own handler
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "words", None) is not None and not any(e.startswith("-") for e in extra):
+        # `audit verify --expect-head X FILE`: argparse gives a list positional only the words
+        # before the first option; the FILE after it belongs to it too.
+        args.words += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command != "run":  # mitmproxy installs its own log handler for the proxy
         logging.basicConfig(
             level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,

@@ -23,7 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from nhi_gateway.recording.audit import TORN_TAIL, AuditQuery, parse_time, principal_names, read_records, verify_chain
+from nhi_gateway.recording.audit import (
+    TORN_TAIL,
+    AuditQuery,
+    chain_head,
+    check_head,
+    parse_head,
+    parse_time,
+    principal_names,
+    read_records,
+    verify_chain,
+)
 from nhi_gateway.recording.files import find, list_recordings, parse_day, scan
 
 DEFAULT_RECORDINGS = Path("recordings")
@@ -223,7 +233,7 @@ def cmd_recordings_open(args) -> int:
 def _add_audit(sub) -> None:
     p = sub.add_parser(
         "audit", help="verify the audit trail's hash chain, or filter and print its lines",
-        usage="nhi-gateway audit verify [FILE]\n"
+        usage="nhi-gateway audit verify [--expect-head SEQ:SHA256] [FILE]\n"
               "       nhi-gateway audit [--principal X] [--decision allow|deny] [--since T] [--until T] "
               "[--rule R] [--table] [FILE]",
         description="FILE defaults to RECORDINGS/audit.jsonl. Lines are printed as they are stored "
@@ -242,6 +252,9 @@ def _add_audit(sub) -> None:
     p.add_argument("--since", help="from this time on (inclusive)")
     p.add_argument("--until", help="before this time (exclusive)")
     p.add_argument("--table", action="store_true", help="a compact table instead of JSON lines")
+    p.add_argument("--expect-head", metavar="SEQ:SHA256",
+                   help="with verify: a head printed earlier (kept where the gateway cannot write); "
+                        "fails when the trail no longer holds it (its tail was cut off or rewritten)")
     p.set_defaults(handler=cmd_audit)
 
 
@@ -258,26 +271,41 @@ def cmd_audit(args) -> int:
         words.pop(0)
         if any((args.principal, args.decision, args.rule, args.since, args.until, args.table)):
             return _fail("audit verify checks the whole file and takes no filters")
+    elif args.expect_head:
+        return _fail("--expect-head goes with audit verify")
     path = _audit_file(args, words)
     if path is None:
         return _fail("expected at most one FILE")
     if not path.is_file():
         return _fail(f"{path}: no such audit file (pass FILE, or --recordings DIR of a gateway)")
-    return audit_verify(path) if verify else audit_show(args, path)
+    return audit_verify(path, args.expect_head) if verify else audit_show(args, path)
 
 
-def audit_verify(path: Path) -> int:
+def audit_verify(path: Path, expect_head: str | None = None) -> int:
+    try:
+        anchor = parse_head(expect_head) if expect_head else None
+    except ValueError as e:
+        return _fail(f"--expect-head {e}")
     try:
         problems = verify_chain(path)
+        moved = check_head(path, *anchor) if anchor else None
+        head = chain_head(path)
     except OSError as e:
         return _fail(f"{path}: {e}")
+    if moved:
+        print(f"{path}: {moved}")
+        print(f"{path}: the chain does not hold the anchored head {expect_head}", file=sys.stderr)
+        return CHAIN_BROKEN
     if not problems:
-        records, head = 0, None
+        records, last = 0, None
         for _, _, rec in read_records(path):
             if rec is not None:
-                records, head = records + 1, rec
+                records, last = records + 1, rec
         print(f"{path}: {records} lines, chain intact"
-              + (f" (last seq {head['seq']} at {head.get('time')})" if head else ""))
+              + (f" (last seq {last['seq']} at {last.get('time')})" if last else "")
+              + (f"; holds the anchored head {anchor[0]}" if anchor else ""))
+        if head:
+            print(f"head {head[0]}:{head[1]}   (keep it elsewhere; check later with --expect-head {head[0]}:{head[1]})")
         return CHAIN_INTACT
     for problem in problems:
         print(f"{path}:{problem}")

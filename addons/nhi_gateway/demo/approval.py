@@ -3,17 +3,21 @@
 rotation-bot, which authenticates with its certificate, asks Graph to add a client secret to
 mcp-directory's registration (it owns it). The demo's policy is the example policy with one rule
 more, ``secret-rotation`` (:func:`policy_with_approval`), which holds the request; Adele Vance,
-named as its approver, signs in (the look-alike Entra mints her delegated token, as ``az login``
-would get one) and answers with the command an approver uses: ``nhi-gateway approvals list`` and
-``nhi-gateway approvals approve ID``. Only then does the request reach Graph, and the new secret
-comes back masked.
+named as its approver, signs in for the approval API with ``nhi-gateway approvals login`` (MSAL's
+device code flow against the look-alike Entra: she enters the code and passes MFA, which the
+look-alike tenant binds to the authentication context the policy asks for) and answers with the
+commands an approver uses: ``nhi-gateway approvals list`` and ``nhi-gateway approvals approve ID``.
+Her token is for the gateway's own app registration, never a Graph token, and reaches no file.
+Only then does the request reach Graph, and the new secret comes back masked.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,14 +26,13 @@ from pathlib import Path
 
 import httpx
 
-from nhi_gateway.lookalike.minting import EntraAuthority, mint_client_assertion
+from nhi_gateway.lookalike.minting import mint_client_assertion
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.masking.masks import MASK
 from nhi_gateway.demo.workload import JsonLinesCursor, Outcome, Step, from_workload
 
 BOT = "rotation-bot"
 APPROVER = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance", "AdeleV")  # named by the example policy
-AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the public client people sign in with
 REASON = "rotation ticket CHG-1042"
 STEP = Step("rotate a secret, approved by a person", "approval", 200, "allow")
 WAIT = 30.0  # seconds for the request to be held, and for it to finish once approved
@@ -113,21 +116,55 @@ def bot_token(entra: dict, gateway: dict) -> str:
     return r.json()["access_token"]
 
 
-def approver_token(entra: dict) -> str:
-    """The approver's own delegated Graph token: what she would get from ``az login``."""
-    oid, name, alias = APPROVER
-    authority = EntraAuthority.open(Path(entra["signing_keys_dir"]))
-    return authority.mint_app_token(
-        tenant_id=entra["tenant_id"], app_id=AZURE_CLI, object_id=oid, display_name="Azure CLI", acr="0",
-        extra_claims={"idtyp": "user", "scp": "User.Read", "name": name,
-                      "upn": f"{alias}@{entra['tenant_domain']}"})
+class SignInFailed(Exception):
+    pass
+
+
+def _cli_env(api: str, **more: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "NHI_APPROVER_TOKEN"}
+    env.update(NHI_APPROVALS_API=api, **more)
+    return env
+
+
+def approver_login(entra: dict, api: str) -> tuple[str, list[str]]:
+    """``nhi-gateway approvals login`` as the approver runs it: the device code flow, answered by
+    the approver at the look-alike's device login with MFA. Returns her token (kept in this
+    process's memory only) and what the command said."""
+    _, _, alias = APPROVER
+    authority = entra["local_authority"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nhi_gateway.cli.main", "approvals", "login", "--authority", authority, "--no-keyring"],
+        env=_cli_env(api, REQUESTS_CA_BUNDLE=entra["ca_cert"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    try:
+        while not (found := re.search(r"enter the code (\S+)", "".join(said))):
+            line = proc.stderr.readline() if proc.stderr else ""
+            if not line:
+                raise SignInFailed("approvals login ended before asking for a code: " + "".join(said).strip())
+            said.append(line)
+        with httpx.Client(verify=ssl.create_default_context(cafile=entra["ca_cert"]), trust_env=False,
+                          timeout=WAIT) as client:
+            r = client.post(f"{authority}/{entra['tenant_id']}/oauth2/deviceauth",
+                            data={"otc": found.group(1), "user": f"{alias}@{entra['tenant_domain']}", "mfa": "true"})
+        if r.status_code != 200:
+            raise SignInFailed(f"the look-alike's device login refused the code: {r.text[:200]}")
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said += err.splitlines(keepends=True)
+    export = next((line for line in out.splitlines() if line.startswith("export NHI_APPROVER_TOKEN=")), None)
+    if proc.returncode != 0 or export is None:
+        raise SignInFailed("approvals login failed: " + "".join(said).strip()[-300:])
+    token = shlex.split(export.removeprefix("export "))[0].split("=", 1)[1]
+    return token, [line.rstrip() for line in said if line.strip()]
 
 
 def approvals(token: str, api: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=api)
-    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "approvals", *args], env=env,
-                          capture_output=True, text=True, timeout=WAIT)
+    return subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "approvals", *args],
+                          env=_cli_env(api, NHI_APPROVER_TOKEN=token), capture_output=True, text=True, timeout=WAIT)
 
 
 def _show(command: list[str], done: subprocess.CompletedProcess) -> None:
@@ -171,13 +208,25 @@ def run_approval(entra: dict, gateway: dict, audit: Path, received: Path) -> Out
 
     asking = threading.Thread(target=ask, daemon=True)
     asking.start()
-    person = approver_token(entra)
     held = _held(audit, audit_lines.offset)
     problems: list[str] = []
+    person = None
     if held is None:
         problems.append("the request was never held for approval")
     else:
-        print(f"  {APPROVER[1]} signs in and answers (NHI_APPROVER_TOKEN=<her token>, NHI_APPROVALS_API={api}):")
+        print(f"  {APPROVER[1]} signs in for the approval API (a token for the gateway's own app registration, "
+              "with MFA; her Graph token would be refused):")
+        print(f"    $ eval \"$(nhi-gateway approvals login)\"      # NHI_APPROVALS_API={api}")
+        try:
+            person, said = approver_login(entra, api)
+            for i, line in enumerate(said):
+                print(f"      {line}")
+                if i == 0:
+                    print(f"      ({APPROVER[1]} enters the code and passes MFA at the look-alike's device login)")
+        except SignInFailed as e:
+            problems.append(str(e))
+    if held is not None and person is not None:
+        print(f"  {APPROVER[1]} answers:")
         _show(["list"], approvals(person, api, "list"))
         command = ["approve", held, "--reason", REASON]
         done = approvals(person, api, *command)

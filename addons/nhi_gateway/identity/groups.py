@@ -323,7 +323,8 @@ class GroupResolver:
         self._cache: OrderedDict[tuple[str, str, str], tuple[float, tuple[str, ...]]] = OrderedDict()
         self._flights = SingleFlight()
         self._token: tuple[str, float] | None = None  # (access token, renew after) - never logged
-        self.lookups = 0  # Graph calls made (for tests and the benchmark)
+        self.lookups = 0  # Graph calls made (for tests, the benchmark and metrics)
+        self.lookup_failures = 0  # lookups Graph did not answer 200, or not at all
         self.token_requests = 0
 
     def __repr__(self) -> str:
@@ -373,6 +374,7 @@ class GroupResolver:
                 continue
             break
         if status != 200:
+            self.lookup_failures += 1
             raise GroupLookupFailed(f"Graph answered {status} to getMemberGroups of {collection}/{object_id} "
                                     f"({_error_summary(body)})")
         groups = _group_ids(body, f"{collection}/{object_id}")

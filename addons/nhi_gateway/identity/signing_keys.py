@@ -54,6 +54,8 @@ class _KeySet:
     last_attempt: float = float("-inf")
     last_failure: float = float("-inf")
     last_unknown_kid_refresh: float = float("-inf")
+    fetches: int = 0  # attempts, for metrics
+    failures: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: asyncio.Task | None = None
 
@@ -107,6 +109,26 @@ class KeyStore:
         self._sets: dict[str, _KeySet] = {}
         self.fetch_count = 0  # fetches of a metadata document + its JWKS; read by tests and metrics
 
+    def clock(self) -> float:
+        return self._clock()
+
+    def held(self, metadata_url: str) -> tuple[int, float | None]:
+        """How many keys are held for an issuer and their age in seconds (None: never fetched);
+        a set that is missing or too old is fetched in the background (readiness asks this)."""
+        keyset = self._sets.get(metadata_url)
+        if keyset is None or keyset.fetched_at is None or self._clock() - keyset.fetched_at >= self.max_age:
+            return (len(keyset.keys) if keyset else 0), None
+        return len(keyset.keys), self._clock() - keyset.fetched_at
+
+    def fetch_soon(self, metadata_url: str, expected_issuer: str) -> None:
+        """Fetch an issuer's keys in the background (at start, so the first token does not wait)."""
+        self._refresh_in_background(self._sets.setdefault(metadata_url, _KeySet()), metadata_url, expected_issuer)
+
+    def keysets(self) -> list[tuple[str, _KeySet]]:
+        """``(issuer, key set)`` for every issuer asked for so far (the metadata URL names it)."""
+        suffix = "/.well-known/openid-configuration"
+        return [(url[: -len(suffix)] if url.endswith(suffix) else url, ks) for url, ks in self._sets.items()]
+
     async def key(self, metadata_url: str, expected_issuer: str, kid: str) -> SigningKey:
         """The key ``kid`` from the set that ``metadata_url`` points to.
 
@@ -149,9 +171,11 @@ class KeyStore:
                 return  # the endpoint failed moments ago: answer from what we have, don't hammer it
             keyset.last_attempt = now
             self.fetch_count += 1
+            keyset.fetches += 1
             try:
                 keys = await self._fetch(metadata_url, expected_issuer)
             except Exception as e:
+                keyset.failures += 1
                 keyset.last_failure = self._clock()
                 logger.warning(
                     "signing key fetch from %s failed (%s); %s",

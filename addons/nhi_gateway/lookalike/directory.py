@@ -32,6 +32,13 @@ ROTATION_BOT = "rotation-bot"
 # The gateway's own registration: it resolves callers' group membership with this credential.
 NHI_GATEWAY = "nhi-gateway"
 
+# The gateway's registration also exposes its approval API (Expose an API: the scope below, App ID
+# URI api://<client id>, v2 tokens) and is a public client that approvers sign in to with the
+# device code flow (`nhi-gateway approvals login`). The look-alike tenant binds the authentication
+# context to multi-factor sign-in: a token carries it in acrs only after an MFA sign-in.
+APPROVALS_SCOPE = "Approvals.Decide"
+APPROVALS_AUTH_CONTEXT = "c1"
+
 _CLIENTS_FILE = "clients.json"
 _CREATED = "2024-03-14T09:26:53Z"
 
@@ -425,6 +432,12 @@ class Directory:
             "secretText": credential.secret,
             "startDateTime": credential.start,
         }
+
+    def approvals_api(self) -> dict:
+        """The approval API's app registration, as a policy's ``approvals`` section names it."""
+        client_id = self.client_by_name(NHI_GATEWAY).app_id
+        return {"client_id": client_id, "app_id_uri": f"api://{client_id}", "scope": APPROVALS_SCOPE,
+                "auth_context": APPROVALS_AUTH_CONTEXT}
 
     def client_summary(self) -> dict[str, dict]:
         """What the look-alike tells tests and the demo about each registered client."""

@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import re
+import secrets
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jwt
@@ -61,12 +63,27 @@ def _utcnow() -> datetime.datetime:
 
 
 @dataclass
+class DeviceSignIn:
+    """One device code flow, from ``devicecode`` to the token (kept in memory only)."""
+
+    device_code: str
+    user_code: str
+    client_id: str
+    scopes: tuple[str, ...]
+    auth_contexts: tuple[str, ...]  # asked for by the claims parameter
+    expires_at: float
+    user: dict | None = None  # the person who entered the code
+    mfa: bool = False
+
+
+@dataclass
 class LookAlike:
     """Everything both look-alikes answer from."""
 
     state_dir: Path
     authority: EntraAuthority
     directory: Directory
+    device_sign_ins: dict[str, DeviceSignIn] = field(default_factory=dict)  # by device code
 
     @classmethod
     def open(cls, state_dir: Path) -> LookAlike:
@@ -160,6 +177,17 @@ def _tenant_not_found(tenant: str) -> JSONResponse:
     )
 
 
+def _here(document: dict, request: Request) -> dict:
+    """A discovery document whose endpoints point where it was asked for. A client outside the
+    gateway (``nhi-gateway approvals login --authority https://localhost:PORT``) reaches the
+    look-alike by its loopback name; the issuer stays Entra's, as the tokens say."""
+    host = (request.headers.get("host") or "").lower()
+    if host.split(":")[0] in ("login.microsoftonline.com", "sts.windows.net", ""):
+        return document
+    return {k: v.replace(LOGIN_HOST, f"https://{host}") if k != "issuer" and isinstance(v, str) else v
+            for k, v in document.items()}
+
+
 def build_login_app(lookalike: LookAlike) -> Starlette:
     async def openid_configuration(request: Request) -> Response:
         tenant = request.path_params["tenant"]
@@ -167,7 +195,17 @@ def build_login_app(lookalike: LookAlike) -> Starlette:
         if resolved is None:
             return _tenant_not_found(tenant)
         version = "2.0" if request.url.path.lower().endswith("/v2.0/.well-known/openid-configuration") else "1.0"
-        return JSONResponse(lookalike.authority.discovery(resolved, version))
+        return JSONResponse(_here(lookalike.authority.discovery(resolved, version), request))
+
+    async def devicecode(request: Request) -> Response:
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return start_device_sign_in(lookalike, request.path_params["tenant"], fields)
+
+    async def deviceauth(request: Request) -> Response:
+        form = await request.form()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return enter_device_code(lookalike, fields)
 
     async def keys(request: Request) -> Response:
         tenant = request.path_params["tenant"]
@@ -188,6 +226,10 @@ def build_login_app(lookalike: LookAlike) -> Starlette:
         Route("/{tenant}/discovery/v2.0/keys", keys),
         Route("/{tenant}/discovery/keys", keys),
         Route("/{tenant}/oauth2/v2.0/token", token, methods=["POST"]),
+        Route("/{tenant}/oauth2/v2.0/devicecode", devicecode, methods=["POST"]),
+        # Where https://microsoft.com/devicelogin leads: the person enters the code and signs in.
+        # The look-alike has no browser pages; a test or the demo posts what the person would do.
+        Route("/{tenant}/oauth2/deviceauth", deviceauth, methods=["POST"]),
     ])
 
 
@@ -205,11 +247,124 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
     return urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(secret)
 
 
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+DEVICE_CODE_LIFETIME = 900
+DEVICE_CODE_INTERVAL = 1  # Entra says 5; the look-alike lets tests and the demo poll faster
+OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
+_USER_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def _requested_auth_contexts(claims: str | None) -> tuple[str, ...] | None:
+    """The authentication contexts a ``claims`` parameter asks for (None: not JSON)."""
+    if not claims:
+        return ()
+    try:
+        acrs = json.loads(claims).get("access_token", {}).get("acrs", {})
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(acrs, dict):
+        return None
+    values = acrs.get("values") or ([acrs["value"]] if "value" in acrs else [])
+    return tuple(v for v in values if isinstance(v, str))
+
+
+def start_device_sign_in(lookalike: LookAlike, tenant: str, form: Mapping[str, str]) -> Response:
+    """``/{tenant}/oauth2/v2.0/devicecode``: the first step of the device code flow, for the public
+    client of the approval API (the gateway's registration)."""
+    tenant_id = _resolve_tenant(lookalike, tenant, allow_alias=True)
+    if tenant_id is None:
+        return _tenant_not_found(tenant)
+    api = lookalike.directory.approvals_api()
+    client_id = form.get("client_id", "").lower()
+    if client_id != api["client_id"]:
+        return aadsts_error(
+            400, "unauthorized_client", 700016, f"Application with identifier '{client_id}' was not found in the "
+            f"directory '{tenant}', or it is not a public client (Allow public client flows).")
+    resource_scopes = [x for x in form.get("scope", "").split() if x not in OIDC_SCOPES]
+    known = {f"{api['app_id_uri']}/{api['scope']}", f"{api['client_id']}/{api['scope']}"}
+    if not resource_scopes or any(x not in known for x in resource_scopes):
+        return aadsts_error(
+            400, "invalid_scope", 70011, f"The provided value for the input parameter 'scope' is not valid. The "
+            f"scope {form.get('scope', '')} does not exist.")
+    contexts = _requested_auth_contexts(form.get("claims"))
+    if contexts is None:
+        return aadsts_error(400, "invalid_request", 90014, "The claims parameter is not valid JSON.")
+    device_code = secrets.token_urlsafe(48)
+    user_code = "".join(secrets.choice(_USER_CODE_ALPHABET) for _ in range(9))
+    lookalike.device_sign_ins[device_code] = DeviceSignIn(
+        device_code, user_code, client_id, tuple(resource_scopes), contexts, time.time() + DEVICE_CODE_LIFETIME)
+    verification = "https://microsoft.com/devicelogin"
+    return JSONResponse({
+        "user_code": user_code, "device_code": device_code, "verification_uri": verification,
+        "expires_in": DEVICE_CODE_LIFETIME, "interval": DEVICE_CODE_INTERVAL,
+        "message": f"To sign in, use a web browser to open the page {verification} and enter the code {user_code} "
+                   "to authenticate.",
+    }, headers={"Cache-Control": "no-store, no-cache"})
+
+
+def enter_device_code(lookalike: LookAlike, form: Mapping[str, str]) -> Response:
+    """What the person does at https://microsoft.com/devicelogin: enter the code, sign in as
+    ``user`` (object id or UPN), with multi-factor authentication when ``mfa`` is true."""
+    code = form.get("otc", "").strip().upper()
+    sign_in = next((d for d in lookalike.device_sign_ins.values() if d.user_code == code), None)
+    if sign_in is None or sign_in.expires_at < time.time():
+        return aadsts_error(400, "invalid_grant", 70019, "The code you entered has expired or is not valid.")
+    user = lookalike.directory.find_user(form.get("user", ""))
+    if user is None:
+        return aadsts_error(400, "invalid_grant", 50034, "The user account does not exist in the directory.")
+    sign_in.user, sign_in.mfa = user, form.get("mfa", "").lower() == "true"
+    logger.info("device sign-in %s: %s signed in%s", code, user["userPrincipalName"],
+                " with MFA" if sign_in.mfa else "")
+    return JSONResponse({"signed_in": user["userPrincipalName"], "mfa": sign_in.mfa})
+
+
+def _id_token(lookalike: LookAlike, tenant_id: str, client_id: str, user: dict) -> str:
+    now = int(time.time())
+    claims = {"aud": client_id, "iss": issuer_for(tenant_id, "2.0"), "iat": now, "nbf": now, "exp": now + 3600,
+              "name": user["displayName"], "oid": user["id"], "preferred_username": user["userPrincipalName"],
+              "sub": user["id"], "tid": tenant_id, "ver": "2.0"}
+    return jwt.encode(claims, lookalike.authority.signing_key.private_key, algorithm="RS256",
+                      headers={"kid": lookalike.authority.signing_key.kid})
+
+
+def redeem_device_code(lookalike: LookAlike, tenant_id: str, form: Mapping[str, str]) -> Response:
+    """The device code grant: pending until the person signed in, then a delegated v2 token for
+    the approval API, once (the code is spent)."""
+    sign_in = lookalike.device_sign_ins.get(form.get("device_code", ""))
+    if sign_in is None or sign_in.client_id != form.get("client_id", "").lower():
+        return aadsts_error(400, "invalid_grant", 70000, "The provided value for the 'device_code' is not valid.")
+    if sign_in.expires_at < time.time():
+        lookalike.device_sign_ins.pop(sign_in.device_code, None)
+        return aadsts_error(400, "expired_token", 70020, "The provided value for the input parameter 'device_code' "
+                            "is not valid. This device code has expired.")
+    if sign_in.user is None:
+        return aadsts_error(400, "authorization_pending", 70016, "OAuth 2.0 device flow error. Authorization is "
+                            "pending. Continue polling.")
+    lookalike.device_sign_ins.pop(sign_in.device_code, None)
+    api, user = lookalike.directory.approvals_api(), sign_in.user
+    # The tenant binds every authentication context to MFA: only an MFA sign-in satisfies one.
+    acrs = [c for c in sign_in.auth_contexts if sign_in.mfa]
+    access_token = lookalike.authority.mint_user_token(
+        tenant_id=tenant_id, object_id=user["id"], client_id=sign_in.client_id, audience=api["client_id"],
+        scopes=[api["scope"]], version="2.0", name=user["displayName"], upn=user["userPrincipalName"],
+        amr=["pwd", "mfa"] if sign_in.mfa else ["pwd"], acrs=acrs, lifetime=TOKEN_LIFETIME)
+    client_info = base64.urlsafe_b64encode(json.dumps({"uid": user["id"], "utid": tenant_id}).encode()).decode()
+    logger.info("issued an approval API token to %s (acrs %s)", user["userPrincipalName"], acrs or "none")
+    return JSONResponse(
+        {"token_type": "Bearer", "scope": f"{api['app_id_uri']}/{api['scope']}", "expires_in": TOKEN_LIFETIME - 1,
+         "ext_expires_in": TOKEN_LIFETIME - 1, "access_token": access_token,
+         "id_token": _id_token(lookalike, tenant_id, sign_in.client_id, user), "client_info": client_info.rstrip("=")},
+        headers={"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"},
+    )
+
+
 def issue_token(lookalike: LookAlike, tenant: str, form: Mapping[str, str], authorization: str | None) -> Response:
-    """The client-credentials grant of ``/{tenant}/oauth2/v2.0/token``."""
+    """The client-credentials and device code grants of ``/{tenant}/oauth2/v2.0/token``."""
     tenant_id = _resolve_tenant(lookalike, tenant, allow_alias=False)
     if tenant_id is None:
         return _tenant_not_found(tenant)
+    if form.get("grant_type") == DEVICE_CODE_GRANT:
+        return redeem_device_code(lookalike, tenant_id, form)
     basic = _basic_credentials(authorization)
     client_id = form.get("client_id") or (basic[0] if basic else "")
     for name, value in (("grant_type", form.get("grant_type")), ("client_id", client_id), ("scope", form.get("scope"))):
@@ -784,6 +939,9 @@ def build_app(lookalike: LookAlike) -> ASGIApp:
         # sts.windows.net is the v1 issuer and serves the same metadata.
         Host("sts.windows.net", login),
         Host("graph.microsoft.com", build_graph_app(lookalike)),
+        # The loopback name: for clients that reach the look-alike's Entra without the gateway
+        # (the approver's sign-in, `nhi-gateway approvals login --authority https://localhost:PORT`).
+        Host("localhost", login),
     ])
     return ReceivedLog(app, lookalike)
 
@@ -837,6 +995,9 @@ async def serve(state_dir: Path, host: str = "127.0.0.1", port: int = 0,
         "apps": d.client_summary(),
         # Group ids by display name, so tests and demo policies can name groups in `when: {groups}`.
         "groups": {g["displayName"]: g["id"] for g in d.groups},
+        # The approval API's app registration, and where an approver signs in from outside the gateway.
+        "approvals_api": d.approvals_api(),
+        "local_authority": f"https://localhost:{bound_port}",
     }
     _write_atomically(info_path, info)
     logger.info("look-alike Entra ID and Graph listening on %s:%d (state in %s)", host, bound_port, state_dir)

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nhi_gateway.policy.decision import Action
-from nhi_gateway.policy.model import ANY_METHOD, OperationMatch, PathPattern, Policy, PrincipalMatch, Rule
+from nhi_gateway.policy.model import (
+    ANY_METHOD,
+    ApprovalsConfig,
+    OperationMatch,
+    PathPattern,
+    Policy,
+    PrincipalMatch,
+    Rule,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,33 @@ def policy_warnings(policy: Policy, at: datetime | None = None) -> list[PolicyWa
                 best = (rank[a.action], i, found)
         if best is not None:
             out.append(PolicyWarning(b.line, b.column, best[2], _SHADOW_HINT))
+    out += _approver_warnings(policy)
+    return out
+
+
+def _approver_warnings(policy: Policy) -> list[PolicyWarning]:
+    """Approve rules whose approvers cannot sign in, or sign in without a step-up."""
+    section = policy.approvals or ApprovalsConfig()
+    out = []
+    for rule in policy.rules:
+        if rule.action is not Action.APPROVE:
+            continue
+        if not section.client_id:
+            out.append(PolicyWarning(
+                rule.line, rule.column,
+                f"rule '{rule.id}' holds requests, but nobody can approve them: approvals.client_id is not set, "
+                "so the approval API refuses every token",
+                "name the gateway's app registration: approvals: {client_id: <GUID>, app_id_uri: api://..., "
+                "scope: Approvals.Decide}",
+            ))
+        elif not section.step_up:
+            out.append(PolicyWarning(
+                rule.line, rule.column,
+                f"rule '{rule.id}' is approved with a plain sign-in: approvals sets neither require_auth_context "
+                "nor require_mfa",
+                "add approvals.require_auth_context: c1 (a Conditional Access authentication context that "
+                "requires MFA) or, for v1 tokens, approvals.require_mfa: true",
+            ))
     return out
 
 

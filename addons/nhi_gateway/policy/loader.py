@@ -371,7 +371,11 @@ class _Loader:
             default_profile = shape.masking.default_profile
             for name, doc in (shape.masking.profiles or {}).items():
                 profiles[name] = self.mask_profile(name, doc, shape.masking.pseudonym_key_env)
-        approvals = ApprovalsConfig(shape.approvals.webhook) if shape.approvals is not None else None
+        approvals = None
+        if shape.approvals is not None:
+            a = shape.approvals
+            approvals = ApprovalsConfig(a.webhook, a.client_id, a.app_id_uri, a.scope or "Approvals.Decide",
+                                        a.require_auth_context, bool(a.require_mfa), a.login_client_id)
         rules = [self.rule(i, r) for i, r in enumerate(shape.rules or ())]
         return Policy(self.source, config, upstreams, profiles, rules, default_profile, approvals)
 

@@ -35,6 +35,13 @@ Schema (``policies/example.yaml`` is a commented, working example)::
                                                  # detectors, pass without)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
+      client_id: <GUID>                          # the gateway's app registration: the aud of approvers'
+                                                 # v2 tokens; without it no token can approve
+      app_id_uri: api://<GUID>                   # optional, needs client_id: the aud of v1 tokens
+      scope: Approvals.Decide                    # optional, default Approvals.Decide: required in scp
+      require_auth_context: c1                   # optional: c1..c99, required in the token's acrs
+      require_mfa: true                          # optional, default false: amr must contain mfa (v1)
+      login_client_id: <GUID>                    # optional: the public client of `approvals login`
     rules:                                       # optional, default none (= deny everything)
       - id: directory-read                       # required, unique; letters, digits . _ : -
         description: ...                         # optional
@@ -476,9 +483,39 @@ class Approval:
 
 @dataclass(frozen=True)
 class ApprovalsConfig:
-    """The policy's ``approvals:`` section: how approvers are told a request waits for them."""
+    """The policy's ``approvals:`` section: how approvers are told a request waits for them, and
+    what token proves an approver to the approval API.
+
+    The approval API accepts only delegated tokens of people issued for the gateway's own app
+    registration (``client_id``, ``app_id_uri``) with ``scope``: a person's Graph token, or a token
+    for any other API, is no key to it (an agent acting on a person's behalf holds exactly such
+    tokens). ``require_auth_context`` asks for a Conditional Access authentication context in the
+    token's ``acrs``; ``require_mfa`` for ``mfa`` in ``amr`` (v1 tokens only: v2 tokens carry no
+    ``amr``). Without ``client_id`` the approval API refuses every token (401).
+    """
 
     webhook: str | None = None  # an https URL that receives a chat-style message per held request
+    client_id: str | None = None  # the gateway's app registration: aud of v2 tokens (lower-case GUID)
+    app_id_uri: str | None = None  # its App ID URI: aud of v1 tokens (with or without a trailing slash)
+    scope: str = "Approvals.Decide"  # the delegated scope an approver's token must carry in scp
+    require_auth_context: str | None = None  # e.g. c1: must be in the token's acrs
+    require_mfa: bool = False  # amr must contain mfa (refuses v2 tokens, which carry no amr)
+    login_client_id: str | None = None  # the public client `approvals login` signs in with (default client_id)
+
+    @property
+    def audiences(self) -> frozenset[str]:
+        """The ``aud`` values an approver's token may carry."""
+        out = set()
+        if self.client_id:
+            out.add(self.client_id)
+        if self.app_id_uri:
+            uri = self.app_id_uri.rstrip("/")
+            out |= {uri, uri + "/"}
+        return frozenset(out)
+
+    @property
+    def step_up(self) -> bool:
+        return bool(self.require_auth_context or self.require_mfa)
 
 
 DEFAULT_APPROVAL_TIMEOUT = 300

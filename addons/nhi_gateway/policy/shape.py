@@ -633,11 +633,77 @@ def _webhook(v: Any) -> str:
     return webhook
 
 
-class ApprovalsDoc(Shape):
-    """How approvers are told that a request waits for them."""
+def _app_guid(v: Any) -> str:
+    value = _string(v).strip()
+    if not _GUID.fullmatch(value):
+        raise problem(f"{WHAT}: '{value}' is not a GUID", "the Application (client) ID of the gateway's app registration")
+    return value.lower()
 
-    webhook: Annotated[str | None, *leaf(_webhook, {"ref!": "httpsUrl"}),
-                       Field(description="An https URL that receives a message for every request held for approval.")] = None
+
+def _app_id_uri(v: Any) -> str:
+    value = _string(v).strip()
+    if any(c.isspace() for c in value) or ":" not in value:
+        raise problem(f"{WHAT}: '{value}' is not a URI",
+                      "the Application ID URI of the gateway's app registration, e.g. api://nhi-gateway")
+    return value
+
+
+def _scope(v: Any) -> str:
+    value = _string(v).strip()
+    if not _SCOPE.fullmatch(value):
+        raise problem(f"{WHAT}: '{value}' is not a scope name",
+                      "the scope's value as exposed by the app registration, e.g. Approvals.Decide")
+    return value
+
+
+def _auth_context(v: Any) -> str:
+    value = _string(v).strip()
+    if not _AUTH_CONTEXT.fullmatch(value):
+        raise problem(f"{WHAT}: '{value}' is not an authentication context id",
+                      "Entra's ids are c1 to c99 (Conditional Access > Authentication contexts)")
+    return value
+
+
+SCOPE = r"[A-Za-z0-9._-]{1,120}"
+AUTH_CONTEXT = r"c([1-9]|[1-9][0-9])"
+_SCOPE = re.compile(SCOPE)
+_AUTH_CONTEXT = re.compile(AUTH_CONTEXT)
+
+
+class ApprovalsDoc(Shape):
+    """How approvers are told that a request waits for them, and which token proves an approver to the
+    approval API."""
+
+    webhook: Annotated[str | None, *leaf(_webhook, {"ref!": "httpsUrl"}), Field(
+        description="An https URL that receives a message for every request held for approval.")] = None
+    client_id: Annotated[str | None, *leaf(_app_guid, {
+        "ref!": "guid", "description": "The gateway's app registration (Application (client) ID): the aud of v2 "
+        "approver tokens. Without it the approval API refuses every token."})] = None
+    app_id_uri: Annotated[str | None, *leaf(_app_id_uri, {
+        "type": "string", "pattern": r"^\s*\S+:\S*\s*$",
+        "description": "The app registration's Application ID URI (e.g. api://nhi-gateway): the aud of v1 approver "
+        "tokens, with or without a trailing slash. Needs client_id."})] = None
+    scope: Annotated[str | None, *leaf(_scope, {
+        "type": "string", "pattern": rf"^\s*{SCOPE}\s*$",
+        "description": "The delegated scope an approver's token must carry in scp (default Approvals.Decide)."})] = None
+    require_auth_context: Annotated[str | None, *leaf(_auth_context, {
+        "type": "string", "pattern": rf"^\s*{AUTH_CONTEXT}\s*$",
+        "description": "A Conditional Access authentication context id (c1..c99) that must be in the token's "
+        "acrs."})] = None
+    require_mfa: Annotated[bool | None, *leaf(_boolean, {
+        "type": "boolean", "description": "The token's amr must contain mfa (v1 tokens; v2 tokens carry no amr and "
+        "are refused)."})] = None
+    login_client_id: Annotated[str | None, *leaf(_app_guid, {
+        "ref!": "guid", "description": "The public client that `nhi-gateway approvals login` signs in with "
+        "(default: client_id)."})] = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ApprovalsDoc:
+        if self.app_id_uri and self.client_id is None:
+            raise problem("approvals.app_id_uri needs approvals.client_id",
+                          "name the app registration by its client id too (v2 tokens carry it in aud)",
+                          at=("app_id_uri",), key=True)
+        return self
 
 
 # --- rules ------------------------------------------------------------------------------------------

@@ -27,24 +27,30 @@ from mitmproxy.proxy import events as proxy_events
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_layer, proxyserver, tlsconfig
 
+from nhi_gateway.addons.admin import Admin, gateway_checks
+from nhi_gateway.addons.admin_tls import AdminTLS, AdminTLSError, server_context
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from nhi_gateway.addons.audit import Audit
 from nhi_gateway.addons.authorization import Authorization
+from nhi_gateway.addons.flowlog import FlowLog
 from nhi_gateway.addons.guard import Guard, Health
-from nhi_gateway.addons.identity import Identity
+from nhi_gateway.addons.identity import Identity, trust_of
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
-from nhi_gateway.addons.recorder import Recorder
+from nhi_gateway.addons.metrics import GatewayMetrics, Metrics, state_metrics
+from nhi_gateway.addons.recorder import Recorder, WriteAhead
+from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreError
-from nhi_gateway.recording.audit import AuditLog
+from nhi_gateway.recording.audit import AuditCopy, AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.loader import PolicyStore, load_policy
+from nhi_gateway.policy.decision import Action
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -80,6 +86,15 @@ class GatewayConfig:
     # Recordings are written by a child process (nhi_gateway.recording.process), off the event
     # loop; False writes them in the gateway's own process (tests that reach into the recorder).
     recording_process: bool = True
+    # SIGTERM: how long requests in flight may take to finish before the gateway stops anyway.
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    own_log_handler: bool = False  # True: logging is set up already (proxy.logs), not by mitmproxy
+    # TLS on the admin listener with the operator's certificate; a non-loopback admin address
+    # without it is refused unless admin_insecure.
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
+    admin_insecure: bool = False
+    audit_copies: tuple[str, ...] = ()  # also send each audit line to: stdout, syslog[:ADDRESS]
 
 
 @dataclass
@@ -118,7 +133,9 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
                 groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
     audit_path = config.audit_path or config.recordings / "audit.jsonl"
-    audit = Audit(AuditLog(audit_path, fsync_interval=config.recordings_fsync), health)
+    audit_log = AuditLog(audit_path, fsync_interval=config.recordings_fsync)
+    audit_log.copies = [AuditCopy(target) for target in config.audit_copies]
+    audit = Audit(audit_log, health)
     approvals = open_approvals(config)
     notify = None
     if egress is not None:
@@ -127,22 +144,54 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
                         fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+    stopping = Stopping()
+    approval = Approval(policies, approvals, health, audit.log, notify)
+    metrics = GatewayMetrics()
+    recorder.on_write = metrics.recorded
+    audit.on_write = metrics.audited
+    metrics.watch(state_metrics(approval, approvals, verifier.keys, groups))
+
+    def trusted_issuers():
+        trust = trust_of(policies.current)
+        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in sorted(trust.tenants)
+                for i in trust.issuers]
+
+    admin = Admin(metrics, gateway_checks(policies, verifier.keys, trusted_issuers, recorder, health, approvals,
+                                          stopping), require_tls=config.admin_tls_cert is not None)
     chain = [
+        stopping,  # first: once the gateway stops, new requests are refused (503) before any work
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
+        admin,  # /healthz, /readyz, /metrics on the admin listener: never audited or recorded
         # First of the flow stages: answers every request on the approval API's own listener.
         ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
         Routing(config.resolve),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
         Authorization(policies),
-        Approval(policies, approvals, health, audit.log, notify),  # holds `approve` decisions
+        approval,  # holds `approve` decisions
         Masking(policies),
         Guard(health),  # last of the deciding stages: nothing without an explicit allow passes
+        WriteAhead(recorder),  # an allowed request goes upstream only once it is on record
         UpstreamTimeout(config.upstream_timeout),  # times what goes upstream: 502 instead of a hang
         audit,
         recorder,  # after audit and guard: the recording shows what the client saw
+        Metrics(metrics, rule_ids_of(policies)),  # counts each flow once its answer is final
+        FlowLog(),  # one line per flow: who, what, the verdict
+        stopping.settled,  # last: a flow is done once audited and handed to the recording
     ]
     return chain, recorder
+
+
+def rule_ids_of(policies: PolicyStore):
+    """The rule ids of the policy in force, worked out once per policy (metrics' rule labels)."""
+    seen: list = [None, frozenset()]
+
+    def rule_ids() -> frozenset[str]:
+        if seen[0] is not policies.current:
+            seen[:] = [policies.current, frozenset(r.id for r in policies.current.rules)]
+        return seen[1]
+
+    return rule_ids
 
 
 def open_approvals(config: GatewayConfig) -> Approvals:
@@ -217,7 +266,8 @@ async def start(config: GatewayConfig) -> Gateway:
         listen_port=config.listen_port,
         confdir=str(config.confdir),
     )
-    m = master.Master(opts, with_termlog=True)
+    # With its own log handler (nhi_gateway.proxy.logs, set up by `run`), mitmproxy's is not added.
+    m = master.Master(opts, with_termlog=not config.own_log_handler)
     IndexedAddonManager.install(m)  # each event only to the addons that have its hook
     builtin = [
         core.Core(),
@@ -228,6 +278,10 @@ async def start(config: GatewayConfig) -> Gateway:
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
     ]
+    if config.admin_tls_cert is not None:
+        # Before mitmproxy's TLS addon: it leaves a connection whose TLS context is set alone.
+        builtin.insert(builtin.index(next(a for a in builtin if isinstance(a, tlsconfig.TlsConfig))),
+                       AdminTLS(server_context(config.admin_tls_cert, config.admin_tls_key)))
     m.addons.add(*builtin)
     health = Health()
     egress = EgressClient(config.resolve, str(config.upstream_ca) if config.upstream_ca else None)
@@ -240,9 +294,17 @@ async def start(config: GatewayConfig) -> Gateway:
     m.addons.add(*chain)
     approval = next(a for a in chain if isinstance(a, Approval))
     api_host, api_port = approvals_listen(config)
-    if not _is_loopback(api_host):
-        logger.warning("the approval API listens on %s, not loopback: approvers' tokens cross the network "
-                       "in plain HTTP; put it behind TLS", api_host)
+    if config.admin_tls_cert is None and not _is_loopback(api_host):
+        if not config.admin_insecure:
+            raise AdminTLSError(
+                f"--approvals-listen {api_host} is not a loopback address, and approvers' tokens would cross the "
+                "network in clear: give --admin-tls-cert and --admin-tls-key (or --admin-insecure, behind a "
+                "TLS-terminating proxy you trust)")
+        logger.warning("the admin listener on %s speaks plain HTTP (--admin-insecure)", api_host)
+    section = policies.current.approvals
+    if any(r.action is Action.APPROVE for r in policies.current.rules) and not (section and section.client_id):
+        logger.warning("the policy holds requests for approval but names no app registration for the approval "
+                       "API (approvals.client_id): no token can approve them, so they time out")
     opts.update(
         mode=["regular", api_mode(api_host, api_port)],
         # lazy: no upstream connection is opened at CONNECT, before the request is judged.
@@ -308,11 +370,62 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)  # older generations as often as before, relative to the young
 
 
+async def drain(gateway: Gateway, why: str) -> None:
+    """Stop as an orchestrator expects on SIGTERM: close the listeners, refuse new requests on open
+    connections (503), answer held approval requests 503, let the requests in flight finish
+    within ``drain_timeout``, then stop (the recording process writes what it was handed)."""
+    try:
+        reason = f"the gateway is stopping ({why})"
+        chain = gateway.master.addons
+        stopping = chain.get("stopping")
+        stopping.begin(reason)
+        held = chain.get("approval").stop(reason)
+        try:
+            await chain.get("proxyserver").servers.update([])
+        except Exception as e:  # noqa: BLE001 - stopping must go on
+            logger.error("closing the listeners failed: %r", e)
+        grace = gateway.config.drain_timeout
+        logger.warning("%s: listeners closed, %d held approval requests answered 503, waiting up to %gs "
+                       "for %d requests in flight", reason, held, grace, len(stopping.in_flight))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while stopping.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if stopping.in_flight:
+            logger.error("%d requests were still in flight after %gs; stopping anyway", len(stopping.in_flight), grace)
+    finally:  # whatever went wrong above, the gateway stops
+        gateway.master.shutdown()
+
+
+def handle_signals(gateway: Gateway) -> None:
+    """SIGTERM and SIGINT drain (a second one stops at once); SIGHUP reloads the policy, keeping
+    the last good one when the file is bad."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def stop(name: str) -> None:
+        if any(t.get_name() == "nhi-drain" for t in tasks):
+            logger.warning("%s again: stopping now", name)
+            gateway.master.shutdown()
+            return
+        logger.warning("%s: draining", name)
+        task = loop.create_task(drain(gateway, name), name="nhi-drain")
+        tasks.add(task)
+
+    def reload() -> None:
+        logger.warning("SIGHUP: reloading the policy from %s", gateway.policies.path)
+        task = loop.create_task(gateway.master.addons.get("policyreload").check(force=True), name="nhi-sighup")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+
 async def serve(config: GatewayConfig) -> None:
     gateway = await start(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, gateway.master.shutdown)
+    handle_signals(gateway)
     run = asyncio.create_task(gateway.master.run())
     # Announce only once the listener is bound, so the printed port is the real one.
     while not run.done():

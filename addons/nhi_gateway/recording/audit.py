@@ -20,8 +20,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 RECORD_FIELDS = (
@@ -96,6 +100,57 @@ def _parse_record(raw: bytes) -> dict | None:
     return rec
 
 
+class AuditCopy:
+    """Each audit line, byte for byte as written (so the chain verifies there too), also sent to
+    standard output or syslog for a SIEM. The file stays the record: a copy that fails is logged
+    (once until it works again) and never refuses a request; ``audit verify --expect-head``
+    against the head the SIEM received shows whether the file lost its tail."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._failing = False
+        if target == "stdout":
+            self._send = self._stdout
+        elif target == "syslog" or target.startswith("syslog:"):
+            import logging.handlers
+            import socket
+
+            where = target.partition(":")[2]
+            if not where:
+                address: object = "/dev/log"
+            elif where.startswith("/"):
+                address = where
+            else:
+                host, _, port = where.rpartition(":")
+                address = (host or where, int(port) if host else 514)
+            self._syslog = logging.handlers.SysLogHandler(
+                address=address, facility=logging.handlers.SysLogHandler.LOG_AUTH,
+                socktype=socket.SOCK_DGRAM)
+            self._send = self._to_syslog
+        else:
+            raise ValueError(f"--audit-copy {target!r}: expected stdout, syslog, syslog:/path or syslog:HOST:PORT")
+
+    def _stdout(self, line: bytes) -> None:
+        out = sys.stdout.buffer
+        out.write(line)
+        out.flush()
+
+    def _to_syslog(self, line: bytes) -> None:
+        record = logging.LogRecord("nhi_gateway.audit", logging.INFO, "", 0,
+                                   "nhi-gateway: " + line.decode("utf-8", "replace").rstrip("\n"), None, None)
+        self._syslog.emit(record)
+
+    def send(self, line: bytes) -> None:
+        try:
+            self._send(line)
+        except Exception as e:  # noqa: BLE001 - the file holds the line; the copy is best effort
+            if not self._failing:
+                logger.error("audit copy to %s failed: %s (the audit file keeps every line)", self.target, e)
+            self._failing = True
+        else:
+            self._failing = False
+
+
 class AuditLog:
     """Appends hash-chained JSON lines to ``path``, continuing an existing chain.
 
@@ -115,6 +170,7 @@ class AuditLog:
         self._closed = False
         self._seq = 0
         self._prev = GENESIS
+        self.copies: list[AuditCopy] = []  # each line, as written, also to a SIEM (stdout, syslog)
         self._open()
 
     @property
@@ -279,6 +335,8 @@ class AuditLog:
             except (TypeError, ValueError) as e:
                 raise AuditWriteError(f"audit record cannot be written as JSON: {e}") from e
             self._write(line)
+            for copy in self.copies:
+                copy.send(line)
             return json.loads(line)
 
     def close(self) -> None:
@@ -532,6 +590,41 @@ class AuditQuery:
             if self.until is not None and t >= self.until:
                 return False
         return True
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """``SEQ:SHA256`` as ``audit verify`` prints it."""
+    seq, _, digest = text.strip().partition(":")
+    if not seq.isdigit() or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"{text!r}: expected SEQ:SHA256 as `nhi-gateway audit verify` prints it "
+                         "(e.g. 1042:3f5a...)")
+    return int(seq), digest
+
+
+def chain_head(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """``(seq, sha256 of the line)`` of the last whole record: publish it elsewhere to anchor the chain."""
+    head = None
+    for _, raw, rec in read_records(path):
+        if rec is not None and isinstance(rec.get("seq"), int):
+            head = (rec["seq"], line_hash(raw))
+    return head
+
+
+def check_head(path: str | os.PathLike[str], seq: int, digest: str) -> str | None:
+    """Whether a head anchored earlier is still in the trail: None, or what happened to it. A
+    chain verifies from its start whatever was cut off its end; only the anchor shows that."""
+    last = 0
+    for number, raw, rec in read_records(path):
+        if rec is None or not isinstance(rec.get("seq"), int):
+            continue
+        last = rec["seq"]
+        if last == seq:
+            if line_hash(raw) == digest:
+                return None
+            return (f"line {number} (seq {seq}) is not the anchored head: the trail was rewritten "
+                    "from that line on")
+    return (f"the trail ends at seq {last}, before the anchored head seq {seq}: "
+            f"{seq - last} or more lines were cut off its end")
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes, dict | None]]:

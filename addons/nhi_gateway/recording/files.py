@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".mitm"
+# The write-ahead log: the request half and decision of every flow about to be forwarded, written
+# (and confirmed) before the request leaves the gateway. Same format as the recordings (mitmweb
+# and ``mitmdump -nr`` read it), another suffix so that nothing counts its flows twice.
+WRITE_AHEAD_SUFFIX = ".wal"
+WRITE_AHEAD_NAME = "write-ahead"
 TORN_SUFFIX = ".torn"
 ANONYMOUS = "anonymous"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -99,8 +104,18 @@ def recording_base(root: Path, principal: dict | None, when: datetime, hourly: b
     return day / tenant / f"{app}--{oid}{hour}{SUFFIX}"
 
 
+def write_ahead_base(root: Path, when: datetime) -> Path:
+    """The first file of the day's write-ahead log."""
+    return root / when.astimezone(UTC).strftime("%Y-%m-%d") / f"{WRITE_AHEAD_NAME}{WRITE_AHEAD_SUFFIX}"
+
+
+def _suffix_of(base: Path) -> str:
+    return WRITE_AHEAD_SUFFIX if base.name.endswith(WRITE_AHEAD_SUFFIX) else SUFFIX
+
+
 def part_path(base: Path, part: int) -> Path:
-    return base if part == 0 else base.with_name(f"{base.name[: -len(SUFFIX)]}.{part}{SUFFIX}")
+    suffix = _suffix_of(base)
+    return base if part == 0 else base.with_name(f"{base.name[: -len(suffix)]}.{part}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -125,15 +140,16 @@ def parse_name(name: str) -> RecordingName | None:
 def _parts_of(base: Path) -> dict[int, Path]:
     """Existing files of the series ``base`` starts, by part number."""
     found: dict[int, Path] = {}
-    stem = base.name[: -len(SUFFIX)]
+    suffix = _suffix_of(base)
+    stem = base.name[: -len(suffix)]
     if not base.parent.is_dir():
         return found
     for path in base.parent.iterdir():
         name = path.name
         if name == base.name:
             found[0] = path
-        elif name.startswith(stem + ".") and name.endswith(SUFFIX):
-            middle = name[len(stem) + 1 : -len(SUFFIX)]
+        elif name.startswith(stem + ".") and name.endswith(suffix):
+            middle = name[len(stem) + 1 : -len(suffix)]
             if middle.isdigit() and not middle.startswith("0"):
                 found[int(middle)] = path
     return found
@@ -234,7 +250,7 @@ def recover_recent(root: Path, days: int = 2) -> list[Path]:
     newest day directories (the newest two cover a crash just after midnight)."""
     repaired = []
     for day in day_dirs(root)[-days:]:
-        for path in sorted(day.rglob("*" + SUFFIX)):
+        for path in sorted([*day.rglob("*" + SUFFIX), *day.glob("*" + WRITE_AHEAD_SUFFIX)]):
             try:
                 if recover_torn_tail(path):
                     repaired.append(path)

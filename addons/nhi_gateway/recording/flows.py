@@ -39,6 +39,7 @@ from nhi_gateway.recording.files import (
     RecordingWriter,
     encode_with_parts,
     recording_base,
+    write_ahead_base,
 )
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
@@ -48,8 +49,16 @@ REFUSED_MARK = ":no_entry:"
 APPROVED_MARK = ":white_check_mark:"
 
 
+APPROVAL_API_FILE = "approval-api.mitm"
+
+
 def recording_path(root: Path, decision: Decision | None, when: datetime, hourly: bool = False) -> Path:
-    """The first file of the series a flow with this decision is written to."""
+    """The first file of the series a flow with this decision is written to. Calls to the approval
+    API go to the day's ``approval-api.mitm``: they are people deciding, not Graph traffic of the
+    app their token was issued to."""
+    if decision is not None and "approvals_api" in decision.extra or (
+            decision is not None and " approvals-api " in decision.operation):
+        return root / when.astimezone(UTC).strftime("%Y-%m-%d") / APPROVAL_API_FILE
     return recording_base(root, decision.principal if decision else None, when, hourly)
 
 
@@ -162,6 +171,20 @@ class FlowRecorder:
             for inner, prefix in batch_inner_flows(flow):
                 self.write(inner, comment_prefix=prefix, connections=connections)
         return path
+
+    def write_ahead(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
+        """The request half and decision of a flow about to be forwarded, to the day's write-ahead
+        log: once this returns, what the gateway lets through is on record even if it dies before
+        Graph answers. The whole flow is recorded as usual once answered."""
+        decision = decision_of(flow)
+        disk = redacted_state(flow)
+        annotate(disk, decision, flow)
+        disk["comment"] = "FORWARDING · " + disk["comment"]
+        if connections is None:
+            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        else:
+            record = encode_with_parts(disk, connections)
+        return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC)), record)
 
     def close(self) -> None:
         try:

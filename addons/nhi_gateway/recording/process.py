@@ -25,7 +25,8 @@ as its id alone. The pipe carries credentials unredacted (the child redacts them
 between the two processes, which run as the same user.
 
 Frames both ways start with a 4-byte big-endian length of the rest. Gateway to child: the flow's
-sequence number (8 bytes), the length of the connections part (4 bytes), the connections part
+sequence number (8 bytes), the length of the connections part (4 bytes), its kind (1 byte: the
+answered flow, or the request half for the write-ahead log), the connections part
 (``marshal`` of ``((client_id, state | None), (server_id, state | None))``), then the flow's state
 (``marshal``). Child to gateway, a ``marshal`` payload:
 ``(seq, status, detail)`` with status ``ok`` (detail: the file written), ``oserror`` (detail: why)
@@ -55,7 +56,8 @@ from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTE
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")  # frame length
-_FLOW_PREFIX = struct.Struct("!QI")  # a flow's frame, after its length: seq, length of the connections part
+_FLOW_PREFIX = struct.Struct("!QIB")  # a flow's frame, after its length: seq, length of the connections part, kind
+RECORD, WRITE_AHEAD = 0, 1  # kinds: the answered flow for the recordings; the request half, before it is forwarded
 READY = 0
 CONFIRM_TIMEOUT = 30.0  # seconds a flow waits for the child before it is refused (a stalled disk)
 START_TIMEOUT = 60.0  # seconds for a child to import, check the newest files for torn tails, and say so
@@ -79,10 +81,10 @@ def frame(payload: object) -> tuple[bytes, bytes]:
 _PLAIN = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
 
 
-def flow_frame(seq: int, conns: bytes, state: bytes) -> bytes:
+def flow_frame(seq: int, conns: bytes, state: bytes, kind: int = RECORD) -> bytes:
     """One flow for the child: ``conns`` and ``state`` already ``marshal``-encoded."""
     return b"".join((_HEADER.pack(_FLOW_PREFIX.size + len(conns) + len(state)),
-                     _FLOW_PREFIX.pack(seq, len(conns)), conns, state))
+                     _FLOW_PREFIX.pack(seq, len(conns), kind), conns, state))
 
 
 def _plain(value: object) -> bool:
@@ -249,8 +251,9 @@ class RecordingProcess:
             if not future.done():
                 future.set_exception(OSError(self._stopped_why))
 
-    async def record(self, flow: http.HTTPFlow) -> Path:
+    async def record(self, flow: http.HTTPFlow, kind: int = RECORD) -> Path:
         """Hand ``flow`` to the child; returns the file it was written to once the child confirms.
+        ``kind``: ``WRITE_AHEAD`` for a request about to be forwarded (to the write-ahead log).
 
         Raises OSError when it is not written (the disk, the child stopped, no confirmation in
         time) and RecordingFailed for a bug in the child: either way the flow must be refused.
@@ -273,7 +276,7 @@ class RecordingProcess:
         future = asyncio.get_running_loop().create_future()
         self._pending[seq] = (future, time.monotonic())  # the watchdog fails it when overdue
         stdin = self._proc.stdin
-        stdin.write(flow_frame(seq, conns, state))
+        stdin.write(flow_frame(seq, conns, state, kind))
         try:
             if stdin.transport.get_write_buffer_size() > _DRAIN_ABOVE:
                 # Large flows: wait until the pipe takes them, so the gateway's memory stays bounded.
@@ -440,14 +443,14 @@ def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, 
 
 
 def _sync_failed(raw: bytes, recorder, error: OSError) -> tuple:
-    seq, _ = _FLOW_PREFIX.unpack_from(raw)
+    seq, _, _ = _FLOW_PREFIX.unpack_from(raw)
     return seq, "oserror", f"cannot sync {recorder.directory}: {error.strerror or error}"
 
 
 def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tuple:
     seq = 0
     try:
-        seq, conns_size = _FLOW_PREFIX.unpack_from(raw)
+        seq, conns_size, kind = _FLOW_PREFIX.unpack_from(raw)
         start = _FLOW_PREFIX.size
         conn_states = marshal.loads(raw[start:start + conns_size])
         state = marshal.loads(raw[start + conns_size:])
@@ -460,7 +463,11 @@ def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tup
             parts.append(encoded)
         if missing:
             raise LookupError(f"connections {missing} were never sent")
-        path = recorder.record_now(rebuild_flow(state), connections=tuple(parts))
+        flow = rebuild_flow(state)
+        if kind == WRITE_AHEAD:
+            path = recorder.write_ahead(flow, connections=tuple(parts))
+        else:
+            path = recorder.record_now(flow, connections=tuple(parts))
         return seq, "ok", str(path)
     except OSError as e:
         return seq, "oserror", f"cannot write {recorder.directory}: {e.strerror or e}"
