@@ -201,7 +201,7 @@ def position(doc: Any, loc: tuple, *, key: bool = False) -> Pos:
     node, pos, key_pos = doc, (0, 0), None
     for step in loc:
         lc = getattr(node, "lc", None)
-        if isinstance(node, dict) and not isinstance(step, int | float) and step in node:
+        if isinstance(node, dict) and _has(node, step):
             key_pos = (_lc(lc.key, step) if lc is not None else None) or pos
             child = node[step]
             pos = _own_pos(child) if isinstance(child, dict | list) else None
@@ -215,6 +215,13 @@ def position(doc: Any, loc: tuple, *, key: bool = False) -> Pos:
             break
         node = child
     return (key_pos or pos) if key else pos
+
+
+def _has(mapping: dict, key: Any) -> bool:
+    try:
+        return key in mapping
+    except TypeError:  # an unhashable place cannot be a key
+        return False
 
 
 def describe(doc: Any, loc: tuple) -> str:
@@ -270,15 +277,16 @@ class _Loader:
 
     # -- YAML ----------------------------------------------------------------------------------
 
-    def read_yaml(self) -> Any:
+    def read_yaml(self, fast: bool = True) -> Any:
         from ruamel.yaml import YAML
         from ruamel.yaml.error import MarkedYAMLError, YAMLError
         from ruamel.yaml.reader import ReaderError
 
-        try:
-            return read_fast(self.text)
-        except (Unusual, RecursionError):
-            pass  # read again by the reference reader, for its values or its error
+        if fast:
+            try:
+                return read_fast(self.text)
+            except (Unusual, RecursionError):
+                pass  # read again by the reference reader, for its values or its error
         yaml = YAML(typ="rt")  # round-trip: keeps .lc line/column on every mapping and list
         try:
             return yaml.load(self.text)
@@ -333,7 +341,16 @@ class _Loader:
     # -- the policy ----------------------------------------------------------------------------
 
     def load(self) -> Policy:
-        doc = self.doc = self.read_yaml()
+        try:
+            return self.load_from(fast=True)
+        except PolicyError:
+            # Mistakes are reported from ruamel.yaml's reading, the reference for positions: the fast
+            # reader places an empty value after its key, ruamel.yaml at the next token. Only a
+            # policy that does not load pays for the second reading.
+            return self.load_from(fast=False)
+
+    def load_from(self, *, fast: bool) -> Policy:
+        doc = self.doc = self.read_yaml(fast)
         if doc is None:
             raise PolicyError(
                 self.source,
@@ -439,7 +456,7 @@ class _Loader:
         if ANY_METHOD in methods:
             methods = frozenset({ANY_METHOD})
         odata = _Loader.odata(doc.odata) if doc.odata is not None else None
-        return OperationMatch(doc.host, methods, doc.path_patterns, odata)
+        return OperationMatch(doc.host, methods, doc.paths, odata)
 
     @staticmethod
     def odata(doc: ODataDoc) -> ODataLimits:

@@ -34,6 +34,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import GenerateJsonSchema
@@ -320,7 +321,9 @@ class Shape(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        cls._keys = {name: f.is_required() for name, f in cls.model_fields.items()}
+        fields = cls.model_fields
+        order = cls.__dict__.get("KEYS") or tuple(fields)  # as an author reads them; fields are checked in class order
+        cls._keys = {name: fields[name].is_required() for name in order}
 
     @model_validator(mode="before")
     @classmethod
@@ -344,7 +347,12 @@ class Shape(BaseModel):
         for k, required in keys.items():
             if required and k not in out:
                 raise problem(f"{WHAT} is missing the required key '{k}'", key=True)
+        cls._first(out)
         return out
+
+    @classmethod
+    def _first(cls, keys: dict) -> None:
+        """What to check of the keys given before their values are read."""
 
 
 def optional(annotation, description: str = ""):
@@ -578,7 +586,8 @@ def _validate_in(model: type[Shape], value: Any, info: ValidationInfo, at: tuple
 
 
 class MaskingDoc(Shape):
-    default_profile: Annotated[str | None, *leaf(text_of(), {"ref!": "text"}),
+    # Read after the profiles it names (see _known_default).
+    default_profile: Annotated[Any, *leaf(lambda v: v, {"ref!": "text"}),
                                Field(description="The profile of allow rules that name no mask.")] = None
     pseudonym_key_env: Annotated[
         str | None,
@@ -599,6 +608,10 @@ class MaskingDoc(Shape):
         profiles = self.profiles or {}
         _ctx(info)["profiles"] = profiles
         if self.default_profile is not None:
+            try:
+                _string(self.default_profile)
+            except PydanticCustomError as e:
+                raise problem(e.context["detail"]["message"], sub=("default_profile",)) from None
             _profile_ref(self.default_profile, profiles, at=("default_profile",))
         return self
 
@@ -763,13 +776,15 @@ class WhenDoc(Shape):
     managed_identities: optional(list_of(ArmId, description="ARM resource ids (the token's xms_mirid), compared "
                                          "case-insensitively.")) = None
 
-    @model_validator(mode="after")
-    def _coherent(self, info: ValidationInfo) -> WhenDoc:
-        given = [k for k in self._keys if getattr(self, k) is not None]
-        if self.anonymous and len(given) > 1:
-            other = next(k for k in given if k != "anonymous")
+    @classmethod
+    def _first(cls, keys: dict) -> None:
+        if keys.get("anonymous") is True and len(keys) > 1:
+            other = next(k for k in keys if k != "anonymous")
             raise problem(f"{WHAT}: '{other}' cannot be combined with anonymous: true",
                           "an anonymous request has no identity to match; write two rules", at=(other,))
+
+    @model_validator(mode="after")
+    def _coherent(self, info: ValidationInfo) -> WhenDoc:
         accepted = _ctx(info).get("tenants", frozenset())
         for i, tenant in enumerate(self.tenants or ()):
             if tenant not in accepted:
@@ -821,7 +836,6 @@ def _method(v: Any) -> str:
 
 _METHOD_PATTERN = r"^\s*(\*|" + "|".join("".join(f"[{c}{c.lower()}]" for c in m) for m in METHODS) + r")\s*$"
 Method = Annotated[str, *leaf(_method, {"type": "string", "pattern": _METHOD_PATTERN})]
-PathText = Annotated[str, *leaf(text_of('e.g. "/users/{id}"'), {"ref!": "pathPattern"})]
 Version = Annotated[str, *choice_of(GRAPH_VERSIONS)]
 
 
@@ -853,19 +867,19 @@ def segment_problem(seg: str, *, last: bool, graph: bool) -> tuple[str, str]:
 
 def path_pattern(text: str, graph: bool, versions: frozenset[str] | None, at: tuple) -> PathPattern:
     if not text.startswith("/"):
-        raise problem(f"{WHAT}: path pattern '{text}' must start with '/'", at=at)
+        raise problem(f"{WHAT}: path pattern '{text}' must start with '/'", sub=at)
     raw = text[1:].split("/") if text != "/" else []
     pattern_version = None
     if graph and raw and raw[0].casefold() in GRAPH_VERSIONS:
         pattern_version = raw.pop(0).casefold()
         if versions is not None:
             raise problem(f"{WHAT}: '{text}' names a version and the operation has versions too",
-                          "give the version in one place", at=at)
+                          "give the version in one place", sub=at)
     segments: list[str] = []
     for i, seg in enumerate(raw):
         trouble, hint = segment_problem(seg, last=i == len(raw) - 1, graph=graph)
         if trouble:
-            raise problem(f"{WHAT}: bad path pattern '{text}': {trouble}", hint, at=at)
+            raise problem(f"{WHAT}: bad path pattern '{text}': {trouble}", hint, sub=at)
         segments.append("*" if _PARAM.fullmatch(seg) else seg.casefold())
     if pattern_version is not None:
         pattern_versions = frozenset({pattern_version})
@@ -876,30 +890,52 @@ def path_pattern(text: str, graph: bool, versions: frozenset[str] | None, at: tu
     return PathPattern(text, tuple(segments), pattern_versions)
 
 
-class OperationDoc(Shape):
-    host: Annotated[str, *leaf(_host, {"ref!": "text", "description": "An upstream host."})]
-    methods: list_of(Method, 'e.g. [GET] or ["*"]', description='HTTP methods, or "*" for any.')
-    paths: list_of(PathText)
-    versions: optional(list_of(Version), "Graph hosts only: the versions matched (default both).") = None
-    odata: optional(ODataDoc) = None
-    path_patterns: ClassVar[tuple] = ()  # the paths read as patterns, set per instance (not a key)
+def _upstream_host(v: Any, info: ValidationInfo) -> str:
+    host = _host(v)
+    if host not in _ctx(info).get("upstream_hosts", ()):
+        raise problem(f"{WHAT}: host '{host}' is not listed under upstreams",
+                      "the gateway refuses every host not under upstreams; add it there", up=1)
+    return host
 
-    @model_validator(mode="after")
-    def _coherent(self, info: ValidationInfo) -> OperationDoc:
-        host = self.host
-        if host not in _ctx(info).get("upstream_hosts", ()):
-            raise problem(f"{WHAT}: host '{host}' is not listed under upstreams",
-                          "the gateway refuses every host not under upstreams; add it there", at=("host",))
-        graph = host in GRAPH_HOSTS
-        if self.versions is not None and not graph:
-            raise problem(f"{WHAT}: versions apply to Graph hosts only, not '{host}'", "remove versions", at=("versions",))
-        versions = frozenset(self.versions) if self.versions is not None else None
-        patterns = tuple(path_pattern(p, graph, versions, ("paths", i)) for i, p in enumerate(self.paths))
-        if self.odata is not None and not graph:
-            raise problem(f"{WHAT}: odata limits apply to Graph hosts only, not '{host}'", "remove odata",
-                          at=("odata",), key=True)
-        object.__setattr__(self, "path_patterns", patterns)
-        return self
+
+class OperationDoc(Shape):
+    KEYS: ClassVar[tuple] = ("host", "methods", "paths", "versions", "odata")
+
+    host: Annotated[str, *leaf(_upstream_host, {"ref!": "text", "description": "An upstream host."})]
+    methods: list_of(Method, 'e.g. [GET] or ["*"]', description='HTTP methods, or "*" for any.')
+    # versions before paths: a path's own version must not repeat the operation's
+    versions: optional(list_of(Version), "Graph hosts only: the versions matched (default both).") = None
+    paths: Annotated[tuple, PlainValidator(lambda v, info: _paths(v, info)), WithJsonSchema(
+        {"type": "array", "minItems": 1, "items": {"ref!": "pathPattern"}})]
+    odata: optional(ODataDoc) = None
+
+    @field_validator("versions", "odata", mode="before")
+    @classmethod
+    def _graph_only(cls, value: Any, info: ValidationInfo) -> Any:
+        host = info.data.get("host")
+        if value is None or host is None or host in GRAPH_HOSTS:
+            return value
+        if info.field_name == "versions":
+            raise problem(f"{WHAT}: versions apply to Graph hosts only, not '{host}'", "remove versions", up=1)
+        raise problem(f"{WHAT}: odata limits apply to Graph hosts only, not '{host}'", "remove odata", key=True, up=1)
+
+
+def _paths(v: Any, info: ValidationInfo) -> tuple[PathPattern, ...]:
+    """Each path as a pattern, in order: a path is read for the operation's host and versions."""
+    hint = 'e.g. "/users/{id}"'
+    _listed(v)
+    host, versions = info.data.get("host"), info.data.get("versions")
+    graph = host in GRAPH_HOSTS
+    versions = frozenset(versions) if versions is not None else None
+    out = []
+    for i, item in enumerate(v):
+        try:
+            text = _string(item, hint)
+        except PydanticCustomError as e:
+            ctx = e.context["detail"]
+            raise problem(ctx["message"], ctx["hint"], sub=(i,)) from None
+        out.append(path_pattern(text, graph, versions, (i,)))
+    return tuple(out)
 
 
 def _days(v: Any) -> frozenset[int]:
@@ -1103,6 +1139,22 @@ class RuleDoc(Shape):
     mask: Annotated[str | None, *leaf(text_of(), {"ref!": "text", "description": "A masking profile for "
                                                   "the response (allow and approve rules)."})] = None
 
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _not_on_deny(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("action") == Action.DENY:
+            raise problem(f"{WHAT}: 'mask' has no effect on a deny rule", "remove it", up=1)
+        return value
+
+    @field_validator("approval", mode="before")
+    @classmethod
+    def _only_on_approve(cls, value: Any, info: ValidationInfo) -> Any:
+        action = info.data.get("action")
+        if value is not None and action is not None and action != Action.APPROVE:
+            raise problem(f"{WHAT}: 'approval' applies to action: approve only, not {action}",
+                          "remove it, or make the rule action: approve", key=True, up=1)
+        return value
+
     @model_validator(mode="after")
     def _coherent(self, info: ValidationInfo) -> RuleDoc:
         if self.odata is not None:
@@ -1111,16 +1163,10 @@ class RuleDoc(Shape):
                     raise problem(f"{WHAT}: odata limits apply to Graph requests, but operations[{i}] is for '{om.host}'",
                                   "move the odata limits into the Graph operations, or the other operation into "
                                   "a rule of its own", at=("odata",), key=True)
-        if self.action == Action.APPROVE:
-            if self.approval is None:
-                raise problem(f"{WHAT}: action approve needs 'approval', naming who may approve",
-                              "add e.g. approval: {approvers: {groups: [<group id>]}, timeout: 5m}", at=("action",))
-        elif self.approval is not None:
-            raise problem(f"{WHAT}: 'approval' applies to action: approve only, not {self.action}",
-                          "remove it, or make the rule action: approve", at=("approval",), key=True)
+        if self.action == Action.APPROVE and self.approval is None:
+            raise problem(f"{WHAT}: action approve needs 'approval', naming who may approve",
+                          "add e.g. approval: {approvers: {groups: [<group id>]}, timeout: 5m}", at=("action",))
         if self.mask is not None:
-            if self.action == Action.DENY:
-                raise problem(f"{WHAT}: 'mask' has no effect on a deny rule", "remove it", at=("mask",))
             _profile_ref(self.mask, _ctx(info).get("profiles", {}), at=("mask",))
         return self
 
