@@ -29,3 +29,127 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# --- a real PostgreSQL -----------------------------------------------------------------------------
+#
+# Tests of the PostgreSQL state backend talk to a real server: NHI_TEST_POSTGRES_URL when set, else
+# the local server at 127.0.0.1:5432 when one answers, else a private throwaway cluster started
+# with Debian's postgresql binaries (initdb + pg_ctl) in a temporary directory and stopped after.
+# NHI_TEST_POSTGRES=private forces the private cluster. Each test session gets a database of its
+# own (nhi_test_<random>), dropped after. In CI (CI set) a missing PostgreSQL fails; elsewhere
+# the tests that need one are skipped, saying why.
+
+import contextlib  # noqa: E402
+import glob  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+import pytest  # noqa: E402
+
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _private_cluster():
+    """A throwaway cluster in a temporary directory, on a free loopback port, trust auth."""
+    initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdbs:
+        yield None
+        return
+    bindir = Path(initdbs[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="nhi-pg-"))
+    data, port = root / "data", _free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as Debian's postgres user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        try:
+            shutil.chown(root, "postgres")
+        except (LookupError, OSError):
+            shutil.rmtree(root, ignore_errors=True)
+            raise RuntimeError("PostgreSQL's binaries are installed but there is no 'postgres' user to run "
+                               "a private cluster as (initdb refuses root)") from None
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+                        "--no-sync"], check=True, capture_output=True)
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off", "start"], check=True,
+                       capture_output=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"could not start a private PostgreSQL cluster: {e}: "
+                           f"{getattr(e, 'stderr', b'')!r}") from e
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A URL of a PostgreSQL server the tests may create databases on."""
+    url = os.environ.get("NHI_TEST_POSTGRES_URL")
+    forced = os.environ.get("NHI_TEST_POSTGRES") == "private"
+    if url and not forced:
+        yield url
+        return
+    if not forced and _answers("127.0.0.1", 5432):
+        yield LOCAL_POSTGRES
+        return
+    with _private_cluster() as private:
+        if private is None:
+            message = ("no PostgreSQL: set NHI_TEST_POSTGRES_URL, run one at 127.0.0.1:5432, "
+                       "or install Debian's postgresql package")
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        yield private
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    """A fresh database of this test session (nhi_test_<random>), dropped after."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"nhi_test_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(postgres_server, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as e:
+        from nhi_gateway.approvals.postgres import describe  # the server, never a password
+
+        message = f"PostgreSQL at {describe(postgres_server)} refused a test database: {e}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        if "://" in postgres_server:  # a URL, as the gateway's --state takes it
+            yield urlsplit(postgres_server)._replace(path="/" + name).geturl()
+        else:
+            yield make_conninfo(postgres_server, dbname=name)
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -22,6 +22,16 @@ async def async_boom(*args, **kwargs):
     raise RuntimeError(INJECTED)
 
 
+def with_bodies_boom(original):
+    """``original`` that raises for a flow with a body: a flow that can be recorded only in part."""
+    def replacement(flow, *args, **kwargs):
+        if flow.request.raw_content or (flow.response is not None and flow.response.raw_content):
+            raise RuntimeError(INJECTED)
+        return original(flow, *args, **kwargs)
+
+    return replacement
+
+
 def inject(fault: str) -> None:
     from nhi_gateway.addons import (
         approval,
@@ -46,6 +56,8 @@ def inject(fault: str) -> None:
         "masking": (masking, "decision_of", boom),  # Masking.response
         "audit": (audit, "audit_record", boom),  # Audit.response
         "recorder": (recording_process, "flow_state", boom),  # Recorder.response -> _record
+        # Recorder.response -> _record: only flows with bodies fail (recorded in part)
+        "recorder-bodies": (recording_process, "flow_state", with_bodies_boom(recording_process.flow_state)),
         "approvals_api": (approvals_api.ApprovalsAPI, "_caller", async_boom),  # ApprovalsAPI.request
         "reload": (reload.PolicyReload, "check", async_boom),  # the policy watcher's poll
     }[fault]

@@ -50,10 +50,17 @@ def policy_text(lookalike, webhook: str | None = None) -> str:
 version: 1
 identity:
   tenants: [{lookalike.tenant_id}]
-  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  bearer:
+    audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
 upstreams:
   - host: graph.microsoft.com
 {approvals}masking:
@@ -994,4 +1001,63 @@ def test_a_token_minted_by_hand_with_the_lookalike_approves_and_its_calls_are_no
     for path in gateway.recording_files():
         if path.name != "approval-api.mitm":
             with open(path, "rb") as f:
-                assert not any(flow.request.path.startswith("/approvals") for flow in io.FlowReader(f).stream())
+                # (a request *through the proxy* to some /approvals path is a proxy flow like any other)
+                assert not any(" approvals-api " in str((flow.metadata.get("nhi") or {}).get("operation"))
+                               for flow in io.FlowReader(f).stream())
+# --- judged again at release (issue 18, item 2) ------------------------------------------------------
+
+NO_MINTING = """
+  - id: no-minting-now
+    description: Added while a request was held.
+    action: deny
+    operations:
+      - host: graph.microsoft.com
+        methods: [POST]
+        paths: ["/applications/{id}/addPassword"]
+"""
+
+
+def test_a_deny_added_while_held_wins_at_release(tmp_path, lookalike, workload, adele, monkeypatch):
+    """A request is held; a reload adds a rule that denies it; the approver approves (with a grant).
+    The approval does not replace the policy: the client gets 403 naming the new rule, the
+    approver's answer says the request was refused, the grant covers nothing the policy denies,
+    and Graph never receives the request."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(lookalike))
+    gw = start_gateway(tmp_path / "gw", lookalike, policy=policy, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        use_proxy(monkeypatch, gw)
+        api = API(gw, adele)
+        token = workload()
+        mark = marker()
+        call = add_password(lookalike, token, mark)
+        [held] = api.wait_for(mark)
+
+        policy.write_text(policy_text(lookalike) + NO_MINTING)
+        deadline = time.monotonic() + WAIT
+        while "generation 2" not in gw.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the edited policy was not reloaded"
+            time.sleep(0.1)
+        assert not call.done  # still held: the approval decides when it ends
+
+        # The approver's answer (nhi-gateway approvals approve, reading the API's "release") says so.
+        done = cli(gw, adele, "approve", held["id"], "--for", "30m", "--reason", "looks fine")
+        assert done.returncode == 0, done.stderr
+        assert f"approved {held['id']}, but" in done.stdout and "does not go on" in done.stdout
+        assert "no-minting-now" in done.stdout
+
+        r = call.result()
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["innerError"]["nhi-gateway"]["rule"] == "no-minting-now"
+        assert "no-minting-now" in error_message(r) and "Adele Vance" in error_message(r)
+        assert not reached_graph(lookalike, mark)
+        [final] = [line for line in audit_of(gw, held_flow(gw, held["id"])) if not line.get("event")]
+        assert final["decision"] == "deny" and final["rule"] == "no-minting-now"
+
+        # The grant the approver gave covers nothing the policy in force denies.
+        again = marker()
+        r = add_password(lookalike, token, again).result()
+        assert r.status_code == 403 and r.json()["error"]["innerError"]["nhi-gateway"]["rule"] == "no-minting-now"
+        assert not reached_graph(lookalike, again)
+    finally:
+        stop(gw.proc)

@@ -210,3 +210,29 @@ def test_batch_with_a_request_no_rule_allows_names_it(gateway, lookalike, token)
     assert [(x["id"], x["rule"]) for x in named] == [("sp", None)]
     assert "no rule allows" in named[0]["reason"]
     assert not reached_graph(lookalike, mark)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1E+999"])
+def test_a_batch_holding_a_number_python_cannot_hold_never_reaches_graph(gateway, lookalike, token, number):
+    mark = marker()
+    body = ('{"requests": [{"id": "names", "method": "GET", "url": "/users?$select=displayName&m=' + mark + '"},'
+            '{"id": "odd", "method": "GET", "url": "/users?m=' + mark + '", "headers": {"Content-Type": '
+            '"application/json"}, "body": {"n": ' + number + '}}]}').encode()
+    r = requests.post(f"{GRAPH}/v1.0/$batch?m={mark}", data=body, timeout=20,
+                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "number" in error_of(r)["message"] and "nothing of it was sent" in error_of(r)["message"]
+    assert not reached_graph(lookalike, mark)
+    outer, _ = batch_lines(gateway, mark)
+    assert outer["status"] == 400
+    assert any(mark in f.request.path for f in recorded_flows(gateway, lookalike))
+
+
+def test_a_request_body_holding_a_number_python_cannot_hold_never_reaches_graph(gateway, lookalike, token):
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/users?m={mark}", data=b'{"filter": {"n": 1e400}}', timeout=20,
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "number" in error_of(r)["message"]
+    assert not reached_graph(lookalike, mark)
+    assert next(a for a in gateway.audit() if mark in (a["url"] or ""))["status"] == 400

@@ -117,3 +117,26 @@ def test_services_are_stopped(demo):
         pid = json.loads((workdir / ready).read_text())["pid"]
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_replaying_the_demo_under_its_own_policy_changes_nothing(demo):
+    """Approved flows and calls to the approval API are decided as the gateway decided them."""
+    _, workdir = demo
+    done = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "policy", "replay", "--policy",
+                           str(workdir / "policy.yaml"), str(workdir / "recordings")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CHANGED" not in done.stdout and " 0 would change" in done.stdout
+    assert "a call to the gateway's approval API" in done.stdout
+
+
+def test_permissions_of_the_demos_identities(demo):
+    _, workdir = demo
+    done = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "permissions", "--json",
+                           str(workdir / "recordings")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    advice = {i["name"]: i for i in json.loads(done.stdout)["identities"]}
+    assert advice["mcp-directory"]["summary"] == (
+        "holds Group.Read.All (level 3), User.Read.All (level 3); what it did needs User.ReadBasic.All (level 3)")
+    assert [p["name"] for p in advice["rotation-bot"]["needed"]] == ["Application.ReadWrite.OwnedBy"]
+    assert advice["rotation-bot"]["excess"] == []

@@ -611,3 +611,66 @@ def test_client_disconnecting_mid_request_sends_nothing_upstream(gateway, lookal
     assert not reached(lookalike, mark)
     assert requests.get(f"{GRAPH}/v1.0/users?m={marker()}", headers={"Authorization": f"Bearer {tokens()}"},
                         proxies={"https": gateway.proxy()}, verify=gateway.ca_cert, timeout=20).status_code == 200
+
+
+def test_a_flow_that_reached_graph_is_recorded_in_part_when_it_cannot_be_in_full(tmp_path, lookalike, tokens):
+    """Recording an already-forwarded flow cannot fail silently: what reached Graph is on record
+    (without its bodies, the comment saying why) and audited as it was; the client gets its answer."""
+    gw = start_gateway(tmp_path / "gw", lookalike, command=[sys.executable, str(FAULTY_GATEWAY), "recorder-bodies"])
+    try:
+        mark = marker()
+        r = get(gw, tokens(), mark)
+        assert r.status_code == 200, r.text[:300]
+        assert reached(lookalike, mark)
+        flow = until(lambda: recorded(gw, mark), "the recording")[-1]
+        assert "recorded in part" in flow.comment and "injected fault" in flow.comment
+        assert flow.response.status_code == 200 and not flow.response.raw_content
+        line = until(lambda: audit_lines(gw.recordings / "audit.jsonl", mark), "the audit line")[-1]
+        assert line["status"] == 200 and line["decision"] == "allow"
+        assert "recorded in part" in log_of(gw)
+    finally:
+        stop(gw.proc)
+
+
+def test_a_connect_refused_after_its_token_was_verified_leaves_no_identity_on_the_connection(
+        tmp_path, lookalike, tokens):
+    """The proxy token of a CONNECT is verified, then the guard refuses the CONNECT (the records
+    are failing). mitmproxy keeps the connection open: a request sent on it afterwards, in
+    absolute form without any token, must not ride on the identity of the refused CONNECT."""
+    import base64
+
+    recordings = tmp_path / "recordings"
+    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
+                       extra_args=["--recordings", str(recordings), "--audit", str(tmp_path / "audit.jsonl"),
+                                   "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+    try:
+        recordings.rename(tmp_path / "recordings.away")
+        recordings.write_text("not a directory")
+
+        def status() -> int:
+            try:
+                return get(gw, tokens(), marker()).status_code
+            except requests.exceptions.ProxyError:
+                return 503  # the CONNECT itself was refused
+
+        until(lambda: status() == 503, "the records fail")
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        credentials = base64.b64encode(f"agent:{tokens()}".encode())
+        s.sendall(b"CONNECT graph.microsoft.com:443 HTTP/1.1\r\nHost: graph.microsoft.com:443\r\n"
+                  b"Proxy-Authorization: Basic " + credentials + b"\r\n\r\n")
+        time.sleep(0.5)
+        assert s.recv(65536).startswith(b"HTTP/1.1 503"), "the guard refuses the CONNECT"
+        recordings.unlink()
+        (tmp_path / "recordings.away").rename(recordings)
+        until(lambda: status() == 200, "the gateway recovers")
+
+        mark = marker()
+        s.sendall(f"GET https://graph.microsoft.com/v1.0/users?m={mark} HTTP/1.1\r\n"
+                  "Host: graph.microsoft.com\r\n\r\n".encode())
+        time.sleep(1)
+        answer = s.recv(65536)
+        s.close()
+        assert answer.split(b" ", 2)[1] in (b"401", b"407", b"421"), answer[:300]
+        assert not reached(lookalike, mark)
+    finally:
+        stop(gw.proc)

@@ -31,10 +31,17 @@ def policy_text(lookalike) -> str:
 version: 1
 identity:
   tenants: [{lookalike.tenant_id}]
-  audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  bearer:
+    audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
 upstreams:
   - host: graph.microsoft.com
     token: any
@@ -182,8 +189,10 @@ def test_membership_is_asked_once_and_reused(gateway, lookalike, tokens, monkeyp
     assert len(member_group_lookups(lookalike, sp)) == before
 
 
-def test_overage_token_is_resolved_through_graph_never_the_endpoint_it_names(
+def test_overage_markers_on_an_app_only_token_are_refused_and_never_followed(
         gateway, lookalike, tokens, monkeypatch, attacker):
+    """Entra writes overage markers for users only: on an app-only token they contradict it, so
+    the token is refused (issue 13, item 3), and the endpoint it names is never called."""
     bait = uuid.uuid4().hex
     overage = {
         "_claim_names": {"groups": "src1", "wids": "src2"},
@@ -193,8 +202,9 @@ def test_overage_token_is_resolved_through_graph_never_the_endpoint_it_names(
         },
     }
     r, mark = get(gateway, monkeypatch, "/v1.0/groups", tokens(extra_claims=overage))
-    assert r.status_code == 200, r.text
-    assert audit_line(gateway, mark)["rule"] == "automation-reads-groups"
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "contradiction"
+    assert not any(mark in line["path"] for line in lookalike.received())
     assert attacker.connections == 0
     assert not any(bait in line["path"] for line in lookalike.received())
     assert bait not in gateway.log.read_text()

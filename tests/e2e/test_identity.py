@@ -179,3 +179,99 @@ def test_other_authorization_schemes_never_ride_on_the_proxy_identity(gateway, l
     assert r.status_code == 401, r.text[:300]
     assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] in ("scheme", "format")
     assert not reached_graph(lookalike, mark)
+
+
+def test_a_key_withdrawn_at_entra_revokes_every_token_it_signed_cached_or_not(request, tmp_path, lookalike, tokens):
+    """Microsoft's emergency rollover: once a refresh of the JWKS no longer lists a kid, every token
+    that kid signed is refused, in either source, whether its verdict was cached or not, and even
+    inside a tunnel opened while the key was good. Nothing reaches Graph."""
+    gateway = start_gateway(tmp_path / "gw", lookalike, extra_args=["--unknown-kid-refresh", "0"])
+    request.addfinalizer(lambda: stop(gateway.proc))
+    authority = lookalike.authority()
+    doomed = authority.add_key(current=False)  # published, not the look-alike's signing key
+    request.addfinalizer(lambda: doomed.kid in {k.kid for k in authority.keys} and authority.retire_key(doomed.kid))
+    token = tokens(key=doomed)
+    proxies = {"https": gateway.proxy()}
+    in_tunnel = requests.Session()
+    in_tunnel.proxies = {"https": gateway.proxy(token)}
+    for _ in range(2):  # verified, then answered from the cache
+        r = requests.get(f"{GRAPH}/v1.0/groups", headers={"Authorization": f"Bearer {token}"},
+                         proxies=proxies, verify=gateway.ca_cert, timeout=30)
+        assert r.status_code == 200, r.text[:300]
+        assert in_tunnel.get(f"{GRAPH}/v1.0/groups", verify=gateway.ca_cert, timeout=30).status_code == 200
+
+    authority.retire_key(doomed.kid)
+    # The gateway learns of it at its next refresh: here, the one a token with an unknown kid causes.
+    r = requests.get(f"{GRAPH}/v1.0/groups", headers={"Authorization": f"Bearer {tokens(key=SigningKey.generate())}"},
+                     proxies=proxies, verify=gateway.ca_cert, timeout=30)
+    assert r.status_code == 401
+
+    marks = [marker() for _ in range(4)]
+    for mark, presented in zip(marks[:2], (token, tokens(key=doomed)), strict=True):  # cached, and fresh
+        r = requests.get(f"{GRAPH}/v1.0/groups?m={mark}", headers={"Authorization": f"Bearer {presented}"},
+                         proxies=proxies, verify=gateway.ca_cert, timeout=30)
+        assert r.status_code == 401, r.text[:300]
+        assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
+    r = in_tunnel.get(f"{GRAPH}/v1.0/groups?m={marks[2]}", verify=gateway.ca_cert, timeout=30)  # the tunnel opened with it
+    assert r.status_code == 407, r.text[:300]
+    assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(token))  # a new tunnel
+    s.close()
+    assert status == 407 and json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
+    assert not any(reached_graph(lookalike, m) for m in marks)
+    assert "signing keys withdrawn" in gateway.log.read_text()
+
+
+# --- credentials cannot become headers (issue 18, item 3) ------------------------------------------
+
+SMUGGLED = "\r\nX-Injected: yes\r\n\r\nDELETE /v1.0/users/AdeleV@nhilab.onmicrosoft.com HTTP/1.1\r\nHost: graph.microsoft.com"
+
+
+def smuggled_anything(lookalike) -> bool:
+    return any("x-injected" in (h.lower() for h in line.get("headers", ())) or line.get("method") == "DELETE"
+               for line in lookalike.received())
+
+
+@pytest.mark.parametrize("tail", ["\r\n", SMUGGLED, " ", "=", "\t"])
+def test_proxy_token_with_anything_after_its_signature_is_refused_at_connect(gateway, lookalike, tokens, tail):
+    """A valid token followed by CR LF (and a smuggled header or request) in the proxy credentials:
+    refused as not being a compact JWS before PyJWT reads it, whatever PyJWT version is installed."""
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(tokens() + tail))
+    s.close()
+    assert status == 407, body[:300]
+    inner = json.loads(body)["error"]["innerError"]["nhi-gateway"]
+    assert inner["check"] == "format"
+    assert "compact JWS" in json.loads(body)["error"]["message"]
+    assert not smuggled_anything(lookalike)
+
+
+def test_proxy_url_credentials_with_crlf_never_reach_graph(gateway, lookalike, tokens, monkeypatch):
+    """The same through a real client: HTTPS_PROXY with the CR LF percent-encoded in the password."""
+    from urllib.parse import quote
+
+    proxy = f"http://agent:{quote(tokens() + SMUGGLED, safe='')}@127.0.0.1:{gateway.port}"
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", gateway.ca_cert)
+    mark = marker()
+    with pytest.raises(requests.exceptions.ProxyError) as e:
+        requests.get(f"{GRAPH}/v1.0/groups?m={mark}", timeout=30)
+    assert "407" in str(e.value)
+    assert not reached_graph(lookalike, mark)
+    assert not smuggled_anything(lookalike)
+
+
+@pytest.mark.parametrize("tail", [" X-Injected: yes", "==", " "])
+def test_bearer_token_with_anything_after_it_is_refused(gateway, lookalike, tokens, monkeypatch, tail):
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    r = requests.get(f"{GRAPH}/v1.0/groups?m={mark}", headers={"Authorization": f"Bearer {tokens()}{tail}"},
+                     timeout=30)
+    if tail == " ":  # HTTP trims whitespace around a header value: the token as sent is compact
+        assert r.status_code == 200, r.text[:300]
+        return
+    assert r.status_code == 401, r.text[:300]
+    assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "format"
+    assert not reached_graph(lookalike, mark)
+    assert not smuggled_anything(lookalike)
+

@@ -103,7 +103,8 @@ def get(url: str, headers: dict, **kw) -> requests.Response:
 def assert_user_masked(user: dict) -> None:
     assert PARTIAL_MAIL.fullmatch(user["mail"]), user["mail"]
     assert PSEUDONYM.fullmatch(user["userPrincipalName"]), user["userPrincipalName"]
-    assert user.get("mobilePhone", "[masked]") == "[masked]"
+    assert user.get("mobilePhone") in ("[masked]", None)  # a string stays a string, null stays null
+    assert all(p == "[masked]" for p in user.get("businessPhones", []))
     assert all(i["issuerAssignedId"] == "[masked]" for i in user.get("identities", []))
     assert all(a.startswith("SMTP:") and "***@" in a for a in user.get("proxyAddresses", []))  # the detector
     assert "***" not in user["displayName"] and "[masked]" not in user["displayName"]
@@ -119,7 +120,7 @@ def test_users_list_is_masked_by_style_path_and_detector(gw, lookalike, reader):
     adele = next(u for u in users if u["displayName"] == "Adele Vance")
     assert adele["mail"] == "A***@nhilab.onmicrosoft.com"
     assert adele["otherMails"] == ["a***@example.com"]  # no field names it: the e-mail detector did
-    assert adele["mobilePhone"] == "[masked]" and adele["businessPhones"] == "[masked]"
+    assert adele["mobilePhone"] == "[masked]" and adele["businessPhones"] == ["[masked]"]
     assert adele["onPremisesImmutableId"] == "[masked]"  # by the path $..onPremisesImmutableId
     assert adele["onPremisesSecurityIdentifier"].startswith("S-1-5-21-")  # not listed, not a detector's shape
     assert adele["createdDateTime"] == "2024-03-14T09:26:53Z" and adele["postalCode"] == "98004"
@@ -129,6 +130,46 @@ def test_users_list_is_masked_by_style_path_and_detector(gw, lookalike, reader):
     again = get(f"{GRAPH}/v1.0/users/{adele['id']}?$select=id,userPrincipalName,employeeId", reader).json()
     assert again["userPrincipalName"] == adele["userPrincipalName"]
     assert again["employeeId"] == adele["employeeId"] and PSEUDONYM.fullmatch(again["employeeId"])
+
+
+def json_type(value) -> str:
+    return {str: "string", list: "array", dict: "object", type(None): "null"}.get(type(value), "other")
+
+
+@pytest.mark.parametrize("client", ["requests", "httpx"])
+def test_masked_answers_keep_json_types_for_typed_clients(gw, lookalike, reader, client):
+    """What typed clients (msgraph-sdk's models) rely on: every masked member keeps the JSON type
+    Graph gave it (businessPhones a list of strings, mobilePhone a string or null), with none of
+    the original values left."""
+    import httpx
+
+    mark = marker()
+    url = f"{GRAPH}/beta/users?m={mark}"
+    if client == "requests":
+        r = requests.get(url, headers=reader, timeout=30)
+    else:
+        with httpx.Client(trust_env=True, timeout=30) as c:  # HTTPS_PROXY and SSL_CERT_FILE, as users set them
+            r = c.get(url, headers=reader)
+    assert r.status_code == 200, r.text
+    assert reached_graph(lookalike, mark)
+    from nhi_gateway.lookalike.directory import _seed_users
+
+    originals = {u["id"]: u for u in _seed_users()}
+    masked_members = ("mail", "userPrincipalName", "mobilePhone", "businessPhones", "faxNumber", "streetAddress",
+                      "employeeId", "identities", "onPremisesImmutableId")
+    for user in r.json()["value"]:
+        original = originals[user["id"]]
+        for name in masked_members:
+            assert json_type(user[name]) == json_type(original[name]), (name, user[name], original[name])
+        assert len(user["businessPhones"]) == len(original["businessPhones"])
+        assert all(isinstance(p, str) and p == "[masked]" for p in user["businessPhones"])
+        assert [sorted(i) for i in user["identities"]] == [sorted(i) for i in original["identities"]]
+        assert user["accountEnabled"] is True  # not masked: untouched
+        secrets = [original[n] for n in masked_members if n != "identities"]
+        secrets += [i["issuerAssignedId"] for i in original["identities"]]
+        for value in secrets:
+            for leaf in value if isinstance(value, list) else [value]:
+                assert leaf is None or leaf.lower() not in r.text.lower(), leaf
 
 
 def test_pages_are_masked_and_next_links_still_lead_on(gw, lookalike, reader):

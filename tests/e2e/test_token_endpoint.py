@@ -230,3 +230,39 @@ def test_a_rule_requiring_a_certificate_allows_a_certificate_obtained_token(stri
     assert reached(lookalike, mark)
     line = audit_line(strict, mark)
     assert (line["decision"], line["rule"], line["principal"]["auth_method"]) == ("allow", "directory-read", "certificate")
+
+
+# --- renewing through the gateway ----------------------------------------------------------------
+
+
+def test_expired_proxy_credentials_still_reach_the_token_endpoint_to_renew_and_are_flagged(gateway, lookalike,
+                                                                                          tokens, monkeypatch):
+    """A long-running client whose HTTPS_PROXY holds a token that has expired must be able to ask
+    for a new one: the token endpoint needs no token, so the expired one is left aside there (and
+    said so in the audit line), never a 407 without a reason. Anywhere else it is still refused."""
+    expired = tokens(now=int(time.time()) - 7200)
+    for k, v in gateway.client_env(expired).items():
+        if k.lower().endswith("proxy") or k in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+            monkeypatch.setenv(k, v)
+    mark = marker()
+    key = SigningKey.load(Path(lookalike.app("mcp-directory")["key_path"]), Path(lookalike.app("mcp-directory")["cert_path"]))
+    a = lookalike.app("mcp-directory")
+    r = requests.post(token_url(lookalike, mark), timeout=20, data={
+        "grant_type": "client_credentials", "scope": SCOPE, "client_id": a["client_id"],
+        "client_assertion_type": CLIENT_ASSERTION_TYPE,
+        "client_assertion": mint_client_assertion(key, client_id=a["client_id"],
+                                                  audience=f"{LOGIN}/{lookalike.tenant_id}/oauth2/v2.0/token")})
+    assert r.status_code == 200, r.text
+    assert reached(lookalike, mark)
+    line = audit_line(gateway, mark)
+    assert line["decision"] == "allow" and "expired_proxy_credential_ignored" in line["flags"]
+    assert line["principal"] is None  # the expired token vouched for nothing
+
+    with pytest.raises(requests.exceptions.ProxyError, match="407"):
+        requests.get(f"https://graph.microsoft.com/v1.0/users?m={marker()}", timeout=20)
+    forged = expired[:-6] + ("AAAAAA" if not expired.endswith("AAAAAA") else "BBBBBB")
+    for k, v in gateway.client_env(forged).items():
+        if k.lower().endswith("proxy"):
+            monkeypatch.setenv(k, v)
+    with pytest.raises(requests.exceptions.ProxyError, match="407"):  # only an expired token is left aside
+        requests.post(token_url(lookalike, marker()), data={"grant_type": "client_credentials"}, timeout=20)

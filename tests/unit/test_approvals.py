@@ -26,6 +26,7 @@ from nhi_gateway.approvals.store import (
     ApprovalSettings,
     ApprovalState,
     ApprovalStore,
+    ApprovalStoreError,
     Approver,
     ApproverList,
     approval_rules,
@@ -60,8 +61,13 @@ POLICY = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/", "https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/", "https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/", "https://login.microsoftonline.com/{{tenantid}}/v2.0"]
 upstreams:
   - host: graph.microsoft.com
 approvals:
@@ -282,6 +288,23 @@ async def test_a_grant_covers_the_principal_operation_and_rule_until_it_expires(
     with pytest.raises(ApprovalError) as e:
         approvals.revoke(grant.id, ME)
     assert e.value.status == 409
+
+
+async def test_a_grant_is_never_left_active_when_storing_the_decision_fails(store):
+    """The grant and the approval are one write: when the approval cannot be stored (here the
+    database refuses the update, as a full disk or an I/O error would), no grant stays behind."""
+    approvals = Approvals(store)
+    request = open_request(approvals)
+    store._connect().execute("CREATE TRIGGER broken BEFORE UPDATE ON approvals "
+                             "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(ApprovalStoreError):
+        approvals.approve(request.id, ME, reason="window", grant_seconds=600)
+    assert approvals.grant_for((TENANT, BOT), OPERATION, "secret-rotation") is None
+    assert store.grants(now=time.time(), active_only=False) == []
+    store._connect().execute("DROP TRIGGER broken")
+    assert store.get(request.id).state is ApprovalState.PENDING  # still there to be decided
+    _, grant = approvals.approve(request.id, ME, grant_seconds=600)
+    assert approvals.grant_for((TENANT, BOT), OPERATION, "secret-rotation") == grant
 
 
 async def test_a_revoked_grant_covers_nothing(store):
@@ -809,3 +832,47 @@ async def test_a_policy_reload_that_lowers_max_grant_bounds_grants_of_requests_a
     assert e.value.status == 400 and "max_grant 10m" in e.value.message
     _, grant = approvals.approve(request.id, ME, grant_seconds=600, max_grant=600)
     assert grant is not None
+
+
+# --- judged again at release (issue 18, item 2) ------------------------------------------------------
+
+DENY_ADDED = """\
+  - id: no-minting-now
+    action: deny
+    operations:
+      - host: graph.microsoft.com
+        methods: [POST]
+        paths: ["/applications/{id}/addPassword"]
+"""
+
+
+async def test_a_grant_never_covers_what_the_policy_in_force_denies(holding):
+    """The flow was decided (approve) under one policy; by the time the grant would let it go, a
+    reload has added a deny: the deny wins, naming its rule and the grant it overrules."""
+    first = held_flow(holding.policies)
+    hook = asyncio.ensure_future(holding.addon.request(first))
+    [request] = await pending_of(holding.approvals)
+    _, grant = holding.approvals.approve(request.id, ME, grant_seconds=600)
+    await hook
+    second = held_flow(holding.policies)
+    holding.addon.policies = PolicyStore(parse_policy(POLICY + DENY_ADDED))
+    await holding.addon.request(second)
+    body = json.loads(second.response.content)["error"]
+    assert second.response.status_code == 403
+    assert body["innerError"]["nhi-gateway"]["rule"] == "no-minting-now"
+    assert grant.id in body["message"] and "policy in force" in body["message"]
+
+
+async def test_an_approval_answered_after_a_reload_is_refused_by_the_new_deny(holding):
+    f = held_flow(holding.policies)
+    hook = asyncio.ensure_future(holding.addon.request(f))
+    [request] = await pending_of(holding.approvals)
+    assert holding.addon.judged_now(request.id).action is Action.APPROVE
+    holding.addon.policies = PolicyStore(parse_policy(POLICY + DENY_ADDED))
+    assert holding.addon.judged_now(request.id).rule_id == "no-minting-now"  # what the API tells the approver
+    holding.approvals.approve(request.id, ME, reason="ok")
+    await hook
+    d = decision_of(f)
+    assert f.response.status_code == 403 and d.rule_id == "no-minting-now"
+    assert d.extra["approval"]["state"] == "approved" and d.extra["approver"] == ME.label
+    assert holding.addon.judged_now(request.id) is None  # no longer held

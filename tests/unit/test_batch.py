@@ -20,6 +20,7 @@ from mitmproxy.test import tflow, tutils
 
 from nhi_gateway.policy.decision import REFUSED_KEY, decision_of
 from nhi_gateway.policy.batch import (
+    json_numbers_problem,
     BATCH_KEY,
     INNER_KEY,
     MAX_BATCH_BYTES,
@@ -65,8 +66,13 @@ POLICY = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/"]
 upstreams:
   - host: graph.microsoft.com
 masking:
@@ -350,6 +356,16 @@ INNER = {
                                     "headers": {"Content-Type": "application/json"}}, "JSON object or array"),
     "binary body that is an object": ({"id": "1", "method": "PUT", "url": "users/x", "body": {"a": 1},
                                        "headers": {"Content-Type": "image/jpeg"}}, "must be a string"),
+    "X-HTTP-Method-Override inside": (get("1", "users", headers={"X-HTTP-Method-Override": "DELETE"}),
+                                      "override their method"),
+    "X-HTTP-Method inside": (get("1", "users", headers={"x-http-method": "DELETE"}), "override their method"),
+    "X-Method-Override inside": (get("1", "users", headers={"X-Method-Override": "PATCH"}), "override their method"),
+    "_method in the url": (get("1", "users?$top=1&_method=DELETE"), "query parameter '_method'"),
+    "_method in a JSON body": ({"id": "1", "method": "POST", "url": "users", "body": {"_method": "DELETE"},
+                                "headers": {"Content-Type": "application/json"}}, "JSON member '_method'"),
+    "_method in a form body": ({"id": "1", "method": "POST", "url": "users", "body": "X21ldGhvZD1ERUxFVEU=",
+                                "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+                               "form parameter '_method'"),
     "dependsOn not a list": (get("1", "users", dependsOn="2"), "list of request ids"),
     "dependsOn unknown id": (get("1", "users", dependsOn=["9"]), "not a request of this batch"),
     "dependsOn itself": (get("1", "users", dependsOn=["1"]), "the request itself"),
@@ -519,7 +535,7 @@ def test_each_inner_body_is_masked_by_its_own_profile_in_any_order():
     (b'{"responses": [], "x": NaN}', "NaN"),
     (answer(item("1", "not base64!")), "not base64"),
     (answer(item("1", base64.b64encode(b"{not json").decode())), "could not be masked"),
-    (answer(item("1", "bm90IGpzb24=", content_type="text/plain"), item("1", USER)), "more than once"),
+    (answer(item("1", "eyJhIjogMX0=", content_type="text/plain"), item("1", USER)), "more than once"),
 ])
 def test_answers_that_cannot_be_masked_safely_are_withheld(data, words):
     entries = entries_for(get("1", "users/u1"))
@@ -535,13 +551,16 @@ def test_base64_bodies_are_decoded_masked_and_encoded_again():
     hidden_json = base64.urlsafe_b64encode(json.dumps({"mail": SECRET_MAIL, "x": "?>?"}).encode()).decode().rstrip("=")
     photo = base64.b64encode(b"\xff\xd8\xff\xe0 jpeg bytes").decode()
     data = answer(item("1", json_b64), item("2", hidden_json, content_type="text/plain"),
-                  item("3", photo, content_type="image/jpeg"), item("4", 42))
+                  item("3", base64.b64encode(b"5").decode(), content_type="text/plain"), item("4", 42))
     masked, _, count = mask_batch_response(data, entries, fields_of)
     out = {r["id"]: r["body"] for r in json.loads(masked)["responses"]}
     assert json.loads(base64.b64decode(out["1"]))["mail"] == MASK
     assert json.loads(base64.urlsafe_b64decode(out["2"] + "=" * (-len(out["2"]) % 4)))["mail"] == MASK
-    assert out["3"] == photo and out["4"] == 42  # nothing named in them: as they would be alone
+    assert base64.b64decode(out["3"]) == b"5" and out["4"] == 42  # nothing named in them: as they would be alone
     assert count == 2
+    # A photo is nothing a profile of fields can read: withheld, as it would be alone.
+    with pytest.raises(BatchResponseError, match="binary: pass"):
+        mask_batch_response(answer(item("3", photo, content_type="image/jpeg")), entries, fields_of)
 
 
 def test_without_a_profile_string_bodies_pass_as_they_are():
@@ -742,3 +761,37 @@ async def test_a_refused_batch_is_never_masked_or_counted_as_sent(gw, tokens):
     f = batch_flow(client, {"requests": [get("1", "servicePrincipals")]}, tokens["reader"])
     await exchange(gw.chain, f)
     assert f.metadata[REFUSED_KEY] and not any(e["sent"] for e in f.metadata[BATCH_KEY])
+
+
+def test_an_inner_property_path_is_masked_by_the_propertys_name():
+    entries = entries_for(get("1", "users/u1/mail"), get("2", "users/u1/mail/$value"))
+    data = answer(item("1", {"@odata.context": "x", "value": SECRET_MAIL}),
+                  item("2", base64.b64encode(SECRET_MAIL.encode()).decode(), content_type="text/plain"))
+    masked, _, count = mask_batch_response(data, entries, fields_of)
+    out = {r["id"]: r["body"] for r in json.loads(masked)["responses"]}
+    assert out["1"] == {"@odata.context": "x", "value": MASK}
+    assert base64.b64decode(out["2"]) == MASK.encode() and count == 2
+    assert SECRET_MAIL.encode() not in masked
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1E+999", "9" * 5000])
+def test_numbers_python_cannot_hold_refuse_the_batch_before_anything_is_sent(number):
+    body = ('{"requests": [{"id": "1", "method": "GET", "url": "/users"}, {"id": "2", "method": "PATCH", '
+            '"url": "/users/u1", "headers": {"Content-Type": "application/json"}, '
+            '"body": {"extension": {"n": ' + number + '}}}]}').encode()
+    d = judge(body)
+    assert d.action is Action.DENY and d.status == 400 and d.check == "batch", d.reason
+    assert "number" in d.reason and "nothing of it was sent" in d.reason
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    (b'{"a": 1e400}', "out of range"),
+    (b'[1, {"b": [-1e999]}]', "out of range"),
+    (b'{"a": ' + b"1" * 5000 + b"}", "digits"),
+    (b'{"a": 1e308, "b": 12345678901234567890}', None),  # large, but held
+    (b"not json at all 1e400", None),  # not JSON: not this check's business
+    (b"", None),
+])
+def test_json_numbers_problem(body, problem):
+    found = json_numbers_problem(body)
+    assert (found is None) if problem is None else (problem in found)

@@ -61,10 +61,17 @@ POLICY = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers:
-    - https://sts.windows.net/{{tenantid}}/
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers:
+      - https://sts.windows.net/{{tenantid}}/
+      - https://login.microsoftonline.com/{{tenantid}}/v2.0
 upstreams:
   - host: graph.microsoft.com
     token: any
@@ -250,6 +257,8 @@ async def connect(chain, client: connection.Client, host: str = GRAPH, token: st
     await run_hook(chain, "http_connect", f)
     if f.response is not None and not 200 <= f.response.status_code < 300:
         await run_hook(chain, "http_connect_error", f)
+    else:
+        await run_hook(chain, "http_connected", f)
     return f
 
 
@@ -445,7 +454,7 @@ async def test_exception_in_a_connect_hook_refuses_the_tunnel(gw, tokens, monkey
 
 
 RESPONSE_SIDE_FAILURES = {
-    "masking.response (mask_json_bytes)": lambda gw, mp: mp.setattr(masking_module, "mask_json_bytes", boom),
+    "masking.response (mask_body)": lambda gw, mp: mp.setattr(masking_module, "mask_body", boom),
     "guard.response": lambda gw, mp: mp.setattr(guard_module, "decision_of", boom),
     "audit.response (AuditLog.append)": lambda gw, mp: mp.setattr(gw.addon(Audit).log, "append", boom),
     "recorder.response (write)": lambda gw, mp: mp.setattr(gw.recorder, "write", boom),
@@ -695,7 +704,7 @@ async def test_gzip_response_is_masked_and_stays_gzip(gw, tokens):
     assert f.response.status_code == 200
     assert f.response.headers["Content-Encoding"] == "gzip"
     doc = json.loads(gzip.decompress(f.response.raw_content))
-    assert [u["mail"] for u in doc["value"]] == [MASK, MASK]
+    assert [u["mail"] for u in doc["value"]] == [MASK, None]  # null stays null: masking keeps JSON types
     assert doc["value"][0]["manager"]["mail"] == MASK
     assert int(f.response.headers["Content-Length"]) == len(f.response.raw_content)
     assert SECRET_MAIL.encode() not in gzip.decompress(f.response.raw_content)
@@ -773,6 +782,16 @@ async def test_proxy_token_is_presented_upstream_as_the_bearer(gw, tokens):
     assert sent is not None
     assert sent.headers["Authorization"] == f"Bearer {tokens['reader']}"
     assert decision_of(f).principal["object_id"] == READER_OID
+
+
+@pytest.mark.parametrize("written", ["bearer {}", "BEARER   {}", "Bearer {}  "])
+async def test_the_upstream_authorization_is_rebuilt_from_the_verified_token(gw, tokens, written):
+    """Whatever the client wrote around its token, Graph gets ``Bearer <the verified token>``."""
+    client = await tunnel(gw)
+    f = graph_request(client)
+    f.request.headers["Authorization"] = written.format(tokens["reader"])
+    sent = await exchange(gw.chain, f, graph_json(USERS))
+    assert sent is not None and sent.headers["Authorization"] == f"Bearer {tokens['reader']}"
 
 
 async def test_request_without_a_token_is_refused_401(gw):
@@ -880,6 +899,20 @@ async def test_bad_proxy_token_refuses_the_connect_407(gw, tokens):
     assert (r["stage"], r["check"]) == ("identity", "signature")
     assert f.metadata.get(CONNECT_KEY) != "admitted"
     assert "Proxy-Authenticate" in f.response.headers
+
+
+async def test_a_refused_connect_leaves_no_identity_on_its_connection(gw, tokens):
+    """Identity verified the proxy token, then a later stage refused the CONNECT (here: the
+    records are failing). Nothing of that CONNECT may vouch for a later request on the connection."""
+    client = tflow.tclient_conn()
+    gw.health.fail("recording", "injected: disk full")
+    f = await connect(gw.chain, client, token=tokens["reader"])
+    assert refusal(f, 503)["check"] == "health"
+    gw.health.recover("recording")
+    g = graph_request(client)  # no token of its own
+    assert await exchange(gw.chain, g) is None
+    r = refusal(g, 421)
+    assert (r["stage"], r["check"]) == ("identity", "tunnel")
 
 
 async def test_proxy_credentials_without_a_token_refuse_the_connect_407(gw):

@@ -343,6 +343,91 @@ def test_received_log_holds_no_secret_values(client, lookalike, tokens):
         assert secret not in text
 
 
+@pytest.mark.parametrize("scope", ["api://nhi-gateway/.default", "{gateway}/.default"])
+def test_a_workload_gets_a_token_for_the_gateway_s_own_api(client, lookalike, scope):
+    """The usual pair's other half: a v2 token whose aud is the gateway's client id (no nonce, no
+    Graph audience), for the proxy credentials."""
+    gateway = lookalike["apps"]["nhi-gateway"]["client_id"]
+    r = get_token(client, lookalike, scope=scope.format(gateway=gateway), client_assertion_type=ASSERTION_TYPE,
+                  client_assertion=assertion_for(lookalike))
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert "nonce" not in header
+    assert claims["aud"] == gateway and claims["ver"] == "2.0"
+    assert claims["iss"] == f"{LOGIN}/{lookalike['tenant_id']}/v2.0"
+    assert claims["azp"] == lookalike["apps"]["mcp-directory"]["client_id"] and claims["azpacr"] == "2"
+    assert claims["oid"] == lookalike["apps"]["mcp-directory"]["object_id"]
+    # Graph refuses it: it is not a Graph token.
+    assert client.get(f"{GRAPH}/v1.0/users", headers=bearer(token)).status_code == 401
+
+
+def test_property_paths_and_their_raw_values(client, tokens):
+    h = bearer(tokens["mcp-directory"])
+    adele = "adelev@nhilab.onmicrosoft.com"
+    r = client.get(f"{GRAPH}/v1.0/users/{adele}/mobilePhone", headers=h)
+    assert r.status_code == 200 and r.json()["value"] == "+1 425 555 0109"
+    assert r.json()["@odata.context"].endswith("/mobilePhone")
+    assert client.get(f"{GRAPH}/v1.0/users/{adele}/businessPhones", headers=h).json()["value"] == ["+1 425 555 0101"]
+    raw = client.get(f"{GRAPH}/v1.0/users/{adele}/mobilePhone/$value", headers=h)
+    assert raw.status_code == 200 and raw.text == "+1 425 555 0109"
+    assert raw.headers["content-type"].startswith("text/plain")
+
+
+def test_users_filter_orderby_and_search_answer_as_an_oracle_would(client, tokens):
+    h = bearer(tokens["mcp-directory"])
+
+    def names(**params):
+        r = client.get(f"{GRAPH}/v1.0/users", headers=h, params={"$select": "displayName", **params})
+        assert r.status_code == 200, r.text
+        return [u["displayName"] for u in r.json()["value"]]
+
+    assert names(**{"$filter": "startswith(mail,'adel')"}) == ["Adele Vance"]
+    assert names(**{"$filter": "mail eq 'AlexW@nhilab.onmicrosoft.com'"}) == ["Alex Wilber"]
+    assert names(**{"$filter": "startswith(mobilePhone,'+1 4') and startswith(displayName,'M')"}) == ["Megan Bowen"]
+    assert names(**{"$orderby": "mobilePhone desc"})[0] == "Lee Gu"  # +1 913 sorts last, first descending
+    assert names(**{"$search": '"mail:megan"'}) == ["Megan Bowen"]
+
+
+def test_answers_misbehave_on_request(client, tokens):
+    h = {**bearer(tokens["mcp-directory"]), "X-LookAlike-Header": "X-Owner: someone@example.com"}
+    r = client.get(f"{GRAPH}/v1.0/users", headers=[*h.items(), ("X-LookAlike-Content-Type", "text/plain"),
+                                                 ("X-LookAlike-Content-Type", "application/json")])
+    assert r.headers.get_list("content-type") == ["text/plain", "application/json"]
+    assert r.headers["x-owner"] == "someone@example.com" and r.json()["value"]
+    latin = client.get(f"{GRAPH}/v1.0/users", headers={**bearer(tokens["mcp-directory"]),
+                                                       "X-LookAlike-Charset": "utf-16"})
+    assert "charset=utf-16" in latin.headers["content-type"] and json.loads(latin.content.decode("utf-16"))["value"]
+
+
+@pytest.mark.parametrize(("headers", "algorithm"), [
+    (lambda k: {"x5t#S256": k.x5t_s256 + "=" * (-len(k.x5t_s256) % 4)}, "PS256"),  # MSAL async: padded
+    (lambda k: {"x5t": k.x5t + "=" * (-len(k.x5t) % 4)}, "RS256"),  # MSAL sync: padded x5t
+])
+def test_msal_client_assertions_are_accepted_as_entra_accepts_them(client, lookalike, headers, algorithm):
+    import uuid as _uuid
+
+    a = lookalike["apps"]["mcp-directory"]
+    key = SigningKey.load(Path(a["key_path"]), Path(a["cert_path"]))
+    now = int(time.time())
+    claims = {"aud": lookalike["token_endpoint"], "iss": a["client_id"], "sub": a["client_id"],
+              "jti": str(_uuid.uuid4()), "nbf": now, "iat": now, "exp": now + 600}
+    assertion = jwt.encode(claims, key.private_key, algorithm=algorithm, headers=headers(key))
+    r = get_token(client, lookalike, client_assertion_type=ASSERTION_TYPE, client_assertion=assertion)
+    assert r.status_code == 200, r.text
+
+
+def test_instance_discovery_is_served(client, lookalike):
+    r = client.get("https://login.microsoftonline.com/common/discovery/instance",
+                   params={"api-version": "1.1", "authorization_endpoint":
+                           f"https://login.microsoftonline.com/{lookalike['tenant_id']}/oauth2/v2.0/authorize"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tenant_discovery_endpoint"].endswith("/v2.0/.well-known/openid-configuration")
+    assert any("login.microsoftonline.com" in m["aliases"] for m in body["metadata"])
+
+
 # --- the device code flow of the approval API (issue 17) -----------------------------------------
 
 
@@ -384,3 +469,44 @@ def test_the_device_code_flow_refuses_what_entra_refuses(client, lookalike, form
     data = {"client_id": api["client_id"], "scope": f"{api['app_id_uri']}/{api['scope']} openid", **form}
     r = client.post(f"{LOGIN}/{lookalike['tenant_id']}/oauth2/v2.0/devicecode", data=data)
     assert r.status_code == 400 and r.json()["error"] == error, r.text
+# --- every spelling Graph accepts for one object (issue 18, item 1) ----------------------------------
+
+def test_an_application_is_found_by_every_key_graph_accepts(client, lookalike, tokens):
+    """The look-alike answers the alternate-key forms as Graph does, so the gateway's end-to-end
+    tests show a refused spelling would really have been performed."""
+    h = bearer(tokens["nhi-gateway"])
+    app = lookalike["apps"]["mcp-directory"]
+    oid, appid = app["application_object_id"], app["client_id"]
+    for path in (f"applications/{oid}", f"applications('{oid}')", f"applications(id='{oid}')",
+                 f"applications(Id='{oid}')", f"applications(appId='{appid}')",
+                 "applications(uniqueName='MCP-Directory')", f"applications/{oid}/microsoft.graph.application",
+                 f"directoryObjects/{oid}/microsoft.graph.application"):
+        r = client.get(f"{GRAPH}/v1.0/{path}", headers=h, params={"$select": "id"})
+        assert r.status_code == 200 and r.json()["id"] == oid, (path, r.text)
+    typed = client.get(f"{GRAPH}/v1.0/directoryObjects/{oid}", headers=h, params={"$select": "id"}).json()
+    assert typed["@odata.type"] == "#microsoft.graph.application"
+    assert client.get(f"{GRAPH}/v1.0/directoryObjects/{oid}/microsoft.graph.user", headers=h).status_code == 404
+    assert client.get(f"{GRAPH}/v1.0/applications(displayName='x')", headers=h).status_code == 400
+
+
+def test_add_password_is_performed_under_every_spelling(client, lookalike, tokens):
+    app = lookalike["apps"]["mcp-directory"]
+    oid, appid = app["application_object_id"], app["client_id"]
+    body = {"passwordCredential": {"displayName": "spelling"}}
+    for path in (f"applications(appId='{appid}')/addPassword", "applications(uniqueName='mcp-directory')/addPassword",
+                 f"applications(Id='{oid}')/microsoft.graph.addPassword",
+                 f"directoryObjects/{oid}/microsoft.graph.application/addPassword",
+                 f"applications/{oid}/microsoft.graph.application/addPassword"):
+        r = client.post(f"{GRAPH}/v1.0/{path}", json=body, headers=bearer(tokens["rotation-bot"]))
+        assert r.status_code == 200 and r.json()["secretText"], (path, r.text)
+
+
+def test_a_user_is_found_by_upn_key_and_as_a_directory_object(client, tokens):
+    h = bearer(tokens["nhi-gateway"])
+    adele = client.get(f"{GRAPH}/v1.0/users/AdeleV@nhilab.onmicrosoft.com", headers=h).json()
+    for path in ("users(userPrincipalName='adelev@nhilab.onmicrosoft.com')", f"users(Id='{adele['id']}')",
+                 f"directoryObjects/{adele['id']}/microsoft.graph.user"):
+        r = client.get(f"{GRAPH}/v1.0/{path}", headers=h)
+        assert r.status_code == 200 and r.json()["id"] == adele["id"], (path, r.text)
+    r = client.get(f"{GRAPH}/v1.0/directoryObjects/{adele['id']}", headers=h)
+    assert r.json()["@odata.type"] == "#microsoft.graph.user"

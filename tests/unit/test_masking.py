@@ -82,16 +82,16 @@ SECRET_FIELDS = frozenset({"secretText", "hint", "key"})
                 ]
             },
             SECRET_FIELDS,
-            {"keyCredentials": [{"keyId": "k1", "key": MASK}, {"keyId": "k2", "key": MASK}]},
+            {"keyCredentials": [{"keyId": "k1", "key": {"raw": MASK}}, {"keyId": "k2", "key": None}]},
             2,
-            id="object-and-null-values-replaced-whole",
+            id="object-keeps-its-keys-null-stays-null",
         ),
         pytest.param(
             {"mobilePhone": 5551234, "mail": ["a", "b"], "userPrincipalName": True},
             USER_FIELDS,
-            {"mobilePhone": MASK, "mail": MASK, "userPrincipalName": MASK},
+            {"mobilePhone": None, "mail": [MASK, MASK], "userPrincipalName": None},
             3,
-            id="non-string-scalars-and-lists",
+            id="non-string-scalars-become-null-lists-stay-lists",
         ),
         pytest.param(
             {"keyId": "k", "displayName": "d", "hint": "abc", "secretText": "abc8Q~xyz"},
@@ -165,13 +165,9 @@ def test_depth_limit_is_exact():
         mask_document(nested(MAX_DEPTH + 1), USER_FIELDS)
 
 
-def test_a_masked_subtree_is_not_walked():
-    # The value under a masked name is replaced whole, so its depth does not matter.
-    deep: object = "x"
-    for _ in range(MAX_DEPTH * 2):
-        deep = [deep]
-    masked, n = mask_document({"mail": deep}, USER_FIELDS)
-    assert masked == {"mail": MASK} and n == 1
+def test_a_masked_subtree_keeps_its_shape():
+    masked, n = mask_document({"mail": [["a", ["b"]], {"c": [1, None]}]}, USER_FIELDS)
+    assert masked == {"mail": [[MASK, [MASK]], {"c": [None, None]}]} and n == 1
 
 
 @pytest.mark.parametrize(

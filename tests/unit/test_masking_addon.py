@@ -23,8 +23,13 @@ POLICY = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
 upstreams: [{{host: graph.microsoft.com}}]
 masking:
   pseudonym_key_env: NHI_MASK_KEY
@@ -34,6 +39,9 @@ masking:
       detectors: {{email: partial, phone: redact}}
     fields-only:
       fields: [mail]
+    fields-pass:
+      fields: [mail]
+      binary: pass
     photos:
       detectors: [email]
       binary: pass
@@ -137,10 +145,10 @@ def test_bodies_that_cannot_be_masked_are_withheld(addon, body, content_type, pr
 
 
 @pytest.mark.parametrize(("content_type", "profile"), [
-    ("image/jpeg", "fields-only"),  # nothing a field can name is in a photo
     ("image/jpeg", "photos"),  # detectors, but the profile lets binary bodies pass
-    ("application/octet-stream", "fields-only"),
-    ("text/plain", "fields-only"),  # no detectors: text is not even decoded
+    ("image/jpeg", "fields-pass"),
+    ("application/octet-stream", "fields-pass"),
+    ("text/plain", "fields-pass"),  # no detectors and binary: pass: text is let through as it is
 ])
 def test_bodies_the_profile_cannot_change_pass_byte_for_byte(addon, content_type, profile):
     f = allowed_flow(b"\xff\xd8\xff\xe0 " + MAIL.encode() + b" \xff", content_type, "gzip", profile=profile)
@@ -148,6 +156,95 @@ def test_bodies_the_profile_cannot_change_pass_byte_for_byte(addon, content_type
     addon.response(f)
     assert f.response.raw_content is raw and f.response.status_code == 200
     assert "masked_fields" not in decision_of(f).extra
+
+
+# --- masking reads the body, not its label (issue 18.4) -------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/octet-stream", "text/plain", "text/plain; charset=utf-8", "application/x-json", "text/html",
+    "image/png", "application/x-www-form-urlencoded", None,
+])
+@pytest.mark.parametrize("profile", ["fields-only", "fields-pass", "pii"])
+def test_json_is_masked_as_json_whatever_its_label_says(addon, content_type, profile):
+    f = allowed_flow(b"  " + json.dumps(USERS).encode(), content_type, "gzip", profile=profile)
+    addon.response(f)
+    assert f.response.status_code == 200, f.response.content
+    assert json.loads(f.response.get_content())["value"][0]["mail"] == MASK
+    assert MAIL.encode() not in f.response.get_content()
+
+
+@pytest.mark.parametrize("content_types", [
+    ["application/json", "application/json"],
+    ["text/plain", "application/json"],
+    ["application/json, text/plain"],
+])
+def test_duplicate_or_conflicting_content_types_are_withheld(addon, content_types):
+    f = allowed_flow(json.dumps(USERS).encode(), None, profile="fields-only")
+    for value in content_types:
+        f.response.headers.add("Content-Type", value)
+    addon.response(f)
+    assert "Content-Type" in refused(f)["message"]
+    assert MAIL.encode() not in f.response.content
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (f"mail: {MAIL}".encode(), "text/plain"),
+    (b"\x89PNG\r\n\x1a\n" + MAIL.encode(), "image/png"),
+    (b"\x00\x01" + MAIL.encode(), "application/octet-stream"),
+    (f"mail: {MAIL}".encode(), None),
+])
+def test_a_profile_refuses_bodies_it_cannot_read(addon, body, content_type):
+    f = allowed_flow(body, content_type, profile="fields-only")
+    addon.response(f)
+    assert "binary: pass" in refused(f)["message"]
+    assert MAIL.encode() not in f.response.content
+
+
+def test_response_headers_are_masked_by_detectors_and_by_masked_values(addon):
+    f = allowed_flow(json.dumps(USERS).encode(), profile="pii")
+    f.response.headers["X-Owner"] = f"owner {MAIL.upper()}"
+    f.response.headers["Location"] = "https://graph.microsoft.com/v1.0/users/AdeleV%40contoso.com"
+    f.response.headers["X-Phone"] = "+1 425 555 0109"
+    f.response.headers["request-id"] = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
+    addon.response(f)
+    assert f.response.status_code == 200
+    assert f.response.headers["X-Owner"] == f"owner {MASK}"
+    assert "AdeleV" not in f.response.headers["Location"]  # the pseudonymised userPrincipalName, percent-encoded
+    assert f.response.headers["X-Phone"] == MASK
+    assert f.response.headers["request-id"] == "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
+    # A profile without detectors masks the values it masked in the body wherever a header repeats them.
+    g = allowed_flow(json.dumps(USERS).encode(), profile="fields-only")
+    g.response.headers["X-Owner"] = MAIL
+    addon.response(g)
+    assert g.response.headers["X-Owner"] == MASK and MAIL not in str(g.response.headers)
+
+
+def test_headers_are_masked_on_answers_without_a_body(addon):
+    f = allowed_flow(b"", None, profile="pii")
+    f.response.status_code = 201
+    f.response.headers["Location"] = f"https://graph.microsoft.com/v1.0/users('{MAIL}')"
+    addon.response(f)
+    assert MAIL not in f.response.headers["Location"]
+
+
+def test_a_masked_value_in_a_framing_header_withholds_the_answer(addon):
+    f = allowed_flow(json.dumps(USERS).encode(), "application/json; x-owner=" + MAIL, profile="fields-only")
+    addon.response(f)
+    refused(f)
+    assert MAIL.encode() not in f.response.content
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", "utf-16", "windows-1252", "utf-8"])
+def test_the_declared_charset_is_kept(addon, charset):
+    doc = {"value": [{"displayName": "J\u00e9r\u00f4me", "mail": MAIL}]}
+    text = json.dumps(doc, ensure_ascii=False)
+    f = allowed_flow(text.encode(charset), f"application/json; charset={charset}", "gzip", profile="fields-only")
+    addon.response(f)
+    assert f.response.status_code == 200, f.response.content
+    assert charset in f.response.headers["Content-Type"]
+    out = json.loads(f.response.get_content().decode(charset))
+    assert out["value"][0] == {"displayName": "J\u00e9r\u00f4me", "mail": MASK}
 
 
 def test_untyped_bodies_are_sniffed(addon):
@@ -189,13 +286,14 @@ def b64(data: bytes) -> str:
 
 def test_each_inner_body_by_its_own_profile_text_included(addon):
     csv = f"upn,phone\n{MAIL},+1 425 555 0109\n".encode()
-    f = batch_flow([inner("1", USERS), inner("2", b64(csv), "text/csv"), inner("3", USERS)])
+    f = batch_flow([inner("1", USERS), inner("2", b64(csv), "text/csv"), inner("3", USERS)],
+                   profiles=("pii", "fields-pass", None))
     addon.response(f)
     assert f.response.status_code == 200, f.response.content
     assert f.response.headers["Content-Encoding"] == "gzip"
     out = {r["id"]: r["body"] for r in json.loads(f.response.get_content())["responses"]}
     assert out["1"]["value"][0]["mail"] == MASK and out["1"]["value"][0]["userPrincipalName"].startswith("pseudonym:")
-    assert base64.b64decode(out["2"]) == csv  # fields-only: text bodies are not scanned
+    assert base64.b64decode(out["2"]) == csv  # no detectors and binary: pass: text bodies are not scanned
     assert out["3"] == USERS  # no profile
     entries = {e["id"]: e for e in decision_of(f).extra["batch"]}
     assert (entries["1"]["masked_fields"], entries["2"]["masked_fields"], entries["3"]["masked_fields"]) == (4, 0, 0)
@@ -218,3 +316,24 @@ def test_an_inner_body_that_cannot_be_masked_withholds_the_batch(addon, body, co
     f = batch_flow([inner("1", body, content_type)], profiles=("pii",))
     addon.response(f)
     assert "could not be masked" in refused(f)["message"]
+
+
+def test_batch_headers_inner_and_outer_are_masked_and_json_in_text_is_masked_as_json(addon):
+    item = inner("1", b64(json.dumps(USERS).encode()), "text/plain")
+    item["headers"]["X-Owner"] = MAIL
+    f = batch_flow([item], profiles=("fields-only",))
+    f.response.headers["X-Owner"] = f"owner: {MAIL}"
+    addon.response(f)
+    assert f.response.status_code == 200, f.response.content
+    answer = json.loads(f.response.get_content())["responses"][0]
+    assert answer["headers"]["X-Owner"] == MASK
+    assert json.loads(base64.b64decode(answer["body"]))["value"][0]["mail"] == MASK
+    assert f.response.headers["X-Owner"] == f"owner: {MASK}"
+    assert MAIL.encode() not in f.response.get_content()
+
+
+def test_a_batch_answer_with_two_content_types_is_withheld(addon):
+    f = batch_flow([inner("1", USERS)], profiles=("fields-only",))
+    f.response.headers.add("Content-Type", "text/plain")
+    addon.response(f)
+    assert "Content-Type" in refused(f)["message"]

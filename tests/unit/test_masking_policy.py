@@ -21,8 +21,13 @@ HEAD = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
 upstreams: [{{host: graph.microsoft.com}}]
 """
 
@@ -178,8 +183,8 @@ jsonschema = pytest.importorskip("jsonschema")
 VALIDATOR = jsonschema.Draft202012Validator(json.loads((POLICIES / "policy.schema.json").read_text()))
 BASE = {
     "version": 1,
-    "identity": {"tenants": [TENANT], "audiences": ["https://graph.microsoft.com"],
-                 "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]},
+    "identity": {"tenants": [TENANT], "bearer": {"audiences": ["https://graph.microsoft.com"],
+                 "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]}},
     "upstreams": [{"host": "graph.microsoft.com"}],
 }
 

@@ -25,6 +25,7 @@ from nhi_gateway.lookalike.directory import Directory
 from nhi_gateway.masking.masks import (
     ENTROPY_MIN_LENGTH,
     MASK,
+    MAX_DEPTH,
     PSEUDONYM_PREFIX,
     BinaryBodies,
     Detector,
@@ -38,6 +39,7 @@ from nhi_gateway.masking.masks import (
     compile_path,
     is_high_entropy,
     mask_body,
+    property_of,
     mask_document,
     mask_json_bytes,
     partial,
@@ -334,16 +336,39 @@ def test_pseudonym_without_a_key_is_refused_when_the_profile_is_built():
 
 
 @pytest.mark.parametrize(("style", "expected"), [
-    ("redact", {"mail": MASK, "otherMails": MASK, "mobilePhone": MASK, "manager": MASK, "employeeId": MASK}),
-    ("partial", {"mail": "a***@contoso.com", "otherMails": ["a***@example.com", MASK], "mobilePhone": MASK,
-                 "manager": MASK, "employeeId": MASK}),
+    ("redact", {"mail": MASK, "otherMails": [MASK, {"x": None}], "mobilePhone": None,
+                "manager": {"mail": MASK, "officeLocation": None}, "employeeId": None, "businessPhones": [],
+                "accountEnabled": None}),
+    ("partial", {"mail": "a***@contoso.com", "otherMails": ["a***@example.com", {"x": None}], "mobilePhone": None,
+                 "manager": {"mail": "m***@contoso.com", "officeLocation": None}, "employeeId": None,
+                 "businessPhones": [], "accountEnabled": None}),
 ])
-def test_each_style_on_every_kind_of_value(style, expected):
+def test_each_style_keeps_the_json_type_of_every_kind_of_value(style, expected):
+    """Typed clients (msgraph-sdk) deserialise masked answers: a string stays a string without the
+    original, a list stays a list with each item masked, an object keeps its keys with masked
+    values, null stays null, and a number or a boolean becomes null."""
     doc = {"mail": "adele@contoso.com", "otherMails": ["adele@example.com", {"x": 1}], "mobilePhone": 4255550109,
-           "manager": {"mail": "m@contoso.com"}, "employeeId": None}
+           "manager": {"mail": "m@contoso.com", "officeLocation": 12.5}, "employeeId": None, "businessPhones": [],
+           "accountEnabled": True}
     profile = MaskProfile("p", dict.fromkeys(expected, style))
     masked, n = mask_document(doc, profile)
-    assert masked == expected and n == 5
+    assert masked == expected and n == 7
+    assert "adele" not in json.dumps(masked) and "4255550109" not in json.dumps(masked)
+
+
+def test_pseudonyms_keep_the_json_type_too():
+    profile = MaskProfile("p", {"otherMails": "pseudonym", "n": "pseudonym"}, pseudonym_key=PseudonymKey(b"k" * 16, "$K"))
+    masked, _ = mask_document({"otherMails": ["A@x.co", "a@x.co", None], "n": 5}, profile)
+    assert masked["otherMails"][0] == masked["otherMails"][1] and masked["otherMails"][0].startswith("pseudonym:")
+    assert masked["otherMails"][2] is None and masked["n"] is None
+
+
+def test_masked_values_nested_beyond_the_depth_limit_are_refused():
+    deep: object = "x"
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(MaskingError, match="deeper"):
+        mask_document({"mail": deep}, MaskProfile("p", ["mail"]))
 
 
 def test_the_strongest_style_wins():
@@ -401,12 +426,33 @@ def test_json_paths(path, masked_at):
     doc = json.loads(json.dumps(USERS))
     masked, n = mask_document(doc, MaskProfile("p", paths=[path]))
     assert n == len(masked_at)
+    expected = json.loads(json.dumps(USERS))
     for where in masked_at:
-        node = masked
+        node = expected
         for step in where[:-1]:
             node = node[step]
-        assert node[where[-1]] == MASK, where
-    assert json.dumps(masked).count(MASK) == len(masked_at)
+        node[where[-1]] = redacted(node[where[-1]])
+    assert masked == expected
+
+
+def redacted(value):
+    """The model of ``redact`` on a matched value: same JSON type, no original left."""
+    if isinstance(value, str):
+        return MASK
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    return None
+
+
+def leaves(value):
+    """Every scalar below a value."""
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in leaves(v)]
+    return [value]
 
 
 @pytest.mark.parametrize(("path", "offset", "words"), [
@@ -493,17 +539,22 @@ def test_bodies_that_are_not_what_they_claim_are_refused(body, content_type, wor
     assert words in str(e.value)
 
 
-def test_binary_bodies_pass_when_the_profile_cannot_read_them_anyway_or_says_so():
+def test_bodies_a_profile_cannot_read_pass_only_when_it_says_so():
     photo = b"\xff\xd8\xff\xe0 jpeg adele@contoso.com"
-    assert mask_body(photo, "image/jpeg", FIELDS_ONLY)[0] is photo  # no detectors: nothing to look for
-    assert FIELDS_ONLY.binary is BinaryBodies.PASS and PII.binary is BinaryBodies.REFUSE
+    assert FIELDS_ONLY.binary is BinaryBodies.REFUSE and PII.binary is BinaryBodies.REFUSE
+    with pytest.raises(MaskingError, match="binary: pass"):  # no field can be shown absent from a photo
+        mask_body(photo, "image/jpeg", FIELDS_ONLY)
     passing = MaskProfile("p", detectors=["email"], binary="pass")
     assert mask_body(photo, "image/jpeg", passing)[0] is photo
+    fields_passing = MaskProfile("p", ["mail"], binary="pass")
+    assert mask_body(photo, "image/jpeg", fields_passing)[0] is photo
 
 
-def test_text_without_detectors_is_left_alone():
+def test_text_without_detectors_is_refused_unless_the_profile_lets_it_pass():
     body = b"adele@contoso.com \xff"
-    assert mask_body(body, "text/plain", FIELDS_ONLY)[0] is body
+    with pytest.raises(MaskingError, match="has no detectors"):
+        mask_body(body, "text/plain", FIELDS_ONLY)
+    assert mask_body(body, "text/plain", MaskProfile("p", ["mail"], binary="pass"))[0] is body
 
 
 def test_untyped_bodies_are_looked_at():
@@ -605,9 +656,8 @@ def test_a_listed_field_never_leaves_unmasked_and_the_output_is_json(doc, profil
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for k, v in items:
             if isinstance(k, str) and k.casefold() in {n.casefold() for n in LISTED}:
-                forms = [v] if not isinstance(v, list) else v
-                assert all(f == MASK or (isinstance(f, str) and ("***" in f or f.startswith(PSEUDONYM_PREFIX)))
-                           for f in forms), (k, v)
+                assert all(f is None or f == MASK or (isinstance(f, str) and ("***" in f or f.startswith(PSEUDONYM_PREFIX)))
+                           for f in leaves(v)), (k, v)
             elif isinstance(v, (dict, list)):
                 stack.append(v)
 
@@ -633,3 +683,30 @@ def test_text_scanning_never_raises_and_is_idempotent(text):
 def test_style_and_detector_names_are_the_documented_ones():
     assert [s.value for s in Style] == ["redact", "partial", "pseudonym"]
     assert [d.value for d in Detector] == ["email", "phone", "jwt", "bearer", "graph_secret", "high_entropy"]
+
+
+@pytest.mark.parametrize(("path", "asked"), [
+    ("/v1.0/users/x/mobilephone", ("mobilephone", False)),
+    ("/beta/users/x/mobilephone/$value", ("mobilephone", True)),
+    ("/v1.0/me/mail", ("mail", False)),
+    ("/v1.0/users", None),
+    ("/v1.0/users/$count", None),
+    ("/v1.0/users/x/photo/$value", ("photo", True)),
+])
+def test_the_property_a_path_asks_for(path, asked):
+    assert property_of(path) == asked
+
+
+def test_a_property_path_is_masked_by_the_propertys_name():
+    profile = MaskProfile("p", {"mobilePhone": "partial", "businessPhones": "redact"},
+                          paths={"$..employeeId": "redact"})
+    answer = json.dumps({"@odata.context": "https://graph/$metadata#users('x')/mobilePhone",
+                         "value": "+1 425 555 0109"}).encode()
+    out, n = mask_body(answer, "application/json", profile, path="/v1.0/users/x/mobilephone")
+    assert json.loads(out) == {"@odata.context": "https://graph/$metadata#users('x')/mobilePhone", "value": "***09"}
+    out, _ = mask_body(b'{"value": ["+1 425 555 0101"]}', "application/json", profile,
+                       path="/v1.0/users/x/BusinessPhones")
+    assert json.loads(out) == {"value": [MASK]}
+    out, _ = mask_body(b"E10492", "text/plain", profile, path="/v1.0/users/x/employeeid/$value")
+    assert out == MASK.encode()  # a path ending on the name masks it too
+    assert mask_body(b'{"value": "Adele"}', "application/json", profile, path="/v1.0/users/x/displayname")[1] == 0

@@ -27,9 +27,15 @@ POLICY = textwrap.dedent(f"""\
     version: 1
     identity:
       tenants: [{TENANT}]
-      audiences: [https://graph.microsoft.com]
-      issuers:
-        - https://login.microsoftonline.com/{{tenantid}}/v2.0
+      bearer:
+        audiences: [https://graph.microsoft.com]
+        issuers:
+          - https://login.microsoftonline.com/{{tenantid}}/v2.0
+      proxy:
+        graph_token: true
+        audiences: [https://graph.microsoft.com]
+        issuers:
+          - https://login.microsoftonline.com/{{tenantid}}/v2.0
     upstreams:
       - host: graph.microsoft.com
     rules:
@@ -158,3 +164,33 @@ async def test_an_exception_in_the_lookup_refuses_the_flow():
     with taddons.context(membership):
         await membership.request(f)
     assert f.response.status_code == 500  # fail_closed: refused, never forwarded
+
+
+async def test_with_two_tokens_groups_are_resolved_for_each_and_a_group_deny_sees_the_weak_one():
+    """A group rule that could decide the request for only one of the presented tokens (here: a
+    deny on client secrets in GROUP_B, and the secret is the proxy token's) still makes the gateway
+    learn the groups, once, and every token is judged with them (issue 13, item 2)."""
+    from dataclasses import replace
+
+    from nhi_gateway.identity.principal import AuthMethod, TokenSource
+
+    policy = POLICY.replace("rules:\n", f"""rules:
+  - id: no-secrets-in-finance
+    action: deny
+    when: {{groups: [{GROUP_B}], auth_methods: [client_secret]}}
+    operations: [{{host: graph.microsoft.com, methods: ["*"], paths: ["/**"]}}]
+""")
+    assert "no-secrets-in-finance" in policy
+    graph = FakeGraph({SP: [GROUP_A, GROUP_B]})
+    policies = PolicyStore(parse_policy(policy))
+    resolver = GroupResolver(GraphCredential(tenant_id=TENANT, client_id=GATEWAY_APP, client_secret=SECRET), graph)
+    proxy = app(auth_method=AuthMethod.CLIENT_SECRET, token_sources=(TokenSource.PROXY,))
+    bearer = app(auth_method=AuthMethod.CERTIFICATE, token_sources=(TokenSource.BEARER,))
+    both = replace(bearer, token_sources=(TokenSource.BEARER, TokenSource.PROXY), presented=(proxy, bearer))
+    f = graph_flow("/v1.0/users/x", both)
+    await run((Membership(policies, resolver), Authorization(policies)), f)
+    assert f.response is not None and f.response.status_code == 403
+    assert decision_of(f).rule_id == "no-secrets-in-finance"
+    assert refusal(f)["message"].startswith("the proxy token (client_secret)")
+    assert [p.groups for p in f.metadata[PRINCIPAL_KEY].every_token()] == [(GROUP_A, GROUP_B)] * 2
+    assert sum("getMemberGroups" in u for u in graph.urls()) == 1

@@ -312,7 +312,73 @@ def test_odata_options_that_cannot_be_read_are_not_guessed_at(query, problem):
 
 
 def test_odata_is_read_from_the_canonical_query():
-    assert read_odata((("$select", "a"),)) == ODataQuery(selects=(("a",),))
+    assert read_odata((("$select", "a"),)) == ODataQuery(selects=(("a",),), selected=True)
     # non-Graph hosts keep option names as written: "select" is not OData there
     login = op("/t/oauth2/v2.0/token?select=x", host="login.microsoftonline.com")
     assert login.odata == ODataQuery()
+
+
+# --- every spelling of an object is the same object (issue 18, item 1) ------------------------------
+
+APP = "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
+
+
+@pytest.mark.parametrize(
+    ("canonical", "spellings"),
+    [
+        (
+            f"/v1.0/applications/{APP}/addpassword",
+            [
+                f"/v1.0/applications/{APP}/addPassword",
+                f"/v1.0/applications('{APP}')/addPassword",
+                f"/v1.0/applications({APP})/addPassword",
+                f"/v1.0/applications(id='{APP}')/addPassword",
+                f"/v1.0/applications(Id='{APP}')/addPassword",
+                f"/v1.0/applications(ID='{APP}')/addPassword",
+                f"/v1.0/applications(id={APP})/addPassword",
+                f"/v1.0/applications/{APP}/microsoft.graph.addPassword",
+                f"/v1.0/applications(id='{APP}')/Microsoft.Graph.addPassword",
+                f"/v1.0/applications/{APP}/microsoft.graph.application/addPassword",
+                f"/v1.0/applications/{APP}/microsoft.graph.directoryObject/microsoft.graph.addPassword",
+                f"/v1.0/applications/microsoft.graph.application/{APP}/addPassword",
+                f"/v1.0/directoryObjects/{APP}/microsoft.graph.application/addPassword",
+                f"/v1.0/directoryObjects('{APP}')/microsoft.graph.application/microsoft.graph.addPassword",
+                f"/v1.0/directoryObjects/microsoft.graph.application/{APP}/addPassword",
+            ],
+        ),
+        (
+            "/v1.0/users/adele@contoso.com",
+            ["/v1.0/users(userPrincipalName='adele@contoso.com')", "/v1.0/users(UserPrincipalName='Adele@Contoso.com')",
+             "/v1.0/directoryObjects/adele@contoso.com/microsoft.graph.user"],
+        ),
+        (
+            f"/v1.0/users/{APP}",
+            [f"/v1.0/users(Id='{APP}')", f"/v1.0/directoryObjects/{APP}/microsoft.graph.user",
+             f"/v1.0/users/{APP}/microsoft.graph.user", f"/v1.0/directoryObjects/microsoft.graph.user/{APP}"],
+        ),
+        (
+            f"/v1.0/serviceprincipals/{APP}/getmembergroups",
+            [f"/v1.0/servicePrincipals/{APP}/microsoft.graph.getMemberGroups",
+             f"/v1.0/directoryObjects/{APP}/microsoft.graph.servicePrincipal/getMemberGroups"],
+        ),
+        (f"/v1.0/directoryobjects/{APP}", [f"/v1.0/directoryObjects/{APP}/microsoft.graph.directoryObject"]),
+        ("/v1.0/users", ["/v1.0/directoryObjects/microsoft.graph.user", "/v1.0/users/microsoft.graph.user"]),
+        # Casts that narrow a collection keep their namespace: a cast is not a navigation property.
+        (f"/v1.0/users/{APP}/memberof/microsoft.graph.group", [f"/v1.0/users/{APP}/memberOf/microsoft.graph.group"]),
+    ],
+)
+def test_every_spelling_of_an_object_is_one_path(canonical, spellings):
+    assert {op(s).full_path for s in spellings} == {canonical}
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        # Alternate keys stay what they are: which object they name is resolved against Graph.
+        (f"/v1.0/applications(appId='{APP}')/addPassword", f"/applications/appid={APP}/addpassword"),
+        ("/v1.0/applications(uniqueName='rotation')/addPassword", "/applications/uniquename=rotation/addpassword"),
+        (f"/v1.0/servicePrincipals(appId='{APP}')", f"/serviceprincipals/appid={APP}"),
+    ],
+)
+def test_alternate_keys_keep_their_name(target, path):
+    assert op(target).path == path

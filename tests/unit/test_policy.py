@@ -43,9 +43,9 @@ HEAD = f"""\
 version: 1
 identity:
   tenants: [{TENANT}, {OTHER_TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers:
-    - https://login.microsoftonline.com/{{tenantid}}/v2.0
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
 upstreams:
   - host: graph.microsoft.com
   - host: login.microsoftonline.com
@@ -167,13 +167,39 @@ def test_example_token_endpoint_is_anonymous_only(example):
     assert not example.decide(principal(), token).allowed
 
 
+def test_directory_reader_starter_keeps_each_token_to_its_source():
+    """The usual pair: the proxy credentials carry a token for the gateway's own API (v2), the
+    bearer the Graph token (v1); neither list names the other's audience, and both are required."""
+    ident = load_policy(POLICIES / "directory-reader.yaml").identity
+    assert {"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"} <= ident.bearer.audiences
+    assert [i.template for i in ident.bearer.issuers] == ["https://sts.windows.net/{tenantid}/"]
+    assert not ident.proxy.graph_token and "api://nhi-gateway" in ident.proxy.audiences
+    assert not ident.proxy.audiences & ident.bearer.audiences
+    assert [i.template for i in ident.proxy.issuers] == ["https://login.microsoftonline.com/{tenantid}/v2.0"]
+    assert load_policy(POLICIES / "directory-reader.yaml").upstream(GRAPH).token is TokenRequirement.BOTH
+
+
+def test_a_policy_in_the_old_form_says_how_to_write_the_new_one():
+    old = HEAD.replace("  bearer:\n    audiences:", "  audiences:").replace("    issuers:", "  issuers:", 1)
+    with pytest.raises(PolicyError) as e:
+        parse_policy(old + "rules: []\n", "old.yaml")
+    assert (e.value.line, e.value.column) == (4, 3)
+    assert "per token source" in e.value.message
+    for needed in ("bearer:", "proxy:", "audiences:", "issuers:", "graph_token: true", "policies/example.yaml"):
+        assert needed in e.value.hint
+
+
 def test_example_identity_and_upstreams(example):
     ident = example.identity
     assert ident.tenants == frozenset({TENANT})
-    assert "https://graph.microsoft.com" in ident.audiences
+    assert "https://graph.microsoft.com" in ident.bearer.audiences
+    # The demo's MCP server puts its Graph token in the proxy credentials too, and says so.
+    assert ident.proxy.graph_token and "https://graph.microsoft.com" in ident.proxy.audiences
+    assert not ident.bearer.graph_token
+    assert ident.trust_for(TokenSource.PROXY) is ident.proxy and ident.trust_for(TokenSource.BEARER) is ident.bearer
     assert ident.leeway_seconds == 60
     assert ident.client_secret_grants is ClientSecretGrants.FLAG
-    by_template = {i.template: i for i in ident.issuers}
+    by_template = {i.template: i for i in ident.bearer.issuers}
     v1 = by_template["https://sts.windows.net/{tenantid}/"]
     assert (
         v1.discovery(TENANT) == f"https://login.microsoftonline.com/{TENANT}/.well-known/openid-configuration"
@@ -746,41 +772,87 @@ def _replace(old: str, new: str, rules: str = RULE) -> str:
             "identity.tenants must be a list, not a string",
         ),
         (
-            _replace("  audiences: [https://graph.microsoft.com]\n", ""),
-            2,
-            1,
-            "identity is missing the required key 'audiences'",
-        ),
-        (
-            _replace("  audiences:", "  audience:"),
+            _replace("    audiences: [https://graph.microsoft.com]\n", ""),
             4,
             3,
-            "unknown key 'audience' in identity; allowed keys: tenants, audiences, issuers, leeway_seconds",
+            "identity.bearer is missing the required key 'audiences'",
         ),
         (
-            _replace("    - https://login", "    - http://login"),
-            6,
-            7,
-            "identity.issuers[0]: 'http://login.microsoftonline.com/{tenantid}/v2.0' is not an https URL",
-        ),
-        (_replace("{tenantid}/v2.0", "{tid}/v2.0"), 6, 7, "identity.issuers[0]: unknown placeholder {tid}"),
-        (
-            _replace("  issuers:", "  leeway_seconds: '60'\n  issuers:"),
+            _replace("    audiences:", "    audience:"),
             5,
+            5,
+            "unknown key 'audience' in identity.bearer; allowed keys: audiences, issuers",
+        ),
+        (
+            _replace('["https://login', '["http://login'),
+            6,
+            15,
+            "identity.bearer.issuers[0]: 'http://login.microsoftonline.com/{tenantid}/v2.0' is not an https URL",
+        ),
+        (_replace("{tenantid}/v2.0", "{tid}/v2.0"), 6, 15, "identity.bearer.issuers[0]: unknown placeholder {tid}"),
+        (
+            _replace("  bearer:", "  leeway_seconds: '60'\n  bearer:"),
+            4,
             19,
             "identity.leeway_seconds must be a whole number, not a string",
         ),
         (
-            _replace("  issuers:", "  leeway_seconds: 301\n  issuers:"),
-            5,
+            _replace("  bearer:", "  leeway_seconds: 301\n  bearer:"),
+            4,
             19,
             "identity.leeway_seconds must be between 0 and 300, not 301",
         ),
         (
-            _replace("  issuers:", "  leeway_seconds: true\n  issuers:"),
-            5,
+            _replace("  bearer:", "  leeway_seconds: true\n  bearer:"),
+            4,
             19,
             "identity.leeway_seconds must be a whole number, not a boolean",
+        ),
+        # identity: each token source has its own trust
+        (
+            _replace("  bearer:\n    audiences:", "  audiences:").replace("    issuers:", "  issuers:", 1),
+            4,
+            3,
+            "identity.audiences: audiences and issuers are now given per token source",
+        ),
+        (
+            _replace("  bearer:\n    audiences: [https://graph.microsoft.com]\n", "  issuers:").replace(
+                '  issuers:    issuers:', "  issuers:", 1),
+            4,
+            3,
+            "identity.issuers: audiences and issuers are now given per token source",
+        ),
+        (
+            _replace("  bearer:", "  proxy:"),
+            5,
+            17,
+            "identity.proxy.audiences: 'https://graph.microsoft.com' is Microsoft Graph's audience",
+        ),
+        (
+            _replace("  bearer:", "  proxy:\n    graph_token: true\n    audiences: [api://nhi-gateway]\n"
+                                  "    issuers: ['https://login.microsoftonline.com/{tenantid}/v2.0']\n  bearer:"),
+            5,
+            18,
+            "identity.proxy.graph_token is true, but identity.proxy.audiences lists none of Microsoft Graph's",
+        ),
+        (
+            _replace("  bearer:", "  bearer:\n    graph_token: true"),
+            5,
+            5,
+            "unknown key 'graph_token' in identity.bearer; allowed keys: audiences, issuers",
+        ),
+        (
+            _replace("  - host: graph.microsoft.com\n", "  - host: graph.microsoft.com\n    token: both\n"),
+            9,
+            12,
+            "upstreams[0].token: 'both' needs a token in the proxy credentials",
+        ),
+        (
+            _replace("  bearer:\n    audiences: [https://graph.microsoft.com]\n"
+                     '    issuers: ["https://login.microsoftonline.com/{tenantid}/v2.0"]\n', ""),
+            2,
+            1,
+            "identity accepts no token: it names no token source",
         ),
         # upstreams
         (
@@ -949,14 +1021,14 @@ def _replace(old: str, new: str, rules: str = RULE) -> str:
             "unknown key 'authmethods' in rule 'r': when",
         ),
         (
-            _replace("  issuers:", "  client_secret_grants: deny\n  issuers:"),
-            5,
+            _replace("  bearer:", "  client_secret_grants: deny\n  bearer:"),
+            4,
             25,
             "identity.client_secret_grants must be one of allow, flag, refuse, not 'deny'",
         ),
         (
-            _replace("  issuers:", "  client_secret_grants: false\n  issuers:"),
-            5,
+            _replace("  bearer:", "  client_secret_grants: false\n  bearer:"),
+            4,
             25,
             "identity.client_secret_grants must be a string, not a boolean",
         ),
@@ -1046,7 +1118,7 @@ def test_errors_say_where_and_what(text, line, col, message):
         ("  action: allow", "  action: allow\n  when: {auth_methods: [certifcate]}", "did you mean 'certificate'?"),
         ("  action: allow", "  action: allow\n  when: {auth_methods: [federated]}", "write certificate"),
         ("  action: allow", "  action: allow\n  when: {managed_identities: [x]}", "xms_mirid"),
-        ("  issuers:", "  client_secret_grants: refused\n  issuers:", "did you mean 'refuse'?"),
+        ("  bearer:", "  client_secret_grants: refused\n  bearer:", "did you mean 'refuse'?"),
         ("  action: allow", "  action: alow", "did you mean 'allow'?"),
         (f"[{TENANT}, ", "[contoso.onmicrosoft.com, ", "not a name or domain"),
         ("paths: [/users]", "paths: [\"/users('x')\"]", "/users/{id} matches /users('x')"),
@@ -1219,11 +1291,11 @@ def test_yaml_errors_say_what_to_do(text, hint):
         ("? [a]\n: 1\n", "the policy: keys must be strings, not a list"),
         ("!custom x\n", "the policy must be a mapping, not a value with a custom tag"),
         (
-            _replace("  issuers:", "  leeway_seconds: 2001-12-14\n  issuers:"),
+            _replace("  bearer:", "  leeway_seconds: 2001-12-14\n  bearer:"),
             "must be a whole number, not a date",
         ),
         (
-            _replace("  issuers:", "  leeway_seconds: !!binary aGVsbG8=\n  issuers:"),
+            _replace("  bearer:", "  leeway_seconds: !!binary aGVsbG8=\n  bearer:"),
             "must be a whole number, not binary data",
         ),
     ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,8 +44,8 @@ HEAD = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer: {{audiences: [https://graph.microsoft.com], issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]}}
+  proxy: {{graph_token: true, audiences: [https://graph.microsoft.com], issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]}}
 upstreams:
   - host: graph.microsoft.com
 rules:
@@ -117,8 +118,11 @@ def test_lint_warns_about_rules_that_never_decide_without_failing(capsys, tmp_pa
             "matches every request it matches, and deny wins") in out
     assert "rule 'limited' never decides" in out  # limits narrow it, the earlier rule has none
     assert "warning: rule 'expired' expired at 2020-01-01T00:00:00+00:00" in out
-    assert "warning: rule 'read-everything'" not in out and "warning: rule 'no-deletes'" not in out
-    assert out.rstrip().endswith("6 rules (5 allow, 1 deny, 0 approve), 1 upstream, 0 mask profiles, 4 warnings")
+    assert "warning: rule 'read-everything' never" not in out and "warning: rule 'no-deletes'" not in out
+    # ... and read-everything is what it is: everything, for everyone.
+    assert (f"{path}:9:3: warning: rule 'read-everything' allows every request to graph.microsoft.com "
+            "for every verified caller") in out
+    assert out.rstrip().endswith("6 rules (5 allow, 1 deny, 0 approve), 1 upstream, 0 mask profiles, 5 warnings")
     code, _, _ = run(capsys, "lint", "--strict", str(path))
     assert code == 1
 
@@ -150,6 +154,83 @@ def test_lint_does_not_warn_when_a_rule_is_only_partly_covered(capsys, tmp_path)
 """)
     code, out, _ = run(capsys, "lint", str(path))
     assert code == 0 and "warning" not in out, out
+
+
+def test_lint_reports_every_error_in_one_run(capsys, tmp_path):
+    text = HEAD + f"""\
+- id: ok-rule
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: [/users]}}]
+- id: typo
+  acton: allow
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: [/users]}}]
+- id: bad-method
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [FETCH], paths: [/users]}}]
+- id: ok-rule
+  action: deny
+  when: {{app_ids: [not-a-guid]}}
+  operations: [{{host: graph.microsoft.com, methods: [GET], paths: [/users]}}]
+"""
+    path = write(tmp_path, "many.yaml", text)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 1
+    assert f"{path}:13:3: unknown key 'acton' in rule 'typo'" in out
+    assert f"{path}:17:54: rule 'bad-method': operations[0].methods[0]: unknown method 'FETCH'" in out
+    assert f"{path}:18:7: duplicate rule id 'ok-rule'" in out
+    assert f"{path}:20:20: rule 'ok-rule': when.app_ids[0]: 'not-a-guid' is not a GUID" in out
+    assert f"{path}: 4 errors" in out
+
+
+def test_lint_reports_an_error_outside_the_rules_and_a_yaml_error(capsys, tmp_path):
+    bad_section = write(tmp_path, "s.yaml", HEAD.replace("issuers:", "isuers:"))
+    code, out, _ = run(capsys, "lint", str(bad_section))
+    assert code == 1 and "unknown key 'isuers' in identity.proxy" in out and "1 error" in out
+    # Errors in several sections, at once, each where it is.
+    several = write(tmp_path, "several.yaml", HEAD.replace("issuers:", "isuers:").replace(
+        "  - host: graph.microsoft.com\n", "  - host: graph.microsoft.com\n    token: sometimes\n").replace(
+        "rules:\n", "masking: {profiles: {p: {fields: [mail], detectors: [psychic]}}}\nrules:\n"))
+    code, out, _ = run(capsys, "lint", str(several))
+    assert code == 1, out
+    assert f"{several}:5:72: unknown key 'isuers' in identity.proxy" in out
+    assert "upstreams[0].token must be one of any, proxy, bearer, both, none, not 'sometimes'" in out
+    assert "unknown detector 'psychic'" in out
+    assert f"{several}: 3 errors" in out
+    # ... and the rules' own errors too, in the same run.
+    with_rule = write(tmp_path, "with-rule.yaml", several.read_text() + "- id: r\n  acton: allow\n")
+    code, out, _ = run(capsys, "lint", str(with_rule))
+    assert "unknown key 'acton' in rule 'r'" in out and f"{with_rule}: 4 errors" in out, out
+    broken = write(tmp_path, "y.yaml", HEAD + "- id: [\n")
+    code, out, _ = run(capsys, "lint", str(broken))
+    assert code == 1 and "YAML syntax error" in out
+
+
+def test_lint_does_not_need_the_pseudonym_key(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("NHI_LINT_TEST_KEY", raising=False)
+    text = HEAD.replace("rules:\n", """masking:
+  pseudonym_key_env: NHI_LINT_TEST_KEY
+  profiles:
+    p: {fields: {mail: pseudonym}}
+rules:
+- {id: r, action: allow, mask: p, when: {app_ids: [%s]}, operations: [{host: graph.microsoft.com, methods: [GET], paths: [/users]}]}
+""" % MCP)
+    path = write(tmp_path, "pseudo.yaml", text)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0, out
+    assert "note: NHI_LINT_TEST_KEY is not set here, so the pseudonym key was not checked" in out
+    assert f"{path}: ok: 1 rule" in out
+    code, out, _ = run(capsys, "explain", str(path), "--as", f"app={MCP}", "GET", "https://graph.microsoft.com/v1.0/users")
+    assert code == 0, out
+
+
+def test_lint_shadowing_hints_follow_the_precedence(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", SHADOWED)
+    _, out, _ = run(capsys, "lint", str(path))
+    blocks = out.split(f"{path}:")
+    deny = next(b for b in blocks if "rule 'delete-users' never applies" in b)
+    assert "deny wins over allow wherever the rules are in the file, so reordering changes nothing" in deny
+    same = next(b for b in blocks if "rule 'read-users' never decides" in b)
+    assert "the first in file order decides, so moving 'read-users' above 'read-everything'" in same
 
 
 APPROVE_RULE = f"""\
@@ -473,3 +554,83 @@ def test_replay_judges_a_recorded_batch_again_request_by_request(capsys, tmp_pat
     assert "CHANGED  flow" in out and "POST graph.microsoft.com /v1.0/$batch" in out
     assert "allow (batch of 2) -> deny (batch of 2; refused: 2)" in out
     assert "new reason: " in out and "2" in out.split("new reason: ", 1)[1].splitlines()[0]
+
+
+def test_replay_judges_every_token_a_recorded_request_presented(capsys, tmp_path):
+    """A request that carried two tokens is re-decided for each (issue 13, item 2): a policy that
+    keeps client secrets out refuses it when either token came from a secret."""
+    from dataclasses import replace
+
+    proxy = replace(MCP_PRINCIPAL, token_sources=(TokenSource.PROXY,), auth_method=AuthMethod.CLIENT_SECRET)
+    both = replace(MCP_PRINCIPAL, token_sources=(TokenSource.BEARER, TokenSource.PROXY),
+                   presented=(proxy, MCP_PRINCIPAL))
+    assert Principal.from_dict(both.to_dict()).every_token() == (proxy, MCP_PRINCIPAL)
+    example = load_policy(EXAMPLE)
+    decision = decided(example, "GET", "/v1.0/users").but(principal=both.to_dict())
+    day = tmp_path / "recordings" / "2025-07-07" / TENANT
+    day.mkdir(parents=True)
+    with open(day / f"mcp-directory--{OID}.mitm", "wb") as f:
+        io.FlowWriter(f).add(recorded("GET", "/v1.0/users", decision))
+    strict = write(tmp_path, "strict.yaml", EXAMPLE.read_text().replace(
+        "  - id: directory-read\n", "  - id: no-secrets\n    action: deny\n    when: {auth_methods: [client_secret]}\n"
+        "    operations:\n      - host: graph.microsoft.com\n        methods: [\"*\"]\n        paths: [\"/**\"]\n"
+        "  - id: directory-read\n", 1))
+    code, out, _ = run(capsys, "replay", "--policy", str(strict), str(tmp_path / "recordings"))
+    assert code == 1, out
+    assert "deny (no-secrets)" in out and "the proxy token (client_secret)" in out
+
+
+def test_explain_judges_a_batch_from_its_body_as_the_gateway_does(capsys, tmp_path):
+    body = write(tmp_path, "batch.json", json.dumps({"requests": [
+        {"id": "1", "method": "GET", "url": "/users"},
+        {"id": "2", "method": "POST", "url": "/applications/x/addPassword",
+         "headers": {"Content-Type": "application/json"}, "body": {}}]}))
+    argv = ["explain", str(EXAMPLE), "--as", f"app={MCP},auth=client_secret", "POST",
+            "https://graph.microsoft.com/v1.0/$batch"]
+    code, out, _ = run(capsys, *argv, "--body", str(body))
+    assert code == 1
+    assert "decision:  DENY (403 Authorization_RequestDenied)" in out
+    assert re.search(r"\n  1  ALLOW +GET graph.microsoft.com /v1.0/users rule 'directory-read'", out), out
+    assert re.search(r"\n  2  DENY +POST graph.microsoft.com /v1.0/applications/x/addpassword rule "
+                     r"'no-credential-minting'", out), out
+    body.write_text(json.dumps({"requests": [{"id": "1", "method": "GET", "url": "/users"}]}))
+    code, out, _ = run(capsys, *argv, "--body", str(body))
+    assert code == 0 and "decision:  ALLOW" in out
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "give its body with --body FILE" in err
+
+
+LITERAL_OBJECT = HEAD + f"""\
+- id: protected-app
+  action: deny
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{OTHER}/addPassword"]}}]
+- id: any-app
+  action: allow
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: ["/applications/{{id}}/addPassword"]}}]
+"""
+
+
+def test_lint_warns_about_rules_on_literal_objects_the_deployment_cannot_resolve(capsys, tmp_path, monkeypatch):
+    """Without the gateway's Graph credential, a request naming that application by appId or
+    uniqueName cannot be related to the id the rule names: lint says so (issue 18, item 1)."""
+    for name in ("NHI_GRAPH_CLIENT_ID", "NHI_GRAPH_TENANT_ID", "NHI_GRAPH_CLIENT_SECRET", "NHI_GRAPH_CERTIFICATE",
+                 "NHI_GRAPH_CERTIFICATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "lint", str(path))
+    assert code == 0
+    assert f"{path}:9:3: warning: rule 'protected-app' names an object by id" in out
+    assert "no Graph credential is configured" in out and "refused (503)" in out
+    assert "rule 'any-app'" not in out
+    monkeypatch.setenv("NHI_GRAPH_CLIENT_ID", OTHER)
+    monkeypatch.setenv("NHI_GRAPH_TENANT_ID", TENANT)
+    monkeypatch.setenv("NHI_GRAPH_CLIENT_SECRET", "not-a-real-secret")
+    code, out, _ = run(capsys, "lint", str(path))
+    assert "warning" not in out
+
+
+def test_explain_says_when_the_gateway_would_resolve_the_object_first(capsys, tmp_path):
+    path = write(tmp_path, "p.yaml", LITERAL_OBJECT)
+    code, out, _ = run(capsys, "explain", str(path), "--as", f"app={MCP},oid={OID},tenant={TENANT}", "POST",
+                       f"https://graph.microsoft.com/v1.0/applications(appId='{MCP}')/addPassword")
+    assert "object:    applications by appid" in out and "'protected-app'" in out

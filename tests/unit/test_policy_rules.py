@@ -43,8 +43,13 @@ HEAD = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
 upstreams:
   - host: graph.microsoft.com
   - host: login.microsoftonline.com
@@ -295,6 +300,16 @@ def test_approve_rules_carry_what_the_approvals_feature_needs():
     assert all(r.approval is None for r in precedence_policy(["allow", "deny"]).rules)
 
 
+def test_timeout_and_max_grant_accept_any_duration_from_one_second():
+    p = policy(f"""
+- id: q
+  action: approve
+  approval: {{approvers: {{users: [{APPROVER}]}}, timeout: 1s, max_grant: 1s}}
+  operations: [{{host: graph.microsoft.com, methods: [POST], paths: [/y]}}]
+""")
+    assert p.rule("q").approval == Approval(frozenset({APPROVER}), frozenset(), 1, 1)
+
+
 def _approve_flow(policy_text: str):
     """A request for an operation that an approve rule covers, run through Authorization and the
     Guard as the gateway chains them (no approval stage: this gateway has none yet)."""
@@ -483,8 +498,8 @@ OPS = "  operations: [{host: graph.microsoft.com, methods: [GET], paths: [/users
         (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, timeout: 300}}\n", "300", "approval.timeout: 300 has no unit", "300s"),
         (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, timeout: 5 minutes}}\n", "5 minutes", "approval.timeout: '5 minutes' is not a duration", "5m"),
         (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, timeout: 2h}}\n", "2h", "approval.timeout: 2h is outside 1s to 1h", ""),
-        (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, max_grant: 30s}}\n", "30s", "approval.max_grant: 30s is outside 1m to 7d", ""),
-        (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, max_grant: 8d}}\n", "8d", "outside 1m to 7d", ""),
+        (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, max_grant: 0s}}\n", "0s", "approval.max_grant: 0s is outside 1s to 7d", ""),
+        (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, max_grant: 8d}}\n", "8d", "outside 1s to 7d", ""),
         (f"  approval: {{approvers: {{users: [{APPROVER}]}}}}\n", "approval", "rule 'r': 'approval' applies to action: approve only, not allow", "remove it"),
         (f"  action: approve\n  approval: {{approvers: {{users: [{APPROVER}]}}, timout: 5m}}\n", "timout", "unknown key 'timout'", "did you mean 'timeout'?"),
     ],

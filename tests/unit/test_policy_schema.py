@@ -103,8 +103,8 @@ def test_the_schema_accepts_every_shipped_policy(path):
 
 BASE = {
     "version": 1,
-    "identity": {"tenants": [TENANT], "audiences": ["https://graph.microsoft.com"],
-                 "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]},
+    "identity": {"tenants": [TENANT], "bearer": {"audiences": ["https://graph.microsoft.com"],
+                 "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]}},
     "upstreams": [{"host": "graph.microsoft.com"}],
     "masking": {"profiles": {"pii": {"fields": ["mail"]}}},
     "rules": [{"id": "r", "action": "allow",
@@ -140,6 +140,12 @@ APPROVAL = {"approvers": {"groups": [APPROVER]}, "timeout": "5m", "max_grant": "
 AGREE = [
     # (case, accepted by both)
     ("base", lambda d: None, True),
+    ("policy mode report", lambda d: d.update(mode="report"), True),
+    ("policy mode enforce", lambda d: d.update(mode="enforce"), True),
+    ("policy mode watch", lambda d: d.update(mode="watch"), False),
+    ("deny rule mode report", rule(action="deny", mode="report"), True),
+    ("allow rule mode enforce", rule(mode="enforce"), True),
+    ("allow rule mode report", rule(mode="report"), False),
     ("no rules", drop("rules"), True),
     ("rules: null (all commented out)", lambda d: d.update(rules=None), True),
     ("empty upstreams", lambda d: d.update(upstreams=[], rules=[]), True),
@@ -157,10 +163,26 @@ AGREE = [
     ("empty tenants", lambda d: d["identity"].update(tenants=[]), False),
     ("tenant not a GUID", lambda d: d["identity"].update(tenants=["contoso.com"]), False),
     ("tenant with spaces", lambda d: d["identity"].update(tenants=[f" {TENANT} "]), True),
-    ("issuer mapping", lambda d: d["identity"].update(issuers=[{"issuer": "https://x/{tenantid}/v2.0",
+    ("issuer mapping", lambda d: d["identity"]["bearer"].update(issuers=[{"issuer": "https://x/{tenantid}/v2.0",
                                                                  "discovery": "https://x/d"}]), True),
-    ("issuer http", lambda d: d["identity"].update(issuers=["http://x/{tenantid}/v2.0"]), False),
-    ("issuer mapping unknown key", lambda d: d["identity"].update(issuers=[{"issuer": "https://x", "jwks": "https://y"}]), False),
+    ("issuer http", lambda d: d["identity"]["bearer"].update(issuers=["http://x/{tenantid}/v2.0"]), False),
+    ("issuer mapping unknown key", lambda d: d["identity"]["bearer"].update(issuers=[{"issuer": "https://x", "jwks": "https://y"}]), False),
+    ("old form: audiences and issuers under identity", lambda d: d["identity"].update(
+        d["identity"].pop("bearer")), False),
+    ("no token source", lambda d: d["identity"].pop("bearer"), False),
+    ("proxy source only", lambda d: d["identity"].update(proxy={
+        "audiences": ["api://nhi-gateway"], "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]},
+        bearer=None) or d["identity"].pop("bearer"), True),
+    ("both sources", lambda d: d["identity"].update(proxy={
+        "audiences": ["api://nhi-gateway"], "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"]}), True),
+    ("proxy carries the Graph token", lambda d: d["identity"].update(proxy={
+        "audiences": ["https://graph.microsoft.com"], "issuers": ["https://sts.windows.net/{tenantid}/"],
+        "graph_token": True}), True),
+    ("graph_token on bearer", lambda d: d["identity"]["bearer"].update(graph_token=True), False),
+    ("graph_token not a boolean", lambda d: d["identity"].update(proxy={
+        "audiences": ["https://graph.microsoft.com"], "issuers": ["https://sts.windows.net/{tenantid}/"],
+        "graph_token": "yes"}), False),
+    ("unknown key in a source", lambda d: d["identity"]["bearer"].update(audience=["x"]), False),
     ("leeway 301", lambda d: d["identity"].update(leeway_seconds=301), False),
     ("leeway true", lambda d: d["identity"].update(leeway_seconds=True), False),
     ("client_secret_grants refuse", lambda d: d["identity"].update(client_secret_grants="refuse"), True),
@@ -239,7 +261,13 @@ LOADER_ONLY = [
     ("odata on a non-Graph host", lambda d: (d["upstreams"].append({"host": "login.microsoftonline.com"}),
                                              d["rules"][0]["operations"][0].update(host="login.microsoftonline.com", odata={"max_top": 1}))),
     ("path with OData key syntax", operation(paths=["/users('x')"])),
-    ("issuer with an unknown placeholder", lambda d: d["identity"].update(issuers=["https://x/{tid}/v2.0"])),
+    ("proxy lists Graph's audience without graph_token", lambda d: d["identity"].update(proxy={
+        "audiences": ["https://graph.microsoft.com/"], "issuers": ["https://sts.windows.net/{tenantid}/"]})),
+    ("graph_token without a Graph audience", lambda d: d["identity"].update(proxy={
+        "audiences": ["api://nhi-gateway"], "issuers": ["https://login.microsoftonline.com/{tenantid}/v2.0"],
+        "graph_token": True})),
+    ("upstream token: proxy without identity.proxy", lambda d: d["upstreams"][0].update(token="proxy")),
+    ("issuer with an unknown placeholder", lambda d: d["identity"]["bearer"].update(issuers=["https://x/{tid}/v2.0"])),
 ]
 
 

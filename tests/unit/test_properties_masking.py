@@ -7,7 +7,8 @@ JSON in several ways (ASCII-escaped or not, spaced or compact, key names partly 
 ``\\uXXXX`` escapes, members repeated with different values), then masked. Properties:
 
 - the output parses as strict JSON (no NaN/Infinity), UTF-8;
-- every member whose name is listed (case-insensitively) holds exactly ``"[masked]"``, and no
+- every member whose name is listed (case-insensitively) holds its value's shape with every string
+  ``"[masked]"`` and every other scalar ``null`` (masking keeps JSON types), and no
   value that was under a listed name appears anywhere in the output bytes, however the input
   hid it (duplicate keys, escaped names, nesting under other listed names);
 - everything else is kept: the output is the input document with each listed member replaced;
@@ -66,12 +67,30 @@ def documents():
 
 
 def expected(doc):
-    """The model: the document with every listed member replaced whole by MASK."""
+    """The model: the document with every listed member's value redacted, keeping its type."""
     if isinstance(doc, dict):
-        return {k: (MASK if k.casefold() in FOLDED else expected(v)) for k, v in doc.items()}
+        return {k: (redacted(v) if k.casefold() in FOLDED else expected(v)) for k, v in doc.items()}
     if isinstance(doc, list):
         return [expected(v) for v in doc]
     return doc
+
+
+def redacted(value):
+    if isinstance(value, str):
+        return MASK
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    return None
+
+
+def leaves(value):
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in leaves(v)]
+    return [value]
 
 
 def listed_members(doc):
@@ -99,7 +118,7 @@ def strict_json(data: bytes):
 def assert_masked(out: bytes, count: int):
     doc = strict_json(out)
     members = list(listed_members(doc))
-    assert all(v == MASK for _, v in members), members
+    assert all(leaf in (MASK, None) for _, v in members for leaf in leaves(v)), members
     assert count == len(members)
     assert SECRET.encode() not in out
     return doc

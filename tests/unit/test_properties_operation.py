@@ -34,8 +34,13 @@ POLICY = parse_policy(
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://sts.windows.net/{{tenantid}}/"]
 upstreams:
   - host: graph.microsoft.com
 rules:

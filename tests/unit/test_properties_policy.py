@@ -122,7 +122,7 @@ def _error(fn) -> PolicyError:
 # --- random YAML documents -----------------------------------------------------------------------
 
 POLICY_WORDS = ["version", "identity", "upstreams", "masking", "rules", "approvals", "tenants", "audiences",
-                "issuers", "host", "token", "id", "action", "when", "operations", "methods", "paths", "odata",
+                "issuers", "bearer", "proxy", "graph_token", "host", "token", "id", "action", "when", "operations", "methods", "paths", "odata",
                 "schedule", "approval", "mask", "fields", "profiles", "default_profile", "app_ids", "groups",
                 "versions", "max_top", "forbid_select", "days", "hours", "timezone", "valid_from", "approvers",
                 "users", "timeout", "max_grant", "anonymous", "leeway_seconds", "client_secret_grants", "webhook",
@@ -285,8 +285,9 @@ def test_mutations_as_bytes_are_a_policy_or_a_clear_error(text):
 def test_an_alias_bomb_is_refused_quickly():
     """'Billion laughs': aliases of aliases make a tiny file name billions of values. The loader
     must not walk them all (it refuses the first value of the wrong shape)."""
-    lines = ["version: 1", "identity:", f"  tenants: [{TENANT}]", "  audiences: [https://graph.microsoft.com]",
-             "  issuers: ['https://sts.windows.net/{tenantid}/']", "upstreams: [{host: graph.microsoft.com}]",
+    lines = ["version: 1", "identity:", f"  tenants: [{TENANT}]", "  bearer:",
+             "    audiences: [https://graph.microsoft.com]",
+             "    issuers: ['https://sts.windows.net/{tenantid}/']", "upstreams: [{host: graph.microsoft.com}]",
              "masking:", "  profiles:", "    p:", "      fields: &a0 [mail, mail, mail, mail, mail, mail, mail, mail]"]
     for i in range(1, 10):
         lines.append(f"    p{i}: {{fields: &a{i} [" + ", ".join([f"*a{i - 1}"] * 8) + "]}")

@@ -267,3 +267,77 @@ async def test_a_timer_syncs_flows_when_traffic_stops(tmp_path, monkeypatch):
     await asyncio.wait_for(synced.wait(), 30)  # no further write: the timer did it
     r.done()
     assert r._sync_timer is None
+
+
+# --- a flow that reached Graph is recorded, in part if not in full (issue 18.6) --------------------
+
+
+def forwarded_batch(inner_body: str) -> http.HTTPFlow:
+    import json as _json
+
+    from nhi_gateway.policy.batch import BATCH_KEY
+
+    f = tflow.tflow(resp=True)
+    f.request.method, f.request.path = "POST", "/v1.0/$batch"
+    f.request.headers["Content-Type"] = "application/json"
+    f.request.content = ('{"requests": [{"id": "1", "method": "PATCH", "url": "/users/u1", "headers": '
+                         '{"Content-Type": "application/json"}, "body": ' + inner_body + '}]}').encode()
+    f.response.headers["Content-Type"] = "application/json"
+    f.response.content = _json.dumps({"responses": [{"id": "1", "status": 204}]}).encode()
+    entries = [{"index": 0, "id": "1", "method": "PATCH", "url": "/users/u1", "target": "/v1.0/users/u1",
+                "operation": "PATCH graph.microsoft.com /v1.0/users/u1", "decision": "allow", "rule": "writes",
+                "stage": "policy", "reason": "allowed", "check": "", "status": 0, "code": "", "mask_profile": None,
+                "sent": True}]
+    f.metadata[BATCH_KEY] = entries
+    set_decision(f, ALLOWED.but(extra={"batch": entries}))
+    return f
+
+
+async def test_a_forwarded_batch_is_recorded_whole_even_with_a_number_python_cannot_hold(tmp_path):
+    r = Recorder(tmp_path, Health())
+    with taddons.context(r):
+        f = forwarded_batch('{"n": 1e400}')
+        await r.response(f)
+    r.done()
+    assert f.response.status_code == 200 and f.metadata[RECORDED_KEY] is True
+    recorded = [x for p in tmp_path.rglob("*.mitm") for x in read_back(p)]
+    inner = [x for x in recorded if x.id != f.id]
+    assert len(recorded) == 2 and inner[0].request.path == "/v1.0/users/u1" and inner[0].request.content
+
+
+async def test_a_flow_that_reached_graph_is_recorded_in_part_when_it_cannot_be_in_full(tmp_path, monkeypatch):
+    r = Recorder(tmp_path, Health())
+    write = r.write
+
+    def fails_with_bodies(flow, *args, **kwargs):
+        if flow.request.raw_content or (flow.response is not None and flow.response.raw_content):
+            raise ValueError("cannot encode this body")
+        return write(flow, *args, **kwargs)
+
+    monkeypatch.setattr(r, "write", fails_with_bodies)
+    with taddons.context(r):
+        f = flow_with(ALLOWED)
+        f.request.content = b'{"x": 1}'
+        await r.response(f)
+    r.done()
+    assert f.response.status_code == 200 and f.metadata[RECORDED_KEY] is True
+    recorded = [x for p in tmp_path.rglob("*.mitm") for x in read_back(p)]
+    assert [x.id for x in recorded] == [f.id]
+    assert "recorded in part" in recorded[0].comment and "cannot encode this body" in recorded[0].comment
+
+
+async def test_when_not_even_a_part_can_be_recorded_the_refusal_says_graph_had_it(tmp_path, monkeypatch):
+    refused = []
+    r = Recorder(tmp_path, Health(), on_refusal=refused.append)
+
+    def fails(flow, *args, **kwargs):
+        raise ValueError("cannot encode anything")
+
+    monkeypatch.setattr(r, "write", fails)
+    with taddons.context(r):
+        f = flow_with(ALLOWED)
+        await r.response(f)
+    r.done()
+    assert f.response.status_code == 500 and refused == [f]
+    message = f.response.json()["error"]["message"] if hasattr(f.response, "json") else f.response.text
+    assert "not forwarded" not in f.response.text and "reached the upstream" in f.response.text

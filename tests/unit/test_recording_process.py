@@ -300,3 +300,32 @@ def test_flows_are_confirmed_before_the_fsync_and_a_failed_fsync_fails_the_next_
         worker.join(30)
         from_child.close()
     assert not worker.is_alive()
+
+
+NOT_UTF8 = {
+    "host": lambda f: setattr(f.request, "host", "gr\udcffaph.microsoft.com"),
+    "path": lambda f: setattr(f.request.data, "path", b"/v1.0/users?x=\xff\xfe"),
+    "authority": lambda f: setattr(f.request.data, "authority", b"gr\xffaph.microsoft.com"),
+    "sni": lambda f: setattr(f.client_conn, "sni", "gr\udcffaph"),
+    "a lone surrogate that is no escaped byte": lambda f: setattr(f.request, "host", "gr\ud800aph"),
+}
+
+
+@pytest.mark.parametrize("where", list(NOT_UTF8))
+async def test_text_that_is_not_utf8_is_recorded_escaped_in_and_out_of_process(child, tmp_path, where):
+    """A host, target or SNI holding bytes that are not UTF-8 never keeps a flow from its
+    recording (a refusal a hostile client could provoke at will, leaving no record)."""
+    f = flow_on()
+    NOT_UTF8[where](f)
+    await child.record(f)
+    recorder = Recorder(tmp_path / "inproc", Health())
+    g = flow_on()
+    NOT_UTF8[where](g)
+    recorder.record_now(g)
+    recorder.close()
+    for root in (tmp_path / "rec", tmp_path / "inproc"):
+        written = read_all(root)
+        assert len(written) == 1
+        if where in ("host", "sni"):
+            assert "gr\\xffaph" in (written[0].request.host + str(written[0].client_conn.sni))
+            assert written[0].metadata.get("nhi.escaped") or where == "sni"

@@ -388,8 +388,13 @@ POLICY = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer:
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  proxy:
+    graph_token: true
+    audiences: [https://graph.microsoft.com]
+    issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
   client_secret_grants: SETTING
 upstreams:
   - host: graph.microsoft.com

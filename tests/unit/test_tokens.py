@@ -236,7 +236,7 @@ CASES = [
     ("header not json", lambda a: "bm90IGpzb24." + mint(a).split(".", 1)[1], "format"),
     ("header is a list", lambda a: b64(b"[1]") + "." + mint(a).split(".", 1)[1], "format"),
     ("non-ascii", lambda a: mint(a) + "é", "format"),
-    ("deeply nested header", lambda a: b64(b"[" * 10000) + ".e30.x", "format"),
+    ("deeply nested header", lambda a: b64(b"[" * 10000) + ".e30.x", "nesting"),
 ]
 
 
@@ -278,3 +278,197 @@ async def test_policy_change_is_not_answered_from_cache(authority, verifier):
     with pytest.raises(TokenRejected) as e:
         await verifier.verify(token, TokenSource.BEARER, narrowed)
     assert e.value.check == "tenant"
+
+
+# --- tokens that contradict themselves (issue 13, item 3) -----------------------------------------
+# Every token below is properly signed by the published key: what refuses it is its own content.
+
+
+def _signed_claims(authority, **changes) -> dict:
+    _, payload, _ = parts(mint(authority, nonce=False))
+    payload.update(changes)
+    return payload
+
+
+def _raw(authority, header: bytes, payload: bytes) -> str:
+    return authority.sign_raw(header, payload)
+
+
+def _header_bytes(authority) -> bytes:
+    return json.dumps({"typ": "JWT", "alg": "RS256", "x5t": authority.signing_key.x5t,
+                       "kid": authority.signing_key.kid}, separators=(",", ":")).encode()
+
+
+def _payload_bytes(authority, **changes) -> bytes:
+    return json.dumps(_signed_claims(authority, **changes), separators=(",", ":")).encode()
+
+
+def _duplicate_in_payload(authority, name: str, first, second) -> str:
+    claims = _signed_claims(authority)
+    claims.pop(name, None)
+    body = json.dumps(claims, separators=(",", ":"))[:-1]
+    body += f',"{name}":{json.dumps(first)},"{name}":{json.dumps(second)}}}'
+    return _raw(authority, _header_bytes(authority), body.encode())
+
+
+def _duplicate_in_header(authority, name: str, first, second) -> str:
+    header = _header_bytes(authority)[:-1] + f',"{name}":{json.dumps(first)},"{name}":{json.dumps(second)}}}'.encode()
+    if name == "kid":
+        header = json.dumps({"typ": "JWT", "alg": "RS256"}, separators=(",", ":")).encode()[:-1]
+        header += f',"kid":{json.dumps(first)},"kid":{json.dumps(second)}}}'.encode()
+    return _raw(authority, header, _payload_bytes(authority))
+
+
+def _nested_claim(depth: int):
+    value: object = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+CONTRADICTIONS = [
+    ("app-only token with delegated scopes", lambda a: _raw(a, _header_bytes(a), _payload_bytes(a, scp="User.Read.All")), "contradiction"),
+    ("app-only token with _claim_names", lambda a: _raw(a, _header_bytes(a), _payload_bytes(
+        a, _claim_names={"groups": "src1"}, _claim_sources={"src1": {"endpoint": "https://graph.microsoft.com/v1.0/x"}})), "contradiction"),
+    ("app-only token with _claim_sources only", lambda a: _raw(a, _header_bytes(a), _payload_bytes(
+        a, _claim_sources={"src1": {"endpoint": "https://evil.example/groups"}})), "contradiction"),
+    ("app-only token with hasgroups", lambda a: _raw(a, _header_bytes(a), _payload_bytes(a, hasgroups=True)), "contradiction"),
+    ("no idtyp, no scp (app-only) with hasgroups", lambda a: _raw(a, _header_bytes(a), json.dumps(
+        {k: v for k, v in _signed_claims(a, hasgroups="true").items() if k != "idtyp"}).encode()), "contradiction"),
+    ("payload names roles twice", lambda a: _duplicate_in_payload(a, "roles", ["User.Read.All"], ["Directory.ReadWrite.All"]), "duplicate_member"),
+    ("payload names tid twice", lambda a: _duplicate_in_payload(a, "tid", TENANT, OTHER_TENANT), "duplicate_member"),
+    ("payload names aud twice", lambda a: _duplicate_in_payload(a, "aud", "api://someone-else", "https://graph.microsoft.com"), "duplicate_member"),
+    ("payload duplicate inside a nested object", lambda a: _raw(a, _header_bytes(a), _payload_bytes(
+        a, xms_extra={"k": 1}).replace(b'{"k":1}', b'{"k":1,"k":2}')), "duplicate_member"),
+    ("header names alg twice", lambda a: _duplicate_in_header(a, "alg", "none", "RS256"), "duplicate_member"),
+    ("header names kid twice", lambda a: _duplicate_in_header(a, "kid", "nope", a.signing_key.kid), "duplicate_member"),
+    ("claim nested too deep", lambda a: _raw(a, _header_bytes(a), _payload_bytes(a, xms_deep=_nested_claim(12))), "nesting"),
+    ("header nested too deep", lambda a: _raw(a, _header_bytes(a)[:-1] + b',"x":' + json.dumps(_nested_claim(12)).encode() + b"}",
+                                              _payload_bytes(a)), "nesting"),
+    ("one claim too large", lambda a: _raw(a, _header_bytes(a), _payload_bytes(a, xms_pad=["g" * 30] * 300)), "claim_size"),
+    ("one string too large", lambda a: _raw(a, _header_bytes(a), _payload_bytes(a, xms_pad="y" * 5000)), "claim_size"),
+]
+
+
+@pytest.mark.parametrize("name,make,check", CONTRADICTIONS, ids=[c[0] for c in CONTRADICTIONS])
+async def test_tokens_that_contradict_themselves_are_refused_whatever_their_signature(
+        authority, verifier, name, make, check):
+    token = make(authority)
+    for source in TokenSource:
+        with pytest.raises(TokenRejected) as e:
+            await verifier.verify(token, source, TRUST)
+        assert e.value.check == check, e.value.message
+
+
+async def test_the_raw_signing_helper_makes_tokens_that_verify(authority, verifier):
+    """The contradiction cases above are refused for their content, not for a broken signature."""
+    token = _raw(authority, _header_bytes(authority), _payload_bytes(authority))
+    assert (await verifier.verify(token, TokenSource.BEARER, TRUST)).object_id == OID
+
+
+@pytest.mark.parametrize("claims", [
+    {"scp": "User.Read", "idtyp": "user", "hasgroups": True},
+    {"scp": "User.Read", "idtyp": "user", "_claim_names": {"groups": "src1"},
+     "_claim_sources": {"src1": {"endpoint": "https://graph.microsoft.com/v1.0/users/x/getMemberObjects"}}},
+    {"scp": "User.Read", "groups": [f"00000000-0000-4000-8000-{i:012d}" for i in range(200)], "idtyp": "user"},
+], ids=["hasgroups", "overage", "200 groups"])
+async def test_delegated_tokens_may_carry_group_overage_markers(authority, verifier, claims):
+    """Entra emits overage markers for users: they are not a contradiction there (and never followed)."""
+    token = _raw(authority, _header_bytes(authority), _payload_bytes(authority, **claims))
+    p = await verifier.verify(token, TokenSource.BEARER, TRUST)
+    assert p.app_only is False
+
+
+def test_nesting_is_judged_before_json_parsing_so_every_python_agrees():
+    """A nesting depth that json.loads of one Python version accepts and another refuses (or
+    that exceeds the recursion limit) gets one answer: the limit, checked on the bytes."""
+    from nhi_gateway.identity.tokens import MAX_JSON_DEPTH, check_json_shape
+
+    check_json_shape(b'{"a":' * MAX_JSON_DEPTH + b"1" + b"}" * MAX_JSON_DEPTH, "payload")
+    for depth in (MAX_JSON_DEPTH + 1, 2_000, 200_000):
+        with pytest.raises(TokenRejected) as e:
+            check_json_shape(b"[" * depth + b"]" * depth, "payload")
+        assert e.value.check == "nesting"
+    # Brackets inside strings are text, not nesting, escaped quotes included.
+    check_json_shape(json.dumps({"a": "[[[[[[[[[[[[[[[[[[{{{{{{{{{{{{"}).encode(), "payload")
+    check_json_shape(json.dumps({"a": '\\"[[[[[[[[[[[[[[[[["'}).encode(), "payload")
+    # An unterminated string hides nothing either: what follows its quote is text (json refuses it).
+    check_json_shape(b'{"a":"' + b"[" * 100, "payload")
+    with pytest.raises(TokenRejected) as e:
+        check_json_shape(b'{"a":"\\\\"' + b"[" * 100, "payload")  # the string ended: these nest
+    assert e.value.check == "nesting"
+
+
+# --- removing a key revokes (issue 13, item 4) ----------------------------------------------------
+
+
+class Rollover:
+    """An authority of its own (the module's is shared), with a key store whose clock the test moves."""
+
+    def __init__(self, **store):
+        self.authority = EntraAuthority([SigningKey.generate()])
+        self.entra = Entra(self.authority)
+        self.now = [1000.0]
+        self.keys = KeyStore(self.entra.fetch, clock=lambda: self.now[0], **store)
+        self.verifier = TokenVerifier(self.keys)
+
+    def mint(self, **kw):
+        return mint(self.authority, **kw)
+
+    async def verify(self, token):
+        return await self.verifier.verify(token, TokenSource.BEARER, TRUST)
+
+
+async def test_a_key_removed_by_an_unknown_kid_refresh_revokes_its_cached_tokens():
+    r = Rollover(unknown_kid_interval=0)
+    doomed = r.authority.add_key()
+    token = r.mint(key=doomed)
+    await r.verify(token)
+    await r.verify(token)
+    assert r.verifier.signature_checks == 1  # cached
+    r.authority.retire_key(doomed.kid)  # Microsoft's emergency rollover: the kid is gone
+    # Until the gateway's set is refreshed, it cannot know; a token with a new kid makes it look.
+    await r.verify(r.mint())
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(r.mint(key=SigningKey.generate()))
+    assert e.value.check == "kid"
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(token)  # cached before, refused now
+    assert e.value.check == "kid"
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(r.mint(key=doomed))  # and never cached: refused too
+    assert e.value.check == "kid"
+
+
+async def test_a_key_removed_by_the_scheduled_refresh_revokes_its_cached_tokens():
+    r = Rollover(refresh_after=3600, max_age=24 * 3600)
+    doomed = r.authority.add_key()
+    token = r.mint(key=doomed)
+    await r.verify(token)
+    r.authority.retire_key(doomed.kid)
+    r.now[0] += 25 * 3600  # past max_age: the set is refreshed before use, even for a cached verdict
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(token)
+    assert e.value.check == "kid"
+
+
+async def test_a_kid_republished_with_other_key_material_does_not_keep_its_cached_verdict():
+    r = Rollover(unknown_kid_interval=0)
+    token = r.mint()
+    await r.verify(token)
+    kid = r.authority.signing_key.kid
+    impostor = SigningKey.generate().jwk(None)
+    fetch = r.entra.fetch
+
+    async def republished(url):  # the same kid now names other key material
+        doc = await fetch(url)
+        if "keys" in doc:
+            doc = {"keys": [{**impostor, "kid": kid, "x5t": kid}]}
+        return doc
+
+    r.keys._fetch_json = republished
+    with pytest.raises(TokenRejected):
+        await r.verify(r.mint(key=SigningKey.generate()))  # an unknown kid: the set is refreshed
+    with pytest.raises(TokenRejected) as e:
+        await r.verify(token)
+    assert e.value.check == "signature"

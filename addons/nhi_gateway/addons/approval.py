@@ -6,7 +6,8 @@ The ``request`` hook is ``async``: mitmproxy runs each flow's hooks in a task of
 request waits on its own future while every other request keeps flowing. The answer becomes an
 allow (approved, or covered by an active grant) or a refusal: 403 naming the approver and reason
 (denied), 403 "approval timed out", or cancelled when the client disconnects while held
-(``client_disconnected``; mitmproxy does not cancel the hook itself). Each outcome is written
+(``client_disconnected``; mitmproxy does not cancel the hook itself) or resets the request's
+HTTP/2 stream (``request_cancelled``, called by the master: mitmproxy has no hook for it). Each outcome is written
 into the decision (``extra["approval"]``, ``extra["approver"]``), which the audit trail and the
 recording carry; opening a request also writes its own audit line, a log line and, when the
 policy names one, a webhook message.
@@ -38,6 +39,7 @@ from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.recording.redaction import redact_url, scrub_text
+from nhi_gateway.addons.authorization import decision_in_force
 from nhi_gateway.addons.failclosed import decision_of, fail_closed, refuse, set_decision
 from nhi_gateway.addons.guard import Health
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
@@ -104,6 +106,18 @@ def refused(decision: Decision, request: ApprovalRequest) -> Decision:
     )
 
 
+def overruled(decision: Decision, answer: str, now: Decision) -> Decision:
+    """The refusal of a request someone approved (``answer`` says who, and how) that the policy in
+    force denies: the policy wins, and the refusal names its rule."""
+    return Decision.deny(
+        Stage.POLICY, now.status or 403, now.code or REFUSAL_CODE,
+        f"{answer}, but the policy in force refuses it now: {now.reason}",
+        rule_id=now.rule_id, check=now.check, operation=decision.operation, principal=decision.principal,
+        extra={**decision.extra, "released_under": {"action": str(now.action), "rule": now.rule_id or "",
+                                                    "reason": now.reason}},
+    )
+
+
 class Approval:
     def __init__(self, policies: PolicyStore, approvals: Approvals, health: Health,
                  audit_log: AuditLog | None = None,
@@ -116,6 +130,8 @@ class Approval:
         self.notify = notify  # async (url, payload) -> (status, body): the gateway's own HTTPS client
         self.api_url = api_url
         self._held: dict[str, set[str]] = {}  # client connection id -> approval ids held for it
+        self._flows: dict[str, http.HTTPFlow] = {}  # approval id -> the flow it holds
+        self._held_flows: dict[str, str] = {}  # flow id -> the approval id it is held for
         self._tasks: set[asyncio.Task] = set()
         self.stopping: str | None = None  # why the gateway stops, once it does
 
@@ -177,16 +193,21 @@ class Approval:
         if grant is not None:
             logger.info("flow %s: %s %s allowed by grant %s (approval %s, until %s)", flow.id, principal.label,
                         decision.operation, grant.id, grant.approval_id, iso(grant.expires_at))
-            set_decision(flow, approved(decision, None, grant))
+            self._release(flow, approved(decision, None, grant), f"grant {grant.id} of approval {grant.approval_id} "
+                          f"(approved by {grant.approver.label}) covers it")
             return
         held = self._open(flow, decision, settings)
         if held is None:
             return
         client = flow.client_conn.id
         self._held.setdefault(client, set()).add(held.id)
+        self._flows[held.id] = flow
+        self._held_flows[flow.id] = held.id
         try:
             final = await self.approvals.outcome(held)
         finally:
+            self._flows.pop(held.id, None)
+            self._held_flows.pop(flow.id, None)
             ids = self._held.get(client)
             if ids is not None:
                 ids.discard(held.id)
@@ -196,11 +217,30 @@ class Approval:
                     f" by {final.approver.label}" if final.approver else "")
         if final.state is ApprovalState.APPROVED:
             grant = self.approvals.store.grant(final.grant_id) if final.grant_id else None
-            set_decision(flow, approved(decision, final, grant))
+            assert final.approver is not None
+            self._release(flow, approved(decision, final, grant), f"approved by {final.approver.label} "
+                          f"(approval {final.id})")
         elif final.state is ApprovalState.CANCELLED and self.stopping is not None:
             refuse(flow, self._stopping_refusal(decision.but(extra={**decision.extra, "approval": final.outcome()})))
         else:
             refuse(flow, refused(decision, final))
+
+    def _release(self, flow: http.HTTPFlow, allow: Decision, answer: str) -> None:
+        """Let an approved request go, once the policy in force agrees: a held request waited
+        while the policy could be reloaded, and an approval (or a grant) answers only the question
+        the rule asked, never what a rule added meanwhile denies."""
+        now = decision_in_force(self.policies, flow)
+        if now.action is Action.DENY:
+            logger.warning("flow %s: %s, but the policy in force refuses it: %s", flow.id, answer, now.reason)
+            refuse(flow, overruled(allow, answer, now))
+            return
+        # The answer is masked as the policy in force says, not as the one the request was held under.
+        set_decision(flow, allow.but(mask_profile=now.mask_profile) if now.mask_profile else allow)
+
+    def judged_now(self, approval_id: str) -> Decision | None:
+        """What the policy in force decides of the request an approval holds (None: not held here)."""
+        flow = self._flows.get(approval_id)
+        return None if flow is None else decision_in_force(self.policies, flow)
 
     def _open(self, flow: http.HTTPFlow, decision: Decision, settings: ApprovalSettings) -> ApprovalRequest | None:
         r = flow.request
@@ -261,6 +301,13 @@ class Approval:
                     logger.info("approval %s cancelled: the client disconnected", approval_id)
         except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
             logger.error("cancelling the approvals of client %s failed: %r", client.id, e)
+
+    def request_cancelled(self, flow: http.HTTPFlow, why: str) -> None:
+        """The client gave up this one request (an HTTP/2 stream reset) while it was held: as for
+        a disconnect, nobody waits for it any more, so nobody may approve it."""
+        approval_id = self._held_flows.get(flow.id)
+        if approval_id is not None and self.approvals.cancel(approval_id, why):
+            logger.info("approval %s cancelled: %s", approval_id, why)
 
     def done(self) -> None:
         for task in self._tasks:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import jwt
@@ -161,8 +162,12 @@ def _bad_request(message: str) -> _Refusal:
 
 class ApprovalsAPI:
     def __init__(self, policies: PolicyStore, approvals: Approvals, verifier: TokenVerifier, health: Health,
-                 audit_log: AuditLog | None = None, groups: GroupResolver | None = None) -> None:
+                 audit_log: AuditLog | None = None, groups: GroupResolver | None = None,
+                 judged_now: Callable[[str], Decision | None] = lambda approval_id: None) -> None:
         self.policies = policies
+        # What the policy in force decides of the request an approval holds (Approval.judged_now):
+        # the approver's answer says when an approval cannot release it.
+        self.judged_now = judged_now
         self.approvals = approvals
         self.verifier = verifier
         self.health = health
@@ -224,7 +229,7 @@ class ApprovalsAPI:
         try:
             needs.check_configured()
             try:
-                principal = await self.verifier.verify(token, TokenSource.BEARER, needs.trust(self._trust()))
+                principal = await self.verifier.verify(token, TokenSource.BEARER, needs.trust(self._trust.every_source()))
             except TokenRejected as e:
                 if e.check != "audience":
                     raise
@@ -330,7 +335,9 @@ class ApprovalsAPI:
                                        operation=operation))
             return
         policy = self.policies.current
-        body = protected_resource_metadata(policy.approvals, [i.template for i in policy.identity.issuers],
+        # Approvers' tokens are judged with the issuers of every token source (PolicyTrust.every_source).
+        issuers = [i.template for i in self._trust.every_source().issuers]
+        body = protected_resource_metadata(policy.approvals, issuers,
                                            sorted(policy.identity.tenants))
         set_decision(flow, Decision(action=Action.ALLOW, stage=Stage.POLICY, reason="approval API: sign-in metadata",
                                     operation=operation, extra={"approvals_api": "metadata"}))
@@ -418,7 +425,22 @@ class ApprovalsAPI:
                        f" with grant {grant.id} until {grant.to_dict()['expires_at']}" if grant else "",
                        request.reason or "no reason given")
         answer = {"approval": self._view(request, approver), "grant": grant.to_dict() if grant else None}
+        if action == "approve":
+            answer["release"] = self._release(request.id)
         return 200, answer, f"{request.state} {request.id}"
+
+    def _release(self, approval_id: str) -> dict | None:
+        """Whether the approved request goes on: the policy in force judges it again at release,
+        and a deny added since it was held wins over the approval."""
+        now = self.judged_now(approval_id)
+        if now is None:
+            return None  # not held by this gateway (any more): nothing to release here
+        if now.action is Action.DENY:
+            note = (f"the request was refused at release: the policy in force denies it ({now.reason}); "
+                    "no approval or grant covers what the policy denies")
+            logger.warning("approval %s: %s", approval_id, note)
+            return {"refused": True, "rule": now.rule_id, "reason": now.reason, "note": note}
+        return {"refused": False, "rule": now.rule_id, "reason": now.reason}
 
     async def _revoke(self, grant_id: str, principal: Principal, approver: Approver,
                       known: tuple[str, ...] | None) -> tuple[int, dict, str]:

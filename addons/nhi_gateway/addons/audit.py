@@ -9,9 +9,11 @@ from mitmproxy import http
 
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.batch import BATCH_KEY, inner_flow_id
+from nhi_gateway.policy.admission import PROTOCOL_ERROR_KEY, answered_status
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse
 from nhi_gateway.addons.guard import Health
+from nhi_gateway.addons.identity import IGNORED_CREDENTIAL_KEY
 from nhi_gateway.addons.metrics import PROBE_KEY
 from nhi_gateway.recording.flows import approver_of
 
@@ -25,9 +27,10 @@ def audit_record(flow: http.HTTPFlow) -> dict:
     r = flow.request
     url = f"{r.host}:{r.port}" if r.method == "CONNECT" else r.pretty_url
     if flow.error is not None:
-        # The client never got flow.response (at most its headers came from upstream before the
-        # connection failed): mitmproxy answered 502, or closed the connection.
-        status = 502
+        # The client never got flow.response: mitmproxy answered (400, 413, 502), or reset the
+        # stream or connection (0).
+        judged = decision is not None and decision.stage is not Stage.PROXY
+        status = answered_status(flow.error.msg, flow.metadata.get(PROTOCOL_ERROR_KEY), judged)
     elif flow.response is not None:
         status = flow.response.status_code
     else:
@@ -45,10 +48,13 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "status": status,
         "error": flow.error.msg if flow.error else None,
         "masked_fields": (decision.extra.get("masked_fields", 0) if decision else 0),
-        "flags": list(decision.extra.get("flags", ())) if decision else [],
+        "flags": (list(decision.extra.get("flags", ())) if decision else [])
+        + (["expired_proxy_credential_ignored"] if flow.metadata.get(IGNORED_CREDENTIAL_KEY) else []),
         "grant": (decision.extra.get("grant") if decision else None) or None,
         "operation": (decision.operation if decision else "") or None,
         "approver": approver_of(decision) if decision else None,
+        # Report mode: {"would": "deny" | "hold", "rule", "reason"} of a forwarded request.
+        "report": (decision.extra.get("report") if decision and decision.allowed else None) or None,
     }
 
 
@@ -80,21 +86,25 @@ def batch_inner_records(flow: http.HTTPFlow, outer: dict) -> list[dict]:
             "flags": [],
             "grant": None,
             "operation": e.get("operation") or None,
+            "report": e.get("report") if isinstance(e.get("report"), dict) else None,
             "batch": {"flow_id": flow.id, "id": e.get("id"), "index": e.get("index"), "sent": sent},
         })
     return out
 
 
 class Audit:
-    def __init__(self, log: AuditLog, health: Health) -> None:
+    def __init__(self, log: AuditLog, health: Health, worker: int | None = None) -> None:
         self.log = log
         self.health = health
+        self.worker = worker  # run --workers N: named in every line
         self.on_write = lambda seconds, ok: None  # metrics
 
     def _audit(self, flow, live: bool, amends: bool = False) -> None:
         if flow.metadata.get(AUDITED_KEY) or flow.metadata.get(PROBE_KEY):
             return
         record = audit_record(flow)
+        if self.worker:
+            record["worker"] = self.worker
         if amends:
             record["amends"] = "an earlier line of this flow_id: the client got this answer instead"
         started = time.perf_counter()

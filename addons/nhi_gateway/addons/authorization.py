@@ -11,10 +11,21 @@ import logging
 
 from mitmproxy import http
 
-from nhi_gateway.policy.batch import BATCH_KEY, batch_refusal_body, is_batch_endpoint, judge_batch, names_batch
+from nhi_gateway.policy.batch import (
+    BATCH_KEY,
+    BatchError,
+    batch_refusal_body,
+    decode_body,
+    is_batch_endpoint,
+    json_numbers_problem,
+    judge_batch,
+    names_batch,
+)
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
 from nhi_gateway.policy.loader import PolicyStore
+from nhi_gateway.policy.presented import decider_for
+from nhi_gateway.policy.objects import OBJECTS_KEY, ObjectDecider
 from nhi_gateway.identity.token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
@@ -27,11 +38,37 @@ def operation_of(flow: http.HTTPFlow) -> Operation:
     return Operation.from_request(r.method, r.scheme, r.host, r.port, r.path)
 
 
+def numbers_problem(request: http.Request) -> str | None:
+    """Why a JSON request body holds a number Python cannot hold, or None (no body, not JSON, or
+    an encoding the gateway does not read: Graph judges those bodies itself)."""
+    if not request.raw_content:
+        return None
+    try:
+        data = decode_body(request.raw_content, ",".join(request.headers.get_all("content-encoding")))
+    except BatchError:
+        return None
+    return json_numbers_problem(data)
+
+
 def grant_of(flow: http.HTTPFlow, operation: Operation) -> TokenGrant:
     # The body as received, not get_content(): the classifier never decompresses, so an anonymous
     # caller cannot make the gateway inflate a compression bomb (a compressed body is "unknown").
     r = flow.request
     return classify_token_request(r.headers, r.raw_content or b"", path=operation.path, query=operation.query)
+
+
+def decision_in_force(policies: PolicyStore, flow: http.HTTPFlow) -> Decision:
+    """What the policy in force decides of the flow's request now, for a request whose earlier
+    decision may be stale (held for approval across a reload). Batches and token requests are
+    never held, so the plain decision is all there is to ask."""
+    principal = flow.metadata.get(PRINCIPAL_KEY)
+    try:
+        operation = operation_of(flow)
+    except OperationError as e:
+        return Decision.deny(Stage.POLICY, 400, "BadRequest", f"the request target cannot be judged safely: {e}",
+                             check="operation", principal=principal.to_dict() if principal else None)
+    objects = flow.metadata.get(OBJECTS_KEY)
+    return decider_for(ObjectDecider(policies.current, objects), principal).decide(principal, operation)
 
 
 class Authorization:
@@ -54,10 +91,23 @@ class Authorization:
             ))
             return
         policy = self.policies.current
+        problem = numbers_problem(flow.request) if operation.is_graph and not names_batch(operation) else None
+        if problem is not None:
+            # Before any rule: Graph would act on a number that the gateway could neither judge,
+            # mask nor record as it is (1e400 reads as infinity, which is not JSON).
+            refuse(flow, Decision.deny(
+                Stage.POLICY, 400, "BadRequest",
+                f"the request body holds a number the gateway cannot hold, so it was not sent: {problem}",
+                check="body", principal=principal.to_dict() if principal else None, operation=str(operation),
+            ))
+            return
         if names_batch(operation):
             self._judge_batch(flow, principal, operation, policy)
             return
-        decision = policy.decide(principal, operation)
+        # The object the request names, whatever names it (policy/objects.py, addons/objects.py),
+        # judged for every token the request presented (policy/presented.py).
+        objects = flow.metadata.get(OBJECTS_KEY)
+        decision = decider_for(ObjectDecider(policy, objects), principal).decide(principal, operation)
         # Every decision is in the audit trail; the log shows refusals and holds, and allows with -v.
         logger.log(logging.DEBUG if decision.allowed else logging.INFO, "flow %s: %s %s -> %s (%s)",
                    flow.id, principal.label if principal else "anonymous", operation, decision.action,
@@ -93,7 +143,8 @@ class Authorization:
             return
         # Every Content-Encoding header: a second one would be applied by Graph but not by us.
         encoding = ",".join(r.headers.get_all("content-encoding"))
-        decision = judge_batch(policy, principal, operation, r.raw_content or b"",
+        decision = judge_batch(decider_for(ObjectDecider(policy, flow.metadata.get(OBJECTS_KEY)), principal),
+                               principal, operation, r.raw_content or b"",
                                r.headers.get("content-type", ""), encoding)
         # Kept apart from the decision: a later refusal replaces the decision, not this list.
         flow.metadata[BATCH_KEY] = list(decision.extra.get("batch") or ())

@@ -10,8 +10,9 @@ import logging
 
 from mitmproxy import http, tcp, websocket  # noqa: F401  (hook signatures)
 
+from nhi_gateway.policy.admission import PROTOCOL_ERROR_KEY, answered_status, proxy_refusal
 from nhi_gateway.policy.decision import Decision, Stage
-from nhi_gateway.addons.failclosed import decision_of, fail_closed, refuse
+from nhi_gateway.addons.failclosed import decision_of, fail_closed, refuse, set_decision
 from nhi_gateway.addons.identity import CONNECT_KEY
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,16 @@ class Guard:
             # Only an upgrade request may be answered 101, and those are refused in `request`.
             refuse(flow, _guard_refusal("the upstream switched protocols (101), which the gateway "
                                         "does not relay", status=502, check="upgrade"))
+
+    @fail_closed
+    def error(self, flow: http.HTTPFlow) -> None:
+        if decision_of(flow) is not None or flow.error is None:
+            return
+        # mitmproxy ended the flow before any request hook judged it (a head or body it could not
+        # read, a body over the limit, the client going away): say so, with the status the client
+        # saw, instead of leaving the record without a decision.
+        status = answered_status(flow.error.msg, flow.metadata.get(PROTOCOL_ERROR_KEY), judged=False)
+        set_decision(flow, proxy_refusal(status, flow.error.msg))
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         # Non-HTTP payloads inside CONNECT skip the request hook entirely: never relay them.

@@ -13,7 +13,8 @@ import binascii
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 
 from mitmproxy import connection, http
 
@@ -28,7 +29,11 @@ from nhi_gateway.addons.failclosed import fail_closed, refuse
 logger = logging.getLogger(__name__)
 
 PRINCIPAL_KEY = "nhi.principal"  # flow.metadata: the live Principal object (not written to disk)
+SOURCE_NAMES = {TokenSource.PROXY: "the proxy credentials", TokenSource.BEARER: "Authorization: Bearer"}
 CONNECT_KEY = "nhi.connect"  # flow.metadata on CONNECT flows: "admitted" once identity and host pass
+
+
+IGNORED_CREDENTIAL_KEY = "nhi.ignored_credential"  # flow.metadata: credentials left aside, and why
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Tunnel:
     host: str
     principal: Principal | None
     token: str | None = None  # kept in memory only, to present upstream on the caller's behalf
+    ignored: str = ""  # why the CONNECT's proxy credentials were left aside (flagged on each request)
 
 
 class TokenRequirement:
@@ -97,29 +103,58 @@ def bearer_token(header: str) -> str | None:
     return value.strip() or None
 
 
-def trust_of(policy) -> TrustSettings:
+def trust_of(policy) -> dict[TokenSource, TrustSettings]:
+    """The trust of each token source the policy names; a source it does not name accepts nothing."""
     ident = policy.identity
-    return TrustSettings(
-        issuers=tuple(IssuerTrust(i.template, i.discovery_template) for i in ident.issuers),
-        tenants=frozenset(t.lower() for t in ident.tenants),
-        audiences=frozenset(ident.audiences),
-        leeway_seconds=ident.leeway_seconds,
-    )
+    out = {}
+    for source in TokenSource:
+        trust = ident.trust_for(source)
+        if trust is not None:
+            out[source] = TrustSettings(
+                issuers=tuple(IssuerTrust(i.template, i.discovery_template) for i in trust.issuers),
+                tenants=frozenset(t.lower() for t in ident.tenants),
+                audiences=frozenset(trust.audiences),
+                leeway_seconds=ident.leeway_seconds,
+            )
+    return out
 
 
 class PolicyTrust:
-    """The token trust of the policy in force (``trust()``), worked out once per policy: a reload
-    replaces the policy object, and with it the trust."""
+    """The token trust of each source under the policy in force (``trust(source)``, None for a
+    source the policy does not name), worked out once per policy: a reload replaces the policy
+    object, and with it the trust."""
 
     def __init__(self, policies: PolicyStore) -> None:
         self.policies = policies
-        self._cache: tuple[object, TrustSettings] | None = None
+        self._cache: tuple[object, dict[TokenSource | None, TrustSettings]] | None = None
 
-    def __call__(self) -> TrustSettings:
+    def __call__(self, source: TokenSource) -> TrustSettings | None:
+        return self._of_policy().get(source)
+
+    def every_source(self) -> TrustSettings:
+        """The tenants, and the issuers of every source (audiences: none), for tokens that are
+        neither source's, such as approvers' (the approval API puts its own audiences in)."""
+        return self._of_policy()[None]
+
+    def _of_policy(self) -> dict:
         policy = self.policies.current
         if self._cache is None or self._cache[0] is not policy:
-            self._cache = (policy, trust_of(policy))
+            trust = trust_of(policy)
+            issuers = tuple(dict.fromkeys(i for s in trust.values() for i in s.issuers))
+            ident = policy.identity
+            trust[None] = TrustSettings(issuers=issuers, tenants=frozenset(t.lower() for t in ident.tenants),
+                                        audiences=frozenset(), leeway_seconds=ident.leeway_seconds)
+            self._cache = (policy, trust)
         return self._cache[1]
+
+
+def verify_in(verifier: TokenVerifier, trust: PolicyTrust, token: str, source: TokenSource) -> Awaitable[Principal]:
+    """Verify ``token`` against the trust of the source it was presented in."""
+    settings = trust(source)
+    if settings is None:
+        raise TokenRejected("source", f"this gateway accepts no token in {SOURCE_NAMES[source]}: "
+                                      f"the policy names no identity.{source}")
+    return verifier.verify(token, source, settings)
 
 
 def _identity_refusal(status: int, check: str, reason: str) -> Decision:
@@ -132,12 +167,14 @@ class Identity:
         self.policies = policies
         self.verifier = verifier
         self._tunnels: weakref.WeakKeyDictionary[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        # CONNECTs this stage admitted that are not answered yet (flow -> its tunnel)
+        self._admitting: weakref.WeakKeyDictionary[http.HTTPFlow, Tunnel] = weakref.WeakKeyDictionary()
         self._trust = PolicyTrust(policies)
 
     async def _principal(self, token: str, source: TokenSource, flow, status: int) -> Principal | None:
         """Verify, or refuse the flow (401/407 for a bad token, 503 when keys are unavailable)."""
         try:
-            return await self.verifier.verify(token, source, self._trust())
+            return await verify_in(self.verifier, self._trust, token, source)
         except TokenRejected as e:
             logger.info("flow %s: %s token refused (%s): %s", flow.id, source, e.check, e.message)
             refuse(flow, _identity_refusal(status, e.check, f"{source} token refused: {e.message}"))
@@ -186,6 +223,21 @@ class Identity:
             return None
         return upstream
 
+    async def _expired(self, header: str) -> str:
+        """Why proxy credentials may be left aside at an upstream that needs no token: only an
+        expired token ("" otherwise: a forged or malformed one is refused as anywhere)."""
+        token = proxy_token(header)
+        if token is None:
+            return ""
+        try:
+            await verify_in(self.verifier, self._trust, token, TokenSource.PROXY)
+        except TokenRejected as e:
+            if e.check == "lifetime":
+                return f"expired proxy credentials ignored (this upstream needs no token): {e.message}"
+        except KeysUnavailable:
+            pass
+        return ""
+
     async def _proxy_principal(self, flow, header: str) -> tuple[Principal, str] | None:
         """The verified identity in a Proxy-Authorization header and its token, or a 407."""
         token = proxy_token(header)
@@ -206,8 +258,14 @@ class Identity:
         if upstream is None:
             return
         principal = token = None
+        ignored = ""
         header = flow.request.headers.pop("Proxy-Authorization", None)
-        if header is not None:
+        if header is not None and upstream.token == "none" and (ignored := await self._expired(header)):
+            # The token endpoint needs no token: a client whose proxy credentials hold an expired
+            # token must still reach it to renew (the SDKs renew before they reconnect). Its expired
+            # credential vouches for nothing here, and each request says it was left aside.
+            logger.info("flow %s: %s", flow.id, ignored)
+        elif header is not None:
             verified = await self._proxy_principal(flow, header)
             if verified is None:
                 return
@@ -217,10 +275,26 @@ class Identity:
                 407, "missing", f"{host} requires a token in the proxy credentials "
                 "(HTTPS_PROXY=http://<name>:<token>@host:port)"))
             return
-        self._tunnels[flow.client_conn] = Tunnel(host, principal, token)
+        # Bound to the connection only once the CONNECT is answered 2xx (http_connected): a later
+        # stage (the guard) may still refuse it, and then nothing of it may vouch for the next
+        # request on that connection.
+        self._admitting[flow] = Tunnel(host, principal, token, ignored)
         flow.metadata[CONNECT_KEY] = "admitted"
         if principal is not None:
             flow.metadata[PRINCIPAL_KEY] = principal
+
+    @fail_closed
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy calls this only for a CONNECT answered 2xx.
+        tunnel = self._admitting.pop(flow, None)
+        if tunnel is not None:
+            self._tunnels[flow.client_conn] = tunnel
+        else:
+            self._tunnels.pop(flow.client_conn, None)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._admitting.pop(flow, None)
+        self._tunnels.pop(flow.client_conn, None)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -259,13 +333,20 @@ class Identity:
 
         principals: list[Principal] = []
         proxy_tokens: list[str] = []
+        if tunnel is not None and tunnel.ignored:
+            flow.metadata[IGNORED_CREDENTIAL_KEY] = tunnel.ignored
         if tunnel is not None and tunnel.principal is not None:
             if tunnel.principal.expires_at <= time.time():
                 # The binding lives as long as the connection; the token it rests on does not.
                 refuse(flow, _identity_refusal(
                     407, "lifetime", "the proxy token of this connection has expired; reconnect with a fresh one"))
                 return
-            principals.append(tunnel.principal)
+            # Judged again on every request (a cache hit when nothing changed): a verdict holds no
+            # longer than the key that signed the token and the policy that trusted it.
+            current = await self._principal(tunnel.token, TokenSource.PROXY, flow, 407)
+            if current is None:
+                return
+            principals.append(current)
             proxy_tokens.append(tunnel.token)
         # Plain-HTTP proxy requests carry Proxy-Authorization on every request.
         proxy_header = flow.request.headers.pop("Proxy-Authorization", None)
@@ -276,6 +357,7 @@ class Identity:
             principals.append(verified[0])
             proxy_tokens.append(verified[1])
         auth = flow.request.headers.get("Authorization")
+        bearer: str | None = None  # the verified bearer token, once verified
         if auth is not None and upstream.token != "none" and auth.strip().split(" ", 1)[0].lower() != "bearer":
             # A credential of another scheme would reach the upstream unverified, riding on the
             # proxy identity's decision. (Token endpoints, token: none, keep HTTP Basic client auth.)
@@ -291,6 +373,7 @@ class Identity:
             if p is None:
                 return
             principals.append(p)
+            bearer = token
 
         sources = {s for p in principals for s in p.token_sources}
         unmet = TokenRequirement.unmet(upstream.token, sources)
@@ -302,10 +385,21 @@ class Identity:
             refuse(flow, _identity_refusal(
                 401, "mismatch", "the proxy credentials and the Authorization header name different identities"))
             return
-        if auth is None and proxy_tokens and upstream.token != "none":
-            # A client that can only set HTTPS_PROXY still needs Graph to see its token: present
-            # the verified proxy token upstream as the bearer (redacted in every recording).
+        proxy_trust = self.policies.current.identity.proxy
+        if bearer is not None:
+            # Upstream gets the token that was verified, never the header as the client wrote it.
+            flow.request.headers["Authorization"] = f"Bearer {bearer}"
+        elif auth is None and proxy_tokens and upstream.token != "none" and proxy_trust and proxy_trust.graph_token:
+            # A client that can only set HTTPS_PROXY still needs Graph to see its token: when the
+            # policy says the proxy credentials carry the Graph token itself (graph_token: true),
+            # present it upstream as the bearer (redacted in every recording). A token for the
+            # gateway's own API never leaves the gateway. The verifier accepted it only in the
+            # compact form (identity/token_form.py), so it holds nothing a header could be split at.
             flow.request.headers["Authorization"] = f"Bearer {proxy_tokens[-1]}"
         if principals:
             merged = principals[-1].with_sources(tuple(sorted(sources)))
+            if len(principals) > 1:
+                # Each token stays judged on its own (authorization decides the request for every
+                # one of them): a weak token next to a strong one is never averaged away.
+                merged = replace(merged, presented=tuple(principals))
             flow.metadata[PRINCIPAL_KEY] = merged

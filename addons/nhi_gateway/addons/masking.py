@@ -1,9 +1,11 @@
 """Masking: what the policy masks never reaches the caller, whatever the body's type or encoding.
 
 The body is decoded from its Content-Encoding (gzip, br, zstd, deflate) strictly, masked by the
-flow's mask profile (:func:`nhi_gateway.masking.masks.mask_body`) and encoded again with the same
-Content-Encoding. A body that cannot be decoded or parsed as its declared type, or a binary body
-under a profile that refuses them, is withheld: 502, never passed on unmasked.
+flow's mask profile (:func:`nhi_gateway.masking.masks.mask_body`: by what the body is, not by its
+label) and encoded again with the same Content-Encoding; the response headers are masked too
+(detectors, and every value the body masked wherever a header repeats it). A body that cannot be
+decoded or parsed, an answer with more than one Content-Type, or a body the profile cannot read
+(unless it says ``binary: pass``) is withheld: 502, never passed on unmasked.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from mitmproxy import http
 
 from nhi_gateway.policy.batch import BATCH_KEY, mask_batch_response
 from nhi_gateway.policy.decision import Decision, Stage
-from nhi_gateway.masking.masks import BodyKind, MaskingError, MaskProfile, body_kind, mask_body, mask_json_bytes, media_type
+from nhi_gateway.masking.masks import (
+    BodyKind,
+    MaskingError,
+    MaskProfile,
+    body_kind,
+    check_content_type,
+    combine,
+    mask_body,
+    mask_headers,
+    media_type,
+)
 from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse, set_decision
 
@@ -34,30 +46,39 @@ class _MissingProfile(LookupError):
     pass
 
 
-def mask_response(response: http.Response, profile: MaskProfile) -> int | None:
-    """Mask a response body in place; the number of values masked, or ``None`` when the body was
-    left exactly as it came (nothing a profile could change, or a binary body it passes).
+def operation_path(decision: Decision | None) -> str | None:
+    """The canonical path of the decided operation (``GET host /v1.0/users/x`` -> ``/v1.0/users/x``)."""
+    parts = (decision.operation or "").split(" ", 2) if decision is not None else []
+    return parts[2] if len(parts) == 3 else None
 
-    Raises :class:`MaskingError` (or ``ValueError``/``TypeError`` from a Content-Encoding that
-    does not decode) when the body must be withheld.
+
+def mask_response(response: http.Response, profile: MaskProfile, path: str | None = None) -> int | None:
+    """Mask a response in place, body and headers; the number of values masked, or ``None``
+    when it was left exactly as it came (nothing a profile could change, or a body it passes).
+
+    The body is read for what it is, not for its label (:func:`~nhi_gateway.masking.masks.mask_body`);
+    an answer with more than one Content-Type is refused. Raises :class:`MaskingError` (or
+    ``ValueError``/``TypeError`` from a Content-Encoding that does not decode) when the response
+    must be withheld.
     """
-    content_type = response.headers.get("Content-Type", "")
-    kind = body_kind(content_type)
-    if kind is BodyKind.BINARY and not profile.refuses_binary:
-        return None  # not even decoded: nothing in it is a field, a path or scanned text
-    if kind is BodyKind.TEXT and not profile.scans_text:
-        return None  # no field or path names anything in text, and there are no detectors
-    # strict: a body that cannot be decoded from its Content-Encoding is refused, not passed.
-    body = response.get_content(strict=True)
-    if kind is BodyKind.JSON:
-        masked, count = mask_json_bytes(body, profile)
-    else:
-        masked, count = mask_body(body, content_type, profile)
-        if masked is body:
-            return None
-    # JSON is always the re-serialised document, even with nothing masked: a body with a
-    # duplicated key ({"value":[...secret...],"value":[]}) must not reach a first-key-wins parser.
-    response.set_content(masked)  # re-encodes with the original Content-Encoding
+    content_type = check_content_type(response.headers.get_all("Content-Type"))
+    collect: dict[str, str] = {}
+    count: int | None = None
+    if response.raw_content:
+        # strict: a body that cannot be decoded from its Content-Encoding is refused, not passed.
+        body = response.get_content(strict=True)
+        masked, n = mask_body(body, content_type, profile, collect=collect, path=path)
+        # JSON is always the re-serialised document, even with nothing masked: a body with a
+        # duplicated key ({"value":[...secret...],"value":[]}) must not reach a first-key-wins parser.
+        if masked is not body:
+            response.set_content(masked)  # re-encodes with the original Content-Encoding
+            count = n
+    fields = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in response.headers.fields]
+    headers, n = mask_headers(fields, profile, collect)
+    if n:
+        response.headers.fields = tuple((k.encode("latin-1"), v.encode("utf-8", "surrogateescape"))
+                                        for k, v in headers)
+        count = (count or 0) + n
     return count
 
 
@@ -80,11 +101,9 @@ class Masking:
             # The policy was reloaded without the profile this flow was allowed under.
             refuse(flow, _refusal(f"mask profile {decision.mask_profile!r} no longer exists", decision))
             return
-        if not flow.response.raw_content:
-            return
-        content_type = flow.response.headers.get("Content-Type", "")
+        content_type = ",".join(flow.response.headers.get_all("Content-Type"))
         try:
-            count = mask_response(flow.response, profile)
+            count = mask_response(flow.response, profile, operation_path(decision))
         except (MaskingError, ValueError, TypeError) as e:
             logger.warning("flow %s: response withheld: %s", flow.id, e)
             what = media_type(content_type) or "untyped"
@@ -92,6 +111,18 @@ class Masking:
             return
         if count is not None:
             set_decision(flow, decision.but(extra={**decision.extra, "masked_fields": count}))
+
+    @staticmethod
+    def _mask_batch_headers(flow: http.HTTPFlow, entries: list[dict], profile_of, collect: dict[str, str]) -> int:
+        """The outer answer's headers, by every profile of the batch together."""
+        names = sorted({e["mask_profile"] for e in entries if e.get("mask_profile")})
+        every = combine([profile_of(n) for n in names], "batch")
+        fields = [(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in flow.response.headers.fields]
+        headers, n = mask_headers(fields, every, collect)
+        if n:
+            flow.response.headers.fields = tuple((k.encode("latin-1"), v.encode("utf-8", "surrogateescape"))
+                                                 for k, v in headers)
+        return n
 
     def _mask_batch(self, flow: http.HTTPFlow, decision: Decision) -> None:
         """Each inner response of a ``$batch`` masked by its own inner request's profile."""
@@ -110,18 +141,22 @@ class Masking:
             return profile
 
         masks = any(e.get("mask_profile") for e in entries)
-        content_type = flow.response.headers.get("Content-Type", "")
-        if not flow.response.raw_content:
-            return
-        if body_kind(content_type) is not BodyKind.JSON:
-            if masks:
-                logger.warning("flow %s: batch response withheld: %s is not JSON", flow.id, content_type)
-                refuse(flow, _refusal(f"a batch answer of type {content_type or 'unknown'!r} cannot be masked",
-                                      decision))
-            return
+        content_types = flow.response.headers.get_all("Content-Type")
+        collect: dict[str, str] = {}
         try:
+            if not masks:
+                if not flow.response.raw_content or len(content_types) != 1 \
+                        or body_kind(content_types[0]) is not BodyKind.JSON:
+                    return  # nothing to mask; JSON is still re-serialised below (repeated members)
+            else:
+                check_content_type(content_types)
+                if not flow.response.raw_content:
+                    self._mask_batch_headers(flow, entries, profile_of, collect)
+                    return
+            # Read as JSON whatever the label says: a batch answer is JSON or it is withheld.
             body = flow.response.get_content(strict=True)
-            masked, entries, count = mask_batch_response(body, entries, profile_of)
+            masked, entries, count = mask_batch_response(body, entries, profile_of, collect=collect)
+            count += self._mask_batch_headers(flow, entries, profile_of, collect) if masks else 0
         except _MissingProfile as e:
             refuse(flow, _refusal(f"mask profile {e.args[0]!r} no longer exists", decision))
             return

@@ -10,6 +10,7 @@ with 503; a request that no group rule could affect never waits for Graph.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from mitmproxy import http
 
@@ -45,7 +46,7 @@ class Membership:
         if flow.response:
             return
         principal = flow.metadata.get(PRINCIPAL_KEY)
-        if principal is None or not needs_lookup(principal):
+        if principal is None or not any(needs_lookup(p) for p in principal.every_token()):
             return
         rules = self.group_rules()
         if not rules:
@@ -54,13 +55,18 @@ class Membership:
             op = operation_of(flow)
         except OperationError:
             return  # Authorization refuses it, saying why
-        if not rules.could_apply(principal, op):
+        if not any(rules.could_apply(p.with_sources(principal.token_sources), op) for p in principal.every_token()):
             return
         try:
             if self.resolver is None:
                 raise GroupLookupFailed("no Graph credential is configured for the gateway "
                                         "(--graph-client-id, --graph-tenant-id and a certificate or secret)")
             resolved = await self.resolver.with_groups(principal)
+            if principal.presented:
+                # Every token is judged on its own, so each gets the groups (one lookup: they
+                # name one principal, and the resolver caches by it).
+                resolved = replace(resolved, presented=tuple(
+                    [await self.resolver.with_groups(p) for p in principal.presented]))
         except GroupLookupFailed as e:
             logger.error("flow %s: groups of %s unavailable: %s", flow.id, principal.label, e)
             refuse(flow, Decision.deny(

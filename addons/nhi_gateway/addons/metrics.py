@@ -37,6 +37,9 @@ class GatewayMetrics:
                                 ["decision", "stage", "rule"], registry=r)
         self.token_checks_failed = Counter("nhi_token_checks_failed", "Requests refused by a token check, by check.",
                                            ["check"], registry=r)
+        self.reported = Counter("nhi_reported", "Requests forwarded in report mode that a rule would have "
+                                "refused (deny) or held (hold), by rule ('' when no rule allows them).",
+                                ["would", "rule"], registry=r)
         self.approval_decisions = Counter("nhi_approval_decisions",
                                           "Held requests by how they ended (approved, denied, timed_out, cancelled).",
                                           ["outcome"], registry=r)
@@ -144,6 +147,13 @@ class Metrics:
         if rule and rule not in self.rule_ids():
             rule = _OTHER
         m.requests.labels(str(decision.action), str(decision.stage), rule).inc()
+        report = decision.reported
+        if report is not None:
+            would = report.get("would") if report.get("would") in ("deny", "hold") else _OTHER
+            reported_rule = str(report.get("rule") or "")
+            if reported_rule and reported_rule not in self.rule_ids():
+                reported_rule = _OTHER
+            m.reported.labels(would, reported_rule).inc()
         if not decision.allowed and decision.stage is Stage.IDENTITY:
             m.token_checks_failed.labels(decision.check or "token").inc()
         approval = decision.extra.get("approval")

@@ -22,7 +22,7 @@ from nhi_gateway.addons.guard import Health
 from nhi_gateway.addons.metrics import PROBE_KEY
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, recover_recent
-from nhi_gateway.recording.flows import FlowRecorder
+from nhi_gateway.recording.flows import FlowRecorder, in_part
 from nhi_gateway.recording.process import WRITE_AHEAD, RecordingProcess
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ RECORDED_KEY = "nhi.recorded"
 class Recorder(FlowRecorder):
     def __init__(self, directory: Path, health: Health, on_refusal=None, *,
                  max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
-                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, separate_process: bool = False) -> None:
-        super().__init__(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, separate_process: bool = False,
+                 worker: int | None = None) -> None:
+        super().__init__(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval,
+                         worker=worker)
         self.health = health
         self.on_refusal = on_refusal  # called when the recorder refuses a flow another stage passed
         self.on_write = lambda kind, seconds, ok: None  # metrics
@@ -42,11 +44,11 @@ class Recorder(FlowRecorder):
         # With separate_process, a child process writes (see nhi_gateway.recording.process) and
         # this object only hands flows over; the child checks the files for torn tails itself.
         self.process = RecordingProcess(self.directory, max_bytes=max_bytes, hourly=hourly,
-                                        fsync_interval=fsync_interval) if separate_process else None
+                                        fsync_interval=fsync_interval, worker=worker) if separate_process else None
         if self.process is not None:
             return
         try:
-            recover_recent(self.directory)
+            recover_recent(self.directory, worker=worker)
         except OSError as e:  # the first write reports it, and refuses
             logger.error("cannot check %s for recordings cut short by a crash: %s", self.directory, e)
 
@@ -72,16 +74,39 @@ class Recorder(FlowRecorder):
                     self.on_refusal(flow)
             return
         except Exception as e:
-            # A flow the recorder cannot write (a bug, not the disk): refused like any exception,
-            # and the audit line, already written, is amended to say what the client got instead.
+            # A flow the recorder cannot write in full (a bug, not the disk). What reached Graph
+            # must still be on record: the flow is written without its bodies, its comment saying
+            # why. Only when not even that can be written is the answer refused, and the refusal
+            # says that Graph had the request; the audit line is amended to tell what the client got.
+            self.on_write("flow", time.perf_counter() - started, False)
             logger.error("flow %s: recording it failed: %r", flow.id, e, exc_info=e)
+            why = f"recording it in full failed: {type(e).__name__}: {e}"[:300]
+            try:
+                if self.process is not None:
+                    self.last_path = await self.process.record(in_part(flow, why))
+                else:
+                    self.record_in_part(flow, why)
+            except Exception as e2:  # noqa: BLE001 - answered below
+                logger.error("flow %s: recording it in part failed too: %r", flow.id, e2, exc_info=e2)
+            else:
+                logger.warning("flow %s: recorded in part (%s)", flow.id, why)
+                flow.metadata[RECORDED_KEY] = True
+                return
             if live and isinstance(flow, http.HTTPFlow):
-                refuse(flow, internal_error(f"{type(self).__qualname__}.write"))
+                refuse(flow, self._not_recorded(flow))
                 if self.on_refusal is not None:
                     self.on_refusal(flow)
             return
         flow.metadata[RECORDED_KEY] = True
         self.health.recover("recording")
+
+    def _not_recorded(self, flow: http.HTTPFlow) -> Decision:
+        if flow.server_conn is not None and flow.server_conn.timestamp_start is not None:
+            return Decision.deny(
+                Stage.ERROR, 500, "GatewayError",
+                "the request reached the upstream, which answered, but the gateway could not record the "
+                "exchange, so it withholds the answer", check="recording")
+        return internal_error(f"{type(self).__qualname__}.write")
 
     @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:

@@ -97,4 +97,6 @@ class PolicyReload:
             return False
         logger.info("policy reloaded from %s%s: generation %d, %d rules", path, " (SIGHUP)" if force else "",
                     self.store.generation, len(policy.rules))
+        if notice := policy.report_notice():
+            logger.warning("%s: %s", path, notice)
         return True

@@ -488,14 +488,45 @@ class ApprovalStore:
 
     # -- grants ----------------------------------------------------------------------------
 
+    _INSERT_GRANT = (
+        "INSERT INTO grants (id, approval_id, rule_id, tenant_id, object_id, principal, operation, approver,"
+        " reason, created_at, expires_at, revoked_at, revoked_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+    @staticmethod
+    def _grant_row(g: Grant) -> tuple:
+        return (g.id, g.approval_id, g.rule_id, *g.principal_key, _json(g.principal), g.operation,
+                _json(g.approver.to_dict()), g.reason, g.created_at, g.expires_at, g.revoked_at,
+                _json(g.revoked_by.to_dict() if g.revoked_by else None))
+
     def add_grant(self, g: Grant) -> None:
-        self._write(
-            "INSERT INTO grants (id, approval_id, rule_id, tenant_id, object_id, principal, operation, approver,"
-            " reason, created_at, expires_at, revoked_at, revoked_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (g.id, g.approval_id, g.rule_id, *g.principal_key, _json(g.principal), g.operation,
-             _json(g.approver.to_dict()), g.reason, g.created_at, g.expires_at, g.revoked_at,
-             _json(g.revoked_by.to_dict() if g.revoked_by else None)),
-        )
+        self._write(self._INSERT_GRANT, self._grant_row(g))
+
+    def approve_with_grant(self, request_id: str, grant: Grant, *, approver: Approver, reason: str,
+                           now: float) -> bool:
+        """Approve a pending request and store its grant in one transaction: both or neither.
+        False (and no grant) when the request was no longer pending; ApprovalStoreError (and no
+        grant) when the database fails anywhere on the way, so a grant is never active for an
+        approval that was not stored."""
+        with self._lock:
+            db = None
+            try:
+                db = self._connect()
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(self._INSERT_GRANT, self._grant_row(grant))
+                updated = db.execute(
+                    "UPDATE approvals SET state = ?, approver = ?, reason = ?, decided_at = ?, grant_id = ?"
+                    " WHERE id = ? AND state = 'pending'",
+                    (str(ApprovalState.APPROVED), _json(approver.to_dict()), reason, now, grant.id, request_id),
+                ).rowcount
+                db.execute("COMMIT" if updated == 1 else "ROLLBACK")
+                return updated == 1
+            except (sqlite3.Error, OSError) as e:
+                if db is not None and db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the transaction dies with the connection
+                raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {e}") from e
 
     @staticmethod
     def _grant(row: sqlite3.Row) -> Grant:
@@ -549,6 +580,31 @@ class Approvals:
     store: ApprovalStore
     clock: Callable[[], float] = time.time
     _waiting: dict[str, asyncio.Future] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A shared store (PostgreSQL) tells us when another replica decided a request held here.
+        on_change = getattr(self.store, "on_change", None)
+        if on_change is not None:
+            on_change(self._changed)
+
+    def _changed(self, request_id: str | None) -> None:
+        """From the store's listener thread: ``request_id`` was decided (None: any may have been)."""
+        ids = list(self._waiting) if request_id is None else [request_id]
+        for rid in ids:
+            future = self._waiting.get(rid)
+            if future is not None and not future.done():
+                future.get_loop().call_soon_threadsafe(self._wake, rid)
+
+    def _wake(self, request_id: str) -> None:
+        future = self._waiting.get(request_id)
+        if future is None or future.done():
+            return
+        try:
+            final = self.store.get(request_id)
+        except ApprovalStoreError:
+            return  # the listener tells us again once the store is back
+        if final is not None and final.state is not ApprovalState.PENDING:
+            future.set_result(final)
 
     # -- the data path ---------------------------------------------------------------------
 
@@ -646,11 +702,12 @@ class Approvals:
                 operation=request.operation, approver=approver, reason=_reason(reason), created_at=now,
                 expires_at=now + grant_seconds,
             )
-            self.store.add_grant(grant)
-        if not self.store.finish(request.id, ApprovalState.APPROVED, approver=approver, reason=_reason(reason),
-                                 now=now, grant_id=grant.id if grant else None):
-            if grant is not None:
-                self.store.revoke(grant.id, approver, now)
+            stored = self.store.approve_with_grant(request.id, grant, approver=approver, reason=_reason(reason),
+                                                   now=now)
+        else:
+            stored = self.store.finish(request.id, ApprovalState.APPROVED, approver=approver,
+                                       reason=_reason(reason), now=now)
+        if not stored:
             raise ApprovalError(409, "Conflict", f"approval request {request.id} was decided meanwhile")
         return self._settle(request.id), grant
 

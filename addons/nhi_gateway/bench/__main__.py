@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def upstream_main(argv: list[str]) -> int:
     return 0
 
 
+from nhi_gateway.proxy.workers import WORKER_COMMAND_ENV  # noqa: E402
+
+
 def proxy_main(kind: str, argv: list[str]) -> int:
     from nhi_gateway.bench.launch import run_proxy
 
@@ -120,6 +124,10 @@ def proxy_main(kind: str, argv: list[str]) -> int:
     p.add_argument("args", nargs=argparse.REMAINDER, help="after --: the proxy's own arguments")
     args = p.parse_args(argv)
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if kind == "gateway":
+        # With --workers, each worker is started through here too, so it resolves as this one does.
+        os.environ[WORKER_COMMAND_ENV] = json.dumps(
+            [sys.executable, "-m", "nhi_gateway.bench", "gateway", *(f"--resolve={r}" for r in args.resolve), "--"])
     return run_proxy(kind, args.resolve, rest)
 
 

@@ -18,6 +18,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14, 15)
 
 
+def descendant_pids(pid: int) -> tuple[int, ...]:
+    """Children, their children and so on (--workers N: the workers and their recording processes)."""
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for parent in frontier for c in child_pids(parent)]
+        found += children
+        frontier = children
+    return tuple(found)
+
+
 def child_pids(pid: int) -> tuple[int, ...]:
     """The processes whose parent is ``pid`` (the gateway's recording process, say)."""
     found = []

@@ -87,6 +87,15 @@ def targets(results: dict) -> list[TargetCheck]:
             "memory flat", "<= 10 % RSS growth over 100,000 requests",
             f"{gw_mem['growth']:+.1%} over {gw_mem['requests']:,}" + ("" if full else " (quick run: indicative)"),
             gw_mem["growth"] <= 0.10))
+    by = _by(results["summary"])
+    one, two = by.get(("keep-alive c=50", "gateway")), by.get(("keep-alive c=50", "gateway-w2"))
+    if one and two:
+        r = _ratio(two["rps"], one["rps"])
+        checks.append(TargetCheck("workers", "--workers 2 >= 1.2x one worker's throughput (keep-alive, c=50)",
+                                  f"{r:.2f}x", r >= 1.2))
+        c = _ratio(two.get("total_cpu_ms_per_request"), one.get("total_cpu_ms_per_request"))
+        checks.append(TargetCheck("workers CPU", "CPU per request with 2 workers within 10 % of 1 worker's",
+                                  f"{c:.2f}x", c <= 1.10))
     d = {t["rules"]: t for t in results["decisions"]}
     if 10 in d and 5000 in d:
         r = _ratio(d[5000]["us_per_decision"], d[10]["us_per_decision"])
@@ -190,7 +199,7 @@ def render(results: dict) -> str:
     if rec:
         lines += ["", f"gateway wrote {rec['audit_lines']:,} audit lines and {rec['recording_bytes'] / 2**20:.1f} MiB "
                       f"of recordings in {rec['recording_files']} file(s)"]
-    lines += ["", "targets (issue 7):"]
+    lines += ["", "targets (issues 7 and 15):"]
     for t in targets(results):
         mark = "n/a " if t.met is None else ("PASS" if t.met else "FAIL")
         lines.append(f"  [{mark}] {t.name:14} {t.goal:55} measured {t.measured}")

@@ -54,12 +54,13 @@ class Scenario:
     kind: str  # "keep-alive" or "new-connection"
     concurrency: int
     direct: bool = False  # also measured straight against the upstream, to show its capacity
+    workers: bool = False  # also measured through the gateway with --workers 2
 
 
 SCENARIOS = (
     Scenario("keep-alive c=1", "keep-alive", 1),
     Scenario("keep-alive c=10", "keep-alive", 10, direct=True),
-    Scenario("keep-alive c=50", "keep-alive", 50),
+    Scenario("keep-alive c=50", "keep-alive", 50, workers=True),
     Scenario("new conn c=1", "new-connection", 1),
     Scenario("new conn c=10", "new-connection", 10, direct=True),
 )
@@ -346,11 +347,24 @@ class Bench:
         ], w / "gateway.json")
         await wait_for_listener(("127.0.0.1", bare_port), w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem", bare)
         gw_ready = await wait_for_json(w / "gateway.json", gateway)
-        self.proxies = {"bare": bare, "gateway": gateway}
+        # The same gateway as two workers sharing the port (run --workers 2), for issue 15's targets.
+        workers = self._spawn("gateway-w2", [
+            sys.executable, "-m", "nhi_gateway.bench", "gateway", *resolve, "--",
+            "run", "--policy", str(self.settings.policy), "--workers", "2",
+            "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
+            "--recordings", str(self.records.with_name(self.records.name + "-w2")), "--upstream-ca", ca,
+            "--ready-file", str(w / "gateway-w2.json"),
+            "--resolve", f"login.microsoftonline.com=127.0.0.1:{la['port']}",
+            "--resolve", f"sts.windows.net=127.0.0.1:{la['port']}",
+        ], w / "gateway-w2.json")
+        w2_ready = await wait_for_json(w / "gateway-w2.json", workers)
+        self.proxies = {"bare": bare, "gateway": gateway, "gateway-w2": workers}
         self.targets = {
             "bare": load.Target("bare", ("127.0.0.1", bare_port),
                                 load.client_tls(str(w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"))),
             "gateway": load.Target("gateway", ("127.0.0.1", gw_ready["port"]), load.client_tls(gw_ready["ca_cert"])),
+            "gateway-w2": load.Target("gateway-w2", ("127.0.0.1", w2_ready["port"]),
+                                      load.client_tls(w2_ready["ca_cert"])),
             "direct": load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False),
         }
 
@@ -414,8 +428,9 @@ class Bench:
         pids = {"upstream": self.upstream_proc.pid, "loadgen": os.getpid()}
         if target in self.proxies:
             pids["proxy"] = pid = self.proxies[target].pid
-            # The gateway's recording process does part of each request's work on another core.
-            pids["proxy children"] = procstat.child_pids(pid)
+            # The gateway's recording process does part of each request's work on another core
+            # (with --workers: the workers and each one's recording process).
+            pids["proxy children"] = procstat.descendant_pids(pid)
         return pids
 
     async def measure(self, scenario: Scenario, target: str, round_: int) -> Measurement:
@@ -501,6 +516,8 @@ async def run_all(settings: Settings, say=print) -> dict:
                 order = ["bare", "gateway"] if r % 2 == 0 else ["gateway", "bare"]
                 if scenario.direct:
                     order.append("direct")
+                if scenario.workers:
+                    order.append("gateway-w2")
                 for target in order:
                     m = await bench.measure(scenario, target, r + 1)
                     raw.append(m)

@@ -182,7 +182,13 @@ def cmd_approve(client: httpx.Client, args) -> int:
         print(json.dumps(answer, indent=2))
         return 0
     r, g = answer["approval"], answer.get("grant")
-    print(f"approved {r['id']}: {_who(r['principal'])} {r['operation']} goes on")
+    release = answer.get("release") or {}
+    if release.get("refused"):
+        # The policy in force was asked again at release, and a deny rule won over the approval.
+        print(f"approved {r['id']}, but {_who(r['principal'])} {r['operation']} does not go on: the policy in "
+              f"force refuses it ({release.get('reason')})")
+    else:
+        print(f"approved {r['id']}: {_who(r['principal'])} {r['operation']} goes on")
     if g:
         print(f"grant {g['id']}: the same operation is allowed until {g['expires_at']} "
               f"(revoke with: nhi-gateway approvals revoke {g['id']})")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from nhi_gateway.cli import policy as policy_cli
+from nhi_gateway.cli import permissions as permissions_cli
 from nhi_gateway.cli import approvals as approvals_cli
 from nhi_gateway.cli import records as records_cli
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT
@@ -19,9 +20,18 @@ from nhi_gateway.cli.startup import run_problems
 from nhi_gateway.proxy import logs
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
+from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL
 from nhi_gateway.policy.loader import PolicyError
 from nhi_gateway.recording.audit import AuditCopy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
+from nhi_gateway.approvals.state import StateBackend, parse_state
+
+
+def _state(value: str) -> StateBackend:
+    try:
+        return parse_state(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -62,12 +72,21 @@ def _add_run(sub) -> None:
                    help="text (default) or json: one object per line, for log shippers")
     p.add_argument("--log-level", choices=logs.LEVELS, default="info",
                    help="info (default) logs refusals and changes; debug adds one line per allowed request")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N gateway processes sharing the listening ports (SO_REUSEPORT), each with its own "
+                        "recording process, recordings (.wN) and audit chain (audit.wN.jsonl); default 1")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --workers for each child
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish before the gateway "
                         f"stops anyway (default {DEFAULT_DRAIN_TIMEOUT:g}); SIGHUP reloads the policy")
     p.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT, metavar="SECONDS",
                    help=f"how long an upstream has to answer a request before the client gets 502 "
                         f"(default {DEFAULT_UPSTREAM_TIMEOUT:g})")
+    p.add_argument("--unknown-kid-refresh", type=float, default=DEFAULT_UNKNOWN_KID_INTERVAL, metavar="SECONDS",
+                   help="when a token names a signing key (kid) the cached set lacks, refetch the issuer's "
+                        "keys at most this often (default %(default)g: Microsoft's 5 minutes, so a flood of "
+                        "made-up kids cannot turn the gateway against Entra). Lower it to pick up an "
+                        "emergency rollover sooner; 0 refetches for every unknown kid")
     p.add_argument("--resolve", action="append", default=[], metavar="HOST=ADDR:PORT",
                    help="send HOST to ADDR:PORT, keeping URL, Host and SNI (like curl --resolve)")
     p.add_argument("--upstream-ca", type=Path, default=None,
@@ -83,6 +102,10 @@ def _add_run(sub) -> None:
                         "a free port when --listen has port 0). Keep it on loopback: it speaks plain HTTP")
     p.add_argument("--approvals-db", type=Path, default=None, metavar="PATH",
                    help="approval requests and grants, kept across restarts (default RECORDINGS/approvals.sqlite3)")
+    p.add_argument("--state", type=_state, default=None, metavar="URL",
+                   help="where approvals, grants and their history live: sqlite:///PATH (embedded, the default: "
+                        "--approvals-db) or postgresql://USER@HOST:PORT/DATABASE, shared by every replica that "
+                        "names it (keep the password out of the URL: use PGPASSWORD or ~/.pgpass)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write listen address and CA path here as JSON once listening")
     g = p.add_argument_group(
@@ -109,6 +132,9 @@ def cmd_run(args) -> int:
     # Everything the gateway creates (its CA key, recordings, audit trail, approvals database and
     # their directories) holds secrets or who-did-what: private to the gateway's user.
     os.umask(0o077)
+    if args.workers < 1:
+        print("nhi-gateway: --workers must be 1 or more", file=sys.stderr)
+        return 2
     problems = run_problems(args)
     if problems:
         print("nhi-gateway: cannot start:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
@@ -139,9 +165,18 @@ def cmd_run(args) -> int:
     if not args.upstream_timeout > 0:
         print("nhi-gateway: --upstream-timeout must be more than 0 seconds", file=sys.stderr)
         return 2
+    if not args.unknown_kid_refresh >= 0:
+        print("nhi-gateway: --unknown-kid-refresh must be 0 or more seconds", file=sys.stderr)
+        return 2
     if args.groups_ttl < 0:
         print("nhi-gateway: --groups-ttl must be 0 or more seconds", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return run_workers(args)
+    if args.worker is not None:
+        from nhi_gateway.proxy.workers import share_listening_ports
+
+        share_listening_ports()
     config = GatewayConfig(
         policy_path=args.policy,
         listen_host=args.listen[0],
@@ -154,18 +189,21 @@ def cmd_run(args) -> int:
         ready_file=args.ready_file,
         approvals_listen=args.approvals_listen,
         approvals_db=args.approvals_db,
+        state=args.state,
         graph_credential=graph_credential,
         groups_ttl=args.groups_ttl,
         recordings_max_bytes=args.recordings_max_bytes,
         recordings_hourly=args.recordings_rotate == "hourly",
         recordings_fsync=args.recordings_fsync,
         upstream_timeout=args.upstream_timeout,
+        unknown_kid_refresh=args.unknown_kid_refresh,
         drain_timeout=args.drain_timeout,
         own_log_handler=True,
         admin_tls_cert=args.admin_tls_cert,
         admin_tls_key=args.admin_tls_key,
         admin_insecure=args.admin_insecure,
         audit_copies=tuple(args.audit_copy),
+        worker=args.worker,
     )
     for target in args.audit_copy:
         try:
@@ -189,6 +227,34 @@ def cmd_run(args) -> int:
         print(f"nhi-gateway: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_workers(args) -> int:
+    """``--workers N``: this process supervises N gateway processes (see proxy/workers.py)."""
+    from nhi_gateway.policy.decision import Action
+    from nhi_gateway.policy.loader import load_policy
+    from nhi_gateway.proxy.workers import Supervisor
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        print(f"nhi-gateway: the policy cannot be loaded, so the gateway does not start:\n  {e}", file=sys.stderr)
+        return 2
+    shared = args.state is not None and args.state.shared  # PostgreSQL wakes a held request on any worker
+    if any(rule.action is Action.APPROVE for rule in policy.rules) and not shared:
+        print("nhi-gateway: --workers: the policy holds requests for approval, and the embedded SQLite state "
+              "cannot wake a request held by one worker when the decision comes through another; run one "
+              "worker (--workers 1), or keep approvals in PostgreSQL (--state postgresql://...)", file=sys.stderr)
+        return 2
+    argv = list(args.argv)
+    for i, word in enumerate(argv):
+        if word == "--workers":
+            del argv[i:i + 2]
+            break
+        if word.startswith("--workers="):
+            del argv[i]
+            break
+    return Supervisor(argv, args.workers, args.listen, args.approvals_listen, args.ready_file).run()
 
 
 def _add_lookalike(sub) -> None:
@@ -256,13 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookalike(sub)
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
-    policy_cli.register(sub)  # policy lint|explain|replay|schema: each sets its own handler
+    policy_cli.register(sub)  # policy lint|explain|replay|suggest|schema: each sets its own handler
+    permissions_cli.register(sub)  # permissions: held, needed and excess Graph permissions
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra and getattr(args, "words", None) is not None and not any(e.startswith("-") for e in extra):
         # `audit verify --expect-head X FILE`: argparse gives a list positional only the words
         # before the first option; the FILE after it belongs to it too.

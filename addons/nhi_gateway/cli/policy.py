@@ -1,26 +1,40 @@
-"""``nhi-gateway policy lint|explain|replay``: the policy engine, used exactly as the gateway uses it.
+"""``nhi-gateway policy lint|explain|replay|suggest``: the policy engine, used exactly as the gateway uses it.
+
+None of them needs the pseudonym key a policy's masks name: a missing key is stood in for (and
+lint says so); only the gateway itself refuses to load without it.
 
 lint FILE...
-    Loads each file as the gateway would. Valid: one summary line per file, exit 0. Invalid:
-    ``file:line:column: message`` and a hint, exit 1. Rules that can never decide (shadowed by
-    another rule) and expired rules are warnings: they do not change the exit code unless
-    ``--strict``.
+    Loads each file as the gateway would. Valid: one summary line per file, exit 0. Invalid: every
+    ``file:line:column: message`` and its hint, in one run (:mod:`nhi_gateway.policy.lint`), exit 1.
+    Rules that can never decide (shadowed by another rule, with a hint that follows the
+    precedence), expired rules and allow rules for everything and everyone are warnings: they do
+    not change the exit code unless ``--strict``. Rules that only report (``mode: report``) are
+    listed.
 
-explain FILE --as PRINCIPAL METHOD URL [--at TIME]
+explain FILE --as PRINCIPAL METHOD URL [--at TIME] [--body FILE]
     Prints the decision the gateway would take, the rule that made it and what every other rule
     naming this caller and operation made of the request. PRINCIPAL is ``anonymous``, an inline
     spec ``app=<appid>,oid=<oid>,tenant=<tid>,groups=g1;g2,roles=r1;r2,auth=certificate,
     sources=proxy;bearer,mi=<xms_mirid>,app_only=false``, a JSON file (a recorded principal, or token
-    claims), or a JWT, which is decoded WITHOUT verification, for explaining only.
+    claims), or a JWT, which is decoded WITHOUT verification, for explaining only. A ``$batch`` is
+    judged from its body (``--body``), every inner request as if sent alone, as the gateway does.
     Exit status: 0 allow, 1 deny, 3 approve (a person must approve first), 2 usage or input errors.
 
 replay --policy NEW RECORDING...
     Re-decides every recorded flow under NEW, at the time it was recorded, and lists each flow whose
     decision would change (old -> new, rule ids); a ``$batch`` is judged again from its recorded
-    body, every inner request as if sent alone. Flows refused before the rules (identity
-    failures, unreadable requests) are listed as skipped, not as changes. Exit status: 0 nothing
-    changes, 1 something would, 2 usage or input errors. RECORDING is a ``.mitm`` file or a
-    directory of them (the gateway's ``--recordings`` directory).
+    body, every inner request as if sent alone. What the rules said is compared: a request a person
+    approved was "approve", one forwarded in report mode "would deny". Flows refused before the
+    rules (identity failures, unreadable requests) and calls to the approval API are listed as
+    skipped, not as changes. Exit status: 0 nothing changes, 1 something would, 2 usage or input
+    errors. RECORDING is a ``.mitm`` file or a directory of them (the gateway's ``--recordings``
+    directory).
+
+suggest [--base POLICY] (RECORDING... | --audit FILE) [-o FILE]
+    Writes a least-privilege policy from what identities were seen doing
+    (:mod:`nhi_gateway.policy.suggest`): one rule per identity, keys as ``{id}``, the methods seen,
+    counts and first/last seen. ``--principal``, ``--since``, ``--until`` narrow what is read;
+    ``--include-denied`` also allows what was refused; ``--widen`` allows whole collections.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import argparse
 import base64
 import binascii
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -40,10 +55,12 @@ from urllib.parse import urlsplit
 
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
-from nhi_gateway.policy.lint import policy_warnings
+from nhi_gateway.policy.presented import decider_for
+from nhi_gateway.policy.lint import PolicyWarning, policy_warnings
 from nhi_gateway.policy.loader import PolicyError, load_policy
 from nhi_gateway.policy.model import REFUSAL_CODE, REFUSAL_STATUS, Outcome, Policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.policy.observed import APPROVALS_API_HOST
 
 EXIT_ALLOW, EXIT_DENY, EXIT_USAGE, EXIT_APPROVE = 0, 1, 2, 3
 EXIT_UNCHANGED, EXIT_CHANGED = 0, 1
@@ -59,7 +76,7 @@ class UsageError(Exception):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("policy", help="check, explain and regression-test policy files")
+    p = sub.add_parser("policy", help="check, explain, regression-test and suggest policy files")
     cmds = p.add_subparsers(dest="policy_command", required=True)
 
     lint = cmds.add_parser("lint", help="check policy files as the gateway loads them")
@@ -81,6 +98,11 @@ def register(sub) -> None:
     explain.add_argument("url", metavar="URL", help="e.g. 'https://graph.microsoft.com/v1.0/users?$top=5'")
     explain.add_argument("--at", type=_instant, default=None, metavar="TIME",
                          help="decide at this ISO 8601 time (default: now), for rules with a schedule")
+    explain.add_argument("--body", type=Path, metavar="FILE",
+                         help="the request body: a $batch is then judged as the gateway judges it, "
+                              "every inner request as if sent alone ('-' reads stdin)")
+    explain.add_argument("--content-type", default="application/json", metavar="TYPE",
+                         help="the body's Content-Type (default: application/json)")
     explain.set_defaults(handler=cmd_explain)
 
     replay = cmds.add_parser(
@@ -100,6 +122,28 @@ def register(sub) -> None:
     )
     schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write it to FILE instead")
     schema.set_defaults(handler=cmd_schema)
+
+    suggest = cmds.add_parser(
+        "suggest", help="write a least-privilege policy from recorded traffic or the audit trail",
+        description="One rule per identity, allowing what it was seen doing and nothing more. "
+                    "Check it with 'policy replay --policy SUGGESTED RECORDING...' before enforcing it.",
+    )
+    suggest.add_argument("recordings", nargs="*", type=Path, metavar="RECORDING",
+                         help=".mitm files or directories of them (or give --audit)")
+    suggest.add_argument("--audit", type=Path, metavar="FILE", help="read the audit trail instead of recordings")
+    suggest.add_argument("--base", type=Path, metavar="POLICY",
+                         help="keep this policy's identity, upstreams, masking, approvals and deny rules")
+    suggest.add_argument("--principal", metavar="NAME", help="only this identity: display name, app id or object "
+                         "id (* and ? match)")
+    suggest.add_argument("--since", metavar="TIME", help="from this time (inclusive): 2026-11-28, "
+                         "2026-11-28T09:30Z or a time ago (15m, 2h, 7d)")
+    suggest.add_argument("--until", metavar="TIME", help="to this time (exclusive)")
+    suggest.add_argument("--include-denied", action="store_true",
+                         help="also allow what was refused (off: a refused request is never suggested)")
+    suggest.add_argument("--widen", action="store_true",
+                         help="allow whole collections (/v1.0/users/**) instead of the templates seen")
+    suggest.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here instead of stdout")
+    suggest.set_defaults(handler=cmd_suggest)
 
 
 def _instant(text: str) -> datetime:
@@ -131,26 +175,83 @@ def cmd_schema(args, out: TextIO | None = None) -> int:
 # --- lint -----------------------------------------------------------------------------------------
 
 
+def _lint_environ(path: Path | None = None):
+    """Checking a policy (lint, explain, replay, suggest's base) never needs the pseudonym key."""
+    from nhi_gateway.policy.lint import LintEnvironment
+
+    return LintEnvironment()
+
+
 def cmd_lint(args, out: TextIO | None = None) -> int:
+    from nhi_gateway.policy.lint import all_errors, broad_rules, report_warnings
+
     out = out or sys.stdout
     status = 0
     for path in args.files:
-        try:
-            policy = load_policy(path)
-        except PolicyError as e:
-            print(str(e), file=out)
+        environ = _lint_environ(path)
+        errors = all_errors(path, environ)
+        if errors:
+            for e in errors:
+                print(str(e), file=out)
+            print(f"{path}: {_count(len(errors), 'error')}", file=out)
             status = 1
             continue
-        warnings = policy_warnings(policy)
+        policy = load_policy(path, environ=environ)
+        found = (policy_warnings(policy) + unresolvable_object_warnings(policy) + broad_rules(policy)
+                 + report_warnings(policy))
+        warnings = sorted(found, key=lambda w: (w.line, w.column))
         for w in warnings:
             print(f"{path}:{w.line}:{w.column}: warning: {w.message}", file=out)
             if w.hint:
                 print(f"  hint: {w.hint}", file=out)
+        for name in environ.missing:
+            print(f"{path}: note: {name} is not set here, so the pseudonym key was not checked (a placeholder "
+                  f"stood in); the gateway needs it, at least 16 bytes, to load this policy", file=out)
+        reporting = report_rules(policy)
+        if reporting:
+            print(f"{path}: note: {_count(len(reporting), 'rule')} only report{'s' * (len(reporting) == 1)} "
+                  f"(mode: report), refusing and "
+                  f"holding nothing: {', '.join(reporting)}", file=out)
+        if policy.report_default:
+            print(f"{path}: note: mode: report: a request no rule allows is forwarded and reported", file=out)
         if warnings and args.strict:
             status = 1
         counted = f", {_count(len(warnings), 'warning')}" if warnings else ""
         print(f"{path}: ok: {summary(policy)}{counted}", file=out)
     return status
+
+
+def report_rules(policy: Policy) -> list[str]:
+    """Ids of the rules that only report (mode: report)."""
+    return [r.id for r in policy.rules if r.report_only]
+
+
+def unresolvable_object_warnings(policy: Policy, environ=None) -> list[PolicyWarning]:
+    """Rules that name objects by id, when this deployment has no Graph credential to learn which
+    object an alternate key (appId, uniqueName, a UPN, directoryObjects) names: such requests are
+    refused (503). The credential is read as ``nhi-gateway run`` reads it, from the environment."""
+    from nhi_gateway.identity.groups import CredentialError, credential_from_settings
+    from nhi_gateway.policy.objects import literal_object_rules
+
+    try:
+        configured = credential_from_settings(environ=os.environ if environ is None else environ) is not None
+    except CredentialError:
+        configured = False
+    if configured:
+        return []
+    out, seen = [], set()
+    for rule, pattern in literal_object_rules(policy):
+        if rule.id in seen:
+            continue
+        seen.add(rule.id)
+        out.append(PolicyWarning(
+            rule.line, rule.column,
+            f"rule '{rule.id}' names an object by id ({pattern}), and no Graph credential is configured: "
+            "requests that name that object by an alternate key (appId, uniqueName, a UPN, "
+            "/directoryObjects/{id}) cannot be resolved and are refused (503)",
+            "configure the gateway's Graph credential (NHI_GRAPH_CLIENT_ID, NHI_GRAPH_TENANT_ID and "
+            "NHI_GRAPH_CERTIFICATE), or name objects with {id} and narrow the rule by `when`"))
+    return out
 
 
 def _count(n: int, noun: str) -> str:
@@ -333,7 +434,7 @@ def describe_principal(p: Principal | None) -> str:
 def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        policy = load_policy(args.file)
+        policy = load_policy(args.file, environ=_lint_environ(args.file))
     except PolicyError as e:
         print(str(e), file=err)
         return EXIT_USAGE
@@ -363,6 +464,20 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
         print(f"decision:  DENY before any rule ({gate.stage} stage, {gate.status} {gate.code})", file=out)
         print(f"reason:    {gate.reason}", file=out)
         return EXIT_DENY
+    from nhi_gateway.policy.batch import names_batch
+
+    if names_batch(op):
+        return _explain_batch(args, policy, who, op, at, out, err)
+
+    from nhi_gateway.policy.objects import deciding_rules, object_key
+
+    key = object_key(op)
+    rules = deciding_rules(policy, who.principal, op, key) if key is not None else []
+    if rules:
+        # The gateway would first ask Graph which object this is; explain has no Graph to ask.
+        print(f"object:    {key.describe()}: the gateway resolves it with its Graph credential because "
+              f"rule(s) {', '.join(repr(r.id) for r in rules)} could decide it otherwise (and refuses 503 "
+              "when it cannot); below: the decision for this spelling, before that", file=out)
     decision, outcomes = policy.explain(who.principal, op, at)
     rule = policy.rule(decision.rule_id) if decision.rule_id else None
     where = f" ({policy.source}:{rule.line}:{rule.column})" if rule else ""
@@ -389,10 +504,43 @@ def cmd_explain(args, out: TextIO | None = None, err: TextIO | None = None) -> i
             }[o.outcome].format(o.detail)
             if o.outcome is Outcome.APPLIES and o.detail:
                 note += f": {o.detail}"
-            print(f"  {mark} {o.rule.id:<{width}}  {o.rule.action:<7}  line {o.rule.line:<5} {note}", file=out)
+            action = f"{o.rule.action}{' (reports only)' if o.rule.report_only else ''}"
+            print(f"  {mark} {o.rule.id:<{width}}  {action:<7}  line {o.rule.line:<5} {note}", file=out)
     else:
         print("rules naming this caller and operation: none", file=out)
     return {Action.ALLOW: EXIT_ALLOW, Action.DENY: EXIT_DENY, Action.APPROVE: EXIT_APPROVE}[decision.action]
+
+
+def _explain_batch(args, policy: Policy, who: ExplainedPrincipal, op: Operation, at: datetime,
+                   out: TextIO, err: TextIO) -> int:
+    """A ``$batch`` needs no rule of its own: it is judged from its body, as the gateway does."""
+    from nhi_gateway.policy.batch import judge_batch
+
+    if args.body is None:
+        print("nhi-gateway policy explain: a $batch is judged by its inner requests: give its body with "
+              "--body FILE", file=err)
+        return EXIT_USAGE
+    try:
+        raw = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
+    except OSError as e:
+        print(f"nhi-gateway policy explain: {args.body}: {e.strerror or e}", file=err)
+        return EXIT_USAGE
+    decision = judge_batch(_DecidingAt(policy, at), who.principal, op, raw, args.content_type)
+    inner = decision.extra.get("batch") or []
+    verdict = "ALLOW" if decision.allowed else "DENY"
+    status = "" if decision.allowed else f" ({decision.status} {decision.code})"
+    print(f"decision:  {verdict}{status}: the batch goes to Graph only when every inner request is allowed",
+          file=out)
+    print(f"reason:    {decision.reason}", file=out)
+    if inner:
+        print("inner requests, each judged as if sent alone:", file=out)
+        width = max(len(str(e.get("id", ""))) for e in inner)
+        for e in inner:
+            rule = f" rule '{e['rule']}'" if e.get("rule") else ""
+            print(f"  {str(e.get('id', '')):<{width}}  {str(e.get('decision', '?')).upper():<7}  "
+                  f"{e.get('operation') or (str(e.get('method', '')) + ' ' + str(e.get('url', '')))}{rule}: "
+                  f"{e.get('reason', '')}", file=out)
+    return EXIT_ALLOW if decision.allowed else EXIT_DENY
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -462,6 +610,8 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         old = Decision.from_dict(raw)
     except (KeyError, ValueError, TypeError) as e:
         return Replayed(**base, skipped=f"the recorded decision cannot be read ({e!r})")
+    # Report mode: compare what the rules said, not whether it was forwarded.
+    old = old.verdict()
     try:
         principal = Principal.from_dict(old.principal) if old.principal else None
     except ValueError as e:
@@ -471,12 +621,23 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
     if old.stage is Stage.IDENTITY:
         return Replayed(**base, old=old, skipped=f"refused at the identity stage ({old.check or old.code}) "
                         "before any rule")
+    if old.check == "approvals_api" or "approvals_api" in old.extra or r.host.lower() == APPROVALS_API_HOST:
+        return Replayed(**base, old=old, skipped="a call to the gateway's approval API: decided by its "
+                        "approvers and their tokens, not by the rules")
     if old.stage in (Stage.GUARD, Stage.ERROR):
         return Replayed(**base, old=old, skipped=f"refused by the gateway's {old.stage} stage, not by the policy")
     if old.stage is Stage.POLICY and old.check == "operation":
         return Replayed(**base, old=old, skipped=f"refused before the rules ({old.check}): {old.reason}")
     compare_mask = True
-    if old.stage is Stage.MASKING:
+    approval = old.extra.get("approval") if isinstance(old.extra, dict) else None
+    if isinstance(approval, dict) and "state" in approval:
+        # A person approved or refused it (or nobody answered): the rules' part was "approve".
+        # Compare that, not what the person made of it, so an unchanged policy changes nothing.
+        old = Decision(Action.APPROVE, Stage.POLICY, f"approval {approval.get('state')} "
+                       f"({approval.get('id', '?')})", rule_id=old.rule_id, operation=old.operation,
+                       principal=old.principal, mask_profile=old.mask_profile, extra=old.extra)
+        compare_mask = False
+    elif old.stage is Stage.MASKING:
         # The rules allowed it; the response was withheld afterwards. Compare the rules' part.
         old = Decision(Action.ALLOW, Stage.POLICY, "allowed, then withheld by masking", rule_id=old.rule_id,
                        operation=old.operation, principal=old.principal)
@@ -501,7 +662,11 @@ def replay_flow(flow, policy: Policy, source: str, at: datetime | None) -> Repla
         # every inner request as if sent alone, as the gateway does.
         new = _rejudge_batch(policy, principal, op, flow, at)
         return Replayed(**base, old=old, new=new, compare_mask=False)
-    new = policy.decide(principal, op, at)
+    from nhi_gateway.policy.objects import OBJECTS_KEY, ObjectDecider
+
+    # The objects the gateway resolved for this request (alternate keys), as it judged them, for
+    # every token the request presented.
+    new = decider_for(ObjectDecider(policy, flow.metadata.get(OBJECTS_KEY)), principal).decide(principal, op, at).verdict()
     grant = old.extra.get("grant") if isinstance(old.extra, dict) else None
     if new.allowed and isinstance(grant, dict):
         new = _rejudge_grant(policy, new, grant)
@@ -519,12 +684,20 @@ class _DecidingAt:
         return self.policy.decide(principal, op, self.at)
 
 
+@dataclass(frozen=True)
+class _VerdictAt(_DecidingAt):
+    """For replay: what the rules say of each inner request, report mode or not."""
+
+    def decide(self, principal: Principal | None, op: Operation) -> Decision:
+        return self.policy.decide(principal, op, self.at).verdict()
+
+
 def _rejudge_batch(policy: Policy, principal: Principal | None, op: Operation, flow, at: datetime) -> Decision:
     from nhi_gateway.policy.batch import judge_batch
 
     r = flow.request
     encoding = ",".join(r.headers.get_all("content-encoding"))
-    return judge_batch(_DecidingAt(policy, at), principal, op, r.raw_content or b"",
+    return judge_batch(_VerdictAt(decider_for(policy, principal), at), principal, op, r.raw_content or b"",
                        r.headers.get("content-type", ""), encoding)
 
 
@@ -558,7 +731,7 @@ def _outcome(d: Decision | None) -> str:
 def cmd_replay(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(args.policy, environ=_lint_environ(args.policy))
         files = recording_files(args.recordings)
     except PolicyError as e:
         print(str(e), file=err)
@@ -598,3 +771,82 @@ def cmd_replay(args, out: TextIO | None = None, err: TextIO | None = None) -> in
         file=out,
     )
     return EXIT_CHANGED if changed else EXIT_UNCHANGED
+
+
+# --- suggest --------------------------------------------------------------------------------------
+
+
+def read_observations(recordings: list[Path], audit: Path | None) -> tuple[list, str]:
+    """What the gateway decided, from recordings (files or directories) or the audit trail, and
+    a few words naming the source. Raises :class:`UsageError`."""
+    from nhi_gateway.policy.observed import from_audit_records, from_flow
+    from nhi_gateway.recording.audit import read_records
+
+    if bool(recordings) == bool(audit):
+        raise UsageError("give recordings (files or directories) or --audit FILE, one of the two")
+    try:
+        if audit:
+            records = (rec for _, _, rec in read_records(audit) if rec is not None)
+            return list(from_audit_records(records, str(audit))), str(audit)
+        files = recording_files(recordings)
+        observations = []
+        for path in files:
+            observations += [o for o in (from_flow(f, str(path)) for f in read_flows(path)) if o is not None]
+        return observations, _count(len(files), "recording")
+    except OSError as e:
+        raise UsageError(f"{e.filename}: {e.strerror or e}") from None
+
+
+def time_window(args) -> tuple[datetime | None, datetime | None]:
+    from nhi_gateway.recording.audit import parse_time
+
+    try:
+        return (parse_time(args.since) if args.since else None, parse_time(args.until) if args.until else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_suggest(args, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from nhi_gateway.policy.observed import ObservationFilter
+    from nhi_gateway.policy.suggest import suggest_policy
+
+    out, err = out or sys.stdout, err or sys.stderr
+
+    def fail(message: str) -> int:
+        print(f"nhi-gateway policy suggest: {message}", file=err)
+        return EXIT_USAGE
+
+    try:
+        since, until = time_window(args)
+    except UsageError as e:
+        return fail(str(e))
+    if args.base is not None:
+        try:
+            load_policy(args.base, environ=_lint_environ(args.base))
+        except PolicyError as e:
+            print(str(e), file=err)
+            return EXIT_USAGE
+    try:
+        observations, sources = read_observations(args.recordings, args.audit)
+    except UsageError as e:
+        return fail(str(e))
+    wanted = ObservationFilter(args.principal, since, until, args.include_denied)
+    kept = wanted.apply(observations)
+    if not kept:
+        return fail(f"no {'' if args.include_denied else 'allowed '}requests match in {sources} "
+                    f"({_count(len(observations), 'request')} read)")
+    header = (f"Suggested by nhi-gateway policy suggest from {sources}: {_count(len(kept), 'request')}"
+              + (" (refused ones included)" if args.include_denied else "")
+              + (f", principal {args.principal}" if args.principal else "")
+              + (f", since {since.isoformat()}" if since else "") + (f", until {until.isoformat()}" if until else "")
+              + ".\nBefore enforcing it: nhi-gateway policy lint FILE; nhi-gateway policy replay --policy FILE "
+                "RECORDING...")
+    suggestion = suggest_policy(kept, base=args.base, widen=args.widen, header=header)
+    if args.output:
+        args.output.write_text(suggestion.text)
+        print(f"wrote {args.output}: {_count(suggestion.rules, 'suggested rule')} from "
+              f"{_count(len(kept), 'request')}" + ("" if suggestion.allow_select else
+              "; $select properties seen are comments (this gateway has no odata.allow_select)"), file=err)
+    else:
+        out.write(suggestion.text)
+    return 0

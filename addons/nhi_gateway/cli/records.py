@@ -276,9 +276,27 @@ def cmd_audit(args) -> int:
     path = _audit_file(args, words)
     if path is None:
         return _fail("expected at most one FILE")
+    if verify and path.is_dir():
+        return audit_verify_all(path, args.expect_head)
+    if verify and not words and not path.exists() and list(path.parent.glob("audit.w*.jsonl")):
+        return audit_verify_all(path.parent, args.expect_head)  # a gateway run with --workers N
     if not path.is_file():
         return _fail(f"{path}: no such audit file (pass FILE, or --recordings DIR of a gateway)")
     return audit_verify(path, args.expect_head) if verify else audit_show(args, path)
+
+
+def audit_verify_all(directory: Path, expect_head: str | None) -> int:
+    """Every audit chain in a directory (one per worker of ``run --workers N``): the worst result."""
+    trails = sorted(directory.glob("audit*.jsonl"))
+    if not trails:
+        return _fail(f"{directory}: no audit*.jsonl files in it")
+    if expect_head and len(trails) > 1:
+        return _fail("--expect-head names one chain's head: give that chain's FILE")
+    codes = [audit_verify(path, expect_head) for path in trails]
+    for worst in (CHAIN_BROKEN, USAGE, TORN_TAIL_ONLY):  # a broken chain outweighs a torn tail
+        if worst in codes:
+            return worst
+    return CHAIN_INTACT
 
 
 def audit_verify(path: Path, expect_head: str | None = None) -> int:

@@ -83,20 +83,29 @@ def free_address(option: str, host: str, port: int) -> str | None:
 
 def run_problems(args) -> list[str]:
     """Everything wrong with ``run``'s options, each naming its option."""
+    # A worker of --workers N binds ports its siblings hold (SO_REUSEPORT): its parent checked them.
+    worker = getattr(args, "worker", None) is not None
     checks = [
         writable_directory("--confdir", args.confdir),
         writable_directory("--recordings", args.recordings),
-        free_address("--listen", *args.listen),
+        None if worker else free_address("--listen", *args.listen),
     ]
     if args.audit is not None:
         checks.append(file_in_writable_directory("--audit", args.audit))
     if args.approvals_db is not None:
         checks.append(file_in_writable_directory("--approvals-db", args.approvals_db))
+    state = getattr(args, "state", None)
+    if state is not None and args.approvals_db is not None:
+        checks.append("--state and --approvals-db both say where approvals live: give one of them")
+    elif state is not None and state.kind == "sqlite":
+        checks.append(file_in_writable_directory("--state", Path(state.location)))
     if args.ready_file is not None:
         checks.append(file_in_writable_directory("--ready-file", args.ready_file))
     if args.upstream_ca is not None:
         checks.append(readable_ca_bundle("--upstream-ca", args.upstream_ca))
-    if args.approvals_listen is not None:
+    if worker:
+        pass
+    elif args.approvals_listen is not None:
         checks.append(free_address("--approvals-listen", *args.approvals_listen))
     elif args.listen[1]:
         host, port = args.listen

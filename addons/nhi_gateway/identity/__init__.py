@@ -1,6 +1,7 @@
 """Identity: who is calling.
 
-Verifies Entra-issued tokens as an OIDC relying party (``tokens``) against the issuers' signing
+Accepts a token only in the compact JWS form (``token_form``), verifies Entra-issued tokens as an
+OIDC relying party (``tokens``) against the issuers' signing
 keys (``signing_keys``), resolves the caller into a ``Principal`` (``principal``), looks up group
 membership with the gateway's own Graph credential (``groups``), and classifies requests to the
 token endpoint (``token_requests``).

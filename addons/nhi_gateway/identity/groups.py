@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.objects import object_key
 from nhi_gateway.policy.model import OperationMatch, Policy, PrincipalMatch
 from nhi_gateway.identity.principal import Principal
 
@@ -237,6 +238,9 @@ class GroupRules:
         if op.segments and op.segments[-1] == "$batch":
             # The inner requests of a batch are judged one by one: any of them may meet a group rule.
             return True
+        if object_key(op) is not None:
+            # Named by an alternate key: the rules judge the object, whose path is not known yet.
+            return True
         return any(when.matches(principal) and any(o.matches(op) for o in ops) for when, ops in self._rules)
 
 
@@ -260,6 +264,8 @@ class GraphTransport(Protocol):
         json_body: object = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, object]: ...
+
+    async def get_json_status(self, url: str, *, headers: Mapping[str, str] | None = None) -> tuple[int, object]: ...
 
 
 class SingleFlight:
@@ -389,6 +395,22 @@ class GroupResolver:
         if self._token is not None and self._token[1] > self._clock():
             return self._token[0]
         return await self._flights.run("token", self._request_token)
+
+    # The same credential and token serve the gateway's other Graph lookups (policy/objects.py).
+
+    @property
+    def graph_url(self) -> str:
+        return self._graph_url
+
+    async def access_token(self) -> str:
+        """The gateway's own Graph token; raises GroupLookupFailed when it cannot be had."""
+        return await self._access_token()
+
+    def drop_token(self, token: str) -> None:
+        self._drop_token(token)
+
+    async def get_json(self, url: str, token: str) -> tuple[int, object]:
+        return await self.transport.get_json_status(url, headers={"Authorization": f"Bearer {token}"})
 
     def _drop_token(self, token: str) -> None:
         if self._token is not None and self._token[0] == token:

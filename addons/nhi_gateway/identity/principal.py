@@ -51,6 +51,29 @@ class Principal:
     managed_identity: str = ""  # xms_mirid, when the caller is a managed identity
     expires_at: int = 0
     token_id: str = field(default="", compare=False)  # uti: lets an audit line name the token without holding it
+    # Every token the request presented, each verified on its own with its own source (empty: this
+    # one only). The policy must allow the request for each of them; audit lines name them all.
+    presented: tuple[Principal, ...] = field(default=(), compare=False, repr=False)
+
+    def every_token(self) -> tuple[Principal, ...]:
+        return self.presented or (self,)
+
+    def token_summary(self) -> dict:
+        """One presented token, for audit lines: whose it is and how it was obtained."""
+        return {
+            "source": str(self.token_sources[0]) if self.token_sources else "",
+            "object_id": self.object_id,
+            "app_id": self.app_id,
+            "display_name": self.display_name,
+            "auth_method": str(self.auth_method),
+            "app_only": self.app_only,
+            "managed_identity": self.managed_identity,
+            "roles": list(self.roles),
+            "scopes": list(self.scopes),
+            "issuer": self.issuer,
+            "token_version": self.token_version,
+            "token_id": self.token_id,
+        }
 
     @property
     def key(self) -> tuple[str, str]:
@@ -79,6 +102,7 @@ class Principal:
             "token_version": self.token_version,
             "managed_identity": self.managed_identity,
             "token_id": self.token_id,
+            **({"tokens": [p.token_summary() for p in self.presented]} if self.presented else {}),
         }
 
     @classmethod
@@ -114,6 +138,13 @@ class Principal:
         expires_at = d.get("expires_at", 0)
         if isinstance(expires_at, bool) or not isinstance(expires_at, int):
             raise ValueError("principal 'expires_at' must be a whole number")
+        tokens = d.get("tokens") or []
+        if not isinstance(tokens, list) or not all(isinstance(t, dict) for t in tokens):
+            raise ValueError("principal 'tokens' must be a list of mappings")
+        # Each presented token, as token_summary() wrote it: the tenant and groups are the
+        # request's (the tokens name one principal, and groups are resolved for it).
+        presented = tuple(cls.from_dict({**t, "tenant_id": d.get("tenant_id"), "groups": d.get("groups") or [],
+                                         "token_sources": [t.get("source")], "tokens": []}) for t in tokens)
         return cls(
             tenant_id=text("tenant_id", required=True),
             object_id=text("object_id", required=True),
@@ -130,6 +161,7 @@ class Principal:
             managed_identity=text("managed_identity"),
             expires_at=expires_at,
             token_id=text("token_id"),
+            presented=presented,
         )
 
     def with_sources(self, sources: tuple[TokenSource, ...]) -> Principal:

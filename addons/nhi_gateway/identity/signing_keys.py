@@ -30,6 +30,9 @@ FetchJson = Callable[[str], Awaitable[dict]]
 # Entra kids are 27 characters (base64url SHA-1); anything far longer is noise or an attack.
 MAX_KID_LENGTH = 128
 MAX_KEYS_PER_SET = 100
+# Microsoft: refresh on an unknown kid, but at most once per 5 minutes (`nhi-gateway run
+# --unknown-kid-refresh` changes it).
+DEFAULT_UNKNOWN_KID_INTERVAL = 300.0
 
 
 class KeysUnavailable(Exception):
@@ -89,6 +92,12 @@ def parse_jwks(jwks: object) -> dict[str, SigningKey]:
     return keys
 
 
+def _same_key(a: SigningKey | None, b: SigningKey | None) -> bool:
+    if a is None or b is None:
+        return False
+    return a.issuer == b.issuer and a.public_key.public_numbers() == b.public_key.public_numbers()
+
+
 class KeyStore:
     def __init__(
         self,
@@ -96,7 +105,7 @@ class KeyStore:
         *,
         refresh_after: float = 3600.0,
         max_age: float = 24 * 3600.0,
-        unknown_kid_interval: float = 300.0,
+        unknown_kid_interval: float = DEFAULT_UNKNOWN_KID_INTERVAL,
         retry_after_failure: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -184,9 +193,16 @@ class KeyStore:
                     "keeping the last good set" if keyset.keys else "no keys cached",
                 )
                 return
-            keyset.keys = keys
+            # A key the set still publishes unchanged stays the same object, so verdicts cached on it
+            # hold; a kid that is gone, or that now names other material, is no longer handed out.
+            removed = sorted(kid for kid, k in keyset.keys.items() if not _same_key(k, keys.get(kid)))
+            keyset.keys = {kid: keyset.keys[kid] if _same_key(keyset.keys.get(kid), k) else k
+                           for kid, k in keys.items()}
             keyset.fetched_at = self._clock()
             logger.info("signing keys from %s: %s", metadata_url, ", ".join(sorted(keys)))
+            if removed:
+                logger.warning("signing keys withdrawn by %s: %s; tokens they signed are refused from now on, "
+                               "cached or not", metadata_url, ", ".join(removed))
 
     async def _fetch(self, metadata_url: str, expected_issuer: str) -> dict[str, SigningKey]:
         metadata = await self._fetch_json(metadata_url)

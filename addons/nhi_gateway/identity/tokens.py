@@ -15,13 +15,15 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import jwt
 
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
-from nhi_gateway.identity.signing_keys import KeyStore, KeysUnavailable, UnknownKey
+from nhi_gateway.identity.token_form import NOT_COMPACT, is_compact_jws
+from nhi_gateway.identity.signing_keys import KeyStore, KeysUnavailable, SigningKey, UnknownKey
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,15 @@ ALGORITHMS = ["RS256"]  # Entra signs access tokens with RS256 only; never deriv
 KEY_CARRYING_HEADERS = ("jku", "x5u", "jwk", "x5c")
 REQUIRED_TIME_CLAIMS = ("exp", "nbf", "iat")
 CACHE_MARGIN_SECONDS = 5  # a cached verdict ends this long before the token's own expiry
+# Limits on the JSON of the header and the payload, checked on the bytes before any parsing, so
+# that the answer never depends on the json module or the recursion limit of one Python version.
+# Entra's deepest claim (_claim_sources.src1.endpoint) sits three levels down; 200 group ids (the
+# most Entra puts in a token) are about 7.8 KiB; no single string it writes comes near 4 KiB.
+MAX_JSON_DEPTH = 8
+MAX_CLAIM_BYTES = 8 * 1024  # one top-level member's value, as compact ASCII JSON
+MAX_STRING_BYTES = 4 * 1024  # one JSON string, as written (escapes counted as written)
+# Group overage markers: Entra writes them for users only; on an app-only token they are forged.
+OVERAGE_CLAIMS = ("_claim_names", "_claim_sources", "hasgroups")
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -38,6 +49,16 @@ _KID = re.compile(r"^[A-Za-z0-9_\-+/=.]{1,128}$")
 # The nonce is matched as the exact JSON member Entra writes; escapes would make the byte-level
 # replacement ambiguous, so a nonce that needs them is refused.
 _NONCE_MEMBER = re.compile(rb'"nonce"\s*:\s*"([^"\\]*)"')
+# A JSON string as written: to its closing quote or, unterminated, to the end (json.loads refuses
+# it later). The possessive quantifier never backtracks, so hostile quotes and escapes cost linear
+# time. With the strings set aside, what is left cannot hide a bracket.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = [0] * 256
+for _b in b"[{":
+    _BRACKET_STEP[_b] = 1
+for _b in b"]}":
+    _BRACKET_STEP[_b] = -1
 
 
 class TokenRejected(Exception):
@@ -84,13 +105,52 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def check_json_shape(data: bytes, what: str) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings larger than MAX_STRING_BYTES, reading
+    the bytes only, before any parser runs (every step runs in C: a hostile token costs linear
+    time). Top-level claims larger than MAX_CLAIM_BYTES are refused by :func:`_check_claim_sizes`."""
+    strings = _JSON_STRING.findall(data)
+    if strings and max(map(len, strings)) - 2 > MAX_STRING_BYTES:
+        raise TokenRejected("claim_size", f"token {what} holds a string larger than {MAX_STRING_BYTES} bytes")
+    brackets = _JSON_STRING.sub(b'""', data).translate(None, _NOT_A_BRACKET)
+    if brackets and max(accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > MAX_JSON_DEPTH:
+        raise TokenRejected("nesting", f"token {what} nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_claim_sizes(members: dict, what: str) -> None:
+    """Once the nesting is known to be shallow, json.loads gives the same members on every Python:
+    each is measured as compact JSON."""
+    for name, value in members.items():
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            # ASCII-escaped: a lone surrogate (valid JSON, not UTF-8) is measured, not raised on.
+            size = len(json.dumps(value, separators=(",", ":")))
+            if size > MAX_CLAIM_BYTES:
+                raise TokenRejected("claim_size", f"token {what} member {name[:40]!r} is larger than "
+                                                  f"{MAX_CLAIM_BYTES} bytes")
+
+
+def _no_duplicate_members(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal names; another parser may keep the first. A token
+    # that says two things about one claim (or one header member) is refused, never read.
+    out: dict = {}
+    for name, value in pairs:
+        if name in out:
+            raise TokenRejected("duplicate_member", f"token names member {name[:40]!r} more than once")
+        out[name] = value
+    return out
+
+
 def _json_object(data: bytes, what: str) -> dict:
+    check_json_shape(data, what)
     try:
-        value = json.loads(data)
+        value = json.loads(data, object_pairs_hook=_no_duplicate_members)
+    except TokenRejected as e:
+        raise TokenRejected(e.check, e.message.replace("token names", f"token {what} names")) from None
     except (ValueError, RecursionError) as e:
         raise TokenRejected("format", f"token {what} is not JSON") from e
     if not isinstance(value, dict):
         raise TokenRejected("format", f"token {what} is not a JSON object")
+    _check_claim_sizes(value, what)
     return value
 
 
@@ -144,6 +204,40 @@ def _check_claim_types(claims: dict) -> None:
             raise TokenRejected("claims", f"claim '{name}' must be a string")
     if not _GUID.match(claims["oid"]):
         raise TokenRejected("claims", "claim 'oid' must be a GUID")
+    idtyp = claims.get("idtyp")
+    if idtyp is not None and not isinstance(idtyp, str):
+        raise TokenRejected("claims", "claim 'idtyp' must be a string")
+    if "scp" in claims and not isinstance(claims["scp"], str):
+        raise TokenRejected("claims", "claim 'scp' must be a string")
+
+
+def _check_consistency(claims: dict) -> None:
+    """Refuse tokens whose claims contradict each other, whoever signed them: an app-only token
+    carries no delegated scopes and no group overage markers (Entra writes those for users only,
+    and an overage pointer is never followed)."""
+    idtyp = claims.get("idtyp")
+    if idtyp == "app" and "scp" in claims:
+        raise TokenRejected("contradiction", "token says it is app-only (idtyp: app) and carries delegated scopes (scp)")
+    if _is_app_only(claims):
+        found = [name for name in OVERAGE_CLAIMS if name in claims]
+        if found:
+            raise TokenRejected("contradiction", f"app-only token carries group overage markers "
+                                                 f"({', '.join(found)}), which Entra writes for users only")
+
+
+def _is_app_only(claims: dict) -> bool:
+    idtyp = claims.get("idtyp")
+    return idtyp == "app" if isinstance(idtyp, str) else not claims.get("scp")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """A verified token's principal and the key that verified it (a verdict lives no longer)."""
+
+    principal: Principal
+    metadata_url: str
+    issuer: str
+    key: SigningKey
 
 
 class TokenVerifier:
@@ -156,7 +250,7 @@ class TokenVerifier:
     ) -> None:
         self.keys = keys
         self._clock = clock
-        self._cache: OrderedDict[tuple, Principal] = OrderedDict()
+        self._cache: OrderedDict[tuple, _Verdict] = OrderedDict()
         self.cache_size = cache_size
         self.signature_checks = 0  # how many tokens were checked cryptographically (for tests and bench)
 
@@ -164,24 +258,38 @@ class TokenVerifier:
         """A Principal for ``token``, or TokenRejected / KeysUnavailable."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
             raise TokenRejected("size", f"token is larger than {MAX_TOKEN_BYTES} bytes")
+        if not is_compact_jws(token):  # before the cache and any library: see identity/token_form.py
+            raise TokenRejected("format", NOT_COMPACT)
         cache_key = (hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest(), trust)
         now = self._clock()
         cached = self._cache.get(cache_key)
         if cached is not None:
-            if cached.expires_at - CACHE_MARGIN_SECONDS > now:
+            if cached.principal.expires_at - CACHE_MARGIN_SECONDS > now and await self._key_still_published(cached):
                 self._cache.move_to_end(cache_key)
-                return cached.with_sources((source,))
+                p = cached.principal
+                return p if p.token_sources == (source,) else p.with_sources((source,))
             del self._cache[cache_key]
 
-        principal = await self._verify_uncached(token, source, trust, now)
-        self._cache[cache_key] = principal
+        principal, verified_by = await self._verify_uncached(token, source, trust, now)
+        self._cache[cache_key] = _Verdict(principal, *verified_by)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return principal
 
+    async def _key_still_published(self, verdict: _Verdict) -> bool:
+        """A cached verdict lasts only as long as the key that verified it: the key store's lookup
+        (which refreshes the set on its schedule) must still hand out that very key. A kid that a
+        refresh dropped (an emergency rollover) or republished with other material sends the token
+        back to a full verification, which refuses it."""
+        try:
+            key = await self.keys.key(verdict.metadata_url, verdict.issuer, verdict.key.kid)
+        except UnknownKey:
+            return False
+        return key is verdict.key
+
     async def _verify_uncached(
         self, token: str, source: TokenSource, trust: TrustSettings, now: float
-    ) -> Principal:
+    ) -> tuple[Principal, tuple[str, str, SigningKey]]:
         if not token.isascii():
             raise TokenRejected("format", "token is not ASCII")
         parts = token.split(".")
@@ -194,6 +302,7 @@ class TokenVerifier:
             raise TokenRejected("format", "token is not signed")
         claims = _json_object(_b64decode(parts[1]), "payload")
         _check_claim_types(claims)
+        _check_consistency(claims)
 
         tenant_id = claims["tid"].lower()
         if not _GUID.match(tenant_id) or tenant_id not in trust.tenants:
@@ -203,8 +312,9 @@ class TokenVerifier:
             raise TokenRejected("issuer", "token issuer is not trusted for its tenant")
         expected_issuer = issuer.issuer_for(tenant_id)
 
+        metadata_url = issuer.metadata_for(tenant_id)
         try:
-            key = await self.keys.key(issuer.metadata_for(tenant_id), expected_issuer, kid)
+            key = await self.keys.key(metadata_url, expected_issuer, kid)
         except UnknownKey as e:
             raise TokenRejected("kid", str(e)) from e
         # KeysUnavailable propagates: the caller answers 503 (fail closed, and says why).
@@ -241,7 +351,7 @@ class TokenVerifier:
         except Exception as e:  # never let a token turn into a 5xx
             raise TokenRejected("token", "token could not be verified") from e
 
-        return principal_from_claims(claims, source, expected_issuer)
+        return principal_from_claims(claims, source, expected_issuer), (metadata_url, expected_issuer, key)
 
 
 def principal_from_claims(claims: dict, source: TokenSource, issuer: str) -> Principal:
@@ -255,8 +365,7 @@ def principal_from_claims(claims: dict, source: TokenSource, issuer: str) -> Pri
     scopes = claims.get("scp", "")
     if not isinstance(scopes, str):
         raise TokenRejected("claims", "claim 'scp' must be a string")
-    idtyp = claims.get("idtyp")
-    app_only = idtyp == "app" if isinstance(idtyp, str) else not scopes
+    app_only = _is_app_only(claims)
     display = claims.get("app_displayname")
     mirid = claims.get("xms_mirid")
     return Principal(
@@ -285,6 +394,7 @@ __all__ = [
     "TokenRejected",
     "TokenVerifier",
     "TrustSettings",
+    "check_json_shape",
     "graph_signing_input_header",
     "principal_from_claims",
 ]

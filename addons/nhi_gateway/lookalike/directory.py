@@ -31,6 +31,9 @@ MCP_DIRECTORY = "mcp-directory"
 ROTATION_BOT = "rotation-bot"
 # The gateway's own registration: it resolves callers' group membership with this credential.
 NHI_GATEWAY = "nhi-gateway"
+# The App ID URI of the gateway's own API: workloads ask for `api://nhi-gateway/.default` to get the
+# token they put in the proxy credentials (v2, aud = the gateway's client id), next to Graph's.
+GATEWAY_API_URI = "api://nhi-gateway"
 
 # The gateway's registration also exposes its approval API (Expose an API: the scope below, App ID
 # URI api://<client id>, v2 tokens) and is a public client that approvers sign in to with the
@@ -348,6 +351,7 @@ class Directory:
         return {
             "id": client.object_id,
             "appId": client.app_id,
+            "uniqueName": client.name,  # an alternate key: applications(uniqueName='...')
             "displayName": client.name,
             "createdDateTime": _CREATED,
             "signInAudience": "AzureADMyOrg",
@@ -369,6 +373,7 @@ class Directory:
                 "appDisplayName": c.name,
                 "appId": c.app_id,
                 "appOwnerOrganizationId": self.tenant_id,
+                "uniqueName": c.name,
                 "displayName": c.name,
                 "servicePrincipalNames": [c.app_id],
                 "servicePrincipalType": "Application",

@@ -5,6 +5,13 @@ There is no network here: the gateway maps the real names to this loopback port 
 Host and SNI, so clients cannot tell the difference in the shapes they see. Every request that
 arrives is noted (header names only) in ``received.jsonl``, so a test can prove that a request the
 gateway refused never got this far.
+
+Tests also need Graph to misbehave, as a compromised or buggy upstream would, to show that the
+gateway still masks. A Graph request may ask for that with headers the look-alike reads and
+real Graph ignores: ``X-LookAlike-Content-Type`` (repeatable: the answer carries each as its own
+``Content-Type`` header instead of Graph's), ``X-LookAlike-Charset`` (the JSON answer written in
+that charset, and named in its Content-Type) and ``X-LookAlike-Header: Name: value`` (repeatable:
+added to the answer).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Host, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nhi_gateway.lookalike.directory import Directory
+from nhi_gateway.lookalike.directory import GATEWAY_API_URI, NHI_GATEWAY, Directory
 from nhi_gateway.lookalike.minting import (
     GRAPH_APP_ID,
     GRAPH_AUDIENCES,
@@ -220,7 +227,24 @@ def build_login_app(lookalike: LookAlike) -> Starlette:
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         return issue_token(lookalike, request.path_params["tenant"], fields, request.headers.get("authorization"))
 
+    async def instance_discovery(request: Request) -> Response:
+        # What MSAL asks of an authority it does not know by name (login.microsoftonline.com it
+        # knows, and skips this): where the tenant's metadata is, and the cloud's host aliases.
+        endpoint = request.query_params.get("authorization_endpoint", "")
+        tenant = urllib.parse.urlsplit(endpoint).path.strip("/").split("/")[0] or "common"
+        return JSONResponse({
+            "tenant_discovery_endpoint": f"{LOGIN_HOST}/{tenant}/v2.0/.well-known/openid-configuration",
+            "api-version": "1.1",
+            "metadata": [{
+                "preferred_network": "login.microsoftonline.com",
+                "preferred_cache": "login.windows.net",
+                "aliases": ["login.microsoftonline.com", "login.windows.net", "login.microsoft.com",
+                            "sts.windows.net"],
+            }],
+        })
+
     return Starlette(routes=[
+        Route("/common/discovery/instance", instance_discovery),
         Route("/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration),
         Route("/{tenant}/.well-known/openid-configuration", openid_configuration),
         Route("/{tenant}/discovery/v2.0/keys", keys),
@@ -386,7 +410,9 @@ def issue_token(lookalike: LookAlike, tenant: str, form: Mapping[str, str], auth
             "(application ID URI).",
         )
     resource = scopes[0].removesuffix("/.default")
-    if resource not in GRAPH_AUDIENCES:
+    gateway_api = lookalike.directory.client_by_name(NHI_GATEWAY)
+    gateway_ids = {GATEWAY_API_URI, gateway_api.app_id}
+    if resource not in GRAPH_AUDIENCES and resource not in gateway_ids:
         return aadsts_error(
             400, "invalid_resource", 500011, f"The resource principal named {resource} was not found in the "
             f"tenant named {tenant}. This can happen if the application has not been installed by the "
@@ -429,19 +455,30 @@ def issue_token(lookalike: LookAlike, tenant: str, form: Mapping[str, str], auth
             "'client_assertion' or 'client_secret'.",
         )
 
-    # Graph's tokens are v1 whichever endpoint issued them: the resource picks the version.
-    access_token = lookalike.authority.mint_app_token(
-        tenant_id=tenant_id,
-        app_id=client.app_id,
-        object_id=client.sp_object_id,
-        audience=GRAPH_APP_ID if resource == GRAPH_APP_ID else GRAPH_RESOURCE,
-        version="1.0",
-        roles=client.roles,
-        display_name=client.name,
-        acr=acr,
-        lifetime=TOKEN_LIFETIME,
-    )
-    logger.info("issued a Graph token to %s (%s), appidacr=%s", client.name, client.sp_object_id, acr)
+    if resource in gateway_ids:
+        # The gateway's own API asks for v2 tokens (requestedAccessTokenVersion 2): aud is its
+        # client id, whichever spelling the scope used; it defines no app roles.
+        access_token = lookalike.authority.mint_app_token(
+            tenant_id=tenant_id, app_id=client.app_id, object_id=client.sp_object_id,
+            audience=gateway_api.app_id, version="2.0", display_name=client.name, acr=acr,
+            lifetime=TOKEN_LIFETIME,
+        )
+        what = "a token for the gateway's API"
+    else:
+        # Graph's tokens are v1 whichever endpoint issued them: the resource picks the version.
+        access_token = lookalike.authority.mint_app_token(
+            tenant_id=tenant_id,
+            app_id=client.app_id,
+            object_id=client.sp_object_id,
+            audience=GRAPH_APP_ID if resource == GRAPH_APP_ID else GRAPH_RESOURCE,
+            version="1.0",
+            roles=client.roles,
+            display_name=client.name,
+            acr=acr,
+            lifetime=TOKEN_LIFETIME,
+        )
+        what = "a Graph token"
+    logger.info("issued %s to %s (%s), appidacr=%s", what, client.name, client.sp_object_id, acr)
     return JSONResponse(
         {"token_type": "Bearer", "expires_in": TOKEN_LIFETIME - 1, "ext_expires_in": TOKEN_LIFETIME - 1,
          "access_token": access_token},
@@ -457,7 +494,13 @@ def _check_client_assertion(
         header = jwt.get_unverified_header(assertion)
     except jwt.PyJWTError:
         return 50027, "JWT token is invalid or malformed."
-    if header.get("x5t#S256") != certificate.x5t_s256 and header.get("x5t") != certificate.x5t:
+    # MSAL writes the thumbprints base64url *with* "=" padding (x5t#S256 from the async
+    # credentials, x5t from the sync ones); Entra accepts either spelling.
+    def thumbprint(name: str) -> str:
+        value = header.get(name)
+        return value.rstrip("=") if isinstance(value, str) else ""
+
+    if thumbprint("x5t#S256") != certificate.x5t_s256 and thumbprint("x5t") != certificate.x5t:
         return 700027, (
             "The certificate with identifier used to sign the client assertion is not registered on application."
         )
@@ -653,21 +696,123 @@ def _collection(call: GraphCall, entity_set: str, type_name: str, items: list[di
     return body
 
 
+# $filter, $orderby and $search on users, in the few forms tests need to show that a caller can
+# learn a property's values from them without ever reading it (an oracle): eq and startswith,
+# joined by "and"; one property to sort by; "property:word" phrases, joined by AND.
+_FILTER_CLAUSE = re.compile(
+    r"\s*(?:startswith\(\s*(?P<sprop>\w+)\s*,\s*'(?P<sval>(?:[^']|'')*)'\s*\)"
+    r"|(?P<eprop>\w+)\s+eq\s+'(?P<eval>(?:[^']|'')*)')\s*", re.IGNORECASE)
+_SEARCH_PHRASE = re.compile(r'"(?P<prop>\w+):(?P<word>[^"]*)"')
+
+
+def _property(user: dict, name: str) -> object:
+    by_lower = {k.lower(): k for k in user}
+    if name.lower() not in by_lower:
+        raise GraphError(400, "BadRequest", f"Could not find a property named '{name}' on type 'microsoft.graph.user'.")
+    return user[by_lower[name.lower()]]
+
+
+def query_users(call: GraphCall, users: list[dict]) -> list[dict]:
+    """``users`` as ``$filter``, ``$search`` and ``$orderby`` select and sort them."""
+    out = list(users)
+    if flt := call.option("filter"):
+        for clause in re.split(r"\s+and\s+", flt, flags=re.IGNORECASE):
+            m = _FILTER_CLAUSE.fullmatch(clause)
+            if not m:
+                raise GraphError(400, "BadRequest", f"Invalid filter clause: {clause}")
+            if m["sprop"]:
+                prop, value = m["sprop"], m["sval"].replace("''", "'").lower()
+                out = [u for u in out if str(_property(u, prop) or "").lower().startswith(value)]
+            else:
+                prop, value = m["eprop"], m["eval"].replace("''", "'").lower()
+                out = [u for u in out if str(_property(u, prop) or "").lower() == value]
+    if search := call.option("search"):
+        phrases = list(_SEARCH_PHRASE.finditer(search))
+        if not phrases:
+            raise GraphError(400, "Request_UnsupportedQuery", "Syntax error: $search must be \"property:value\".")
+        for m in phrases:
+            word = m["word"].lower()
+            out = [u for u in out if any(t.startswith(word) for t in re.split(r"[\s@.]+", str(_property(u, m["prop"]) or "").lower()))]
+    if order := call.option("orderby"):
+        prop, _, direction = order.strip().partition(" ")
+        out.sort(key=lambda u: str(_property(u, prop) or "").lower(), reverse=direction.strip().lower() == "desc")
+    return out
+
+
 # `users('x')`, `applications(appId='x')`: Graph's key-in-parentheses spellings.
 _KEY_SEGMENT = re.compile(r"^(?P<name>[A-Za-z.]+)\((?:(?P<prop>\w+)=)?'(?P<key>[^']*)'\)$")
 
 
+_NAMESPACE = "microsoft.graph."
+# Casts Graph serves on directory objects, and the entity set of each type.
+_CAST_SETS = {"microsoft.graph.user": "users", "microsoft.graph.group": "groups",
+              "microsoft.graph.application": "applications", "microsoft.graph.serviceprincipal": "servicePrincipals"}
+_BASE_TYPE = "microsoft.graph.directoryobject"
+
+
 def _split_path(path: str) -> tuple[list[str], str | None]:
-    """Path segments with key-in-parentheses spellings unfolded, and the alternate key named (if any)."""
+    """Path segments with key-in-parentheses spellings unfolded, and the alternate key named (if any).
+    Namespace-qualified actions and functions (``microsoft.graph.addPassword``) are served as their
+    unqualified names, as Graph does; casts keep their namespace."""
     segments: list[str] = []
     alternate: str | None = None
     for segment in path.strip("/").split("/"):
         if match := _KEY_SEGMENT.match(segment):
             segments += [match["name"], match["key"]]
             alternate = match["prop"].lower() if match["prop"] else None
+        elif segment.lower().startswith(_NAMESPACE) and segment.lower() not in (*_CAST_SETS, _BASE_TYPE):
+            segments.append(segment[len(_NAMESPACE):])
         else:
             segments.append(segment)
     return segments, alternate
+
+
+# How each key named in parentheses is looked up: (id='x') is the id, appId and uniqueName are
+# the alternate keys Graph documents for applications and service principals.
+_KEY_FIELDS = {None: "id", "id": "id", "appid": "appId", "uniquename": "uniqueName"}
+
+
+def _find_by_key(objects: list[dict], alternate: str | None, key: str) -> dict | None:
+    field = _KEY_FIELDS.get(alternate)
+    if field is None:
+        raise GraphError(400, "BadRequest", f"'{alternate}' is not a key property of this entity set.")
+    return next((o for o in objects if str(o.get(field) or "").lower() == key.lower()), None)
+
+
+def _without_own_cast(rest: list[str], type_name: str) -> list[str]:
+    """``{id}/microsoft.graph.application/addPassword`` is ``{id}/addPassword`` on an application."""
+    if len(rest) >= 2 and rest[1].lower() in (f"{_NAMESPACE}{type_name.lower()}", _BASE_TYPE):
+        return [rest[0], *rest[2:]]
+    return rest
+
+
+def _directory_object(lookalike: LookAlike, call: GraphCall, rest: list[str]) -> tuple[int, dict | None]:
+    """``/directoryObjects/{id}``: the object whatever its type (with ``@odata.type``), and its casts
+    (``/directoryObjects/{id}/microsoft.graph.application/addPassword``) served as the typed path."""
+    d = lookalike.directory
+    typed = [("users", "user", u) for u in d.users] + [("groups", "group", g) for g in d.groups] + \
+            [("applications", "application", a) for a in d.applications()] + \
+            [("servicePrincipals", "servicePrincipal", s) for s in d.service_principals()]
+    if not rest:
+        raise _method_not_allowed()
+    found = next(((es, tn, o) for es, tn, o in typed if o["id"] == rest[0].lower()), None)
+    if found is None:
+        raise _not_found(rest[0])
+    entity_set, type_name, obj = found
+    if len(rest) >= 2 and rest[1].lower() in _CAST_SETS:
+        if _CAST_SETS[rest[1].lower()] != entity_set:
+            raise _not_found(rest[0])
+        inner = GraphCall(call.method, call.version, "/".join([entity_set, rest[0], *rest[2:]]), call.query,
+                          call.body, call.claims)
+        return answer_graph(lookalike, inner)
+    rest = _without_own_cast(rest, "directoryObject")
+    if len(rest) == 1:
+        if call.method != "GET":
+            raise _method_not_allowed()
+        _require(call, READ_USERS | READ_GROUPS | READ_APPS)
+        return 200, {"@odata.context": _context(call, "directoryObjects", entity=True),
+                     "@odata.type": f"#microsoft.graph.{type_name}", **_project(obj, call, type_name, None)}
+    raise GraphError(400, "BadRequest", f"Resource not found for the segment '{rest[1]}'.")
 
 
 def _not_found(key: str) -> GraphError:
@@ -689,15 +834,22 @@ def answer_graph(lookalike: LookAlike, call: GraphCall) -> tuple[int, dict | Non
     rest = segments[1:]
     get = call.method == "GET"
 
+    if head == "directoryobjects":
+        return _directory_object(lookalike, call, rest)
+
     if head == "users":
         _require(call, READ_USERS)
         if not rest:
             if not get:
                 raise _method_not_allowed()
-            return 200, _collection(call, "users", "user", d.users, USER_DEFAULT_V1)
+            return 200, _collection(call, "users", "user", query_users(call, d.users), USER_DEFAULT_V1)
+        # users/{id}, users/{userPrincipalName}, users(id='...'), users(userPrincipalName='...')
+        if alternate not in (None, "id", "userprincipalname"):
+            raise GraphError(400, "BadRequest", f"'{alternate}' is not a key property of users.")
         user = d.find_user(rest[0])
         if user is None:
             raise _not_found(rest[0])
+        rest = _without_own_cast(rest, "user")
         return _member_of_or_entity(lookalike, call, "users", "user", user, rest, USER_DEFAULT_V1)
 
     if head == "groups":
@@ -720,10 +872,10 @@ def answer_graph(lookalike: LookAlike, call: GraphCall) -> tuple[int, dict | Non
         # keyCredentials[].key is returned only to $select=keyCredentials on a single object.
         with_keys = any(s.lower() == "keycredentials" for s in call.select or [])
         apps = d.applications(with_keys=with_keys)
-        field = "appId" if alternate == "appid" else "id"
-        app = next((a for a in apps if a[field] == rest[0].lower()), None)
+        app = _find_by_key(apps, alternate, rest[0])
         if app is None:
             raise _not_found(rest[0])
+        rest = _without_own_cast(rest, "application")
         if len(rest) == 1:
             if not get:
                 raise _method_not_allowed()
@@ -753,10 +905,10 @@ def answer_graph(lookalike: LookAlike, call: GraphCall) -> tuple[int, dict | Non
             if not get:
                 raise _method_not_allowed()
             return 200, _collection(call, "servicePrincipals", "servicePrincipal", sps)
-        field = "appId" if alternate == "appid" else "id"
-        sp = next((s for s in sps if s[field] == rest[0].lower()), None)
+        sp = _find_by_key(sps, alternate, rest[0])
         if sp is None:
             raise _not_found(rest[0])
+        rest = _without_own_cast(rest, "servicePrincipal")
         return _member_of_or_entity(lookalike, call, "servicePrincipals", "servicePrincipal", sp, rest)
 
     raise GraphError(400, "BadRequest", f"Resource not found for the segment '{segments[0]}'.")
@@ -772,6 +924,14 @@ def _member_of_or_entity(lookalike: LookAlike, call: GraphCall, entity_set: str,
         return 200, {"@odata.context": _context(call, entity_set, entity=True),
                      **_project(obj, call, type_name, default)}
     action = rest[1].lower()
+    by_lower = {k.lower(): k for k in obj}
+    if len(rest) == 2 and action in by_lower and action not in ("id",):
+        # A property path: GET /users/{id}/mobilePhone answers {"value": ...} (its raw form: /$value).
+        if call.method != "GET":
+            raise _method_not_allowed()
+        name = by_lower[action]
+        return 200, {"@odata.context": f"{GRAPH_URL}/{call.version}/$metadata#{entity_set}('{obj['id']}')/{name}",
+                     "value": obj[name]}
     if action == "getmembergroups" and len(rest) == 2:
         if call.method != "POST":
             raise _method_not_allowed()
@@ -847,7 +1007,26 @@ def _graph_response(request: Request, status: int, body: dict | None, request_id
     content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
     if body is not None:
         headers["Content-Type"] = GRAPH_CONTENT_TYPE
-    return _encoded_response(request, status, content, headers)
+        charset = request.headers.get("x-lookalike-charset")
+        if charset:
+            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(charset)
+            headers["Content-Type"] = GRAPH_CONTENT_TYPE.replace("charset=utf-8", f"charset={charset}")
+    return _misbehave(request, _encoded_response(request, status, content, headers))
+
+
+def _misbehave(request: Request, response: Response) -> Response:
+    """The answer changed as the request's ``X-LookAlike-*`` headers ask (see the module docstring)."""
+    content_types = request.headers.getlist("x-lookalike-content-type")
+    extra = request.headers.getlist("x-lookalike-header")
+    if not content_types and not extra:
+        return response
+    raw = [(k, v) for k, v in response.raw_headers if not (content_types and k == b"content-type")]
+    raw += [(b"content-type", v.encode("latin-1")) for v in content_types]
+    for line in extra:
+        name, _, value = line.partition(":")
+        raw.append((name.strip().lower().encode("latin-1"), value.strip().encode("utf-8")))
+    response.raw_headers = raw
+    return response
 
 
 # Graph answers gzip; the others are here so that tests can show the gateway masks every encoding
@@ -915,6 +1094,17 @@ def build_graph_app(lookalike: LookAlike) -> Starlette:
                 headers = {"request-id": request_id, "client-request-id": client_request_id,
                            "Content-Type": "text/csv; charset=utf-8"}
                 return _encoded_response(request, 200, user_report(lookalike).encode("utf-8"), headers)
+            if rest.rstrip("/").lower().endswith("/$value"):
+                # The raw value of a property: text/plain, as Graph answers /users/{id}/mobilePhone/$value.
+                call.path = rest.rstrip("/")[: -len("/$value")]
+                status, payload = answer_graph(lookalike, call)
+                if request.method != "GET" or not isinstance(payload, dict) or "value" not in payload \
+                        or isinstance(payload["value"], (dict, list)):
+                    raise GraphError(400, "BadRequest", "$value is only supported on a primitive property.")
+                headers = {"request-id": request_id, "client-request-id": client_request_id,
+                           "Content-Type": "text/plain"}
+                text = "" if payload["value"] is None else str(payload["value"])
+                return _misbehave(request, _encoded_response(request, 200, text.encode("utf-8"), headers))
             status, payload = answer_graph(lookalike, call)
             return _graph_response(request, status, payload, request_id, client_request_id)
         except GraphError as e:

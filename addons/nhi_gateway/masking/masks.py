@@ -23,9 +23,11 @@ reverse or confirm a guess. E-mail addresses are case-folded first (``Adele@X`` 
 are one address). The key comes from the environment (:class:`PseudonymKey`), never from the
 policy file, and no repr, log line or error message shows it.
 
-A member matched by a field or a path is replaced whole, whatever its value: ``redact`` gives
-``"[masked]"`` for a string, number, boolean, null, list or object; ``partial`` and
-``pseudonym`` apply to each string of a string or a list of strings and redact anything else.
+A member matched by a field or a path keeps its JSON type, so that typed clients (msgraph-sdk's
+models, which expect ``businessPhones`` to be a list of strings) still read the answer: a string
+becomes the masked string (``redact``: ``"[masked]"``; ``partial``; ``pseudonym``), a list keeps
+its length with each item masked, an object keeps its keys with each value masked, ``null`` stays
+``null``, and a number or a boolean becomes ``null``. Nothing of the original value is left.
 A member matched by both, or by several paths, gets the strongest style
 (redact > pseudonym > partial).
 
@@ -76,7 +78,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from types import MappingProxyType
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 MASK = "[masked]"
 MAX_DEPTH = 200  # Graph documents are a handful of levels deep; anything near this is hostile
@@ -84,6 +86,9 @@ PSEUDONYM_PREFIX = "pseudonym:"
 MIN_KEY_BYTES = 16
 ENTROPY_MIN_LENGTH = 32
 ENTROPY_THRESHOLD = 4.0  # bits per character; random base64 of 32+ characters is above 4.2
+# A value masked in the body is masked in the response headers too, when it is at least this long:
+# shorter ones ("WA", "12") would match inside unrelated header values.
+MIN_REPEATED_LENGTH = 4
 
 
 class MaskingError(ValueError):
@@ -117,7 +122,8 @@ class Detector(StrEnum):
 
 
 class BinaryBodies(StrEnum):
-    """What happens to a body the detectors cannot read (images, PDFs, octet streams)."""
+    """What happens to a body the profile cannot read: binary bodies (images, PDFs, octet streams
+    that are not JSON), and text bodies under a profile without detectors."""
 
     PASS = "pass"
     REFUSE = "refuse"
@@ -135,6 +141,16 @@ GRAPH_SECRET_FIELDS = (
     "@microsoft.graph.downloadUrl",
     "@content.downloadUrl",
 )
+
+
+# Graph properties that hold what a detector exists to hide. A profile with the detector masks
+# their values wherever they appear, so a filter, sort or search on them would test what it masks
+# (startswith(otherMails,'a')): they count as hidden by name too (see MaskProfile.hidden).
+DETECTED_PROPERTIES = {
+    Detector.EMAIL: ("mail", "otherMails", "proxyAddresses", "userPrincipalName", "imAddresses",
+                     "issuerAssignedId"),
+    Detector.PHONE: ("mobilePhone", "businessPhones", "faxNumber"),
+}
 
 
 # --- the pseudonym key ----------------------------------------------------------------------------
@@ -504,7 +520,7 @@ class MaskProfile:
     """
 
     __slots__ = ("name", "fields", "paths", "detectors", "binary", "pseudonym_key",
-                 "_names", "_paths", "_scanner", "_root_states", "_indexed")
+                 "_names", "_paths", "_scanner", "_root_states", "_indexed", "_hidden")
 
     def __init__(
         self,
@@ -520,8 +536,9 @@ class MaskProfile:
         self.fields = MappingProxyType(_styles(fields))
         self.paths = MappingProxyType(_styles(paths))
         self.detectors = MappingProxyType({Detector(k): s for k, s in _styles(detectors).items()})
-        self.binary = BinaryBodies(binary) if binary else (
-            BinaryBodies.REFUSE if self.detectors else BinaryBodies.PASS)
+        # A body the profile cannot read (binary; text without detectors) is refused unless the
+        # profile says otherwise: what it cannot read, it cannot show to be free of what it hides.
+        self.binary = BinaryBodies(binary) if binary else BinaryBodies.REFUSE
         self.pseudonym_key = pseudonym_key
         for what, styles in (("field", self.fields), ("path", self.paths), ("detector", self.detectors)):
             for k, style in styles.items():
@@ -545,6 +562,7 @@ class MaskProfile:
         self._root_states = tuple((i, 0) for i in range(len(self._paths)))
         self._indexed = any(s.kind == _INDEX for path, _ in self._paths for s in path.steps)
         self._scanner = _Scanner(self.detectors, pseudonym_key) if self.detectors else None
+        self._hidden: Mapping[str, str] | None = None
 
     def __repr__(self) -> str:
         parts = [f"fields={len(self.fields)}", f"paths={len(self.paths)}",
@@ -564,19 +582,82 @@ class MaskProfile:
         """A text (a body, a form value) with the profile's detectors applied."""
         return self._scanner.scan(text) if self._scanner is not None else (text, 0)
 
-    def replace(self, value: object, style: Style) -> object:
-        """The masked form of a value matched by a field or path."""
+    @property
+    def hidden(self) -> Mapping[str, str]:
+        """The properties this profile hides, by case-folded name, with the name to show: its
+        fields, the names its paths end on, the members its graph_secret detector masks by name,
+        and :data:`DETECTED_PROPERTIES` of its other detectors. A caller under this profile may
+        not filter, sort or search on them (the policy refuses such requests)."""
+        cached = getattr(self, "_hidden", None)
+        if cached is not None:
+            return cached
+        out: dict[str, str] = {}
+        for name in self.fields:
+            out.setdefault(name.casefold(), name)
+        for path, _ in self._paths:
+            name = _path_property(path)
+            if name is not None:
+                at = path.text.casefold().find(name)
+                out.setdefault(name, path.text[at:at + len(name)] if at >= 0 else name)
+        for detector in self.detectors:
+            names = GRAPH_SECRET_FIELDS if detector is Detector.GRAPH_SECRET else DETECTED_PROPERTIES.get(detector, ())
+            for name in names:
+                out.setdefault(name.casefold(), name)
+        self._hidden = MappingProxyType(out)
+        return self._hidden
+
+    def property_style(self, name: str) -> Style | None:
+        """How this profile masks a property asked for by its own path (``/users/{id}/mobilePhone``):
+        the style of the field of that name, or of a path that ends on that name, the strongest."""
+        folded = name.casefold()
+        style = self._names.get(folded)
+        for path, path_style in self._paths:
+            if _path_property(path) == folded:
+                style = _strongest(style, path_style)
+        return style
+
+    def scan_text_as(self, text: str, member: str) -> tuple[str, int]:
+        """A value held under ``member`` (a header's name): identifiers skip the entropy check."""
+        return self._scanner.scan(text, member) if self._scanner is not None else (text, 0)
+
+    def replace(self, value: object, style: Style, depth: int = 1,
+                collect: dict[str, str] | None = None) -> object:
+        """The masked form of a value matched by a field or path, of the same JSON type, so that
+        typed clients (msgraph-sdk's models) still read the answer: a string becomes a string
+        without the original, a list a list of masked items, an object the same keys with masked
+        values; ``null`` stays ``null`` and a number or a boolean becomes ``null`` (no string
+        could stand in for it, and ``0`` or ``false`` would be a lie a client might act on)."""
         if isinstance(value, str):
             if style is Style.PARTIAL:
-                return partial(value)
-            if style is Style.PSEUDONYM:
+                masked = partial(value)
+            elif style is Style.PSEUDONYM:
                 assert self.pseudonym_key is not None
                 key = value.casefold() if _EMAIL_FULL.fullmatch(value) else value
-                return self.pseudonym_key.pseudonym(key)
-            return MASK
-        if isinstance(value, list) and style is not Style.REDACT:
-            return [self.replace(v, style) if isinstance(v, str) else MASK for v in value]
-        return MASK
+                masked = self.pseudonym_key.pseudonym(key)
+            else:
+                masked = MASK
+            if collect is not None and len(value) >= MIN_REPEATED_LENGTH:
+                collect[value] = masked
+            return masked
+        if depth > MAX_DEPTH:
+            raise MaskingError(f"document nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, list):
+            return [self.replace(v, style, depth + 1, collect) for v in value]
+        if isinstance(value, dict):
+            return {k: self.replace(v, style, depth + 1, collect) for k, v in value.items()}
+        return None
+
+
+def _path_property(path: JSONPath) -> str | None:
+    """The entity property a path masks (all of it or a part): its first name, past a collection's
+    ``value[*]``; ``$.value[*].identities[*].issuerAssignedId`` -> ``identities``,
+    ``$..passwordCredentials[*].displayName`` -> ``passwordcredentials``, ``$..mobilePhone`` ->
+    ``mobilephone``. Case-folded; ``None`` for a path that names none."""
+    steps = path.steps
+    if len(steps) > 2 and steps[0].kind == _CHILD and steps[0].name == "value" and steps[1].kind in (_ANY, _INDEX):
+        steps = steps[2:]
+    first = steps[0] if steps else None
+    return first.name if first is not None and first.kind in (_CHILD, _DESCENDANT) else None
 
 
 def _as_path(name: str) -> str:
@@ -624,12 +705,15 @@ def as_profile(spec: MaskProfile | Mapping[str, Style | str] | Iterable[str]) ->
 
 
 def mask_document(
-    doc: object, profile: MaskProfile | Iterable[str], *, max_depth: int = MAX_DEPTH
+    doc: object, profile: MaskProfile | Iterable[str], *, max_depth: int = MAX_DEPTH,
+    collect: dict[str, str] | None = None,
 ) -> tuple[object, int]:
     """Mask a parsed JSON document **in place**; return it and how many values were masked.
 
     The document is changed, not copied: pass a freshly parsed one (or a copy). The returned
     value is the document itself, except when its root is a string that a detector changed.
+    ``collect`` receives each string a field or path masked, with its masked form, so that the
+    same value can be masked where else the answer repeats it (its headers).
     """
     profile = as_profile(profile)
     scanner = profile._scanner
@@ -665,7 +749,7 @@ def mask_document(
                     if path_style is not None:
                         style = _strongest(style, path_style)
                 if style is not None:
-                    node[key] = profile.replace(value, style)
+                    node[key] = profile.replace(value, style, depth, collect)
                     count += 1
                 elif isinstance(value, str):
                     if scanner is not None and not _is_annotation(folded):
@@ -686,7 +770,7 @@ def mask_document(
                         step = steps[memo] = _advance(paths, states, None, index)
                     child_states, path_style = step
                     if path_style is not None:
-                        node[index] = profile.replace(value, path_style)
+                        node[index] = profile.replace(value, path_style, depth, collect)
                         count += 1
                         continue
                 if isinstance(value, str):
@@ -734,9 +818,21 @@ def _refuse_constant(name: str) -> object:
     raise MaskingError(f"not valid JSON: {name} is not a JSON value")
 
 
-def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> object:
-    """Parse a JSON body strictly, or raise :class:`MaskingError`."""
+_UTF8 = frozenset({"utf-8", "utf8"})
+
+
+def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH, charset: str | None = None) -> object:
+    """Parse a JSON body strictly, or raise :class:`MaskingError`. ``charset`` is the declared
+    one (none, or UTF-8: the bytes are read as JSON reads them, UTF-8/16/32 by their pattern)."""
     try:
+        if charset and charset not in _UTF8:
+            try:
+                text = data.decode(charset)
+            except LookupError as e:
+                raise MaskingError(f"unknown charset {charset!r}") from e
+            except UnicodeDecodeError as e:
+                raise MaskingError(f"not valid {charset} text at byte {e.start}") from e
+            return json.loads(text.removeprefix("\ufeff"), parse_constant=_refuse_constant)
         return json.loads(data, parse_constant=_refuse_constant)
     except MaskingError:
         raise
@@ -746,34 +842,40 @@ def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> object:
         raise MaskingError(f"not valid JSON: {e}") from e
 
 
-def dump_json(doc: object) -> bytes:
-    """Compact UTF-8; a lone surrogate escape ("\\ud800") that UTF-8 cannot hold stays escaped.
+def dump_json(doc: object, charset: str | None = None) -> bytes:
+    """Compact, in ``charset`` (UTF-8 when none is named); a character the charset cannot hold,
+    and a lone surrogate escape ("\\ud800") that UTF-8 cannot hold, stay escaped.
 
     A number beyond a float's range (``1e400``) parses to infinity, which is not JSON: such a
     document is refused (:class:`MaskingError`) rather than written as something else."""
+    encoding = charset or "utf-8"
     try:
         text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError as e:
         raise MaskingError(f"not valid JSON: a number is out of range ({e})") from e
     try:
-        return text.encode("utf-8")
+        return text.encode(encoding)
     except UnicodeEncodeError:
-        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode(encoding)
+    except LookupError as e:
+        raise MaskingError(f"unknown charset {charset!r}") from e
 
 
 def mask_json_bytes(
-    data: bytes, profile: MaskProfile | Iterable[str], *, max_depth: int = MAX_DEPTH
+    data: bytes, profile: MaskProfile | Iterable[str], *, max_depth: int = MAX_DEPTH,
+    charset: str | None = None, collect: dict[str, str] | None = None,
 ) -> tuple[bytes, int]:
-    """Parse a JSON body once, mask it in place, serialise it once (compact UTF-8).
+    """Parse a JSON body once, mask it in place, serialise it once (compact, in its declared
+    ``charset``; UTF-8 when none is named).
 
     Duplicate keys are legal JSON and the parser keeps the last one. An attacker cannot hide a
     second copy of a field that way: masking runs on the parsed document and the body is always
     re-serialised from it, so what leaves is exactly what was masked, with one copy of each key.
     An empty body is not JSON either: the caller handles bodiless responses (204, HEAD) before.
     """
-    doc = parse_json(data, max_depth=max_depth)
-    masked, count = mask_document(doc, profile, max_depth=max_depth)
-    return dump_json(masked), count
+    doc = parse_json(data, max_depth=max_depth, charset=charset)
+    masked, count = mask_document(doc, profile, max_depth=max_depth, collect=collect)
+    return dump_json(masked, charset), count
 
 
 class BodyKind(StrEnum):
@@ -889,19 +991,175 @@ def mask_form_bytes(data: bytes, content_type: str, profile: MaskProfile) -> tup
     return urlencode(out, encoding=charset).encode(charset), count
 
 
-def mask_body(data: bytes, content_type: str, profile: MaskProfile) -> tuple[bytes, int]:
-    """Mask a decoded body by its declared type (see the module docstring); the same bytes
-    object comes back when nothing was changed. Raises :class:`MaskingError` to refuse it."""
+# The first character of a JSON document (objects, arrays, strings, numbers, true/false/null).
+_JSON_START = frozenset(b'{["-0123456789tfn')
+
+
+def looks_like_json(data: bytes, charset: str | None = None) -> bool:
+    """Whether a body starts like a JSON document (after a BOM and whitespace), whatever its
+    label: such a body is tried as JSON first."""
+    if charset and charset not in _UTF8:
+        try:
+            head = data[:64].decode(charset, errors="ignore")
+        except LookupError:
+            return False
+        head = head.removeprefix("\ufeff").lstrip(" \t\r\n")
+        return bool(head) and ord(head[0]) < 128 and ord(head[0]) in _JSON_START
+    if b"\x00" in data[:4]:
+        return True  # UTF-16 or UTF-32, which JSON's own reader recognises by this pattern
+    head = data[:4096].removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+    return bool(head) and head[0] in _JSON_START
+
+
+def check_content_type(values: list[str]) -> str:
+    """The one Content-Type of an answer; :class:`MaskingError` when it has several headers or
+    one that names several types, since client and gateway could then read the body differently."""
+    if len(values) > 1:
+        raise MaskingError(f"the answer has {len(values)} Content-Type headers ({', '.join(map(repr, values))}); "
+                           "a body with more than one declared type is not passed on")
+    content_type = values[0] if values else ""
+    quoted = False
+    for c in content_type:
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            raise MaskingError(f"the answer's Content-Type {content_type!r} names more than one type")
+    return content_type
+
+
+def property_of(path: str) -> tuple[str, bool] | None:
+    """The property a canonical request path asks for by its own path, and whether it asks for
+    its raw value: ``/v1.0/users/x/mobilephone`` -> ``("mobilephone", False)``,
+    ``.../mobilephone/$value`` -> ``("mobilephone", True)``; ``None`` for a path of one segment
+    after its version (an entity set) or ending in another ``$`` segment."""
+    segments = [s for s in path.split("/") if s]
+    if segments and segments[0].casefold() in ("v1.0", "beta"):
+        segments = segments[1:]
+    raw = bool(segments) and segments[-1].casefold() == "$value"
+    if raw:
+        segments = segments[:-1]
+    if len(segments) < 2 or segments[-1].startswith("$"):
+        return None
+    return segments[-1], raw
+
+
+def mask_property_document(doc: object, profile: MaskProfile, style: Style,
+                           collect: dict[str, str] | None = None) -> tuple[object, int]:
+    """The answer to a property path whose property the profile hides: ``{"value": ...}`` (or a
+    complex property's own members) masked whole, keeping JSON types; OData's annotations stay."""
+    if not isinstance(doc, dict):
+        return profile.replace(doc, style, 1, collect), 1
+    count = 0
+    for key, value in doc.items():
+        if _is_annotation(key.casefold()):
+            continue
+        doc[key] = profile.replace(value, style, 1, collect)
+        count += 1
+    return doc, count
+
+
+def _mask_property_body(data: bytes, content_type: str, profile: MaskProfile, style: Style, raw: bool,
+                        collect: dict[str, str] | None) -> tuple[bytes, int]:
+    if raw:  # .../$value: the body is the value itself, as text
+        text, charset = _decode_text(data, content_type)
+        masked = profile.replace(text, style, 1, collect)
+        assert isinstance(masked, str)
+        try:
+            return masked.encode(charset), 1
+        except UnicodeEncodeError:  # pragma: no cover - every replacement is ASCII
+            raise MaskingError(f"the masked value cannot be written in {charset}") from None
+    charset = charset_of(content_type)
+    doc, count = mask_property_document(parse_json(data, charset=charset), profile, style, collect)
+    return dump_json(doc, charset), count
+
+
+def mask_body(data: bytes, content_type: str, profile: MaskProfile, *,
+              collect: dict[str, str] | None = None, path: str | None = None) -> tuple[bytes, int]:
+    """Mask a decoded body by what it is, not by its label; the same bytes object comes back
+    when nothing was changed. Raises :class:`MaskingError` to refuse it.
+
+    A body that starts like JSON and parses as JSON is masked as JSON whatever its type says
+    (``text/plain``, ``application/octet-stream``, ``application/x-json``, none), in its declared
+    charset; one declared JSON (or untyped and starting with ``{``/``[``) must parse. Otherwise
+    forms are masked by parameter name and detectors, text by the detectors; a body the profile
+    cannot read (binary, or text under a profile without detectors) is refused unless the
+    profile says ``binary: pass``.
+
+    ``path`` is the request's canonical path: the answer to a property path
+    (``/users/{id}/mobilePhone``, answered ``{"value": ...}``, or ``.../$value``, answered as raw
+    text) is masked by the property's name, as that property is masked inside its object."""
+    if path:
+        asked = property_of(path)
+        style = profile.property_style(asked[0]) if asked else None
+        if asked and style is not None:
+            return _mask_property_body(data, content_type, profile, style, asked[1], collect)
     kind = body_kind(content_type)
+    charset = charset_of(content_type)
+    if kind is BodyKind.JSON or looks_like_json(data, charset):
+        try:
+            return mask_json_bytes(data, profile, charset=charset, collect=collect)
+        except MaskingError:
+            if kind is BodyKind.JSON or (kind is BodyKind.UNTYPED and sniff(data) is BodyKind.JSON):
+                raise
+            # Not JSON after all (text that starts with a digit or a bracket): read as its type.
     if kind is BodyKind.UNTYPED:
         kind = sniff(data)
-    if kind is BodyKind.JSON:
-        return mask_json_bytes(data, profile)
     if kind is BodyKind.FORM:
         return mask_form_bytes(data, content_type, profile)
-    if kind is BodyKind.TEXT:
-        return mask_text_bytes(data, content_type, profile) if profile.scans_text else (data, 0)
+    if kind is BodyKind.TEXT and profile.scans_text:
+        return mask_text_bytes(data, content_type, profile)
     if profile.refuses_binary:
-        raise MaskingError(f"a {media_type(content_type) or 'binary'} body cannot be scanned by the detectors of "
-                           f"mask profile {profile.name!r} (set binary: pass on the profile to let it through)")
+        if kind is BodyKind.TEXT:
+            raise MaskingError(f"a {media_type(content_type) or 'text'} body cannot be read by mask profile "
+                               f"{profile.name!r}, which has no detectors (set binary: pass on the profile to "
+                               "let such bodies through)")
+        raise MaskingError(f"a {media_type(content_type) or 'binary'} body cannot be scanned by mask profile "
+                           f"{profile.name!r} (set binary: pass on the profile to let such bodies through)")
     return data, 0
+
+
+# --- headers --------------------------------------------------------------------------------------
+
+# Headers that frame the body: never rewritten (the body would no longer be what they say), so an
+# answer that would need it is refused instead.
+FRAMING_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "transfer-encoding"})
+
+
+def mask_headers(headers: Iterable[tuple[str, str]], profile: MaskProfile,
+                 masked: Mapping[str, str] | None = None) -> tuple[list[tuple[str, str]], int]:
+    """Response headers with the profile's detectors applied and every value the body masked
+    (``masked``: original to masked form, see :func:`mask_document`) masked wherever a header
+    repeats it, in any letter case or percent-encoded. Raises :class:`MaskingError` when a
+    framing header (:data:`FRAMING_HEADERS`) would have to change."""
+    variants: list[tuple[str, str]] = []
+    for original, replacement in (masked or {}).items():
+        for form in dict.fromkeys((original, quote(original, safe=""), quote(original, safe="/@:"))):
+            variants.append((form.casefold(), replacement))
+    variants.sort(key=lambda v: -len(v[0]))
+    out: list[tuple[str, str]] = []
+    count = 0
+    for name, value in headers:
+        new, n = _mask_header_value(value, name, profile, variants)
+        if n and name.lower() in FRAMING_HEADERS:
+            raise MaskingError(f"the {name} header holds a value that mask profile {profile.name!r} hides")
+        out.append((name, new))
+        count += n
+    return out, count
+
+
+def _mask_header_value(value: str, name: str, profile: MaskProfile,
+                       variants: list[tuple[str, str]]) -> tuple[str, int]:
+    count = 0
+    if variants:
+        folded = value.casefold()
+        for original, replacement in variants:
+            if original in folded:  # cheap test first; most headers repeat nothing
+                value, n = re.subn(re.escape(original), lambda _m, r=replacement: r, value, flags=re.IGNORECASE)
+                if not n:  # a case-folding that changes lengths (ß, ﬁ): refuse rather than miss it
+                    raise MaskingError("a header repeats a masked value in a spelling that cannot be masked")
+                count += n
+                folded = value.casefold()
+    if profile.scans_text:
+        value, n = profile.scan_text_as(value, name)
+        count += n
+    return value, count

@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import uuid
 import zlib
@@ -46,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from nhi_gateway.policy.admission import method_override
 from nhi_gateway.policy.decision import Action, Decision, Stage, refusal_body
 from nhi_gateway.masking.masks import (
     MaskingError,
@@ -56,7 +58,9 @@ from nhi_gateway.masking.masks import (
     is_json_content_type,
     mask_body,
     mask_document,
-    mask_json_bytes,
+    mask_headers,
+    mask_property_document,
+    property_of,
 )
 from nhi_gateway.policy.operation import GRAPH_VERSIONS, Operation, OperationError, normalize_method
 from nhi_gateway.identity.principal import Principal
@@ -150,6 +154,42 @@ def _refuse_constant(name: str) -> object:
     raise BatchError(f"the batch is not valid JSON: {name} is not a JSON value")
 
 
+# Python's int() refuses to read more digits than this (sys.get_int_max_str_digits()).
+MAX_INT_DIGITS = 4300
+
+
+class NumberOutOfRange(ValueError):
+    """A JSON number that Python cannot hold: a float beyond its range (1e400 reads as infinity,
+    which cannot be written back as JSON), or an integer of more digits than int() reads."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise NumberOutOfRange(f"the number {text[:40]} is out of range (it would read as infinity)")
+    return value
+
+
+def _held_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise NumberOutOfRange(f"a number of {len(text.lstrip('-'))} digits is more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def json_numbers_problem(data: bytes) -> str | None:
+    """Why a JSON body holds a number the gateway could not hold (so it could neither judge nor
+    record it as it is), or None; a body that is not JSON is none of this check's business."""
+    if data.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        json.loads(data, parse_float=_finite_float, parse_int=_held_int)
+    except NumberOutOfRange as e:
+        return str(e)
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     # JSON parsers disagree on which copy of a repeated member wins: Graph could read the copy the
     # gateway did not judge. Legitimate clients never repeat a member.
@@ -169,9 +209,13 @@ def parse_json(data: bytes) -> object:
         raise BatchError(f"the batch is not UTF-8 ({e.reason} at byte {e.start})") from e
     text = text.removeprefix("\ufeff")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+                          parse_float=_finite_float, parse_int=_held_int)
     except BatchError:
         raise
+    except NumberOutOfRange as e:
+        # Graph would act on it, but the gateway could neither judge nor record it as it is.
+        raise BatchError(f"the batch holds a number the gateway cannot hold: {e}") from e
     except RecursionError as e:
         raise BatchError("the batch is nested too deeply to read") from e
     except ValueError as e:
@@ -320,6 +364,10 @@ def _read_request(index: int, item: object, outer: Operation) -> InnerRequest:
     has_body = members.get("body") is not None
     if has_body:
         problems += _body_problems(members["body"], headers)
+    if (override := _method_override(url, headers, members.get("body"))) is not None:
+        # Judged as its 'method' alone, so one asking for another is refused (policy/admission.py).
+        problems.append(f"{override} asks for another method than {method or 'its own'}; "
+                        "inner requests may not override their method")
     depends_on = members.get("dependson")
     deps: tuple[str, ...] = ()
     if depends_on is not None:
@@ -397,6 +445,20 @@ def header(headers: Iterable[tuple[str, str]] | Mapping[str, object], name: str)
     items = headers.items() if isinstance(headers, Mapping) else headers
     name = name.lower()
     return next((v for k, v in items if isinstance(k, str) and k.lower() == name and isinstance(v, str)), "")
+
+
+def _method_override(url: str, headers: tuple[tuple[str, str], ...], body: object) -> str | None:
+    content_type = header(headers, "content-type")
+    if isinstance(body, (dict, list)):
+        data = json.dumps(body).encode()
+    elif isinstance(body, str):
+        try:  # Graph's form for bodies that are not JSON
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            data = body.encode("utf-8", "replace")
+    else:
+        data = b""
+    return method_override(headers, url.partition("?")[2], data, content_type)
 
 
 def _body_problems(body: object, headers: tuple[tuple[str, str], ...]) -> list[str]:
@@ -480,7 +542,7 @@ def entry(r: InnerRequest, d: Decision) -> dict:
     """What the outer decision (``extra["batch"]``) and ``flow.metadata[BATCH_KEY]`` keep of one
     inner request. tnetstring-safe. The masking step adds ``sent``, ``response_status`` and
     ``masked_fields`` once Graph has answered."""
-    return {
+    out = {
         "index": r.index,
         "id": r.id,
         "method": r.method,
@@ -497,6 +559,9 @@ def entry(r: InnerRequest, d: Decision) -> dict:
         "mask_profile": d.mask_profile,
         "sent": False,
     }
+    if d.reported:  # report mode: forwarded, but a rule would have refused or held it
+        out["report"] = dict(d.reported)
+    return out
 
 
 def _unreadable(r: InnerRequest) -> Decision:
@@ -537,10 +602,20 @@ def decide_batch(policy: Decider, principal: Principal | None, outer: Operation,
             check=CHECK, rule_id=first.rule_id, operation=str(outer), principal=who,
             extra={"batch": entries},
         )
+    reported = [(r, d) for r, d in judged if d.reported]
+    extra: dict = {"batch": entries}
+    reason = f"every inner request of the batch ({len(judged)}) is allowed on its own"
+    if reported:
+        # Report mode: the batch is marked as its inner requests are, and says which would not go.
+        r, d = reported[0]
+        would = "deny" if any(x.reported.get("would") == "deny" for _, x in reported) else "hold"
+        parts = "; ".join(f"{x.label}: would {y.reported.get('would')} ({y.reported.get('reason')})"
+                          for x, y in reported)
+        extra["report"] = {"would": would, "rule": d.reported.get("rule", ""), "reason": parts}
+        reason += f"; {parts} (report mode)"
     return Decision(
-        action=Action.ALLOW, stage=Stage.POLICY,
-        reason=f"every inner request of the batch ({len(judged)}) is allowed on its own",
-        operation=str(outer), principal=who, extra={"batch": entries},
+        action=Action.ALLOW, stage=Stage.POLICY, reason=reason,
+        operation=str(outer), principal=who, extra=extra,
     )
 
 
@@ -594,6 +669,8 @@ def inner_decision(outer: Decision | None, e: Mapping) -> Decision:
     extra: dict = {}
     if e.get("masked_fields"):
         extra["masked_fields"] = e["masked_fields"]
+    if isinstance(e.get("report"), dict):
+        extra["report"] = dict(e["report"])
     return Decision(
         action=action, stage=stage, reason=str(e.get("reason") or ""), status=int(e.get("status") or 0),
         code=str(e.get("code") or ""), rule_id=e.get("rule") or None, check=str(e.get("check") or ""),
@@ -622,6 +699,8 @@ def mask_batch_response(
     data: bytes,
     entries: list[dict],
     profile_of: Callable[[str], MaskProfile | frozenset[str]],
+    *,
+    collect: dict[str, str] | None = None,
 ) -> tuple[bytes, list[dict], int]:
     """Mask a ``$batch`` response: each ``responses[].body`` by its own inner request's profile.
 
@@ -639,8 +718,12 @@ def mask_batch_response(
     refuses binary bodies. A decoded string body that parses as a JSON document is masked as JSON
     whatever its declared type. Members next to ``responses`` (and an answer without
     ``responses``, such as Graph's error for the whole batch) are masked with every profile of
-    the batch together.
+    the batch together. Each inner ``headers`` object is masked like an answer's headers
+    (:func:`~nhi_gateway.masking.masks.mask_headers`): detectors, and the values masked in its body.
+    ``collect`` receives every value masked, for the outer answer's headers.
     """
+    if collect is None:
+        collect = {}
     try:
         doc = json.loads(data, parse_constant=_refuse_json_constant)
     except MaskingError:
@@ -653,7 +736,7 @@ def mask_batch_response(
     names = sorted({e.get("mask_profile") for e in entries if e.get("mask_profile")})
     every = combine([as_profile(profile_of(n)) for n in names], "batch") if names else None
     if not isinstance(doc, dict):
-        count = mask_document(doc, every)[1] if every is not None else 0
+        count = mask_document(doc, every, collect=collect)[1] if every is not None else 0
         return _dump(doc), list(by_key.values()), count
     keys = _folded_members(doc, "responses")
     if len(keys) > 1:
@@ -665,21 +748,21 @@ def mask_batch_response(
                 continue
             # One member at a time, as a document of its own, so that the inner responses are
             # masked by their own profiles only.
-            count += _mask_member(doc, key, every)
+            count += _mask_member(doc, key, every, collect)
     if keys:
         items = doc[keys[0]]
         if not isinstance(items, list):
             raise BatchResponseError("the batch response's 'responses' is not a list")
         answered: set[str] = set()
         for item in items:
-            count += _mask_item(item, by_key, answered, profile_of)
+            count += _mask_item(item, by_key, answered, profile_of, collect)
     return _dump(doc), [by_key.get(str(e.get("id") or "").casefold(), dict(e)) for e in entries], count
 
 
-def _mask_member(doc: dict, key: str, profile: MaskProfile) -> int:
+def _mask_member(doc: dict, key: str, profile: MaskProfile, collect: dict[str, str] | None = None) -> int:
     """One member of ``doc`` masked as if it were the only one (by name, paths, detectors)."""
     wrapper = {key: doc[key]}
-    _, n = mask_document(wrapper, profile)
+    _, n = mask_document(wrapper, profile, collect=collect)
     doc[key] = wrapper[key]
     return n
 
@@ -696,7 +779,7 @@ def _dump(doc: object) -> bytes:
 
 
 def _mask_item(item: object, by_key: dict[str, dict], answered: set[str],
-               profile_of: Callable[[str], MaskProfile | frozenset[str]]) -> int:
+               profile_of: Callable[[str], MaskProfile | frozenset[str]], collect: dict[str, str]) -> int:
     if not isinstance(item, dict):
         raise BatchResponseError("an item of 'responses' is not a JSON object")
     id_keys = _folded_members(item, "id")
@@ -716,24 +799,49 @@ def _mask_item(item: object, by_key: dict[str, dict], answered: set[str],
     profile = as_profile(profile_of(e["mask_profile"])) if e.get("mask_profile") else None
     count = 0
     if profile is not None:
+        mine: dict[str, str] = {}
         for name in list(item):
             folded = name.casefold()
             if folded in ("id", "status", "headers"):
                 continue
             if folded == "body":
-                item[name], n = _mask_body(item[name], item, profile, response_id)
+                path = str(e.get("operation") or "").split(" ", 2)[-1] or None
+                item[name], n = _mask_body(item[name], item, profile, response_id, mine, path)
             else:
-                n = _mask_member(item, name, profile)
+                n = _mask_member(item, name, profile, mine)
             count += n
+        for name in _folded_members(item, "headers"):
+            count += _mask_inner_headers(item, name, profile, mine, response_id)
+        collect.update(mine)
     status = next((item[k] for k in _folded_members(item, "status")), 0)
     e["response_status"] = status if isinstance(status, int) and not isinstance(status, bool) else 0
     e["masked_fields"] = count
     return count
 
 
-def _mask_body(body: object, item: dict, profile: MaskProfile, response_id: str) -> tuple[object, int]:
+def _mask_inner_headers(item: dict, name: str, profile: MaskProfile, masked: dict[str, str], response_id: str) -> int:
+    headers = item[name]
+    if not isinstance(headers, dict):
+        raise BatchResponseError(f"the headers of response {response_id[:80]!r} are not a JSON object")
+    if any(not isinstance(v, str) for v in headers.values()):
+        raise BatchResponseError(f"the headers of response {response_id[:80]!r} hold a value that is not a string")
+    try:
+        out, n = mask_headers(list(headers.items()), profile, masked)
+    except MaskingError as e:
+        raise BatchResponseError(f"the headers of response {response_id[:80]!r} could not be masked ({e})") from e
+    if n:
+        item[name] = dict(out)
+    return n
+
+
+def _mask_body(body: object, item: dict, profile: MaskProfile, response_id: str,
+               collect: dict[str, str] | None = None, path: str | None = None) -> tuple[object, int]:
     if isinstance(body, (dict, list)):
-        return mask_document(body, profile)
+        asked = property_of(path) if path else None
+        style = profile.property_style(asked[0]) if asked else None
+        if style is not None:  # a property path: masked by the property's name
+            return mask_property_document(body, profile, style, collect)
+        return mask_document(body, profile, collect=collect)
     if not isinstance(body, str):
         return body, 0  # a number, boolean or null holds no field
     headers = next((item[k] for k in _folded_members(item, "headers")), None)
@@ -742,23 +850,13 @@ def _mask_body(body: object, item: dict, profile: MaskProfile, response_id: str)
     where = f"the body of response {response_id[:80]!r}"
     if decoded is None:
         raise BatchResponseError(f"{where} is a string that is not base64, so it cannot be checked for masked fields")
-    declared_json = is_json_content_type(content_type)
-    masked: bytes | None = None
-    count = 0
-    if declared_json or decoded.lstrip()[:1] in (b"{", b"["):
-        try:
-            masked, count = mask_json_bytes(decoded, profile)
-        except MaskingError as e:
-            if declared_json:
-                raise BatchResponseError(f"{where} could not be masked ({e})") from e
-            # Not JSON after all (text that starts with a bracket): masked as its declared type.
-    if masked is None:
-        try:
-            masked, count = mask_body(decoded, content_type, profile)
-        except MaskingError as e:
-            raise BatchResponseError(f"{where} could not be masked ({e})") from e
-        if masked is decoded:
-            return body, 0  # unchanged: as Graph sent it, padding and alphabet included
+    try:
+        # By what the body is, not by its label (JSON in text/plain is masked as JSON).
+        masked, count = mask_body(decoded, content_type, profile, collect=collect, path=path)
+    except MaskingError as e:
+        raise BatchResponseError(f"{where} could not be masked ({e})") from e
+    if masked is decoded:
+        return body, 0  # unchanged: as Graph sent it, padding and alphabet included
     encoded = base64.urlsafe_b64encode(masked) if urlsafe else base64.b64encode(masked)
     return encoded.decode("ascii"), count
 
@@ -796,7 +894,12 @@ def _content_of(body: object, headers: Iterable[tuple[str, str]]) -> bytes:
     if isinstance(body, str) and not is_json_content_type(header(headers, "content-type")):
         decoded, _ = _b64decode(body)
         return decoded if decoded is not None else body.encode("utf-8", "surrogatepass")
-    return _dump(body)
+    try:
+        return _dump(body)
+    except MaskingError:
+        # For the record only (it never raises): a number beyond a float's range is written as
+        # JSON's readers would print it rather than the record of what reached Graph being lost.
+        return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _str_headers(raw: object) -> tuple[tuple[str, str], ...]:

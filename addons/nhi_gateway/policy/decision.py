@@ -20,11 +20,13 @@ class Action(StrEnum):
 class Stage(StrEnum):
     """Which part of the gateway made (or refused) the decision."""
 
+    REQUEST = "request"  # the request's shape and size, before identity (policy/admission.py)
     IDENTITY = "identity"
     POLICY = "policy"
     MASKING = "masking"
     GUARD = "guard"
     ERROR = "error"  # an exception inside the gateway: always a denial
+    PROXY = "proxy"  # an answer mitmproxy itself wrote (unreadable framing, body over the limit)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,24 @@ class Decision:
             mask_profile=d.get("mask_profile") or None,
             extra=dict(d.get("extra") or {}),
         )
+
+    @property
+    def reported(self) -> dict | None:
+        """Report mode: ``{"would": "deny" | "hold", "rule", "reason"}`` of a request that was
+        forwarded although a rule in ``mode: report`` would have refused or held it."""
+        report = self.extra.get("report") if self.action is Action.ALLOW else None
+        return report if isinstance(report, dict) else None
+
+    def verdict(self) -> Decision:
+        """What the rules said, report mode or not: a reported "would deny" is a denial, a "would
+        hold" an approve. For comparing decisions (replay, suggest), never for enforcing."""
+        report = self.reported
+        if report is None:
+            return self
+        action = Action.APPROVE if report.get("would") == "hold" else Action.DENY
+        return Decision(action, Stage.POLICY, str(report.get("reason", "")), status=403,
+                        code="Authorization_RequestDenied", rule_id=report.get("rule") or None,
+                        operation=self.operation, principal=self.principal, extra=self.extra)
 
     def comment(self) -> str:
         """One line for the recorded flow's comment, shown in mitmweb's flow list."""

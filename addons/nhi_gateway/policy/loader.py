@@ -36,6 +36,7 @@ from nhi_gateway.policy.model import (
     PrincipalMatch,
     Rule,
     Schedule,
+    SourceTrust,
     TokenRequirement,
     Upstream,
 )
@@ -374,10 +375,19 @@ class _Loader:
 
     def policy(self, shape: PolicyDoc) -> Policy:
         identity = shape.identity
+        def trust(doc) -> SourceTrust | None:
+            if doc is None:
+                return None
+            return SourceTrust(
+                frozenset(a.strip() for a in doc.audiences),
+                tuple(IssuerConfig(i.issuer, i.discovery_url()) for i in doc.issuers),
+                bool(getattr(doc, "graph_token", False)),
+            )
+
         config = IdentityConfig(
             frozenset(identity.tenants),
-            frozenset(a.strip() for a in identity.audiences),
-            tuple(IssuerConfig(i.issuer, i.discovery_url()) for i in identity.issuers),
+            trust(identity.proxy),
+            trust(identity.bearer),
             DEFAULT_LEEWAY if identity.leeway_seconds is None else identity.leeway_seconds,
             ClientSecretGrants(identity.client_secret_grants or ClientSecretGrants.FLAG),
         )
@@ -393,8 +403,10 @@ class _Loader:
             a = shape.approvals
             approvals = ApprovalsConfig(a.webhook, a.client_id, a.app_id_uri, a.scope or "Approvals.Decide",
                                         a.require_auth_context, bool(a.require_mfa), a.login_client_id)
-        rules = [self.rule(i, r) for i, r in enumerate(shape.rules or ())]
-        return Policy(self.source, config, upstreams, profiles, rules, default_profile, approvals)
+        report_all = shape.mode == "report"
+        rules = [self.rule(i, r, report_all) for i, r in enumerate(shape.rules or ())]
+        return Policy(self.source, config, upstreams, profiles, rules, default_profile, approvals,
+                      report_default=report_all)
 
     def mask_profile(self, name: str, doc: MaskProfileDoc, key_env: str | None) -> MaskProfile:
         key = None
@@ -434,8 +446,12 @@ class _Loader:
                          f"e.g. {key_env}=$(openssl rand -base64 32)")
         return PseudonymKey(value, f"${key_env}")
 
-    def rule(self, index: int, doc: RuleDoc) -> Rule:
+    def rule(self, index: int, doc: RuleDoc, report_all: bool = False) -> Rule:
         line, column = position(self.doc, ("rules", index))
+        action = Action(doc.action)
+        # The policy's mode: report is the default of its deny and approve rules; an allow rule has
+        # nothing to report.
+        report_only = doc.mode == "report" if doc.mode is not None else report_all and action is not Action.ALLOW
         return Rule(
             doc.id,
             Action(doc.action),
@@ -448,6 +464,7 @@ class _Loader:
             schedule=self.schedule(doc.schedule) if doc.schedule is not None else None,
             approval=self.approval(doc.approval) if doc.approval is not None else None,
             column=column + 1,
+            report_only=report_only,
         )
 
     @staticmethod
@@ -464,6 +481,7 @@ class _Loader:
             tuple(dict.fromkeys(doc.forbid_select or ())),
             tuple(dict.fromkeys(doc.forbid_expand or ())),
             doc.max_top,
+            tuple(dict.fromkeys(doc.allow_select)) if doc.allow_select is not None else None,
         )
 
     @staticmethod

@@ -8,13 +8,23 @@ requests later.
 Schema (``policies/example.yaml`` is a commented, working example)::
 
     version: 1                                   # required; the only version is 1
+    mode: enforce                                # optional; enforce | report (see "Report mode")
     identity:                                    # required: which tokens the gateway accepts at all
       tenants: [<tenant GUID>, ...]              # required, non-empty allow-list of tenant ids (tid)
-      audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
-      issuers:                                   # required, non-empty; {tenantid} becomes the token's tid
-        - https://login.microsoftonline.com/{tenantid}/v2.0  # discovery: <issuer>/.well-known/...
-        - issuer: https://sts.windows.net/{tenantid}/          # or a mapping with an explicit discovery URL
-          discovery: https://login.microsoftonline.com/{tenantid}/.well-known/openid-configuration
+      bearer:                                    # tokens in Authorization: Bearer (at least one of
+                                                 # bearer and proxy is required; a source not given
+                                                 # accepts no token at all)
+        audiences: [https://graph.microsoft.com, ...]  # required, non-empty; compared exactly with aud
+        issuers:                                 # required, non-empty; {tenantid} becomes the token's tid
+          - https://sts.windows.net/{tenantid}/  # discovery: <issuer>/.well-known/... (v1: see below)
+          - issuer: https://login.microsoftonline.com/{tenantid}/v2.0   # or a mapping with an
+            discovery: https://.../v2.0/.well-known/openid-configuration  # explicit discovery URL
+      proxy:                                     # tokens in the proxy credentials
+                                                 # (HTTPS_PROXY=http://name:<token>@host:port)
+        audiences: [api://nhi-gateway, <gateway client id>]  # as under bearer
+        issuers: [https://login.microsoftonline.com/{tenantid}/v2.0]
+        graph_token: false                       # optional, default false; true: this source carries
+                                                 # the Graph token itself (see below)
       leeway_seconds: 60                         # optional, default 60, 0..300 (clock skew for exp/nbf)
       client_secret_grants: flag                 # optional, default flag; allow | flag | refuse (see below)
     upstreams:                                   # required (may be empty): the only hosts reachable at all
@@ -31,8 +41,8 @@ Schema (``policies/example.yaml`` is a commented, working example)::
           paths: {"$.value[*].identities[*].issuerAssignedId": redact}  # or a list
           detectors: {email: partial, phone: redact}   # or a list: email phone jwt bearer
                                                  # graph_secret high_entropy
-          binary: refuse                         # optional; pass | refuse (default: refuse with
-                                                 # detectors, pass without)
+          binary: refuse                         # optional; pass | refuse (default: refuse): bodies
+                                                 # it cannot read (binary; text without detectors)
     approvals:                                   # optional
       webhook: https://hooks.example/...         # optional: told of every request held for approval
       client_id: <GUID>                          # the gateway's app registration: the aud of approvers'
@@ -56,6 +66,7 @@ Schema (``policies/example.yaml`` is a commented, working example)::
         odata:                                   # optional, Graph operations only: limits of every one
           forbid_select: [keyCredentials]        # properties a request must not $select
           forbid_expand: [owners]                # navigation properties it must not $expand
+          allow_select: [id, displayName]        # optional: the only properties it may ask for
           max_top: 100                           # the largest $top, 1..1000000
         schedule:                                # optional: when the rule is in force
           days: [mon-fri]                        # mon..sun and ranges (fri-mon wraps); local to timezone
@@ -66,9 +77,23 @@ Schema (``policies/example.yaml`` is a commented, working example)::
         approval:                                # required on approve rules, refused on others
           approvers: {users: [<oid>], groups: [<group id>]}  # at least one
           timeout: 5m                            # optional, default 5m, 1s..1h: how long a request waits
-          max_grant: 1h                          # optional, 1m..7d: how long an approval may cover
+          max_grant: 1h                          # optional, 1s..7d: how long an approval may cover
                                                  # repeats; without it, the one request only
         mask: directory-pii                      # optional, allow and approve rules; a profile name
+        mode: report                             # optional, deny and approve rules; enforce | report
+
+Each token source has its own trust: a token is checked against the audiences and issuers of
+the source it was presented in, so a token minted for one source is refused (401/407 naming the
+check) in the other. The usual pair: the proxy credentials carry a token for the gateway's own API
+(v2 issuer, ``aud`` = the gateway's client id or App ID URI), and ``Authorization: Bearer`` carries
+the Graph token (v1 issuer ``sts.windows.net``, Graph's audience spellings). Only when the proxy
+source says ``graph_token: true`` is its token Graph's own, and presented upstream as
+``Authorization: Bearer`` for a request that has none; a proxy source that lists a Graph audience
+must say so, and one that says so must list one. An upstream's ``token: proxy``/``bearer``/``both``
+needs the sources it names. Approvers' tokens (the approval API) are neither source's: they are
+judged with the tenants, the issuers of every source and the audiences of ``approvals``.
+Policies written before this (``audiences`` and ``issuers`` directly under ``identity``) do not
+load: the error says how to write them.
 
 An issuer without ``{tenantid}`` is a single-tenant issuer. ``https://sts.windows.net/{tenantid}/``
 (the v1 issuer) defaults to the v1 discovery document on login.microsoftonline.com, because
@@ -112,8 +137,13 @@ request is first judged by the rules like any other; the grant check applies to 
 them is said once, by ``identity.client_secret_grants``.
 
 Paths are matched against the canonical path of :mod:`nhi_gateway.policy.operation` (decoded once,
-case-folded, ``users('x')`` read as ``users/x``, ``applications(appId='x')`` as
-``applications/appid=x``). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
+case-folded, ``users('x')`` and ``users(id='x')`` read as ``users/x``, ``applications(appId='x')``
+as ``applications/appid=x``, ``microsoft.graph.addPassword`` as ``addPassword``,
+``/directoryObjects/{id}/microsoft.graph.user`` as ``/users/{id}``). A pattern that names an object
+by its id (``/applications/6f1c.../addPassword``) also decides requests that name that object by an
+alternate key (``applications(appId='...')``, ``applications(uniqueName='...')``, a user's UPN,
+``/directoryObjects/{id}`` without a cast): the gateway resolves the key with its own Graph
+credential, and refuses such requests (503) when it cannot (:mod:`nhi_gateway.policy.objects`). A pattern is written in that form: ``{name}`` or ``*`` matches exactly
 one segment, ``**`` (last segment only) matches zero or more segments, anything else matches
 literally and case-insensitively. On Graph hosts a pattern may start with a version
 (``/v1.0/users``); without one it matches ``/v1.0`` and ``/beta`` unless ``versions`` narrows it.
@@ -137,8 +167,24 @@ forbidden":
   (``denied by rule 'no-key-material': $select asks for 'keyCredentials' ...``), so one deny rule
   keeps a property away from every caller.
 
+A property a request may not ``$select`` (``forbid_select``) it may not ``$filter``, ``$orderby``
+or ``$search`` on either, at any depth: each can test its value without returning it
+(``$filter=startswith(keyCredentials/...)``). ``allow_select`` is the allow-list form: the only
+properties a request may ``$select``, ``$expand``, filter, sort or search on; such a request must
+``$select`` (Graph's default properties are on nobody's list), and so must each ``$expand``.
+
 ``$select`` limits what Graph is asked to return, not what it returns by default: mask a field
 that must never leave, whatever the request asks.
+
+No query oracles: a request allowed (or held for approval) under a mask profile is refused (403,
+``check`` ``masking``, naming the property) when a ``$filter``, ``$orderby`` or ``$search`` at any
+depth, a parameter alias (``@p``), or a ``$batch`` item's, tests a property the profile hides: its
+fields, the names its paths end on, and the Graph properties its detectors exist for
+(:data:`~nhi_gateway.masking.masks.DETECTED_PROPERTIES`; ``email``: ``mail``, ``otherMails``,
+``proxyAddresses``, ``userPrincipalName`` ...; ``phone``: ``mobilePhone``, ``businessPhones``,
+``faxNumber``). ``$filter=startswith(mail,'a')`` would otherwise tell a caller every address it
+only ever sees masked. A ``$search`` term that names no property (it searches the default
+properties) and options that cannot be read unambiguously are refused too under such a profile.
 
 ``schedule`` says when a rule is in force; outside it the rule does not match at all (a deny rule
 out of its schedule denies nothing). ``days`` and ``hours`` are read on the local date and time in
@@ -160,6 +206,18 @@ Decisions (precedence deny > approve > allow, default deny):
 3. otherwise the first matching ``allow`` rule allows it (with its mask profile);
 4. otherwise the request is refused: "no rule allows <op>".
 
+Report mode (``mode: report``): a deny or approve rule that reports does not refuse or hold. The
+request is decided as if the reporting rules were not there (rules that enforce still refuse or
+hold; an allow rule still picks the mask profile) and forwarded when that allows it; the decision
+carries ``extra["report"] = {"would": "deny" | "hold", "rule", "reason"}`` of what the full policy
+said, and its reason says "would deny by rule 'x'". ``mode: report`` at the top is the default of
+every deny and approve rule (``mode: enforce`` on a rule keeps it enforcing) and makes the default
+refusal report too: a request no rule allows is forwarded, masked by ``masking.default_profile``.
+An allow rule cannot report (it refuses nothing). Only rules report: everything the gateway
+refuses before the rules (tokens, unreadable requests, hosts not under upstreams, malformed
+batches, refused client-secret grants) is refused in every mode. ``Decision.verdict()`` gives
+back what the rules said, for tools that compare decisions (``replay``, ``suggest``).
+
 Masking (:mod:`nhi_gateway.masking.masks` has the details) hides what an allowed response holds, by
 the profile of the rule (``mask``) or ``masking.default_profile``. A profile matches ``fields``
 (member names, case-insensitively, at any depth), ``paths`` (JSON paths: ``$``, ``.name``,
@@ -171,9 +229,13 @@ becomes ``"[masked]"``), ``partial`` (a hint: ``a***@contoso.com``, ``abc***``) 
 variable ``pseudonym_key_env`` names, at least 16 bytes; the same value gives the same token
 within a deployment). A policy whose profiles make pseudonyms does not load while that variable
 is unset or short: the gateway refuses to start, and a reload keeps the last good policy.
-``binary`` says whether a body the detectors cannot read (images, PDFs, octet streams) is passed
-or refused (502); it defaults to refuse when the profile has detectors. A body that does not
-parse as its declared type (JSON, form, text in its charset) is always refused (502).
+``binary`` says whether a body the profile cannot read (a binary body that is not JSON: images,
+PDFs, octet streams; a text body under a profile without detectors) is passed or refused (502);
+it defaults to refuse. A body that parses as JSON is masked as JSON whatever its Content-Type
+says; an answer with two Content-Type headers, and a body that does not parse as what it must be
+(JSON, form, text in its charset) is always refused (502). Response headers are masked too
+(detectors, and the values masked in the body wherever a header repeats them), and a property
+asked for by its own path (``/users/{id}/mobilePhone``, ``.../$value``) is masked by its name.
 
 ``nhi-gateway policy lint`` reports the loader's errors (:mod:`nhi_gateway.policy.loader`) and warns about rules that can never decide;
 ``policy explain`` shows which rules matched one request and why; ``policy replay`` re-decides
@@ -205,6 +267,7 @@ MAX_LEEWAY = 300
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ANY_METHOD = "*"
 MAX_TOP = 1_000_000
+MODES = ("enforce", "report")  # a rule's (or the policy's) mode: report forwards what it would refuse
 
 
 # --- the policy's parts --------------------------------------------------------------------------
@@ -247,12 +310,25 @@ class ClientSecretGrants(StrEnum):
 
 
 @dataclass(frozen=True)
-class IdentityConfig:
-    tenants: frozenset[str]  # lower-case GUIDs
+class SourceTrust:
+    """What one token source (``identity.proxy`` or ``identity.bearer``) accepts."""
+
     audiences: frozenset[str]
     issuers: tuple[IssuerConfig, ...]
+    # proxy only: the token is Graph's own, and is presented upstream as the bearer
+    graph_token: bool = False
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    tenants: frozenset[str]  # lower-case GUIDs
+    proxy: SourceTrust | None  # None: no token is accepted in the proxy credentials
+    bearer: SourceTrust | None  # None: no token is accepted in Authorization: Bearer
     leeway_seconds: int = DEFAULT_LEEWAY
     client_secret_grants: ClientSecretGrants = ClientSecretGrants.FLAG
+
+    def trust_for(self, source: TokenSource) -> SourceTrust | None:
+        return self.proxy if source is TokenSource.PROXY else self.bearer
 
 
 @dataclass(frozen=True)
@@ -354,28 +430,44 @@ class PathPattern:
 @dataclass(frozen=True)
 class ODataLimits:
     """What a rule lets a request ask of OData (``odata:``). Names as written in the policy;
-    compared case-insensitively, as Graph compares property names."""
+    compared case-insensitively, as Graph compares property names.
+
+    A property a request may not ``$select`` it may not filter, sort or search on either
+    (``$filter``, ``$orderby``, ``$search``, at any depth): each can test its value without
+    returning it. ``allow_select`` (``None``: no allow-list) lists the only properties a request
+    may ask for, filter, sort or search on; such a request must ``$select``, and so must each of
+    its expansions (Graph's default properties are not on anyone's list)."""
 
     forbid_select: tuple[str, ...] = ()
     forbid_expand: tuple[str, ...] = ()
     max_top: int | None = None
+    allow_select: tuple[str, ...] | None = None
     _select: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
     _expand: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _allow: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_select", {n.casefold(): n for n in self.forbid_select})
         object.__setattr__(self, "_expand", {n.casefold(): n for n in self.forbid_expand})
+        if self.allow_select is not None:
+            object.__setattr__(self, "_allow", {n.casefold(): n for n in self.allow_select})
 
     def __hash__(self) -> int:
-        return hash((self.forbid_select, self.forbid_expand, self.max_top))
+        return hash((self.forbid_select, self.forbid_expand, self.max_top, self.allow_select))
 
     def merged(self, other: ODataLimits) -> ODataLimits:
         """Both sets of limits at once (a rule's and one of its operations')."""
         tops = [t for t in (self.max_top, other.max_top) if t is not None]
+        allows = [a for a in (self.allow_select, other.allow_select) if a is not None]
+        allow = None
+        if allows:
+            allow = allows[0] if len(allows) == 1 else tuple(
+                n for n in allows[0] if n.casefold() in {m.casefold() for m in allows[1]})
         return ODataLimits(
             tuple(dict.fromkeys(self.forbid_select + other.forbid_select)),
             tuple(dict.fromkeys(self.forbid_expand + other.forbid_expand)),
             min(tops) if tops else None,
+            allow,
         )
 
     def violation(self, q: ODataQuery) -> str | None:
@@ -395,12 +487,40 @@ class ODataLimits:
                 for seg in path:
                     if seg in names:
                         return f"{option} asks for '{names[seg]}' ({key})"
+        if self._select:
+            for option, name in q.tested:
+                if name in self._select:
+                    return f"{option} tests '{self._select[name]}', which no request may ask for (odata.forbid_select)"
+        if self._allow is not None:
+            broken = self._allow_violation(q, self._allow)
+            if broken:
+                return f"{broken} (odata.allow_select: {_names(self._allow.values())})"
         if self.max_top is not None:
             for top in q.tops:
                 if not (top.isascii() and top.isdigit()):
                     return f"$top={top!r} is not a whole number (odata.max_top)"
                 if int(top) > self.max_top:
                     return f"$top={int(top)} is more than {self.max_top} (odata.max_top)"
+        return None
+
+    @staticmethod
+    def _allow_violation(q: ODataQuery, allow: dict[str, str]) -> str | None:
+        if not q.selected:
+            return "$select is required: without it Graph answers its default properties"
+        for option, paths in (("$select", q.selects), ("$expand", q.expands)):
+            for path in paths:
+                if "*" in path:
+                    return f"{option}=* asks for every property"
+                for seg in path:
+                    if "." not in seg and seg not in allow:  # a cast (microsoft.graph.user) is no property
+                        return f"{option} asks for '{seg}', which is not listed"
+        if q.bare_expands:
+            return f"$expand of '{'/'.join(q.bare_expands[0])}' has no $select of its own"
+        for option, name in q.tested:
+            if name == "*":
+                return f"{option} names no property, so it searches the default properties"
+            if name not in allow:
+                return f"{option} tests '{name}', which is not listed"
         return None
 
 
@@ -520,7 +640,7 @@ class ApprovalsConfig:
 
 DEFAULT_APPROVAL_TIMEOUT = 300
 MAX_APPROVAL_TIMEOUT = 3600
-MIN_GRANT = 60
+MIN_GRANT = 1  # any grant from 1s: a shorter grant is never less safe (and expiry is quick to test)
 MAX_GRANT = 7 * 24 * 3600
 
 
@@ -555,6 +675,9 @@ class Rule:
     schedule: Schedule | None = None
     approval: Approval | None = None  # approve rules only
     column: int = 0  # 1-based column of the rule's first key
+    # mode: report (deny and approve rules): what the rule would refuse or hold is forwarded and
+    # reported (Decision.extra["report"]), see Policy.decide.
+    report_only: bool = False
 
     @property
     def has_limits(self) -> bool:
@@ -676,8 +799,11 @@ class Policy:
         rules: Iterable[Rule],
         default_profile: str | None = None,
         approvals: ApprovalsConfig | None = None,
+        report_default: bool = False,
     ) -> None:
         self.source = str(source)
+        # mode: report at the top: the default "no rule allows" reports too (rules carry their own).
+        self.report_default = report_default
         self.approvals = approvals  # None: no approvals section
         self.identity = identity
         self.upstreams = tuple(upstreams)
@@ -685,6 +811,7 @@ class Policy:
         self.mask_profiles = dict(mask_profiles)
         self.default_profile = default_profile
         self.rules = tuple(rules)
+        self.reporting = report_default or any(r.report_only for r in self.rules)
         self._rules_by_id = {r.id: r for r in self.rules}
         # (principal key, host, method, version) -> trie of path segments -> rule indices.
         # A decision looks up a handful of buckets and walks one short trie in each, so its cost
@@ -703,6 +830,20 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"<Policy {self.source} rules={len(self.rules)}>"
+
+    def report_notice(self) -> str | None:
+        """What the gateway warns of at start and on reload while anything only reports."""
+        ids = [r.id for r in self.rules if r.report_only]
+        if not ids and not self.report_default:
+            return None
+        what = []
+        if self.report_default:
+            what.append("the policy is in mode: report (requests no rule allows are forwarded)")
+        if ids:
+            what.append(f"{len(ids)} rule{'s' * (len(ids) != 1)} only report{'s' * (len(ids) == 1)}: "
+                        f"{', '.join(ids)}")
+        return ("REPORT MODE: " + "; ".join(what) + ". What they would refuse or hold is forwarded and "
+                "reported; token checks and request checks still refuse.")
 
     def upstream(self, host: str) -> Upstream | None:
         try:
@@ -734,23 +875,61 @@ class Policy:
     def decide(self, principal: Principal | None, op: Operation, at: datetime | None = None) -> Decision:
         """The decision for ``op`` by ``principal`` at ``at`` (default: now, read only when a
         candidate rule has a schedule). See the module docstring for the precedence."""
-        return self._decide(principal, op, at, None)
+        decision = self._decide(principal, op, at, None)
+        return self._reported(principal, op, at, decision) if self.reporting else decision
+
+    def _oracle(self, op: Operation, profile_name: str | None) -> str | None:
+        profile = self.mask_profiles.get(profile_name) if profile_name else None
+        return _oracle_reason(op, profile) if profile is not None else None
 
     def explain(
         self, principal: Principal | None, op: Operation, at: datetime | None = None
     ) -> tuple[Decision, list[RuleOutcome]]:
         """The decision and what every candidate rule made of the request (for ``explain``)."""
         outcomes: list[RuleOutcome] = []
-        return self._decide(principal, op, at, outcomes), outcomes
+        decision = self._decide(principal, op, at, outcomes)
+        return (self._reported(principal, op, at, decision) if self.reporting else decision), outcomes
+
+    def _reports(self, decision: Decision) -> bool:
+        """Whether ``decision`` (a refusal or hold) was made by something that only reports."""
+        if decision.allowed or decision.stage is not Stage.POLICY:
+            return False
+        rule = self.rule(decision.rule_id) if decision.rule_id else None
+        if rule is None or decision.check == "odata":  # no rule allows it
+            return self.report_default
+        return rule.report_only
+
+    def _reported(self, principal: Principal | None, op: Operation, at: datetime | None,
+                  would: Decision) -> Decision:
+        """Report mode: a refusal or hold by a rule in ``mode: report`` (or the default refusal of a
+        policy in report mode) is forwarded as the rules that enforce decide, and says what it would
+        have been in ``extra["report"]``. A rule that enforces still refuses or holds."""
+        if not self._reports(would):
+            return would
+        enforced = self._decide(principal, op, at, None, skip_report=True)
+        if not enforced.allowed and not self._reports(enforced):
+            return enforced
+        verb = "hold" if would.action is Action.APPROVE else "deny"
+        by = f"by rule '{would.rule_id}'" if would.rule_id and would.check != "odata" else "(no rule allows it)"
+        report = {"would": verb, "rule": would.rule_id or "", "reason": would.reason}
+        if enforced.allowed:
+            return enforced.but(reason=f"{enforced.reason}; would {verb} {by} (report mode)",
+                                extra={**enforced.extra, "report": report})
+        return Decision(Action.ALLOW, Stage.POLICY, f"would {verb} {by}: {would.reason} (report mode: forwarded)",
+                        operation=would.operation, principal=would.principal,
+                        mask_profile=self.default_profile, extra={"report": report})
 
     def _decide(
-        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None
+        self, principal: Principal | None, op: Operation, at: datetime | None, outcomes: list[RuleOutcome] | None,
+        skip_report: bool = False,
     ) -> Decision:
         deny: tuple[Rule, str] | None = None
         approve: Rule | None = None
         allow: Rule | None = None
         limited: tuple[Rule, str] | None = None
         for rule in self.candidates(principal, op):
+            if skip_report and rule.report_only:
+                continue
             if rule.schedule is not None:
                 if at is None:
                     at = datetime.now(UTC)
@@ -779,6 +958,15 @@ class Policy:
             else:
                 allow = allow or rule
         who = principal.to_dict() if principal is not None else None
+        if deny is None and (approve or allow) is not None:
+            chosen = approve or allow
+            oracle = self._oracle(op, chosen.mask or self.default_profile)
+            if oracle is not None:
+                return Decision.deny(
+                    Stage.POLICY, REFUSAL_STATUS, REFUSAL_CODE,
+                    f"{oracle} (rule '{chosen.id}')",
+                    rule_id=chosen.id, check="masking", operation=str(op), principal=who,
+                )
         if deny is not None:
             rule, detail = deny
             return Decision.deny(
@@ -836,3 +1024,23 @@ class Policy:
             operation=str(op),
             principal=who,
         )
+
+
+def _oracle_reason(op: Operation, profile: MaskProfile) -> str | None:
+    """Why ``op`` would let a caller under ``profile`` learn what the profile hides without
+    reading it (a filter, sort or search that tests a hidden property), or None."""
+    hidden = profile.hidden
+    if not op.is_graph or not hidden:
+        return None
+    q = op.odata
+    if q.problem:
+        return (f"its OData options cannot be judged ({q.problem}), and mask profile '{profile.name}' hides "
+                "properties that a filter, sort or search could test")
+    for option, name in q.tested:
+        if name == "*":
+            return (f"{option} names no property, so it searches the default properties, which may include "
+                    f"what mask profile '{profile.name}' hides; search on named properties (\"displayName:...\")")
+        if name in hidden:
+            return (f"{option} tests '{hidden[name]}', which mask profile '{profile.name}' hides: a filter, sort or "
+                    "search on a masked property would reveal its values")
+    return None

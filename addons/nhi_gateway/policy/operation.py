@@ -23,13 +23,19 @@ The canonical path, in the order the steps run:
        users('o''neil@b.com')            -> users/o'neil@b.com     (OData '' escape)
        groups(6f1c...)                   -> groups/6f1c...
        applications(appId='5a8f...')     -> applications/appid=5a8f...
+       applications(id='x'), (Id='x')    -> applications/x             (the key named by its name)
+       users(userPrincipalName='a@b')    -> users/a@b
        getSchedule()                     -> getschedule
        range(address='A1',sheet='S')     -> range/address=a1,sheet=s   (named args sorted)
 
    so ``/applications/{id}/addPassword`` in a rule matches the object-id and the appId spelling
    alike. A segment holding ``(`` or ``)`` that does not parse as ``identifier(args)`` is refused.
    Type-cast segments (``microsoft.graph.group``) and ``$count``/``$ref``/``$value`` stay segments.
-6. The whole path is case-folded: Graph routing and key lookups are case-insensitive, so
+6. On Graph hosts, every path to one object becomes one path (:func:`canonical_segments`):
+   ``microsoft.graph.addPassword`` is ``addpassword``, ``/directoryObjects/{id}/microsoft.graph.user``
+   is ``/users/{id}``, a cast to the object's own type is dropped. Casts that narrow a collection
+   (``memberOf/microsoft.graph.group``) keep their namespace.
+7. The whole path is case-folded: Graph routing and key lookups are case-insensitive, so
    ``/Users/ABC`` and ``/users/abc`` must get the same decision. Non-Graph hosts (the Entra token
    endpoint) are case-folded too; every upstream this gateway fronts routes case-insensitively.
 
@@ -140,6 +146,7 @@ class Operation:
             version = segments.pop(0).casefold()
         if graph:
             segments = [part for segment in segments for part in _canonical_segment(segment)]
+            segments = canonical_segments([segment.casefold() for segment in segments])
         path = "/" + "/".join(segments).casefold()
         return cls(
             method=method_n,
@@ -304,7 +311,74 @@ def _canonical_segment(segment: str) -> list[str]:
     names = [a[0].casefold() for a in named]  # type: ignore[union-attr]
     if len(set(names)) != len(names):
         raise OperationError(f"repeated key name in {segment!r}")
+    if len(named) == 1 and _is_primary_key(name, names[0]):
+        # (id='x'), (Id='x') and users(userPrincipalName='x') are the key itself: /users/x
+        return [name, named[0][1]]
     return [name, ",".join(f"{k}={v}" for k, v in sorted(zip(names, (a[1] for a in named), strict=True)))]
+
+
+def _is_primary_key(entity_set: str, key_name: str) -> bool:
+    # Graph reads /users/{id} and /users/{userPrincipalName} alike, so the named UPN key is the
+    # plain segment too; which object a UPN names is resolved later (policy/objects.py).
+    return key_name == "id" or (entity_set.casefold() == "users" and key_name == "userprincipalname")
+
+
+# --- one object, one path ------------------------------------------------------------------------
+
+NAMESPACE = "microsoft.graph."
+# Entity sets of directory objects addressed by key (``/users/{id}``), and the type of their members.
+ENTITY_TYPES = {
+    "users": "user",
+    "groups": "group",
+    "applications": "application",
+    "serviceprincipals": "serviceprincipal",
+    "devices": "device",
+    "contacts": "orgcontact",
+    "directoryroles": "directoryrole",
+    "directoryroletemplates": "directoryroletemplate",
+    "administrativeunits": "administrativeunit",
+}
+TYPE_SETS = {NAMESPACE + t: entity_set for entity_set, t in ENTITY_TYPES.items()}
+DIRECTORY_OBJECTS = "directoryobjects"
+BASE_TYPE = NAMESPACE + "directoryobject"
+# Type casts keep their namespace, so a cast (``memberOf/microsoft.graph.group``) is never read
+# as an action or navigation property of the same name; every other qualified name is an action
+# or a function, which Graph also serves unqualified (``microsoft.graph.addPassword``).
+CAST_TYPES = frozenset(TYPE_SETS) | {BASE_TYPE}
+
+
+def canonical_segments(segments: list[str]) -> list[str]:
+    """Case-folded segments of a Graph path (or a policy pattern) rewritten so that every path to
+    one object is one path:
+
+    - namespace-qualified actions and functions lose the namespace:
+      ``applications/x/microsoft.graph.addpassword`` is ``applications/x/addpassword``;
+    - ``directoryobjects`` cast to a type is that type's entity set:
+      ``directoryobjects/x/microsoft.graph.user/...`` and ``directoryobjects/microsoft.graph.user/x``
+      are ``users/x/...``;
+    - a cast of an object to its own type or to ``directoryObject`` changes nothing and is dropped:
+      ``applications/x/microsoft.graph.application/addpassword`` is ``applications/x/addpassword``.
+
+    ``directoryobjects/x`` without a cast and alternate keys (``applications/appid=x``) name an
+    object whose entity set or id only Graph knows: :mod:`nhi_gateway.policy.objects` resolves them.
+    """
+    out = [s[len(NAMESPACE):] if s.startswith(NAMESPACE) and s not in CAST_TYPES and len(s) > len(NAMESPACE)
+           else s for s in segments]
+    while True:
+        before = list(out)
+        if out and out[0] == DIRECTORY_OBJECTS:
+            if len(out) >= 2 and out[1] in TYPE_SETS:  # directoryObjects/microsoft.graph.user[/x...]
+                out = [TYPE_SETS[out[1]], *out[2:]]
+            elif len(out) >= 3 and out[2] in TYPE_SETS:  # directoryObjects/x/microsoft.graph.user[...]
+                out = [TYPE_SETS[out[2]], out[1], *out[3:]]
+        if out and out[0] in ENTITY_TYPES or out and out[0] == DIRECTORY_OBJECTS:
+            own = {BASE_TYPE, NAMESPACE + ENTITY_TYPES.get(out[0], "directoryobject")}
+            if len(out) >= 2 and out[1] in own:  # users/microsoft.graph.user[/x]
+                out = [out[0], *out[2:]]
+            elif len(out) >= 3 and out[2] in own:  # users/x/microsoft.graph.user[/...]
+                out = [out[0], out[1], *out[3:]]
+        if out == before:
+            return out
 
 
 def _parse_args(text: str, segment: str) -> list[tuple[str | None, str]]:
@@ -382,31 +456,60 @@ def parse_query(raw: str, *, graph: bool = True) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class ODataQuery:
-    """``$select``, ``$expand`` and ``$top`` of a request, at every depth of ``$expand``.
+    """What a request asks of OData, at every depth of ``$expand``.
 
     ``selects`` and ``expands`` hold property paths as tuples of case-folded segments
     (``("microsoft.graph.user", "mail")``); ``("*",)`` means "all". ``tops`` holds each ``$top``
-    value as written. ``problem`` is set when the options could not be read unambiguously.
+    value as written. ``filters``, ``orderbys`` and ``searches`` hold each ``$filter`` (and each
+    parameter alias ``@p``, an expression a filter can name), ``$orderby`` and ``$search`` as
+    written: each can test a property's value without returning it. ``selected`` says whether
+    the request has a top-level ``$select``; ``bare_expands`` are the expansions without a
+    ``$select`` of their own (they return the expanded object's default properties).
+    ``problem`` is set when the options could not be read unambiguously.
     """
 
     selects: tuple[tuple[str, ...], ...] = ()
     expands: tuple[tuple[str, ...], ...] = ()
     tops: tuple[str, ...] = ()
     problem: str = ""
+    filters: tuple[str, ...] = ()
+    orderbys: tuple[str, ...] = ()
+    searches: tuple[str, ...] = ()
+    selected: bool = False
+    bare_expands: tuple[tuple[str, ...], ...] = ()
+
+    @cached_property
+    def tested(self) -> tuple[tuple[str, str], ...]:
+        """``(option, property)`` for each property a filter, sort or search names (case-folded),
+        and ``("$search", "*")`` for a search term that names none (it searches the default
+        properties). Empty when :attr:`problem` is set: nothing can be said then."""
+        out: list[tuple[str, str]] = []
+        try:
+            for option, expressions in (("$filter", self.filters), ("$orderby", self.orderbys)):
+                for expression in expressions:
+                    out += [(option, name) for name in sorted(query_properties(expression))]
+            for search in self.searches:
+                out += [("$search", name) for name in sorted(search_properties(search))]
+        except ValueError:
+            return ()
+        return tuple(dict.fromkeys(out))
 
 
-_NESTED_OPTIONS = ("$select", "$expand", "$top")
+_NESTED_OPTIONS = ("$select", "$expand", "$top", "$filter", "$orderby", "$search")
 
 
 def read_odata(query: tuple[tuple[str, str], ...]) -> ODataQuery:
-    """Read ``$select``/``$expand``/``$top`` from a canonical query (see :func:`parse_query`)."""
+    """Read what a canonical query (see :func:`parse_query`) asks of OData."""
     reader = _ODataReader()
+    problem = ""
     try:
         for name, value in query:
             reader.option(name, value, depth=0)
     except _ODataUnreadable as e:
-        return ODataQuery(tuple(reader.selects), tuple(reader.expands), tuple(reader.tops), str(e))
-    return ODataQuery(tuple(reader.selects), tuple(reader.expands), tuple(reader.tops))
+        problem = str(e)
+    return ODataQuery(tuple(reader.selects), tuple(reader.expands), tuple(reader.tops), problem,
+                      tuple(reader.filters), tuple(reader.orderbys), tuple(reader.searches), reader.selected,
+                      tuple(reader.bare_expands))
 
 
 class _ODataUnreadable(ValueError):
@@ -421,12 +524,18 @@ class _ODataReader:
         self.selects: list[tuple[str, ...]] = []
         self.expands: list[tuple[str, ...]] = []
         self.tops: list[str] = []
+        self.filters: list[str] = []
+        self.orderbys: list[str] = []
+        self.searches: list[str] = []
+        self.selected = False
+        self.bare_expands: list[tuple[str, ...]] = []
 
     def option(self, name: str, value: str, depth: int) -> None:
         if name in ("$compute", "$apply"):
             # Both can name properties and shape the answer: nothing a limit could judge.
             raise _ODataUnreadable(f"{name} cannot be judged")
-        if name not in _NESTED_OPTIONS:
+        alias = name.startswith("@")  # a parameter alias: an expression that $filter can name
+        if name not in _NESTED_OPTIONS and not alias:
             return
         if depth > _MAX_ODATA_DEPTH:
             raise _ODataUnreadable("$expand is nested too deeply")
@@ -436,14 +545,31 @@ class _ODataReader:
         if _ESCAPE.search(value):
             # %2C would become a comma for a second decoder: what we split is not what Graph reads
             raise _ODataUnreadable(f"{name} still holds a percent-escape after decoding")
+        if name in ("$filter", "$orderby") or alias:
+            try:
+                query_properties(value)
+            except ValueError as e:
+                raise _ODataUnreadable(f"{name}: {e}") from None
+            (self.orderbys if name == "$orderby" else self.filters).append(value)
+            return
+        if name == "$search":
+            try:
+                search_properties(value)
+            except ValueError as e:
+                raise _ODataUnreadable(f"{name}: {e}") from None
+            self.searches.append(value)
+            return
         if not value.strip():
             return  # "$select=" asks for nothing beyond the default
+        if name == "$select" and depth == 0:
+            self.selected = True
         for item in _split_top_level(value, ",", name):
             path_text, options = _item_options(item, name)
             path = tuple(seg.strip().casefold() for seg in path_text.split("/"))
             if not all(path):
                 raise _ODataUnreadable(f"{name} has an empty item or path segment in {item.strip()!r}")
             (self.selects if name == "$select" else self.expands).append(path)
+            nested_select = False
             for option in options:
                 key, eq, val = option.partition("=")
                 key = key.strip().casefold()
@@ -451,7 +577,95 @@ class _ODataReader:
                     raise _ODataUnreadable(f"cannot read the option {option.strip()!r} inside {name}")
                 if not key.startswith("$") and key in ODATA_OPTIONS:
                     key = "$" + key
+                nested_select = nested_select or (key == "$select" and bool(val.strip()))
                 self.option(key, val, depth + 1)
+            if name == "$expand" and not nested_select:
+                self.bare_expands.append(path)
+
+
+# --- the properties a filter, sort or search names -------------------------------------------------
+
+# A name or a path of names; not after a character that would make it part of a literal (the "T00"
+# of 2024-01-01T00:00:00Z, the "e3" of 1e3).
+_NAME_PATH = re.compile(
+    r"(?<![A-Za-z0-9_.@$])[A-Za-z_@$][A-Za-z0-9_.@$]*(?:\s*/\s*[A-Za-z_@$][A-Za-z0-9_.@$]*)*")
+_LAMBDA_VARIABLE = re.compile(r"(?<![A-Za-z0-9_.@$])([A-Za-z_][A-Za-z0-9_]*)\s*:")
+_KEYWORDS = frozenset({
+    "eq", "ne", "gt", "ge", "lt", "le", "and", "or", "not", "has", "in", "add", "sub", "mul", "div", "divby", "mod",
+    "true", "false", "null", "asc", "desc", "inf", "nan", "$it", "$this", "$root",
+})
+
+
+def _strip_literals(expression: str) -> str:
+    """The expression with every single-quoted literal ('' is an escaped quote) blanked out."""
+    out, i, n = [], 0, len(expression)
+    while i < n:
+        c = expression[i]
+        if c != "'":
+            out.append(c)
+            i += 1
+            continue
+        i += 1
+        while True:
+            if i >= n:
+                raise ValueError("unterminated quote")
+            if expression[i] == "'":
+                if expression.startswith("''", i):
+                    i += 2
+                    continue
+                i += 1
+                break
+            i += 1
+        out.append("''")
+    return "".join(out)
+
+
+def query_properties(expression: str) -> set[str]:
+    """The properties (case-folded) that a ``$filter``, ``$orderby`` or alias expression names:
+    every segment of every name path, except keywords and operators, functions (a name before
+    ``(``), lambda variables (``x`` in ``any(x:...)``), casts (``microsoft.graph.user``) and
+    literals. Raises ``ValueError`` for an unterminated quote. Names it cannot place count as
+    properties: a limit that allows only some properties refuses them."""
+    text = _strip_literals(expression)
+    variables = {m.group(1).casefold() for m in _LAMBDA_VARIABLE.finditer(text)}
+    names: set[str] = set()
+    for m in _NAME_PATH.finditer(text):
+        rest = text[m.end():].lstrip()
+        if rest.startswith(":"):
+            continue  # a lambda variable being declared
+        segments = [seg.strip().casefold() for seg in m.group().split("/")]
+        if rest.startswith("("):
+            segments = segments[:-1]  # a function, or any/all after the collection it ranges over
+        if segments and segments[0] in variables:
+            segments = segments[1:]
+        for seg in segments:
+            if seg in _KEYWORDS or "." in seg:
+                continue
+            names.add(seg)
+    return names
+
+
+_SEARCH_TERM = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s()"]+)')
+_SEARCH_PROPERTY = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_./]*)\s*:")
+
+
+def search_properties(search: str) -> set[str]:
+    """The properties (case-folded) a ``$search`` names (``"displayName:adele" AND "mail:a"``),
+    and ``*`` for a term that names none: it searches the resource's default properties. Raises
+    ``ValueError`` for an unterminated quote."""
+    if search.replace('\\"', "").count('"') % 2:
+        raise ValueError("unterminated quote")
+    names: set[str] = set()
+    for m in _SEARCH_TERM.finditer(search):
+        term = m.group(1) if m.group(1) is not None else m.group(2)
+        if m.group(2) is not None and term.upper() in ("AND", "OR", "NOT"):
+            continue
+        p = _SEARCH_PROPERTY.match(term)
+        if p is None:
+            names.add("*")
+        else:
+            names.update(seg.casefold() for seg in p.group(1).split("/") if seg and "." not in seg)
+    return names
 
 
 def _split_top_level(text: str, sep: str, what: str) -> list[str]:

@@ -51,13 +51,14 @@ from nhi_gateway.policy.model import (
     MAX_TOP,
     METHODS,
     MIN_GRANT,
+    MODES,
     WEEKDAYS,
     ClientSecretGrants,
     PathPattern,
     TokenRequirement,
     _hhmm,
 )
-from nhi_gateway.policy.operation import GRAPH_HOSTS, GRAPH_VERSIONS, OperationError, normalize_host
+from nhi_gateway.policy.operation import GRAPH_HOSTS, GRAPH_VERSIONS, OperationError, canonical_segments, normalize_host
 
 WHAT = "\x00"  # replaced by the name of the place; YAML text cannot contain it
 
@@ -331,6 +332,7 @@ class Shape(BaseModel):
         if not isinstance(value, dict):
             raise problem(f"{WHAT} must be a mapping, not {kind(value)}")
         keys = cls._keys
+        cls._before_keys(value)
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
@@ -353,6 +355,10 @@ class Shape(BaseModel):
     @classmethod
     def _first(cls, keys: dict) -> None:
         """What to check of the keys given before their values are read."""
+
+    @classmethod
+    def _before_keys(cls, value: dict) -> None:
+        """What to say of a key before it is refused as unknown (a key that moved)."""
 
 
 def optional(annotation, description: str = ""):
@@ -383,15 +389,82 @@ def _issuer(v: Any, info: ValidationInfo) -> IssuerDoc:
 Issuer = Annotated[IssuerDoc, PlainValidator(_issuer), WithJsonSchema({"ref!": "issuer"})]
 
 
-class IdentityDoc(Shape):
-    """Which tokens the gateway accepts at all."""
+# Microsoft Graph's audience spellings (compared without case and trailing slash).
+_GRAPH_AUDIENCES = frozenset({"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"})
+_OLD_IDENTITY_KEYS = ("audiences", "issuers")
+_SOURCE_NAMES = {TokenSource.PROXY: "the proxy credentials (HTTPS_PROXY=http://name:<token>@host:port)",
+                 TokenSource.BEARER: "Authorization: Bearer"}
+PER_SOURCE_HINT = """write them per token source, e.g.
+    identity:
+      tenants: [...]
+      bearer:                   # Authorization: Bearer, usually the Graph token
+        audiences: [https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]
+        issuers: [https://sts.windows.net/{tenantid}/]
+      proxy:                    # proxy credentials, usually a token for the gateway's own API
+        audiences: [api://<gateway app>, <gateway client id>]
+        issuers: [https://login.microsoftonline.com/{tenantid}/v2.0]
+  (a proxy source that carries the Graph token itself lists Graph's audiences and says graph_token: true);
+  see policies/example.yaml"""
 
-    tenants: guids("Tenant ids (the token's tid) whose tokens are accepted.")
+
+class SourceDoc(Shape):
+    """What one token source accepts: its tokens' audiences and issuers."""
+
     audiences: texts("The token's aud must be one of these, compared exactly.")
     issuers: Annotated[
         list[Issuer], *_list_checks(""), Field(min_length=1,
             description="Issuer templates; {tenantid} becomes the token's tid and must then equal iss.")
     ]
+
+    def graph_audiences(self) -> list[tuple[int, str]]:
+        return [(i, a.strip()) for i, a in enumerate(self.audiences)
+                if a.strip().lower().rstrip("/") in _GRAPH_AUDIENCES]
+
+
+class BearerSourceDoc(SourceDoc):
+    """Tokens in Authorization: Bearer: usually the Graph token (v1 issuer sts.windows.net, Graph's audience
+    spellings)."""
+
+
+class ProxySourceDoc(SourceDoc):
+    """Tokens in the proxy credentials (HTTPS_PROXY=http://name:<token>@host:port): usually a token for the
+    gateway's own API (v2 issuer, aud = its client id or App ID URI), which never leaves the gateway."""
+
+    graph_token: Annotated[bool | None, *leaf(_boolean, {
+        "type": "boolean", "description": "true: this source carries the Graph token itself, presented upstream "
+        "as Authorization: Bearer (its audiences must list Graph's)."})] = None
+
+    @model_validator(mode="after")
+    def _graph_token(self) -> ProxySourceDoc:
+        graph = self.graph_audiences()
+        if graph and not self.graph_token:
+            i, audience = graph[0]
+            raise problem(f"{WHAT}.audiences: '{audience}' is Microsoft Graph's audience: a Graph "
+                          "token in the proxy credentials is presented to Graph on the caller's behalf",
+                          "if this deployment's clients put the Graph token itself in HTTPS_PROXY, say so with "
+                          "'graph_token: true' under identity.proxy; otherwise list the gateway's own API here "
+                          "(its client id or App ID URI) and keep Graph's audiences under identity.bearer",
+                          at=("audiences", i))
+        if self.graph_token and not graph:
+            raise problem("identity.proxy.graph_token is true, but identity.proxy.audiences lists none of "
+                          "Microsoft Graph's audiences",
+                          "a proxy source that carries the Graph token lists https://graph.microsoft.com (and its "
+                          "other spellings); remove graph_token otherwise", at=("graph_token",))
+        return self
+
+
+class IdentityDoc(Shape):
+    """Which tokens the gateway accepts at all: the tenants, and per token source (bearer, proxy) the audiences
+    and issuers. At least one source; a source left out accepts no token. The old form (audiences and issuers
+    directly here) no longer loads."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["bearer"]}, {"required": ["proxy"]}]})
+
+    KEYS: ClassVar[tuple] = ("tenants", "bearer", "proxy", "leeway_seconds", "client_secret_grants")
+
+    tenants: guids("Tenant ids (the token's tid) whose tokens are accepted.")
+    proxy: optional(ProxySourceDoc) = None  # read before bearer, in the order of TokenSource
+    bearer: optional(BearerSourceDoc) = None
     leeway_seconds: Annotated[
         int | None, *integer_between(0, MAX_LEEWAY, "Tolerated clock skew on exp/nbf, 0..300 (default 60).")
     ] = None
@@ -401,9 +474,21 @@ class IdentityDoc(Shape):
                    "flag (default: forwarded and flagged) or refuse."),
     ] = None
 
+    @classmethod
+    def _before_keys(cls, value: dict) -> None:
+        for key in value:
+            if key in _OLD_IDENTITY_KEYS:
+                raise problem(f"identity.{key}: audiences and issuers are now given per token source "
+                              "(identity.bearer, identity.proxy), so that a token minted for one source "
+                              "is refused in the other", PER_SOURCE_HINT, at=(key,), key=True)
+
     @model_validator(mode="after")
     def _remember_tenants(self, info: ValidationInfo) -> IdentityDoc:
-        _ctx(info)["tenants"] = frozenset(self.tenants)
+        if self.bearer is None and self.proxy is None:
+            raise problem("identity accepts no token: it names no token source", PER_SOURCE_HINT, key=True)
+        ctx = _ctx(info)
+        ctx["tenants"] = frozenset(self.tenants)
+        ctx["token_sources"] = frozenset(s for s in TokenSource if getattr(self, str(s)) is not None)
         return self
 
 
@@ -417,10 +502,21 @@ class UpstreamDoc(Shape):
 
     @model_validator(mode="after")
     def _listed_once(self, info: ValidationInfo) -> UpstreamDoc:
-        hosts = _ctx(info).setdefault("upstream_hosts", set())
+        ctx = _ctx(info)
+        hosts = ctx.setdefault("upstream_hosts", set())
         if self.host in hosts:
             raise problem(f"{WHAT}: host '{self.host}' is listed twice", at=("host",))
         hosts.add(self.host)
+        if self.token is not None:
+            needed = {TokenRequirement.PROXY: {TokenSource.PROXY}, TokenRequirement.BEARER: {TokenSource.BEARER},
+                      TokenRequirement.BOTH: {TokenSource.PROXY, TokenSource.BEARER}}.get(TokenRequirement(self.token), set())
+            missing = sorted(needed - ctx.get("token_sources", frozenset(TokenSource)))
+            if missing:
+                raise problem(f"{WHAT}.token: '{self.token}' needs a token in "
+                              f"{' and '.join(_SOURCE_NAMES[s] for s in missing)}, but "
+                              f"identity.{missing[0]} is not in the policy, so none is accepted there",
+                              f"add identity.{missing[0]} (its audiences and issuers), or choose another token",
+                              at=("token",))
         return self
 
 
@@ -810,11 +906,24 @@ class ODataDoc(Shape):
                             "all of them.") = None
     max_top: Annotated[int | None, *integer_between(1, MAX_TOP, "The largest $top allowed, at any depth (a request "
                                                     "without $top gets Graph's default page size).")] = None
+    allow_select: optional(list_of(PropertyName, "e.g. [keyCredentials]"),
+                           "The only properties a request may $select, $expand, filter, sort or search on; such a "
+                           "request must $select, and so must each $expand.") = None
+
+    @field_validator("allow_select", mode="before")
+    @classmethod
+    def _some_allowed(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise problem(f"{WHAT} must not be empty",
+                          "list the properties a request may ask for, e.g. [id, displayName]; "
+                          "to refuse every request, use a deny rule")
+        return value
 
     @model_validator(mode="after")
     def _limits_something(self) -> ODataDoc:
-        if self.forbid_select is None and self.forbid_expand is None and self.max_top is None:
-            raise problem(f"{WHAT} limits nothing", "give forbid_select, forbid_expand or max_top, or remove it", key=True)
+        if all(getattr(self, k) is None for k in self._keys):
+            raise problem(f"{WHAT} limits nothing", "give forbid_select, forbid_expand, allow_select or max_top, "
+                          "or remove it", key=True)
         return self
 
 
@@ -881,6 +990,9 @@ def path_pattern(text: str, graph: bool, versions: frozenset[str] | None, at: tu
         if trouble:
             raise problem(f"{WHAT}: bad path pattern '{text}': {trouble}", hint, sub=at)
         segments.append("*" if _PARAM.fullmatch(seg) else seg.casefold())
+    if graph:
+        # Written like requests are read: /directoryObjects/{id}/microsoft.graph.user is /users/{id}.
+        segments = canonical_segments(segments)
     if pattern_version is not None:
         pattern_versions = frozenset({pattern_version})
     elif graph:
@@ -1124,6 +1236,7 @@ class RuleDoc(Shape):
          "then": {"required": ["approval"], "properties": {"approval": {"ref!": "approval"}}},
          "else": {"properties": {"approval": {"type": "null"}}}},
         {"if": {"properties": {"action": {"const": "deny"}}}, "then": {"properties": {"mask": {"type": "null"}}}},
+        {"if": {"properties": {"action": {"const": "allow"}}}, "then": {"properties": {"mode": {"not": {"const": "report"}}}}},
     ]})
 
     id: Annotated[str, *leaf(_rule_id, {"type": "string", "pattern": f"^{NAME}$",
@@ -1138,6 +1251,16 @@ class RuleDoc(Shape):
     approval: optional(ApprovalDoc) = None
     mask: Annotated[str | None, *leaf(text_of(), {"ref!": "text", "description": "A masking profile for "
                                                   "the response (allow and approve rules)."})] = None
+    mode: Annotated[str | None, *choice_of(MODES, "deny and approve rules: enforce (default, or the policy's mode) "
+                                           "or report (forwarded and reported, not refused or held).")] = None
+
+    @field_validator("mode")
+    @classmethod
+    def _reports_a_refusal(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "report" and info.data.get("action") == Action.ALLOW:
+            raise problem(f"{WHAT}: mode: report applies to deny and approve rules; an allow rule "
+                          "refuses nothing", "remove it", up=1)
+        return value
 
     @field_validator("mask", mode="before")
     @classmethod
@@ -1197,12 +1320,17 @@ class PolicyDoc(Shape):
     (hosts under upstreams, unique rule ids, known mask profiles, time zones, ranges): run
     `nhi-gateway policy lint FILE`."""
 
+    KEYS: ClassVar[tuple] = ("version", "identity", "upstreams", "masking", "approvals", "rules", "mode")
+
     version: Annotated[int, *leaf(_version, {"const": 1, "description": "The only version is 1."})]
     identity: IdentityDoc
     upstreams: Annotated[list[UpstreamDoc], *_list_checks("", non_empty=False),
                          Field(description="The only hosts reachable at all.")]
     masking: optional(MaskingDoc) = None
     approvals: optional(ApprovalsDoc) = None
+    mode: Annotated[str | None, *choice_of(MODES, "report: every deny and approve rule without a mode of its own "
+                                           "only reports, and a request no rule allows is forwarded and reported. "
+                                           "Token and request checks still refuse.")] = None
     rules: Annotated[list[RuleDoc] | None, PlainValidator(_rules), WithJsonSchema(
         {"type": "array", "items": {"ref!": "rule"}, "description": "No rules: everything is refused."})] = None
 
@@ -1228,7 +1356,7 @@ NAMES = {  # $defs names, as authors see them in their editor's messages
     "IdentityDoc": "identity", "UpstreamDoc": "upstream", "MaskingDoc": "masking", "MaskProfileDoc": "maskProfile",
     "ApprovalsDoc": "approvals", "RuleDoc": "rule", "WhenDoc": "when", "OperationDoc": "operation",
     "ODataDoc": "odata", "ScheduleDoc": "schedule", "ApprovalDoc": "approval", "ApproversDoc": "approvers",
-    "IssuerDoc": "issuerMapping",
+    "IssuerDoc": "issuerMapping", "BearerSourceDoc": "bearerSource", "ProxySourceDoc": "proxySource",
 }
 
 

@@ -98,5 +98,19 @@ class EgressClient:
         except ValueError:
             return response.status_code, None
 
+    async def get_json_status(self, url: str, *, headers: Mapping[str, str] | None = None) -> tuple[int, object]:
+        """GET; (status, parsed JSON body or None). Does not raise on an error status: Graph's
+        error body says what went wrong (the gateway's own object lookups, policy/objects.py)."""
+        parts = urlsplit(url)
+        target, route_headers, extensions = self._route(url)
+        response = await self._client.get(target, headers={**(headers or {}), **route_headers},
+                                          extensions=extensions)
+        if len(response.content) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"{parts.netloc}{parts.path}: answer too large")
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, None
+
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -29,6 +29,7 @@ from mitmproxy.addons import core, disable_h2c, dns_resolver, errorcheck, next_l
 
 from nhi_gateway.addons.admin import Admin, gateway_checks
 from nhi_gateway.addons.admin_tls import AdminTLS, AdminTLSError, server_context
+from nhi_gateway.addons.admission import Admission
 from nhi_gateway.addons.approval import Approval
 from nhi_gateway.addons.approvals_api import ApprovalsAPI, api_mode, is_api_target
 from nhi_gateway.addons.audit import Audit
@@ -39,20 +40,25 @@ from nhi_gateway.addons.identity import Identity, trust_of
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.addons.metrics import GatewayMetrics, Metrics, state_metrics
+from nhi_gateway.addons.objects import ObjectNames
 from nhi_gateway.addons.recorder import Recorder, WriteAhead
 from nhi_gateway.addons.stopping import DEFAULT_DRAIN_TIMEOUT, Stopping
 from nhi_gateway.addons.reload import PolicyReload
 from nhi_gateway.addons.routing import Routing
 from nhi_gateway.addons.upstream_timeout import DEFAULT_UPSTREAM_TIMEOUT, UpstreamTimeout
 from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreError
+from nhi_gateway.approvals.postgres import PostgresApprovalStore
+from nhi_gateway.approvals.state import StateBackend, sqlite_path
 from nhi_gateway.recording.audit import AuditCopy, AuditLog
 from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
+from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
 from nhi_gateway.policy.loader import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
+from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
-from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL, KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
@@ -81,8 +87,13 @@ class GatewayConfig:
     # Approvals: requests and grants (default <recordings>/approvals.sqlite3), and where the
     # approval API listens (default: 127.0.0.1, the proxy's port + 1, or a free port with port 0).
     approvals_db: Path | None = None
+    # --state: None or sqlite:///PATH keeps the SQLite file above; postgresql://... shares
+    # approvals and grants with every replica that names the same database.
+    state: StateBackend | None = None
     approvals_listen: tuple[str, int] | None = None
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT  # seconds an upstream has to answer (else 502)
+    # At most one refetch of an issuer's keys per this many seconds for tokens with an unknown kid.
+    unknown_kid_refresh: float = DEFAULT_UNKNOWN_KID_INTERVAL
     # Recordings are written by a child process (nhi_gateway.recording.process), off the event
     # loop; False writes them in the gateway's own process (tests that reach into the recorder).
     recording_process: bool = True
@@ -95,6 +106,9 @@ class GatewayConfig:
     admin_tls_key: Path | None = None
     admin_insecure: bool = False
     audit_copies: tuple[str, ...] = ()  # also send each audit line to: stdout, syslog[:ADDRESS]
+    # run --workers N: this process's number (1..N). Its recordings, write-ahead log and audit
+    # trail are files of its own (".w2"), and each audit line and recorded flow names it.
+    worker: int | None = None
 
 
 @dataclass
@@ -132,10 +146,10 @@ class Gateway:
 def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVerifier, health: Health,
                 groups: GroupResolver | None = None, egress: EgressClient | None = None):
     """The gateway's addons, in the order mitmproxy calls them for each event."""
-    audit_path = config.audit_path or config.recordings / "audit.jsonl"
+    audit_path = audit_path_of(config)
     audit_log = AuditLog(audit_path, fsync_interval=config.recordings_fsync)
     audit_log.copies = [AuditCopy(target) for target in config.audit_copies]
-    audit = Audit(audit_log, health)
+    audit = Audit(audit_log, health, worker=config.worker)
     approvals = open_approvals(config)
     notify = None
     if egress is not None:
@@ -143,7 +157,8 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
             return await egress.post_json(url, json_body=payload)
     recorder = Recorder(config.recordings, health, on_refusal=audit.amend,
                         max_bytes=config.recordings_max_bytes, hourly=config.recordings_hourly,
-                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process)
+                        fsync_interval=config.recordings_fsync, separate_process=config.recording_process,
+                        worker=config.worker)
     stopping = Stopping()
     approval = Approval(policies, approvals, health, audit.log, notify)
     metrics = GatewayMetrics()
@@ -152,9 +167,11 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     metrics.watch(state_metrics(approval, approvals, verifier.keys, groups))
 
     def trusted_issuers():
-        trust = trust_of(policies.current)
-        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in sorted(trust.tenants)
-                for i in trust.issuers]
+        # Every issuer of every token source, once (a source left out of the policy has none).
+        by_source = trust_of(policies.current).values()
+        tenants = sorted({t for trust in by_source for t in trust.tenants})
+        issuers = dict.fromkeys(i for trust in by_source for i in trust.issuers)
+        return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in tenants for i in issuers]
 
     admin = Admin(metrics, gateway_checks(policies, verifier.keys, trusted_issuers, recorder, health, approvals,
                                           stopping), require_tls=config.admin_tls_cert is not None)
@@ -163,10 +180,15 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
         admin,  # /healthz, /readyz, /metrics on the admin listener: never audited or recorded
         # First of the flow stages: answers every request on the approval API's own listener.
-        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups),
+        ApprovalsAPI(policies, approvals, verifier, health, audit.log, groups, judged_now=approval.judged_now),
         Routing(config.resolve),
+        # Before identity and every rule: a request of a shape the gateway will not judge (method
+        # overrides, oversized target or headers, transfer codings) is refused as it came.
+        Admission(),
         Identity(policies, verifier),
         Membership(policies, groups),  # after identity: replaces the principal with its groups
+        # After membership (rules' `when` may name groups): resolves alternate keys of objects.
+        ObjectNames(policies, ObjectResolver(groups, ttl=config.groups_ttl) if groups is not None else None),
         Authorization(policies),
         approval,  # holds `approve` decisions
         Masking(policies),
@@ -182,6 +204,12 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
     return chain, recorder
 
 
+def audit_path_of(config: GatewayConfig) -> Path:
+    """The audit trail of this process: one chain per writer, so each worker has its own file."""
+    path = config.audit_path or config.recordings / "audit.jsonl"
+    return path.with_name(f"{path.stem}.w{config.worker}{path.suffix}") if config.worker else path
+
+
 def rule_ids_of(policies: PolicyStore):
     """The rule ids of the policy in force, worked out once per policy (metrics' rule labels)."""
     seen: list = [None, frozenset()]
@@ -195,7 +223,15 @@ def rule_ids_of(policies: PolicyStore):
 
 
 def open_approvals(config: GatewayConfig) -> Approvals:
-    store = ApprovalStore(config.approvals_db or config.recordings / "approvals.sqlite3")
+    if config.state is not None and config.state.shared:
+        # The server need not be up: until it is, what needs approval or a grant is refused 503.
+        shared = PostgresApprovalStore(config.state.location, host=socket.gethostname())
+        shared.start()
+        logger.info("approvals and grants in %s (replica %s)", shared.path, shared.replica_id)
+        return Approvals(shared)
+    store = ApprovalStore(sqlite_path(config.state, config.approvals_db or config.recordings / "approvals.sqlite3"))
+    if config.worker and config.worker > 1:
+        return Approvals(store)  # worker 1 cleans up after the last run; the others must not cancel its requests
     try:
         stale = store.cancel_pending("the gateway restarted while the request was held", time.time())
     except ApprovalStoreError as e:  # requests that need approval are refused until it works
@@ -258,7 +294,10 @@ def _is_loopback(host: str) -> bool:
 async def start(config: GatewayConfig) -> Gateway:
     """Build and configure the master inside the running loop; servers start with ``run``."""
     answer_lost_connection_attempts()
+    answer_protocol_errors_as_graph()
     policies = PolicyStore(load_policy(config.policy_path))
+    if notice := policies.current.report_notice():
+        logger.warning("%s: %s", config.policy_path, notice)
     config.confdir.mkdir(parents=True, exist_ok=True)
     config.recordings.mkdir(parents=True, exist_ok=True)
     opts = options.Options(
@@ -285,7 +324,7 @@ async def start(config: GatewayConfig) -> Gateway:
     m.addons.add(*builtin)
     health = Health()
     egress = EgressClient(config.resolve, str(config.upstream_ca) if config.upstream_ca else None)
-    verifier = TokenVerifier(KeyStore(egress.get_json))
+    verifier = TokenVerifier(KeyStore(egress.get_json, unknown_kid_interval=config.unknown_kid_refresh))
     groups = None
     if config.graph_credential is not None:
         groups = GroupResolver(config.graph_credential, egress, ttl=config.groups_ttl)
@@ -293,6 +332,7 @@ async def start(config: GatewayConfig) -> Gateway:
     chain, recorder = build_chain(config, policies, verifier, health, groups, egress)
     m.addons.add(*chain)
     approval = next(a for a in chain if isinstance(a, Approval))
+    tell_when_clients_leave_a_held_request(approval.request_cancelled)
     api_host, api_port = approvals_listen(config)
     if config.admin_tls_cert is None and not _is_loopback(api_host):
         if not config.admin_insecure:
@@ -351,7 +391,8 @@ def announce(gateway: Gateway, out=sys.stdout) -> None:
         "Client environment:",
         *("  " + line for line in client_environment(gateway)),
     ]
-    print("\n".join(lines), file=out, flush=True)
+    if gateway.config.worker in (None, 1):  # the workers of --workers N: the first one speaks for all
+        print("\n".join(lines), file=out, flush=True)
     if gateway.config.ready_file:
         ready = {"host": host, "port": port, "ca_cert": str(gateway.ca_cert), "pid": os.getpid(),
                  "approvals_api": gateway.approvals_api}

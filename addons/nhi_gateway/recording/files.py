@@ -64,11 +64,12 @@ ROTATIONS = ("daily", "hourly")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]+")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-# <app>--<oid>[.<HH>h][.<n>].mitm; the object id holds no dot, so the last "--" splits.
+# <app>--<oid>[.<HH>h][.w<worker>][.<n>].mitm; the object id holds no dot, so the last "--" splits.
 _NAME = re.compile(
     r"^(?:(?P<app>.+)--(?P<oid>[A-Za-z0-9_-]+)|(?P<anon>anonymous))"
-    r"(?:\.(?P<hour>\d{2})h)?(?:\.(?P<part>[1-9]\d*))?\.mitm$"
+    r"(?:\.(?P<hour>\d{2})h)?(?:\.w(?P<worker>[1-9]\d*))?(?:\.(?P<part>[1-9]\d*))?\.mitm$"
 )
+_WRITE_AHEAD_OF = re.compile(r"^write-ahead(?:\.w(?P<worker>[1-9]\d*))?(?:\.[1-9]\d*)?\.wal$")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -90,11 +91,19 @@ def _safe(name: str, fallback: str, pattern: re.Pattern = _UNSAFE) -> str:
     return cleaned or fallback
 
 
-def recording_base(root: Path, principal: dict | None, when: datetime, hourly: bool = False) -> Path:
+def _worker_tag(worker: int | None) -> str:
+    """Each worker process of ``run --workers N`` writes files of its own (``.w2``): two writers
+    never share a file, its size or its torn-tail repair."""
+    return f".w{worker}" if worker else ""
+
+
+def recording_base(root: Path, principal: dict | None, when: datetime, hourly: bool = False,
+                   worker: int | None = None) -> Path:
     """The first file of the series this flow belongs to (later parts: :func:`part_path`)."""
     when = when.astimezone(UTC)
     day = root / when.strftime("%Y-%m-%d")
     hour = f".{when:%H}h" if hourly else ""
+    hour += _worker_tag(worker)
     principal = principal or {}
     if not principal.get("object_id"):
         return day / f"{ANONYMOUS}{hour}{SUFFIX}"
@@ -104,9 +113,10 @@ def recording_base(root: Path, principal: dict | None, when: datetime, hourly: b
     return day / tenant / f"{app}--{oid}{hour}{SUFFIX}"
 
 
-def write_ahead_base(root: Path, when: datetime) -> Path:
+def write_ahead_base(root: Path, when: datetime, worker: int | None = None) -> Path:
     """The first file of the day's write-ahead log."""
-    return root / when.astimezone(UTC).strftime("%Y-%m-%d") / f"{WRITE_AHEAD_NAME}{WRITE_AHEAD_SUFFIX}"
+    day = root / when.astimezone(UTC).strftime("%Y-%m-%d")
+    return day / f"{WRITE_AHEAD_NAME}{_worker_tag(worker)}{WRITE_AHEAD_SUFFIX}"
 
 
 def _suffix_of(base: Path) -> str:
@@ -124,6 +134,7 @@ class RecordingName:
     object_id: str
     hour: int | None
     part: int
+    worker: int | None = None
 
 
 def parse_name(name: str) -> RecordingName | None:
@@ -132,9 +143,10 @@ def parse_name(name: str) -> RecordingName | None:
         return None
     hour = int(m["hour"]) if m["hour"] else None
     part = int(m["part"] or 0)
+    worker = int(m["worker"]) if m["worker"] else None
     if m["anon"]:
-        return RecordingName(ANONYMOUS, "", hour, part)
-    return RecordingName(m["app"], m["oid"], hour, part)
+        return RecordingName(ANONYMOUS, "", hour, part, worker)
+    return RecordingName(m["app"], m["oid"], hour, part, worker)
 
 
 def _parts_of(base: Path) -> dict[int, Path]:
@@ -156,11 +168,11 @@ def _parts_of(base: Path) -> dict[int, Path]:
 
 
 def sort_key(path: Path) -> tuple:
-    """Files in the order their flows were written: by day, tenant, app, hour, then part."""
+    """Files in the order their flows were written: by day, tenant, app, hour, worker, then part."""
     parsed = parse_name(path.name)
     if parsed is None:
-        return (str(path.parent), path.name, -1, 0)
-    return (str(path.parent), parsed.app, parsed.object_id, parsed.hour or -1, parsed.part)
+        return (str(path.parent), path.name, -1, 0, 0)
+    return (str(path.parent), parsed.app, parsed.object_id, parsed.hour or -1, parsed.worker or 0, parsed.part)
 
 
 # --- framing: is the file whole? ------------------------------------------------------------------
@@ -245,12 +257,23 @@ def day_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _DAY.match(p.name))
 
 
-def recover_recent(root: Path, days: int = 2) -> list[Path]:
+def worker_of(path: Path) -> int | None:
+    """The worker whose files these are (None: a single-process gateway's, or not a recording)."""
+    parsed = parse_name(path.name)
+    if parsed is not None:
+        return parsed.worker
+    m = _WRITE_AHEAD_OF.match(path.name)
+    return int(m["worker"]) if m and m["worker"] else None
+
+
+def recover_recent(root: Path, days: int = 2, worker: int | None = None) -> list[Path]:
     """At start: a crash can only have torn files that were being written, which live in the
-    newest day directories (the newest two cover a crash just after midnight)."""
+    newest day directories (the newest two cover a crash just after midnight). Only this
+    worker's files: another worker may be writing its own right now."""
     repaired = []
     for day in day_dirs(root)[-days:]:
-        for path in sorted([*day.rglob("*" + SUFFIX), *day.glob("*" + WRITE_AHEAD_SUFFIX)]):
+        candidates = [*day.rglob("*" + SUFFIX), *day.glob("*" + WRITE_AHEAD_SUFFIX)]
+        for path in sorted(p for p in candidates if worker_of(p) == worker):
             try:
                 if recover_torn_tail(path):
                     repaired.append(path)
@@ -328,7 +351,11 @@ class RecordEncoder:
         if cached is not None and cached[0] == snapshot:
             encoded = cached[1]
         else:
-            encoded = flowformat.dumps(conn.get_state())
+            state = conn.get_state()
+            try:
+                encoded = flowformat.dumps(state)
+            except UnicodeEncodeError:  # an SNI or address that is not UTF-8: written escaped
+                encoded = flowformat.dumps(flowformat.escape_unencodable(state))
             self._parts.use(conn.id, (snapshot, encoded))
         return flowformat.dumps(key) + encoded
 

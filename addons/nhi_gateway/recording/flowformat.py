@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from mitmproxy.io import tnetstring
 
-__all__ = ["dumps"]
+__all__ = ["dumps", "escape_unencodable"]
 
 # Length prefixes (b"0:", b"1:", ...) of values shorter than this, made once.
 _SHORT = 4096
@@ -102,3 +102,31 @@ def _write(value, append) -> None:
         # Subclasses and anything else: mitmproxy's encoding of one value does not depend on
         # where it stands, so its dumps of this value alone is the right piece (or raises).
         append(tnetstring.dumps(value))
+
+
+def _escaped(text: str) -> str:
+    try:
+        # mitmproxy keeps bytes that are not UTF-8 as lone surrogates (surrogateescape): write
+        # the bytes that were sent, as \xNN.
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def escape_unencodable(value):
+    """``value`` with every string that UTF-8 cannot encode (a host, an SNI or a header name that
+    held bytes that are not UTF-8) written with backslash escapes, so that the record can be
+    written at all: tnetstring strings are UTF-8, and a flow that cannot be written would be
+    refused and left unrecorded, which is what a hostile client sending such bytes wants."""
+    cls = type(value)
+    if cls is str:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return _escaped(value)
+        return value
+    if cls is dict:
+        return {escape_unencodable(k): escape_unencodable(v) for k, v in value.items()}
+    if cls is list or cls is tuple:
+        return cls(escape_unencodable(v) for v in value)
+    return value

@@ -4,7 +4,8 @@ What is written is a redacted copy: credentials never reach disk, and the live f
 upstream) is untouched. The copy carries:
 
 - ``comment``: decision, principal, operation, rule (or the failed check), approver, reason;
-- ``marked``: ``:no_entry:`` on refused flows, ``:white_check_mark:`` on approved ones;
+- ``marked``: ``:no_entry:`` on refused flows, ``:white_check_mark:`` on approved ones,
+  ``:warning:`` on flows a rule in report mode would have refused or held (forwarded);
 - ``metadata["nhi"]``: the structured decision, plus flat ``nhi.*`` keys for ``~meta`` searches
   (mitmproxy matches ``~meta`` against ``key: value`` lines), e.g. ``~meta "nhi.rule: no-credential"``.
 
@@ -31,7 +32,7 @@ from nhi_gateway.policy.batch import (
     inner_requests_of,
     inner_responses_of,
 )
-from nhi_gateway.policy.decision import DECISION_KEY, Decision, decision_of
+from nhi_gateway.policy.decision import DECISION_KEY, Decision, decision_of, set_decision
 from nhi_gateway.recording.files import (
     DEFAULT_FSYNC_INTERVAL,
     DEFAULT_MAX_BYTES,
@@ -41,25 +42,29 @@ from nhi_gateway.recording.files import (
     recording_base,
     write_ahead_base,
 )
+from nhi_gateway.recording.flowformat import escape_unencodable
 from nhi_gateway.recording.redaction import redacted_state, scrub_text
 
 logger = logging.getLogger(__name__)
 
 REFUSED_MARK = ":no_entry:"
 APPROVED_MARK = ":white_check_mark:"
+REPORT_MARK = ":warning:"  # forwarded, but a rule in report mode would have refused or held it
 
 
 APPROVAL_API_FILE = "approval-api.mitm"
 
 
-def recording_path(root: Path, decision: Decision | None, when: datetime, hourly: bool = False) -> Path:
+def recording_path(root: Path, decision: Decision | None, when: datetime, hourly: bool = False,
+                   worker: int | None = None) -> Path:
     """The first file of the series a flow with this decision is written to. Calls to the approval
     API go to the day's ``approval-api.mitm``: they are people deciding, not Graph traffic of the
     app their token was issued to."""
     if decision is not None and "approvals_api" in decision.extra or (
             decision is not None and " approvals-api " in decision.operation):
-        return root / when.astimezone(UTC).strftime("%Y-%m-%d") / APPROVAL_API_FILE
-    return recording_base(root, decision.principal if decision else None, when, hourly)
+        name = APPROVAL_API_FILE if not worker else APPROVAL_API_FILE.replace(".mitm", f".w{worker}.mitm")
+        return root / when.astimezone(UTC).strftime("%Y-%m-%d") / name
+    return recording_base(root, decision.principal if decision else None, when, hourly, worker)
 
 
 def approver_of(decision: Decision) -> str | None:
@@ -84,6 +89,11 @@ def flow_comment(decision: Decision | None, flow: http.HTTPFlow | None = None) -
     if decision is None:
         return "DENY · no decision was recorded for this flow"
     parts = [str(decision.action).upper()]
+    report = decision.extra.get("report") if decision.allowed else None
+    if isinstance(report, dict):
+        would = f"WOULD {str(report.get('would', 'deny')).upper()}"
+        parts = [would + (f" by rule {report['rule']}" if report.get("rule") else " (no rule allows it)"),
+                 "forwarded (report mode)"]
     if decision.rule_id:
         parts.append(f"rule {decision.rule_id}")
     elif not decision.allowed:
@@ -103,6 +113,8 @@ def flow_comment(decision: Decision | None, flow: http.HTTPFlow | None = None) -
 def flow_mark(decision: Decision | None) -> str:
     if decision is None or not decision.allowed:
         return REFUSED_MARK
+    if decision.extra.get("report"):
+        return REPORT_MARK
     if decision.extra.get("approval"):
         return APPROVED_MARK
     return ""
@@ -125,6 +137,9 @@ def search_keys(decision: Decision | None) -> dict[str, str]:
         "nhi.app_id": str(p.get("app_id") or ""),
         "nhi.approver": approver_of(decision) or "",
     }
+    report = decision.extra.get("report") if decision.allowed else None
+    if isinstance(report, dict):
+        keys["nhi.would"] = f"{report.get('would', 'deny')} {report.get('rule') or ''}".strip()
     return {k: v for k, v in keys.items() if v}
 
 
@@ -139,9 +154,10 @@ class FlowRecorder:
     """Writes flows, in this process, to the series of files under ``directory``."""
 
     def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
-                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL) -> None:
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, worker: int | None = None) -> None:
         self.directory = Path(directory)
         self.hourly = hourly
+        self.worker = worker  # run --workers N: this process's number, in file names and each flow
         self.writer = RecordingWriter(max_bytes=max_bytes, fsync_interval=fsync_interval)
         self.encoder = RecordEncoder()
         self.last_path: Path | None = None
@@ -152,17 +168,27 @@ class FlowRecorder:
         decision = decision_of(flow)
         disk = redacted_state(flow)
         annotate(disk, decision, flow)
+        if self.worker:
+            disk["metadata"]["nhi.worker"] = str(self.worker)
         if comment_prefix:
             disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
         # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
-        base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            # Text that is not UTF-8 (a host, a header name): recorded escaped, and said so.
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
+        base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly, self.worker)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
+
+    def _encode(self, disk: dict, flow, connections: tuple[bytes, bytes] | None) -> bytes:
+        if connections is None:
+            return self.encoder.encode(disk, flow.client_conn, flow.server_conn)
+        return encode_with_parts(disk, connections)
 
     def record_now(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
         """The flow and, for a ``$batch``, each of its inner requests; returns the flow's file."""
@@ -172,6 +198,11 @@ class FlowRecorder:
                 self.write(inner, comment_prefix=prefix, connections=connections)
         return path
 
+    def record_in_part(self, flow, why: str, connections: tuple[bytes, bytes] | None = None) -> Path:
+        """The flow without its bodies (and without its batch's inner records), its comment
+        saying why: what reached Graph is recorded, in part when it cannot be in full."""
+        return self.write(in_part(flow, why), connections=connections)
+
     def write_ahead(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
         """The request half and decision of a flow about to be forwarded, to the day's write-ahead
         log: once this returns, what the gateway lets through is on record even if it dies before
@@ -180,17 +211,38 @@ class FlowRecorder:
         disk = redacted_state(flow)
         annotate(disk, decision, flow)
         disk["comment"] = "FORWARDING · " + disk["comment"]
-        if connections is None:
-            record = self.encoder.encode(disk, flow.client_conn, flow.server_conn)
-        else:
-            record = encode_with_parts(disk, connections)
-        return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC)), record)
+        if self.worker:
+            disk["metadata"]["nhi.worker"] = str(self.worker)
+        try:
+            record = self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            record = self._encode(disk, flow, connections)
+        return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC), self.worker), record)
 
     def close(self) -> None:
         try:
             self.writer.close()
         except OSError as e:
             logger.error("closing the recordings in %s: %s", self.directory, e)
+
+
+def in_part(flow, why: str):
+    """A copy of ``flow`` for a record in part: bodies left out, the reason in its decision (and so
+    in the comment mitmweb shows)."""
+    part = flow.copy()
+    part.id = flow.id
+    if isinstance(part, http.HTTPFlow):
+        part.request.raw_content = b""  # raw: an encoded empty body (gzip) is not empty
+        if part.response is not None:
+            part.response.raw_content = b""
+    part.metadata.pop(BATCH_KEY, None)
+    decision = decision_of(flow)
+    note = f"recorded in part ({why}): the bodies are left out"
+    if decision is not None:
+        set_decision(part, decision.but(reason=f"{decision.reason} · {note}" if decision.reason else note))
+    return part
 
 
 # --- $batch: each inner request recorded as if it had been sent alone -----------------------------
@@ -213,45 +265,60 @@ def batch_inner_flows(outer: http.HTTPFlow) -> list[tuple[http.HTTPFlow, str]]:
         request_data = decode_body(r.raw_content or b"", ",".join(r.headers.get_all("content-encoding")))
     except BatchError:
         request_data = None
-    requests = inner_requests_of(request_data)
+    try:
+        requests = inner_requests_of(request_data)
+    except Exception as exc:  # noqa: BLE001 - the inner records are still written, without bodies
+        logger.error("flow %s: the inner requests of the batch could not be read back: %r", outer.id, exc)
+        requests = {}
     responses = {}
     if outer.response is not None and outer.response.raw_content:
         try:
             responses = inner_responses_of(outer.response.get_content(strict=True))
-        except ValueError:
+        except Exception:  # noqa: BLE001 - as above: recorded without their answers' bodies
             responses = {}
     outer_decision = decision_of(outer)
     flows = []
     for e in outer.metadata.get(BATCH_KEY) or ():
-        key = str(e.get("id") or "").casefold()
-        sent = bool(e.get("sent"))
-        part = requests.get(key) if key else None
-        target = quote(str(e.get("target") or "/"), safe=_TARGET_SAFE)
-        request = http.Request.make(
-            str(e.get("method") or "GET"), f"https://{r.host}:{r.port}{target}",
-            part.content if part else b"", [(k.encode(), v.encode()) for k, v in (part.headers if part else ())],
-        )
-        request.http_version = r.http_version
-        request.timestamp_start, request.timestamp_end = r.timestamp_start, r.timestamp_end
-        inner = http.HTTPFlow(outer.client_conn, outer.server_conn)
-        inner.id = inner_flow_id(outer.id, e)
-        inner.timestamp_created = outer.timestamp_created
-        inner.request = request
-        answer = responses.get(key) if key and sent else None
-        if answer is not None:
-            inner.response = http.Response.make(answer.status, answer.content,
-                                                [(k.encode(), v.encode()) for k, v in answer.headers])
-            inner.response.http_version = outer.response.http_version
-            inner.response.timestamp_start = outer.response.timestamp_start
-            inner.response.timestamp_end = outer.response.timestamp_end
-        inner.metadata[DECISION_KEY] = inner_decision(outer_decision, e).to_dict()
-        inner.metadata[INNER_KEY] = {"flow_id": outer.id, "id": e.get("id"), "index": e.get("index"), "sent": sent}
-        label = e.get("id") or f"#{int(e.get('index') or 0) + 1}"
-        if sent:
-            note = ""
-        elif outer_decision is not None and outer_decision.allowed:
-            note = "(no answer from Graph) "
-        else:
-            note = "(not sent: the batch was refused) "
-        flows.append((inner, f"batch {outer.id}/{label}: {note}"))
+        try:
+            flows.append(_inner_flow(outer, e, requests, responses, outer_decision))
+        except Exception as exc:  # noqa: BLE001 - one inner record must not cost the others
+            logger.error("flow %s: the record of inner request %r could not be built in full: %r",
+                         outer.id, e.get("id"), exc)
+            inner, prefix = _inner_flow(outer, e, {}, {}, outer_decision)
+            flows.append((in_part(inner, f"it could not be rebuilt: {type(exc).__name__}"), prefix))
     return flows
+
+
+def _inner_flow(outer: http.HTTPFlow, e, requests, responses, outer_decision) -> tuple[http.HTTPFlow, str]:
+    r = outer.request
+    key = str(e.get("id") or "").casefold()
+    sent = bool(e.get("sent"))
+    part = requests.get(key) if key else None
+    target = quote(str(e.get("target") or "/"), safe=_TARGET_SAFE)
+    request = http.Request.make(
+        str(e.get("method") or "GET"), f"https://{r.host}:{r.port}{target}",
+        part.content if part else b"", [(k.encode(), v.encode()) for k, v in (part.headers if part else ())],
+    )
+    request.http_version = r.http_version
+    request.timestamp_start, request.timestamp_end = r.timestamp_start, r.timestamp_end
+    inner = http.HTTPFlow(outer.client_conn, outer.server_conn)
+    inner.id = inner_flow_id(outer.id, e)
+    inner.timestamp_created = outer.timestamp_created
+    inner.request = request
+    answer = responses.get(key) if key and sent else None
+    if answer is not None:
+        inner.response = http.Response.make(answer.status, answer.content,
+                                            [(k.encode(), v.encode()) for k, v in answer.headers])
+        inner.response.http_version = outer.response.http_version
+        inner.response.timestamp_start = outer.response.timestamp_start
+        inner.response.timestamp_end = outer.response.timestamp_end
+    inner.metadata[DECISION_KEY] = inner_decision(outer_decision, e).to_dict()
+    inner.metadata[INNER_KEY] = {"flow_id": outer.id, "id": e.get("id"), "index": e.get("index"), "sent": sent}
+    label = e.get("id") or f"#{int(e.get('index') or 0) + 1}"
+    if sent:
+        note = ""
+    elif outer_decision is not None and outer_decision.allowed:
+        note = "(no answer from Graph) "
+    else:
+        note = "(not sent: the batch was refused) "
+    return inner, f"batch {outer.id}/{label}: {note}"

@@ -51,6 +51,7 @@ from pathlib import Path
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
+from nhi_gateway.recording.flowformat import escape_unencodable
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, ConnectionTable, connection_snapshot
 
 logger = logging.getLogger(__name__)
@@ -153,11 +154,12 @@ class RecordingProcess:
 
     def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
                  fsync_interval: float = DEFAULT_FSYNC_INTERVAL, confirm_timeout: float = CONFIRM_TIMEOUT,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, worker: int | None = None) -> None:
         # -O: mitmproxy type-checks every message it builds when __debug__ is on; the child only
         # rebuilds messages from states of messages the gateway built (and checked) already.
         self.argv = [python, "-O", "-m", __name__, str(directory), "--max-bytes", str(max_bytes),
-                     "--fsync", repr(float(fsync_interval))] + (["--hourly"] if hourly else [])
+                     "--fsync", repr(float(fsync_interval))] + (["--hourly"] if hourly else []) \
+            + (["--worker", str(worker)] if worker else [])
         self.confirm_timeout = confirm_timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
@@ -396,17 +398,19 @@ class _Confirmations:
             self.gateway_gone = True
 
 
-def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int) -> int:
+def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, inp: int, out: int,
+          worker: int | None = None) -> int:
     from nhi_gateway.recording import flowformat
     from nhi_gateway.recording.files import recover_recent
     from nhi_gateway.recording.flows import FlowRecorder
 
     try:
-        recover_recent(directory)
+        recover_recent(directory, worker=worker)
     except OSError as e:  # the first write reports it, and refuses
         logger.error("cannot check %s for recordings cut short by a crash: %s", directory, e)
     try:
-        recorder = FlowRecorder(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval)
+        recorder = FlowRecorder(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval,
+                                worker=worker)
     except OSError as e:
         _Confirmations(out).send([(READY, "oserror", f"{directory}: {e.strerror or e}")])
         return 1
@@ -456,8 +460,12 @@ def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tup
         state = marshal.loads(raw[start + conns_size:])
         parts, missing = [], []
         for key, (conn_id, conn_state) in zip(("client_conn", "server_conn"), conn_states):
-            encoded = conns.use(conn_id, None if conn_state is None
-                                else tnetstring.dumps(key) + tnetstring.dumps(conn_state))
+            if conn_state is not None:
+                try:
+                    conn_state = tnetstring.dumps(key) + tnetstring.dumps(conn_state)
+                except UnicodeEncodeError:  # an SNI or address that is not UTF-8: written escaped
+                    conn_state = tnetstring.dumps(key) + tnetstring.dumps(escape_unencodable(conn_state))
+            encoded = conns.use(conn_id, conn_state)
             if encoded is None:
                 missing.append(conn_id)
             parts.append(encoded)
@@ -482,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     p.add_argument("--fsync", type=float, default=DEFAULT_FSYNC_INTERVAL)
     p.add_argument("--hourly", action="store_true")
+    p.add_argument("--worker", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="recording process: %(levelname)s %(message)s")
@@ -493,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     # so every flow already handed over is written.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return serve(args.directory, args.max_bytes, args.hourly, args.fsync, 0, out)
+    return serve(args.directory, args.max_bytes, args.hourly, args.fsync, 0, out, args.worker)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,291 @@
+"""The PostgreSQL state backend against a real PostgreSQL (see tests/conftest.py for which server).
+
+Two stores on one database stand for two replicas; what two real gateway processes do is in
+tests/e2e/test_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import psycopg
+import pytest
+
+from nhi_gateway.approvals.postgres import SCHEMA_VERSION, PostgresApprovalStore, describe, migrate
+from nhi_gateway.approvals.store import (
+    ApprovalError,
+    Approvals,
+    ApprovalSettings,
+    ApprovalState,
+    ApprovalStoreError,
+    Approver,
+    ApproverList,
+)
+from tests.e2e.relay import Relay
+
+TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
+BOT = "7bd2d17b-a2d0-5ab8-a878-8aa5264c31c2"
+ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
+ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
+ME = Approver(TENANT, ADELE, "Adele Vance")
+ALEX_APPROVER = Approver(TENANT, ALEX, "Alex Wilber")
+SETTINGS = ApprovalSettings("secret-rotation", ApproverList(frozenset({ADELE, ALEX}), frozenset()), 120, 3600)
+BOT_PRINCIPAL = {"tenant_id": TENANT, "object_id": BOT, "app_id": "a0", "display_name": "rotation-bot"}
+OPERATION = "POST graph.microsoft.com /v1.0/applications/x/addpassword"
+
+
+def open_request(approvals: Approvals, settings: ApprovalSettings = SETTINGS):
+    return approvals.open(settings=settings, principal=BOT_PRINCIPAL, operation=OPERATION, method="POST",
+                          url="https://graph.microsoft.com/v1.0/applications/x/addPassword", digest="sha256:00",
+                          flow_id="f1")
+
+
+@pytest.fixture
+def replicas(postgres_url):
+    """Two replicas' stores on one database, listening; closed after."""
+    made = []
+
+    def make(url: str = postgres_url, **kw) -> PostgresApprovalStore:
+        s = PostgresApprovalStore(url, **kw)
+        s.start()
+        assert s.wait_listening(10), "the listener did not connect"
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_the_schema_is_versioned_and_migrating_twice_changes_nothing(postgres_url, replicas):
+    replicas()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        assert migrate(conn) == SCHEMA_VERSION
+        assert conn.execute("SELECT version FROM nhi_schema WHERE component = 'approvals'").fetchone() == (
+            SCHEMA_VERSION,)
+
+
+def test_a_database_from_a_newer_gateway_is_refused_with_a_clear_message(postgres_server):
+    import secrets
+    from urllib.parse import urlsplit
+
+    name = f"nhi_test_newer_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        url = urlsplit(postgres_server)._replace(path="/" + name).geturl()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE nhi_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO nhi_schema VALUES ('approvals', %s)", (SCHEMA_VERSION + 1,))
+            with pytest.raises(ApprovalStoreError, match="newer than this gateway's"):
+                migrate(conn)
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_messages_name_the_server_never_the_password():
+    assert describe("postgresql://gw:s3cret@db.internal:6543/nhi") == "postgresql://db.internal:6543/nhi"
+
+
+async def test_a_request_held_on_one_replica_is_released_by_a_decision_on_another(replicas):
+    a, b = Approvals(replicas()), Approvals(replicas())
+    request = open_request(a)
+    assert request.id in [r.id for r in b.store.requests()]  # listed by every replica
+    waiting = asyncio.ensure_future(a.outcome(request))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    b.approve(request.id, ME, reason="ticket 7")
+    final = await asyncio.wait_for(waiting, 1.0)  # NOTIFY, not a poll: well within a second
+    assert time.monotonic() - started < 1.0
+    assert final.state is ApprovalState.APPROVED and final.approver == ME and final.reason == "ticket 7"
+
+
+async def test_a_denial_on_another_replica_refuses_the_held_request(replicas):
+    a, b = Approvals(replicas()), Approvals(replicas())
+    request = open_request(a)
+    waiting = asyncio.ensure_future(a.outcome(request))
+    await asyncio.sleep(0.05)
+    b.deny(request.id, ME, reason="no ticket")
+    final = await asyncio.wait_for(waiting, 1.0)
+    assert (final.state, final.reason) == (ApprovalState.DENIED, "no ticket")
+
+
+async def test_two_approvers_deciding_at_once_through_two_replicas_exactly_one_wins(replicas):
+    a, b = Approvals(replicas()), Approvals(replicas())
+    for _ in range(5):
+        request = open_request(a)
+        waiting = asyncio.ensure_future(a.outcome(request))
+        results: list[object] = [None, None]
+        go = threading.Barrier(2)
+
+        def decide(i: int, approvals: Approvals, approver: Approver, grant: int | None) -> None:
+            go.wait()
+            try:
+                results[i] = approvals.approve(request.id, approver, grant_seconds=grant)[0]
+            except ApprovalError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=decide, args=(0, a, ME, 60)),
+                   threading.Thread(target=decide, args=(1, b, ALEX_APPROVER, 60))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors = [r for r in results if isinstance(r, ApprovalError)]
+        wins = [r for r in results if not isinstance(r, ApprovalError)]
+        assert len(wins) == 1 and len(errors) == 1, results
+        assert errors[0].status == 409
+        final = await asyncio.wait_for(waiting, 1.0)
+        assert final.approver == wins[0].approver
+        # the loser's grant never existed: one grant of this request, the winner's
+        made = [g for g in a.store.grants(now=time.time(), active_only=False, limit=1000)
+                if g.approval_id == request.id]
+        assert [g.id for g in made] == [final.grant_id]
+        for g in made:
+            a.store.revoke(g.id, ME, time.time())
+
+
+async def test_a_grant_given_anywhere_is_honoured_everywhere_and_a_revocation_too(replicas):
+    a, b = Approvals(replicas()), Approvals(replicas())
+    request = open_request(a)
+    waiting = asyncio.ensure_future(a.outcome(request))
+    await asyncio.sleep(0.05)
+    _, grant = b.approve(request.id, ME, grant_seconds=1)  # any duration from 1 s
+    await asyncio.wait_for(waiting, 1.0)
+    key = (TENANT, BOT)
+    assert a.grant_for(key, OPERATION, SETTINGS.rule_id).id == grant.id  # at once
+    b.revoke(grant.id, ME)
+    assert a.grant_for(key, OPERATION, SETTINGS.rule_id) is None  # the next lookup sees it
+
+
+async def test_a_one_second_grant_expires_after_a_second(replicas):
+    a = Approvals(replicas())
+    request = open_request(a)
+    _, grant = a.approve(request.id, ME, grant_seconds=1)
+    assert a.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id) is not None
+    await asyncio.sleep(1.1)
+    assert a.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id) is None
+
+
+async def test_the_held_requests_of_a_replica_that_stopped_heartbeating_are_cancelled(replicas):
+    a = Approvals(replicas(heartbeat=0.2, stale_after=1.0))
+    b = Approvals(replicas(heartbeat=0.2, stale_after=1.0))
+    request = open_request(a)
+    mine = open_request(b)
+    a.store._stop.set()  # replica A "dies": its heartbeat stops, its rows stay as they were
+    a.store._thread.join(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and b.store.get(request.id).state is ApprovalState.PENDING:
+        await asyncio.sleep(0.1)
+    gone = b.store.get(request.id)
+    assert gone.state is ApprovalState.CANCELLED
+    assert a.store.replica_id in gone.reason and "client is gone" in gone.reason
+    assert b.store.get(mine.id).state is ApprovalState.PENDING  # the living replica's requests stay
+    with pytest.raises(ApprovalError) as e:
+        b.approve(request.id, ME)
+    assert e.value.status == 409
+
+
+async def test_an_unreachable_server_fails_closed_at_once_and_the_store_recovers(postgres_url, replicas):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(postgres_url)
+    relay = Relay((parts.hostname or "127.0.0.1", parts.port or 5432))
+    try:
+        url = parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{relay.port}").geturl()
+        store = replicas(url)
+        approvals = Approvals(store)
+        held = open_request(approvals)
+        waiting = asyncio.ensure_future(approvals.outcome(held))
+        relay.set_mode("down")
+        deadline = time.monotonic() + 5
+        while store.reachable and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not store.reachable
+        started = time.monotonic()
+        with pytest.raises(ApprovalStoreError, match="cannot be used"):
+            approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id)
+        with pytest.raises(ApprovalStoreError):
+            open_request(approvals)
+        assert time.monotonic() - started < 0.5  # nobody waits on a server known to be down
+        relay.set_mode("forward")
+        assert await asyncio.to_thread(store.wait_listening, 10)
+        assert approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id) is None
+        # a decision made while this replica was cut off still releases its held request
+        other = Approvals(replicas())
+        other.approve(held.id, ME)
+        assert (await asyncio.wait_for(waiting, 2.0)).state is ApprovalState.APPROVED
+    finally:
+        relay.set_mode("down")
+
+
+async def test_a_decision_missed_while_disconnected_wakes_the_request_on_reconnect(postgres_url, replicas):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(postgres_url)
+    relay = Relay((parts.hostname or "127.0.0.1", parts.port or 5432))
+    try:
+        url = parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{relay.port}").geturl()
+        approvals = Approvals(replicas(url))
+        held = open_request(approvals)
+        waiting = asyncio.ensure_future(approvals.outcome(held))
+        relay.set_mode("down")
+        await asyncio.sleep(0.3)
+        Approvals(replicas()).approve(held.id, ME)  # the NOTIFY goes nowhere: A is cut off
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        relay.set_mode("forward")
+        assert (await asyncio.wait_for(waiting, 5.0)).state is ApprovalState.APPROVED
+    finally:
+        relay.set_mode("down")
+
+
+def test_a_server_that_is_not_there_at_start_refuses_and_does_not_stop_the_start():
+    store = PostgresApprovalStore("postgresql://postgres@127.0.0.1:1/nhi")  # nothing listens on port 1
+    store.start()
+    try:
+        with pytest.raises(ApprovalStoreError, match="cannot be used"):
+            store.active_grant((TENANT, BOT), OPERATION, "secret-rotation", time.time())
+        with pytest.raises(ApprovalStoreError):
+            Approvals(store).pending("apr-x")
+    finally:
+        store.close()
+
+
+def test_the_password_in_a_state_url_is_never_logged_nor_in_an_error(caplog):
+    caplog.set_level("DEBUG")
+    store = PostgresApprovalStore("postgresql://gw:s3cr3t-pw@127.0.0.1:1/nhi")
+    store.start()
+    try:
+        with pytest.raises(ApprovalStoreError) as e:
+            store.get("apr-x")
+        time.sleep(0.5)  # the listener's own attempt is logged too
+    finally:
+        store.close()
+    assert "s3cr3t-pw" not in str(e.value) and "127.0.0.1:1/nhi" in str(e.value)
+    assert caplog.records and not any("s3cr3t-pw" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_server_that_hangs_holds_no_caller_longer_than_the_call_timeout(postgres_url, replicas):
+    from nhi_gateway.approvals.postgres import CALL_TIMEOUT
+
+    approvals = Approvals(replicas())
+    approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id)  # connected and migrated
+    with psycopg.connect(postgres_url) as blocker:  # a transaction that holds every grant lookup up
+        blocker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(ApprovalStoreError, match="no answer within"):
+            approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id)
+        assert time.monotonic() - started < CALL_TIMEOUT + 0.5
+        blocker.rollback()
+    deadline = time.monotonic() + 5
+    while True:  # back once the listener's next heartbeat succeeds
+        try:
+            assert approvals.grant_for((TENANT, BOT), OPERATION, SETTINGS.rule_id) is None
+            break
+        except ApprovalStoreError:
+            assert time.monotonic() < deadline, "the store did not recover"
+            await asyncio.sleep(0.1)

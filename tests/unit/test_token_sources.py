@@ -1,0 +1,290 @@
+"""Each token source has its own trust (issue 13, item 1): a token is judged against the audiences
+and issuers of the place it was presented in, so a token minted for one source is refused in the
+other, and only a proxy source that says it carries the Graph token has it presented upstream.
+
+The chain is built as the gateway builds it and driven as mitmproxy drives it (see test_chain)."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy.test import taddons, tflow
+
+from nhi_gateway.addons.identity import CONNECT_KEY, PRINCIPAL_KEY
+from nhi_gateway.identity.signing_keys import KeyStore
+from nhi_gateway.identity.tokens import TokenVerifier
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
+from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
+
+from .test_chain import (
+    READER_APP, READER_OID, TENANT, USERS, authority, connect, entra_fetcher, exchange, graph_json,  # noqa: F401
+    graph_request, no_exception_escapes_an_addon, refusal,  # noqa: F401
+)
+
+GATEWAY_APP = "7d4c2f1e-9b3a-4e58-a6c1-2f0e8d9b5a47"  # the gateway's own API registration
+GRAPH_AUDIENCES = "[https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]"
+V1 = "'https://sts.windows.net/{tenantid}/'"
+V2 = "'https://login.microsoftonline.com/{tenantid}/v2.0'"
+
+# The usual pair: a token for the gateway's own API in the proxy credentials, Graph's in the bearer.
+USUAL_PAIR = f"""\
+version: 1
+identity:
+  tenants: [{TENANT}]
+  proxy:
+    audiences: [api://nhi-gateway, {GATEWAY_APP}]
+    issuers: [{V2}]
+  bearer:
+    audiences: {GRAPH_AUDIENCES}
+    issuers: [{V1}, {V2}]
+upstreams:
+  - host: graph.microsoft.com
+    token: TOKEN
+rules:
+  - id: directory-read
+    action: allow
+    when: {{app_ids: [{READER_APP}]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/users"]
+"""
+
+BEARER_ONLY = USUAL_PAIR.replace(f"""  proxy:
+    audiences: [api://nhi-gateway, {GATEWAY_APP}]
+    issuers: [{V2}]
+""", "")
+
+GRAPH_IN_PROXY = USUAL_PAIR.replace(f"""    audiences: [api://nhi-gateway, {GATEWAY_APP}]
+    issuers: [{V2}]
+""", f"""    graph_token: true
+    audiences: {GRAPH_AUDIENCES}
+    issuers: [{V1}]
+""")
+
+
+def build(tmp_path, authority, policy: str, token: str = "any"):
+    text = policy.replace("TOKEN", token)
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    from nhi_gateway.addons.guard import Health
+
+    config = GatewayConfig(policy_path=path, recordings=recordings, recording_process=False)
+    chain, recorder = build_chain(config, PolicyStore(parse_policy(text, str(path))),
+                                  TokenVerifier(KeyStore(entra_fetcher(authority))), Health())
+    return chain, recorder
+
+
+@pytest.fixture
+def mint(authority):
+    def mint(kind: str, **kw) -> str:
+        shapes = {
+            "graph": dict(audience="https://graph.microsoft.com", version="1.0"),
+            "graph-v2": dict(audience="https://graph.microsoft.com", version="2.0"),
+            "gateway": dict(audience=GATEWAY_APP, version="2.0"),
+            "gateway-uri": dict(audience="api://nhi-gateway", version="2.0"),
+        }
+        args = dict(tenant_id=TENANT, app_id=READER_APP, object_id=READER_OID, display_name="mcp-directory",
+                    roles=("User.Read.All",), **shapes[kind])
+        args.update(kw)
+        return authority.mint_app_token(**args)
+
+    return mint
+
+
+@pytest.fixture
+async def usual(tmp_path, authority):
+    chain, recorder = build(tmp_path, authority, USUAL_PAIR)
+    with taddons.context(*chain):
+        yield chain
+    recorder.done()
+
+
+async def test_the_usual_pair_passes_and_only_the_graph_token_goes_upstream(usual, mint):
+    client = tflow.tclient_conn()
+    proxy_token, graph_token = mint("gateway"), mint("graph")
+    c = await connect(usual, client, token=proxy_token)
+    assert c.response is None and c.metadata.get(CONNECT_KEY) == "admitted"
+    f = graph_request(client, bearer=graph_token)
+    sent = await exchange(usual, f, graph_json(USERS))
+    assert sent is not None and f.response.status_code == 200
+    assert sent.headers["Authorization"] == f"Bearer {graph_token}"
+    assert proxy_token not in str(sent.headers) and "Proxy-Authorization" not in sent.headers
+
+
+@pytest.mark.parametrize("kind,check", [("graph", "issuer"), ("graph-v2", "audience")])
+async def test_a_graph_token_in_the_proxy_credentials_is_refused_407(usual, mint, kind, check):
+    c = await connect(usual, tflow.tclient_conn(), token=mint(kind))
+    assert refusal(c, 407)["check"] == check
+
+
+@pytest.mark.parametrize("kind", ["gateway", "gateway-uri"])
+async def test_a_token_for_the_gateway_s_api_as_the_bearer_is_refused_401(usual, mint, kind):
+    client = tflow.tclient_conn()
+    await connect(usual, client)
+    f = graph_request(client, bearer=mint(kind))
+    assert await exchange(usual, f) is None
+    assert refusal(f, 401)["check"] == "audience"
+
+
+async def test_a_token_for_the_gateway_s_api_is_never_presented_upstream(usual, mint):
+    client = tflow.tclient_conn()
+    proxy_token = mint("gateway")
+    await connect(usual, client, token=proxy_token)
+    f = graph_request(client)
+    sent = await exchange(usual, f, graph_json(USERS))
+    assert sent is not None  # token: any, and the proxy token names an allowed caller
+    assert "Authorization" not in sent.headers
+    assert proxy_token not in str(sent.headers)
+
+
+async def test_a_source_the_policy_does_not_name_accepts_no_token(tmp_path, authority, mint):
+    chain, recorder = build(tmp_path, authority, BEARER_ONLY)
+    try:
+        with taddons.context(*chain):
+            c = await connect(chain, tflow.tclient_conn(), token=mint("graph"))
+            err = refusal(c, 407)
+            assert err["check"] == "source" and "identity.proxy" in err["message"]
+    finally:
+        recorder.done()
+
+
+async def test_a_proxy_source_that_says_it_carries_the_graph_token_presents_it(tmp_path, authority, mint):
+    chain, recorder = build(tmp_path, authority, GRAPH_IN_PROXY)
+    try:
+        with taddons.context(*chain):
+            client = tflow.tclient_conn()
+            token = mint("graph")
+            await connect(chain, client, token=token)
+            f = graph_request(client)
+            sent = await exchange(chain, f, graph_json(USERS))
+            assert sent is not None and sent.headers["Authorization"] == f"Bearer {token}"
+            assert f.metadata[PRINCIPAL_KEY].object_id == READER_OID
+            # Still its own trust: a token for the gateway's API is not a Graph token.
+            c = await connect(chain, tflow.tclient_conn(), token=mint("gateway"))
+            assert refusal(c, 407)["check"] == "issuer"
+    finally:
+        recorder.done()
+
+
+# --- every presented token is judged in full (issue 13, item 2) -----------------------------------
+
+STRICT = f"""\
+version: 1
+identity:
+  tenants: [{TENANT}]
+  proxy:
+    audiences: [api://nhi-gateway, {GATEWAY_APP}]
+    issuers: [{V2}]
+  bearer:
+    audiences: {GRAPH_AUDIENCES}
+    issuers: [{V1}, {V2}]
+upstreams:
+  - host: graph.microsoft.com
+    token: any
+masking:
+  profiles:
+    pii: {{fields: [mail]}}
+    other: {{fields: [displayName]}}
+rules:
+  - id: certificates-only
+    action: allow
+    when: {{app_ids: [{READER_APP}], auth_methods: [certificate], app_only: true}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/users"]
+    mask: pii
+  - id: no-managed-identity-deletes
+    action: deny
+    when: {{managed_identities: ["/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bad"]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: ["*"]
+        paths: ["/**"]
+  - id: groups-by-role
+    action: allow
+    when: {{roles: [Group.Read.All]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/groups"]
+    mask: other
+  - id: groups-by-app
+    action: allow
+    when: {{app_ids: [{READER_APP}]}}
+    operations:
+      - host: graph.microsoft.com
+        methods: [GET]
+        paths: ["/groups"]
+    mask: pii
+"""
+
+MI_BAD = "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bad"
+
+
+@pytest.fixture
+async def strict(tmp_path, authority):
+    chain, recorder = build(tmp_path, authority, STRICT)
+    with taddons.context(*chain):
+        yield chain
+    recorder.done()
+
+
+async def both(chain, proxy_token: str, bearer_token: str, path: str = "/v1.0/users"):
+    client = tflow.tclient_conn()
+    c = await connect(chain, client, token=proxy_token)
+    assert c.response is None, c.response and c.response.content
+    f = graph_request(client, bearer=bearer_token, path=path)
+    sent = await exchange(chain, f, graph_json(USERS))
+    return f, sent
+
+
+@pytest.mark.parametrize("weak_proxy,weak_bearer", [
+    ({"acr": "1"}, {}), ({}, {"acr": "1"}),  # a client secret next to a certificate
+    ({"acr": "0"}, {}), ({}, {"acr": "0"}),  # a public client
+    ({"extra_claims": {"scp": "User.Read", "idtyp": "user"}}, {}),  # delegated next to app-only
+    ({}, {"extra_claims": {"scp": "User.Read", "idtyp": "user"}}),
+], ids=["secret proxy", "secret bearer", "public proxy", "public bearer", "delegated proxy", "delegated bearer"])
+async def test_a_weak_token_next_to_a_strong_one_is_refused(strict, mint, weak_proxy, weak_bearer):
+    f, sent = await both(strict, mint("gateway", **weak_proxy), mint("graph", **weak_bearer))
+    assert sent is None, "a weak token must not ride on a strong one"
+    err = refusal(f, 403)
+    weak = "proxy" if weak_proxy else "bearer"
+    assert err["message"].startswith(f"the {weak} token"), err["message"]
+
+
+async def test_two_strong_tokens_pass_and_the_decision_names_both(strict, mint):
+    f, sent = await both(strict, mint("gateway"), mint("graph"))
+    assert sent is not None and f.response.status_code == 200
+    from nhi_gateway.policy.decision import decision_of
+
+    who = decision_of(f).principal
+    assert [(t["source"], t["auth_method"]) for t in who["tokens"]] == [("proxy", "certificate"),
+                                                                        ("bearer", "certificate")]
+    assert {t["object_id"] for t in who["tokens"]} == {READER_OID}
+
+
+async def test_a_deny_rule_that_matches_either_token_refuses(strict, mint):
+    f, sent = await both(strict, mint("gateway", extra_claims={"xms_mirid": MI_BAD}), mint("graph"))
+    assert sent is None
+    assert refusal(f, 403)["rule"] == "no-managed-identity-deletes"
+
+
+async def test_a_role_only_one_token_holds_does_not_count_for_both(strict, mint):
+    """groups-by-role allows the bearer (Graph roles), not the proxy token (the gateway's API has
+    none); groups-by-app allows both. Both tokens must be allowed: by groups-by-app, the one rule
+    that covers both, so its mask applies; two rules that mask differently would be refused."""
+    f, sent = await both(strict, mint("gateway", roles=()), mint("graph", roles=("Group.Read.All",)), "/v1.0/groups")
+    assert sent is None
+    err = refusal(f, 403)
+    assert err["check"] == "tokens" and "mask" in err["message"]
+
+
+async def test_one_token_keeps_its_single_decision(strict, mint):
+    client = tflow.tclient_conn()
+    await connect(strict, client)
+    f = graph_request(client, bearer=mint("graph", acr="1"))
+    assert await exchange(strict, f) is None
+    assert refusal(f, 403)["message"].startswith("no rule allows")
