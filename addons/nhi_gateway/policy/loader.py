@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from nhi_gateway.identity.principal import AuthMethod, TokenSource
-from nhi_gateway.masking.masks import MIN_KEY_BYTES, BinaryBodies, MaskProfile, PseudonymKey, Style
+from nhi_gateway.masking.masks import BinaryBodies, MaskProfile
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.document import Unusual, read_fast
 from nhi_gateway.policy.model import (
@@ -360,7 +360,7 @@ class _Loader:
                 "the policy file is empty",
                 "start with 'version: 1'; see policies/example.yaml",
             )
-        context = {"line_of": lambda i: position(doc, ("rules", i))[0] + 1}
+        context = {"line_of": lambda i: position(doc, ("rules", i))[0] + 1, "environ": self.environ}
         try:
             shape = PolicyDoc.model_validate(doc, context=context)
         except ValidationError as e:
@@ -369,6 +369,8 @@ class _Loader:
             if ctx is None:  # a check that says nothing of its own: still a place and pydantic's words
                 self.fail_at(tuple(err["loc"]), f"{WHAT}: {err['msg']}")
             loc = tuple(err["loc"]) + tuple(ctx.get("sub") or ())
+            if ctx.get("where"):  # a place elsewhere in the file (the variable a profile's key needs)
+                self.fail(position(self.doc, tuple(ctx["where"])), ctx["message"], ctx.get("hint", ""))
             self.fail_at(loc, ctx["message"], ctx.get("hint", ""), tuple(ctx.get("at") or ()),
                          bool(ctx.get("key")), ctx.get("inside"), ctx.get("up", 0))
         return self.policy(shape)
@@ -397,7 +399,7 @@ class _Loader:
         if shape.masking is not None:
             default_profile = shape.masking.default_profile
             for name, doc in (shape.masking.profiles or {}).items():
-                profiles[name] = self.mask_profile(name, doc, shape.masking.pseudonym_key_env)
+                profiles[name] = self.mask_profile(name, doc)
         approvals = None
         if shape.approvals is not None:
             a = shape.approvals
@@ -408,43 +410,16 @@ class _Loader:
         return Policy(self.source, config, upstreams, profiles, rules, default_profile, approvals,
                       report_default=report_all)
 
-    def mask_profile(self, name: str, doc: MaskProfileDoc, key_env: str | None) -> MaskProfile:
-        key = None
-        for part in ("fields", "paths", "detectors"):
-            targets = getattr(doc, part)
-            use = next((e for e, style in (targets or {}).items() if style is Style.PSEUDONYM), None)
-            if use is not None:
-                at, is_key = targets.where[use]
-                key = self.pseudonym_key(("masking", "profiles", name), (part, *at), is_key, use, key_env)
-                break
+    @staticmethod
+    def mask_profile(name: str, doc: MaskProfileDoc) -> MaskProfile:
         return MaskProfile(
             name,
             dict(doc.fields or {}),
             paths=dict(doc.paths or {}),
             detectors=dict(doc.detectors or {}),
             binary=BinaryBodies(doc.binary) if doc.binary is not None else None,
-            pseudonym_key=key,
+            pseudonym_key=getattr(doc, "pseudonym_key", None),
         )
-
-    def pseudonym_key(self, loc: tuple, at: tuple, key: bool, entry: str, key_env: str | None) -> PseudonymKey:
-        if key_env is None:
-            self.fail_at(loc, f"{WHAT}: '{entry}' asks for pseudonyms, but masking.pseudonym_key_env is not set",
-                         "add 'pseudonym_key_env: NHI_MASK_KEY' under masking and set that environment variable "
-                         "to a long random value before the gateway starts", at=at, key=key)
-        raw = self.environ.get(key_env)
-        where = ("masking", "pseudonym_key_env")
-        # Never the value itself in a message: only whether it is there and how long it is.
-        if not raw:
-            self.fail_at(where, f"masking.pseudonym_key_env: the environment variable {key_env} is not set "
-                                f"(or empty), and {describe(self.doc, loc)} makes pseudonyms with it",
-                         f"set {key_env} to a long random value, e.g. {key_env}=$(openssl rand -base64 32), and keep it "
-                         "the same across restarts so that pseudonyms stay the same")
-        value = raw.encode("utf-8", "surrogateescape")
-        if len(value) < MIN_KEY_BYTES:
-            self.fail_at(where, f"masking.pseudonym_key_env: the key in {key_env} is {len(value)} bytes long; "
-                                f"a pseudonym key needs at least {MIN_KEY_BYTES}",
-                         f"e.g. {key_env}=$(openssl rand -base64 32)")
-        return PseudonymKey(value, f"${key_env}")
 
     def rule(self, index: int, doc: RuleDoc, report_all: bool = False) -> Rule:
         line, column = position(self.doc, ("rules", index))

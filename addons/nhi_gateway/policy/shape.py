@@ -41,7 +41,15 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 from nhi_gateway.identity.principal import AuthMethod, TokenSource
-from nhi_gateway.masking.masks import BinaryBodies, Detector, JSONPathError, Style, compile_path
+from nhi_gateway.masking.masks import (
+    MIN_KEY_BYTES,
+    BinaryBodies,
+    Detector,
+    JSONPathError,
+    PseudonymKey,
+    Style,
+    compile_path,
+)
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.model import (
     ANY_METHOD,
@@ -84,12 +92,13 @@ DURATION_HINT = "write a duration such as 30s, 5m, 1h or 1h30m"
 
 
 def problem(message: str, hint: str = "", at: tuple = (), key: bool = False, inside: tuple | None = None,
-            sub: tuple = (), up: int = 0):
+            sub: tuple = (), up: int = 0, where: tuple | None = None):
     """What is wrong, where below the place validated (``sub`` is named in the message, ``at`` only
     pointed at; ``key``: the key rather than its value), and what to do. ``message`` says
     :data:`WHAT` for the name of the place (of its parent with ``up=1``) or names nothing."""
     return PydanticCustomError("policy", "a policy problem", {"detail": Detail(
-        {"message": message, "hint": hint, "at": at, "key": key, "inside": inside, "sub": sub, "up": up})})
+        {"message": message, "hint": hint, "at": at, "key": key, "inside": inside, "sub": sub, "up": up,
+         "where": where})})
 
 
 class Detail(dict):
@@ -332,11 +341,12 @@ class Shape(BaseModel):
         if not isinstance(value, dict):
             raise problem(f"{WHAT} must be a mapping, not {kind(value)}")
         keys = cls._keys
+        for k in value:
+            if not isinstance(k, str):
+                raise problem(f"{WHAT}: keys must be strings, not {kind(k)}", at=(k,), key=True)
         cls._before_keys(value)
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise problem(f"{WHAT}: keys must be strings, not {kind(k)}", at=(k,), key=True)
             if k not in keys:
                 raise problem(
                     f"unknown key '{k}' in {WHAT}; allowed keys: {', '.join(keys)}",
@@ -656,15 +666,52 @@ class MaskProfileDoc(Shape):
 def _profiles(v: Any, info: ValidationInfo) -> dict[str, MaskProfileDoc]:
     if not isinstance(v, dict):
         raise problem(f"{WHAT} must be a mapping, not {kind(v)}")
-    out = {}
-    for name, doc in v.items():
+    for name in v:
         if not isinstance(name, str):
             raise problem(f"{WHAT}: keys must be strings, not {kind(name)}", at=(name,), key=True)
+    out = {}
+    for name, doc in v.items():
         if not _NAME.fullmatch(name):
             raise problem(f"masking profile '{name}': invalid name", "use letters, digits and . _ : -",
                           at=(name,), key=True)
-        out[name] = _validate_in(MaskProfileDoc, doc, info, (name,))
+        profile = out[name] = _validate_in(MaskProfileDoc, doc, info, (name,))
+        object.__setattr__(profile, "pseudonym_key", _pseudonym_key(name, profile, info))
     return out
+
+
+def _pseudonym_key(name: str, profile: MaskProfileDoc, info: ValidationInfo) -> PseudonymKey | None:
+    """The key of a profile that makes pseudonyms, from the variable masking.pseudonym_key_env names;
+    the key itself never appears in a message, only whether it is there and how long it is."""
+    use = None
+    for part in ("fields", "paths", "detectors"):
+        targets = getattr(profile, part)
+        entry = next((e for e, style in (targets or {}).items() if style is Style.PSEUDONYM), None)
+        if entry is not None:
+            at, is_key = targets.where[entry]
+            use = (entry, (name, part, *at), is_key)
+            break
+    if use is None:
+        return None
+    entry, at, is_key = use
+    what = f"masking profile '{name}'"
+    key_env = info.data.get("pseudonym_key_env")
+    if key_env is None:
+        raise problem(f"{what}: '{entry}' asks for pseudonyms, but masking.pseudonym_key_env is not set",
+                      "add 'pseudonym_key_env: NHI_MASK_KEY' under masking and set that environment variable "
+                      "to a long random value before the gateway starts", at=at, key=is_key)
+    raw = _ctx(info).get("environ", {}).get(key_env)
+    where = ("masking", "pseudonym_key_env")
+    if not raw:
+        raise problem(f"masking.pseudonym_key_env: the environment variable {key_env} is not set "
+                      f"(or empty), and {what} makes pseudonyms with it",
+                      f"set {key_env} to a long random value, e.g. {key_env}=$(openssl rand -base64 32), and keep it "
+                      "the same across restarts so that pseudonyms stay the same", where=where)
+    value = raw.encode("utf-8", "surrogateescape")
+    if len(value) < MIN_KEY_BYTES:
+        raise problem(f"masking.pseudonym_key_env: the key in {key_env} is {len(value)} bytes long; "
+                      f"a pseudonym key needs at least {MIN_KEY_BYTES}", f"e.g. {key_env}=$(openssl rand -base64 32)",
+                      where=where)
+    return PseudonymKey(value, f"${key_env}")
 
 
 def _validate_in(model: type[Shape], value: Any, info: ValidationInfo, at: tuple):
@@ -1231,6 +1278,8 @@ def _rule_id(v: Any) -> str:
 
 
 class RuleDoc(Shape):
+    KEYS: ClassVar[tuple] = ("id", "description", "action", "when", "operations", "odata", "schedule", "approval",
+                             "mask", "mode")
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"properties": {"action": {"const": "approve"}}},
          "then": {"required": ["approval"], "properties": {"approval": {"ref!": "approval"}}},
@@ -1241,9 +1290,9 @@ class RuleDoc(Shape):
 
     id: Annotated[str, *leaf(_rule_id, {"type": "string", "pattern": f"^{NAME}$",
                                         "description": "Unique; letters, digits and . _ : -"})]
-    description: optional(Text) = None
     action: Annotated[str, *choice_of([a.value for a in Action], "deny beats approve beats allow; no matching "
                                       "rule: deny.")]
+    description: optional(Text) = None
     when: optional(WhenDoc) = None
     operations: list_of(OperationDoc, description="What the rule is about; any one matching is enough.")
     odata: optional(ODataDoc) = None
