@@ -29,8 +29,8 @@ HEAD = f"""\
 version: 1
 identity:
   tenants: [{TENANT}]
-  audiences: [https://graph.microsoft.com]
-  issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]
+  bearer: {{audiences: [https://graph.microsoft.com], issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]}}
+  proxy: {{graph_token: true, audiences: [https://graph.microsoft.com], issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]}}
 upstreams:
   - host: graph.microsoft.com
 masking:
