@@ -15,7 +15,7 @@ import uuid
 import pytest
 import requests
 
-from nhi_gateway.policy.model import load_policy
+from nhi_gateway.policy.loader import load_policy
 
 from .conftest import EXAMPLE_POLICY, start_gateway, stop
 

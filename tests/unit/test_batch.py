@@ -39,7 +39,7 @@ from nhi_gateway.policy.batch import (
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.masking.masks import MASK
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import load_policy, parse_policy
+from nhi_gateway.policy.loader import load_policy, parse_policy
 from nhi_gateway.identity.principal import Principal
 
 from .test_chain import (  # noqa: F401  (fixtures: authority, tokens, gw, no_exception_escapes_an_addon)

@@ -41,7 +41,7 @@ from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.masking.masks import MASK
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
 

@@ -15,7 +15,7 @@ from nhi_gateway.policy.decision import REFUSED_KEY, decision_of, set_decision
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.masking.masks import MASK
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 KEY = "addon-test-pseudonym-key-0123456789"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nhi_gateway.masking.masks import MASK, BinaryBodies, Detector, Style, mask_document
-from nhi_gateway.policy.model import PolicyError, PolicyStore, load_policy, parse_policy
+from nhi_gateway.policy.loader import PolicyError, PolicyStore, load_policy, parse_policy
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"

@@ -16,7 +16,7 @@ from nhi_gateway.policy.decision import decision_of
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.identity.groups import GraphCredential, GroupResolver
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 from nhi_gateway.identity.principal import Principal
 
 from .test_groups import CALLER_APP, GATEWAY_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph

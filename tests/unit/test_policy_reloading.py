@@ -11,7 +11,7 @@ import pytest
 
 from nhi_gateway.addons.reload import PolicyReload, signature
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.identity.principal import Principal
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
