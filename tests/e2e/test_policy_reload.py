@@ -14,7 +14,7 @@ import uuid
 import pytest
 import requests
 
-from nhi_gateway.policy.model import load_policy
+from nhi_gateway.policy.loader import load_policy
 
 from ..support import e2e
 from ..support.e2e import GRAPH

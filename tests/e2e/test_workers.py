@@ -5,6 +5,7 @@ them all (each draining) on SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -27,11 +28,14 @@ def get(gw, token: str, n: int) -> requests.Response:
 
 
 def gone(pid: int) -> bool:
-    """The process has died (a zombie until its parent reaps it counts: its sockets are closed)."""
+    """The process has died and closed its sockets: a zombie until its parent reaps it counts, once
+    every thread has exited (the leader turns zombie first; the sockets close with the last thread)."""
     try:
-        return "\nState:\tZ" in open(f"/proc/{pid}/status").read()
+        status = open(f"/proc/{pid}/status").read()
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return True
+    return "\nState:\tZ" in status and len(threads) <= 1
 
 
 def audit_lines(gw) -> dict[int, list[dict]]:

@@ -30,7 +30,7 @@ from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.policy.decision import REFUSED_KEY, decision_of
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
 
 from .entra import basic, entra_fetcher

@@ -40,7 +40,7 @@ from nhi_gateway.recording.audit import AuditLog, AuditWriteError, verify_chain
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
@@ -773,7 +773,7 @@ def test_the_demo_adds_its_approval_rule_to_the_example_policy(tmp_path):
 
     import nhi_gateway
     from nhi_gateway.demo.approval import policy_with_approval
-    from nhi_gateway.policy.model import load_policy
+    from nhi_gateway.policy.loader import load_policy
     from nhi_gateway.identity.principal import AuthMethod
 
     example = Path(nhi_gateway.__file__).resolve().parents[2] / "policies" / "example.yaml"

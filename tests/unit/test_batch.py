@@ -39,7 +39,7 @@ from nhi_gateway.policy.batch import (
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.masking.masks import MASK
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import load_policy, parse_policy
+from nhi_gateway.policy.loader import load_policy, parse_policy
 from nhi_gateway.identity.principal import Principal
 
 from ..support.chain import (

@@ -28,7 +28,7 @@ from nhi_gateway.identity.groups import (
     credential_from_settings,
 )
 from nhi_gateway.lookalike.pki import SigningKey
-from nhi_gateway.policy.model import parse_policy
+from nhi_gateway.policy.loader import parse_policy
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import principal_from_claims
 

@@ -15,7 +15,7 @@ from nhi_gateway.policy.decision import REFUSED_KEY, decision_of, set_decision
 from nhi_gateway.addons.masking import Masking
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.masking.masks import MASK
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 
 from ..support.policies import policy_head
 

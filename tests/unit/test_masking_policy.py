@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nhi_gateway.masking.masks import MASK, BinaryBodies, Detector, Style, mask_document
-from nhi_gateway.policy.model import PolicyError, PolicyStore, load_policy, parse_policy
+from nhi_gateway.policy.loader import PolicyError, PolicyStore, load_policy, parse_policy
 
 from ..support.policies import policy_head
 

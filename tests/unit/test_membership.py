@@ -15,7 +15,7 @@ from nhi_gateway.policy.decision import decision_of
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
 from nhi_gateway.addons.membership import Membership
 from nhi_gateway.identity.groups import GroupResolver
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 from nhi_gateway.identity.principal import Principal
 
 from ..support.groups import GROUP_RULES_HEAD, CALLER_APP, GROUP_A, GROUP_B, SECRET, SP, TENANT, FakeGraph, app_principal, credential

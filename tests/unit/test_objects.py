@@ -9,7 +9,7 @@ import pytest
 
 from nhi_gateway.identity.principal import Principal
 from nhi_gateway.policy.decision import Action
-from nhi_gateway.policy.model import parse_policy
+from nhi_gateway.policy.loader import parse_policy
 from nhi_gateway.policy.objects import (
     ObjectKey,
     ObjectLookupFailed,

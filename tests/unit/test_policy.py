@@ -14,18 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nhi_gateway.policy.decision import Action, Stage
 from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.loader import PolicyError, PolicyStore, load_policy, parse_policy
 from nhi_gateway.policy.model import (
     ClientSecretGrants,
     OperationMatch,
     PathPattern,
     Policy,
-    PolicyError,
-    PolicyStore,
     PrincipalMatch,
     Rule,
     TokenRequirement,
-    load_policy,
-    parse_policy,
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
@@ -233,7 +230,7 @@ STARTERS = ["example.yaml", "deny-all.yaml", "directory-reader.yaml", "credentia
 
 @pytest.mark.parametrize("name", STARTERS)
 def test_starter_policies_load_warn_nothing_and_name_the_schema(name):
-    from nhi_gateway.policy.model import policy_warnings
+    from nhi_gateway.policy.lint import policy_warnings
 
     text = (POLICIES / name).read_text()
     assert text.startswith("# yaml-language-server: $schema=./policy.schema.json\n")
@@ -1312,7 +1309,7 @@ def test_mask_profile_names_are_exact():
 
 
 def test_a_bug_in_the_loader_still_surfaces_as_a_policy_error(monkeypatch):
-    from nhi_gateway.policy import model as policy_module
+    from nhi_gateway.policy import loader as policy_module
 
     def broken(self):
         raise KeyError("oops")

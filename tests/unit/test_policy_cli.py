@@ -15,7 +15,7 @@ from mitmproxy.test import tflow, tutils
 from nhi_gateway.cli.main import main
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import load_policy
+from nhi_gateway.policy.loader import load_policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 from ..support.policies import policy_head

@@ -11,7 +11,7 @@ import pytest
 
 from nhi_gateway.addons.reload import PolicyReload, signature
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.identity.principal import Principal
 
 from ..support.policies import policy_head

@@ -19,18 +19,16 @@ from nhi_gateway.addons.guard import Guard, Health
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation
+from nhi_gateway.policy.loader import PolicyError, PolicyStore, parse_policy
 from nhi_gateway.policy.model import (
     Approval,
     ODataLimits,
     OperationMatch,
     PathPattern,
     Policy,
-    PolicyError,
-    PolicyStore,
     PrincipalMatch,
     Rule,
     Schedule,
-    parse_policy,
 )
 from nhi_gateway.identity.principal import AuthMethod, Principal
 

@@ -1,5 +1,8 @@
 """policies/policy.schema.json: what YAML language servers check while an author types.
 
+It is generated from the models the loader validates with (nhi_gateway.policy.shape); these tests
+keep the generated schema honest against the loader's behaviour.
+
 The schema must accept every policy the gateway accepts (an editor that flags a good file is
 worse than none) and reject the structural mistakes the loader rejects. The loader checks more
 than a schema can say (hosts under upstreams, unique ids, known profiles, time zones): those
@@ -18,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from nhi_gateway.policy.model import PolicyError, parse_policy
+from nhi_gateway.policy.loader import PolicyError, parse_policy
 
 from ..support.documents import places
 
@@ -56,6 +59,17 @@ def loader_accepts(doc) -> bool:
     except PolicyError:
         return False
     return True
+
+
+def test_the_committed_schema_is_the_one_the_loader_models_generate(tmp_path):
+    """One description of the policy's shape: the models in nhi_gateway.policy.shape validate
+    policies and generate the schema. Regenerate with `nhi-gateway policy schema -o policies/policy.schema.json`."""
+    from nhi_gateway.cli.main import main
+    from nhi_gateway.policy.shape import schema_text
+
+    assert (POLICIES / "policy.schema.json").read_text() == schema_text()
+    assert main(["policy", "schema", "-o", str(tmp_path / "schema.json")]) == 0
+    assert (tmp_path / "schema.json").read_text() == schema_text()
 
 
 def test_the_schema_is_a_draft_2020_12_schema():

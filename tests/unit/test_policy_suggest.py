@@ -12,7 +12,8 @@ from mitmproxy import io
 
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 from nhi_gateway.policy.decision import Action, Decision, Stage
-from nhi_gateway.policy.model import load_policy, policy_warnings
+from nhi_gateway.policy.lint import policy_warnings
+from nhi_gateway.policy.loader import load_policy
 from nhi_gateway.policy.observed import from_audit_record, from_flow
 from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.suggest import is_key, template

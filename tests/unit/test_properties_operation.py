@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.operation import Operation, OperationError
-from nhi_gateway.policy.model import parse_policy
+from nhi_gateway.policy.loader import parse_policy
 from nhi_gateway.identity.principal import Principal
 
 from ..support.policies import V1_ISSUER, policy_head

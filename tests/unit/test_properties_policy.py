@@ -26,7 +26,9 @@ from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import Policy, PolicyError, load_policy, parse_policy, policy_warnings
+from nhi_gateway.policy.lint import policy_warnings
+from nhi_gateway.policy.loader import PolicyError, load_policy, parse_policy
+from nhi_gateway.policy.model import Policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 
 from ..support.documents import places, text_mutations

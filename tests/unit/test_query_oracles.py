@@ -17,7 +17,8 @@ import pytest
 from nhi_gateway.identity.principal import Principal
 from nhi_gateway.policy.batch import judge_batch
 from nhi_gateway.policy.decision import Action
-from nhi_gateway.policy.model import Policy, PolicyError, parse_policy
+from nhi_gateway.policy.loader import PolicyError, parse_policy
+from nhi_gateway.policy.model import Policy
 from nhi_gateway.policy.operation import Operation, query_properties, read_odata
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"

@@ -10,7 +10,7 @@ from nhi_gateway.addons.audit import audit_record
 from nhi_gateway.cli.main import main
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 from nhi_gateway.policy.decision import Action, set_decision
-from nhi_gateway.policy.model import PolicyError, parse_policy
+from nhi_gateway.policy.loader import PolicyError, parse_policy
 from nhi_gateway.policy.operation import Operation
 from nhi_gateway.recording.flows import REPORT_MARK, flow_comment, flow_mark, search_keys
 

@@ -22,7 +22,8 @@ from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.lookalike.minting import mint_client_assertion
 from nhi_gateway.lookalike.pki import SigningKey
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import ClientSecretGrants, PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
+from nhi_gateway.policy.model import ClientSecretGrants
 from nhi_gateway.identity.token_requests import (
     CLIENT_ASSERTION_TYPE,
     MAX_FIELDS,

@@ -12,7 +12,7 @@ from mitmproxy.test import taddons, tflow
 from nhi_gateway.addons.identity import CONNECT_KEY, PRINCIPAL_KEY
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
-from nhi_gateway.policy.model import PolicyStore, parse_policy
+from nhi_gateway.policy.loader import PolicyStore, parse_policy
 from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
 
 from ..support.chain import READER_APP, READER_OID, TENANT, USERS, connect, exchange, graph_json, graph_request, refusal

@@ -37,7 +37,7 @@ from nhi_gateway.approvals.store import (
 )
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.decision import Action, Decision, Stage
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.recording.redaction import redact_url, scrub_text
 from nhi_gateway.addons.authorization import decision_in_force
 from nhi_gateway.addons.failclosed import decision_of, fail_closed, refuse, set_decision

@@ -58,7 +58,8 @@ from nhi_gateway.approvals.store import (
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.identity.groups import GroupLookupFailed, GroupResolver, needs_lookup
-from nhi_gateway.policy.model import ApprovalsConfig, PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
+from nhi_gateway.policy.model import ApprovalsConfig
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import KeysUnavailable, TokenRejected, TokenVerifier
 from nhi_gateway.addons.failclosed import fail_closed, refuse, set_decision

@@ -23,7 +23,7 @@ from nhi_gateway.policy.batch import (
 )
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.policy.presented import decider_for
 from nhi_gateway.policy.objects import OBJECTS_KEY, ObjectDecider
 from nhi_gateway.identity.token_requests import TokenGrant, classify_token_request, is_token_endpoint, judge_grant, refusal_body

@@ -20,7 +20,8 @@ from mitmproxy import connection, http
 
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.policy.operation import OperationError, normalize_host
-from nhi_gateway.policy.model import PolicyStore, Upstream
+from nhi_gateway.policy.loader import PolicyStore
+from nhi_gateway.policy.model import Upstream
 from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.tokens import KeysUnavailable, TokenRejected, TokenVerifier, TrustSettings, IssuerTrust
 from nhi_gateway.addons.failclosed import fail_closed, refuse

@@ -27,7 +27,7 @@ from nhi_gateway.masking.masks import (
     mask_headers,
     media_type,
 )
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.addons.failclosed import REFUSED_KEY, decision_of, fail_closed, refuse, set_decision
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from mitmproxy import http
 from nhi_gateway.policy.decision import Decision, Stage
 from nhi_gateway.identity.groups import GroupLookupFailed, GroupResolver, GroupRules, needs_lookup
 from nhi_gateway.policy.operation import OperationError
-from nhi_gateway.policy.model import PolicyStore
+from nhi_gateway.policy.loader import PolicyStore
 from nhi_gateway.addons.authorization import operation_of
 from nhi_gateway.addons.failclosed import fail_closed, refuse
 from nhi_gateway.addons.identity import PRINCIPAL_KEY

@@ -21,7 +21,8 @@ from nhi_gateway.addons.authorization import operation_of
 from nhi_gateway.addons.failclosed import fail_closed, refuse
 from nhi_gateway.addons.identity import PRINCIPAL_KEY
 from nhi_gateway.policy.batch import BatchError, decode_body, is_batch_endpoint, parse_batch
-from nhi_gateway.policy.model import Policy, PolicyStore, Rule
+from nhi_gateway.policy.loader import PolicyStore
+from nhi_gateway.policy.model import Policy, Rule
 from nhi_gateway.policy.objects import (
     OBJECTS_KEY,
     ObjectKey,

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from nhi_gateway.policy.model import PolicyError, PolicyStore
+from nhi_gateway.policy.loader import PolicyError, PolicyStore
 
 logger = logging.getLogger(__name__)
 # A change of the policy in force is worth a line by default: `nhi-gateway run` leaves the root

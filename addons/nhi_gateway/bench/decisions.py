@@ -9,7 +9,8 @@ import uuid
 from dataclasses import dataclass
 
 from nhi_gateway.policy.operation import Operation
-from nhi_gateway.policy.model import Policy, parse_policy
+from nhi_gateway.policy.loader import parse_policy
+from nhi_gateway.policy.model import Policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 from nhi_gateway.bench.policies import BENCH_APP_ID, TENANT_ID, app_id, policy_yaml
 

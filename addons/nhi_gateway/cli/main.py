@@ -21,7 +21,7 @@ from nhi_gateway.proxy import logs
 from nhi_gateway.proxy.egress import parse_resolve
 from nhi_gateway.identity.groups import DEFAULT_TTL, CredentialError, credential_from_settings
 from nhi_gateway.identity.signing_keys import DEFAULT_UNKNOWN_KID_INTERVAL
-from nhi_gateway.policy.model import PolicyError
+from nhi_gateway.policy.loader import PolicyError
 from nhi_gateway.recording.audit import AuditCopy
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES, parse_size
 from nhi_gateway.approvals.state import StateBackend, parse_state
@@ -232,7 +232,7 @@ def cmd_run(args) -> int:
 def run_workers(args) -> int:
     """``--workers N``: this process supervises N gateway processes (see proxy/workers.py)."""
     from nhi_gateway.policy.decision import Action
-    from nhi_gateway.policy.model import load_policy
+    from nhi_gateway.policy.loader import load_policy
     from nhi_gateway.proxy.workers import Supervisor
 
     try:
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lookalike(sub)
     records_cli.register(sub)  # recordings list|open, audit [verify]: each sets its own handler
     approvals_cli.register(sub)  # approvals list|approve|deny|revoke, through the approval API
-    policy_cli.register(sub)  # policy lint|explain|replay|suggest: each sets its own handler
+    policy_cli.register(sub)  # policy lint|explain|replay|suggest|schema: each sets its own handler
     permissions_cli.register(sub)  # permissions: held, needed and excess Graph permissions
     return parser
 

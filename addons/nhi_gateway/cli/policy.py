@@ -56,16 +56,9 @@ from urllib.parse import urlsplit
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.operation import Operation, OperationError
 from nhi_gateway.policy.presented import decider_for
-from nhi_gateway.policy.model import (
-    REFUSAL_CODE,
-    REFUSAL_STATUS,
-    Outcome,
-    Policy,
-    PolicyError,
-    load_policy,
-    PolicyWarning,
-    policy_warnings,
-)
+from nhi_gateway.policy.lint import PolicyWarning, policy_warnings
+from nhi_gateway.policy.loader import PolicyError, load_policy
+from nhi_gateway.policy.model import REFUSAL_CODE, REFUSAL_STATUS, Outcome, Policy
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
 from nhi_gateway.policy.observed import APPROVALS_API_HOST
 
@@ -124,6 +117,12 @@ def register(sub) -> None:
                         help="also list unchanged flows and flows decided by another rule to the same effect")
     replay.set_defaults(handler=cmd_replay)
 
+    schema = cmds.add_parser(
+        "schema", help="print the policy's JSON Schema (policies/policy.schema.json), generated from the loader's models",
+    )
+    schema.add_argument("-o", "--output", type=Path, metavar="FILE", help="write it to FILE instead")
+    schema.set_defaults(handler=cmd_schema)
+
     suggest = cmds.add_parser(
         "suggest", help="write a least-privilege policy from recorded traffic or the audit trail",
         description="One rule per identity, allowing what it was seen doing and nothing more. "
@@ -155,6 +154,22 @@ def _instant(text: str) -> datetime:
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no offset: add Z or +01:00")
     return value.astimezone(UTC)
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def cmd_schema(args, out: TextIO | None = None) -> int:
+    """The schema editors use is generated from the models the loader validates with, so the two
+    cannot drift apart; tests/unit/test_policy_schema.py fails when the committed file is stale."""
+    from nhi_gateway.policy.shape import schema_text
+
+    text = schema_text()
+    if args.output is not None:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        (out or sys.stdout).write(text)
+    return 0
 
 
 # --- lint -----------------------------------------------------------------------------------------

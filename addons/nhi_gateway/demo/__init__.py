@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nhi_gateway
 
-from nhi_gateway.policy.model import PolicyError
+from nhi_gateway.policy.loader import PolicyError
 from nhi_gateway.demo import report
 from nhi_gateway.demo.approval import policy_with_approval, run_approval
 from nhi_gateway.demo.services import Service, ServiceFailed, log_tail, start_gateway, start_lookalike

@@ -75,7 +75,7 @@ def policy_with_approval(example: Path, out: Path) -> Path:
     """``example`` with :data:`APPROVE_RULE` appended to its rules and its no-credential-minting
     rule narrowed to identities that hold a static secret, written to ``out``. Edited as text, so
     the copy reads like the original; checked by loading it."""
-    from nhi_gateway.policy.model import PolicyError, load_policy
+    from nhi_gateway.policy.loader import PolicyError, load_policy
 
     if load_policy(example).rule("secret-rotation") is not None:
         return example  # the example policy has the rule itself: nothing to add

@@ -164,7 +164,7 @@ def _rule_id(ident: IdentitySeen, used: set[str], suffix: str = "") -> str:
 def allow_select_supported() -> bool:
     """Whether this gateway's loader accepts ``odata.allow_select`` on an operation: the key is
     emitted only then (an unknown key would make the whole suggestion unloadable)."""
-    from nhi_gateway.policy.model import PolicyError, parse_policy
+    from nhi_gateway.policy.loader import PolicyError, parse_policy
 
     probe = """
 version: 1
@@ -399,7 +399,7 @@ def _dump(yaml, doc, kept_denies: list, rules: list, header: str) -> str:
 
 
 def _denies_refusing(text: str, observations: list[Observation], deny_ids: set[str]) -> dict[str, int]:
-    from nhi_gateway.policy.model import PolicyError, parse_policy
+    from nhi_gateway.policy.loader import PolicyError, parse_policy
 
     if not deny_ids:
         return {}

@@ -54,7 +54,7 @@ from nhi_gateway.proxy.dispatch import IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
-from nhi_gateway.policy.model import PolicyStore, load_policy
+from nhi_gateway.policy.loader import PolicyStore, load_policy
 from nhi_gateway.policy.decision import Action
 from nhi_gateway.policy.objects import ObjectResolver
 from nhi_gateway.recording.files import DEFAULT_FSYNC_INTERVAL, DEFAULT_MAX_BYTES
