@@ -189,7 +189,8 @@ _DYING_GATEWAY = textwrap.dedent("""
             await process.record(tflow.tflow(resp=True))
         for _ in range(5):  # handed over, never confirmed: the gateway dies first
             asyncio.ensure_future(process.record(tflow.tflow(resp=True)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the records take their turn: each queues its frame
+        await asyncio.sleep(0)  # the frames of that turn go to the pipe, in one write
         os._exit(9)
 
     asyncio.run(main())
@@ -326,3 +327,92 @@ async def test_text_that_is_not_utf8_is_recorded_escaped_in_and_out_of_process(c
         if where in ("host", "sni"):
             assert "gr\\xffaph" in (written[0].request.host + str(written[0].client_conn.sni))
             assert written[0].metadata.get("nhi.escaped") or where == "sni"
+
+
+# --- a request is sent once: its write-ahead record, then the whole flow without it --------------
+
+
+def _state_less_ids(flow) -> dict:
+    state = flow.get_state()
+    for key in ("server_conn", "client_conn"):  # written at different instants
+        state[key].pop("id")
+    return state
+
+
+def _request_sent(process: RecordingProcess) -> list[bool]:
+    """Whether each frame handed to ``process`` from now on carries its flow's request."""
+    sent = []
+    original = recording_process.flow_state
+
+    def spy(flow, with_request=True):
+        sent.append(with_request)
+        return original(flow, with_request)
+
+    recording_process.flow_state = spy
+    return sent
+
+
+@pytest.fixture
+def restore_flow_state():
+    original = recording_process.flow_state
+    yield
+    recording_process.flow_state = original
+
+
+async def test_a_flow_written_ahead_is_recorded_whole_without_sending_its_request_again(
+        child, tmp_path, restore_flow_state):
+    f = flow_on()
+    f.request.method, f.request.content = "POST", b'{"displayName":"Ada","passwordProfile":{"password":"hunter2"}}'
+    f.request.headers["content-type"] = "application/json"
+    whole = Recorder(tmp_path / "in", Health())
+    whole.record_now(f)
+    whole.done()
+    sent = _request_sent(child)
+    response, f.response = f.response, None  # written ahead before Graph answers
+    await child.record(f, recording_process.WRITE_AHEAD)
+    f.response = response
+    await child.record(f)
+    assert sent == [True, False]
+    (ahead,) = flows_under(tmp_path / "rec", "*.wal")
+    (recorded,) = flows_under(tmp_path / "rec")
+    assert ahead.response is None and ahead.request.content == recorded.request.content
+    assert b"hunter2" not in recorded.request.content  # redacted once, for both records
+    (expected,) = flows_under(tmp_path / "in")
+    assert _state_less_ids(recorded) == _state_less_ids(expected)
+
+
+async def test_a_request_changed_after_its_write_ahead_is_sent_again(child, tmp_path, restore_flow_state):
+    f = flow_on()
+    sent = _request_sent(child)
+    await child.record(f, recording_process.WRITE_AHEAD)
+    f.request.headers["x-changed"] = "after the write-ahead"
+    await child.record(f)
+    assert sent == [True, True]
+    (recorded,) = flows_under(tmp_path / "rec")
+    assert recorded.request.headers["x-changed"] == "after the write-ahead"
+
+
+async def test_a_child_that_no_longer_keeps_the_request_gets_the_whole_flow(child, tmp_path, restore_flow_state):
+    written, forgotten = flow_on(), flow_on()
+    await child.record(written, recording_process.WRITE_AHEAD)
+    # As if the child had let the request go (it keeps a bounded number) while the gateway did not.
+    child._ahead[forgotten.id] = recording_process.request_fingerprint(forgotten.request)
+    sent = _request_sent(child)
+    await child.record(forgotten)
+    await child.record(written)
+    assert sent == [False, True, False]  # refused as forgotten, then sent whole
+    recorded = flows_under(tmp_path / "rec")
+    assert [x.id for x in recorded] == [forgotten.id, written.id]
+    assert all(x.request.headers["Authorization"] == "Bearer [redacted]" for x in recorded)
+
+
+async def test_a_new_child_gets_whole_flows(child, tmp_path, restore_flow_state):
+    f = flow_on()
+    await child.record(f, recording_process.WRITE_AHEAD)
+    await child.close()
+    await child.start()
+    sent = _request_sent(child)
+    await child.record(f)
+    assert sent == [True]
+    (recorded,) = flows_under(tmp_path / "rec")
+    assert recorded.response is not None and recorded.request.headers["Authorization"] == "Bearer [redacted]"

@@ -1131,11 +1131,8 @@ def mask_headers(headers: Iterable[tuple[str, str]], profile: MaskProfile,
     (``masked``: original to masked form, see :func:`mask_document`) masked wherever a header
     repeats it, in any letter case or percent-encoded. Raises :class:`MaskingError` when a
     framing header (:data:`FRAMING_HEADERS`) would have to change."""
-    variants: list[tuple[str, str]] = []
-    for original, replacement in (masked or {}).items():
-        for form in dict.fromkeys((original, quote(original, safe=""), quote(original, safe="/@:"))):
-            variants.append((form.casefold(), replacement))
-    variants.sort(key=lambda v: -len(v[0]))
+    headers = list(headers)
+    variants = _repeated_spellings(masked, [value for _, value in headers])
     out: list[tuple[str, str]] = []
     count = 0
     for name, value in headers:
@@ -1145,6 +1142,24 @@ def mask_headers(headers: Iterable[tuple[str, str]], profile: MaskProfile,
         out.append((name, new))
         count += n
     return out, count
+
+
+def _repeated_spellings(masked: Mapping[str, str] | None, values: list[str]) -> list[tuple[str, str]]:
+    """The spellings of masked values (any letter case; percent-encoded) that occur in ``values``,
+    each with its masked form, longest first. Most answers' headers repeat no masked value: one
+    look at all of them together spares testing every spelling against every header."""
+    if not masked:
+        return []
+    everything = "\n".join(values).casefold()
+    percent = "%" in everything  # a percent-encoded spelling can occur only where a % does
+    variants = []
+    for original, replacement in masked.items():
+        forms = (original, quote(original, safe=""), quote(original, safe="/@:")) if percent else (original,)
+        for form in dict.fromkeys(forms):
+            if (folded := form.casefold()) in everything:
+                variants.append((folded, replacement))
+    variants.sort(key=lambda v: -len(v[0]))
+    return variants
 
 
 def _mask_header_value(value: str, name: str, profile: MaskProfile,

@@ -17,6 +17,7 @@ be seen; the gateway's master has no such addon and loads no scripts.
 
 from __future__ import annotations
 
+import inspect
 import types
 
 from mitmproxy import addonmanager, exceptions, hooks
@@ -53,10 +54,17 @@ class IndexedAddonManager(addonmanager.AddonManager):
         hooked = self._hooked(event.name)
         if not hooked:
             return
+        # The hook's arguments once per event: mitmproxy's invoke_addon rebuilds them (through
+        # dataclasses.fields) for every addon it calls. They are the event's fields, the same
+        # objects for every addon.
+        args = event.args()
         for top in hooked:
             try:
                 with addonmanager.safecall():
-                    await self.invoke_addon(top, event)
+                    for _, func in self._iter_hooks(top, event):
+                        res = func(*args)
+                        if res is not None and inspect.isawaitable(res):  # async hooks, as mitmproxy
+                            await res
             except exceptions.AddonHalt:
                 return
 

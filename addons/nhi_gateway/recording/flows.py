@@ -16,6 +16,7 @@ The gateway's recorder addon and the recording process both write through ``Flow
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -154,19 +155,33 @@ class FlowRecorder:
     """Writes flows, in this process, to the series of files under ``directory``."""
 
     def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, hourly: bool = False,
-                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, worker: int | None = None) -> None:
+                 fsync_interval: float = DEFAULT_FSYNC_INTERVAL, worker: int | None = None,
+                 keep_requests: int = 0) -> None:
         self.directory = Path(directory)
         self.hourly = hourly
         self.worker = worker  # run --workers N: this process's number, in file names and each flow
         self.writer = RecordingWriter(max_bytes=max_bytes, fsync_interval=fsync_interval)
         self.encoder = RecordEncoder()
         self.last_path: Path | None = None
+        # keep_requests > 0 (the recording process): the request half of the most recent flows
+        # written ahead, redacted, by flow id, so that their whole records reuse it (see
+        # ``kept_request``) instead of receiving and redacting the same request again.
+        self.keep_requests = keep_requests
+        self.kept: OrderedDict[str, tuple[http.Request, dict, str | None]] = OrderedDict()
 
-    def write(self, flow, comment_prefix: str = "", connections: tuple[bytes, bytes] | None = None) -> Path:
+    def kept_request(self, flow_id: str) -> tuple[http.Request, dict, str | None] | None:
+        """The request written ahead for ``flow_id`` (the request, its redacted state, why its body
+        was withheld), forgotten once asked for; None when it is not kept (never written ahead
+        here, or one of more than ``keep_requests`` flows in flight)."""
+        return self.kept.pop(flow_id, None)
+
+    def write(self, flow, comment_prefix: str = "", connections: tuple[bytes, bytes] | None = None,
+              request_part: tuple[dict, str | None] | None = None) -> Path:
         """Write one flow now, in this process. ``connections``: its connections' record parts,
-        already encoded (the recording process gets them so), instead of ``flow``'s own."""
+        already encoded (the recording process gets them so), instead of ``flow``'s own.
+        ``request_part``: its request half as redacted for the write-ahead log (``kept_request``)."""
         decision = decision_of(flow)
-        disk = redacted_state(flow)
+        disk = redacted_state(flow, request_part)
         annotate(disk, decision, flow)
         if self.worker:
             disk["metadata"]["nhi.worker"] = str(self.worker)
@@ -190,9 +205,10 @@ class FlowRecorder:
             return self.encoder.encode(disk, flow.client_conn, flow.server_conn)
         return encode_with_parts(disk, connections)
 
-    def record_now(self, flow, connections: tuple[bytes, bytes] | None = None) -> Path:
+    def record_now(self, flow, connections: tuple[bytes, bytes] | None = None,
+                   request_part: tuple[dict, str | None] | None = None) -> Path:
         """The flow and, for a ``$batch``, each of its inner requests; returns the flow's file."""
-        path = self.write(flow, connections=connections)
+        path = self.write(flow, connections=connections, request_part=request_part)
         if isinstance(flow, http.HTTPFlow) and flow.metadata.get(BATCH_KEY):
             for inner, prefix in batch_inner_flows(flow):
                 self.write(inner, comment_prefix=prefix, connections=connections)
@@ -209,6 +225,12 @@ class FlowRecorder:
         Graph answers. The whole flow is recorded as usual once answered."""
         decision = decision_of(flow)
         disk = redacted_state(flow)
+        if self.keep_requests:
+            self.kept[flow.id] = (flow.request, disk["request"],
+                                  disk["metadata"].get("nhi_gateway.withheld", {}).get("request"))
+            self.kept.move_to_end(flow.id)
+            while len(self.kept) > self.keep_requests:
+                self.kept.popitem(last=False)
         annotate(disk, decision, flow)
         disk["comment"] = "FORWARDING · " + disk["comment"]
         if self.worker:

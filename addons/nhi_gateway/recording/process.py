@@ -26,12 +26,17 @@ between the two processes, which run as the same user.
 
 Frames both ways start with a 4-byte big-endian length of the rest. Gateway to child: the flow's
 sequence number (8 bytes), the length of the connections part (4 bytes), its kind (1 byte: the
-answered flow, or the request half for the write-ahead log), the connections part
-(``marshal`` of ``((client_id, state | None), (server_id, state | None))``), then the flow's state
-(``marshal``). Child to gateway, a ``marshal`` payload:
-``(seq, status, detail)`` with status ``ok`` (detail: the file written), ``oserror`` (detail: why)
-or ``error`` (a bug; detail: the exception's type), and ``(0, "ready" | "oserror", detail)`` once
-at start.
+answered flow, the request half for the write-ahead log, or the answered flow without its
+request), the connections part (``marshal`` of ``((client_id, state | None), (server_id, state |
+None))``), then the flow's state (``marshal``). Child to gateway, a ``marshal`` payload:
+``(seq, status, detail)`` with status ``ok`` (detail: the file written), ``oserror`` (detail: why),
+``error`` (a bug; detail: the exception's type) or ``resend`` (a flow sent without its request, which
+the child no longer has: send it whole), and ``(0, "ready" | "oserror", detail)`` once at start.
+
+A request is sent, redacted and encoded once: the child keeps the request half of each flow it
+wrote ahead, by flow id, for the flow's whole record, and the gateway sends that record without the
+request when the request has not changed since (:func:`request_fingerprint`). Both ends keep the
+same bounded table (:data:`KEPT_REQUESTS`); a new child starts with none.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import signal
 import struct
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from mitmproxy import flow as mflow
@@ -58,7 +64,12 @@ logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")  # frame length
 _FLOW_PREFIX = struct.Struct("!QIB")  # a flow's frame, after its length: seq, length of the connections part, kind
-RECORD, WRITE_AHEAD = 0, 1  # kinds: the answered flow for the recordings; the request half, before it is forwarded
+# Kinds of flow frames: the answered flow for the recordings; the request half, before it is
+# forwarded; the answered flow without its request, which is the one written ahead (unchanged).
+RECORD, WRITE_AHEAD, RECORD_AFTER_AHEAD = 0, 1, 2
+# Requests written ahead that both ends remember, by flow id, until their flow's record (the most
+# recent, so flows in flight; beyond that a record carries its request again).
+KEPT_REQUESTS = 10_000
 READY = 0
 CONFIRM_TIMEOUT = 30.0  # seconds a flow waits for the child before it is refused (a stalled disk)
 START_TIMEOUT = 60.0  # seconds for a child to import, check the newest files for torn tails, and say so
@@ -106,12 +117,13 @@ def _encode_state(state: dict) -> bytes:
         return marshal.dumps(state)
 
 
-def flow_state(flow: http.HTTPFlow) -> dict:
-    """What the child needs to rebuild ``flow`` for the recording: its state less connections."""
+def flow_state(flow: http.HTTPFlow, with_request: bool = True) -> dict:
+    """What the child needs to rebuild ``flow`` for the recording: its state less connections
+    (less its request too, without ``with_request``: the child has it from the write-ahead)."""
     return {
         "id": flow.id,
         "type": flow.type,
-        "request": flow.request.get_state(),
+        "request": flow.request.get_state() if with_request else None,
         "response": flow.response.get_state() if flow.response is not None else None,
         "error": flow.error.get_state() if flow.error is not None else None,
         "websocket": flow.websocket.get_state() if flow.websocket is not None else None,
@@ -124,13 +136,21 @@ def flow_state(flow: http.HTTPFlow) -> dict:
     }
 
 
-def rebuild_flow(state: dict) -> http.HTTPFlow:
-    """The child's copy of a flow. Its connections are None: they travel as encoded parts."""
+def request_fingerprint(request: http.Request) -> tuple:
+    """Every field of ``request``'s state, to tell cheaply whether it is still the request that was
+    written ahead: mitmproxy replaces a field's value (bytes, str, the headers' tuple of fields)
+    rather than changing it in place, so an unchanged request compares by identity at once."""
+    return tuple(v.fields if isinstance(v, http.Headers) else v for v in vars(request.data).values())
+
+
+def rebuild_flow(state: dict, request: http.Request | None = None) -> http.HTTPFlow:
+    """The child's copy of a flow. Its connections are None: they travel as encoded parts.
+    ``request``: the flow's request when ``state`` has none (kept from its write-ahead)."""
     from mitmproxy import websocket
 
     f = http.HTTPFlow(None, None)  # type: ignore[arg-type]
     f.id = state["id"]
-    f.request = http.Request.from_state(state["request"])
+    f.request = http.Request.from_state(state["request"]) if state["request"] is not None else request
     if state["response"] is not None:
         f.response = http.Response.from_state(state["response"])
     if state["error"] is not None:
@@ -164,6 +184,13 @@ class RecordingProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, tuple[asyncio.Future, float]] = {}  # seq -> (future, handed over at)
+        # flow id -> request_fingerprint of each request the child wrote ahead and keeps (its
+        # FlowRecorder.kept, same bound, same order of steps), for a record sent without it.
+        self._ahead: OrderedDict[str, tuple] = OrderedDict()
+        # Frames handed over in one turn of the event loop go to the pipe in one write: under load
+        # several flows are handed over per turn, and each write would wake the child again.
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
         self._watchdog: asyncio.TimerHandle | None = None
         self._seq = READY
         self._conns = ConnectionTable()
@@ -199,6 +226,9 @@ class RecordingProcess:
     async def _start(self) -> None:
         self._last_start = time.monotonic()
         self._conns = ConnectionTable()  # a new child knows no connection yet
+        self._ahead.clear()  # nor any request written ahead
+        self._outbox.clear()  # frames for a child that stopped (their flows failed with it)
+        self._outbox_bytes = 0
         proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             limit=2**20)
@@ -228,6 +258,8 @@ class RecordingProcess:
                 future = entry[0]
                 if status == "ok":
                     future.set_result(Path(detail))
+                elif status == "resend":  # it no longer has the request written ahead
+                    future.set_result(None)
                 elif status == "oserror":
                     future.set_exception(OSError(detail))
                 else:
@@ -259,13 +291,30 @@ class RecordingProcess:
 
         Raises OSError when it is not written (the disk, the child stopped, no confirmation in
         time) and RecordingFailed for a bug in the child: either way the flow must be refused.
+
+        A flow's request is sent once: its record goes without it when the child wrote it ahead
+        and it has not changed since (most flows; the child redacts it once, too).
         """
         if not self.running:
             if self._starting is None and time.monotonic() - self._last_start < RESTART_INTERVAL:
                 raise OSError(f"{self._stopped_why or 'the recording process is not running'}; "
                               "it is restarted at most once a second")
             await self.start()
-        state = _encode_state(flow_state(flow))  # an error here comes before anything changed
+        fingerprint = request_fingerprint(flow.request)
+        if kind == RECORD and self._ahead.pop(flow.id, None) == fingerprint:
+            kind = RECORD_AFTER_AHEAD
+        path = await self._hand_over(flow, kind)
+        if path is None:  # the child had forgotten the request: the whole flow, once more
+            path = await self._hand_over(flow, RECORD)
+        elif kind == WRITE_AHEAD:
+            self._ahead[flow.id] = fingerprint
+            while len(self._ahead) > KEPT_REQUESTS:
+                self._ahead.popitem(last=False)
+        return path
+
+    async def _hand_over(self, flow: http.HTTPFlow, kind: int) -> Path | None:
+        # An error here comes before anything changed.
+        state = _encode_state(flow_state(flow, with_request=kind != RECORD_AFTER_AHEAD))
         try:
             conns = marshal.dumps(tuple(self._connection(c) for c in (flow.client_conn, flow.server_conn)))
         except Exception:
@@ -278,9 +327,14 @@ class RecordingProcess:
         future = asyncio.get_running_loop().create_future()
         self._pending[seq] = (future, time.monotonic())  # the watchdog fails it when overdue
         stdin = self._proc.stdin
-        stdin.write(flow_frame(seq, conns, state, kind))
+        data = flow_frame(seq, conns, state, kind)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._send_outbox, self._proc)
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
         try:
-            if stdin.transport.get_write_buffer_size() > _DRAIN_ABOVE:
+            if stdin.transport.get_write_buffer_size() + self._outbox_bytes > _DRAIN_ABOVE:
+                self._send_outbox(self._proc)
                 # Large flows: wait until the pipe takes them, so the gateway's memory stays bounded.
                 await asyncio.wait_for(stdin.drain(), self.confirm_timeout)
             return await future
@@ -290,6 +344,14 @@ class RecordingProcess:
         except (BrokenPipeError, ConnectionResetError):
             self._pending.pop(seq, None)
             raise OSError(self._stopped_why or "the recording process stopped") from None
+
+    def _send_outbox(self, proc: asyncio.subprocess.Process) -> None:
+        if not self._outbox or proc is not self._proc:
+            return  # sent already; or its child stopped, which failed their flows
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        proc.stdin.write(data)
 
     def _fail_overdue(self) -> None:
         """Fail flows the child has not confirmed in time (a stalled disk): refused, not held forever."""
@@ -357,15 +419,18 @@ class _Frames:
         self.fd = fd
         self.buffer = bytearray()
         self.ended = False
+        # Read into one buffer: os.read(fd, 1 MiB) would map and unmap a fresh megabyte per read.
+        self._chunk = bytearray(1 << 18)
+        self._view = memoryview(self._chunk)
 
     def read(self, timeout: float | None) -> list[bytes] | None:
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return None
-        chunk = os.read(self.fd, 1 << 20)
-        if not chunk:
+        n = os.readv(self.fd, [self._chunk])
+        if not n:
             self.ended = True
-        self.buffer += chunk
+        self.buffer += self._view[:n]
         frames = []
         view = self.buffer
         offset = 0
@@ -410,7 +475,7 @@ def serve(directory: Path, max_bytes: int, hourly: bool, fsync_interval: float, 
         logger.error("cannot check %s for recordings cut short by a crash: %s", directory, e)
     try:
         recorder = FlowRecorder(directory, max_bytes=max_bytes, hourly=hourly, fsync_interval=fsync_interval,
-                                worker=worker)
+                                worker=worker, keep_requests=KEPT_REQUESTS)
     except OSError as e:
         _Confirmations(out).send([(READY, "oserror", f"{directory}: {e.strerror or e}")])
         return 1
@@ -471,11 +536,17 @@ def _record_one(recorder, conns: ConnectionTable, raw: bytes, tnetstring) -> tup
             parts.append(encoded)
         if missing:
             raise LookupError(f"connections {missing} were never sent")
-        flow = rebuild_flow(state)
+        kept = recorder.kept_request(state["id"])  # forgotten by any record of the flow
         if kind == WRITE_AHEAD:
-            path = recorder.write_ahead(flow, connections=tuple(parts))
+            path = recorder.write_ahead(rebuild_flow(state), connections=tuple(parts))
+        elif kind == RECORD_AFTER_AHEAD:
+            if kept is None:
+                return seq, "resend", ""
+            request, disk_request, withheld = kept
+            path = recorder.record_now(rebuild_flow(state, request), connections=tuple(parts),
+                                       request_part=(disk_request, withheld))
         else:
-            path = recorder.record_now(flow, connections=tuple(parts))
+            path = recorder.record_now(rebuild_flow(state), connections=tuple(parts))
         return seq, "ok", str(path)
     except OSError as e:
         return seq, "oserror", f"cannot write {recorder.directory}: {e.strerror or e}"

@@ -546,9 +546,14 @@ def _disk_copy(message: M) -> M:
     return disk
 
 
-def redacted_state(flow: http.HTTPFlow) -> dict:
+def redacted_state(flow: http.HTTPFlow, request_part: tuple[dict, str | None] | None = None) -> dict:
     """What is written to disk for ``flow``: its ``get_state()`` with credentials redacted, less
     ``client_conn`` and ``server_conn``. ``flow`` is not modified.
+
+    ``request_part``: the redacted request state and the reason its body was withheld (or None),
+    as an earlier call for the same request returned them (``state["request"]`` and
+    ``state["metadata"]["nhi_gateway.withheld"]["request"]``): the recording process redacts the
+    request half of a flow once, for its write-ahead record, and reuses it for the whole record.
 
     Connections carry no credential and are the same for every flow on them, so the recorder
     serialises each once (:class:`nhi_gateway.recording.files.RecordEncoder`) rather than per flow.
@@ -560,12 +565,17 @@ def redacted_state(flow: http.HTTPFlow) -> dict:
     from mitmproxy.version import FLOW_FORMAT_VERSION
 
     withheld = {}
-    request = _disk_copy(flow.request)
-    if request.method != "CONNECT":
-        request.path = _redact_target(request.path)
-    if "@" in request.authority:
-        request.authority = f"{REDACTED}@{request.authority.rpartition('@')[2]}"
-    if why := _redact_body(request):
+    if request_part is None:
+        request = _disk_copy(flow.request)
+        if request.method != "CONNECT":
+            request.path = _redact_target(request.path)
+        if "@" in request.authority:
+            request.authority = f"{REDACTED}@{request.authority.rpartition('@')[2]}"
+        why = _redact_body(request)
+        request_state = request.get_state()
+    else:
+        request_state, why = request_part
+    if why:
         withheld["request"] = why
     response = None
     if flow.response:
@@ -598,7 +608,7 @@ def redacted_state(flow: http.HTTPFlow) -> dict:
         "comment": scrub_text(flow.comment),
         "timestamp_created": flow.timestamp_created,
         "backup": None,
-        "request": request.get_state(),
+        "request": request_state,
         "response": response.get_state() if response else None,
         "websocket": websocket,
     }
