@@ -17,6 +17,7 @@ files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2
   the calling app's principal.
 - ``recordings``: flows as the recorder writes them (``record``), rotated parts, reading them back.
 - ``documents``: every place in a parsed policy document, and hypothesis edits of a policy's text.
+- ``masking``: the model of ``redact`` on a matched JSON value (``redacted``) and its ``leaves``.
 - ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,
   ``marker``, ``raw_connect``) and reads back (``reached_graph``, ``recorded``, ``audit_line``,
   ``until``).
