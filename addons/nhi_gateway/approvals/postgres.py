@@ -63,7 +63,8 @@ CALL_TIMEOUT = 2.0  # seconds a caller waits for any call, whatever the server d
 STATEMENT_TIMEOUT_MS = 5000  # no single statement may hang a caller longer
 
 # Each entry moves the schema one version up; applied in order at start, under an advisory lock
-# so replicas starting together do not race. Never edit an entry that has shipped: add one.
+# so replicas starting together do not race. Never edit an entry that has shipped: add one. So
+# the tables are written out here, not built from the SQLite store's schema, which may change.
 MIGRATIONS: tuple[str, ...] = (
     # 1: requests, grants and replicas
     """
