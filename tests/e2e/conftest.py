@@ -2,6 +2,11 @@
 
 Clients are configured the way users configure them: HTTPS_PROXY and a CA bundle (see
 ``tests/support/e2e.py`` for what a test does as a client and reads back).
+
+For the approval tests (``tests/support/approvals.py``): ``authority`` (the look-alike's own
+keys), ``workload`` (a rotation-bot token for this test's own service principal, or the one
+named), ``adele`` (her approver token) and ``api`` (the approval API of the module's ``gateway``
+as Adele calls it).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,9 +25,26 @@ from pathlib import Path
 
 import pytest
 
+from ..support.approvals import ADELE, API, person, workload_token
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_POLICY = REPO / "policies" / "example.yaml"
 BIN = Path(sys.executable).parent
+
+
+def module_policy(tmp_path_factory, name: str, text: str) -> Path:
+    """``text`` written to ``NAME.yaml`` in a directory of its own: a module's policy, for the
+    gateways it starts."""
+    path = tmp_path_factory.mktemp(f"{name}-policy") / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def example_head() -> str:
+    """The example policy up to its masking section: its identity and upstreams, for a module's
+    own masking profiles and rules."""
+    example = EXAMPLE_POLICY.read_text()
+    return example[:example.index("\nmasking:")]
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> dict:
@@ -200,3 +223,33 @@ def tokens(lookalike):
         return authority.mint_app_token(**args)
 
     return mint
+
+
+# --- approvals -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authority(lookalike):
+    return lookalike.authority()
+
+
+@pytest.fixture
+def workload(lookalike, authority):
+    """``workload()``: a token of rotation-bot's application for this test's own service principal
+    (the same one on each call); ``workload(object_id)`` for another."""
+    oid = str(uuid.uuid4())
+
+    def mint(object_id: str = oid) -> str:
+        return workload_token(lookalike, authority, object_id)
+
+    return mint
+
+
+@pytest.fixture(scope="module")
+def adele(lookalike, authority) -> str:
+    return person(lookalike, authority, ADELE)
+
+
+@pytest.fixture
+def api(gateway, adele) -> API:
+    return API(gateway, adele)

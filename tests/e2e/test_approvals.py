@@ -20,107 +20,41 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
 import httpx
 import pytest
 import requests
 
+from ..support.approvals import (
+    ADELE,
+    ALEX,
+    API,
+    MEGAN,
+    SELF_LISTED,
+    WAIT,
+    Call,
+    add_password,
+    audit_of,
+    audited_outcome,
+    cli,
+    held_flow,
+    hold,
+    outcome_lines,
+    person,
+    policy_file,
+    policy_text,
+)
 from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
 from ..support.e2e import cli as nhi_gateway
 from ..support.e2e import recorded_flow as recorded
-from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
 from ..support.recordings import flows_under
 from .conftest import gateway_running, start_gateway, stop
 
 AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"  # the public client people sign in with
-# Users of the look-alike tenant (lookalike/directory.py: stable ids).
-ADELE = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance")  # named in the rules
-MEGAN = ("03bc8a03-1dad-59dd-8239-0e5b03001054", "Megan Bowen")  # in Finance, named by group
-ALEX = ("9d30a7d1-85d0-5d80-8734-f6a6cb79de21", "Alex Wilber")  # named by no rule
-SELF_LISTED = "6f1d2c3b-0000-4000-8000-00000000a11f"  # a workload the policy also names as approver
 WEBHOOK_HOST = "hooks.nhi-test.example"
-WAIT = 30.0  # the longest any test waits for the gateway to reach a state (never asserted)
-
-
-def policy_text(lookalike, webhook: str | None = None) -> str:
-    bot = lookalike.app("rotation-bot")["client_id"]
-    finance = lookalike.info["groups"]["Finance"]
-    api = lookalike.info["approvals_api"]  # the gateway's app registration in the look-alike tenant
-    approvals = (f"approvals:\n  client_id: {api['client_id']}\n  app_id_uri: {api['app_id_uri']}\n"
-                 f"  scope: {api['scope']}\n  require_auth_context: {api['auth_context']}\n")
-    approvals += f"  webhook: {webhook}\n" if webhook else ""
-    head = policy_head(lookalike.tenant_id, issuers=(V1_ISSUER, V2_ISSUER), audiences=ALL_GRAPH_AUDIENCES)
-    return head + f"""\
-{approvals}masking:
-  profiles:
-    secrets: {{fields: [secretText, hint]}}
-rules:
-  - id: directory-read
-    action: allow
-    operations:
-      - host: graph.microsoft.com
-        methods: [GET]
-        paths: ["/users/**"]
-  - id: secret-rotation
-    action: approve
-    when: {{app_ids: [{bot}]}}
-    operations:
-      - host: graph.microsoft.com
-        methods: [POST]
-        paths: ["/applications/{{id}}/addPassword"]
-    mask: secrets
-    approval:
-      approvers:
-        users: [{ADELE[0]}, {SELF_LISTED}]
-        groups: [{finance}]
-      timeout: 2m
-      max_grant: 1h
-  - id: key-rotation
-    action: approve
-    when: {{app_ids: [{bot}]}}
-    operations:
-      - host: graph.microsoft.com
-        methods: [POST]
-        paths: ["/applications/{{id}}/addKey"]
-    approval:
-      approvers: {{users: [{ADELE[0]}]}}
-      timeout: 2s
-"""
 
 
 # --- identities ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def authority(lookalike):
-    return lookalike.authority()
-
-
-@pytest.fixture
-def workload(lookalike, authority) -> Callable[..., str]:
-    """A token of rotation-bot's application, for a service principal of this test's own."""
-    oid = str(uuid.uuid4())
-
-    def mint(object_id: str = oid) -> str:
-        return authority.mint_app_token(
-            tenant_id=lookalike.tenant_id, app_id=lookalike.app("rotation-bot")["client_id"], object_id=object_id,
-            display_name="rotation-bot", roles=("Application.ReadWrite.All",))
-
-    return mint
-
-
-def person(lookalike, authority, who: tuple[str, str], groups: list[str] | None = None, **changes) -> str:
-    """A person's approver token, as `nhi-gateway approvals login` gets it after an MFA sign-in:
-    v2, for the gateway's app registration, with its scope and authentication context."""
-    oid, name = who
-    alias = name.split()[0] + name.split()[1][0]
-    api = lookalike.info["approvals_api"]
-    args = dict(tenant_id=lookalike.tenant_id, object_id=oid, client_id=api["client_id"],
-                audience=api["client_id"], scopes=[api["scope"]], name=name,
-                upn=f"{alias}@{lookalike.info['tenant_domain']}", amr=["pwd", "mfa"], acrs=[api["auth_context"]],
-                groups=groups)
-    return authority.mint_user_token(**(args | changes))
 
 
 def graph_token_of(lookalike, authority, who: tuple[str, str]) -> str:
@@ -133,117 +67,18 @@ def graph_token_of(lookalike, authority, who: tuple[str, str]) -> str:
         acrs=[lookalike.info["approvals_api"]["auth_context"]])
 
 
-@pytest.fixture(scope="module")
-def adele(lookalike, authority) -> str:
-    return person(lookalike, authority, ADELE)
-
-
 # --- the gateway and its API ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, lookalike):
     workdir = tmp_path_factory.mktemp("approvals")
-    policy = workdir / "policy.yaml"
-    policy.write_text(policy_text(lookalike))
-    with gateway_running(workdir, lookalike, policy=policy) as gw:
+    with gateway_running(workdir, lookalike, policy=policy_file(workdir, lookalike)) as gw:
         yield gw
-
-
-class API:
-    """The approval API as an approver's script calls it: its own token, no proxy."""
-
-    def __init__(self, gateway, token: str) -> None:
-        self.url = gateway.info["approvals_api"]
-        self.client = httpx.Client(base_url=self.url, trust_env=False, timeout=30,
-                                   headers={"Authorization": f"Bearer {token}"})
-
-    def get(self, path: str, **params) -> httpx.Response:
-        return self.client.get(path, params=params)
-
-    def approve(self, approval_id: str, **body) -> httpx.Response:
-        return self.client.post(f"/approvals/{approval_id}/approve", json=body)
-
-    def deny(self, approval_id: str, reason: str = "") -> httpx.Response:
-        return self.client.post(f"/approvals/{approval_id}/deny", json={"reason": reason})
-
-    def revoke(self, grant_id: str) -> httpx.Response:
-        return self.client.delete(f"/grants/{grant_id}")
-
-    def approvals(self, state: str = "pending") -> list[dict]:
-        r = self.get("/approvals", **({"state": "all"} if state == "all" else {}))
-        assert r.status_code == 200, r.text
-        return r.json()["approvals"]
-
-    def wait_for(self, mark: str, state: str = "pending", count: int = 1) -> list[dict]:
-        """The approval requests whose URL carries ``mark``, once ``count`` are in ``state``."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            found = [a for a in self.approvals("all") if mark in a["url"] and a["state"] == state]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
-
-    def grants(self, state: str = "active") -> list[dict]:
-        r = self.get("/grants", **({"state": "all"} if state == "all" else {}))
-        assert r.status_code == 200, r.text
-        return r.json()["grants"]
-
-
-@pytest.fixture
-def api(gateway, adele) -> API:
-    return API(gateway, adele)
-
-
-class Call:
-    """One client request in a thread of its own: held requests block their caller, not the test."""
-
-    def __init__(self, method: str, url: str, token: str, body: dict | None = None, timeout: float = 120) -> None:
-        self.response: requests.Response | None = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.response = requests.request(method, url, json=body, timeout=timeout,
-                                                 headers={"Authorization": f"Bearer {token}"})
-            except BaseException as e:  # noqa: BLE001 - reported by result()
-                self.error = e
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    @property
-    def done(self) -> bool:
-        return not self.thread.is_alive()
-
-    def result(self) -> requests.Response:
-        self.thread.join(WAIT * 2)
-        if self.error is not None:
-            raise self.error
-        assert self.response is not None, "the request is still held"
-        return self.response
-
-
-def add_password(lookalike, token: str, mark: str, app: str = "mcp-directory", name: str = "rotated") -> Call:
-    app_id = lookalike.app(app)["application_object_id"]
-    return Call("POST", f"{GRAPH}/v1.0/applications/{app_id}/addPassword?m={mark}", token,
-                {"passwordCredential": {"displayName": name}})
 
 
 def error_message(response) -> str:
     return response.json()["error"]["message"]
-
-
-def audit_of(gateway, flow_id: str) -> list[dict]:
-    return [a for a in gateway.audit() if a.get("flow_id") == flow_id]
-
-
-def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
-    """``nhi-gateway approvals ARGS`` as an approver runs it: their token and the API in the environment."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"],
-               PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")  # never the tester's own keyring
-    return nhi_gateway("approvals", *args, env=env, timeout=60)
 
 
 # --- outcomes ------------------------------------------------------------------------------------
@@ -252,9 +87,7 @@ def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
 def test_approved_request_goes_on_and_the_approver_is_on_record(gateway, lookalike, workload, adele, api,
                                                                 monkeypatch):
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     assert not call.done and not reached_graph(lookalike, mark)
     assert held["rule"] == "secret-rotation" and held["principal"]["display_name"] == "rotation-bot"
     assert held["operation"].startswith("POST graph.microsoft.com /v1.0/applications/")
@@ -286,20 +119,10 @@ def test_approved_request_goes_on_and_the_approver_is_on_record(gateway, lookali
     assert flow.metadata["nhi"]["extra"]["approval"]["id"] == held["id"]
 
 
-def held_flow(gateway, approval_id: str) -> str:
-    """The flow id an approval request was opened for, from its audit line."""
-    for line in gateway.audit():
-        if line.get("event") == "approval_requested" and (line.get("approval") or {}).get("id") == approval_id:
-            return line["flow_id"]
-    raise AssertionError(f"no audit line opened {approval_id}")
-
-
 def test_denied_request_gets_403_naming_the_approver_and_the_reason(gateway, lookalike, workload, adele, api,
                                                                     monkeypatch):
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     done = cli(gateway, adele, "deny", held["id"], "--reason", "no change ticket")
     assert done.returncode == 0, done.stderr
 
@@ -308,7 +131,7 @@ def test_denied_request_gets_403_naming_the_approver_and_the_reason(gateway, loo
     message = error_message(r)
     assert "denied by Adele Vance" in message and "no change ticket" in message
     assert not reached_graph(lookalike, mark)
-    [final] = [line for line in audit_of(gateway, held_flow(gateway, held["id"])) if not line.get("event")]
+    [final] = outcome_lines(gateway, held["id"])
     assert final["decision"] == "deny" and final["status"] == 403 and "no change ticket" in final["reason"]
     assert final["approver"].startswith("Adele Vance (")
     flow = recorded(gateway, mark)
@@ -325,7 +148,7 @@ def test_no_decision_before_the_timeout_is_refused(gateway, lookalike, workload,
     assert error_message(r).startswith("approval timed out")
     assert not reached_graph(lookalike, mark)
     [held] = api.wait_for(mark, state="timed_out")
-    [final] = [line for line in audit_of(gateway, held_flow(gateway, held["id"])) if not line.get("event")]
+    [final] = outcome_lines(gateway, held["id"])
     assert final["decision"] == "deny" and "approval timed out" in final["reason"]
     assert recorded(gateway, mark).metadata["nhi"]["extra"]["approval"]["state"] == "timed_out"
 
@@ -342,11 +165,7 @@ def test_client_disconnecting_while_held_cancels_the_request(gateway, lookalike,
     assert "disconnected" in cancelled["reason"]
     assert api.approve(cancelled["id"]).status_code == 409  # nothing left to approve
     assert not reached_graph(lookalike, mark)
-    deadline = time.monotonic() + WAIT
-    while not [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]:
-        assert time.monotonic() < deadline, "the cancelled flow was never audited"
-        time.sleep(0.05)
-    [final] = [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]
+    final = audited_outcome(gateway, cancelled["id"])
     assert final["decision"] == "deny" and "cancelled" in final["reason"]
     assert recorded(gateway, mark).metadata["nhi"]["extra"]["approval"]["state"] == "cancelled"
 
@@ -389,9 +208,7 @@ def test_no_identity_approves_its_own_request(gateway, lookalike, authority, wor
 def test_approver_outside_the_list_is_refused_and_a_group_member_may_approve(gateway, lookalike, authority,
                                                                              workload, api, monkeypatch):
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     alex = API(gateway, person(lookalike, authority, ALEX, groups=[lookalike.info["groups"]["Retail"]]))
     for r in (alex.approve(held["id"]), alex.deny(held["id"]), alex.get("/approvals")):
         assert r.status_code == 403, r.text
@@ -410,9 +227,7 @@ def test_approver_outside_the_list_is_refused_and_a_group_member_may_approve(gat
 def test_a_bad_grant_duration_is_refused_and_the_request_stays_held(gateway, lookalike, workload, api,
                                                                     monkeypatch):
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     for duration, why in (("2h", "max_grant 1h"), ("soon", "not a duration")):
         r = api.approve(held["id"], **{"for": duration})
         assert r.status_code == 400 and why in error_message(r)
@@ -488,8 +303,7 @@ def test_a_grant_expires_on_time(gateway, lookalike, workload, api, monkeypatch)
 
 
 def test_grants_are_kept_across_a_restart(tmp_path, lookalike, authority, workload, adele, monkeypatch):
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text(lookalike))
+    policy = policy_file(tmp_path, lookalike)
     token = workload()
     gw = start_gateway(tmp_path / "gw", lookalike, policy=policy)
     try:
@@ -603,16 +417,13 @@ def webhook(lookalike, tmp_path):
 def test_webhook_tells_approvers_what_is_asked_and_how_to_approve(tmp_path, lookalike, workload, adele,
                                                                   webhook, monkeypatch):
     port, received = webhook
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text(lookalike, webhook=f"https://{WEBHOOK_HOST}/services/T000/B000/XXXX"))
+    policy = policy_file(tmp_path, lookalike, webhook=f"https://{WEBHOOK_HOST}/services/T000/B000/XXXX")
     gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
                        extra_args=["--resolve", f"{WEBHOOK_HOST}=127.0.0.1:{port}"])
     try:
         use_proxy(monkeypatch, gw)
         api = API(gw, adele)
-        mark = marker()
-        call = add_password(lookalike, workload(), mark)
-        [held] = api.wait_for(mark)
+        mark, call, held = hold(lookalike, api, workload())
         deadline = time.monotonic() + WAIT
         while not received:
             assert time.monotonic() < deadline, f"no webhook message; gateway log:\n{gw.log.read_text()[-2000:]}"
@@ -629,16 +440,13 @@ def test_webhook_tells_approvers_what_is_asked_and_how_to_approve(tmp_path, look
 
 
 def test_a_failing_webhook_never_holds_up_the_request(tmp_path, lookalike, workload, adele, monkeypatch):
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text(lookalike, webhook=f"https://{WEBHOOK_HOST}/nobody-listens"))
+    policy = policy_file(tmp_path, lookalike, webhook=f"https://{WEBHOOK_HOST}/nobody-listens")
     gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
                        extra_args=["--resolve", f"{WEBHOOK_HOST}=127.0.0.1:9"])  # nothing listens there
     try:
         use_proxy(monkeypatch, gw)
         api = API(gw, adele)
-        mark = marker()
-        call = add_password(lookalike, workload(), mark)
-        [held] = api.wait_for(mark)
+        mark, call, held = hold(lookalike, api, workload())
         assert api.approve(held["id"]).status_code == 200
         assert call.result().status_code == 200
         deadline = time.monotonic() + WAIT
@@ -687,8 +495,7 @@ def test_sigterm_drains_held_requests_get_503_and_requests_in_flight_finish(tmp_
 
     from .relay import MuteServer
 
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text(lookalike))
+    policy = policy_file(tmp_path, lookalike)
     pki = lookalike.state_dir / "pki"
     with MuteServer(str(pki / SERVER_CERT_FILE), str(pki / SERVER_KEY_FILE), "slow", delay=3) as graph:
         gw = start_gateway(tmp_path / "gw", lookalike, policy=policy,
@@ -831,9 +638,7 @@ def not_an_approvers_token(kind: str, lookalike, authority) -> str:
 def test_tokens_that_do_not_prove_an_approver_are_refused_401_even_for_a_listed_approver(
         kind, check, gateway, lookalike, authority, workload, api, monkeypatch):
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     token = not_an_approvers_token(kind, lookalike, authority)
     impostor = API(gateway, token)
     for r in (impostor.get("/approvals"), impostor.approve(held["id"], reason="self-approved"),
@@ -901,9 +706,7 @@ def test_approvals_login_signs_in_with_the_device_code_flow_and_no_token_reaches
     token = shlex.split(export.removeprefix("export "))[0].split("=", 1)[1]
 
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     done = cli(gateway, token, "approve", held["id"], "--reason", "signed in with the device code flow")
     assert done.returncode == 0, done.stderr
     assert call.result().status_code == 200 and reached_graph(lookalike, mark)
@@ -975,8 +778,7 @@ def test_a_deny_added_while_held_wins_at_release(tmp_path, lookalike, workload, 
     The approval does not replace the policy: the client gets 403 naming the new rule, the
     approver's answer says the request was refused, the grant covers nothing the policy denies,
     and Graph never receives the request."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_text(lookalike))
+    policy = policy_file(tmp_path, lookalike)
     gw = start_gateway(tmp_path / "gw", lookalike, policy=policy, env={"PYTHONUNBUFFERED": "1"})
     try:
         use_proxy(monkeypatch, gw)
@@ -1004,7 +806,7 @@ def test_a_deny_added_while_held_wins_at_release(tmp_path, lookalike, workload, 
         assert r.json()["error"]["innerError"]["nhi-gateway"]["rule"] == "no-minting-now"
         assert "no-minting-now" in error_message(r) and "Adele Vance" in error_message(r)
         assert not reached_graph(lookalike, mark)
-        [final] = [line for line in audit_of(gw, held_flow(gw, held["id"])) if not line.get("event")]
+        [final] = outcome_lines(gw, held["id"])
         assert final["decision"] == "deny" and final["rule"] == "no-minting-now"
 
         # The grant the approver gave covers nothing the policy in force denies.

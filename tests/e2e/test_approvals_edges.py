@@ -7,28 +7,23 @@ no grant behind."""
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import h2.config
 import h2.connection
 import h2.errors
+import pytest
 
-from .test_approvals import (  # noqa: F401  (fixtures)
-    GRAPH,
-    WAIT,
-    add_password,
-    adele,
-    api,
-    audit_of,
-    authority,
-    gateway,
-    held_flow,
-    marker,
-    reached_graph,
-    use_proxy,
-    workload,
-)
+from ..support.approvals import audited_outcome, hold, policy_file
+from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
+from .conftest import gateway_running
 from .test_protocol_edges import tunnel
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, lookalike):
+    workdir = tmp_path_factory.mktemp("approvals-edges")
+    with gateway_running(workdir, lookalike, policy=policy_file(workdir, lookalike)) as gw:
+        yield gw
 
 
 def test_an_http2_stream_reset_while_held_cancels_the_request(gateway, lookalike, workload, api):
@@ -55,11 +50,7 @@ def test_an_http2_stream_reset_while_held_cancels_the_request(gateway, lookalike
     finally:
         tls.close()
     assert not reached_graph(lookalike, mark)
-    deadline = time.monotonic() + WAIT
-    while not [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]:
-        assert time.monotonic() < deadline, "the cancelled flow was never audited"
-        time.sleep(0.05)
-    [final] = [x for x in audit_of(gateway, held_flow(gateway, cancelled["id"])) if not x.get("event")]
+    final = audited_outcome(gateway, cancelled["id"])
     assert final["decision"] == "deny" and "cancelled" in final["reason"]
 
 
@@ -67,9 +58,7 @@ def test_an_approval_that_cannot_be_stored_leaves_no_grant(gateway, lookalike, w
     """The database refuses the approval's update (as a failing disk would) after the grant could
     have been written: the approver is told (503), no grant exists, the request stays held."""
     use_proxy(monkeypatch, gateway)
-    mark = marker()
-    call = add_password(lookalike, workload(), mark)
-    [held] = api.wait_for(mark)
+    mark, call, held = hold(lookalike, api, workload())
     db = sqlite3.connect(gateway.recordings / "approvals.sqlite3", isolation_level=None)
     db.execute("CREATE TRIGGER broken BEFORE UPDATE ON approvals BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
     try:

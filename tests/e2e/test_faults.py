@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,30 @@ def audit_lines(path: Path, mark: str) -> list[dict]:
 
 def log_of(gw) -> str:
     return gw.log.read_text(errors="replace")
+
+
+def start_keeping_records_in(tmp_path: Path, lookalike):
+    """A gateway whose recordings, audit trail and approvals database are in ``tmp_path``, for
+    a test to break."""
+    return start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
+                         extra_args=["--recordings", str(tmp_path / "recordings"),
+                                     "--audit", str(tmp_path / "audit.jsonl"),
+                                     "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+
+
+def break_directory(path: Path) -> Callable[[], None]:
+    """Make the directory ``path`` unwritable while the gateway runs; returns the repair. Root
+    ignores file modes, so it is done the way that stops root too: the directory is replaced by
+    a file."""
+    away = path.with_name(path.name + ".away")
+    path.rename(away)
+    path.write_text("not a directory")
+
+    def repair() -> None:
+        path.unlink()
+        away.rename(path)
+
+    return repair
 
 
 # --- Entra: signing keys ------------------------------------------------------------------------
@@ -364,9 +389,7 @@ def assert_refuses_until_recovered(gw, lookalike, tokens, component: str, recove
 def test_recordings_disk_full_refuses_new_requests_503(tmp_path, lookalike, tokens):
     recordings = tmp_path / "recordings"
     disk = Tmpfs(recordings)
-    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
-                       extra_args=["--recordings", str(recordings), "--audit", str(tmp_path / "audit.jsonl"),
-                                   "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+    gw = start_keeping_records_in(tmp_path, lookalike)
     gw.recordings = recordings
     try:
         assert get(gw, tokens(), marker()).status_code == 200
@@ -428,25 +451,15 @@ def _ignore_errors(fn) -> None:
 
 def test_recordings_directory_not_writable_refuses_new_requests_503(tmp_path, lookalike, tokens):
     recordings = tmp_path / "recordings"
-    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
-                       extra_args=["--recordings", str(recordings), "--audit", str(tmp_path / "audit.jsonl"),
-                                   "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+    gw = start_keeping_records_in(tmp_path, lookalike)
     try:
-        # Root ignores file modes, so "not writable" is made the way that stops root too: the
-        # directory is replaced by a file while the gateway runs.
-        recordings.rename(tmp_path / "recordings.away")
-        recordings.write_text("not a directory")
+        recover = break_directory(recordings)
         mark = marker()
         r = get(gw, tokens(), mark)
         assert r.status_code == 503 and nhi(r)["check"] == "recording", r.text
         assert "before forwarding" in r.json()["error"]["message"]
         assert not reached(lookalike, mark)  # the first request after the failure never left the gateway
         assert "recording is failing" in log_of(gw)
-
-        def recover():
-            recordings.unlink()
-            (tmp_path / "recordings.away").rename(recordings)
-
         assert_refuses_until_recovered(gw, lookalike, tokens, "recording", recover)
     finally:
         stop(gw.proc)
@@ -603,12 +616,9 @@ def test_a_connect_refused_after_its_token_was_verified_leaves_no_identity_on_th
     import base64
 
     recordings = tmp_path / "recordings"
-    gw = start_gateway(tmp_path / "gw", lookalike, env={"PYTHONUNBUFFERED": "1"},
-                       extra_args=["--recordings", str(recordings), "--audit", str(tmp_path / "audit.jsonl"),
-                                   "--approvals-db", str(tmp_path / "approvals.sqlite3")])
+    gw = start_keeping_records_in(tmp_path, lookalike)
     try:
-        recordings.rename(tmp_path / "recordings.away")
-        recordings.write_text("not a directory")
+        repair = break_directory(recordings)
 
         def status() -> int:
             try:
@@ -623,8 +633,7 @@ def test_a_connect_refused_after_its_token_was_verified_leaves_no_identity_on_th
                   b"Proxy-Authorization: Basic " + credentials + b"\r\n\r\n")
         time.sleep(0.5)
         assert s.recv(65536).startswith(b"HTTP/1.1 503"), "the guard refuses the CONNECT"
-        recordings.unlink()
-        (tmp_path / "recordings.away").rename(recordings)
+        repair()
         until(lambda: status() == 200, "the gateway recovers")
 
         mark = marker()

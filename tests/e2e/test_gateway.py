@@ -13,12 +13,12 @@ import sys
 import pytest
 import requests
 
-from ..support import entra
 from ..support.e2e import (
     GRAPH,
     error_of,
     get_token,
     marker,
+    proxy_basic,
     raw_connect,
     reached_graph,
     use_proxy,
@@ -120,20 +120,15 @@ def test_bad_tokens_get_401_naming_the_check(gateway, lookalike, monkeypatch, to
     assert not reached_graph(lookalike, mark)
 
 
-def basic(token: str) -> str:
-    """The proxy credentials of ``HTTPS_PROXY=http://agent:<token>@gateway``."""
-    return entra.basic("agent", token)
-
-
 def test_bad_proxy_token_gets_407_with_json(gateway, tokens):
-    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(tokens(now=1_700_000_000)))
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(tokens(now=1_700_000_000)))
     s.close()
     assert status == 407
     assert json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"] == "lifetime"
 
 
 def test_unknown_host_is_refused_at_connect(gateway, tokens):
-    status, body, s = raw_connect(gateway, "evil.example.com", basic(tokens()))
+    status, body, s = raw_connect(gateway, "evil.example.com", proxy_basic(tokens()))
     s.close()
     assert status == 403
     assert "not an upstream named in the policy" in json.loads(body)["error"]["message"]
@@ -142,7 +137,7 @@ def test_unknown_host_is_refused_at_connect(gateway, tokens):
 
 def test_non_http_payload_inside_connect_is_refused(gateway, lookalike, tokens):
     before = len(lookalike.received())
-    status, _, s = raw_connect(gateway, "graph.microsoft.com", basic(tokens()))
+    status, _, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(tokens()))
     assert status == 200
     s.sendall(b"\x00\x01SSH-2.0-OpenSSH_9.6\r\n" * 10)
     s.settimeout(10)
@@ -161,7 +156,7 @@ def test_non_http_payload_inside_connect_is_refused(gateway, lookalike, tokens):
 
 def test_http2_and_tls_inside_tunnel_to_other_host_is_refused(gateway, tokens, lookalike):
     """CONNECT to graph, then ask for another host inside the tunnel: judged, refused (421)."""
-    status, _, s = raw_connect(gateway, "graph.microsoft.com", basic(tokens()))
+    status, _, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(tokens()))
     assert status == 200
     ctx = ssl.create_default_context(cafile=gateway.ca_cert)
     tls = ctx.wrap_socket(s, server_hostname="graph.microsoft.com")
@@ -278,7 +273,7 @@ def test_plain_http_absolute_form_is_judged_and_refused(gateway, lookalike, toke
 def test_connect_to_another_port_is_refused(gateway, tokens):
     s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
     s.sendall(f"CONNECT graph.microsoft.com:8443 HTTP/1.1\r\nHost: graph.microsoft.com:8443\r\n"
-              f"Proxy-Authorization: {basic(tokens())}\r\n\r\n".encode())
+              f"Proxy-Authorization: {proxy_basic(tokens())}\r\n\r\n".encode())
     head = s.recv(65536)
     s.close()
     assert head.split()[1] == b"403"

@@ -20,7 +20,7 @@ import requests
 
 from ..support.e2e import GRAPH, audit_line, graph_credential, marker, reached_graph, use_proxy
 from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
-from .conftest import gateway_running, start_gateway, stop
+from .conftest import gateway_running, module_policy, start_gateway, stop
 
 ATTACKER_HOST = "claims.attacker.example"
 
@@ -90,9 +90,7 @@ def attacker():
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory, lookalike):
-    path = tmp_path_factory.mktemp("groups-policy") / "groups.yaml"
-    path.write_text(policy_text(lookalike))
-    return path
+    return module_policy(tmp_path_factory, "groups", policy_text(lookalike))
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ from cryptography.hazmat.primitives import serialization
 
 from nhi_gateway.lookalike.pki import SigningKey
 
-from ..support.e2e import GRAPH, marker, raw_connect, reached_graph, use_proxy
+from ..support.e2e import GRAPH, marker, proxy_basic, raw_connect, reached_graph, use_proxy
 from ..support.entra import b64url as b64
 from ..support.entra import unb64url
 from .conftest import start_gateway, stop
-from .test_gateway import basic
 
 
 def decode(segment: str) -> dict:
@@ -86,7 +85,7 @@ def test_forged_bearer_tokens_get_401_json(gateway, lookalike, tokens, monkeypat
 
 @pytest.mark.parametrize("attack", [a for a in ATTACKS if a != "oversized"])
 def test_forged_proxy_tokens_get_407_json(gateway, lookalike, tokens, attack):
-    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(ATTACKS[attack](lookalike, tokens)))
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(ATTACKS[attack](lookalike, tokens)))
     s.close()
     assert status == 407, body[:300]
     assert json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"]
@@ -213,7 +212,7 @@ def test_a_key_withdrawn_at_entra_revokes_every_token_it_signed_cached_or_not(re
     r = in_tunnel.get(f"{GRAPH}/v1.0/groups?m={marks[2]}", verify=gateway.ca_cert, timeout=30)  # the tunnel opened with it
     assert r.status_code == 407, r.text[:300]
     assert r.json()["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
-    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(token))  # a new tunnel
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(token))  # a new tunnel
     s.close()
     assert status == 407 and json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"] == "kid"
     assert not any(reached_graph(lookalike, m) for m in marks)
@@ -234,7 +233,7 @@ def smuggled_anything(lookalike) -> bool:
 def test_proxy_token_with_anything_after_its_signature_is_refused_at_connect(gateway, lookalike, tokens, tail):
     """A valid token followed by CR LF (and a smuggled header or request) in the proxy credentials:
     refused as not being a compact JWS before PyJWT reads it, whatever PyJWT version is installed."""
-    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(tokens() + tail))
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(tokens() + tail))
     s.close()
     assert status == 407, body[:300]
     inner = json.loads(body)["error"]["innerError"]["nhi-gateway"]

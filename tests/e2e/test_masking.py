@@ -19,7 +19,8 @@ from mitmproxy.net import encoding
 from nhi_gateway.lookalike.directory import TENANT_DOMAIN
 
 from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
-from .conftest import EXAMPLE_POLICY, gateway_running
+from ..support.policies import TOKEN_ENDPOINT_RULE
+from .conftest import example_head, gateway_running
 
 KEY_ENV = "NHI_E2E_MASK_KEY"
 KEY = "e2e-pseudonym-key-do-not-log-0123456789abcdef"
@@ -30,9 +31,7 @@ PARTIAL_MAIL = re.compile(r"[^@\s\",]\*\*\*@[A-Za-z0-9.-]+")
 
 def masking_policy() -> str:
     """The example's identity and upstreams, with profiles that use every kind of matcher."""
-    example = EXAMPLE_POLICY.read_text()
-    head = example[:example.index("\nmasking:")]
-    return head + f"""
+    return example_head() + f"""
 masking:
   pseudonym_key_env: {KEY_ENV}
   profiles:
@@ -48,16 +47,10 @@ masking:
       detectors: {{graph_secret: partial, high_entropy: redact}}
 
 rules:
-  - id: token-endpoint
-    action: allow
-    when: {{anonymous: true}}
-    operations:
-      - host: login.microsoftonline.com
-        methods: [POST]
-        paths: ["/{{tenant}}/oauth2/v2.0/token"]
+""" + TOKEN_ENDPOINT_RULE + """\
   - id: directory-read
     action: allow
-    when: {{app_ids: [{{mcp}}]}}
+    when: {app_ids: [{mcp}]}
     operations:
       - host: graph.microsoft.com
         methods: [GET]
@@ -65,11 +58,11 @@ rules:
     mask: directory-pii
   - id: rotate-secrets
     action: allow
-    when: {{app_ids: [{{bot}}]}}
+    when: {app_ids: [{bot}]}
     operations:
       - host: graph.microsoft.com
         methods: [POST]
-        paths: ["/applications/{{id}}/addPassword"]
+        paths: ["/applications/{id}/addPassword"]
     mask: app-secrets
 """
 

@@ -13,8 +13,8 @@ import requests
 
 from nhi_gateway.lookalike.directory import TENANT_DOMAIN, _seed_users
 
-from .conftest import EXAMPLE_POLICY, start_gateway, stop
-from .test_gateway import GRAPH, marker, reached_graph, use_proxy
+from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
+from .conftest import example_head, gateway_running
 
 ADELE = f"AdeleV@{TENANT_DOMAIN}"
 ADELE_MOBILE = "+1 425 555 0109"
@@ -24,9 +24,7 @@ ADELE_ID = next(u["id"] for u in _seed_users() if u["userPrincipalName"] == ADEL
 
 def fields_only_policy(mcp: str) -> str:
     """The example's identity and upstreams; a profile of fields only (no detectors)."""
-    example = EXAMPLE_POLICY.read_text()
-    head = example[:example.index("\nmasking:")]
-    return head + f"""
+    return example_head() + f"""
 masking:
   profiles:
     fields-only:
@@ -50,11 +48,8 @@ def gw(tmp_path_factory, lookalike):
     work = tmp_path_factory.mktemp("masking-content-gateway")
     policy = work / "fields-only.yaml"
     policy.write_text(fields_only_policy(lookalike.app("mcp-directory")["client_id"]))
-    gateway = start_gateway(work, lookalike, policy=policy)
-    try:
+    with gateway_running(work, lookalike, policy=policy) as gateway:
         yield gateway
-    finally:
-        stop(gateway.proc)
 
 
 @pytest.fixture

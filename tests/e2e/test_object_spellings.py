@@ -21,7 +21,7 @@ import requests
 
 from ..support.e2e import GRAPH, graph_credential, marker, nhi, reached_graph
 from ..support.policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
-from .conftest import gateway_running
+from .conftest import gateway_running, module_policy
 
 ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
 ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
@@ -64,9 +64,7 @@ rules:
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory, lookalike):
-    path = tmp_path_factory.mktemp("objects-policy") / "objects.yaml"
-    path.write_text(policy_text(lookalike))
-    return path
+    return module_policy(tmp_path_factory, "objects", policy_text(lookalike))
 
 
 @pytest.fixture(scope="module")

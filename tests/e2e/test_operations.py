@@ -12,7 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..support.e2e import GRAPH
+from ..support.e2e import GRAPH, until
 from .conftest import EXAMPLE_POLICY, gateway_running, start_gateway, stop
 
 WAIT = 30.0
@@ -93,10 +93,8 @@ def test_metrics_count_a_known_mix_of_requests_exactly(gw, lookalike, tokens):
         assert send("GET", "/v1.0/users", None).status_code == 401
         client.get("/healthz")  # probes are not requests
 
-        deadline = time.monotonic() + WAIT
-        while len(gw.audit()) < 9:  # the last answers' audit lines are written as they leave
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # The last answers' audit lines are written as they leave.
+        until(lambda: len(gw.audit()) >= 9, "nine audit lines", WAIT)
         text = client.get("/metrics").text
 
     s = samples(text)
@@ -143,10 +141,7 @@ def test_json_logs_carry_time_level_and_the_flow_and_never_a_secret(tmp_path, lo
                                                  "scope": "https://graph.microsoft.com/.default"})
         assert secret_grant.status_code == 200, secret_grant.text  # flagged and forwarded (example policy)
         issued = secret_grant.json()["access_token"]
-        deadline = time.monotonic() + WAIT
-        while len(gw.audit()) < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until(lambda: len(gw.audit()) >= 4, "four audit lines", WAIT)
     finally:
         stop(gw.proc)
 
@@ -232,10 +227,7 @@ def test_the_audit_trail_goes_to_stdout_byte_for_byte_for_a_siem(tmp_path, looka
             r = requests.get(f"{GRAPH}/v1.0/users?n={n}", headers={"Authorization": f"Bearer {tokens()}"},
                              proxies={"https": gw.proxy()}, verify=gw.ca_cert, timeout=WAIT)
             assert r.status_code == 200
-        deadline = time.monotonic() + WAIT
-        while len(gw.audit()) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until(lambda: len(gw.audit()) >= 2, "two audit lines", WAIT)
     finally:
         stop(gw.proc)
     trail = (gw.recordings / "audit.jsonl").read_bytes().splitlines()

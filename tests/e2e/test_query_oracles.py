@@ -11,7 +11,7 @@ import json
 import pytest
 import requests
 
-from .test_gateway import GRAPH, get_token, marker, reached_graph, use_proxy
+from ..support.e2e import GRAPH, get_token, marker, reached_graph, use_proxy
 
 
 @pytest.fixture(scope="module")

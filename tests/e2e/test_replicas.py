@@ -10,27 +10,15 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import uuid
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
+from ..support.approvals import API, MEGAN, WAIT, Call, add_password, cli, person, policy_file, workload_token
+from ..support.e2e import GRAPH, marker, reached_graph
 from .conftest import start_gateway, stop
 from .relay import Relay
-from .test_approvals import ADELE, API, GRAPH, MEGAN, cli, marker, person, policy_text, reached_graph
-
-WAIT = 30.0  # the longest a test waits for a state (never asserted)
-
-
-@pytest.fixture(scope="module")
-def authority(lookalike):
-    return lookalike.authority()
-
-
-@pytest.fixture(scope="module")
-def adele(lookalike, authority) -> str:
-    return person(lookalike, authority, ADELE)
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +26,8 @@ def megan(lookalike, authority) -> str:
     return person(lookalike, authority, MEGAN, groups=[lookalike.info["groups"]["Finance"]])
 
 
-@pytest.fixture
-def workload(lookalike, authority):
-    oid = str(uuid.uuid4())
-    return authority.mint_app_token(
-        tenant_id=lookalike.tenant_id, app_id=lookalike.app("rotation-bot")["client_id"], object_id=oid,
-        display_name="rotation-bot", roles=("Application.ReadWrite.All",))
-
-
 def start_replica(workdir, lookalike, state: str):
-    workdir.mkdir(parents=True, exist_ok=True)
-    policy = workdir / "policy.yaml"
-    policy.write_text(policy_text(lookalike))
-    return start_gateway(workdir, lookalike, policy=policy, extra_args=["--state", state])
+    return start_gateway(workdir, lookalike, policy=policy_file(workdir, lookalike), extra_args=["--state", state])
 
 
 @pytest.fixture(scope="module")
@@ -69,57 +46,12 @@ def replicas(tmp_path_factory, lookalike, postgres_url):
         stop(b.proc)
 
 
-class Call:
-    """One client request through one replica, in a thread of its own (held requests block it)."""
-
-    def __init__(self, gateway, method: str, url: str, token: str, body: dict | None = None) -> None:
-        self.response: requests.Response | None = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.response = requests.request(
-                    method, url, json=body, timeout=120, headers={"Authorization": f"Bearer {token}"},
-                    proxies={"https": gateway.proxy(), "http": gateway.proxy()}, verify=gateway.ca_cert)
-            except BaseException as e:  # noqa: BLE001 - reported by result()
-                self.error = e
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    @property
-    def done(self) -> bool:
-        return not self.thread.is_alive()
-
-    def result(self, timeout: float = WAIT * 2) -> requests.Response:
-        self.thread.join(timeout)
-        if self.error is not None:
-            raise self.error
-        assert self.response is not None, "the request is still held"
-        return self.response
-
-
-def add_password(gateway, lookalike, token: str, mark: str) -> Call:
-    app_id = lookalike.app("mcp-directory")["application_object_id"]
-    return Call(gateway, "POST", f"{GRAPH}/v1.0/applications/{app_id}/addPassword?m={mark}", token,
-                {"passwordCredential": {"displayName": "rotated"}})
-
-
-def wait_for(api: API, mark: str, state: str = "pending") -> list[dict]:
-    deadline = time.monotonic() + WAIT
-    while True:
-        found = [a for a in api.approvals("all") if mark in a["url"] and a["state"] == state]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
 def test_a_request_held_on_one_replica_is_listed_and_released_through_the_other(replicas, lookalike, workload,
                                                                                adele):
     a, b = replicas
     mark = marker()
-    call = add_password(a, lookalike, workload, mark)
-    [held] = wait_for(API(b, adele), mark)  # replica B's API lists what replica A holds
+    call = add_password(lookalike, workload(), mark, gateway=a)
+    [held] = API(b, adele).wait_for(mark)  # replica B's API lists what replica A holds
     assert held["id"] in [h["id"] for h in API(a, adele).approvals()]
     listed = cli(b, adele, "list")
     assert listed.returncode == 0 and held["id"] in listed.stdout, listed.stderr
@@ -139,22 +71,22 @@ def test_a_grant_given_through_one_replica_is_honoured_by_the_other_and_revoked_
         replicas, lookalike, workload, adele):
     a, b = replicas
     mark = marker()
-    first = add_password(a, lookalike, workload, mark)
-    [held] = wait_for(API(a, adele), mark)
+    first = add_password(lookalike, workload(), mark, gateway=a)
+    [held] = API(a, adele).wait_for(mark)
     r = API(a, adele).approve(held["id"], **{"for": "10m"}, reason="rotation window")
     assert r.status_code == 200, r.text
     grant = r.json()["grant"]
     assert first.result().status_code == 200
 
     again = marker()
-    r = add_password(b, lookalike, workload, again).result()  # replica B: no asking
+    r = add_password(lookalike, workload(), again, gateway=b).result()  # replica B: no asking
     assert r.status_code == 200, r.text
     assert reached_graph(lookalike, again)
 
     assert API(b, adele).revoke(grant["id"]).status_code == 200
     late = marker()
-    call = add_password(a, lookalike, workload, late)  # replica A: held again
-    [held_late] = wait_for(API(b, adele), late)
+    call = add_password(lookalike, workload(), late, gateway=a)  # replica A: held again
+    [held_late] = API(b, adele).wait_for(late)
     assert API(b, adele).deny(held_late["id"], "grant revoked").status_code == 200
     assert call.result().status_code == 403
     assert not reached_graph(lookalike, late)
@@ -164,8 +96,8 @@ def test_two_approvers_deciding_at_once_through_two_replicas_one_wins_the_other_
         replicas, lookalike, workload, adele, megan):
     a, b = replicas
     mark = marker()
-    call = add_password(a, lookalike, workload, mark)
-    [held] = wait_for(API(a, adele), mark)
+    call = add_password(lookalike, workload(), mark, gateway=a)
+    [held] = API(a, adele).wait_for(mark)
     answers: dict[str, requests.Response] = {}
     go = threading.Barrier(2)
 
@@ -194,21 +126,21 @@ def test_a_replica_killed_while_holding_a_request_cancels_it_and_the_others_go_o
     doomed = start_replica(tmp_path / "c", lookalike, postgres_url)
     try:
         mark = marker()
-        call = add_password(doomed, lookalike, workload, mark)
-        [held] = wait_for(API(b, adele), mark)
+        call = add_password(lookalike, workload(), mark, gateway=doomed)
+        [held] = API(b, adele).wait_for(mark)
         doomed.proc.send_signal(signal.SIGKILL)
         doomed.proc.wait(10)
         with pytest.raises(requests.RequestException):
             call.result()  # its client is gone with it
-        [cancelled] = wait_for(API(b, adele), mark, state="cancelled")
+        [cancelled] = API(b, adele).wait_for(mark, state="cancelled")
         assert cancelled["id"] == held["id"]
         assert "stopped while the request was held" in cancelled["reason"]
         assert API(b, adele).approve(held["id"]).status_code == 409
         assert not reached_graph(lookalike, mark)
         # replica B is unaffected: it holds and releases as before
         other = marker()
-        call = add_password(b, lookalike, workload, other)
-        [held_b] = wait_for(API(b, adele), other)
+        call = add_password(lookalike, workload(), other, gateway=b)
+        [held_b] = API(b, adele).wait_for(other)
         assert API(b, adele).approve(held_b["id"]).status_code == 200
         assert call.result().status_code == 200
     finally:
@@ -226,7 +158,7 @@ def test_postgres_unreachable_what_needs_approval_is_refused_503_the_rest_flows_
         mark = marker()
         deadline = time.monotonic() + WAIT
         while True:  # the replica notices within its heartbeat; until then requests may still be held
-            r = add_password(gw, lookalike, workload, mark).result()
+            r = add_password(lookalike, workload(), mark, gateway=gw).result()
             if r.status_code == 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -234,7 +166,7 @@ def test_postgres_unreachable_what_needs_approval_is_refused_503_the_rest_flows_
         assert "approval" in r.json()["error"]["message"]
         assert not reached_graph(lookalike, mark)
         # what needs no approval flows on
-        users = Call(gw, "GET", f"{GRAPH}/v1.0/users?m={marker()}", tokens()).result()
+        users = Call("GET", f"{GRAPH}/v1.0/users?m={marker()}", tokens(), gateway=gw).result()
         assert users.status_code == 200, users.text
         # the API says it cannot answer, and changes nothing
         assert API(gw, adele).get("/approvals").status_code == 503
@@ -244,8 +176,8 @@ def test_postgres_unreachable_what_needs_approval_is_refused_503_the_rest_flows_
         while API(gw, adele).get("/approvals").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         back = marker()
-        call = add_password(gw, lookalike, workload, back)
-        [held] = wait_for(API(gw, adele), back)
+        call = add_password(lookalike, workload(), back, gateway=gw)
+        [held] = API(gw, adele).wait_for(back)
         assert API(gw, adele).deny(held["id"], "checked").status_code == 200
         assert call.result().status_code == 403
     finally:
@@ -256,20 +188,16 @@ def test_postgres_unreachable_what_needs_approval_is_refused_503_the_rest_flows_
 def test_two_workers_on_postgresql_release_requests_held_on_either_through_either(tmp_path, lookalike, adele,
                                                                                   authority, postgres_url):
     workdir = tmp_path / "w"
-    workdir.mkdir()
-    policy = workdir / "policy.yaml"
-    policy.write_text(policy_text(lookalike))
-    gw = start_gateway(workdir, lookalike, policy=policy, extra_args=["--workers", "2", "--state", postgres_url])
+    gw = start_gateway(workdir, lookalike, policy=policy_file(workdir, lookalike),
+                       extra_args=["--workers", "2", "--state", postgres_url])
     try:
         assert sorted(gw.info["workers"]) == ["1", "2"]
-        bot = authority.mint_app_token(
-            tenant_id=lookalike.tenant_id, app_id=lookalike.app("rotation-bot")["client_id"],
-            object_id=str(uuid.uuid4()), display_name="rotation-bot", roles=("Application.ReadWrite.All",))
+        bot = workload_token(lookalike, authority)
         # Each call is a new connection, which the kernel hashes to either worker; so are the API calls.
         marks = [marker() for _ in range(8)]
-        calls = [add_password(gw, lookalike, bot, m) for m in marks]
+        calls = [add_password(lookalike, bot, m, gateway=gw) for m in marks]
         for mark in marks:
-            [held] = wait_for(API(gw, adele), mark)
+            [held] = API(gw, adele).wait_for(mark)
             assert API(gw, adele).approve(held["id"], reason="batch").status_code == 200
         assert all(c.result(timeout=10).status_code == 200 for c in calls)
         holders = {w for w in (1, 2) if (gw.recordings / f"audit.w{w}.jsonl").exists()

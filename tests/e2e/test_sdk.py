@@ -22,7 +22,7 @@ from msgraph.generated.applications.item.add_password.add_password_post_request_
 )
 from msgraph.generated.users.users_request_builder import UsersRequestBuilder
 
-from .test_gateway import use_proxy
+from ..support.e2e import use_proxy
 
 SCOPES = ["https://graph.microsoft.com/.default"]
 

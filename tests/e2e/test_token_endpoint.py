@@ -72,6 +72,14 @@ def request_token(lookalike, mark: str, how: str, app: str = "mcp-directory") ->
     return requests.post(token_url(lookalike, mark), data=data, auth=auth, timeout=20)
 
 
+def token_through(gateway, lookalike, monkeypatch, how: str) -> tuple[str, requests.Response]:
+    """:func:`request_token` from a client configured for ``gateway`` (HTTPS_PROXY), with a new
+    marker: the marker and the answer."""
+    use_proxy(monkeypatch, gateway)
+    mark = marker()
+    return mark, request_token(lookalike, mark, how)
+
+
 def acr_of(access_token: str) -> str:
     return jwt.decode(access_token, options={"verify_signature": False})["appidacr"]
 
@@ -86,9 +94,7 @@ def everything_kept(gateway) -> bytes:
 
 @pytest.mark.parametrize("how", ["secret", "basic"])
 def test_a_secret_grant_is_flagged_and_forwarded(gateway, lookalike, monkeypatch, how):
-    use_proxy(monkeypatch, gateway)
-    mark = marker()
-    r = request_token(lookalike, mark, how)
+    mark, r = token_through(gateway, lookalike, monkeypatch, how)
     assert r.status_code == 200, r.text
     assert acr_of(r.json()["access_token"]) == "1"
     assert reached(lookalike, mark)
@@ -103,16 +109,13 @@ def test_a_secret_grant_is_flagged_and_forwarded(gateway, lookalike, monkeypatch
 
 
 def test_the_audit_line_of_a_secret_grant_shows_the_flag(gateway, lookalike, monkeypatch):
-    use_proxy(monkeypatch, gateway)
-    mark = marker()
-    assert request_token(lookalike, mark, "secret").status_code == 200
+    mark, r = token_through(gateway, lookalike, monkeypatch, "secret")
+    assert r.status_code == 200
     assert audit_line(gateway, mark)["flags"] == ["client_secret_grant"]
 
 
 def test_a_certificate_grant_is_not_flagged(gateway, lookalike, monkeypatch):
-    use_proxy(monkeypatch, gateway)
-    mark = marker()
-    r = request_token(lookalike, mark, "certificate")
+    mark, r = token_through(gateway, lookalike, monkeypatch, "certificate")
     assert r.status_code == 200, r.text
     assert acr_of(r.json()["access_token"]) == "2"
     decision = recorded(gateway, mark).metadata["nhi"]
@@ -126,9 +129,7 @@ def test_a_certificate_grant_is_not_flagged(gateway, lookalike, monkeypatch):
 
 @pytest.mark.parametrize("how", ["secret", "basic"])
 def test_a_secret_grant_is_refused_and_never_reaches_entra(strict, lookalike, monkeypatch, how):
-    use_proxy(monkeypatch, strict)
-    mark = marker()
-    r = request_token(lookalike, mark, how)
+    mark, r = token_through(strict, lookalike, monkeypatch, how)
     assert r.status_code == 403, r.text
     assert r.headers["Content-Type"] == "application/json"
     body = r.json()
@@ -144,9 +145,7 @@ def test_a_secret_grant_is_refused_and_never_reaches_entra(strict, lookalike, mo
 
 
 def test_a_certificate_grant_goes_through(strict, lookalike, monkeypatch):
-    use_proxy(monkeypatch, strict)
-    mark = marker()
-    r = request_token(lookalike, mark, "certificate")
+    mark, r = token_through(strict, lookalike, monkeypatch, "certificate")
     assert r.status_code == 200, r.text
     assert acr_of(r.json()["access_token"]) == "2"
     assert reached(lookalike, mark)
@@ -156,9 +155,7 @@ def test_a_certificate_grant_goes_through(strict, lookalike, monkeypatch):
 def test_a_federated_grant_goes_through_to_entra(strict, lookalike, monkeypatch):
     """The look-alike has no federated credentials, so Entra's answer is its own refusal: what
     matters is that the gateway forwarded the request instead of refusing it."""
-    use_proxy(monkeypatch, strict)
-    mark = marker()
-    r = request_token(lookalike, mark, "federated")
+    mark, r = token_through(strict, lookalike, monkeypatch, "federated")
     assert reached(lookalike, mark)
     assert r.status_code == 401 and r.json()["error"] == "invalid_client", r.text
     assert recorded(strict, mark).metadata["nhi"]["extra"]["grant"]["issuer"] == (

@@ -15,41 +15,30 @@ import requests
 from nhi_gateway.lookalike.minting import mint_client_assertion
 from nhi_gateway.lookalike.pki import SigningKey
 
-from .conftest import start_gateway, stop
-from .test_gateway import GRAPH, basic, marker, raw_connect, reached_graph
+from ..support.e2e import GRAPH, LOGIN, marker, proxy_basic, raw_connect, reached_graph
+from ..support.policies import (
+    ALL_GRAPH_AUDIENCES,
+    GRAPH_HOST,
+    LOGIN_UPSTREAM,
+    TOKEN_ENDPOINT_RULE,
+    V1_ISSUER,
+    V2_ISSUER,
+    SourceTrust,
+    policy_head,
+)
+from .conftest import gateway_running, start_gateway
 
-LOGIN = "https://login.microsoftonline.com"
 ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-GRAPH_AUDIENCES = "[https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]"
 
 
 def usual_pair_policy(lookalike) -> str:
-    tid, mcp = lookalike.tenant_id, lookalike.app("mcp-directory")["client_id"]
-    gateway_app = lookalike.app("nhi-gateway")["client_id"]
-    return f"""\
-version: 1
-identity:
-  tenants: [{tid}]
-  client_secret_grants: allow
-  proxy:        # a token for the gateway's own API
-    audiences: [api://nhi-gateway, {gateway_app}]
-    issuers: ['https://login.microsoftonline.com/{{tenantid}}/v2.0']
-  bearer:       # the Graph token
-    audiences: {GRAPH_AUDIENCES}
-    issuers: ['https://sts.windows.net/{{tenantid}}/']
-upstreams:
-  - host: graph.microsoft.com
-    token: any
-  - host: login.microsoftonline.com
-    token: none
-rules:
-  - id: token-endpoint
-    action: allow
-    when: {{anonymous: true}}
-    operations:
-      - host: login.microsoftonline.com
-        methods: [POST]
-        paths: ["/{{tenant}}/oauth2/v2.0/token"]
+    """The Graph token in the bearer (v1 only), a token for the gateway's own API in the proxy
+    credentials (v2)."""
+    mcp, gateway_app = lookalike.app("mcp-directory")["client_id"], lookalike.app("nhi-gateway")["client_id"]
+    head = policy_head(lookalike.tenant_id, audiences=ALL_GRAPH_AUDIENCES, issuers=(V1_ISSUER,),
+                       proxy=SourceTrust(("api://nhi-gateway", gateway_app), (V2_ISSUER,)),
+                       upstreams=[{"host": GRAPH_HOST, "token": "any"}, LOGIN_UPSTREAM], client_secret_grants="allow")
+    return head + "rules:\n" + TOKEN_ENDPOINT_RULE + f"""\
   - id: directory-read-with-certificates
     action: allow
     when: {{app_ids: [{mcp}], auth_methods: [certificate]}}
@@ -65,11 +54,8 @@ def gateway(tmp_path_factory, lookalike):
     workdir = tmp_path_factory.mktemp("token-sources")
     policy = workdir / "policy.yaml"
     policy.write_text(usual_pair_policy(lookalike))
-    gw = start_gateway(workdir / "gw", lookalike, policy=policy)
-    try:
+    with gateway_running(workdir / "gw", lookalike, policy=policy) as gw:
         yield gw
-    finally:
-        stop(gw.proc)
 
 
 def get_token(gateway, lookalike, scope: str, how: str = "certificate") -> str:
@@ -120,7 +106,7 @@ def test_the_usual_pair_reaches_graph_with_the_graph_token_only(gateway, lookali
 
 
 def test_a_graph_token_in_the_proxy_credentials_is_refused_407(gateway, lookalike, pair):
-    status, body, s = raw_connect(gateway, "graph.microsoft.com", basic(pair["graph"]))
+    status, body, s = raw_connect(gateway, "graph.microsoft.com", proxy_basic(pair["graph"]))
     s.close()
     assert status == 407, body[:300]
     assert json.loads(body)["error"]["innerError"]["nhi-gateway"]["check"] in ("issuer", "audience")
@@ -149,9 +135,15 @@ def test_a_token_for_the_gateway_s_api_never_leaves_the_gateway(gateway, lookali
 
 
 def test_a_policy_in_the_old_form_does_not_start_and_says_how_to_write_it(tmp_path, lookalike):
-    old = usual_pair_policy(lookalike).split("  proxy:")[0] + (
-        f"  audiences: {GRAPH_AUDIENCES}\n  issuers: ['https://sts.windows.net/{{tenantid}}/']\n"
-        "upstreams: []\n")
+    old = f"""\
+version: 1
+identity:
+  tenants: [{lookalike.tenant_id}]
+  client_secret_grants: allow
+  audiences: [{", ".join(ALL_GRAPH_AUDIENCES)}]
+  issuers: ['https://sts.windows.net/{{tenantid}}/']
+upstreams: []
+"""
     path = tmp_path / "old.yaml"
     path.write_text(old)
     with pytest.raises(RuntimeError) as e:

@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from ..support import approvals
 from .conftest import start_gateway, stop
 
 GRAPH = "https://graph.microsoft.com"
@@ -88,9 +89,7 @@ def test_two_workers_share_the_port_and_keep_their_own_records(tmp_path, lookali
 
 def test_workers_refuse_a_policy_that_holds_requests_on_the_embedded_state(tmp_path, lookalike):
     policy = tmp_path / "approve.yaml"
-    from .test_approvals import policy_text
-
-    policy.write_text(policy_text(lookalike))
+    policy.write_text(approvals.policy_text(lookalike))
     run = subprocess.run([sys.executable, "-m", "nhi_gateway.cli.main", "run", "--policy", str(policy), "--listen",
                           "127.0.0.1:0", "--confdir", str(tmp_path / "c"), "--recordings", str(tmp_path / "r"),
                           "--workers", "2"], capture_output=True, text=True, timeout=60)

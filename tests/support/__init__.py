@@ -2,22 +2,30 @@
 
 Plain functions, classes and constants; the pytest fixtures built on them are in the ``conftest.py``
 files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2e/conftest.py``:
-``lookalike``, ``gateway``, ``tokens``), so that pytest finds them without an import.
+``lookalike``, ``gateway``, ``tokens``, and for approvals ``authority``, ``workload``, ``adele``,
+``api``), so that pytest finds them without an import.
 
 - ``policies``: the head of a policy document (``policy_head``: version, identity, upstreams) in
-  the shapes the tests use, the issuer and audience spellings, and ``op`` (the operation a
-  request is judged as). A module appends its own ``masking`` and ``rules``.
+  the shapes the tests use (``SourceTrust``: a proxy source with a trust of its own), the issuer
+  and audience spellings, the token endpoint's rule, and ``op`` (the operation a request is
+  judged as). A module appends its own ``masking`` and ``rules``.
 - ``entra``: a stand-in for login.microsoftonline.com (``Entra``, ``entra_fetcher``) serving the
   discovery documents and keys of a look-alike ``EntraAuthority``, Entra's issuers for
   ``TrustSettings``, and the base64url and ``Basic`` encodings clients use.
-- ``chain``: the gateway's addon chain without sockets (``build_gateway``), hooks run in
+- ``chain``: the gateway's addon chain without sockets (``build_gateway``, and
+  ``running_gateway`` inside ``taddons.context``; its policy ``POLICY``, whose rules are
+  ``READER_RULES``), hooks run in
   mitmproxy 12's order (``exchange``), CONNECT and Graph request builders, Graph-shaped answers and
   the refusal a client reads (``refusal``).
 - ``groups``: a fake Graph for the gateway's own group lookups (``FakeGraph``), its credential and
   the calling app's principal.
 - ``recordings``: flows as the recorder writes them (``record``), rotated parts, reading them back.
 - ``documents``: every place in a parsed policy document, and hypothesis edits of a policy's text.
+- ``masking``: the model of ``redact`` on a matched JSON value (``redacted``) and its ``leaves``.
 - ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,
-  ``marker``, ``raw_connect``) and reads back (``reached_graph``, ``recorded``, ``audit_line``,
-  ``until``).
+  ``marker``, ``raw_connect``, ``proxy_basic``) and reads back (``reached_graph``, ``recorded``,
+  ``audit_line``, ``until``).
+- ``approvals``: just-in-time approval through a running gateway: its policy, the workload's and
+  the approvers' tokens, the approval API and CLI as an approver calls them, a held request in a
+  thread of its own (``Call``, ``add_password``, ``hold``) and the audit lines of what became of it.
 """

@@ -6,7 +6,8 @@ kept in ``escaped``, which the ``no_exception_escapes_an_addon`` fixture asserts
 set in the ``request`` hooks means the upstream is never contacted, a kill stops the flow and fires
 ``error``. Flows are built by ``connect`` (a CONNECT, with proxy credentials or not) and
 ``graph_request`` (a request inside the tunnel); ``graph_json`` is an answer as Graph sends it, and
-``refusal`` reads and checks the gateway's refusal as a client does.
+``refusal`` reads and checks the gateway's refusal as a client does. ``running_gateway`` is
+``build_gateway`` inside mitmproxy's ``taddons.context``, for a test or fixture of its own.
 
 The fixtures ``authority`` (a look-alike Entra), ``tokens`` (reader, reader-2, stranger) and ``gw``
 (a ``Gateway`` with ``POLICY``, inside ``taddons.context``) are in ``tests/unit/conftest.py``.
@@ -17,11 +18,13 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from mitmproxy import connection, flow, http
-from mitmproxy.test import tflow, tutils
+from mitmproxy.test import taddons, tflow, tutils
 
 from nhi_gateway.addons.guard import Health
 from nhi_gateway.addons.identity import CONNECT_KEY
@@ -47,9 +50,9 @@ GRAPH = "graph.microsoft.com"
 SECRET_MAIL = "alice@contoso.example"
 UPSTREAM_SECRET = b"upstream-only: must never reach the client"
 
-# The gateway's policy in these tests: readers read users (masked), nobody deletes one.
-POLICY = policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER),
-                     upstreams=[{"host": GRAPH, "token": "any"}]) + f"""\
+# What the gateway allows in these tests: readers read users (masked), nobody deletes one. A
+# module that tries another identity section puts its own head before it.
+READER_RULES = f"""\
 masking:
   profiles:
     pii: {{fields: [mail]}}
@@ -69,6 +72,10 @@ rules:
         methods: [DELETE]
         paths: ["/users/{{id}}"]
 """
+
+# The gateway's policy in these tests.
+POLICY = policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER),
+                     upstreams=[{"host": GRAPH, "token": "any"}]) + READER_RULES
 
 
 def mint_tokens(authority: EntraAuthority) -> dict[str, str]:
@@ -116,6 +123,18 @@ def build_gateway(tmp_path: Path, authority, *, recordings: Path | None = None,
                            recording_process=False)
     chain, recorder = build_chain(config, policies, verifier, health)
     return Gateway(chain, policies, verifier, health, recorder, policy_path)
+
+
+@contextmanager
+def running_gateway(tmp_path: Path, authority, **kwargs) -> Iterator[Gateway]:
+    """``build_gateway(tmp_path, authority, **kwargs)`` inside mitmproxy's ``taddons.context`` (the
+    addons' options loaded), its recorder stopped when the block ends."""
+    gateway = build_gateway(tmp_path, authority, **kwargs)
+    try:
+        with taddons.context(*gateway.chain):
+            yield gateway
+    finally:
+        gateway.recorder.done()
 
 
 # --- running hooks as mitmproxy does -------------------------------------------------------------

@@ -19,6 +19,8 @@ import pytest
 import requests
 from mitmproxy import io
 
+from . import entra
+
 GRAPH = "https://graph.microsoft.com"
 LOGIN = "https://login.microsoftonline.com"
 
@@ -122,6 +124,11 @@ def get_token(gateway, lookalike, monkeypatch, app: str = "mcp-directory") -> st
     )
     assert r.status_code == 200, r.text
     return r.json()["access_token"]
+
+
+def proxy_basic(token: str) -> str:
+    """The proxy credentials of ``HTTPS_PROXY=http://agent:<token>@gateway``, as a raw CONNECT sends them."""
+    return entra.basic("agent", token)
 
 
 def read_head(sock) -> bytes:

@@ -14,7 +14,6 @@ A module that defines a fixture of the same name uses its own.
 from __future__ import annotations
 
 import pytest
-from mitmproxy.test import taddons
 
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
@@ -34,10 +33,8 @@ def tokens(authority) -> dict[str, str]:
 
 @pytest.fixture
 async def gw(tmp_path, authority):
-    gateway = chain.build_gateway(tmp_path, authority)
-    with taddons.context(*gateway.chain):
+    with chain.running_gateway(tmp_path, authority) as gateway:
         yield gateway
-    gateway.recorder.done()
 
 
 @pytest.fixture

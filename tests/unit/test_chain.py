@@ -55,6 +55,7 @@ from ..support.chain import (
     killed,
     refusal,
     run_hook,
+    running_gateway,
     tunnel,
 )
 
@@ -257,8 +258,7 @@ async def test_exception_in_the_approval_api_refuses_the_call(gw, tokens, monkey
 
 async def test_exception_in_the_recorder_refuses_and_amends_the_audit_line(tmp_path, authority, tokens, monkeypatch):
     audit_path = tmp_path / "audit.jsonl"
-    gw = build_gateway(tmp_path, authority, audit_path=audit_path)
-    with taddons.context(*gw.chain):
+    with running_gateway(tmp_path, authority, audit_path=audit_path) as gw:
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
         upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
@@ -267,7 +267,6 @@ async def test_exception_in_the_recorder_refuses_and_amends_the_audit_line(tmp_p
         assert sent is not None
         r = refusal(f, 500)
         assert (r["code"], r["stage"]) == ("GatewayError", "error")
-    gw.recorder.done()
     lines = [json.loads(raw) for raw in audit_path.read_text().splitlines() if json.loads(raw)["flow_id"] == f.id]
     assert [line["status"] for line in lines] == [200, 500] and "amends" in lines[-1]
 
@@ -340,8 +339,7 @@ async def test_a_101_answer_is_not_relayed(gw, tokens):
 async def test_unwritable_recording_refuses_and_stops_the_gateway_until_it_recovers(tmp_path, authority, tokens):
     recordings = tmp_path / "recordings"
     recordings.write_text("a file where the recordings directory should be")
-    gw = build_gateway(tmp_path, authority, recordings=recordings, audit_path=tmp_path / "audit.jsonl")
-    with taddons.context(*gw.chain):
+    with running_gateway(tmp_path, authority, recordings=recordings, audit_path=tmp_path / "audit.jsonl") as gw:
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
         upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
@@ -370,7 +368,6 @@ async def test_unwritable_recording_refuses_and_stops_the_gateway_until_it_recov
         k = graph_request(client, bearer=tokens["reader"])
         assert await exchange(gw.chain, k, graph_json(USERS)) is not None
         assert k.response.status_code == 200
-    gw.recorder.done()
 
 
 async def test_audit_line_says_what_the_client_got_when_recording_fails(tmp_path, authority, tokens, monkeypatch):
@@ -418,8 +415,7 @@ async def test_an_answer_cut_short_is_audited_as_the_502_the_client_got(tmp_path
     # The upstream's headers arrived, its body never did: mitmproxy answers the client 502 and
     # calls `error`; flow.response still holds the upstream's 200 headers.
     audit_path = tmp_path / "audit.jsonl"
-    gw = build_gateway(tmp_path, authority, audit_path=audit_path)
-    with taddons.context(*gw.chain):
+    with running_gateway(tmp_path, authority, audit_path=audit_path) as gw:
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
         await run_hook(gw.chain, "requestheaders", f)
@@ -428,7 +424,6 @@ async def test_an_answer_cut_short_is_audited_as_the_502_the_client_got(tmp_path
         await run_hook(gw.chain, "responseheaders", f)
         f.error = flow.Error("peer closed connection without sending complete message body")
         await run_hook(gw.chain, "error", f)
-    gw.recorder.done()
     line = [json.loads(raw) for raw in audit_path.read_text().splitlines() if json.loads(raw)["flow_id"] == f.id][-1]
     assert (line["status"], line["error"]) == (502, "peer closed connection without sending complete message body")
 
@@ -548,14 +543,12 @@ async def test_unreachable_signing_keys_refuse_503(tmp_path, authority, tokens):
     async def entra_down(url):
         raise ConnectionError("login.microsoftonline.com unreachable")
 
-    gw = build_gateway(tmp_path, authority, fetch=entra_down)
-    with taddons.context(*gw.chain):
+    with running_gateway(tmp_path, authority, fetch=entra_down) as gw:
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
         assert await exchange(gw.chain, f, graph_json(USERS)) is None
         r = refusal(f, 503)
         assert (r["code"], r["stage"], r["check"]) == ("ServiceUnavailable", "identity", "keys_unavailable")
-    gw.recorder.done()
 
 
 async def test_forged_token_is_refused_401(gw, tokens):

@@ -47,6 +47,8 @@ from nhi_gateway.masking.masks import (
     sniff,
 )
 
+from ..support.masking import leaves, redacted
+
 KEY = PseudonymKey(b"k" * 32, "$TEST_KEY")
 OTHER_KEY = PseudonymKey(b"o" * 32, "$OTHER_KEY")
 SECRET = "abc8Q~" + "x7Yz0" * 6 + "Ab12"  # Entra's shape: 40 characters, "Q~" at offset 4
@@ -433,26 +435,6 @@ def test_json_paths(path, masked_at):
             node = node[step]
         node[where[-1]] = redacted(node[where[-1]])
     assert masked == expected
-
-
-def redacted(value):
-    """The model of ``redact`` on a matched value: same JSON type, no original left."""
-    if isinstance(value, str):
-        return MASK
-    if isinstance(value, list):
-        return [redacted(v) for v in value]
-    if isinstance(value, dict):
-        return {k: redacted(v) for k, v in value.items()}
-    return None
-
-
-def leaves(value):
-    """Every scalar below a value."""
-    if isinstance(value, list):
-        return [leaf for v in value for leaf in leaves(v)]
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in leaves(v)]
-    return [value]
 
 
 @pytest.mark.parametrize(("path", "offset", "words"), [

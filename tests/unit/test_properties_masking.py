@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 
 from nhi_gateway.masking.masks import MASK, MAX_DEPTH, MaskingError, mask_json_bytes
 
+from ..support.masking import leaves, redacted
+
 FIELDS = frozenset({"mail", "secretText", "key", "userPrincipalName", "issuerAssignedId", "@odata.nextLink"})
 FOLDED = frozenset(f.casefold() for f in FIELDS)
 SECRET = "QZJLEAK"  # every value under a listed name carries it; no other value or key can (no "Q")
@@ -73,24 +75,6 @@ def expected(doc):
     if isinstance(doc, list):
         return [expected(v) for v in doc]
     return doc
-
-
-def redacted(value):
-    if isinstance(value, str):
-        return MASK
-    if isinstance(value, list):
-        return [redacted(v) for v in value]
-    if isinstance(value, dict):
-        return {k: redacted(v) for k, v in value.items()}
-    return None
-
-
-def leaves(value):
-    if isinstance(value, list):
-        return [leaf for v in value for leaf in leaves(v)]
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in leaves(v)]
-    return [value]
 
 
 def listed_members(doc):

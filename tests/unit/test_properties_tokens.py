@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
 from nhi_gateway.lookalike.minting import EntraAuthority
 from nhi_gateway.lookalike.pki import SigningKey
@@ -287,10 +287,8 @@ BEARERS = st.one_of(st.none(), st.builds(mint), signed_edits(), bit_flips().map(
 @pytest.fixture
 async def gw(tmp_path):
     """One gateway for all the examples of a test, as ``test_chain`` builds it."""
-    gateway = chain.build_gateway(tmp_path, AUTHORITY, fetch=Entra().fetch)
-    with taddons.context(*gateway.chain):
+    with chain.running_gateway(tmp_path, AUTHORITY, fetch=Entra().fetch) as gateway:
         yield gateway
-    gateway.recorder.done()
 
 
 @settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -324,8 +322,7 @@ def test_the_chain_properties_start_from_a_request_that_passes(tmp_path):
     """The baseline: with a valid token in either place, the request is allowed and forwarded."""
 
     async def run():
-        gw = chain.build_gateway(tmp_path, AUTHORITY, fetch=Entra().fetch)
-        with taddons.context(*gw.chain):
+        with chain.running_gateway(tmp_path, AUTHORITY, fetch=Entra().fetch) as gw:
             for proxy, bearer in ((basic("a", mint()), None), (None, mint())):
                 client = tflow.tclient_conn()
                 c = await chain.connect(gw.chain, client, proxy_header=proxy)
@@ -333,6 +330,5 @@ def test_the_chain_properties_start_from_a_request_that_passes(tmp_path):
                 f = chain.graph_request(client, bearer=bearer)
                 assert await chain.exchange(gw.chain, f, chain.graph_json(chain.USERS)) is not None
                 assert f.response.status_code == 200
-        gw.recorder.done()
 
     asyncio.run(run())

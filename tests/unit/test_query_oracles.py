@@ -21,22 +21,17 @@ from nhi_gateway.policy.loader import PolicyError, parse_policy
 from nhi_gateway.policy.model import Policy
 from nhi_gateway.policy.operation import Operation, query_properties, read_odata
 
+from ..support import policies
+from ..support.policies import policy_head
+
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 APP = "5e0b1683-de22-5eac-9334-fb85a741f6ff"
-GRAPH = "graph.microsoft.com"
 
-HEAD = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  bearer: {{audiences: [https://graph.microsoft.com], issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]}}
-  proxy: {{graph_token: true, audiences: [https://graph.microsoft.com], issuers: ["https://login.microsoftonline.com/{{tenantid}}/v2.0"]}}
-upstreams:
-  - host: graph.microsoft.com
+HEAD = policy_head(TENANT) + """\
 masking:
   profiles:
     pii:
-      fields: {{mail: partial, employeeId: redact}}
+      fields: {mail: partial, employeeId: redact}
       paths: ["$.value[*].mobilePhone"]
       detectors: [email]
     names-only:
@@ -62,7 +57,7 @@ def who() -> Principal:
 
 
 def op(target: str, method: str = "GET") -> Operation:
-    return Operation.from_request(method, "https", GRAPH, 443, target)
+    return policies.op(method, target)
 
 
 @pytest.mark.parametrize(("target", "field"), [

@@ -7,74 +7,43 @@ The chain is built as the gateway builds it and driven as mitmproxy drives it (s
 from __future__ import annotations
 
 import pytest
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
 from nhi_gateway.addons.identity import CONNECT_KEY, PRINCIPAL_KEY
-from nhi_gateway.identity.signing_keys import KeyStore
-from nhi_gateway.identity.tokens import TokenVerifier
-from nhi_gateway.policy.loader import PolicyStore, parse_policy
-from nhi_gateway.proxy.gateway import GatewayConfig, build_chain
 
-from ..support.chain import READER_APP, READER_OID, TENANT, USERS, connect, exchange, graph_json, graph_request, refusal
-from ..support.entra import entra_fetcher
+from ..support.chain import (
+    READER_APP,
+    READER_OID,
+    READER_RULES,
+    TENANT,
+    USERS,
+    connect,
+    exchange,
+    graph_json,
+    graph_request,
+    refusal,
+    running_gateway,
+)
+from ..support.policies import ALL_GRAPH_AUDIENCES, GRAPH_HOST, V1_ISSUER, V2_ISSUER, SourceTrust, policy_head
 
 # ``authority`` is tests/unit/conftest.py's.
 pytestmark = pytest.mark.usefixtures("no_exception_escapes_an_addon")
 
 GATEWAY_APP = "7d4c2f1e-9b3a-4e58-a6c1-2f0e8d9b5a47"  # the gateway's own API registration
-GRAPH_AUDIENCES = "[https://graph.microsoft.com, https://graph.microsoft.com/, 00000003-0000-0000-c000-000000000000]"
-V1 = "'https://sts.windows.net/{tenantid}/'"
-V2 = "'https://login.microsoftonline.com/{tenantid}/v2.0'"
+# A token for the gateway's own API: what the proxy source takes in the usual pair.
+GATEWAY_API = SourceTrust(("api://nhi-gateway", GATEWAY_APP), (V2_ISSUER,))
+
+
+def head(proxy: SourceTrust | None) -> str:
+    """The bearer source trusts Graph's tokens (v1 and v2); ``proxy`` is the proxy source's trust."""
+    return policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER), audiences=ALL_GRAPH_AUDIENCES, proxy=proxy,
+                       upstreams=[{"host": GRAPH_HOST, "token": "any"}])
+
 
 # The usual pair: a token for the gateway's own API in the proxy credentials, Graph's in the bearer.
-USUAL_PAIR = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  proxy:
-    audiences: [api://nhi-gateway, {GATEWAY_APP}]
-    issuers: [{V2}]
-  bearer:
-    audiences: {GRAPH_AUDIENCES}
-    issuers: [{V1}, {V2}]
-upstreams:
-  - host: graph.microsoft.com
-    token: TOKEN
-rules:
-  - id: directory-read
-    action: allow
-    when: {{app_ids: [{READER_APP}]}}
-    operations:
-      - host: graph.microsoft.com
-        methods: [GET]
-        paths: ["/users"]
-"""
-
-BEARER_ONLY = USUAL_PAIR.replace(f"""  proxy:
-    audiences: [api://nhi-gateway, {GATEWAY_APP}]
-    issuers: [{V2}]
-""", "")
-
-GRAPH_IN_PROXY = USUAL_PAIR.replace(f"""    audiences: [api://nhi-gateway, {GATEWAY_APP}]
-    issuers: [{V2}]
-""", f"""    graph_token: true
-    audiences: {GRAPH_AUDIENCES}
-    issuers: [{V1}]
-""")
-
-
-def build(tmp_path, authority, policy: str, token: str = "any"):
-    text = policy.replace("TOKEN", token)
-    path = tmp_path / "policy.yaml"
-    path.write_text(text)
-    recordings = tmp_path / "recordings"
-    recordings.mkdir()
-    from nhi_gateway.addons.guard import Health
-
-    config = GatewayConfig(policy_path=path, recordings=recordings, recording_process=False)
-    chain, recorder = build_chain(config, PolicyStore(parse_policy(text, str(path))),
-                                  TokenVerifier(KeyStore(entra_fetcher(authority))), Health())
-    return chain, recorder
+USUAL_PAIR = head(GATEWAY_API) + READER_RULES
+BEARER_ONLY = head(None) + READER_RULES
+GRAPH_IN_PROXY = head(SourceTrust(ALL_GRAPH_AUDIENCES, (V1_ISSUER,), graph_token=True)) + READER_RULES
 
 
 @pytest.fixture
@@ -96,10 +65,8 @@ def mint(authority):
 
 @pytest.fixture
 async def usual(tmp_path, authority):
-    chain, recorder = build(tmp_path, authority, USUAL_PAIR)
-    with taddons.context(*chain):
-        yield chain
-    recorder.done()
+    with running_gateway(tmp_path, authority, policy=USUAL_PAIR) as gw:
+        yield gw.chain
 
 
 async def test_the_usual_pair_passes_and_only_the_graph_token_goes_upstream(usual, mint):
@@ -141,49 +108,29 @@ async def test_a_token_for_the_gateway_s_api_is_never_presented_upstream(usual, 
 
 
 async def test_a_source_the_policy_does_not_name_accepts_no_token(tmp_path, authority, mint):
-    chain, recorder = build(tmp_path, authority, BEARER_ONLY)
-    try:
-        with taddons.context(*chain):
-            c = await connect(chain, tflow.tclient_conn(), token=mint("graph"))
-            err = refusal(c, 407)
-            assert err["check"] == "source" and "identity.proxy" in err["message"]
-    finally:
-        recorder.done()
+    with running_gateway(tmp_path, authority, policy=BEARER_ONLY) as gw:
+        c = await connect(gw.chain, tflow.tclient_conn(), token=mint("graph"))
+        err = refusal(c, 407)
+        assert err["check"] == "source" and "identity.proxy" in err["message"]
 
 
 async def test_a_proxy_source_that_says_it_carries_the_graph_token_presents_it(tmp_path, authority, mint):
-    chain, recorder = build(tmp_path, authority, GRAPH_IN_PROXY)
-    try:
-        with taddons.context(*chain):
-            client = tflow.tclient_conn()
-            token = mint("graph")
-            await connect(chain, client, token=token)
-            f = graph_request(client)
-            sent = await exchange(chain, f, graph_json(USERS))
-            assert sent is not None and sent.headers["Authorization"] == f"Bearer {token}"
-            assert f.metadata[PRINCIPAL_KEY].object_id == READER_OID
-            # Still its own trust: a token for the gateway's API is not a Graph token.
-            c = await connect(chain, tflow.tclient_conn(), token=mint("gateway"))
-            assert refusal(c, 407)["check"] == "issuer"
-    finally:
-        recorder.done()
+    with running_gateway(tmp_path, authority, policy=GRAPH_IN_PROXY) as gw:
+        client = tflow.tclient_conn()
+        token = mint("graph")
+        await connect(gw.chain, client, token=token)
+        f = graph_request(client)
+        sent = await exchange(gw.chain, f, graph_json(USERS))
+        assert sent is not None and sent.headers["Authorization"] == f"Bearer {token}"
+        assert f.metadata[PRINCIPAL_KEY].object_id == READER_OID
+        # Still its own trust: a token for the gateway's API is not a Graph token.
+        c = await connect(gw.chain, tflow.tclient_conn(), token=mint("gateway"))
+        assert refusal(c, 407)["check"] == "issuer"
 
 
 # --- every presented token is judged in full (issue 13, item 2) -----------------------------------
 
-STRICT = f"""\
-version: 1
-identity:
-  tenants: [{TENANT}]
-  proxy:
-    audiences: [api://nhi-gateway, {GATEWAY_APP}]
-    issuers: [{V2}]
-  bearer:
-    audiences: {GRAPH_AUDIENCES}
-    issuers: [{V1}, {V2}]
-upstreams:
-  - host: graph.microsoft.com
-    token: any
+STRICT = head(GATEWAY_API) + f"""\
 masking:
   profiles:
     pii: {{fields: [mail]}}
@@ -227,10 +174,8 @@ MI_BAD = "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity
 
 @pytest.fixture
 async def strict(tmp_path, authority):
-    chain, recorder = build(tmp_path, authority, STRICT)
-    with taddons.context(*chain):
-        yield chain
-    recorder.done()
+    with running_gateway(tmp_path, authority, policy=STRICT) as gw:
+        yield gw.chain
 
 
 async def both(chain, proxy_token: str, bearer_token: str, path: str = "/v1.0/users"):

@@ -41,14 +41,13 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from nhi_gateway.approvals.store import (
-    RECENT,
     ApprovalRequest,
     ApprovalState,
-    ApprovalStore,
     ApprovalStoreError,
+    ApprovalTables,
     Approver,
     Grant,
-    _json,
+    _insert,
     new_id,
 )
 
@@ -64,7 +63,8 @@ CALL_TIMEOUT = 2.0  # seconds a caller waits for any call, whatever the server d
 STATEMENT_TIMEOUT_MS = 5000  # no single statement may hang a caller longer
 
 # Each entry moves the schema one version up; applied in order at start, under an advisory lock
-# so replicas starting together do not race. Never edit an entry that has shipped: add one.
+# so replicas starting together do not race. Never edit an entry that has shipped: add one. So
+# the tables are written out here, not built from the SQLite store's schema, which may change.
 MIGRATIONS: tuple[str, ...] = (
     # 1: requests, grants and replicas
     """
@@ -121,6 +121,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _LOCK_KEY = 0x6E68695F67777931  # pg_advisory_xact_lock key of the migrations ("nhi_gwy1")
 
 
+def _pg(sql: str) -> str:
+    """A statement shared with the SQLite store (:class:`ApprovalTables`), in psycopg's placeholders."""
+    return sql.replace("?", "%s")
+
+
 def describe(url: str) -> str:
     """The server and database a URL names, without user or password (for messages and logs)."""
     try:
@@ -152,7 +157,7 @@ def migrate(conn: psycopg.Connection) -> int:
     return found
 
 
-class PostgresApprovalStore:
+class PostgresApprovalStore(ApprovalTables):
     """Approval requests and grants in PostgreSQL, shared by every replica (see the module text).
 
     ``replica_id`` names this process in the ``replicas`` table and on the requests it holds.
@@ -199,7 +204,7 @@ class PostgresApprovalStore:
             self._thread = None
         try:
             # Gone on purpose: the others need not wait for the heartbeat to go stale.
-            self._write("DELETE FROM replicas WHERE id = %s", (self.replica_id,))
+            self._write("DELETE FROM replicas WHERE id = ?", (self.replica_id,))
         except ApprovalStoreError:
             pass
         with self._lock:
@@ -272,10 +277,12 @@ class PostgresApprovalStore:
             raise self._failed(e) from e
 
     def _rows(self, sql: str, args: tuple = ()) -> list[dict]:
-        return self._call(lambda conn: conn.execute(sql, args).fetchall())
+        """``sql`` with SQLite's ``?`` placeholders, as :class:`ApprovalTables` writes it."""
+        return self._call(lambda conn: conn.execute(_pg(sql), args).fetchall())
 
     def _write(self, sql: str, args: tuple = ()) -> int:
-        return self._call(lambda conn: conn.execute(sql, args).rowcount)
+        """``sql`` with SQLite's ``?`` placeholders, as :class:`ApprovalTables` writes it."""
+        return self._call(lambda conn: conn.execute(_pg(sql), args).rowcount)
 
     # -- the listener: notifications, heartbeat, cancelling for replicas that are gone -------
 
@@ -338,7 +345,10 @@ class PostgresApprovalStore:
             except Exception as e:  # noqa: BLE001 - one bad callback must not stop the listener
                 logger.error("approvals change callback failed: %r", e)
 
-    # -- requests --------------------------------------------------------------------------
+    # -- requests (reading them, and grants, is :class:`ApprovalTables`') -------------------
+
+    # A request also names the replica that holds it: its client waits on that replica's connection.
+    _INSERT_HELD = _pg(_insert("approvals", (*ApprovalTables._REQUEST_COLUMNS, "replica_id")))
 
     def add(self, r: ApprovalRequest) -> None:
         def work(conn: psycopg.Connection) -> None:
@@ -346,29 +356,9 @@ class PostgresApprovalStore:
                 # This replica's heartbeat first: the others never take a request just held here
                 # for one of a replica that is gone (the listener may not have beaten yet).
                 self._heartbeat_row(conn)
-                conn.execute(*insert)
+                conn.execute(self._INSERT_HELD, (*self._request_row(r), self.replica_id))
 
-        insert = (
-            "INSERT INTO approvals (id, rule_id, tenant_id, object_id, principal, operation, method, url, digest,"
-            " created_at, expires_at, max_grant, body_size, body_preview, flow_id, state, approver, reason,"
-            " decided_at, grant_id, replica_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (r.id, r.rule_id, *r.principal_key, _json(r.principal), r.operation, r.method, r.url, r.digest,
-             r.created_at, r.expires_at, r.max_grant, r.body_size, r.body_preview, r.flow_id, str(r.state),
-             _json(r.approver.to_dict() if r.approver else None), r.reason, r.decided_at, r.grant_id,
-             self.replica_id),
-        )
         self._call(work)
-
-    def get(self, request_id: str) -> ApprovalRequest | None:
-        rows = self._rows("SELECT * FROM approvals WHERE id = %s", (request_id,))
-        return ApprovalStore._request(rows[0]) if rows else None
-
-    def requests(self, *, pending_only: bool = True, limit: int = RECENT) -> list[ApprovalRequest]:
-        if pending_only:
-            rows = self._rows("SELECT * FROM approvals WHERE state = 'pending' ORDER BY created_at")
-        else:
-            rows = self._rows("SELECT * FROM approvals ORDER BY created_at DESC LIMIT %s", (limit,))
-        return [ApprovalStore._request(r) for r in rows]
 
     def finish(self, request_id: str, state: ApprovalState, *, approver: Approver | None = None,
                reason: str = "", now: float, grant_id: str | None = None) -> bool:
@@ -376,12 +366,8 @@ class PostgresApprovalStore:
         notification goes out with the commit, so whoever holds the request wakes at once."""
         def work(conn: psycopg.Connection) -> int:
             with conn.transaction():
-                changed = conn.execute(
-                    "UPDATE approvals SET state = %s, approver = %s, reason = %s, decided_at = %s, grant_id = %s"
-                    " WHERE id = %s AND state = 'pending'",
-                    (str(state), _json(approver.to_dict() if approver else None), reason, now, grant_id,
-                     request_id),
-                ).rowcount
+                changed = conn.execute(_pg(self._FINISH), self._finish_args(
+                    request_id, state, approver, reason, now, grant_id)).rowcount
                 if changed:
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
             return changed
@@ -393,10 +379,8 @@ class PostgresApprovalStore:
         """Approve and grant in one transaction; False (and no grant) when no longer pending."""
         def work(conn: psycopg.Connection) -> int:
             with conn.transaction():
-                changed = conn.execute(
-                    "UPDATE approvals SET state = 'approved', approver = %s, reason = %s, decided_at = %s,"
-                    " grant_id = %s WHERE id = %s AND state = 'pending'",
-                    (_json(approver.to_dict()), reason, now, grant.id, request_id)).rowcount
+                changed = conn.execute(_pg(self._FINISH), self._finish_args(
+                    request_id, ApprovalState.APPROVED, approver, reason, now, grant.id)).rowcount
                 if changed:
                     self._insert_grant(conn, grant)
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
@@ -419,47 +403,9 @@ class PostgresApprovalStore:
 
         return self._call(work)
 
-    # -- grants ----------------------------------------------------------------------------
-
-    def add_grant(self, g: Grant) -> None:
-        self._call(lambda conn: self._insert_grant(conn, g))
-
-    @staticmethod
-    def _insert_grant(conn: psycopg.Connection, g: Grant) -> None:
-        conn.execute(
-            "INSERT INTO grants (id, approval_id, rule_id, tenant_id, object_id, principal, operation, approver,"
-            " reason, created_at, expires_at, revoked_at, revoked_by) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            (g.id, g.approval_id, g.rule_id, *g.principal_key, _json(g.principal), g.operation,
-             _json(g.approver.to_dict()), g.reason, g.created_at, g.expires_at, g.revoked_at,
-             _json(g.revoked_by.to_dict() if g.revoked_by else None)),
-        )
-
-    def grant(self, grant_id: str) -> Grant | None:
-        rows = self._rows("SELECT * FROM grants WHERE id = %s", (grant_id,))
-        return ApprovalStore._grant(rows[0]) if rows else None
-
-    def grants(self, *, now: float, active_only: bool = True, limit: int = RECENT) -> list[Grant]:
-        if active_only:
-            rows = self._rows(
-                "SELECT * FROM grants WHERE revoked_at IS NULL AND expires_at > %s ORDER BY expires_at", (now,))
-        else:
-            rows = self._rows("SELECT * FROM grants ORDER BY created_at DESC LIMIT %s", (limit,))
-        return [ApprovalStore._grant(r) for r in rows]
-
-    def active_grant(self, principal_key: tuple[str, str], operation: str, rule_id: str, now: float) -> Grant | None:
-        rows = self._rows(
-            "SELECT * FROM grants WHERE tenant_id = %s AND object_id = %s AND operation = %s AND rule_id = %s"
-            " AND revoked_at IS NULL AND expires_at > %s ORDER BY expires_at DESC LIMIT 1",
-            (*principal_key, operation, rule_id, now),
-        )
-        return ApprovalStore._grant(rows[0]) if rows else None
-
-    def revoke(self, grant_id: str, by: Approver, now: float) -> bool:
-        return self._write(
-            "UPDATE grants SET revoked_at = %s, revoked_by = %s"
-            " WHERE id = %s AND revoked_at IS NULL AND expires_at > %s",
-            (now, _json(by.to_dict()), grant_id, now),
-        ) == 1
+    @classmethod
+    def _insert_grant(cls, conn: psycopg.Connection, g: Grant) -> None:
+        conn.execute(_pg(cls._INSERT_GRANT), cls._grant_row(g))
 
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "PostgresApprovalStore", "describe", "migrate"]

@@ -384,7 +384,128 @@ class ApprovalStoreError(OSError):
     """The approvals database cannot be read or written: approvals fail closed (503)."""
 
 
-class ApprovalStore:
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})"
+
+
+class ApprovalTables:
+    """The ``approvals`` and ``grants`` tables as both stores read and write them: the columns,
+    the row <-> object mapping and every statement the SQLite and the PostgreSQL store share.
+
+    Statements are written with SQLite's ``?`` placeholders; a store supplies ``_rows(sql, args)``
+    and ``_write(sql, args)`` (the PostgreSQL store spells the placeholders ``%s`` there), and
+    its own ``add``, ``finish``, ``approve_with_grant`` and ``cancel_pending``, which differ in
+    their transactions (and in PostgreSQL, in the replica that holds a request).
+    """
+
+    _REQUEST_COLUMNS = (
+        "id", "rule_id", "tenant_id", "object_id", "principal", "operation", "method", "url", "digest",
+        "created_at", "expires_at", "max_grant", "body_size", "body_preview", "flow_id", "state", "approver",
+        "reason", "decided_at", "grant_id")
+    _INSERT_REQUEST = _insert("approvals", _REQUEST_COLUMNS)
+    _INSERT_GRANT = _insert("grants", (
+        "id", "approval_id", "rule_id", "tenant_id", "object_id", "principal", "operation", "approver",
+        "reason", "created_at", "expires_at", "revoked_at", "revoked_by"))
+    # Only a pending request is decided: of two deciders exactly one changes the row.
+    _FINISH = ("UPDATE approvals SET state = ?, approver = ?, reason = ?, decided_at = ?, grant_id = ?"
+               " WHERE id = ? AND state = 'pending'")
+
+    def _rows(self, sql: str, args: tuple = ()) -> list:
+        raise NotImplementedError
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        raise NotImplementedError
+
+    # -- rows and objects ------------------------------------------------------------------
+
+    @staticmethod
+    def _request_row(r: ApprovalRequest) -> tuple:
+        """The values of :attr:`_REQUEST_COLUMNS`, in order."""
+        return (r.id, r.rule_id, *r.principal_key, _json(r.principal), r.operation, r.method, r.url, r.digest,
+                r.created_at, r.expires_at, r.max_grant, r.body_size, r.body_preview, r.flow_id, str(r.state),
+                _json(r.approver.to_dict() if r.approver else None), r.reason, r.decided_at, r.grant_id)
+
+    @staticmethod
+    def _request(row: sqlite3.Row | dict) -> ApprovalRequest:
+        return ApprovalRequest(
+            id=row["id"], rule_id=row["rule_id"], principal=json.loads(row["principal"]),
+            operation=row["operation"], method=row["method"], url=row["url"], digest=row["digest"],
+            created_at=row["created_at"], expires_at=row["expires_at"], max_grant=row["max_grant"],
+            body_size=row["body_size"], body_preview=row["body_preview"], flow_id=row["flow_id"],
+            state=ApprovalState(row["state"]),
+            approver=Approver.from_dict(json.loads(row["approver"]) if row["approver"] else None),
+            reason=row["reason"], decided_at=row["decided_at"], grant_id=row["grant_id"],
+        )
+
+    @staticmethod
+    def _finish_args(request_id: str, state: ApprovalState, approver: Approver | None, reason: str, now: float,
+                     grant_id: str | None) -> tuple:
+        """The values of :attr:`_FINISH`, in order."""
+        return (str(state), _json(approver.to_dict() if approver else None), reason, now, grant_id, request_id)
+
+    @staticmethod
+    def _grant_row(g: Grant) -> tuple:
+        return (g.id, g.approval_id, g.rule_id, *g.principal_key, _json(g.principal), g.operation,
+                _json(g.approver.to_dict()), g.reason, g.created_at, g.expires_at, g.revoked_at,
+                _json(g.revoked_by.to_dict() if g.revoked_by else None))
+
+    @staticmethod
+    def _grant(row: sqlite3.Row | dict) -> Grant:
+        return Grant(
+            id=row["id"], approval_id=row["approval_id"], rule_id=row["rule_id"],
+            principal=json.loads(row["principal"]), operation=row["operation"],
+            approver=Approver.from_dict(json.loads(row["approver"])) or Approver("", ""),
+            reason=row["reason"], created_at=row["created_at"], expires_at=row["expires_at"],
+            revoked_at=row["revoked_at"],
+            revoked_by=Approver.from_dict(json.loads(row["revoked_by"]) if row["revoked_by"] else None),
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> ApprovalRequest | None:
+        rows = self._rows("SELECT * FROM approvals WHERE id = ?", (request_id,))
+        return self._request(rows[0]) if rows else None
+
+    def requests(self, *, pending_only: bool = True, limit: int = RECENT) -> list[ApprovalRequest]:
+        if pending_only:
+            rows = self._rows("SELECT * FROM approvals WHERE state = 'pending' ORDER BY created_at")
+        else:
+            rows = self._rows("SELECT * FROM approvals ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [self._request(r) for r in rows]
+
+    # -- grants ----------------------------------------------------------------------------
+
+    def grant(self, grant_id: str) -> Grant | None:
+        rows = self._rows("SELECT * FROM grants WHERE id = ?", (grant_id,))
+        return self._grant(rows[0]) if rows else None
+
+    def grants(self, *, now: float, active_only: bool = True, limit: int = RECENT) -> list[Grant]:
+        if active_only:
+            rows = self._rows("SELECT * FROM grants WHERE revoked_at IS NULL AND expires_at > ? ORDER BY expires_at",
+                              (now,))
+        else:
+            rows = self._rows("SELECT * FROM grants ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [self._grant(r) for r in rows]
+
+    def active_grant(self, principal_key: tuple[str, str], operation: str, rule_id: str, now: float) -> Grant | None:
+        rows = self._rows(
+            "SELECT * FROM grants WHERE tenant_id = ? AND object_id = ? AND operation = ? AND rule_id = ?"
+            " AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1",
+            (*principal_key, operation, rule_id, now),
+        )
+        return self._grant(rows[0]) if rows else None
+
+    def add_grant(self, g: Grant) -> None:
+        self._write(self._INSERT_GRANT, self._grant_row(g))
+
+    def revoke(self, grant_id: str, by: Approver, now: float) -> bool:
+        return self._write(
+            "UPDATE grants SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL AND expires_at > ?",
+            (now, _json(by.to_dict()), grant_id, now),
+        ) == 1
+
+
+class ApprovalStore(ApprovalTables):
     """Approval requests and grants in one SQLite file.
 
     Every write is committed before the call returns (an approval is acted on only once it is
@@ -438,46 +559,12 @@ class ApprovalStore:
     # -- requests --------------------------------------------------------------------------
 
     def add(self, r: ApprovalRequest) -> None:
-        self._write(
-            "INSERT INTO approvals (id, rule_id, tenant_id, object_id, principal, operation, method, url, digest,"
-            " created_at, expires_at, max_grant, body_size, body_preview, flow_id, state, approver, reason,"
-            " decided_at, grant_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (r.id, r.rule_id, *r.principal_key, _json(r.principal), r.operation, r.method, r.url, r.digest,
-             r.created_at, r.expires_at, r.max_grant, r.body_size, r.body_preview, r.flow_id, str(r.state),
-             _json(r.approver.to_dict() if r.approver else None), r.reason, r.decided_at, r.grant_id),
-        )
-
-    @staticmethod
-    def _request(row: sqlite3.Row) -> ApprovalRequest:
-        return ApprovalRequest(
-            id=row["id"], rule_id=row["rule_id"], principal=json.loads(row["principal"]),
-            operation=row["operation"], method=row["method"], url=row["url"], digest=row["digest"],
-            created_at=row["created_at"], expires_at=row["expires_at"], max_grant=row["max_grant"],
-            body_size=row["body_size"], body_preview=row["body_preview"], flow_id=row["flow_id"],
-            state=ApprovalState(row["state"]),
-            approver=Approver.from_dict(json.loads(row["approver"]) if row["approver"] else None),
-            reason=row["reason"], decided_at=row["decided_at"], grant_id=row["grant_id"],
-        )
-
-    def get(self, request_id: str) -> ApprovalRequest | None:
-        rows = self._rows("SELECT * FROM approvals WHERE id = ?", (request_id,))
-        return self._request(rows[0]) if rows else None
-
-    def requests(self, *, pending_only: bool = True, limit: int = RECENT) -> list[ApprovalRequest]:
-        if pending_only:
-            rows = self._rows("SELECT * FROM approvals WHERE state = 'pending' ORDER BY created_at")
-        else:
-            rows = self._rows("SELECT * FROM approvals ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [self._request(r) for r in rows]
+        self._write(self._INSERT_REQUEST, self._request_row(r))
 
     def finish(self, request_id: str, state: ApprovalState, *, approver: Approver | None = None,
                reason: str = "", now: float, grant_id: str | None = None) -> bool:
         """Move a pending request to its final state; False when it was no longer pending."""
-        return self._write(
-            "UPDATE approvals SET state = ?, approver = ?, reason = ?, decided_at = ?, grant_id = ?"
-            " WHERE id = ? AND state = 'pending'",
-            (str(state), _json(approver.to_dict() if approver else None), reason, now, grant_id, request_id),
-        ) == 1
+        return self._write(self._FINISH, self._finish_args(request_id, state, approver, reason, now, grant_id)) == 1
 
     def cancel_pending(self, reason: str, now: float) -> int:
         """At start and stop: nobody waits for these any more."""
@@ -485,21 +572,6 @@ class ApprovalStore:
             "UPDATE approvals SET state = 'cancelled', reason = ?, decided_at = ? WHERE state = 'pending'",
             (reason, now),
         )
-
-    # -- grants ----------------------------------------------------------------------------
-
-    _INSERT_GRANT = (
-        "INSERT INTO grants (id, approval_id, rule_id, tenant_id, object_id, principal, operation, approver,"
-        " reason, created_at, expires_at, revoked_at, revoked_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
-
-    @staticmethod
-    def _grant_row(g: Grant) -> tuple:
-        return (g.id, g.approval_id, g.rule_id, *g.principal_key, _json(g.principal), g.operation,
-                _json(g.approver.to_dict()), g.reason, g.created_at, g.expires_at, g.revoked_at,
-                _json(g.revoked_by.to_dict() if g.revoked_by else None))
-
-    def add_grant(self, g: Grant) -> None:
-        self._write(self._INSERT_GRANT, self._grant_row(g))
 
     def approve_with_grant(self, request_id: str, grant: Grant, *, approver: Approver, reason: str,
                            now: float) -> bool:
@@ -513,11 +585,8 @@ class ApprovalStore:
                 db = self._connect()
                 db.execute("BEGIN IMMEDIATE")
                 db.execute(self._INSERT_GRANT, self._grant_row(grant))
-                updated = db.execute(
-                    "UPDATE approvals SET state = ?, approver = ?, reason = ?, decided_at = ?, grant_id = ?"
-                    " WHERE id = ? AND state = 'pending'",
-                    (str(ApprovalState.APPROVED), _json(approver.to_dict()), reason, now, grant.id, request_id),
-                ).rowcount
+                updated = db.execute(self._FINISH, self._finish_args(
+                    request_id, ApprovalState.APPROVED, approver, reason, now, grant.id)).rowcount
                 db.execute("COMMIT" if updated == 1 else "ROLLBACK")
                 return updated == 1
             except (sqlite3.Error, OSError) as e:
@@ -527,43 +596,6 @@ class ApprovalStore:
                     except sqlite3.Error:
                         pass  # the transaction dies with the connection
                 raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {e}") from e
-
-    @staticmethod
-    def _grant(row: sqlite3.Row) -> Grant:
-        return Grant(
-            id=row["id"], approval_id=row["approval_id"], rule_id=row["rule_id"],
-            principal=json.loads(row["principal"]), operation=row["operation"],
-            approver=Approver.from_dict(json.loads(row["approver"])) or Approver("", ""),
-            reason=row["reason"], created_at=row["created_at"], expires_at=row["expires_at"],
-            revoked_at=row["revoked_at"],
-            revoked_by=Approver.from_dict(json.loads(row["revoked_by"]) if row["revoked_by"] else None),
-        )
-
-    def grant(self, grant_id: str) -> Grant | None:
-        rows = self._rows("SELECT * FROM grants WHERE id = ?", (grant_id,))
-        return self._grant(rows[0]) if rows else None
-
-    def grants(self, *, now: float, active_only: bool = True, limit: int = RECENT) -> list[Grant]:
-        if active_only:
-            rows = self._rows("SELECT * FROM grants WHERE revoked_at IS NULL AND expires_at > ? ORDER BY expires_at",
-                              (now,))
-        else:
-            rows = self._rows("SELECT * FROM grants ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [self._grant(r) for r in rows]
-
-    def active_grant(self, principal_key: tuple[str, str], operation: str, rule_id: str, now: float) -> Grant | None:
-        rows = self._rows(
-            "SELECT * FROM grants WHERE tenant_id = ? AND object_id = ? AND operation = ? AND rule_id = ?"
-            " AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1",
-            (*principal_key, operation, rule_id, now),
-        )
-        return self._grant(rows[0]) if rows else None
-
-    def revoke(self, grant_id: str, by: Approver, now: float) -> bool:
-        return self._write(
-            "UPDATE grants SET revoked_at = ?, revoked_by = ? WHERE id = ? AND revoked_at IS NULL AND expires_at > ?",
-            (now, _json(by.to_dict()), grant_id, now),
-        ) == 1
 
 
 # --- the running gateway's approvals ------------------------------------------------------------
@@ -785,6 +817,7 @@ __all__ = [
     "ApprovalState",
     "ApprovalStore",
     "ApprovalStoreError",
+    "ApprovalTables",
     "Approvals",
     "Approver",
     "ApproverList",

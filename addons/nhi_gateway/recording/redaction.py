@@ -382,6 +382,11 @@ def _redact_json_text(text: str) -> str:
         # Without escapes every member name and string of the document is a piece of the text as
         # it stands: none names a secret member and none holds a token, so the walk would find nothing.
         return text
+    return _redacted_json_text(doc, text)
+
+
+def _redacted_json_text(doc: object, text: str) -> str:
+    """``text``, which parsed as ``doc``, with what the walk redacts in ``doc`` redacted."""
     redacted, changes = _redact_tree(doc)
     if not changes:
         # Parsing dropped nothing that matters, but a duplicate key the parser discarded may
