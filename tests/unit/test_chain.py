@@ -198,7 +198,7 @@ async def test_exception_in_a_connect_hook_refuses_the_tunnel(gw, tokens, monkey
 RESPONSE_SIDE_FAILURES = {
     "masking.response (mask_body)": lambda gw, mp: mp.setattr(masking_module, "mask_body", boom),
     "guard.response": lambda gw, mp: mp.setattr(guard_module, "decision_of", boom),
-    "audit.response (AuditLog.append)": lambda gw, mp: mp.setattr(gw.addon(Audit).log, "append", boom),
+    "audit.response (AuditLog.write)": lambda gw, mp: mp.setattr(gw.addon(Audit).log, "write", boom),
     "recorder.response (write)": lambda gw, mp: mp.setattr(gw.recorder, "write", boom),
 }
 
@@ -400,7 +400,7 @@ async def test_audit_write_failure_refuses_and_stops_the_gateway(gw, tokens, mon
     upstream = graph_json({"value": [{"note": UPSTREAM_SECRET.decode()}]})
     audit = gw.addon(Audit)
     assert await exchange(gw.chain, f, upstream,
-                          before_response=lambda: monkeypatch.setattr(audit.log, "append", disk_full)) is not None
+                          before_response=lambda: monkeypatch.setattr(audit.log, "write", disk_full)) is not None
     r = refusal(f, 503)
     assert (r["code"], r["stage"], r["check"]) == ("ServiceUnavailable", "guard", "audit")
     assert "audit" in gw.health.problems

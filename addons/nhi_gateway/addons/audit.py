@@ -111,8 +111,8 @@ class Audit:
         try:
             if not amends:  # the inner lines of a batch stand; an amendment concerns the outer answer
                 for inner in batch_inner_records(flow, record):
-                    self.log.append(inner)
-            self.log.append(record)
+                    self.log.write(inner)
+            self.log.write(record)
         except AuditWriteError as e:
             self.on_write(time.perf_counter() - started, False)
             self.health.fail("audit", str(e))

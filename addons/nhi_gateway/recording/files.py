@@ -325,7 +325,7 @@ def connection_snapshot(conn: Connection) -> tuple:
     """What a connection is now, to tell whether it changed since its state was last encoded.
     Lists (certificate_list, alpn_offers, cipher_list) are compared by their items: mitmproxy may
     change one in place."""
-    return tuple(tuple(v) if isinstance(v, list) else v for v in vars(conn).values())
+    return tuple(tuple(v) if type(v) is list else v for v in vars(conn).values())
 
 
 class RecordEncoder:

@@ -140,7 +140,8 @@ def request_fingerprint(request: http.Request) -> tuple:
     """Every field of ``request``'s state, to tell cheaply whether it is still the request that was
     written ahead: mitmproxy replaces a field's value (bytes, str, the headers' tuple of fields)
     rather than changing it in place, so an unchanged request compares by identity at once."""
-    return tuple(v.fields if isinstance(v, http.Headers) else v for v in vars(request.data).values())
+    headers = http.Headers  # compared by exact type: isinstance goes through the ABCs of MultiDict
+    return tuple(v.fields if type(v) is headers else v for v in vars(request.data).values())
 
 
 def rebuild_flow(state: dict, request: http.Request | None = None) -> http.HTTPFlow:
@@ -249,27 +250,41 @@ class RecordingProcess:
 
     async def _read_confirmations(self, proc: asyncio.subprocess.Process) -> None:
         why = "its output ended"
+        buffer = bytearray()
         try:
-            while True:
-                seq, status, detail = await _read_frame(proc.stdout)
-                entry = self._pending.pop(seq, None)
-                if entry is None or entry[0].done():
-                    continue
-                future = entry[0]
-                if status == "ok":
-                    future.set_result(Path(detail))
-                elif status == "resend":  # it no longer has the request written ahead
-                    future.set_result(None)
-                elif status == "oserror":
-                    future.set_exception(OSError(detail))
-                else:
-                    future.set_exception(RecordingFailed(detail))
-        except (asyncio.IncompleteReadError, ValueError, EOFError, TypeError) as e:
-            if not isinstance(e, asyncio.IncompleteReadError):
-                why = f"it sent what is not a confirmation ({type(e).__name__})"
-                proc.kill()
+            # Whatever has arrived, all its frames at once: under load the child confirms several
+            # flows per write, and a read per frame would cost a turn of the event loop each.
+            while chunk := await proc.stdout.read(1 << 16):
+                buffer += chunk
+                offset = 0
+                while len(buffer) - offset >= _HEADER.size:
+                    (size,) = _HEADER.unpack_from(buffer, offset)
+                    end = offset + _HEADER.size + size
+                    if end > len(buffer):
+                        break
+                    seq, status, detail = marshal.loads(buffer[offset + _HEADER.size:end])
+                    offset = end
+                    self._confirm(seq, status, detail)
+                del buffer[:offset]
+        except (ValueError, EOFError, TypeError) as e:
+            why = f"it sent what is not a confirmation ({type(e).__name__})"
+            proc.kill()
         finally:
             self._stopped(proc, why)
+
+    def _confirm(self, seq: int, status: str, detail: str) -> None:
+        entry = self._pending.pop(seq, None)
+        if entry is None or entry[0].done():
+            return
+        future = entry[0]
+        if status == "ok":
+            future.set_result(Path(detail))
+        elif status == "resend":  # it no longer has the request written ahead
+            future.set_result(None)
+        elif status == "oserror":
+            future.set_exception(OSError(detail))
+        else:
+            future.set_exception(RecordingFailed(detail))
 
     def _stopped(self, proc: asyncio.subprocess.Process, why: str) -> None:
         if proc is not self._proc:
