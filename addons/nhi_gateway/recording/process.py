@@ -99,6 +99,22 @@ def flow_frame(seq: int, conns: bytes, state: bytes, kind: int = RECORD) -> byte
                      _FLOW_PREFIX.pack(seq, len(conns), kind), conns, state))
 
 
+def take_frames(buffer: bytearray) -> list[bytes]:
+    """The payloads of the whole frames at the start of ``buffer``, taken out of it; a frame
+    not yet whole stays for the next read."""
+    frames = []
+    offset = 0
+    while len(buffer) - offset >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buffer, offset)
+        end = offset + _HEADER.size + size
+        if end > len(buffer):
+            break
+        frames.append(bytes(buffer[offset + _HEADER.size:end]))
+        offset = end
+    del buffer[:offset]
+    return frames
+
+
 def _plain(value: object) -> bool:
     try:
         marshal.dumps(value)
@@ -256,16 +272,8 @@ class RecordingProcess:
             # flows per write, and a read per frame would cost a turn of the event loop each.
             while chunk := await proc.stdout.read(1 << 16):
                 buffer += chunk
-                offset = 0
-                while len(buffer) - offset >= _HEADER.size:
-                    (size,) = _HEADER.unpack_from(buffer, offset)
-                    end = offset + _HEADER.size + size
-                    if end > len(buffer):
-                        break
-                    seq, status, detail = marshal.loads(buffer[offset + _HEADER.size:end])
-                    offset = end
-                    self._confirm(seq, status, detail)
-                del buffer[:offset]
+                for payload in take_frames(buffer):
+                    self._confirm(*marshal.loads(payload))
         except (ValueError, EOFError, TypeError) as e:
             why = f"it sent what is not a confirmation ({type(e).__name__})"
             proc.kill()
@@ -446,18 +454,7 @@ class _Frames:
         if not n:
             self.ended = True
         self.buffer += self._view[:n]
-        frames = []
-        view = self.buffer
-        offset = 0
-        while len(view) - offset >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(view, offset)
-            end = offset + _HEADER.size + size
-            if end > len(view):
-                break
-            frames.append(bytes(view[offset + _HEADER.size:end]))
-            offset = end
-        del self.buffer[:offset]
-        return frames
+        return take_frames(self.buffer)
 
 
 class _Confirmations:
