@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nhi_gateway.lookalike.directory import Directory
+from nhi_gateway.masking import masks
 from nhi_gateway.masking.masks import (
     ENTROPY_MIN_LENGTH,
     MASK,
@@ -567,8 +568,22 @@ def test_json_bodies_are_parsed_and_written_once(monkeypatch):
         calls["dumps"] += 1
         return real_dumps(*a, **k)
 
+    class Counting:  # the masking module's own decoder and encoder, counted the same way
+        def __init__(self, real, key):
+            self.real, self.key = real, key
+
+        def decode(self, *a, **k):
+            calls[self.key] += 1
+            return self.real.decode(*a, **k)
+
+        def encode(self, *a, **k):
+            calls[self.key] += 1
+            return self.real.encode(*a, **k)
+
     monkeypatch.setattr(json, "loads", loads)
     monkeypatch.setattr(json, "dumps", dumps)
+    monkeypatch.setattr(masks, "_DECODER", Counting(masks._DECODER, "loads"))
+    monkeypatch.setattr(masks, "_ENCODER", Counting(masks._ENCODER, "dumps"))
     body = real_dumps({"value": [{"mail": f"u{i}@x.co", "note": f"call +1 425 555 01{i:02}"} for i in range(50)]})
     out, n = mask_json_bytes(body.encode(), PII)
     assert calls == {"loads": 1, "dumps": 1}

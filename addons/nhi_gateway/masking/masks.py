@@ -819,6 +819,9 @@ def _refuse_constant(name: str) -> object:
 
 
 _UTF8 = frozenset({"utf-8", "utf8"})
+# Made once: json.loads and json.dumps build a new decoder or encoder on every call given options.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH, charset: str | None = None) -> object:
@@ -832,8 +835,9 @@ def parse_json(data: bytes, *, max_depth: int = MAX_DEPTH, charset: str | None =
                 raise MaskingError(f"unknown charset {charset!r}") from e
             except UnicodeDecodeError as e:
                 raise MaskingError(f"not valid {charset} text at byte {e.start}") from e
-            return json.loads(text.removeprefix("\ufeff"), parse_constant=_refuse_constant)
-        return json.loads(data, parse_constant=_refuse_constant)
+            return _DECODER.decode(text.removeprefix("\ufeff"))
+        # As json.loads reads bytes: UTF-8, -16 or -32 by their pattern, a UTF-8 BOM skipped.
+        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except MaskingError:
         raise
     except RecursionError as e:
@@ -850,7 +854,7 @@ def dump_json(doc: object, charset: str | None = None) -> bytes:
     document is refused (:class:`MaskingError`) rather than written as something else."""
     encoding = charset or "utf-8"
     try:
-        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(doc)
     except ValueError as e:
         raise MaskingError(f"not valid JSON: a number is out of range ({e})") from e
     try:
