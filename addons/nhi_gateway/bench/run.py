@@ -9,7 +9,9 @@ Processes (all on loopback):
   with ``--upstream lookalike``,
 - bare ``mitmdump``, with the options of the gateway that matter for the data path,
 - the gateway (``nhi-gateway run``) with a realistic policy: token verification, about 50 rules,
-  masking, recording and audit, all on; the same as two workers (``--workers 2``).
+  masking, recording and audit, all on; the same as two workers (``--workers 2``); and, when a
+  PostgreSQL server answers, two more with their state in it, to measure a grant lookup
+  (:mod:`.grants`).
 
 Both proxies resolve graph.microsoft.com to the upstream's loopback port (:mod:`.launch`).
 
@@ -35,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nhi_gateway.bench import decisions, load, procstat
+from nhi_gateway.bench import decisions, grants, load, procstat
 from nhi_gateway.bench.launch import free_port
 from nhi_gateway.bench.upstream import CannedResponse
 
@@ -64,6 +66,7 @@ SCENARIOS = (
     Scenario("new conn c=1", "new-connection", 1),
     Scenario("new conn c=10", "new-connection", 10, direct=True),
 )
+LATENCY = SCENARIOS[0]  # the latency scenario: each request waits for nothing but itself
 
 
 @dataclass
@@ -561,6 +564,9 @@ async def run_all(settings: Settings, say=print) -> dict:
             say(f"  profiling the gateway with py-spy for {settings.profile:g}s under keep-alive c=10 ...")
             profile = await profile_gateway(bench, settings.profile)
         records = bench.gateway_records()
+        # Last, with its own gateways: what a grant looked up in PostgreSQL adds (issue 15).
+        measured, grant_lookup = await grants.measure(bench, LATENCY, say)
+        raw += measured
     finally:
         bench.stop()
     say("  decision time: parsing generated policies of 10 and 5,000 rules ...")
@@ -583,5 +589,6 @@ async def run_all(settings: Settings, say=print) -> dict:
         "memory": [m.to_dict() for m in memory],
         "decisions": [t.to_dict() for t in timings],
         "profile": profile,
+        "grant_lookup": grant_lookup,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
