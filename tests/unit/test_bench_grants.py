@@ -158,13 +158,15 @@ def test_without_postgresql_the_measurement_is_skipped_saying_why(monkeypatch):
     assert said == [f"  grant lookup on PostgreSQL: skipped ({info['why']})"]
 
 
-def test_a_server_that_refuses_the_runs_database_skips_the_measurement_saying_why(monkeypatch):
-    refusal = psycopg.OperationalError("permission denied to create database")
+def test_a_server_that_cannot_give_the_run_a_database_skips_the_measurement_saying_why(monkeypatch):
+    refusal = psycopg.OperationalError('connection failed: connection to server at "db.example", port 5433 failed: '
+                                       "Connection refused\n\tIs the server running on that host?")
     measured, info, said = _skip(monkeypatch, "postgresql://bench:secret@db.example:5433/postgres", refusal)
     assert measured == []
     assert info["status"] == "skipped"
-    assert info["why"] == ("PostgreSQL at postgresql://db.example:5433/postgres refused a database for the run: "
-                           "permission denied to create database")
+    assert info["why"] == ("no database for the run on PostgreSQL at postgresql://db.example:5433/postgres: "
+                           'connection failed: connection to server at "db.example", port 5433 failed: '
+                           "Connection refused Is the server running on that host?")
     assert "secret" not in said[0]
 
 

@@ -115,8 +115,9 @@ async def measure(bench, scenario, say) -> tuple[list, dict]:
     try:
         database, url = create_database(server, DATABASE_PREFIX)
     except psycopg.Error as e:
-        info.update(status="skipped", why=f"PostgreSQL at {describe(server)} refused a database for the run: "
-                                         f"{str(e).strip() or type(e).__name__}")
+        # One line: libpq's messages run over several, with a hint indented by a tab.
+        info.update(status="skipped", why=f"no database for the run on PostgreSQL at {describe(server)}: "
+                                         f"{' '.join(str(e).split()) or type(e).__name__}")
         say(f"  grant lookup on PostgreSQL: skipped ({info['why']})")
         return [], info
     info["database"] = describe(url)
