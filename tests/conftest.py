@@ -25,29 +25,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # with Debian's postgresql binaries (initdb + pg_ctl) in a temporary directory and stopped after.
 # NHI_TEST_POSTGRES=private forces the private cluster. Each test session gets a database of its
 # own (nhi_test_<random>), dropped after. In CI (CI set) a missing PostgreSQL fails; elsewhere
-# the tests that need one are skipped, saying why.
+# the tests that need one are skipped, saying why. The benchmark finds its server the same way
+# (nhi_gateway.bench.postgres), without the private cluster.
 
 import contextlib  # noqa: E402
 import glob  # noqa: E402
-import secrets  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
 
 import pytest  # noqa: E402
 
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
+from nhi_gateway.bench.postgres import configured_server, create_database, drop_database  # noqa: E402
 
 
 def _free_port() -> int:
@@ -96,14 +87,11 @@ def _private_cluster():
 @pytest.fixture(scope="session")
 def postgres_server():
     """A URL of a PostgreSQL server the tests may create databases on."""
-    url = os.environ.get("NHI_TEST_POSTGRES_URL")
-    forced = os.environ.get("NHI_TEST_POSTGRES") == "private"
-    if url and not forced:
-        yield url
-        return
-    if not forced and _answers("127.0.0.1", 5432):
-        yield LOCAL_POSTGRES
-        return
+    if os.environ.get("NHI_TEST_POSTGRES") != "private":
+        url = configured_server()
+        if url:
+            yield url
+            return
     with _private_cluster() as private:
         if private is None:
             message = ("no PostgreSQL: set NHI_TEST_POSTGRES_URL, run one at 127.0.0.1:5432, "
@@ -118,13 +106,9 @@ def postgres_server():
 def postgres_url(postgres_server):
     """A fresh database of this test session (nhi_test_<random>), dropped after."""
     import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import make_conninfo
 
-    name = f"nhi_test_{secrets.token_hex(6)}"
     try:
-        with psycopg.connect(postgres_server, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        name, url = create_database(postgres_server, "nhi_test_")
     except psycopg.Error as e:
         from nhi_gateway.approvals.postgres import describe  # the server, never a password
 
@@ -133,10 +117,6 @@ def postgres_url(postgres_server):
             pytest.fail(message)
         pytest.skip(message)
     try:
-        if "://" in postgres_server:  # a URL, as the gateway's --state takes it
-            yield urlsplit(postgres_server)._replace(path="/" + name).geturl()
-        else:
-            yield make_conninfo(postgres_server, dbname=name)
+        yield url
     finally:
-        with psycopg.connect(postgres_server, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(postgres_server, name)

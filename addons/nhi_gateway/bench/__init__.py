@@ -7,6 +7,8 @@
 - :mod:`.launch` starts both proxies with graph.microsoft.com resolved to the loopback upstream;
 - :mod:`.policies` generates realistic policies of any size; :mod:`.decisions` times
   ``Policy.decide`` for 10 against 5,000 rules;
+- :mod:`.grants` measures what a grant looked up in PostgreSQL adds to a request, on a server
+  :mod:`.postgres` finds as the tests find theirs;
 - :mod:`.profile` samples the gateway with py-spy under load;
 - :mod:`.report` prints the tables, the ratios and the targets of issue 7.
 """

@@ -74,9 +74,11 @@ def run_main(argv: list[str]) -> int:
         return 130
     print(render(results))
     if args.json:
-        from nhi_gateway.bench.report import comparisons, json_safe, targets, warnings
+        from nhi_gateway.bench.report import comparisons, grant_lookup, json_safe, targets, warnings
 
         results["comparisons"] = comparisons(results)
+        if results.get("grant_lookup"):
+            results["grant_lookup"] = grant_lookup(results)  # with the added p50 and p99
         results["targets"] = [t.to_dict() for t in targets(results)]
         results["warnings"] = warnings(results)
         args.json.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))

@@ -9,7 +9,9 @@ Processes (all on loopback):
   with ``--upstream lookalike``,
 - bare ``mitmdump``, with the options of the gateway that matter for the data path,
 - the gateway (``nhi-gateway run``) with a realistic policy: token verification, about 50 rules,
-  masking, recording and audit, all on.
+  masking, recording and audit, all on; the same as two workers (``--workers 2``); and, when a
+  PostgreSQL server answers, two more with their state in it, to measure a grant lookup
+  (:mod:`.grants`).
 
 Both proxies resolve graph.microsoft.com to the upstream's loopback port (:mod:`.launch`).
 
@@ -35,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nhi_gateway.bench import decisions, load, procstat
+from nhi_gateway.bench import decisions, grants, load, procstat
 from nhi_gateway.bench.launch import free_port
 from nhi_gateway.bench.upstream import CannedResponse
 
@@ -64,6 +66,7 @@ SCENARIOS = (
     Scenario("new conn c=1", "new-connection", 1),
     Scenario("new conn c=10", "new-connection", 10, direct=True),
 )
+LATENCY = SCENARIOS[0]  # the latency scenario: each request waits for nothing but itself
 
 
 @dataclass
@@ -232,6 +235,15 @@ class Measurement:
         busy = self.cpu_percent["proxy"] + self.cpu_percent.get("proxy children", 0.0)
         return busy / 100 * self.elapsed / self.requests * 1000
 
+    def line(self) -> str:
+        """The measurement as the run prints it when done."""
+        cpu = self.cpu_percent
+        return (f"  round {self.round} {self.scenario:16} {self.target:8} {self.rps:8.1f} req/s  "
+                f"p50 {self.p50_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms  errors {sum(self.errors.values())}  "
+                f"proxy {self.proxy_cpu_ms:5.2f} cpu-ms/req; cpu proxy {cpu.get('proxy', 0):3.0f}% "
+                f"its children {cpu.get('proxy children', 0):3.0f}% "
+                f"upstream {cpu['upstream']:3.0f}% loadgen {cpu['loadgen']:3.0f}% others {cpu['others']:3.0f}%")
+
     def to_dict(self) -> dict:
         return {
             "scenario": self.scenario, "target": self.target, "round": self.round,
@@ -274,6 +286,10 @@ class Bench:
         self.spec: load.RequestSpec | None = None
         self.workdir: Path = Path()
         self.records: Path = Path()
+        self.record_dirs: dict[str, Path] = {}  # each gateway's recordings and audit
+        self.resolve: list[str] = []  # the proxies' name mapping (launch.py)
+        self.lookalike_port = 0
+        self.upstream_ca = ""
         self.info: dict = {}
 
     # --- processes ------------------------------------------------------------------------
@@ -318,12 +334,13 @@ class Bench:
         w, ca = self.workdir, la["ca_cert"]
         # Both proxies resolve the names to loopback like DNS would (see launch.py): no
         # address rewriting, so URL, Host, SNI and upstream connection reuse are production's.
-        resolve = [f"--resolve={GRAPH}=127.0.0.1:{up_port}",
-                   f"--resolve=login.microsoftonline.com=127.0.0.1:{la['port']}",
-                   f"--resolve=sts.windows.net=127.0.0.1:{la['port']}"]
+        self.resolve = [f"--resolve={GRAPH}=127.0.0.1:{up_port}",
+                        f"--resolve=login.microsoftonline.com=127.0.0.1:{la['port']}",
+                        f"--resolve=sts.windows.net=127.0.0.1:{la['port']}"]
+        self.lookalike_port, self.upstream_ca = la["port"], ca
         bare_port = free_port()
         bare = self._spawn("mitmdump", [
-            sys.executable, "-m", "nhi_gateway.bench", "mitmdump", *resolve, "--",
+            sys.executable, "-m", "nhi_gateway.bench", "mitmdump", *self.resolve, "--",
             "--listen-host", "127.0.0.1", "--listen-port", str(bare_port),
             "--set", f"confdir={w / 'mitmdump-confdir'}",
             # The gateway's data-path options: lazy upstream connections, the same upstream trust,
@@ -334,39 +351,47 @@ class Bench:
             "--set", "body_size_limit=32m",
             "--set", "flow_detail=0",
         ], None)
-        gateway = self._spawn("gateway", [
-            sys.executable, "-m", "nhi_gateway.bench", "gateway", *resolve, "--",
-            "run", "--policy", str(self.settings.policy),
-            "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
-            "--recordings", str(self.records), "--upstream-ca", ca,
-            "--ready-file", str(w / "gateway.json"),
-            # The gateway's own key fetches (httpx) take its --resolve; anyio keeps the port 443
-            # of the URL whatever getaddrinfo says.
-            "--resolve", f"login.microsoftonline.com=127.0.0.1:{la['port']}",
-            "--resolve", f"sts.windows.net=127.0.0.1:{la['port']}",
-        ], w / "gateway.json")
-        await wait_for_listener(("127.0.0.1", bare_port), w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem", bare)
-        gw_ready = await wait_for_json(w / "gateway.json", gateway)
+        await self.start_gateways({"gateway": (self.settings.policy, [])})
+        bare_ca = w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"
+        await wait_for_listener(("127.0.0.1", bare_port), bare_ca, bare)
+        self.proxies["bare"] = bare
+        self.targets["bare"] = load.Target("bare", ("127.0.0.1", bare_port), load.client_tls(str(bare_ca)))
+        self.targets["direct"] = load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False)
         # The same gateway as two workers sharing the port (run --workers 2), for issue 15's targets.
-        workers = self._spawn("gateway-w2", [
-            sys.executable, "-m", "nhi_gateway.bench", "gateway", *resolve, "--",
-            "run", "--policy", str(self.settings.policy), "--workers", "2",
-            "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
-            "--recordings", str(self.records.with_name(self.records.name + "-w2")), "--upstream-ca", ca,
-            "--ready-file", str(w / "gateway-w2.json"),
-            "--resolve", f"login.microsoftonline.com=127.0.0.1:{la['port']}",
-            "--resolve", f"sts.windows.net=127.0.0.1:{la['port']}",
-        ], w / "gateway-w2.json")
-        w2_ready = await wait_for_json(w / "gateway-w2.json", workers)
-        self.proxies = {"bare": bare, "gateway": gateway, "gateway-w2": workers}
-        self.targets = {
-            "bare": load.Target("bare", ("127.0.0.1", bare_port),
-                                load.client_tls(str(w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"))),
-            "gateway": load.Target("gateway", ("127.0.0.1", gw_ready["port"]), load.client_tls(gw_ready["ca_cert"])),
-            "gateway-w2": load.Target("gateway-w2", ("127.0.0.1", w2_ready["port"]),
-                                      load.client_tls(w2_ready["ca_cert"])),
-            "direct": load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False),
-        }
+        await self.start_gateways({"gateway-w2": (self.settings.policy, ["--workers", "2"])})
+
+    async def start_gateways(self, gateways: dict[str, tuple[Path, list[str]]]) -> None:
+        """Start a gateway per name (its policy, more ``run`` arguments), all at once, each with
+        recordings of its own; each becomes a target of that name once ready."""
+        w = self.workdir
+        started = {}
+        for name, (policy, extra) in gateways.items():
+            suffix = name.removeprefix("gateway").lstrip("-")
+            records = self.records.with_name(f"{self.records.name}-{suffix}") if suffix else self.records
+            self.record_dirs[name] = records
+            started[name] = self._spawn(name, [
+                sys.executable, "-m", "nhi_gateway.bench", "gateway", *self.resolve, "--",
+                "run", "--policy", str(policy), *extra,
+                "--listen", "127.0.0.1:0", "--confdir", str(w / "gateway-confdir"),
+                "--recordings", str(records), "--upstream-ca", self.upstream_ca,
+                "--ready-file", str(w / f"{name}.json"),
+                # The gateway's own key fetches (httpx) take its --resolve; anyio keeps the port 443
+                # of the URL whatever getaddrinfo says.
+                "--resolve", f"login.microsoftonline.com=127.0.0.1:{self.lookalike_port}",
+                "--resolve", f"sts.windows.net=127.0.0.1:{self.lookalike_port}",
+            ], w / f"{name}.json")
+        for name, proc in started.items():
+            ready = await wait_for_json(w / f"{name}.json", proc)
+            self.proxies[name] = proc
+            self.targets[name] = load.Target(name, ("127.0.0.1", ready["port"]), load.client_tls(ready["ca_cert"]))
+
+    def stop_gateways(self, names: list[str]) -> None:
+        """Stop these gateways now (the others run on); they are no longer targets."""
+        for name in names:
+            self.targets.pop(name, None)
+            proc = self.proxies.pop(name, None)
+            if proc is not None:
+                proc.stop()
 
     def _spawn(self, name: str, argv: list[str], ready: Path | None) -> Process:
         proc = spawn(name, argv, self.workdir, ready)
@@ -395,11 +420,19 @@ class Bench:
         return CannedResponse(status, tuple(headers), body)
 
     async def _preflight(self, canned: CannedResponse) -> None:
-        """One request through each target: the benchmark measures successes only, so a refusal
-        here (a policy that does not allow the caller, say) must stop the run, saying why."""
+        bodies = await self.preflight(list(self.targets))
+        masked = bodies["gateway"] != bodies["bare"]
+        self.info["preflight"] = {"gateway_masks_response": masked, "bare_passes_response": bodies["bare"] == canned.body}
+        if not masked:
+            self.say("warning: the gateway's answer equals bare mitmdump's: masking did not change it")
+
+    async def preflight(self, names: list[str]) -> dict[str, bytes]:
+        """One request through each target named: the benchmark measures successes only, so a
+        refusal here (a policy that does not allow the caller, say) must stop the run, saying why.
+        Returns each one's answer."""
         bodies = {}
-        for name, target in self.targets.items():
-            tunnel = await load.Tunnel.open(target, self.spec)
+        for name in names:
+            tunnel = await load.Tunnel.open(self.targets[name], self.spec)
             try:
                 status, _, body = await tunnel.fetch(self.spec.h11_request())
             finally:
@@ -409,10 +442,7 @@ class Bench:
                 raise RuntimeError(f"preflight through {name}: status {status}: {body[:500]!r}\n"
                                    + (tail(proc.log) if proc else ""))
             bodies[name] = body
-        masked = bodies["gateway"] != bodies["bare"]
-        self.info["preflight"] = {"gateway_masks_response": masked, "bare_passes_response": bodies["bare"] == canned.body}
-        if not masked:
-            self.say("warning: the gateway's answer equals bare mitmdump's: masking did not change it")
+        return bodies
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
@@ -420,7 +450,8 @@ class Bench:
         if not self.settings.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
             if self.settings.records:
-                shutil.rmtree(self.records, ignore_errors=True)
+                for records in {self.records, *self.record_dirs.values()}:
+                    shutil.rmtree(records, ignore_errors=True)
 
     # --- measuring --------------------------------------------------------------------------
 
@@ -521,12 +552,7 @@ async def run_all(settings: Settings, say=print) -> dict:
                 for target in order:
                     m = await bench.measure(scenario, target, r + 1)
                     raw.append(m)
-                    say(f"  round {r + 1} {scenario.name:16} {target:8} {m.rps:8.1f} req/s  "
-                        f"p50 {m.p50_ms:6.2f} ms  p99 {m.p99_ms:6.2f} ms  errors {sum(m.errors.values())}  "
-                        f"proxy {m.proxy_cpu_ms:5.2f} cpu-ms/req; cpu proxy {m.cpu_percent.get('proxy', 0):3.0f}% "
-                        f"its children {m.cpu_percent.get('proxy children', 0):3.0f}% "
-                        f"upstream {m.cpu_percent['upstream']:3.0f}% loadgen {m.cpu_percent['loadgen']:3.0f}% "
-                        f"others {m.cpu_percent['others']:3.0f}%")
+                    say(m.line())
         memory = []
         for target in ("bare", "gateway"):
             say(f"  memory: {settings.memory_requests:,} keep-alive requests (c=10) through {target} ...")
@@ -538,6 +564,9 @@ async def run_all(settings: Settings, say=print) -> dict:
             say(f"  profiling the gateway with py-spy for {settings.profile:g}s under keep-alive c=10 ...")
             profile = await profile_gateway(bench, settings.profile)
         records = bench.gateway_records()
+        # Last, with its own gateways: what a grant looked up in PostgreSQL adds (issue 15).
+        measured, grant_lookup = await grants.measure(bench, LATENCY, say)
+        raw += measured
     finally:
         bench.stop()
     say("  decision time: parsing generated policies of 10 and 5,000 rules ...")
@@ -560,5 +589,6 @@ async def run_all(settings: Settings, say=print) -> dict:
         "memory": [m.to_dict() for m in memory],
         "decisions": [t.to_dict() for t in timings],
         "profile": profile,
+        "grant_lookup": grant_lookup,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
