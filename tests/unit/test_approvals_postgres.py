@@ -289,3 +289,47 @@ async def test_a_server_that_hangs_holds_no_caller_longer_than_the_call_timeout(
         except ApprovalStoreError:
             assert time.monotonic() < deadline, "the store did not recover"
             await asyncio.sleep(0.1)
+
+
+# --- a grant looked up for a request in flight never holds the event loop -----------------------
+
+
+async def _loop_lag_while(lookup) -> tuple[float, object]:
+    """Run ``lookup`` and, beside it, tick every 10 ms; the longest tick and the lookup's result."""
+    task = asyncio.ensure_future(lookup)
+    longest, last = 0.0, time.monotonic()
+    while not task.done():
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+    return longest, task
+
+
+async def test_a_grant_lookup_waits_for_a_locked_table_without_holding_other_requests(replicas, postgres_url):
+    a = Approvals(replicas())
+    request = open_request(a)
+    _, grant = a.approve(request.id, ME, grant_seconds=60)
+    key = (TENANT, BOT)
+    assert (await a.grant_for_request(key, OPERATION, SETTINGS.rule_id)).id == grant.id
+    with psycopg.connect(postgres_url) as locker:  # a migration, a VACUUM FULL: the table is locked
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, locker.rollback).start()  # released half a second later
+        lag, task = await _loop_lag_while(a.grant_for_request(key, OPERATION, SETTINGS.rule_id))
+    assert task.result().id == grant.id
+    assert lag < 0.25  # the loop ticked on while the lookup waited half a second
+
+
+async def test_a_grant_lookup_that_gets_no_answer_in_time_fails_closed_and_frees_the_loop(replicas, postgres_url):
+    from nhi_gateway.approvals import postgres
+
+    a = Approvals(replicas())
+    with psycopg.connect(postgres_url) as locker:
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        lag, task = await _loop_lag_while(a.grant_for_request((TENANT, BOT), OPERATION, SETTINGS.rule_id))
+        waited = time.monotonic() - started
+        locker.rollback()
+    with pytest.raises(ApprovalStoreError, match="no answer within"):
+        task.result()
+    assert postgres.CALL_TIMEOUT <= waited < postgres.CALL_TIMEOUT + 1.0
+    assert lag < 0.25

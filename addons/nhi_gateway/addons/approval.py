@@ -189,7 +189,7 @@ class Approval:
                 rule_id=decision.rule_id, operation=decision.operation, principal=decision.principal))
 
     async def _hold(self, flow: http.HTTPFlow, decision: Decision, principal, settings: ApprovalSettings) -> None:
-        grant = self.approvals.grant_for(principal.key, decision.operation, settings.rule_id)
+        grant = await self.approvals.grant_for_request(principal.key, decision.operation, settings.rule_id)
         if grant is not None:
             logger.info("flow %s: %s %s allowed by grant %s (approval %s, until %s)", flow.id, principal.label,
                         decision.operation, grant.id, grant.approval_id, iso(grant.expires_at))

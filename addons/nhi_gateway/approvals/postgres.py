@@ -28,6 +28,7 @@ Plain Python: no mitmproxy import.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -262,6 +263,24 @@ class PostgresApprovalStore(ApprovalTables):
             return future.result(timeout=CALL_TIMEOUT)
         except FutureTimeout:
             raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s")) from None
+
+    async def _call_async(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """:meth:`_call` for a caller on the event loop: it waits (at most :data:`CALL_TIMEOUT`)
+        without holding the loop, so a slow server delays only the requests that need it."""
+        if self._down is not None:
+            raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {self._down}")
+        future = self._workers.submit(self._run, work)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), CALL_TIMEOUT)
+        except TimeoutError:
+            raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s")) from None
+
+    async def active_grant_async(self, principal_key: tuple[str, str], operation: str, rule_id: str,
+                                 now: float) -> Grant | None:
+        """:meth:`active_grant` off the event loop (each request of an approve rule looks one up)."""
+        args = (*principal_key, operation, rule_id, now)
+        rows = await self._call_async(lambda conn: conn.execute(_pg(self._ACTIVE_GRANT), args).fetchall())
+        return self._grant(rows[0]) if rows else None
 
     def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
         try:

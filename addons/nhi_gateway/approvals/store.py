@@ -487,12 +487,11 @@ class ApprovalTables:
             rows = self._rows("SELECT * FROM grants ORDER BY created_at DESC LIMIT ?", (limit,))
         return [self._grant(r) for r in rows]
 
+    _ACTIVE_GRANT = ("SELECT * FROM grants WHERE tenant_id = ? AND object_id = ? AND operation = ? AND rule_id = ?"
+                     " AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1")
+
     def active_grant(self, principal_key: tuple[str, str], operation: str, rule_id: str, now: float) -> Grant | None:
-        rows = self._rows(
-            "SELECT * FROM grants WHERE tenant_id = ? AND object_id = ? AND operation = ? AND rule_id = ?"
-            " AND revoked_at IS NULL AND expires_at > ? ORDER BY expires_at DESC LIMIT 1",
-            (*principal_key, operation, rule_id, now),
-        )
+        rows = self._rows(self._ACTIVE_GRANT, (*principal_key, operation, rule_id, now))
         return self._grant(rows[0]) if rows else None
 
     def add_grant(self, g: Grant) -> None:
@@ -677,6 +676,15 @@ class Approvals:
 
     def grant_for(self, principal_key: tuple[str, str], operation: str, rule_id: str) -> Grant | None:
         return self.store.active_grant(principal_key, operation, rule_id, self.clock())
+
+    async def grant_for_request(self, principal_key: tuple[str, str], operation: str, rule_id: str) -> Grant | None:
+        """:meth:`grant_for` for a request in flight: a store on a server (PostgreSQL) looks the
+        grant up off the event loop, so other requests flow while it waits; the embedded store
+        answers from its local file at once."""
+        lookup = getattr(self.store, "active_grant_async", None)
+        if lookup is None:
+            return self.grant_for(principal_key, operation, rule_id)
+        return await lookup(principal_key, operation, rule_id, self.clock())
 
     def _settle(self, request_id: str) -> ApprovalRequest:
         final = self.store.get(request_id)
