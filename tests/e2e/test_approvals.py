@@ -493,7 +493,7 @@ def test_sigterm_drains_held_requests_get_503_and_requests_in_flight_finish(tmp_
 
     from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE
 
-    from .relay import MuteServer
+    from ..support.relay import MuteServer
 
     policy = policy_file(tmp_path, lookalike)
     pki = lookalike.state_dir / "pki"

@@ -33,8 +33,8 @@ from nhi_gateway.lookalike.pki import SERVER_CERT_FILE, SERVER_KEY_FILE, Signing
 
 from ..support.e2e import GRAPH, marker, nhi, reached, recorded, until
 from ..support.recordings import flows_under
+from ..support.relay import MuteServer, Relay
 from .conftest import start_gateway, stop
-from .relay import MuteServer, Relay
 
 LOGIN = "login.microsoftonline.com"
 FAULTY_GATEWAY = Path(__file__).with_name("faulty_gateway.py")

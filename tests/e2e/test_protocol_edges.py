@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from ..support.e2e import marker, raw_connect, reached, received
+from ..support.relay import Relay
 from .conftest import EXAMPLE_POLICY, gateway_running
-from .relay import Relay
 
 GRAPH = "graph.microsoft.com"
 IDN_UNICODE = "bücher.example"

@@ -17,8 +17,8 @@ import requests
 
 from ..support.approvals import API, MEGAN, WAIT, Call, add_password, cli, person, policy_file, workload_token
 from ..support.e2e import GRAPH, marker, reached_graph
+from ..support.relay import Relay
 from .conftest import start_gateway, stop
-from .relay import Relay
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2
 - ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,
   ``marker``, ``raw_connect``, ``proxy_basic``) and reads back (``reached_graph``, ``recorded``,
   ``audit_line``, ``until``).
+- ``relay``: a loopback TCP relay that can be made to stall, reset or go down (``Relay``), the
+  stand-in for Entra, Graph or PostgreSQL failing; a TLS upstream that misbehaves once
+  connected (``MuteServer``: silent, trickling, huge or slow).
 - ``approvals``: just-in-time approval through a running gateway: its policy, the workload's and
   the approvers' tokens, the approval API and CLI as an approver calls them, a held request in a
   thread of its own (``Call``, ``add_password``, ``hold``) and the audit lines of what became of it.

@@ -23,7 +23,7 @@ from nhi_gateway.approvals.store import (
     Approver,
     ApproverList,
 )
-from tests.e2e.relay import Relay
+from ..support.relay import Relay
 
 TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
 BOT = "7bd2d17b-a2d0-5ab8-a878-8aa5264c31c2"

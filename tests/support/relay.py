@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 
-from ..support.e2e import read_head
+from .e2e import read_head
 
 
 class Relay:
