@@ -14,7 +14,7 @@ import requests
 from nhi_gateway.policy.admission import LIMITS
 
 from ..support.e2e import GRAPH, get_token, marker, reached_graph, recorded
-from .test_protocol_edges import exchange, json_bodies, statuses
+from ..support.wire import exchange, json_bodies, read_response, statuses, tunnel
 
 
 @pytest.fixture
@@ -161,8 +161,6 @@ def test_a_head_that_never_ends_is_refused_431_and_not_buffered_on(gateway, look
     import socket
 
     from nhi_gateway.policy.admission import MAX_HEAD
-
-    from .test_protocol_edges import read_response, tunnel
 
     mark = marker()
     head = (f"GET https://graph.microsoft.com/v1.0/users?m={mark} HTTP/1.1\r\nHost: graph.microsoft.com\r\n"

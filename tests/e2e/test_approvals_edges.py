@@ -15,8 +15,8 @@ import pytest
 
 from ..support.approvals import audited_outcome, hold, policy_file
 from ..support.e2e import GRAPH, marker, reached_graph, use_proxy
+from ..support.wire import tunnel
 from .conftest import gateway_running
-from .test_protocol_edges import tunnel
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import subprocess
 
-import h2.config
-import h2.connection
-import h2.events
 import httpx
 import pytest
 
 from ..support.e2e import marker, raw_connect, reached, received
 from ..support.relay import Relay
+from ..support.wire import client_context, exchange, h2_request, h2_status, json_bodies, read_response, statuses
 from .conftest import EXAMPLE_POLICY, gateway_running
 
 GRAPH = "graph.microsoft.com"
@@ -73,77 +70,11 @@ def upstream_connections(relay: Relay) -> int:
     return sum(relay.accepted.values())
 
 
-# --- raw clients: what well-behaved libraries never send --------------------------------------
-
-
-def read_response(s, wait: float = 10.0, settle: float = 1.0, limit: int = 1 << 20) -> bytes:
-    """What the gateway sends until it closes, or falls silent for ``settle`` seconds once it
-    has answered (a keep-alive connection stays open), or for ``wait`` seconds before that."""
-    data = b""
-    s.settimeout(wait)
-    try:
-        while len(data) < limit and (chunk := s.recv(65536)):
-            data += chunk
-            if b"\r\n\r\n" in data:
-                s.settimeout(settle)
-    except (ConnectionResetError, TimeoutError, ssl.SSLError):
-        pass
-    return data
-
-
-def tunnel(gw, host: str = GRAPH, sni: str | None = None, alpn: list[str] | None = None) -> ssl.SSLSocket:
-    status, body, s = raw_connect(gw, host)
-    assert status == 200, body
-    ctx = ssl.create_default_context(cafile=gw.ca_cert)
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    return ctx.wrap_socket(s, server_hostname=sni or host.rstrip(".").lower())
-
-
-def exchange(gw, raw: bytes, host: str = GRAPH, sni: str | None = None, wait: float = 10.0) -> bytes:
-    """Send ``raw`` inside a TLS tunnel to ``host``; everything the gateway answers."""
-    tls = tunnel(gw, host, sni)
-    tls.sendall(raw)
-    data = read_response(tls, wait=wait)
-    tls.close()
-    return data
-
-
-def statuses(data: bytes) -> list[int]:
-    return [int(line.split()[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
-
-
-def json_bodies(data: bytes) -> list[dict]:
-    out = []
-    for part in data.split(b"HTTP/1.1 ")[1:]:
-        _, _, body = part.partition(b"\r\n\r\n")
-        try:
-            out.append(json.loads(body[: body.rfind(b"}") + 1]))
-        except ValueError:
-            pass
-    return out
-
-
 def nhi_of(doc: dict) -> dict:
     return doc["error"]["innerError"]["nhi-gateway"]
 
 
 # --- HTTP/2 and HTTP/1.1 ------------------------------------------------------------------------
-
-
-class H2First(ssl.SSLContext):
-    """Inside a proxy tunnel httpcore offers ALPN ``http/1.1, h2`` in that order, and mitmproxy
-    honours the client's order, so httpx would never speak HTTP/2 through the gateway. This
-    context offers ``h2`` first, as curl and browsers do."""
-
-    def set_alpn_protocols(self, protocols):
-        super().set_alpn_protocols(sorted(protocols, key=lambda p: p != "h2"))
-
-
-def client_context(ca: str, h2_first: bool) -> ssl.SSLContext:
-    ctx = H2First(ssl.PROTOCOL_TLS_CLIENT) if h2_first else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(ca)
-    return ctx
 
 
 # request: (method, path, expected status, expected rule)
@@ -191,46 +122,6 @@ def test_http2_and_http1_get_the_same_decisions(edges, lookalike, tokens, client
         line = audit_for(gw, mark)[-1]
         seen[name] = (line["decision"], line["rule"], line["status"])
     assert seen == {name: ("allow" if s == 200 else "deny", rule, s) for name, (_, _, s, rule) in DECISIONS.items()}
-
-
-def h2_request(gw, headers: list[tuple[str, str]], body: bytes = b"") -> tuple[list, bytes]:
-    """One HTTP/2 stream sent with the h2 library, validation of what we send switched off: the
-    events the gateway answered with, and the response body."""
-    tls = tunnel(gw, alpn=["h2"])
-    assert tls.selected_alpn_protocol() == "h2"
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False,
-        validate_inbound_headers=False))
-    conn.initiate_connection()
-    conn.send_headers(1, headers, end_stream=not body)
-    if body:
-        conn.send_data(1, body, end_stream=True)
-    tls.sendall(conn.data_to_send())
-    tls.settimeout(10)
-    seen, data = [], b""
-    try:
-        while not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated))
-                      for e in seen):
-            chunk = tls.recv(65536)
-            if not chunk:
-                break
-            for event in conn.receive_data(chunk):
-                seen.append(event)
-                if isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            tls.sendall(conn.data_to_send())
-    except (TimeoutError, ssl.SSLError, ConnectionResetError):
-        pass
-    tls.close()
-    return seen, data
-
-
-def h2_status(events) -> int | None:
-    for e in events:
-        if isinstance(e, h2.events.ResponseReceived):
-            return int(dict(e.headers)[b":status"])
-    return None
 
 
 def test_http2_authority_naming_another_host_is_misdirected(edges, lookalike, tokens):

@@ -11,10 +11,10 @@ import socket
 import pytest
 import requests
 
-from .conftest import start_gateway, stop
 from ..support.e2e import GRAPH, get_token, marker, reached_graph, until
 from ..support.recordings import flows_under
-from .test_protocol_edges import exchange, json_bodies, statuses
+from ..support.wire import client_context, exchange, h2_request, json_bodies, statuses
+from .conftest import start_gateway, stop
 
 
 @pytest.fixture
@@ -77,8 +77,6 @@ def test_a_request_mitmproxy_cannot_read_is_answered_in_json_audited_and_recorde
 def test_bytes_that_are_not_utf8_never_stop_the_recording(gateway, lookalike, token, where):
     mark = marker()
     if where.startswith("http2"):
-        from .test_protocol_edges import h2_request
-
         path, authority = (f"/v1.0/users?m={mark}&x=".encode() + b"\xff\xfe", b"graph.microsoft.com") \
             if where == "http2 path" else (f"/v1.0/users?m={mark}".encode(), b"gr\xffaph.microsoft.com")
         h2_request(gateway, [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", authority),
@@ -131,8 +129,6 @@ def closed_port() -> int:
 @pytest.mark.parametrize("http2", [False, True])
 def test_an_unreachable_upstream_is_answered_in_json_naming_no_address(tmp_path, lookalike, tokens, http2):
     import httpx
-
-    from .test_protocol_edges import client_context
 
     port = closed_port()
     gw = start_gateway(tmp_path / "gw", lookalike, extra_args=["--resolve", f"graph.microsoft.com=127.0.0.1:{port}"])

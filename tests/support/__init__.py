@@ -25,6 +25,10 @@ files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2
 - ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,
   ``marker``, ``raw_connect``, ``proxy_basic``) and reads back (``reached_graph``, ``recorded``,
   ``audit_line``, ``until``).
+- ``wire``: requests spelled byte by byte through a running gateway: a TLS ``tunnel`` inside a
+  CONNECT, raw bytes ``exchange``d through it and the answers taken apart (``statuses``,
+  ``json_bodies``), one HTTP/2 stream sent with h2 (``h2_request``), and an SSL context that offers
+  ``h2`` first (``client_context``).
 - ``relay``: a loopback TCP relay that can be made to stall, reset or go down (``Relay``), the
   stand-in for Entra, Graph or PostgreSQL failing; a TLS upstream that misbehaves once
   connected (``MuteServer``: silent, trickling, huge or slow).
