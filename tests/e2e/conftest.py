@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from ..support.approvals import ADELE, API, person, workload_token
+from ..support.policies import EXAMPLE_POLICY
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE_POLICY = REPO / "policies" / "example.yaml"
 BIN = Path(sys.executable).parent
 
 

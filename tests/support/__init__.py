@@ -8,7 +8,8 @@ files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2
 - ``policies``: the head of a policy document (``policy_head``: version, identity, upstreams) in
   the shapes the tests use (``SourceTrust``: a proxy source with a trust of its own), the issuer
   and audience spellings, the token endpoint's rule, and ``op`` (the operation a request is
-  judged as). A module appends its own ``masking`` and ``rules``.
+  judged as). A module appends its own ``masking`` and ``rules``. ``EXAMPLE_POLICY`` is the
+  shipped example, in ``SHIPPED_POLICIES``.
 - ``entra``: a stand-in for login.microsoftonline.com (``Entra``, ``entra_fetcher``) serving the
   discovery documents and keys of a look-alike ``EntraAuthority``, Entra's issuers for
   ``TrustSettings``, and the base64url and ``Basic`` encodings clients use.
@@ -20,6 +21,10 @@ files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2
 - ``groups``: a fake Graph for the gateway's own group lookups (``FakeGraph``), its credential and
   the calling app's principal.
 - ``recordings``: flows as the recorder writes them (``record``), rotated parts, reading them back.
+- ``traffic``: recorded traffic as the policy tools read it back: flows with the decision each
+  got (``recorded``, ``allowed``, ``denied``), written to a recording (``write_flows``), from
+  mcp-directory (``MCP_PRINCIPAL``) and rotation-bot (``ROTATION_BOT``); ``policy_cli`` runs
+  ``nhi-gateway policy``.
 - ``documents``: every place in a parsed policy document, and hypothesis edits of a policy's text.
 - ``masking``: the model of ``redact`` on a matched JSON value (``redacted``) and its ``leaves``.
 - ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,

@@ -32,9 +32,13 @@ key), so a module that switches to it keeps the line numbers it asserts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 from nhi_gateway.policy.operation import Operation
+
+SHIPPED_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+EXAMPLE_POLICY = SHIPPED_POLICIES / "example.yaml"
 
 GRAPH_HOST = "graph.microsoft.com"
 LOGIN_HOST = "login.microsoftonline.com"

@@ -9,16 +9,12 @@ import pytest
 
 from nhi_gateway.cli.main import main
 from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
-from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.permissions import DATA, PermissionReference, advise
-from tests.unit.test_policy_cli import OID, MCP, TENANT
-from tests.unit.test_policy_suggest import APP_OBJECT, BOT, USER, allowed, denied, write_flows
+
+from ..support.policies import op
+from ..support.traffic import APP_OBJECT, MCP, OID, ROTATION_BOT, TENANT, USER, allowed, denied, write_flows
 
 REFERENCE = PermissionReference.load()
-
-
-def op(method: str, target: str) -> Operation:
-    return Operation.from_request(method, "https", "graph.microsoft.com", 443, target)
 
 
 def test_the_reference_ships_with_its_license():
@@ -73,7 +69,7 @@ def test_advice_names_held_needed_and_excess_with_levels():
 
 
 def test_a_held_least_permission_is_the_one_needed():
-    [advice] = advise(observed(allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=BOT)))
+    [advice] = advise(observed(allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=ROTATION_BOT)))
     assert [p.name for p in advice.needed] == ["Application.ReadWrite.OwnedBy"]
     assert advice.excess == [] and advice.uncovered == []
 
@@ -91,7 +87,7 @@ def recordings(tmp_path) -> Path:
     write_flows(tmp_path / "r" / "a.mitm", [
         allowed("GET", "/v1.0/users?$top=5", who=OVERPRIVILEGED),
         denied("DELETE", f"/v1.0/users/{USER}", who=OVERPRIVILEGED),  # refused: needed nothing
-        allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=BOT),
+        allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=ROTATION_BOT),
         allowed("POST", "/tenant/oauth2/v2.0/token", who=None, host="login.microsoftonline.com"),
     ])
     return tmp_path / "r"

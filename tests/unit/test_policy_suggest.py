@@ -4,34 +4,37 @@ under which a replay of the same traffic changes no allowed decision."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from mitmproxy import io
 
-from nhi_gateway.identity.principal import AuthMethod, Principal, TokenSource
+from nhi_gateway.identity.principal import Principal
 from nhi_gateway.policy.decision import Action, Decision, Stage
 from nhi_gateway.policy.lint import policy_warnings
 from nhi_gateway.policy.loader import load_policy
 from nhi_gateway.policy.observed import from_audit_record, from_flow
-from nhi_gateway.policy.operation import Operation
 from nhi_gateway.policy.suggest import is_key, template
 from nhi_gateway.recording.audit import AuditLog
-from tests.unit.test_policy_cli import EXAMPLE, GRAPH, MCP, MCP_PRINCIPAL, RECORDED_AT, TENANT, recorded, run
 
-USER = "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b"
-APP_OBJECT = "b34e6fbe-e558-5361-ab5e-1089c54df4e8"
-BOT_APP = "a00780c4-4e70-52ba-ab0f-9b41ac40647f"
-BOT = Principal(TENANT, "7bd2d17b-a2d0-5ab8-a878-8aa5264c31c2", BOT_APP, "rotation-bot",
-                roles=("Application.ReadWrite.OwnedBy",), auth_method=AuthMethod.CERTIFICATE,
-                token_sources=(TokenSource.BEARER,))
+from ..support.policies import EXAMPLE_POLICY, GRAPH_HOST, LOGIN_HOST, op
+from ..support.traffic import (
+    APP_OBJECT,
+    MCP,
+    MCP_PRINCIPAL,
+    RECORDED_AT,
+    ROTATION_BOT,
+    TENANT,
+    USER,
+    allowed,
+    denied,
+    policy_cli,
+    recorded,
+    write_flows,
+)
+
 ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
-LOGIN = "login.microsoftonline.com"
-
-
-def op(method: str, target: str, host: str = GRAPH) -> Operation:
-    return Operation.from_request(method, "https", host, 443, target)
 
 
 @pytest.mark.parametrize("segment, key", [
@@ -61,22 +64,6 @@ def test_a_template_keeps_the_version_and_the_names(method, target, expected):
 # --- a recording of mixed traffic ---------------------------------------------------------------
 
 
-def allowed(method: str, target: str, who: Principal | None = MCP_PRINCIPAL, rule: str = "directory-read",
-            host: str = GRAPH, at: datetime = RECORDED_AT, mask: str | None = "directory-pii", **extra):
-    d = Decision(Action.ALLOW, Stage.POLICY, f"allowed by rule '{rule}'", rule_id=rule,
-                 operation=str(op(method, target, host)), principal=who.to_dict() if who else None,
-                 mask_profile=mask, extra=extra)
-    f = recorded(method, target, d, host=host)
-    f.request.timestamp_start = at.timestamp()
-    return f
-
-
-def denied(method: str, target: str, rule: str | None = None, who: Principal = MCP_PRINCIPAL):
-    d = Decision.deny(Stage.POLICY, 403, "Authorization_RequestDenied", "no", rule_id=rule,
-                      operation=str(op(method, target)), principal=who.to_dict())
-    return recorded(method, target, d)
-
-
 def approval_api_call():
     d = Decision(Action.ALLOW, Stage.POLICY, "approval API: list", operation="GET approvals-api /approvals",
                  principal=MCP_PRINCIPAL.to_dict(), extra={"approvals_api": "list"})
@@ -88,15 +75,6 @@ def approval_api_call():
 APPROVED = {"approval": {"id": "apr-1", "state": "approved", "reason": "CHG-1",
                          "approver": {"object_id": ADELE, "tenant_id": TENANT, "display_name": "Adele Vance"}},
             "approver": f"Adele Vance ({ADELE})"}
-
-
-def write_flows(path: Path, flows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        writer = io.FlowWriter(f)
-        for flow in flows:
-            writer.add(flow)
-    return path
 
 
 @pytest.fixture
@@ -115,10 +93,11 @@ def traffic(tmp_path) -> Path:
         approval_api_call(),
     ])
     write_flows(day / "rotation-bot.mitm", [
-        allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=BOT, rule="secret-rotation", **APPROVED),
+        allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=ROTATION_BOT, rule="secret-rotation",
+                **APPROVED),
     ])
     write_flows(tmp_path / "recordings" / "2025-07-07" / "anonymous.mitm", [
-        allowed("POST", f"/{TENANT}/oauth2/v2.0/token", who=None, rule="token-endpoint", host=LOGIN,
+        allowed("POST", f"/{TENANT}/oauth2/v2.0/token", who=None, rule="token-endpoint", host=LOGIN_HOST,
                 grant={"kind": "client_secret", "client_id": MCP, "tenant": TENANT}),
     ])
     return tmp_path / "recordings"
@@ -129,7 +108,7 @@ def base(tmp_path) -> Path:
     """The example policy as the traffic above was decided under it: like the demo's copy, its
     no-credential-minting rule holds for mcp-directory, and rotation-bot's addPassword waits for
     a person (rule secret-rotation)."""
-    text = EXAMPLE.read_text().replace("  - id: no-credential-minting\n", "  - id: no-credential-minting\n"
+    text = EXAMPLE_POLICY.read_text().replace("  - id: no-credential-minting\n", "  - id: no-credential-minting\n"
                                        f"    when: {{app_ids: [{MCP}]}}\n", 1)
     path = tmp_path / "base.yaml"
     path.write_text(text)
@@ -138,7 +117,7 @@ def base(tmp_path) -> Path:
 
 def suggest(capsys, tmp_path, *argv) -> tuple[Path, str]:
     out = tmp_path / "suggested.yaml"
-    code, _, err = run(capsys, "suggest", *argv, "-o", str(out))
+    code, _, err = policy_cli(capsys, "suggest", *argv, "-o", str(out))
     assert code == 0, err
     return out, out.read_text()
 
@@ -147,9 +126,9 @@ def test_the_suggestion_lints_and_replays_with_no_change_of_an_allowed_flow(caps
     path, text = suggest(capsys, tmp_path, "--base", str(base), str(traffic))
     policy = load_policy(path)
     assert policy_warnings(policy) == []
-    code, out, _ = run(capsys, "lint", "--strict", str(path))
+    code, out, _ = policy_cli(capsys, "lint", "--strict", str(path))
     assert code == 0, out
-    code, out, _ = run(capsys, "replay", "-v", "--policy", str(path), str(traffic))
+    code, out, _ = policy_cli(capsys, "replay", "-v", "--policy", str(path), str(traffic))
     assert "CHANGED" not in out and code == 0, out
     # Exactly the promise: every flow allowed before is decided the same way (and masked alike).
     for flow in (f for p in traffic.rglob("*.mitm") for f in io.FlowReader(p.open("rb")).stream()):
@@ -193,7 +172,7 @@ def test_one_rule_per_identity_with_what_it_was_seen_doing(capsys, tmp_path, tra
     ("POST", f"/v1.0/users/{USER}", MCP_PRINCIPAL),  # seen with GET only
     ("GET", f"/beta/users/{USER}", MCP_PRINCIPAL),  # seen on v1.0 only
     ("GET", f"/v1.0/users/{USER}/memberOf", MCP_PRINCIPAL),  # nothing broader than seen
-    ("GET", "/v1.0/users", BOT),  # another identity's operation
+    ("GET", "/v1.0/users", ROTATION_BOT),  # another identity's operation
 ])
 def test_what_was_not_seen_allowed_is_refused(capsys, tmp_path, traffic, base, method, target, who):
     path, _ = suggest(capsys, tmp_path, "--base", str(base), str(traffic))
@@ -217,7 +196,7 @@ def test_principal_since_and_until_narrow_what_is_read(capsys, tmp_path, traffic
                       "--since", "2025-07-07T10:00Z", str(traffic))
     rule = load_policy(path).rule("suggested-mcp-directory")
     assert [p.text for o in rule.operations for p in o.paths] == ["/v1.0/users/{id}"]
-    code, _, err = run(capsys, "suggest", "--until", "2025-07-07T09:00Z", str(traffic))
+    code, _, err = policy_cli(capsys, "suggest", "--until", "2025-07-07T09:00Z", str(traffic))
     assert code == 2 and "no allowed requests match" in err
 
 
@@ -232,7 +211,7 @@ def test_without_a_base_the_identity_and_upstreams_come_from_what_was_seen(capsy
     path, _ = suggest(capsys, tmp_path, str(traffic))
     policy = load_policy(path)
     assert policy.identity.tenants == frozenset({TENANT})
-    assert {u.host: str(u.token) for u in policy.upstreams} == {GRAPH: "any", LOGIN: "none"}
+    assert {u.host: str(u.token) for u in policy.upstreams} == {GRAPH_HOST: "any", LOGIN_HOST: "none"}
     assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/users?$select=displayName,id"), RECORDED_AT).allowed
 
 
@@ -247,8 +226,8 @@ def test_suggest_from_the_audit_trail(capsys, tmp_path, base):
          "operation": "GET approvals-api /approvals"},
         {**common, "event": "approval_requested", "method": "POST", "url": "https://graph.microsoft.com/v1.0/x",
          "decision": "approve"},
-        {**common, "principal": BOT.to_dict(), "method": "POST", "decision": "allow", "rule": "secret-rotation",
-         "url": f"https://graph.microsoft.com/v1.0/applications/{APP_OBJECT}/addPassword",
+        {**common, "principal": ROTATION_BOT.to_dict(), "method": "POST", "decision": "allow",
+         "rule": "secret-rotation", "url": f"https://graph.microsoft.com/v1.0/applications/{APP_OBJECT}/addPassword",
          "approver": f"Adele Vance ({ADELE})"},
     ]
     audit = tmp_path / "audit.jsonl"
@@ -260,7 +239,7 @@ def test_suggest_from_the_audit_trail(capsys, tmp_path, base):
     policy = load_policy(path)
     assert policy.decide(MCP_PRINCIPAL, op("GET", f"/v1.0/users/{USER}?$select=mail"), RECORDED_AT).allowed
     assert not policy.decide(MCP_PRINCIPAL, op("DELETE", f"/v1.0/users/{USER}"), RECORDED_AT).allowed
-    held = policy.decide(BOT, op("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword"), RECORDED_AT)
+    held = policy.decide(ROTATION_BOT, op("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword"), RECORDED_AT)
     assert held.action is Action.APPROVE and policy.rule(held.rule_id).approval.users == frozenset({ADELE})
 
 
@@ -270,7 +249,7 @@ def test_suggest_from_the_audit_trail(capsys, tmp_path, base):
     (["--since", "yesterday-ish", "x"], "expected a time"),
 ])
 def test_suggest_usage_errors_exit_2(capsys, argv, message):
-    code, _, err = run(capsys, "suggest", *argv)
+    code, _, err = policy_cli(capsys, "suggest", *argv)
     assert code == 2 and message in err
 
 
@@ -278,9 +257,8 @@ def test_suggest_usage_errors_exit_2(capsys, argv, message):
 
 
 def test_replay_of_approved_flows_and_approval_api_calls_under_the_same_policy_changes_nothing(capsys, tmp_path):
-    from tests.unit.test_policy_cli import write
-
-    policy = write(tmp_path, "approve.yaml", EXAMPLE.read_text().replace("\n  # - id: rotate-with-approval", """
+    policy = tmp_path / "approve.yaml"
+    policy.write_text(EXAMPLE_POLICY.read_text().replace("\n  # - id: rotate-with-approval", """
   - id: secret-rotation
     action: approve
     when: {app_ids: [a00780c4-4e70-52ba-ab0f-9b41ac40647f]}
@@ -290,32 +268,34 @@ def test_replay_of_approved_flows_and_approval_api_calls_under_the_same_policy_c
                                            "    when: {auth_methods: [client_secret]}\n", 1))
     timed_out = {"approval": {"id": "apr-2", "state": "timed_out", "approver": None, "reason": ""}}
     refused = Decision.deny(Stage.POLICY, 403, "Authorization_RequestDenied", "approval timed out",
-                            rule_id="secret-rotation", principal=BOT.to_dict(), extra=timed_out)
+                            rule_id="secret-rotation", principal=ROTATION_BOT.to_dict(), extra=timed_out)
     path = write_flows(tmp_path / "r.mitm", [
-        allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=BOT, rule="secret-rotation", **APPROVED),
+        allowed("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", who=ROTATION_BOT, rule="secret-rotation",
+                **APPROVED),
         recorded("POST", f"/v1.0/applications/{APP_OBJECT}/addPassword", refused),
         approval_api_call(),
     ])
-    code, out, _ = run(capsys, "replay", "--policy", str(policy), str(path))
+    code, out, _ = policy_cli(capsys, "replay", "--policy", str(policy), str(path))
     assert code == 0 and "CHANGED" not in out, out
     assert "a call to the gateway's approval API" in out
     assert "2 re-decided, 0 would change" in out
     # An approval-held operation that a new policy simply allows is a change, and says so.
-    loose = write(tmp_path, "loose.yaml", policy.read_text().replace("    action: approve\n    when: {app_ids",
-                                                                     "    action: allow\n    when: {app_ids", 1)
-                  .replace("    approval: {approvers: {users: [0f573d36-fa84-5b0a-917c-50d218f4571b]}}\n", "", 1))
-    code, out, _ = run(capsys, "replay", "--policy", str(loose), str(path))
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(policy.read_text().replace("    action: approve\n    when: {app_ids",
+                                                "    action: allow\n    when: {app_ids", 1)
+                     .replace("    approval: {approvers: {users: [0f573d36-fa84-5b0a-917c-50d218f4571b]}}\n", "", 1))
+    code, out, _ = policy_cli(capsys, "replay", "--policy", str(loose), str(path))
     assert code == 1 and "approve (secret-rotation) -> allow (secret-rotation" in out, out
 
 
 def test_a_base_deny_rule_that_refuses_what_was_allowed_is_left_out_and_said(capsys, tmp_path, traffic):
     # The example's own no-credential-minting refuses rotation-bot's approved addPassword: the
     # traffic was not decided under it, and the suggestion must not refuse its own evidence.
-    path, text = suggest(capsys, tmp_path, "--base", str(EXAMPLE), str(traffic))
+    path, text = suggest(capsys, tmp_path, "--base", str(EXAMPLE_POLICY), str(traffic))
     assert "# Left out the base's deny rule 'no-credential-minting': it refuses 1 request allowed when recorded." in text
     policy = load_policy(path)
     assert policy.rule("no-credential-minting") is None and policy.rule("no-key-material") is not None
-    code, out, _ = run(capsys, "replay", "--policy", str(path), str(traffic))
+    code, out, _ = policy_cli(capsys, "replay", "--policy", str(path), str(traffic))
     assert code == 0, out
 
 
@@ -345,7 +325,7 @@ def test_answers_masked_under_different_profiles_keep_their_profiles(capsys, tmp
     policy = load_policy(out)
     assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/users"), RECORDED_AT).mask_profile == "directory-pii"
     assert policy.decide(MCP_PRINCIPAL, op("GET", "/v1.0/groups"), RECORDED_AT).mask_profile == "groups-pii"
-    code, out_text, _ = run(capsys, "replay", "--policy", str(out), str(path))
+    code, out_text, _ = policy_cli(capsys, "replay", "--policy", str(out), str(path))
     assert code == 0, out_text
 
 
@@ -359,5 +339,5 @@ def test_where_several_tenants_are_trusted_the_rule_names_the_one_seen(capsys, t
     assert policy.rule("suggested-mcp-directory").when.tenants == frozenset({TENANT})
     elsewhere = Principal(other, MCP_PRINCIPAL.object_id, MCP, "mcp-directory")
     assert not policy.decide(elsewhere, op("GET", "/v1.0/users"), RECORDED_AT).allowed
-    code, out, _ = run(capsys, "replay", "--policy", str(path), str(traffic))
+    code, out, _ = policy_cli(capsys, "replay", "--policy", str(path), str(traffic))
     assert code == 0, out
