@@ -1,7 +1,8 @@
 """End-to-end harness: the real look-alike servers and the real gateway process, on loopback.
 
 Clients are configured the way users configure them: HTTPS_PROXY and a CA bundle (see
-``tests/support/e2e.py`` for what a test does as a client and reads back).
+``tests/support/e2e.py`` for what a test does as a client and reads back). A gateway whose
+policy refuses by a rule the tests own (``REFUSING_RULE``): ``start_with_a_deny_rule``.
 
 For the approval tests (``tests/support/approvals.py``): ``authority`` (the look-alike's own
 keys), ``workload`` (a rotation-bot token for this test's own service principal, or the one
@@ -197,6 +198,33 @@ def gateway_running(workdir: Path, lookalike: Lookalike, **kwargs) -> Iterator[R
         yield gw
     finally:
         stop(gw.proc)
+
+
+REFUSING_RULE = "recordings-refuse-user-deletes"
+
+
+def policy_with_a_deny_rule(directory: Path) -> Path:
+    """The example policy plus one deny rule the tests own (``REFUSING_RULE``: DELETE of a user),
+    so a refusal by a named rule does not depend on how the example's own rules evolve."""
+    text = EXAMPLE_POLICY.read_text().rstrip("\n") + f"""
+
+  - id: {REFUSING_RULE}
+    description: the recordings tests' own refusal
+    action: deny
+    operations:
+      - host: graph.microsoft.com
+        methods: [DELETE]
+        paths: ["/users/{{id}}"]
+"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+def start_with_a_deny_rule(workdir: Path, lookalike: Lookalike, extra_args=()) -> RunningGateway:
+    """``start_gateway`` with :func:`policy_with_a_deny_rule` written to ``workdir``."""
+    return start_gateway(workdir, lookalike, policy=policy_with_a_deny_rule(workdir), extra_args=list(extra_args))
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ..support.e2e import GRAPH, cli
-from .conftest import stop
-from .test_recordings import REFUSING_RULE, session_for, start
+from ..support.e2e import GRAPH, cli, session_for
+from .conftest import REFUSING_RULE, start_with_a_deny_rule, stop
 
 
 @pytest.fixture(scope="module")
 def trail(tmp_path_factory, lookalike, tokens):
     """A gateway's audit trail holding an allowed, a refused and a bad-token request (by marker)."""
-    gw = start(tmp_path_factory.mktemp("audit-cli"), lookalike)
+    gw = start_with_a_deny_rule(tmp_path_factory.mktemp("audit-cli"), lookalike)
     marks = {kind: uuid.uuid4().hex for kind in ("allowed", "refused", "bad-token")}
     try:
         client = session_for(gw)

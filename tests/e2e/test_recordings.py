@@ -18,50 +18,14 @@ import requests
 
 from nhi_gateway.recording.files import scan
 
-from ..support.e2e import GRAPH, cli, marker
-from .conftest import BIN, EXAMPLE_POLICY, gateway_running, start_gateway, stop
-
-REFUSING_RULE = "recordings-refuse-user-deletes"
-
-
-def policy_with_a_deny_rule(directory: Path) -> Path:
-    """The example policy plus one deny rule these tests own, so a refusal by a named rule does
-    not depend on how the example's own rules evolve."""
-    text = EXAMPLE_POLICY.read_text().rstrip("\n") + f"""
-
-  - id: {REFUSING_RULE}
-    description: the recordings tests' own refusal
-    action: deny
-    operations:
-      - host: graph.microsoft.com
-        methods: [DELETE]
-        paths: ["/users/{{id}}"]
-"""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "policy.yaml"
-    path.write_text(text)
-    return path
-
-
-def start(workdir: Path, lookalike, extra_args=()):
-    return start_gateway(workdir, lookalike, policy=policy_with_a_deny_rule(workdir), extra_args=list(extra_args))
-
+from ..support.e2e import GRAPH, cli, marker, session_for
+from .conftest import BIN, REFUSING_RULE, gateway_running, policy_with_a_deny_rule, start_with_a_deny_rule, stop
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, lookalike):
     workdir = tmp_path_factory.mktemp("recordings-gateway")
     with gateway_running(workdir, lookalike, policy=policy_with_a_deny_rule(workdir)) as gw:
         yield gw
-
-
-def session_for(gw) -> requests.Session:
-    """A client configured as users configure one: HTTPS_PROXY and the gateway's CA."""
-    s = requests.Session()
-    s.trust_env = False  # the same settings, without touching this process's environment
-    env = gw.client_env()
-    s.proxies = {"https": env["HTTPS_PROXY"]}
-    s.verify = env["REQUESTS_CA_BUNDLE"]
-    return s
 
 
 def recorded_flows(recordings: Path) -> list:
@@ -159,7 +123,8 @@ def methods_shown(mitmdump_output: str) -> list[str]:
 
 
 def test_recordings_rotate_by_size_and_hour_and_each_part_opens(tmp_path, lookalike, tokens):
-    gw = start(tmp_path / "gw", lookalike, ["--recordings-max-bytes", "8k", "--recordings-rotate", "hourly"])
+    gw = start_with_a_deny_rule(tmp_path / "gw", lookalike,
+                                ["--recordings-max-bytes", "8k", "--recordings-rotate", "hourly"])
     marks = [marker() for _ in range(12)]
     try:
         client = session_for(gw)
@@ -209,7 +174,7 @@ EXPECTED_STATUS = {"allowed": 200, "refused": 403, "bad-token": 401}
 
 
 def test_under_load_every_request_is_audited_and_recorded_exactly_once(tmp_path, lookalike, tokens):
-    gw = start(tmp_path / "gw", lookalike)
+    gw = start_with_a_deny_rule(tmp_path / "gw", lookalike)
     token = tokens()
     user_id = lookalike.app("mcp-directory")["object_id"]
     requests_sent = [(KINDS[i % 3], f"load{i:03d}-{marker()}") for i in range(300)]
@@ -253,7 +218,7 @@ def test_under_load_every_request_is_audited_and_recorded_exactly_once(tmp_path,
 
 def test_kill_9_loses_at_most_the_flows_in_progress_and_leaves_every_file_readable(tmp_path, lookalike, tokens):
     workdir = tmp_path / "gw"
-    gw = start(workdir, lookalike, ["--recordings-max-bytes", "160k"])  # a few parts per app
+    gw = start_with_a_deny_rule(workdir, lookalike, ["--recordings-max-bytes", "160k"])  # a few parts per app
     token = tokens()
     user_id = lookalike.app("mcp-directory")["object_id"]
     answered: dict[str, int] = {}  # marks whose response reached the client
@@ -320,7 +285,7 @@ def test_kill_9_loses_at_most_the_flows_in_progress_and_leaves_every_file_readab
     assert all(statuses[m] == status for m, status in answered.items())
 
     # The next start recovers: every file opens in mitmdump, the chain verifies.
-    again = start(workdir, lookalike)
+    again = start_with_a_deny_rule(workdir, lookalike)
     try:
         r = session_for(again).get(f"{GRAPH}/v1.0/users?m=after-{marker()}",
                                    headers={"Authorization": f"Bearer {token}"}, timeout=20)

@@ -28,7 +28,7 @@ files (``tests/unit/conftest.py``: ``authority``, ``tokens``, ``gw``; ``tests/e2
 - ``documents``: every place in a parsed policy document, and hypothesis edits of a policy's text.
 - ``masking``: the model of ``redact`` on a matched JSON value (``redacted``) and its ``leaves``.
 - ``e2e``: what an end-to-end test does as a client of the running gateway (``use_proxy``,
-  ``marker``, ``raw_connect``, ``proxy_basic``) and reads back (``reached_graph``, ``recorded``,
+  ``session_for``, ``marker``, ``raw_connect``, ``proxy_basic``) and reads back (``reached_graph``, ``recorded``,
   ``audit_line``, ``until``).
 - ``wire``: requests spelled byte by byte through a running gateway: a TLS ``tunnel`` inside a
   CONNECT, raw bytes ``exchange``d through it and the answers taken apart (``statuses``,

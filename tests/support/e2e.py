@@ -38,6 +38,16 @@ def use_proxy(monkeypatch, gateway, token: str | None = None) -> None:
             monkeypatch.setenv(k, v)
 
 
+def session_for(gw) -> requests.Session:
+    """A client configured as users configure one: HTTPS_PROXY and the gateway's CA."""
+    s = requests.Session()
+    s.trust_env = False  # the same settings, without touching this process's environment
+    env = gw.client_env()
+    s.proxies = {"https": env["HTTPS_PROXY"]}
+    s.verify = env["REQUESTS_CA_BUNDLE"]
+    return s
+
+
 def received(lookalike, mark: str) -> list[dict]:
     """The requests the look-alike (Graph and Entra's endpoints) received with ``mark`` in their path."""
     return [line for line in lookalike.received() if mark in line.get("path", "")]
