@@ -7,6 +7,10 @@ test mints a service principal of its own, so grants of one test never cover ano
 the approvers are its users, with delegated tokens for the gateway's app registration. The
 fixtures built on these (``authority``, ``workload``, ``adele``, ``api``) are in
 ``tests/e2e/conftest.py``.
+
+Without a gateway, the unit tests of the approval store (SQLite and PostgreSQL alike) hold one
+request: rotation-bot's addPassword (``open_request``), under the ``SETTINGS`` of rule
+secret-rotation, decided by Adele (``ME``) or Alex (``ALEX_APPROVER``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import httpx
 import requests
 
+from nhi_gateway.approvals.store import Approvals, ApprovalSettings, Approver, ApproverList
+
 from .e2e import GRAPH, marker
 from .e2e import cli as nhi_gateway
 from .policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
@@ -28,7 +34,7 @@ from .policies import ALL_GRAPH_AUDIENCES, V1_ISSUER, V2_ISSUER, policy_head
 # Users of the look-alike tenant (lookalike/directory.py: stable ids).
 ADELE = ("0f573d36-fa84-5b0a-917c-50d218f4571b", "Adele Vance")  # named in the rules
 MEGAN = ("03bc8a03-1dad-59dd-8239-0e5b03001054", "Megan Bowen")  # in Finance, named by group
-ALEX = ("9d30a7d1-85d0-5d80-8734-f6a6cb79de21", "Alex Wilber")  # named by no rule
+ALEX = ("9d30a7d1-85d0-5d80-8734-f6a6cb79de21", "Alex Wilber")  # named by no rule of policy_text
 SELF_LISTED = "6f1d2c3b-0000-4000-8000-00000000a11f"  # a workload the policy also names as approver
 WAIT = 30.0  # the longest any test waits for the gateway to reach a state (never asserted)
 
@@ -236,3 +242,24 @@ def cli(gateway, token: str, *args: str) -> subprocess.CompletedProcess:
     env.update(NHI_APPROVER_TOKEN=token, NHI_APPROVALS_API=gateway.info["approvals_api"],
                PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")  # never the tester's own keyring
     return nhi_gateway("approvals", *args, env=env, timeout=60)
+
+
+# --- the approval store, without a gateway ----------------------------------------------------------
+
+TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"  # the look-alike tenant
+BOT_APP = "a00780c4-4e70-52ba-ab0f-9b41ac40647f"  # rotation-bot's application
+BOT = "7bd2d17b-a2d0-5ab8-a878-8aa5264c31c2"  # its service principal: the workload whose request is held
+BOT_PRINCIPAL = {"tenant_id": TENANT, "object_id": BOT, "app_id": BOT_APP, "display_name": "rotation-bot"}
+TARGET = "/v1.0/applications/b34e6fbe-e558-5361-ab5e-1089c54df4e8/addPassword"
+OPERATION = "POST graph.microsoft.com /v1.0/applications/b34e6fbe-e558-5361-ab5e-1089c54df4e8/addpassword"
+ME = Approver(TENANT, *ADELE)  # the approver a test decides as
+ALEX_APPROVER = Approver(TENANT, *ALEX)  # another one, deciding at the same time
+# rotation-bot is named as an approver too, so that a test sees it still cannot approve its own request.
+SETTINGS = ApprovalSettings("secret-rotation", ApproverList(frozenset({ADELE[0], ALEX[0], BOT}), frozenset()),
+                            120, 3600)
+
+
+def open_request(approvals: Approvals, settings: ApprovalSettings = SETTINGS):
+    """rotation-bot's addPassword, held for a decision under ``settings``."""
+    return approvals.open(settings=settings, principal=BOT_PRINCIPAL, operation=OPERATION, method="POST",
+                          url="https://graph.microsoft.com" + TARGET, digest="sha256:00", flow_id="f1")

@@ -45,18 +45,15 @@ from nhi_gateway.identity.principal import Principal, TokenSource
 from nhi_gateway.identity.signing_keys import KeyStore
 from nhi_gateway.identity.tokens import TokenVerifier
 
+from ..support.approvals import BOT, BOT_APP, ME, OPERATION, SETTINGS, TARGET, TENANT, open_request
 from ..support.entra import LOGIN, entra_fetcher
 from ..support.policies import V1_ISSUER, V2_ISSUER, policy_head
 
-TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
-BOT_APP = "a00780c4-4e70-52ba-ab0f-9b41ac40647f"
-BOT = "7bd2d17b-a2d0-5ab8-a878-8aa5264c31c2"
 ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
 ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
 FINANCE = "fa763154-4fe2-5fa2-9700-3c383daf712a"
 AZURE_CLI = "04b07795-8ddb-461a-bbee-02f9e1bf7b46"
 GATEWAY_API = "7aebfec0-9a46-5038-80cb-18b0fabd868c"  # the gateway's own app registration
-TARGET = "/v1.0/applications/b34e6fbe-e558-5361-ab5e-1089c54df4e8/addPassword"
 
 POLICY = policy_head(TENANT, issuers=(V1_ISSUER, V2_ISSUER)) + f"""\
 approvals:
@@ -85,8 +82,6 @@ rules:
         methods: [GET]
         paths: ["/users/**"]
 """
-
-ME = Approver(TENANT, ADELE, "Adele Vance")
 
 
 # --- durations, digests, texts -------------------------------------------------------------------
@@ -164,16 +159,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-SETTINGS = ApprovalSettings("secret-rotation", ApproverList(frozenset({ADELE, BOT}), frozenset()), 120, 3600)
-BOT_PRINCIPAL = {"tenant_id": TENANT, "object_id": BOT, "app_id": BOT_APP, "display_name": "rotation-bot"}
-OPERATION = "POST graph.microsoft.com /v1.0/applications/b34e6fbe-e558-5361-ab5e-1089c54df4e8/addpassword"
-
-
-def open_request(approvals: Approvals, settings: ApprovalSettings = SETTINGS, principal: dict = BOT_PRINCIPAL):
-    return approvals.open(settings=settings, principal=principal, operation=OPERATION, method="POST",
-                          url="https://graph.microsoft.com" + TARGET, digest="sha256:00", flow_id="f1")
 
 
 @pytest.fixture

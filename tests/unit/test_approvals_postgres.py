@@ -14,32 +14,10 @@ import psycopg
 import pytest
 
 from nhi_gateway.approvals.postgres import SCHEMA_VERSION, PostgresApprovalStore, describe, migrate
-from nhi_gateway.approvals.store import (
-    ApprovalError,
-    Approvals,
-    ApprovalSettings,
-    ApprovalState,
-    ApprovalStoreError,
-    Approver,
-    ApproverList,
-)
+from nhi_gateway.approvals.store import ApprovalError, Approvals, ApprovalState, ApprovalStoreError, Approver
+
+from ..support.approvals import ALEX_APPROVER, BOT, ME, OPERATION, SETTINGS, TENANT, open_request
 from ..support.relay import Relay
-
-TENANT = "8a1f3c52-6d4e-4b7a-9c2f-5e0d1b7a3f96"
-BOT = "7bd2d17b-a2d0-5ab8-a878-8aa5264c31c2"
-ADELE = "0f573d36-fa84-5b0a-917c-50d218f4571b"
-ALEX = "9d30a7d1-85d0-5d80-8734-f6a6cb79de21"
-ME = Approver(TENANT, ADELE, "Adele Vance")
-ALEX_APPROVER = Approver(TENANT, ALEX, "Alex Wilber")
-SETTINGS = ApprovalSettings("secret-rotation", ApproverList(frozenset({ADELE, ALEX}), frozenset()), 120, 3600)
-BOT_PRINCIPAL = {"tenant_id": TENANT, "object_id": BOT, "app_id": "a0", "display_name": "rotation-bot"}
-OPERATION = "POST graph.microsoft.com /v1.0/applications/x/addpassword"
-
-
-def open_request(approvals: Approvals, settings: ApprovalSettings = SETTINGS):
-    return approvals.open(settings=settings, principal=BOT_PRINCIPAL, operation=OPERATION, method="POST",
-                          url="https://graph.microsoft.com/v1.0/applications/x/addPassword", digest="sha256:00",
-                          flow_id="f1")
 
 
 @pytest.fixture
