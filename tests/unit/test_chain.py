@@ -17,7 +17,7 @@ import json
 import pytest
 from mitmproxy import flow, http
 from mitmproxy.proxy.mode_specs import ProxyMode
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
 from nhi_gateway.addons import approval as approval_module
 from nhi_gateway.addons import guard as guard_module
@@ -47,7 +47,6 @@ from ..support.chain import (
     UPSTREAM_SECRET,
     USERS,
     boom,
-    build_gateway,
     connect,
     exchange,
     graph_json,
@@ -372,14 +371,13 @@ async def test_unwritable_recording_refuses_and_stops_the_gateway_until_it_recov
 
 async def test_audit_line_says_what_the_client_got_when_recording_fails(tmp_path, authority, tokens, monkeypatch):
     audit_path = tmp_path / "audit.jsonl"
-    gw = build_gateway(tmp_path, authority, audit_path=audit_path)
 
     def disk_full(self, flow, connections=None):
         raise OSError(28, "No space left on device")
 
     # The request half is written ahead (and forwarded); the disk fills before the answer is written.
     monkeypatch.setattr(Recorder, "record_now", disk_full)
-    with taddons.context(*gw.chain):
+    with running_gateway(tmp_path, authority, audit_path=audit_path) as gw:
         client = await tunnel(gw)
         f = graph_request(client, bearer=tokens["reader"])
         assert await exchange(gw.chain, f, graph_json(USERS)) is not None
