@@ -1,5 +1,7 @@
 """The package's folders are the stages of the chain, and imports point one way: the domain
-packages (what the command-line tools reuse) never depend on the proxy that runs them."""
+packages (what the command-line tools reuse) never depend on the proxy that runs them. The tests
+share their helpers the same way: through ``tests/support`` and the ``conftest.py`` files, never by
+importing one another."""
 
 import ast
 from pathlib import Path
@@ -9,6 +11,7 @@ import pytest
 import nhi_gateway
 
 PACKAGE = Path(nhi_gateway.__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 DOMAIN = ("identity", "policy", "approvals", "masking", "recording")
 RUNTIME = ("addons", "proxy", "cli")
 STAGES = DOMAIN + RUNTIME + ("lookalike", "demo", "bench")
@@ -76,3 +79,63 @@ def test_each_stage_says_what_it_owns(stage):
     assert init.exists(), f"{stage}/ has no __init__.py"
     doc = ast.get_docstring(ast.parse(init.read_text()))
     assert doc and len(doc) > 40, f"{stage}/__init__.py says nothing about what it owns"
+
+
+def module_file(module: str, importer: Path, tests: Path) -> Path | None:
+    """The file under ``tests`` that ``module`` (as ``importer`` spells it) names, if any. A bare
+    name is looked for next to the importer: where it is found when the importer's folder is on
+    ``sys.path``."""
+    parts = module.split(".")
+    base = tests.parent if parts[0] == tests.name else importer.parent
+    path = base.joinpath(*parts).with_suffix(".py")
+    return path if path.is_file() else None
+
+
+def imports_of_other_tests(tests: Path = TESTS) -> list[str]:
+    """Every import, in a module under ``tests``, of a module that is neither in ``support/`` nor a
+    ``conftest.py``: a test module, or a helper living among them."""
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for line, module in sorted(imported_modules(path, tests)):
+            target = module_file(module, path, tests)
+            if target and target.name != "conftest.py" and (tests / "support") not in target.parents:
+                found.append(f"{path.relative_to(tests)}:{line} imports {module}")
+    return found
+
+
+def test_tests_share_helpers_through_support_and_conftest_only():
+    assert imports_of_other_tests() == [], "move what test modules share to tests/support/ (fixtures: a conftest.py)"
+
+
+def test_the_check_sees_a_test_module_imported_in_any_spelling(tmp_path):
+    """The checker itself: a test module that imports another test module, or a helper living among
+    the tests, is caught however it spells the import; support modules and conftest.py are not."""
+    tests = tmp_path / "tests"
+    for folder in ("unit", "e2e", "support"):
+        (tests / folder).mkdir(parents=True)
+        (tests / folder / "__init__.py").write_text("")
+    (tests / "__init__.py").write_text("")
+    (tests / "conftest.py").write_text("")
+    (tests / "e2e" / "conftest.py").write_text("")
+    (tests / "e2e" / "relay.py").write_text("")
+    (tests / "e2e" / "test_b.py").write_text("")
+    (tests / "support" / "wire.py").write_text("from ..e2e.test_b import x\n")
+    (tests / "unit" / "test_c.py").write_text("")
+    (tests / "e2e" / "test_a.py").write_text(
+        "from .test_b import x\n"
+        "from tests.unit.test_c import y\n"
+        "from . import test_b\n"
+        "import tests.unit.test_c\n"
+        "from .relay import Relay\n"
+        "def f():\n    from ..unit import test_c\n"
+        "import test_b\n"
+        "from .conftest import gateway_running\n"
+        "from ..conftest import z\n"
+        "from ..support.wire import tunnel\n"
+        "from ..support import wire\n"
+        "from tests.support.wire import exchange\n"
+        "import json\n")
+    found = imports_of_other_tests(tests)
+    assert sorted({f.split(" imports ")[0] for f in found}) == [
+        "e2e/test_a.py:1", "e2e/test_a.py:2", "e2e/test_a.py:3", "e2e/test_a.py:4", "e2e/test_a.py:5",
+        "e2e/test_a.py:7", "e2e/test_a.py:8", "support/wire.py:1"]
