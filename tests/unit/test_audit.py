@@ -8,7 +8,12 @@ import sys
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy import http
+from mitmproxy.test import tutils
 
+from nhi_gateway.addons.audit import url_of
 from nhi_gateway.recording import audit
 from nhi_gateway.recording.audit import GENESIS, AuditLog, AuditWriteError, Problem, verify_chain
 
@@ -499,3 +504,18 @@ def test_an_exact_copy_of_a_line_is_named_as_inserted(tmp_path, at, copy_of):
     path.write_bytes(b"\n".join(lines) + b"\n")
     assert [(p.line, p.kind) for p in verify_chain(path)] == [(at, "inserted")]
     assert f"an exact copy of line {copy_of}" in str(verify_chain(path)[0])
+
+
+# --- the URL of an audit line: mitmproxy's pretty_url, read cheaply where it can be -------------
+
+_hosts = st.sampled_from(["graph.microsoft.com", "login.microsoftonline.com", "127.0.0.1", "[::1]", "xn--bcher-kva.example"])
+
+
+@given(scheme=st.sampled_from(["https", "http"]), host=_hosts, port=st.sampled_from([443, 80, 8443]),
+       host_header=st.one_of(st.none(), _hosts, st.builds(lambda h, p: f"{h}:{p}", _hosts, st.sampled_from([443, 80, 8443]))),
+       path=st.sampled_from(["/v1.0/users?$top=5", "*", "/", "/v1.0/me/messages?$filter=a%20eq%20b"]))
+def test_an_audit_line_names_the_url_as_mitmproxy_s_pretty_url_does(scheme, host, port, host_header, path):
+    headers = http.Headers([(b"host", host_header.encode())] if host_header is not None else [])
+    request = tutils.treq(scheme=scheme.encode(), host=host.strip("[]"), port=port, path=path.encode(),
+                          authority=b"", headers=headers)
+    assert url_of(request) == request.pretty_url

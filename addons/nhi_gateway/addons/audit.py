@@ -6,6 +6,7 @@ import logging
 import time
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
 from nhi_gateway.recording.audit import AuditLog, AuditWriteError
 from nhi_gateway.policy.batch import BATCH_KEY, inner_flow_id
@@ -22,10 +23,20 @@ logger = logging.getLogger(__name__)
 AUDITED_KEY = "nhi.audited"
 
 
+def url_of(r: http.Request) -> str:
+    """The request's URL as mitmproxy's ``pretty_url`` writes it (the Host header's name), without
+    parsing the Host header when it is just the request's host on its scheme's default port (most
+    requests: pretty_url would write the URL itself)."""
+    if r.method == "CONNECT":
+        return f"{r.host}:{r.port}"
+    if r.host_header == r.host and r.port == url.default_port(r.scheme):
+        return r.url
+    return r.pretty_url
+
+
 def audit_record(flow: http.HTTPFlow) -> dict:
     decision = decision_of(flow)
     r = flow.request
-    url = f"{r.host}:{r.port}" if r.method == "CONNECT" else r.pretty_url
     if flow.error is not None:
         # The client never got flow.response: mitmproxy answered (400, 413, 502), or reset the
         # stream or connection (0).
@@ -39,7 +50,7 @@ def audit_record(flow: http.HTTPFlow) -> dict:
         "flow_id": flow.id,
         "principal": (decision.principal if decision else None) or None,
         "method": r.method,
-        "url": url,
+        "url": url_of(r),
         "decision": str(decision.action) if decision else "deny",
         "rule": decision.rule_id if decision else None,
         "stage": str(decision.stage) if decision else "guard",

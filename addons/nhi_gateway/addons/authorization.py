@@ -33,9 +33,34 @@ from nhi_gateway.addons.identity import PRINCIPAL_KEY
 logger = logging.getLogger(__name__)
 
 
+OPERATION_KEY = "nhi.operation_memo"
+
+
+class _OperationMemo:
+    """The operation of a request, with the request line it was read from. A live object, so
+    it never crosses to the recording process nor reaches a recording."""
+
+    __slots__ = ("line", "operation", "error")
+
+    def __init__(self, line: tuple, operation: Operation | None, error: OperationError | None) -> None:
+        self.line, self.operation, self.error = line, operation, error
+
+
 def operation_of(flow: http.HTTPFlow) -> Operation:
+    """The request's operation (raises OperationError as Operation.from_request does). Object
+    names, membership and authorization each ask; it is worked out once per request line."""
     r = flow.request
-    return Operation.from_request(r.method, r.scheme, r.host, r.port, r.path)
+    line = (r.method, r.scheme, r.host, r.port, r.path)
+    memo = flow.metadata.get(OPERATION_KEY)
+    if memo is None or memo.line != line:
+        try:
+            memo = _OperationMemo(line, Operation.from_request(*line), None)
+        except OperationError as e:
+            memo = _OperationMemo(line, None, e)
+        flow.metadata[OPERATION_KEY] = memo
+    if memo.error is not None:
+        raise memo.error.with_traceback(None)  # each caller's own traceback, not all of them
+    return memo.operation
 
 
 def numbers_problem(request: http.Request) -> str | None:
