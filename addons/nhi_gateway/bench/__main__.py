@@ -50,6 +50,9 @@ def run_main(argv: list[str]) -> int:
     p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help=f"gateway policy (default {DEFAULT_POLICY})")
     p.add_argument("--profile", type=_positive(float), metavar="SECONDS",
                    help="after measuring, sample the gateway with py-spy under load for this long")
+    p.add_argument("--hooks", type=_positive(float), metavar="SECONDS",
+                   help="after measuring, count a gateway's CPU per addon hook (its event loop's thread CPU "
+                        "clock) under keep-alive c=10 load for this long")
     p.add_argument("--records", type=Path, metavar="DIR",
                    help="where the gateway writes recordings and audit (default: the workdir); the audit "
                         "trail is fsynced per line, so this disk's flush latency shows in the figures")
@@ -59,7 +62,7 @@ def run_main(argv: list[str]) -> int:
     settings = Settings.for_mode(
         args.quick, duration=args.duration, rounds=args.rounds, memory_requests=args.memory_requests,
         decisions=args.decisions, upstream=args.upstream, policy=args.policy.resolve(), workdir=args.workdir,
-        keep=args.keep or bool(args.workdir), profile=args.profile, records=args.records)
+        keep=args.keep or bool(args.workdir), profile=args.profile, hooks=args.hooks, records=args.records)
     if not settings.policy.exists():
         print(f"bench: no policy at {settings.policy}", file=sys.stderr)
         return 2

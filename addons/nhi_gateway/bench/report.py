@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nhi_gateway.bench import hooks
+
 SATURATED = 90.0  # % of one core: a process this busy is (one of) what limits the run
 
 
@@ -103,6 +105,13 @@ def targets(results: dict) -> list[TargetCheck]:
                                   c1["added_p50_ms"] <= 1.0))
         checks.append(TargetCheck("added p99", "<= 5 ms (keep-alive, c=1)", f"{c1['added_p99_ms']:+.2f} ms",
                                   c1["added_p99_ms"] <= 5.0))
+    total = [(name, comp[name]["total_cpu_per_request_ratio"]) for name in ("keep-alive c=10", "keep-alive c=1")
+             if name in comp]
+    if total:
+        checks.append(TargetCheck(
+            "all processes", "gateway's processes together <= 1.0x bare's CPU per request (keep-alive c=10, c=1)",
+            ", ".join(f"{r:.2f}x at {name.removeprefix('keep-alive ')}" for name, r in total),
+            all(r <= 1.0 for _, r in total)))
     gw_mem = next((m for m in results["memory"] if m["target"] == "gateway"), None)
     if gw_mem:
         full = gw_mem["requests"] >= 100_000
@@ -249,6 +258,8 @@ def render(results: dict) -> str:
     warn = warnings(results)
     if warn:
         lines += ["", "notes:"] + [f"  - {w}" for w in warn]
+    if results.get("hook_cpu"):
+        lines += ["", *hooks.render(results["hook_cpu"])]
     prof = results.get("profile")
     if prof:
         lines += ["", render_profile(prof)]

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nhi_gateway.bench import decisions, grants, load, procstat
+from nhi_gateway.bench import decisions, grants, hooks, load, procstat
 from nhi_gateway.bench.launch import free_port
 from nhi_gateway.bench.upstream import CannedResponse
 
@@ -81,6 +81,7 @@ class Settings:
     workdir: Path | None = None
     keep: bool = False
     profile: float = 0.0  # seconds of py-spy on the gateway under keep-alive c=10 load; 0: none
+    hooks: float = 0.0  # seconds of per-hook CPU accounting on a gateway of its own; 0: none
     records: Path | None = None  # where the gateway writes recordings and audit (default: workdir)
 
     @classmethod
@@ -133,13 +134,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(name: str, argv: list[str], workdir: Path, ready: Path | None = None) -> Process:
+def spawn(name: str, argv: list[str], workdir: Path, ready: Path | None = None,
+          env: dict[str, str] | None = None) -> Process:
     if ready is not None:
         ready.unlink(missing_ok=True)  # a kept workdir's old ready file would name a dead port
     log = workdir / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=workdir, preexec_fn=_die_with_parent)
+                                 cwd=workdir, preexec_fn=_die_with_parent,
+                                 env={**os.environ, **env} if env else None)
     return Process(name, popen, log)
 
 
@@ -360,9 +363,11 @@ class Bench:
         # The same gateway as two workers sharing the port (run --workers 2), for issue 15's targets.
         await self.start_gateways({"gateway-w2": (self.settings.policy, ["--workers", "2"])})
 
-    async def start_gateways(self, gateways: dict[str, tuple[Path, list[str]]]) -> None:
+    async def start_gateways(self, gateways: dict[str, tuple[Path, list[str]]],
+                             env: dict[str, str] | None = None) -> None:
         """Start a gateway per name (its policy, more ``run`` arguments), all at once, each with
-        recordings of its own; each becomes a target of that name once ready."""
+        recordings of its own; each becomes a target of that name once ready. ``env``: more
+        environment for them."""
         w = self.workdir
         started = {}
         for name, (policy, extra) in gateways.items():
@@ -379,7 +384,7 @@ class Bench:
                 # of the URL whatever getaddrinfo says.
                 "--resolve", f"login.microsoftonline.com=127.0.0.1:{self.lookalike_port}",
                 "--resolve", f"sts.windows.net=127.0.0.1:{self.lookalike_port}",
-            ], w / f"{name}.json")
+            ], w / f"{name}.json", env)
         for name, proc in started.items():
             ready = await wait_for_json(w / f"{name}.json", proc)
             self.proxies[name] = proc
@@ -393,8 +398,8 @@ class Bench:
             if proc is not None:
                 proc.stop()
 
-    def _spawn(self, name: str, argv: list[str], ready: Path | None) -> Process:
-        proc = spawn(name, argv, self.workdir, ready)
+    def _spawn(self, name: str, argv: list[str], ready: Path | None, env: dict[str, str] | None = None) -> Process:
+        proc = spawn(name, argv, self.workdir, ready, env)
         self.processes.append(proc)
         return proc
 
@@ -563,6 +568,10 @@ async def run_all(settings: Settings, say=print) -> dict:
 
             say(f"  profiling the gateway with py-spy for {settings.profile:g}s under keep-alive c=10 ...")
             profile = await profile_gateway(bench, settings.profile)
+        hook_cpu = None
+        if settings.hooks > 0:
+            say(f"  CPU per addon hook: a gateway of its own, {settings.hooks:g}s under keep-alive c=10 ...")
+            hook_cpu = await hooks.measure(bench, settings.hooks, say)
         records = bench.gateway_records()
         # Last, with its own gateways: what a grant looked up in PostgreSQL adds (issue 15).
         measured, grant_lookup = await grants.measure(bench, LATENCY, say)
@@ -589,6 +598,7 @@ async def run_all(settings: Settings, say=print) -> dict:
         "memory": [m.to_dict() for m in memory],
         "decisions": [t.to_dict() for t in timings],
         "profile": profile,
+        "hook_cpu": hook_cpu,
         "grant_lookup": grant_lookup,
         "wall_seconds": round(time.monotonic() - started, 1),
     }

@@ -50,7 +50,7 @@ from nhi_gateway.approvals.store import Approvals, ApprovalStore, ApprovalStoreE
 from nhi_gateway.approvals.postgres import PostgresApprovalStore
 from nhi_gateway.approvals.state import StateBackend, sqlite_path
 from nhi_gateway.recording.audit import AuditCopy, AuditLog
-from nhi_gateway.proxy.dispatch import IndexedAddonManager
+from nhi_gateway.proxy.dispatch import HOOK_CPU_ENV, HookClock, IndexedAddonManager
 from nhi_gateway.proxy.egress import Address, EgressClient
 from nhi_gateway.proxy.protocol_errors import answer_protocol_errors_as_graph, tell_when_clients_leave_a_held_request
 from nhi_gateway.identity.groups import DEFAULT_TTL, GraphCredential, GroupResolver
@@ -307,7 +307,10 @@ async def start(config: GatewayConfig) -> Gateway:
     )
     # With its own log handler (nhi_gateway.proxy.logs, set up by `run`), mitmproxy's is not added.
     m = master.Master(opts, with_termlog=not config.own_log_handler)
-    IndexedAddonManager.install(m)  # each event only to the addons that have its hook
+    # Each event only to the addons that have its hook; with NHI_HOOK_CPU=<file> (the benchmark's
+    # --hooks), the CPU of each hook is counted and written there.
+    hook_cpu = os.environ.get(HOOK_CPU_ENV)
+    IndexedAddonManager.install(m, HookClock(Path(hook_cpu)) if hook_cpu else None)
     builtin = [
         core.Core(),
         disable_h2c.DisableH2C(),
