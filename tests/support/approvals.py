@@ -259,7 +259,10 @@ SETTINGS = ApprovalSettings("secret-rotation", ApproverList(frozenset({ADELE[0],
                             120, 3600)
 
 
+HELD = {"principal": BOT_PRINCIPAL, "operation": OPERATION, "method": "POST",
+        "url": "https://graph.microsoft.com" + TARGET, "digest": "sha256:00", "flow_id": "f1"}
+
+
 def open_request(approvals: Approvals, settings: ApprovalSettings = SETTINGS):
     """rotation-bot's addPassword, held for a decision under ``settings``."""
-    return approvals.open(settings=settings, principal=BOT_PRINCIPAL, operation=OPERATION, method="POST",
-                          url="https://graph.microsoft.com" + TARGET, digest="sha256:00", flow_id="f1")
+    return approvals.open(settings=settings, **HELD)

@@ -16,7 +16,7 @@ import pytest
 from nhi_gateway.approvals.postgres import SCHEMA_VERSION, PostgresApprovalStore, describe, migrate
 from nhi_gateway.approvals.store import ApprovalError, Approvals, ApprovalState, ApprovalStoreError, Approver
 
-from ..support.approvals import ALEX_APPROVER, BOT, ME, OPERATION, SETTINGS, TENANT, open_request
+from ..support.approvals import ALEX_APPROVER, BOT, HELD, ME, OPERATION, SETTINGS, TENANT, open_request
 from ..support.relay import Relay
 
 
@@ -311,3 +311,23 @@ async def test_a_grant_lookup_that_gets_no_answer_in_time_fails_closed_and_frees
         task.result()
     assert postgres.CALL_TIMEOUT <= waited < postgres.CALL_TIMEOUT + 1.0
     assert lag < 0.25
+
+
+async def test_a_held_request_is_opened_off_the_event_loop_and_fails_closed_past_the_timeout(replicas, postgres_url):
+    a = Approvals(replicas())
+    with psycopg.connect(postgres_url) as locker:  # the approvals table locked for half a second
+        locker.execute("LOCK TABLE approvals IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, locker.rollback).start()
+        lag, task = await _loop_lag_while(a.open_request(settings=SETTINGS, **HELD))
+    opened = task.result()
+    assert a.store.get(opened.id).state is ApprovalState.PENDING
+    assert lag < 0.25  # the loop ticked on while the row waited for the lock
+    a.cancel(opened.id, "test over")
+    with psycopg.connect(postgres_url) as locker:  # locked past the store's call timeout
+        locker.execute("LOCK TABLE approvals IN ACCESS EXCLUSIVE MODE")
+        lag, task = await _loop_lag_while(a.open_request(settings=SETTINGS, **HELD))
+        locker.rollback()
+    with pytest.raises(ApprovalStoreError):
+        task.result()
+    assert lag < 0.25
+    assert set(a._waiting) == {opened.id}  # nothing waits for the request that was never stored

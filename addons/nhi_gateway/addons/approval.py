@@ -196,7 +196,7 @@ class Approval:
             self._release(flow, approved(decision, None, grant), f"grant {grant.id} of approval {grant.approval_id} "
                           f"(approved by {grant.approver.label}) covers it")
             return
-        held = self._open(flow, decision, settings)
+        held = await self._open(flow, decision, settings)
         if held is None:
             return
         client = flow.client_conn.id
@@ -242,9 +242,9 @@ class Approval:
         flow = self._flows.get(approval_id)
         return None if flow is None else decision_in_force(self.policies, flow)
 
-    def _open(self, flow: http.HTTPFlow, decision: Decision, settings: ApprovalSettings) -> ApprovalRequest | None:
+    async def _open(self, flow: http.HTTPFlow, decision: Decision, settings: ApprovalSettings) -> ApprovalRequest | None:
         r = flow.request
-        held = self.approvals.open(
+        held = await self.approvals.open_request(
             settings=settings, principal=decision.principal or {}, operation=decision.operation,
             method=r.method, url=redact_url(r.url), digest=request_digest(r.method, r.url, r.raw_content or b""),
             body_size=len(r.raw_content or b""), body_preview=body_preview(r), flow_id=flow.id,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -641,15 +642,44 @@ class Approvals:
 
     def open(self, *, settings: ApprovalSettings, principal: dict, operation: str, method: str, url: str,
              digest: str, body_size: int = 0, body_preview: str = "", flow_id: str = "") -> ApprovalRequest:
+        request = self._new_request(settings, principal, operation, method, url, digest, body_size, body_preview,
+                                    flow_id)
+        self.store.add(request)
+        self._waiting[request.id] = asyncio.get_running_loop().create_future()
+        return request
+
+    async def open_request(self, *, settings: ApprovalSettings, principal: dict, operation: str, method: str,
+                           url: str, digest: str, body_size: int = 0, body_preview: str = "",
+                           flow_id: str = "") -> ApprovalRequest:
+        """:meth:`open` for a request in flight: a store on a server writes it off the event loop."""
+        request = self._new_request(settings, principal, operation, method, url, digest, body_size, body_preview,
+                                    flow_id)
+        # Waited for before it exists: a decision through another replica may come as soon as the
+        # row is committed, and is delivered only to a request that is waited for.
+        self._waiting[request.id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._off_loop(self.store.add, request)
+        except BaseException:
+            self._waiting.pop(request.id, None)
+            raise
+        return request
+
+    def _new_request(self, settings: ApprovalSettings, principal: dict, operation: str, method: str, url: str,
+                     digest: str, body_size: int, body_preview: str, flow_id: str) -> ApprovalRequest:
         now = self.clock()
-        request = ApprovalRequest(
+        return ApprovalRequest(
             id=new_id("apr"), rule_id=settings.rule_id, principal=dict(principal), operation=operation,
             method=method, url=url, digest=digest, created_at=now, expires_at=now + settings.timeout,
             max_grant=settings.max_grant, body_size=body_size, body_preview=body_preview, flow_id=flow_id,
         )
-        self.store.add(request)
-        self._waiting[request.id] = asyncio.get_running_loop().create_future()
-        return request
+
+    async def _off_loop(self, work: Callable, *args):
+        """``work(*args)`` in a worker thread when the store talks to a server (PostgreSQL, which
+        bounds each call at 2 s), so the event loop serves other requests meanwhile; the embedded
+        store answers from its local file at once, on the loop."""
+        if getattr(self.store, "active_grant_async", None) is None:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(work, *args))
 
     async def outcome(self, request: ApprovalRequest) -> ApprovalRequest:
         """Wait until the request is decided, cancelled or expires; returns its final state."""
@@ -661,8 +691,9 @@ class Approvals:
                     return await asyncio.wait_for(asyncio.shield(future), remaining)
                 except TimeoutError:
                     pass
-            self.store.finish(request.id, ApprovalState.TIMED_OUT, reason="approval timed out", now=self.clock())
-            final = self.store.get(request.id)
+            await self._off_loop(functools.partial(self.store.finish, request.id, ApprovalState.TIMED_OUT,
+                                                   reason="approval timed out", now=self.clock()))
+            final = await self._off_loop(self.store.get, request.id)
             assert final is not None
             return final
         finally:
