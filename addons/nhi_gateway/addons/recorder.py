@@ -63,9 +63,7 @@ class Recorder(FlowRecorder):
                 self.record_now(flow)
             self.on_write("flow", time.perf_counter() - started, True)
         except OSError as e:
-            self.on_write("flow", time.perf_counter() - started, False)
-            self.health.fail("recording", str(e) if self.process is not None
-                             else f"cannot write {self.directory}: {e.strerror or e}")
+            self.failed("flow", started, e)
             if live and isinstance(flow, http.HTTPFlow):
                 refuse(flow, Decision.deny(
                     Stage.GUARD, 503, "ServiceUnavailable",
@@ -99,6 +97,13 @@ class Recorder(FlowRecorder):
             return
         flow.metadata[RECORDED_KEY] = True
         self.health.recover("recording")
+
+    def failed(self, kind: str, started: float, e: OSError) -> None:
+        """A write of ``kind`` (flow, write_ahead) the disk or the recording process refused:
+        counted, and the gateway reported unhealthy until a write succeeds again."""
+        self.on_write(kind, time.perf_counter() - started, False)
+        self.health.fail("recording", str(e) if self.process is not None
+                         else f"cannot write {self.directory}: {e.strerror or e}")
 
     def _not_recorded(self, flow: http.HTTPFlow) -> Decision:
         if flow.server_conn is not None and flow.server_conn.timestamp_start is not None:
@@ -179,9 +184,7 @@ class WriteAhead:
                 recorder.write_ahead(flow)
             recorder.on_write("write_ahead", time.perf_counter() - started, True)
         except OSError as e:
-            recorder.on_write("write_ahead", time.perf_counter() - started, False)
-            recorder.health.fail("recording", str(e) if recorder.process is not None
-                                 else f"cannot write {recorder.directory}: {e.strerror or e}")
+            recorder.failed("write_ahead", started, e)
             refuse(flow, Decision.deny(
                 Stage.GUARD, 503, "ServiceUnavailable",
                 "the gateway could not record this request before forwarding it, so it refused it",

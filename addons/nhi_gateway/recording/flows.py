@@ -182,23 +182,27 @@ class FlowRecorder:
         ``request_part``: its request half as redacted for the write-ahead log (``kept_request``)."""
         decision = decision_of(flow)
         disk = redacted_state(flow, request_part)
-        annotate(disk, decision, flow)
-        if self.worker:
-            disk["metadata"]["nhi.worker"] = str(self.worker)
-        if comment_prefix:
-            disk["comment"] = scrub_text(comment_prefix) + disk["comment"]
-        # One record, one write(): a kill never leaves half a flow behind an earlier whole one.
-        try:
-            record = self._encode(disk, flow, connections)
-        except UnicodeEncodeError:
-            # Text that is not UTF-8 (a host, a header name): recorded escaped, and said so.
-            disk = escape_unencodable(disk)
-            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
-            record = self._encode(disk, flow, connections)
+        record = self._annotated_record(disk, decision, flow, connections, scrub_text(comment_prefix))
         base = recording_path(self.directory, decision, datetime.now(UTC), self.hourly, self.worker)
         path = self.writer.append(base, record)
         self.last_path = path
         return path
+
+    def _annotated_record(self, disk: dict, decision: Decision | None, flow, connections: tuple[bytes, bytes] | None,
+                comment_prefix: str = "") -> bytes:
+        """The redacted state ``disk``, annotated for review, as one record. One record, one
+        write(): a kill never leaves half a flow behind an earlier whole one."""
+        annotate(disk, decision, flow)
+        if self.worker:
+            disk["metadata"]["nhi.worker"] = str(self.worker)
+        disk["comment"] = comment_prefix + disk["comment"]
+        try:
+            return self._encode(disk, flow, connections)
+        except UnicodeEncodeError:
+            # Text that is not UTF-8 (a host, a header name): recorded escaped, and said so.
+            disk = escape_unencodable(disk)
+            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
+            return self._encode(disk, flow, connections)
 
     def _encode(self, disk: dict, flow, connections: tuple[bytes, bytes] | None) -> bytes:
         if connections is None:
@@ -231,16 +235,7 @@ class FlowRecorder:
             self.kept.move_to_end(flow.id)
             while len(self.kept) > self.keep_requests:
                 self.kept.popitem(last=False)
-        annotate(disk, decision, flow)
-        disk["comment"] = "FORWARDING · " + disk["comment"]
-        if self.worker:
-            disk["metadata"]["nhi.worker"] = str(self.worker)
-        try:
-            record = self._encode(disk, flow, connections)
-        except UnicodeEncodeError:
-            disk = escape_unencodable(disk)
-            disk["metadata"]["nhi.escaped"] = "text that was not UTF-8 is written with \\x escapes"
-            record = self._encode(disk, flow, connections)
+        record = self._annotated_record(disk, decision, flow, connections, "FORWARDING · ")
         return self.writer.append(write_ahead_base(self.directory, datetime.now(UTC), self.worker), record)
 
     def close(self) -> None:
