@@ -21,8 +21,9 @@ from ..support.relay import Relay
 
 
 @pytest.fixture
-def replicas(postgres_url):
-    """Two replicas' stores on one database, listening; closed after."""
+async def replicas(postgres_url):
+    """Two replicas' stores on one database, listening; closed after, on the test's event loop
+    (the loop's connection pool must be closed on it, as the gateway does when it stops)."""
     made = []
 
     def make(url: str = postgres_url, **kw) -> PostgresApprovalStore:
@@ -34,7 +35,7 @@ def replicas(postgres_url):
 
     yield make
     for s in made:
-        s.close()
+        await s.aclose()
 
 
 def test_the_schema_is_versioned_and_migrating_twice_changes_nothing(postgres_url, replicas):
@@ -331,3 +332,74 @@ async def test_a_held_request_is_opened_off_the_event_loop_and_fails_closed_past
         task.result()
     assert lag < 0.25
     assert set(a._waiting) == {opened.id}  # nothing waits for the request that was never stored
+
+
+# --- nothing an approver or a leaving client does holds the event loop on the server ------------
+
+
+async def test_an_approvers_decision_through_the_api_waits_off_the_event_loop(replicas, postgres_url):
+    a = Approvals(replicas())
+    request = open_request(a)
+    waiting = asyncio.ensure_future(a.outcome(request))
+    with psycopg.connect(postgres_url) as locker:  # the approvals table locked for half a second
+        locker.execute("LOCK TABLE approvals IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, locker.rollback).start()
+        lag, task = await _loop_lag_while(a.off_loop(a.approve, request.id, ME, grant_seconds=60))
+    approved, grant = task.result()
+    assert approved.state is ApprovalState.APPROVED and grant is not None
+    assert lag < 0.25  # the loop ticked on while the decision waited for the lock
+    final = await asyncio.wait_for(waiting, 1.0)  # and the held request, on the loop, was released
+    assert final.state is ApprovalState.APPROVED and final.grant_id == grant.id
+
+
+async def test_a_client_leaving_cancels_its_held_request_without_holding_the_event_loop(replicas, postgres_url):
+    a = Approvals(replicas())
+    request = open_request(a)
+    waiting = asyncio.ensure_future(a.outcome(request))
+    said = []
+    with psycopg.connect(postgres_url) as locker:
+        locker.execute("LOCK TABLE approvals IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, locker.rollback).start()
+        started = time.monotonic()
+        a.cancel_soon(request.id, "the client disconnected", then=said.append)  # from a hook: returns at once
+        assert time.monotonic() - started < 0.1
+        lag, task = await _loop_lag_while(asyncio.wait_for(waiting, 3.0))
+    assert lag < 0.25
+    final = task.result()
+    assert final.state is ApprovalState.CANCELLED and final.reason == "the client disconnected"
+    assert said == [final]
+    assert a.store.get(request.id).state is ApprovalState.CANCELLED
+
+
+async def test_a_decision_that_wakes_a_held_request_is_read_without_holding_the_event_loop(replicas, postgres_url):
+    a = Approvals(replicas())
+    request = open_request(a)
+    waiting = asyncio.ensure_future(a.outcome(request))
+    with psycopg.connect(postgres_url) as decider:  # another replica's decision, committed in half a second
+        decider.execute("UPDATE approvals SET state = 'denied', reason = 'no' WHERE id = %s", (request.id,))
+        decider.execute("LOCK TABLE approvals IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, decider.commit).start()
+        a.store._changed(request.id)  # a notification (or a reconnect) arrives while the row is locked
+        lag, task = await _loop_lag_while(asyncio.wait_for(waiting, 3.0))
+    assert lag < 0.25
+    assert task.result().state is ApprovalState.DENIED
+
+
+async def test_readiness_and_metrics_ask_the_server_off_the_event_loop(replicas, postgres_url):
+    from nhi_gateway.addons.admin import gateway_checks, readiness
+    from nhi_gateway.addons.metrics import GatewayMetrics, state_metrics
+
+    a = Approvals(replicas())
+    check = [c for c in gateway_checks(None, None, None, None, None, a, None) if c.__name__ == "check_approvals"]
+    metrics = GatewayMetrics()
+    metrics.watch(state_metrics(None, a, None, None))
+    with psycopg.connect(postgres_url) as locker:
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, locker.rollback).start()
+        lag, ready = await _loop_lag_while(readiness(check))
+        assert lag < 0.25 and ready.result()[0]
+    with psycopg.connect(postgres_url) as locker:
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        threading.Timer(0.5, locker.rollback).start()
+        lag, scraped = await _loop_lag_while(a.off_loop(metrics.exposition))
+        assert lag < 0.25 and b"nhi_grants_active" in scraped.result()

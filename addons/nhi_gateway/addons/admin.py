@@ -13,9 +13,10 @@ listener these paths are Graph requests like any other.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -39,12 +40,14 @@ class Check:
     detail: str
 
 
-def readiness(checks: list[Callable[[], Check]]) -> tuple[bool, list[Check]]:
-    """Run every check; one that raises is a failed check, never a crash of the probe."""
+async def readiness(checks: list[Callable[[], Check | Awaitable[Check]]]) -> tuple[bool, list[Check]]:
+    """Run every check (a check that asks a server is a coroutine); one that raises is a failed
+    check, never a crash of the probe."""
     results = []
     for check in checks:
         try:
-            results.append(check())
+            result = check()
+            results.append(await result if inspect.isawaitable(result) else result)
         except Exception as e:  # noqa: BLE001 - a broken check means "not ready", said so
             name = getattr(check, "__name__", "check").removeprefix("check_")
             results.append(Check(name, False, f"the check failed: {type(e).__name__}: {e}"))
@@ -52,13 +55,17 @@ def readiness(checks: list[Callable[[], Check]]) -> tuple[bool, list[Check]]:
 
 
 class Admin:
-    def __init__(self, metrics: GatewayMetrics, checks: list[Callable[[], Check]], require_tls: bool = False) -> None:
+    def __init__(self, metrics: GatewayMetrics, checks: list[Callable[[], Check | Awaitable[Check]]],
+                 require_tls: bool = False, off_loop: Callable[..., Awaitable] | None = None) -> None:
         self.metrics = metrics
         self.checks = checks
+        # Scraping reads the approvals store (grants in force): with a store on a server, in a
+        # worker thread (Approvals.off_loop), so a slow server never holds the event loop.
+        self.off_loop = off_loop
         self.require_tls = require_tls  # --admin-tls-cert given: plain HTTP on the admin listener is refused
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or not is_api_flow(flow):
             return
         if self.require_tls and not flow.client_conn.tls_established:
@@ -76,7 +83,7 @@ class Admin:
         elif path == "/healthz":
             flow.response = _json(200, {"status": "serving"})
         elif path == "/readyz":
-            ready, results = readiness(self.checks)
+            ready, results = await readiness(self.checks)
             if not ready:
                 logger.warning("not ready: %s", "; ".join(f"{c.name}: {c.detail}" for c in results if not c.ok))
             flow.response = _json(200 if ready else 503, {
@@ -84,8 +91,10 @@ class Admin:
                 "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in results},
             })
         else:
+            exposition = (self.metrics.exposition() if self.off_loop is None
+                          else await self.off_loop(self.metrics.exposition))
             flow.response = http.Response.make(
-                200, self.metrics.exposition(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+                200, exposition, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 def _json(status: int, body: dict) -> http.Response:
@@ -130,10 +139,11 @@ def gateway_checks(policies, key_store, trusted_issuers, recorder, health, appro
             return Check("audit", False, health.problems["audit"])
         return Check("audit", True, "writable")
 
-    def check_approvals() -> Check:
+    async def check_approvals() -> Check:
         import time
 
-        approvals.store.grants(now=time.time(), active_only=True, limit=1)  # raises when unreachable
+        # Raises when unreachable; off the event loop with a store on a server.
+        await approvals.off_loop(approvals.store.grants, now=time.time(), active_only=True, limit=1)
         return Check("approvals", True, "store reachable")
 
     def check_serving() -> Check:

@@ -146,7 +146,7 @@ class Approval:
         held = [approval_id for ids in self._held.values() for approval_id in ids]
         for approval_id in held:
             try:
-                self.approvals.cancel(approval_id, reason)
+                self.approvals.cancel_soon(approval_id, reason)
             except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
                 logger.error("cancelling approval %s at stop failed: %r", approval_id, e)
         return len(held)
@@ -216,7 +216,7 @@ class Approval:
         logger.info("flow %s: approval %s %s%s", flow.id, final.id, final.state,
                     f" by {final.approver.label}" if final.approver else "")
         if final.state is ApprovalState.APPROVED:
-            grant = self.approvals.store.grant(final.grant_id) if final.grant_id else None
+            grant = await self.approvals.find_grant(final.grant_id) if final.grant_id else None
             assert final.approver is not None
             self._release(flow, approved(decision, final, grant), f"approved by {final.approver.label} "
                           f"(approval {final.id})")
@@ -263,7 +263,7 @@ class Approval:
             except AuditWriteError as e:
                 # Nobody may act on a request the trail does not show was asked.
                 self.health.fail("audit", str(e))
-                self.approvals.cancel(held.id, "the gateway could not write the audit trail")
+                await self.approvals.cancel_async(held.id, "the gateway could not write the audit trail")
                 refuse(flow, Decision.deny(
                     Stage.GUARD, 503, "ServiceUnavailable",
                     "the gateway could not write the audit trail, so it refused the request", check="audit",
@@ -297,8 +297,7 @@ class Approval:
     def client_disconnected(self, client: connection.Client) -> None:
         try:
             for approval_id in self._held.pop(client.id, ()):
-                if self.approvals.cancel(approval_id, "the client disconnected while the request was held"):
-                    logger.info("approval %s cancelled: the client disconnected", approval_id)
+                self._cancel(approval_id, "the client disconnected while the request was held")
         except Exception as e:  # noqa: BLE001 - the held hook then times out, which also refuses
             logger.error("cancelling the approvals of client %s failed: %r", client.id, e)
 
@@ -306,8 +305,15 @@ class Approval:
         """The client gave up this one request (an HTTP/2 stream reset) while it was held: as for
         a disconnect, nobody waits for it any more, so nobody may approve it."""
         approval_id = self._held_flows.get(flow.id)
-        if approval_id is not None and self.approvals.cancel(approval_id, why):
-            logger.info("approval %s cancelled: %s", approval_id, why)
+        if approval_id is not None:
+            self._cancel(approval_id, why)
+
+    def _cancel(self, approval_id: str, why: str) -> None:
+        def cancelled(final) -> None:
+            if final is not None:
+                logger.info("approval %s cancelled: %s", approval_id, why)
+
+        self.approvals.cancel_soon(approval_id, why, then=cancelled)
 
     def done(self) -> None:
         for task in self._tasks:

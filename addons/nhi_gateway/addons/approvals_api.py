@@ -305,14 +305,15 @@ class ApprovalsAPI:
         if path == "/approvals":
             self._method(method, "GET")
             rules = await self._rules_for(principal, approver, known)
-            requests = [r for r in self.approvals.store.requests(pending_only=not everything) if r.rule_id in rules]
+            listed = await self.approvals.off_loop(self.approvals.store.requests, pending_only=not everything)
+            requests = [r for r in listed if r.rule_id in rules]
             return 200, {"approvals": [self._view(r, approver) for r in requests]}, "list approvals"
         if m := _ACTION.fullmatch(path):
             self._method(method, "POST")
             return await self._decide(flow, m.group(1), m.group(2), principal, approver, known)
         if m := _APPROVAL.fullmatch(path):
             self._method(method, "GET")
-            request = self._request(m.group(1))
+            request = await self._request(m.group(1))
             await self._named(approval_rules(self.policies.current).get(request.rule_id), request.rule_id,
                               principal, approver, known)
             return 200, {"approval": self._view(request, approver)}, f"show {request.id}"
@@ -320,7 +321,8 @@ class ApprovalsAPI:
             self._method(method, "GET")
             rules = await self._rules_for(principal, approver, known)
             now = self.approvals.clock()
-            grants = [g for g in self.approvals.store.grants(now=now, active_only=not everything) if g.rule_id in rules]
+            listed = await self.approvals.off_loop(self.approvals.store.grants, now=now, active_only=not everything)
+            grants = [g for g in listed if g.rule_id in rules]
             return 200, {"grants": [g.to_dict(now) for g in grants]}, "list grants"
         if m := _GRANT.fullmatch(path):
             self._method(method, "DELETE")
@@ -349,8 +351,8 @@ class ApprovalsAPI:
         if method != expected:
             raise _refusal(ApprovalError(405, "BadRequest", f"use {expected} here, not {method}"))
 
-    def _request(self, request_id: str) -> ApprovalRequest:
-        request = self.approvals.store.get(request_id)
+    async def _request(self, request_id: str) -> ApprovalRequest:
+        request = await self.approvals.off_loop(self.approvals.store.get, request_id)
         if request is None:
             raise _refusal(ApprovalError(404, "NotFound", f"no approval request {request_id!r}"))
         return request
@@ -394,7 +396,7 @@ class ApprovalsAPI:
                 raise _bad_request(f"'for': {e}") from None
         elif "for" in body and body["for"] not in (None, ""):
             raise _bad_request("'for' applies to approve only")
-        request = self._request(request_id)
+        request = await self._request(request_id)
         if action == "approve":
             try:
                 check_not_self(request, approver)  # whatever the policy says, and said first
@@ -408,16 +410,16 @@ class ApprovalsAPI:
         try:
             # Check first, write the audit line, then act: nothing is decided that the trail lacks.
             if action == "approve":
-                self.approvals.check_approve(request.id, approver, seconds, cap)
+                await self.approvals.off_loop(self.approvals.check_approve, request.id, approver, seconds, cap)
             else:
-                self.approvals.pending(request.id)
+                await self.approvals.off_loop(self.approvals.pending, request.id)
             self._audit(request, "approved" if action == "approve" else "denied", approver, reason,
                         f" for {body['for']}" if seconds else "")
             if action == "approve":
-                request, grant = self.approvals.approve(request.id, approver, reason=reason, grant_seconds=seconds,
-                                                        max_grant=cap)
+                request, grant = await self.approvals.off_loop(
+                    self.approvals.approve, request.id, approver, reason=reason, grant_seconds=seconds, max_grant=cap)
             else:
-                request = self.approvals.deny(request.id, approver, reason=reason)
+                request = await self.approvals.off_loop(self.approvals.deny, request.id, approver, reason=reason)
         except ApprovalError as e:
             logger.warning("approval API: %s could not %s %s: %s", approver.label, action, request_id, e.message)
             raise _refusal(e) from None
@@ -444,7 +446,7 @@ class ApprovalsAPI:
 
     async def _revoke(self, grant_id: str, principal: Principal, approver: Approver,
                       known: tuple[str, ...] | None) -> tuple[int, dict, str]:
-        grant = self.approvals.store.grant(grant_id)
+        grant = await self.approvals.off_loop(self.approvals.store.grant, grant_id)
         if grant is None:
             raise _refusal(ApprovalError(404, "NotFound", f"no grant {grant_id!r}"))
         settings = approval_rules(self.policies.current).get(grant.rule_id)
@@ -457,7 +459,7 @@ class ApprovalsAPI:
             raise _refusal(ApprovalError(409, "Conflict", f"grant {grant.id} is already {grant.state(now)}"))
         self._audit_grant(grant, approver)
         try:
-            grant = self.approvals.revoke(grant.id, approver)
+            grant = await self.approvals.off_loop(self.approvals.revoke, grant.id, approver)
         except ApprovalError as e:
             raise _refusal(e) from None
         logger.warning("grant %s (%s, %s) revoked by %s", grant.id, grant.principal.get("display_name"),

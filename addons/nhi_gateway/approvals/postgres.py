@@ -17,11 +17,19 @@
   caller refuses what needs approval or a grant with 503, never guesses), and the listener
   thread reconnects in the background, so the gateway recovers when the server returns.
 
-The calls are synchronous, like the SQLite store's (psycopg 3 with a psycopg-pool connection
-pool): a lookup on a reachable server takes a fraction of a millisecond. Each runs in a worker
-thread that the caller waits for at most :data:`CALL_TIMEOUT`, so a server that hangs (a lock held,
-a host that stopped answering) stalls the gateway's event loop for at most that, once: the server
-then counts as down and later calls fail at once until the listener reaches it again.
+Two ways in, one set of statements (:class:`ApprovalTables`):
+
+- the gateway's event loop (a request's grant lookup, holding a request, its time-out, waking it
+  when a decision arrives, cancelling it when its client leaves) uses psycopg 3's asyncio API on
+  a pool of its own (:meth:`active_grant_async`, :meth:`add_async`, :meth:`finish_async`,
+  :meth:`get_async`, :meth:`grant_async`): the loop serves other requests while the server works;
+- the approval API's decisions and lists (run in worker threads by
+  :meth:`~nhi_gateway.approvals.store.Approvals.off_loop`), the CLI and the tests use the
+  synchronous calls, like the SQLite store's, on a psycopg-pool connection pool.
+
+Either way a caller waits at most :data:`CALL_TIMEOUT` whatever the server does (a lock held, a
+host that stopped answering): then the server counts as down, later calls fail at once (the
+caller refuses with 503), and the listener thread says when it is reachable again.
 
 Plain Python: no mitmproxy import.
 """
@@ -32,14 +40,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from nhi_gateway.approvals.store import (
     ApprovalRequest,
@@ -178,6 +186,8 @@ class PostgresApprovalStore(ApprovalTables):
         self._callbacks: list[Callable[[str | None], None]] = []
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
+        self._async_pool: AsyncConnectionPool | None = None  # the event loop's (see _call_async)
+        self._async_loop: asyncio.AbstractEventLoop | None = None
         self._migrated = False
         self._down: str | None = None  # why the server is unreachable, while it is
         self._stop = threading.Event()
@@ -213,6 +223,33 @@ class PostgresApprovalStore(ApprovalTables):
         if pool is not None:
             pool.close(timeout=1)
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self._close_async_pool()
+
+    def _close_async_pool(self) -> None:
+        """Close the event loop's pool from synchronous code: on its loop, which must not be left
+        with the pool's tasks (a loop that closes waits for them)."""
+        pool, self._async_pool = self._async_pool, None
+        if pool is None or self._async_loop is None or self._async_loop.is_closed():
+            return
+        loop = self._async_loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            task = loop.create_task(pool.close(timeout=1))  # runs once the caller yields
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        elif loop.is_running():  # another thread's loop
+            asyncio.run_coroutine_threadsafe(pool.close(timeout=1), loop).result(timeout=CALL_TIMEOUT + 1)
+        else:
+            loop.run_until_complete(pool.close(timeout=1))
+
+    async def aclose(self) -> None:
+        """:meth:`close` from the event loop: its pool closed on it, the rest in a worker thread."""
+        pool, self._async_pool = self._async_pool, None
+        if pool is not None:
+            await pool.close(timeout=1)
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def on_change(self, callback: Callable[[str | None], None]) -> None:
         self._callbacks.append(callback)
@@ -264,23 +301,82 @@ class PostgresApprovalStore(ApprovalTables):
         except FutureTimeout:
             raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s")) from None
 
-    async def _call_async(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """:meth:`_call` for a caller on the event loop: it waits (at most :data:`CALL_TIMEOUT`)
-        without holding the loop, so a slow server delays only the requests that need it."""
+    # -- the event loop's calls: psycopg's asyncio API ----------------------------------------
+
+    async def _call_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        """``await work(conn)`` on a connection of the event loop's pool, waiting at most
+        :data:`CALL_TIMEOUT`; the loop serves other requests meanwhile, so a slow server delays
+        only the requests that need it."""
         if self._down is not None:
             raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {self._down}")
-        future = self._workers.submit(self._run, work)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), CALL_TIMEOUT)
+            return await asyncio.wait_for(self._run_async(work), CALL_TIMEOUT)
         except TimeoutError:
             raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s")) from None
 
+    async def _run_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        try:
+            if not self._migrated:  # once, before the first statement (migrate is synchronous)
+                await asyncio.get_running_loop().run_in_executor(self._workers, self._run, lambda conn: None)
+            if self._async_pool is None:
+                # Made on the loop that uses it (the gateway's), opened in the background.
+                self._async_pool = AsyncConnectionPool(
+                    self.url, kwargs=self._connect_kwargs(), min_size=1, max_size=8, open=False,
+                    timeout=POOL_TIMEOUT, reconnect_timeout=60, check=AsyncConnectionPool.check_connection,
+                    name=f"approvals-async-{self.replica_id}")
+                self._async_loop = asyncio.get_running_loop()
+                await self._async_pool.open(wait=False)
+            async with self._async_pool.connection() as conn:
+                conn.row_factory = dict_row
+                return await work(conn)
+        except ApprovalStoreError:
+            raise
+        except (psycopg.Error, PoolTimeout, OSError) as e:
+            raise self._failed(e) from e
+
+    async def _rows_async(self, sql: str, args: tuple) -> list[dict]:
+        async def work(conn: psycopg.AsyncConnection) -> list[dict]:
+            return await (await conn.execute(_pg(sql), args)).fetchall()
+
+        return await self._call_async(work)
+
     async def active_grant_async(self, principal_key: tuple[str, str], operation: str, rule_id: str,
                                  now: float) -> Grant | None:
-        """:meth:`active_grant` off the event loop (each request of an approve rule looks one up)."""
-        args = (*principal_key, operation, rule_id, now)
-        rows = await self._call_async(lambda conn: conn.execute(_pg(self._ACTIVE_GRANT), args).fetchall())
+        """:meth:`active_grant` on the event loop (each request of an approve rule looks one up)."""
+        rows = await self._rows_async(self._ACTIVE_GRANT, (*principal_key, operation, rule_id, now))
         return self._grant(rows[0]) if rows else None
+
+    async def get_async(self, request_id: str) -> ApprovalRequest | None:
+        rows = await self._rows_async(self._GET_REQUEST, (request_id,))
+        return self._request(rows[0]) if rows else None
+
+    async def grant_async(self, grant_id: str) -> Grant | None:
+        rows = await self._rows_async(self._GET_GRANT, (grant_id,))
+        return self._grant(rows[0]) if rows else None
+
+    async def add_async(self, r: ApprovalRequest) -> None:
+        """:meth:`add` on the event loop."""
+        async def work(conn: psycopg.AsyncConnection) -> None:
+            async with conn.transaction():
+                await conn.execute(self._HEARTBEAT, (self.replica_id, self.host))
+                await conn.execute(self._INSERT_HELD, (*self._request_row(r), self.replica_id))
+
+        await self._call_async(work)
+
+    async def finish_async(self, request_id: str, state: ApprovalState, *, approver: Approver | None = None,
+                           reason: str = "", now: float, grant_id: str | None = None) -> bool:
+        """:meth:`finish` on the event loop."""
+        async def work(conn: psycopg.AsyncConnection) -> int:
+            async with conn.transaction():
+                changed = (await conn.execute(_pg(self._FINISH), self._finish_args(
+                    request_id, state, approver, reason, now, grant_id))).rowcount
+                if changed:
+                    await conn.execute(self._NOTIFY, (CHANNEL, request_id))
+            return changed
+
+        return await self._call_async(work) == 1
+
+    # -- the synchronous calls ---------------------------------------------------------------
 
     def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
         try:
@@ -336,10 +432,12 @@ class PostgresApprovalStore(ApprovalTables):
                 logger.error("%s", e)
                 self._stop.wait(5)
 
+    _HEARTBEAT = ("INSERT INTO replicas (id, host) VALUES (%s, %s)"
+                  " ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()")
+    _NOTIFY = "SELECT pg_notify(%s, %s)"
+
     def _heartbeat_row(self, conn: psycopg.Connection) -> None:
-        conn.execute(
-            "INSERT INTO replicas (id, host) VALUES (%s, %s)"
-            " ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp()", (self.replica_id, self.host))
+        conn.execute(self._HEARTBEAT, (self.replica_id, self.host))
 
     def _beat(self, conn: psycopg.Connection) -> None:
         self._heartbeat_row(conn)
@@ -355,7 +453,7 @@ class PostgresApprovalStore(ApprovalTables):
                 (time.time(), self.replica_id, self.stale_after)).fetchall()
             for request_id, replica in rows:
                 logger.warning("approval %s cancelled: replica %s stopped while holding it", request_id, replica)
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+                conn.execute(self._NOTIFY, (CHANNEL, request_id))
 
     def _changed(self, request_id: str | None) -> None:
         for callback in list(self._callbacks):
@@ -388,7 +486,7 @@ class PostgresApprovalStore(ApprovalTables):
                 changed = conn.execute(_pg(self._FINISH), self._finish_args(
                     request_id, state, approver, reason, now, grant_id)).rowcount
                 if changed:
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+                    conn.execute(self._NOTIFY, (CHANNEL, request_id))
             return changed
 
         return self._call(work) == 1
@@ -402,7 +500,7 @@ class PostgresApprovalStore(ApprovalTables):
                     request_id, ApprovalState.APPROVED, approver, reason, now, grant.id)).rowcount
                 if changed:
                     self._insert_grant(conn, grant)
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+                    conn.execute(self._NOTIFY, (CHANNEL, request_id))
             return changed
 
         return self._call(work) == 1
@@ -417,7 +515,7 @@ class PostgresApprovalStore(ApprovalTables):
                     " WHERE state = 'pending' AND replica_id = %s RETURNING id",
                     (reason, now, self.replica_id)).fetchall()
                 for row in rows:
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, row["id"]))
+                    conn.execute(self._NOTIFY, (CHANNEL, row["id"]))
             return len(rows)
 
         return self._call(work)

@@ -26,6 +26,7 @@ import base64
 import functools
 import hashlib
 import json
+import logging
 import re
 import secrets
 import sqlite3
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 300  # seconds a request is held when the rule names no timeout
 MAX_REASON = 500  # characters of an approver's reason that are kept
@@ -463,8 +466,11 @@ class ApprovalTables:
 
     # -- requests --------------------------------------------------------------------------
 
+    _GET_REQUEST = "SELECT * FROM approvals WHERE id = ?"
+    _GET_GRANT = "SELECT * FROM grants WHERE id = ?"
+
     def get(self, request_id: str) -> ApprovalRequest | None:
-        rows = self._rows("SELECT * FROM approvals WHERE id = ?", (request_id,))
+        rows = self._rows(self._GET_REQUEST, (request_id,))
         return self._request(rows[0]) if rows else None
 
     def requests(self, *, pending_only: bool = True, limit: int = RECENT) -> list[ApprovalRequest]:
@@ -477,7 +483,7 @@ class ApprovalTables:
     # -- grants ----------------------------------------------------------------------------
 
     def grant(self, grant_id: str) -> Grant | None:
-        rows = self._rows("SELECT * FROM grants WHERE id = ?", (grant_id,))
+        rows = self._rows(self._GET_GRANT, (grant_id,))
         return self._grant(rows[0]) if rows else None
 
     def grants(self, *, now: float, active_only: bool = True, limit: int = RECENT) -> list[Grant]:
@@ -612,6 +618,7 @@ class Approvals:
     store: ApprovalStore
     clock: Callable[[], float] = time.time
     _waiting: dict[str, asyncio.Future] = field(default_factory=dict)
+    _tasks: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # A shared store (PostgreSQL) tells us when another replica decided a request held here.
@@ -631,12 +638,33 @@ class Approvals:
         future = self._waiting.get(request_id)
         if future is None or future.done():
             return
+        self._spawn(self._wake_async(request_id))
+
+    async def _wake_async(self, request_id: str) -> None:
         try:
-            final = self.store.get(request_id)
+            final = await self._store("get", request_id)
         except ApprovalStoreError:
             return  # the listener tells us again once the store is back
         if final is not None and final.state is not ApprovalState.PENDING:
-            future.set_result(final)
+            self._deliver(final)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # kept until done: the loop holds only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _store(self, name: str, *args, **kwargs):
+        """The store's call ``name`` from the event loop: its asyncio version for a store on a
+        server (PostgreSQL), so the loop serves other requests while it waits; the embedded
+        store's own call otherwise (its local file answers at once)."""
+        call = getattr(self.store, f"{name}_async", None)
+        if call is None:
+            return getattr(self.store, name)(*args, **kwargs)
+        return await call(*args, **kwargs)
+
+    @property
+    def _remote(self) -> bool:
+        return hasattr(self.store, "active_grant_async")
 
     # -- the data path ---------------------------------------------------------------------
 
@@ -658,7 +686,7 @@ class Approvals:
         # row is committed, and is delivered only to a request that is waited for.
         self._waiting[request.id] = asyncio.get_running_loop().create_future()
         try:
-            await self._off_loop(self.store.add, request)
+            await self._store("add", request)
         except BaseException:
             self._waiting.pop(request.id, None)
             raise
@@ -673,13 +701,14 @@ class Approvals:
             max_grant=settings.max_grant, body_size=body_size, body_preview=body_preview, flow_id=flow_id,
         )
 
-    async def _off_loop(self, work: Callable, *args):
-        """``work(*args)`` in a worker thread when the store talks to a server (PostgreSQL, which
-        bounds each call at 2 s), so the event loop serves other requests meanwhile; the embedded
-        store answers from its local file at once, on the loop."""
-        if getattr(self.store, "active_grant_async", None) is None:
-            return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(work, *args))
+    async def off_loop(self, work: Callable, *args, **kwargs):
+        """``work(*args, **kwargs)``, a synchronous call of approvers (the API's decisions and lists),
+        in a worker thread when the store talks to a server (PostgreSQL, which bounds each call at
+        2 s), so the event loop serves other requests meanwhile; the embedded store answers from
+        its local file at once, on the loop."""
+        if not self._remote:
+            return work(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(work, *args, **kwargs))
 
     async def outcome(self, request: ApprovalRequest) -> ApprovalRequest:
         """Wait until the request is decided, cancelled or expires; returns its final state."""
@@ -691,9 +720,9 @@ class Approvals:
                     return await asyncio.wait_for(asyncio.shield(future), remaining)
                 except TimeoutError:
                     pass
-            await self._off_loop(functools.partial(self.store.finish, request.id, ApprovalState.TIMED_OUT,
-                                                   reason="approval timed out", now=self.clock()))
-            final = await self._off_loop(self.store.get, request.id)
+            await self._store("finish", request.id, ApprovalState.TIMED_OUT, reason="approval timed out",
+                              now=self.clock())
+            final = await self._store("get", request.id)
             assert final is not None
             return final
         finally:
@@ -705,6 +734,37 @@ class Approvals:
             return self._settle(request_id)
         return None
 
+    async def cancel_async(self, request_id: str, reason: str) -> ApprovalRequest | None:
+        """:meth:`cancel` from the event loop."""
+        if await self._store("finish", request_id, ApprovalState.CANCELLED, reason=reason, now=self.clock()):
+            final = await self._store("get", request_id)
+            assert final is not None
+            self._deliver(final)
+            return final
+        return None
+
+    def cancel_soon(self, request_id: str, reason: str,
+                    then: Callable[[ApprovalRequest | None], None] = lambda final: None) -> None:
+        """:meth:`cancel` for a hook that cannot wait (a client gone, a stop): at once on the
+        embedded store; on a server, in a task of the event loop. ``then`` gets what
+        :meth:`cancel` returns; a store that fails is logged (the held request then times out,
+        which refuses it too)."""
+        if not self._remote:
+            then(self.cancel(request_id, reason))
+            return
+
+        async def cancelling() -> None:
+            try:
+                then(await self.cancel_async(request_id, reason))
+            except ApprovalStoreError as e:
+                logger.error("cancelling approval %s failed: %s", request_id, e)
+
+        self._spawn(cancelling())
+
+    async def find_grant(self, grant_id: str) -> Grant | None:
+        """The grant ``grant_id``, read from the event loop."""
+        return await self._store("grant", grant_id)
+
     def grant_for(self, principal_key: tuple[str, str], operation: str, rule_id: str) -> Grant | None:
         return self.store.active_grant(principal_key, operation, rule_id, self.clock())
 
@@ -712,18 +772,29 @@ class Approvals:
         """:meth:`grant_for` for a request in flight: a store on a server (PostgreSQL) looks the
         grant up off the event loop, so other requests flow while it waits; the embedded store
         answers from its local file at once."""
-        lookup = getattr(self.store, "active_grant_async", None)
-        if lookup is None:
-            return self.grant_for(principal_key, operation, rule_id)
-        return await lookup(principal_key, operation, rule_id, self.clock())
+        return await self._store("active_grant", principal_key, operation, rule_id, self.clock())
 
     def _settle(self, request_id: str) -> ApprovalRequest:
         final = self.store.get(request_id)
         assert final is not None
-        future = self._waiting.get(request_id)
-        if future is not None and not future.done():
-            future.set_result(final)
+        self._deliver(final)
         return final
+
+    def _deliver(self, final: ApprovalRequest) -> None:
+        """Hand the decided request to whoever holds it here; from any thread (approvers' calls
+        run in worker threads with a store on a server), on the loop of its future."""
+        future = self._waiting.get(final.id)
+        if future is None or future.done():
+            return
+        loop = future.get_loop()
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            future.set_result(final)
+        else:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(final))
 
     # -- approvers -------------------------------------------------------------------------
 
@@ -806,6 +877,21 @@ class Approvals:
         except ApprovalStoreError:
             pass  # the next start cancels whatever is still pending
         self.store.close()
+
+    async def aclose(self, reason: str = "the gateway stopped while the request was held") -> None:
+        """:meth:`close` from the event loop, which it leaves free meanwhile."""
+        for task in list(self._tasks):
+            task.cancel()
+        aclose = getattr(self.store, "aclose", None)
+        if aclose is None:
+            self.close(reason)
+            return
+        try:
+            for request_id in list(self._waiting):
+                await self.cancel_async(request_id, reason)
+        except ApprovalStoreError:
+            pass  # the others cancel them once this replica's heartbeat stops
+        await aclose()
 
 
 def check_not_self(request: ApprovalRequest, approver: Approver) -> None:

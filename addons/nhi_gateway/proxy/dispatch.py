@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import os
 import time
 import types
@@ -54,7 +55,7 @@ class HookClock:
         self.interval = interval
         self.spent: dict[str, int] = {}
         self.events: dict[str, int] = {}
-        self._written = 0.0
+        self._written = -math.inf  # the first event writes (monotonic() may be small: it counts from boot)
 
     def add(self, key: str, ns: int) -> None:
         self.spent[key] = self.spent.get(key, 0) + ns

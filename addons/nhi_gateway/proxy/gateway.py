@@ -174,7 +174,8 @@ def build_chain(config: GatewayConfig, policies: PolicyStore, verifier: TokenVer
         return [(i.metadata_for(tenant), i.issuer_for(tenant)) for tenant in tenants for i in issuers]
 
     admin = Admin(metrics, gateway_checks(policies, verifier.keys, trusted_issuers, recorder, health, approvals,
-                                          stopping), require_tls=config.admin_tls_cert is not None)
+                                          stopping), require_tls=config.admin_tls_cert is not None,
+                  off_loop=approvals.off_loop)
     chain = [
         stopping,  # first: once the gateway stops, new requests are refused (503) before any work
         PolicyReload(policies),  # no flow hooks: polls the policy file, keeps the last good one
@@ -489,7 +490,7 @@ async def serve(config: GatewayConfig) -> None:
     finally:
         await gateway.egress.aclose()
         if gateway.approvals is not None:
-            gateway.approvals.close()
+            await gateway.approvals.aclose()
     if api_failed:
         raise OSError(f"the approval API could not listen ({gateway.master.options.mode[-1]}); "
                       "choose another address with --approvals-listen")
