@@ -403,3 +403,45 @@ async def test_readiness_and_metrics_ask_the_server_off_the_event_loop(replicas,
         threading.Timer(0.5, locker.rollback).start()
         lag, scraped = await _loop_lag_while(a.off_loop(metrics.exposition))
         assert lag < 0.25 and b"nhi_grants_active" in scraped.result()
+
+
+async def test_a_server_that_stops_mid_statement_holds_a_request_no_longer_than_the_call_timeout(replicas, postgres_url):
+    """A host that stops answering (here: its backends stopped with SIGSTOP, so they neither answer
+    nor act on psycopg's cancel request) costs a request the call timeout, not the time psycopg
+    then spends trying to cancel the statement (up to 10 s)."""
+    import os
+    import signal
+
+    from nhi_gateway.approvals import postgres
+
+    store = replicas()
+    a = Approvals(store)
+    key = (TENANT, BOT)
+    assert await a.grant_for_request(key, OPERATION, SETTINGS.rule_id) is None  # the loop's pool is connected
+    with psycopg.connect(postgres_url) as admin:
+        pids = [r[0] for r in admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"nhi-gateway {store.replica_id}",))]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+    except OSError as e:  # a server on another host, or of another user
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+        message = f"cannot stop the server's backends to stand in for a hung host: {e}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        started = time.monotonic()
+        lag, task = await _loop_lag_while(a.grant_for_request(key, OPERATION, SETTINGS.rule_id))
+        waited = time.monotonic() - started
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    with pytest.raises(ApprovalStoreError, match="no answer within"):
+        task.result()
+    assert postgres.CALL_TIMEOUT <= waited < postgres.CALL_TIMEOUT + 0.5
+    assert lag < 0.25

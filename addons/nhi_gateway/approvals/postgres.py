@@ -188,6 +188,7 @@ class PostgresApprovalStore(ApprovalTables):
         self._pool: ConnectionPool | None = None
         self._async_pool: AsyncConnectionPool | None = None  # the event loop's (see _call_async)
         self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._abandoned: set[asyncio.Task] = set()  # calls past their time, cancelled, still finishing
         self._migrated = False
         self._down: str | None = None  # why the server is unreachable, while it is
         self._stop = threading.Event()
@@ -309,10 +310,24 @@ class PostgresApprovalStore(ApprovalTables):
         only the requests that need it."""
         if self._down is not None:
             raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {self._down}")
+        task = asyncio.ensure_future(self._run_async(work))
         try:
-            return await asyncio.wait_for(self._run_async(work), CALL_TIMEOUT)
-        except TimeoutError:
-            raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s")) from None
+            done, _ = await asyncio.wait({task}, timeout=CALL_TIMEOUT)
+        except asyncio.CancelledError:  # the caller gave up (its client left): so does the call
+            self._abandon(task)
+            raise
+        if not done:
+            # Not wait_for: it would wait for the cancelled call, and psycopg, cancelled, asks the
+            # server to cancel the statement and waits for that (up to 10 s on a host that hangs).
+            self._abandon(task)
+            raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s"))
+        return task.result()
+
+    def _abandon(self, task: asyncio.Task) -> None:
+        """Cancel a call nobody waits for any more; it finishes (and is reaped) on its own."""
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(lambda t: (self._abandoned.discard(t), t.cancelled() or t.exception()))
 
     async def _run_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
         try:
