@@ -420,7 +420,7 @@ async def test_a_server_that_stops_mid_statement_holds_a_request_no_longer_than_
     await a.grant_for_request(key, OPERATION, SETTINGS.rule_id)  # the loop's pool is connected (any answer)
     with psycopg.connect(postgres_url) as admin:
         pids = [r[0] for r in admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"nhi-gateway {store.replica_id}",))]
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s", (f"nhi-gateway {store.replica_id} %",))]
     try:
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
@@ -445,3 +445,40 @@ async def test_a_server_that_stops_mid_statement_holds_a_request_no_longer_than_
         task.result()
     assert postgres.CALL_TIMEOUT <= waited < postgres.CALL_TIMEOUT + 0.5
     assert lag < 0.25
+
+
+def _close_the_loops_connections(store: PostgresApprovalStore, postgres_url: str) -> int:
+    """What a server restart or an idle timeout does to a pool: the server ends the backends of
+    the store's event-loop pool (only those: the listener would mark the server down)."""
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                              " WHERE application_name = %s", (f"nhi-gateway {store.replica_id} loop",)).fetchone()[0]
+    time.sleep(0.2)  # the backends are gone; the pool does not know yet
+    return ended
+
+
+async def test_a_grant_lookup_on_a_connection_the_server_closed_tries_another_and_answers(replicas, postgres_url):
+    """The loop's pool does not check a connection before each lookup (a round trip as dear as
+    the lookup): a stale one must cost the request nothing, neither a 503 nor a wrong answer."""
+    store = replicas()
+    a = Approvals(store)
+    request = open_request(a)
+    _, grant = a.approve(request.id, ME, grant_seconds=60)
+    key = (TENANT, BOT)
+    # Several connections in the pool, all of them then ended by the server.
+    found = await asyncio.gather(*(a.grant_for_request(key, OPERATION, SETTINGS.rule_id) for _ in range(4)))
+    assert {g.id for g in found} == {grant.id}
+    assert _close_the_loops_connections(store, postgres_url) >= 1
+    for _ in range(3):
+        assert (await a.grant_for_request(key, OPERATION, SETTINGS.rule_id)).id == grant.id
+    assert store.reachable
+
+
+async def test_holding_a_request_on_a_connection_the_server_closed_tries_another_and_holds_it(replicas, postgres_url):
+    store = replicas()
+    a = Approvals(store)
+    await a.grant_for_request((TENANT, BOT), OPERATION, SETTINGS.rule_id)  # the loop's pool is connected
+    assert _close_the_loops_connections(store, postgres_url) >= 1
+    held = await a.open_request(settings=SETTINGS, **HELD)
+    assert store.get(held.id).state is ApprovalState.PENDING
+    assert await a.cancel_async(held.id, "the test is over")

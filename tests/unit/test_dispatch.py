@@ -148,6 +148,30 @@ async def test_the_gateway_master_enters_every_addon_that_has_a_hook(tmp_path):
     gw.approvals.close()
 
 
+async def test_the_gateway_master_sends_no_log_record_through_the_event_loop_as_an_add_log_event(tmp_path):
+    """mitmproxy hands every log record to the loop again as a deprecated ``add_log`` event (its
+    self-pipe written per line). The gateway drops that, so no addon of its chain may need it."""
+    from pathlib import Path
+
+    from mitmproxy import addonmanager, log
+
+    from nhi_gateway.proxy.gateway import GatewayConfig, start
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((Path(__file__).parents[2] / "policies" / "deny-all.yaml").read_text())
+    gw = await start(GatewayConfig(policy_path=policy, listen_port=0, confdir=tmp_path / "conf",
+                                   recordings=tmp_path / "rec", recording_process=False))
+    try:
+        assert not [h for h in logging.getLogger().handlers if isinstance(h, log.LegacyLogEvents)]
+        assert [a for a in addonmanager.traverse(gw.master.addons.chain) if hasattr(a, "add_log")] == []
+        called = []
+        gw.master.event_loop.call_soon_threadsafe = lambda *a: called.append(a)  # what the event would use
+        logging.getLogger("nhi_gateway.test").warning("a line")
+        assert called == []
+    finally:
+        gw.approvals.close()
+
+
 async def test_nhi_hook_cpu_gives_the_gateway_master_a_clock_writing_there(tmp_path, monkeypatch):
     from pathlib import Path
 

@@ -191,7 +191,9 @@ class Approval:
     async def _hold(self, flow: http.HTTPFlow, decision: Decision, principal, settings: ApprovalSettings) -> None:
         grant = await self.approvals.grant_for_request(principal.key, decision.operation, settings.rule_id)
         if grant is not None:
-            logger.info("flow %s: %s %s allowed by grant %s (approval %s, until %s)", flow.id, principal.label,
+            # An allow, logged as allows are (-v): a grant can cover many requests a second, and
+            # the audit trail names the grant of each.
+            logger.debug("flow %s: %s %s allowed by grant %s (approval %s, until %s)", flow.id, principal.label,
                         decision.operation, grant.id, grant.approval_id, iso(grant.expires_at))
             self._release(flow, approved(decision, None, grant), f"grant {grant.id} of approval {grant.approval_id} "
                           f"(approved by {grant.approver.label}) covers it")

@@ -133,8 +133,10 @@ class Authorization:
         # judged for every token the request presented (policy/presented.py).
         objects = flow.metadata.get(OBJECTS_KEY)
         decision = decider_for(ObjectDecider(policy, objects), principal).decide(principal, operation)
-        # Every decision is in the audit trail; the log shows refusals and holds, and allows with -v.
-        logger.log(logging.DEBUG if decision.allowed else logging.INFO, "flow %s: %s %s -> %s (%s)",
+        # Every decision is in the audit trail; the log shows refusals, and allows with -v. An
+        # approve decision's line is the approval stage's: a hold, or an allow by a grant (-v).
+        logger.log(logging.DEBUG if decision.allowed or decision.needs_approval else logging.INFO,
+                   "flow %s: %s %s -> %s (%s)",
                    flow.id, principal.label if principal else "anonymous", operation, decision.action,
                    decision.rule_id or decision.reason)
         if decision.allowed and is_token_endpoint(operation):

@@ -68,6 +68,7 @@ HEARTBEAT = 1.0  # seconds between a replica's heartbeats
 STALE_AFTER = 5.0  # seconds without a heartbeat after which a replica counts as gone
 CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout takes whole seconds)
 POOL_TIMEOUT = 1.5  # seconds a call waits for a connection from the pool
+ASYNC_POOL_SIZE = 8  # connections of the event loop's pool at most
 CALL_TIMEOUT = 2.0  # seconds a caller waits for any call, whatever the server does
 STATEMENT_TIMEOUT_MS = 5000  # no single statement may hang a caller longer
 
@@ -261,13 +262,15 @@ class PostgresApprovalStore(ApprovalTables):
 
     # -- connections -----------------------------------------------------------------------
 
-    def _connect_kwargs(self) -> dict:
+    def _connect_kwargs(self, role: str) -> dict:
+        # The application name says whose connection it is in pg_stat_activity: the replica, and
+        # which of its pools ("loop", "calls") or the "listener".
         # Keepalives and tcp_user_timeout: a server that vanishes from the network (no FIN, no RST)
         # is noticed in seconds, not after the kernel's two hours.
         return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 5,
                 "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 10000,
                 "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-                "application_name": f"nhi-gateway {self.replica_id}"}
+                "application_name": f"nhi-gateway {self.replica_id} {role}"}
 
     def _failed(self, e: Exception) -> ApprovalStoreError:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -283,7 +286,7 @@ class PostgresApprovalStore(ApprovalTables):
         with self._lock:
             if self._pool is None:
                 self._pool = ConnectionPool(
-                    self.url, kwargs=self._connect_kwargs(), min_size=1, max_size=8, open=False,
+                    self.url, kwargs=self._connect_kwargs("calls"), min_size=1, max_size=8, open=False,
                     timeout=POOL_TIMEOUT, reconnect_timeout=60, check=ConnectionPool.check_connection,
                     name=f"approvals-{self.replica_id}")
                 self._pool.open(wait=False)
@@ -304,23 +307,40 @@ class PostgresApprovalStore(ApprovalTables):
 
     # -- the event loop's calls: psycopg's asyncio API ----------------------------------------
 
-    async def _call_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+    async def _call_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]], *,
+                          idempotent: bool = False) -> T:
         """``await work(conn)`` on a connection of the event loop's pool, waiting at most
         :data:`CALL_TIMEOUT`; the loop serves other requests meanwhile, so a slow server delays
-        only the requests that need it."""
+        only the requests that need it. ``idempotent``: ``work`` only reads, so it may be run
+        again on another connection (see :meth:`_on_connection`)."""
         if self._down is not None:
             raise ApprovalStoreError(f"the approvals database {self.path} cannot be used: {self._down}")
-        task = asyncio.ensure_future(self._run_async(work))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=CALL_TIMEOUT)
-        except asyncio.CancelledError:  # the caller gave up (its client left): so does the call
-            self._abandon(task)
-            raise
-        if not done:
-            # Not wait_for: it would wait for the cancelled call, and psycopg, cancelled, asks the
-            # server to cancel the statement and waits for that (up to 10 s on a host that hangs).
-            self._abandon(task)
-            raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s"))
+        task = asyncio.ensure_future(self._run_async(work, idempotent))
+        if not task.done():  # the gateway's loop runs tasks eagerly: an answer may be there already
+            # What asyncio.wait does for one task, without its sets and callbacks per waiter: every
+            # grant lookup passes here. Not wait_for: it would wait for the cancelled call, and
+            # psycopg, cancelled, asks the server to cancel the statement and waits for that (up
+            # to 10 s on a host that hangs).
+            loop = asyncio.get_running_loop()
+            woken = loop.create_future()
+
+            def wake(_=None) -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+            task.add_done_callback(wake)
+            timer = loop.call_later(CALL_TIMEOUT, wake)
+            try:
+                await woken
+            except asyncio.CancelledError:  # the caller gave up (its client left): so does the call
+                self._abandon(task)
+                raise
+            finally:
+                timer.cancel()
+                task.remove_done_callback(wake)
+            if not task.done():
+                self._abandon(task)
+                raise self._failed(TimeoutError(f"no answer within {CALL_TIMEOUT:g}s"))
         return task.result()
 
     def _abandon(self, task: asyncio.Task) -> None:
@@ -329,31 +349,54 @@ class PostgresApprovalStore(ApprovalTables):
         self._abandoned.add(task)
         task.add_done_callback(lambda t: (self._abandoned.discard(t), t.cancelled() or t.exception()))
 
-    async def _run_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+    async def _run_async(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]], idempotent: bool) -> T:
         try:
             if not self._migrated:  # once, before the first statement (migrate is synchronous)
                 await asyncio.get_running_loop().run_in_executor(self._workers, self._run, lambda conn: None)
             if self._async_pool is None:
-                # Made on the loop that uses it (the gateway's), opened in the background.
+                # Made on the loop that uses it (the gateway's), opened in the background. No
+                # check of each connection it lends (a round trip to the server each time, about
+                # as dear as the grant lookup itself): _on_connection deals with stale ones.
                 self._async_pool = AsyncConnectionPool(
-                    self.url, kwargs=self._connect_kwargs(), min_size=1, max_size=8, open=False,
-                    timeout=POOL_TIMEOUT, reconnect_timeout=60, check=AsyncConnectionPool.check_connection,
-                    name=f"approvals-async-{self.replica_id}")
+                    self.url, kwargs=self._connect_kwargs("loop"), min_size=1, max_size=ASYNC_POOL_SIZE, open=False,
+                    timeout=POOL_TIMEOUT, reconnect_timeout=60, name=f"approvals-async-{self.replica_id}")
                 self._async_loop = asyncio.get_running_loop()
                 await self._async_pool.open(wait=False)
-            async with self._async_pool.connection() as conn:
-                conn.row_factory = dict_row
-                return await work(conn)
+            return await self._on_connection(work, idempotent)
         except ApprovalStoreError:
             raise
         except (psycopg.Error, PoolTimeout, OSError) as e:
             raise self._failed(e) from e
 
+    async def _on_connection(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]], idempotent: bool) -> T:
+        """``work`` on a pooled connection that works. A connection can go stale in the pool (the
+        server restarted, or closed it idle): one found broken before ``work`` changed anything is
+        dropped (the pool replaces it) and the next one tried. A read (``idempotent``) is simply
+        run, and run again if its connection turns out broken. A write is never sent twice: its
+        connection is tried with an empty statement first, and a write whose connection breaks
+        under it fails (the caller refuses with 503)."""
+        for attempt in range(ASYNC_POOL_SIZE + 1):
+            async with self._async_pool.connection() as conn:
+                conn.row_factory = dict_row
+                sent = False  # whether work may have reached the server
+                try:
+                    if not idempotent:
+                        await conn.execute("")
+                    sent = True
+                    return await work(conn)
+                except psycopg.OperationalError:
+                    stale = conn.broken and (idempotent or not sent)
+                    if not stale or attempt == ASYNC_POOL_SIZE:
+                        raise
+                    # Returned broken, it is discarded and the pool opens another in the background.
+                    logger.info("approvals database %s: a pooled connection was closed; trying another", self.path)
+        raise AssertionError("not reached: the last attempt returns or raises")
+
     async def _rows_async(self, sql: str, args: tuple) -> list[dict]:
         async def work(conn: psycopg.AsyncConnection) -> list[dict]:
             return await (await conn.execute(_pg(sql), args)).fetchall()
 
-        return await self._call_async(work)
+        return await self._call_async(work, idempotent=True)
 
     async def active_grant_async(self, principal_key: tuple[str, str], operation: str, rule_id: str,
                                  now: float) -> Grant | None:
@@ -419,7 +462,7 @@ class PostgresApprovalStore(ApprovalTables):
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, **self._connect_kwargs()) as conn:
+                with psycopg.connect(self.url, **self._connect_kwargs("listener")) as conn:
                     if not self._migrated:
                         migrate(conn)
                         self._migrated = True

@@ -10,8 +10,8 @@ created for the run and dropped after, at keep-alive c=1 (the latency scenario):
 
 The gateway caches no grant: an approve rule's decision asks the store every time
 (``Approvals.grant_for_request`` -> ``active_grant_async``, a SELECT on the grants table from the
-event loop's pool, with psycopg's asyncio API), then the approval stage logs the grant and
-asks the policy in force again before it lets the request go. pg-grant over pg-allow is what a
+event loop's pool, with psycopg's asyncio API, on a connection the pool lends unchecked), then
+the approval stage asks the policy in force again before it lets the request go. pg-grant over pg-allow is what a
 request pays for all of that. The run also counts it: the requests the audit trail shows allowed by
 the grant, and the reads of the grants table that PostgreSQL itself counted (``pg_stat_user_tables``,
 complete once the gateway's connections are closed).

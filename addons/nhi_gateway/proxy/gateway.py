@@ -308,6 +308,12 @@ async def start(config: GatewayConfig) -> Gateway:
     )
     # With its own log handler (nhi_gateway.proxy.logs, set up by `run`), mitmproxy's is not added.
     m = master.Master(opts, with_termlog=not config.own_log_handler)
+    # mitmproxy turns every log record into a deprecated ``add_log`` event as well: formatted once
+    # more and handed to the loop through its self-pipe, about as dear as the line itself. No addon
+    # of the gateway's chain, nor mitmproxy's own since version 9, listens to it.
+    legacy = getattr(m, "_legacy_log_events", None)
+    if legacy is not None:
+        legacy.uninstall()
     # Each event only to the addons that have its hook; with NHI_HOOK_CPU=<file> (the benchmark's
     # --hooks), the CPU of each hook is counted and written there.
     hook_cpu = os.environ.get(HOOK_CPU_ENV)
