@@ -33,7 +33,8 @@ nhi_find_python() {
 
 nhi_setup() {
   local stamp="$NHI_VENV/.nhi-installed" want
-  want="$(cat "$NHI_ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+  # The C encoder is built at install (pip install -e): a changed source needs a new install too.
+  want="$(cat "$NHI_ROOT/pyproject.toml" "$NHI_ROOT"/addons/nhi_gateway/*/*.c | sha256sum | cut -c1-16)"
   if [ -x "$NHI_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
