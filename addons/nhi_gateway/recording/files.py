@@ -36,6 +36,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,22 +101,43 @@ def _worker_tag(worker: int | None) -> str:
 def recording_base(root: Path, principal: dict | None, when: datetime, hourly: bool = False,
                    worker: int | None = None) -> Path:
     """The first file of the series this flow belongs to (later parts: :func:`part_path`)."""
-    when = when.astimezone(UTC)
-    day = root / when.strftime("%Y-%m-%d")
-    hour = f".{when:%H}h" if hourly else ""
-    hour += _worker_tag(worker)
     principal = principal or {}
-    if not principal.get("object_id"):
-        return day / f"{ANONYMOUS}{hour}{SUFFIX}"
-    tenant = _safe(str(principal.get("tenant_id") or ""), "unknown-tenant")
-    app = _safe(str(principal.get("display_name") or principal.get("app_id") or ""), "app")
-    oid = _safe(str(principal["object_id"]), "unknown", _UNSAFE_ID)
-    return day / tenant / f"{app}--{oid}{hour}{SUFFIX}"
+    app = principal.get("display_name") or principal.get("app_id")
+    return _recording_base(root, _hour_of(when), hourly, worker, str(principal.get("object_id") or ""),
+                           str(principal.get("tenant_id") or ""), str(app or ""))
 
 
 def write_ahead_base(root: Path, when: datetime, worker: int | None = None) -> Path:
     """The first file of the day's write-ahead log."""
-    day = root / when.astimezone(UTC).strftime("%Y-%m-%d")
+    return _write_ahead_base(root, _hour_of(when), worker)
+
+
+# Every record asks for its file's path: made once per hour, caller and worker, the same Path object
+# each time (it keeps its string and hash, which the writer's tables look it up by).
+_PATHS_KEPT = 4096
+
+
+def _hour_of(when: datetime) -> int:
+    return int(when.timestamp()) // 3600
+
+
+@lru_cache(maxsize=_PATHS_KEPT)
+def _recording_base(root: Path, hour: int, hourly: bool, worker: int | None, object_id: str, tenant_id: str,
+                    app: str) -> Path:
+    when = datetime.fromtimestamp(hour * 3600, UTC)
+    day = root / when.strftime("%Y-%m-%d")
+    tag = (f".{when:%H}h" if hourly else "") + _worker_tag(worker)
+    if not object_id:
+        return day / f"{ANONYMOUS}{tag}{SUFFIX}"
+    tenant = _safe(tenant_id, "unknown-tenant")
+    app = _safe(app, "app")
+    oid = _safe(object_id, "unknown", _UNSAFE_ID)
+    return day / tenant / f"{app}--{oid}{tag}{SUFFIX}"
+
+
+@lru_cache(maxsize=_PATHS_KEPT)
+def _write_ahead_base(root: Path, hour: int, worker: int | None) -> Path:
+    day = root / datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%d")
     return day / f"{WRITE_AHEAD_NAME}{_worker_tag(worker)}{WRITE_AHEAD_SUFFIX}"
 
 
@@ -367,6 +389,7 @@ class RecordEncoder:
 class _Series:
     part: int
     size: int
+    path: Path | None = None  # the part's file, once asked for
     fd: int | None = None
     synced: float = 0.0
     dirty: bool = False
@@ -448,7 +471,7 @@ class RecordingWriter:
         if series.size and series.size + len(record) > self.max_bytes:
             self._open.pop(base, None)
             self._close(series)
-            series.part, series.size = series.part + 1, 0
+            series.part, series.size, series.path = series.part + 1, 0, None
         fd = self._fd(base, series)
         view = memoryview(record)
         try:
@@ -469,7 +492,9 @@ class RecordingWriter:
         if self.sync_in_append and now - series.synced >= self.fsync_interval:
             os.fsync(fd)
             series.synced, series.dirty = now, False
-        return part_path(base, series.part)
+        if series.path is None:
+            series.path = part_path(base, series.part)
+        return series.path
 
     def sync_due(self) -> None:
         """fsync every open file holding flows older than the interval: called on a timer, so a
