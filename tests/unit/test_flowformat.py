@@ -251,13 +251,17 @@ def test_the_c_encoder_is_built_where_a_compiler_is() -> None:
     records the same bytes, only slower. CI's machines have a compiler, so there it must exist."""
     import os
     import shutil
+    import sysconfig
+    from pathlib import Path
 
     if flowformat.COMPILED:
         assert flowformat.dumps is not flowformat.python_dumps
         return
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
     message = ("nhi_gateway.recording._tnetstring was not built: pip install -e . compiles it when a C compiler "
-               f"and Python's headers are there (compiler: {compiler or 'none found'})")
-    if os.environ.get("CI") or compiler:
+               f"and Python's headers are there (compiler: {compiler or 'none found'}; "
+               f"{headers}: {'there' if headers.exists() else 'missing'})")
+    if os.environ.get("CI") or (compiler and headers.exists()):
         pytest.fail(message)
     pytest.skip(message)
