@@ -246,6 +246,24 @@ def test_subclass_quirks_are_mitmproxys(dumps) -> None:
     assert dumps(Shouting("loud")) == b"4:LOUD;"
 
 
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value, {"k": value}] if depth < 50 else [value]
+    return value
+
+
+@encoders
+def test_deep_nesting_is_written_as_mitmproxy_writes_it_and_too_deep_fails_as_it_does(dumps) -> None:
+    value = nested(200)
+    assert dumps(value) == tnetstring.dumps(value)
+    assert dumps(nested(12)) == tnetstring.dumps(nested(12))
+    too_deep = nested(100_000)  # past the interpreter's recursion limits, C's included: no crash
+    with pytest.raises(RecursionError):
+        tnetstring.dumps(too_deep)
+    with pytest.raises(RecursionError):
+        dumps(too_deep)
+
 def test_the_c_encoder_is_built_where_a_compiler_is() -> None:
     """The recording process relies on the C encoder for its speed; an install without one still
     records the same bytes, only slower. CI's machines have a compiler, so there it must exist."""

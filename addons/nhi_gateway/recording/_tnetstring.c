@@ -150,7 +150,7 @@ static int write_sequence(Buf *b, PyObject *seq, PyObject *fallback) {
         Py_INCREF(item);
         rc = write_value(b, item, fallback);
         Py_DECREF(item);
-        if (PyList_CheckExact(fast) && PyList_GET_SIZE(fast) != n) {
+        if (rc == 0 && PyList_CheckExact(fast) && PyList_GET_SIZE(fast) != n) {
             PyErr_SetString(PyExc_RuntimeError, "list changed size during encoding");
             rc = -1;
         }
