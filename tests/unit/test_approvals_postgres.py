@@ -7,6 +7,7 @@ tests/e2e/test_replicas.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -405,22 +406,18 @@ async def test_readiness_and_metrics_ask_the_server_off_the_event_loop(replicas,
         assert lag < 0.25 and b"nhi_grants_active" in scraped.result()
 
 
-async def test_a_server_that_stops_mid_statement_holds_a_request_no_longer_than_the_call_timeout(replicas, postgres_url):
-    """A host that stops answering (here: its backends stopped with SIGSTOP, so they neither answer
-    nor act on psycopg's cancel request) costs a request the call timeout, not the time psycopg
-    then spends trying to cancel the statement (up to 10 s)."""
+@contextlib.contextmanager
+def _stopped_backends(store: PostgresApprovalStore, postgres_url: str, role: str = "%"):
+    """The server's backends of ``store`` (those of one ``role``: loop, calls, listener) stopped
+    with SIGSTOP while the block runs: a host that neither answers nor acts on psycopg's cancel
+    request. Needs the server on this host, run by this user; fails in CI when it is not."""
     import os
     import signal
 
-    from nhi_gateway.approvals import postgres
-
-    store = replicas()
-    a = Approvals(store)
-    key = (TENANT, BOT)
-    await a.grant_for_request(key, OPERATION, SETTINGS.rule_id)  # the loop's pool is connected (any answer)
     with psycopg.connect(postgres_url) as admin:
         pids = [r[0] for r in admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s", (f"nhi-gateway {store.replica_id} %",))]
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"nhi-gateway {store.replica_id} {role}",))]
     try:
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
@@ -435,12 +432,26 @@ async def test_a_server_that_stops_mid_statement_holds_a_request_no_longer_than_
             pytest.fail(message)
         pytest.skip(message)
     try:
-        started = time.monotonic()
-        lag, task = await _loop_lag_while(a.grant_for_request(key, OPERATION, SETTINGS.rule_id))
-        waited = time.monotonic() - started
+        yield pids
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_server_that_stops_mid_statement_holds_a_request_no_longer_than_the_call_timeout(replicas, postgres_url):
+    """A host that stops answering (here: its backends stopped with SIGSTOP, so they neither answer
+    nor act on psycopg's cancel request) costs a request the call timeout, not the time psycopg
+    then spends trying to cancel the statement (up to 10 s)."""
+    from nhi_gateway.approvals import postgres
+
+    store = replicas()
+    a = Approvals(store)
+    key = (TENANT, BOT)
+    await a.grant_for_request(key, OPERATION, SETTINGS.rule_id)  # the loop's pool is connected (any answer)
+    with _stopped_backends(store, postgres_url):
+        started = time.monotonic()
+        lag, task = await _loop_lag_while(a.grant_for_request(key, OPERATION, SETTINGS.rule_id))
+        waited = time.monotonic() - started
     with pytest.raises(ApprovalStoreError, match="no answer within"):
         task.result()
     assert postgres.CALL_TIMEOUT <= waited < postgres.CALL_TIMEOUT + 0.5
@@ -482,3 +493,39 @@ async def test_holding_a_request_on_a_connection_the_server_closed_tries_another
     held = await a.open_request(settings=SETTINGS, **HELD)
     assert store.get(held.id).state is ApprovalState.PENDING
     assert await a.cancel_async(held.id, "the test is over")
+
+
+async def test_lookups_whose_clients_left_give_up_at_once_and_leave_the_pool_whole(replicas, postgres_url):
+    """A client that leaves during its grant lookup (a disconnect, an HTTP/2 reset) cancels it: the
+    caller is free at once, even from a server that hangs (not after psycopg's cancel of the
+    statement, up to 10 s), and more abandoned lookups than the pool holds leave later lookups
+    working once the server answers again."""
+    from nhi_gateway.approvals import postgres
+
+    store = replicas()
+    a = Approvals(store)
+    request = open_request(a)
+    _, grant = a.approve(request.id, ME, grant_seconds=60)
+    key = (TENANT, BOT)
+    with psycopg.connect(postgres_url) as locker:  # the loop's pool opens all its connections
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        filling = [asyncio.ensure_future(a.grant_for_request(key, OPERATION, SETTINGS.rule_id))
+                   for _ in range(postgres.ASYNC_POOL_SIZE)]
+        await asyncio.sleep(0.5)
+        locker.rollback()
+    assert {g.id for g in await asyncio.gather(*filling)} == {grant.id}
+    with _stopped_backends(store, postgres_url, "loop") as stopped:
+        assert len(stopped) == postgres.ASYNC_POOL_SIZE
+        lookups = [asyncio.ensure_future(a.grant_for_request(key, OPERATION, SETTINGS.rule_id))
+                   for _ in range(postgres.ASYNC_POOL_SIZE + 2)]
+        await asyncio.sleep(0.3)  # each waits for the stopped server (or for a connection)
+        started = time.monotonic()
+        for lookup in lookups:
+            lookup.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*lookups, return_exceptions=True), 2.0)
+        assert time.monotonic() - started < 0.5
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    for _ in range(postgres.ASYNC_POOL_SIZE + 2):
+        found = await asyncio.wait_for(a.grant_for_request(key, OPERATION, SETTINGS.rule_id), postgres.CALL_TIMEOUT + 8)
+        assert found.id == grant.id
+    assert store.reachable
