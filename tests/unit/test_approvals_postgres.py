@@ -18,6 +18,7 @@ from nhi_gateway.approvals.postgres import SCHEMA_VERSION, PostgresApprovalStore
 from nhi_gateway.approvals.store import ApprovalError, Approvals, ApprovalState, ApprovalStoreError, Approver
 
 from ..support.approvals import ALEX_APPROVER, BOT, HELD, ME, OPERATION, SETTINGS, TENANT, open_request
+from ..support.missing import missing
 from ..support.relay import Relay
 
 
@@ -427,10 +428,7 @@ def _stopped_backends(store: PostgresApprovalStore, postgres_url: str, role: str
                 os.kill(pid, signal.SIGCONT)
             except OSError:
                 pass
-        message = f"cannot stop the server's backends to stand in for a hung host: {e}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"cannot stop the server's backends to stand in for a hung host: {e}")
     try:
         yield pids
     finally:
