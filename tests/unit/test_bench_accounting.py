@@ -10,7 +10,7 @@ import sys
 import time
 
 from nhi_gateway.bench import procstat, profile
-from nhi_gateway.bench.report import comparisons
+from nhi_gateway.bench.report import comparisons, recording_reference
 
 
 def test_a_proxys_children_are_found_and_their_cpu_counted():
@@ -42,6 +42,15 @@ def test_the_ratio_with_child_processes_is_reported_beside_the_proxys():
     (c,) = comparisons({"summary": [_summary("bare", 1.0, 1.0), _summary("gateway", 1.0, 1.3)]})
     assert c["proxy_cpu_per_request_ratio"] == 1.0
     assert c["total_cpu_per_request_ratio"] == 1.3
+
+
+def test_mitmdump_writing_flows_is_a_reference_beside_bare_not_instead_of_it():
+    summary = [_summary("bare", 1.0, 1.0), _summary("bare-w", 1.4, 1.4), _summary("gateway", 1.2, 1.54)]
+    (c,) = comparisons({"summary": summary})
+    assert c["total_cpu_per_request_ratio"] == 1.54  # the target still compares with bare
+    (r,) = recording_reference({"summary": summary})
+    assert (r["scenario"], r["total_cpu_per_request_ratio"]) == ("keep-alive c=10", 1.1)
+    assert recording_reference({"summary": summary[::2]}) == []  # not measured: nothing reported
 
 
 def test_the_hook_dispatch_counts_as_mitmproxy_and_a_condition_wait_as_idle():

@@ -77,9 +77,10 @@ def run_main(argv: list[str]) -> int:
         return 130
     print(render(results))
     if args.json:
-        from nhi_gateway.bench.report import comparisons, grant_lookup, json_safe, targets, warnings
+        from nhi_gateway.bench.report import comparisons, grant_lookup, json_safe, recording_reference, targets, warnings
 
         results["comparisons"] = comparisons(results)
+        results["recording_reference"] = recording_reference(results)
         if results.get("grant_lookup"):
             results["grant_lookup"] = grant_lookup(results)  # with the added p50 and p99
         results["targets"] = [t.to_dict() for t in targets(results)]

@@ -68,6 +68,27 @@ def comparisons(results: dict) -> list[dict]:
     return out
 
 
+def recording_reference(results: dict) -> list[dict]:
+    """Per scenario measured with it: the gateway against bare mitmdump writing every flow (``-w``),
+    all processes' CPU per request and throughput. A reference for what recording costs in
+    mitmproxy itself (which writes flows unredacted and keeps no audit trail), not a target."""
+    by = _by(results["summary"])
+    out = []
+    for scenario in dict.fromkeys(m["scenario"] for m in results["summary"]):
+        ref, gw = by.get((scenario, "bare-w")), by.get((scenario, "gateway"))
+        if not ref or not gw:
+            continue
+        out.append({
+            "scenario": scenario,
+            "bare_w_cpu_ms_per_request": ref.get("total_cpu_ms_per_request"),
+            "gateway_cpu_ms_per_request": gw.get("total_cpu_ms_per_request"),
+            "total_cpu_per_request_ratio": round(
+                _ratio(gw.get("total_cpu_ms_per_request"), ref.get("total_cpu_ms_per_request")), 2),
+            "throughput_ratio": round(_ratio(gw["rps"], ref["rps"]), 3),
+        })
+    return out
+
+
 def grant_lookup(results: dict) -> dict | None:
     """What a grant lookup in PostgreSQL added (:mod:`.grants`): pg-grant over pg-allow at
     keep-alive c=1, with what was counted; or why it was not measured. None: not attempted."""
@@ -236,6 +257,14 @@ def render(results: dict) -> str:
                            f"{c['proxy_cpu_per_request_ratio']:.2f}x ({c['added_cpu_ms_per_request']:+.2f} ms)",
                            f"{c['total_cpu_per_request_ratio']:.2f}x"],
                           widths))
+    reference = recording_reference(results)
+    if reference:
+        lines += ["", "gateway / mitmdump -w (bare mitmdump writing every flow, unredacted, no audit trail; "
+                      "a reference, not a target):"]
+        for c in reference:
+            lines.append(f"  {c['scenario']:16} all processes' CPU per request {c['total_cpu_per_request_ratio']:.2f}x "
+                         f"({c['gateway_cpu_ms_per_request']:.3f} against {c['bare_w_cpu_ms_per_request']:.3f} ms), "
+                         f"throughput {c['throughput_ratio']:.0%}")
     lines += ["", "memory over a long keep-alive run (c=10), VmRSS:"]
     for run in results["memory"]:
         lines.append(f"  {run['target']:8} {run['requests']:>9,} requests  {run['rss_start_kb'] / 1024:7.1f} MiB -> "

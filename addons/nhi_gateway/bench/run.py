@@ -57,11 +57,12 @@ class Scenario:
     concurrency: int
     direct: bool = False  # also measured straight against the upstream, to show its capacity
     workers: bool = False  # also measured through the gateway with --workers 2
+    recording: bool = False  # also measured through bare mitmdump writing every flow (-w)
 
 
 SCENARIOS = (
-    Scenario("keep-alive c=1", "keep-alive", 1),
-    Scenario("keep-alive c=10", "keep-alive", 10, direct=True),
+    Scenario("keep-alive c=1", "keep-alive", 1, recording=True),
+    Scenario("keep-alive c=10", "keep-alive", 10, direct=True, recording=True),
     Scenario("keep-alive c=50", "keep-alive", 50, workers=True),
     Scenario("new conn c=1", "new-connection", 1),
     Scenario("new conn c=10", "new-connection", 10, direct=True),
@@ -291,6 +292,7 @@ class Bench:
         self.records: Path = Path()
         self.record_dirs: dict[str, Path] = {}  # each gateway's recordings and audit
         self.resolve: list[str] = []  # the proxies' name mapping (launch.py)
+        self._bare_ports: dict[str, int] = {}
         self.lookalike_port = 0
         self.upstream_ca = ""
         self.info: dict = {}
@@ -334,34 +336,52 @@ class Bench:
         return (await wait_for_json(w / "upstream.json", self.upstream_proc))["port"]
 
     async def _start_proxies(self, la: dict, up_port: int) -> None:
-        w, ca = self.workdir, la["ca_cert"]
+        ca = la["ca_cert"]
         # Both proxies resolve the names to loopback like DNS would (see launch.py): no
         # address rewriting, so URL, Host, SNI and upstream connection reuse are production's.
         self.resolve = [f"--resolve={GRAPH}=127.0.0.1:{up_port}",
                         f"--resolve=login.microsoftonline.com=127.0.0.1:{la['port']}",
                         f"--resolve=sts.windows.net=127.0.0.1:{la['port']}"]
         self.lookalike_port, self.upstream_ca = la["port"], ca
-        bare_port = free_port()
-        bare = self._spawn("mitmdump", [
+        # Bare mitmdump with the gateway's data-path options; and the same writing every flow with
+        # -w, as a team would record with mitmproxy alone (unredacted, no audit trail): a
+        # reference for what recording costs in mitmproxy itself, not a target.
+        self._start_bare("bare", [])
+        self._start_bare("bare-w", ["-w", str(self.records.with_name(f"{self.records.name}-bare-w") / "flows")])
+        await self.start_gateways({"gateway": (self.settings.policy, [])})
+        self.targets["direct"] = load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False)
+        for name in ("bare", "bare-w"):
+            await self._bare_ready(name)
+        # The same gateway as two workers sharing the port (run --workers 2), for issue 15's targets.
+        await self.start_gateways({"gateway-w2": (self.settings.policy, ["--workers", "2"])})
+
+    def _start_bare(self, name: str, extra: list[str]) -> None:
+        """Bare mitmdump as a target named ``name``, with ``extra`` options (ready: :meth:`_bare_ready`)."""
+        w = self.workdir
+        port = free_port()
+        if extra[:1] == ["-w"]:
+            Path(extra[1]).parent.mkdir(parents=True, exist_ok=True)
+            self.record_dirs[name] = Path(extra[1]).parent
+        self.proxies[name] = self._spawn(name, [
             sys.executable, "-m", "nhi_gateway.bench", "mitmdump", *self.resolve, "--",
-            "--listen-host", "127.0.0.1", "--listen-port", str(bare_port),
-            "--set", f"confdir={w / 'mitmdump-confdir'}",
+            "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={w / f'{name}-confdir'}",  # each its own CA: no race to create one
             # The gateway's data-path options: lazy upstream connections, the same upstream trust,
             # the same body limit (nothing streamed). Its log like the gateway's, without the
             # per-flow lines the gateway does not print either.
             "--set", "connection_strategy=lazy",
-            "--set", f"ssl_verify_upstream_trusted_ca={ca}",
+            "--set", f"ssl_verify_upstream_trusted_ca={self.upstream_ca}",
             "--set", "body_size_limit=32m",
             "--set", "flow_detail=0",
+            *extra,
         ], None)
-        await self.start_gateways({"gateway": (self.settings.policy, [])})
-        bare_ca = w / "mitmdump-confdir" / "mitmproxy-ca-cert.pem"
-        await wait_for_listener(("127.0.0.1", bare_port), bare_ca, bare)
-        self.proxies["bare"] = bare
-        self.targets["bare"] = load.Target("bare", ("127.0.0.1", bare_port), load.client_tls(str(bare_ca)))
-        self.targets["direct"] = load.Target("direct", ("127.0.0.1", up_port), load.client_tls(ca), proxy=False)
-        # The same gateway as two workers sharing the port (run --workers 2), for issue 15's targets.
-        await self.start_gateways({"gateway-w2": (self.settings.policy, ["--workers", "2"])})
+        self._bare_ports[name] = port
+
+    async def _bare_ready(self, name: str) -> None:
+        ca = self.workdir / f"{name}-confdir" / "mitmproxy-ca-cert.pem"
+        address = ("127.0.0.1", self._bare_ports[name])
+        await wait_for_listener(address, ca, self.proxies[name])
+        self.targets[name] = load.Target(name, address, load.client_tls(str(ca)))
 
     async def start_gateways(self, gateways: dict[str, tuple[Path, list[str]]],
                              env: dict[str, str] | None = None) -> None:
@@ -554,6 +574,8 @@ async def run_all(settings: Settings, say=print) -> dict:
                     order.append("direct")
                 if scenario.workers:
                     order.append("gateway-w2")
+                if scenario.recording:
+                    order.append("bare-w")
                 for target in order:
                     m = await bench.measure(scenario, target, r + 1)
                     raw.append(m)
