@@ -43,14 +43,19 @@ def _ratio(a: float | None, b: float | None) -> float:
     return a / b if a is not None and b else math.nan
 
 
+def _side_by_side(results: dict, reference: str):
+    """``(scenario, reference's figures, the gateway's)`` for each scenario that measured both."""
+    by = _by(results["summary"])
+    for scenario in dict.fromkeys(m["scenario"] for m in results["summary"]):
+        ref, gw = by.get((scenario, reference)), by.get((scenario, "gateway"))
+        if ref and gw:
+            yield scenario, ref, gw
+
+
 def comparisons(results: dict) -> list[dict]:
     """Per scenario: gateway/bare throughput, added latency, peak memory ratio."""
-    by = _by(results["summary"])
     out = []
-    for scenario in dict.fromkeys(m["scenario"] for m in results["summary"]):
-        bare, gw = by.get((scenario, "bare")), by.get((scenario, "gateway"))
-        if not bare or not gw:
-            continue
+    for scenario, bare, gw in _side_by_side(results, "bare"):
         out.append({
             "scenario": scenario,
             "throughput_ratio": round(_ratio(gw["rps"], bare["rps"]), 3),
@@ -72,12 +77,8 @@ def recording_reference(results: dict) -> list[dict]:
     """Per scenario measured with it: the gateway against bare mitmdump writing every flow (``-w``),
     all processes' CPU per request and throughput. A reference for what recording costs in
     mitmproxy itself (which writes flows unredacted and keeps no audit trail), not a target."""
-    by = _by(results["summary"])
     out = []
-    for scenario in dict.fromkeys(m["scenario"] for m in results["summary"]):
-        ref, gw = by.get((scenario, "bare-w")), by.get((scenario, "gateway"))
-        if not ref or not gw:
-            continue
+    for scenario, ref, gw in _side_by_side(results, "bare-w"):
         out.append({
             "scenario": scenario,
             "bare_w_cpu_ms_per_request": ref.get("total_cpu_ms_per_request"),
